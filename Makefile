@@ -1,0 +1,52 @@
+# ckptaudit — every target does its own set-up on a fresh machine.
+#
+#   make demo    train the bundled fixture run (cached) and audit it
+#   make test    install, build test fixtures, run the whole suite
+#
+# TORCH_SPEC chooses the torch build: the default is the CPU build; for CUDA use e.g.
+#   make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+CLI         := $(VENV)/bin/ckptaudit
+STAMP       := $(VENV)/.installed
+PYTEST_ARGS ?= -n 2
+FIXTURES    := fixtures/runs
+
+.PHONY: install test demo man bench lint fixtures clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+fixtures: $(STAMP)
+	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) tiny
+
+test: $(STAMP) fixtures
+	CKPTAUDIT_FIXTURES=$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) demo
+	$(CLI) inspect $(FIXTURES)/demo --no-hash
+	$(CLI) backbone $(FIXTURES)/demo --out demo-out/backbone.h5 --save-vectors demo-out/backbone-vectors.safetensors
+	$(CLI) report show demo-out/backbone.h5 --brief
+
+man: $(STAMP)
+	$(PY) -m ckptaudit.cli.manpages man
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_backbone.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ckptaudit tests fixtures benchmarks
+	$(PY) -m ckptaudit.cli.manpages man --check
+
+clean:
+	rm -rf $(VENV) $(FIXTURES) demo-out .pytest_cache

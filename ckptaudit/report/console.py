@@ -1,0 +1,138 @@
+"""The one output sink of the CLI: rich tables on a terminal, a JSON document with --json, silence with --quiet.
+
+Analyses never print; commands hand their results to an :class:`Output`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy/torch scalars and arrays, tuples and dataclass-like dicts into plain JSON types.
+
+    NaN and infinities become None so the output is strict JSON.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else None
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # torch tensors
+        return to_jsonable(obj.tolist())
+    return obj
+
+
+class Output:
+    """Human output (rich), machine output (--json) or none (--quiet), chosen once per command."""
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False, stream=None):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stdout
+        # Human text goes to stdout unless JSON owns stdout; then it goes to stderr (and only when asked).
+        self.console = Console(file=self.stream, highlight=False, soft_wrap=False, width=120 if not self.stream.isatty() else None)
+        self.err = Console(file=sys.stderr, highlight=False)
+
+    @property
+    def human(self) -> bool:
+        return not (self.json_mode or self.quiet)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.human:
+            self.console.print(*objects, **kwargs)
+
+    def table(self, title: str, columns: list[str], rows: Iterable[Iterable[Any]], caption: str | None = None) -> None:
+        """Print a table of already-formatted cells (numbers are formatted with :func:`fmt`)."""
+        if not self.human:
+            return
+        t = Table(title=title, caption=caption, title_justify="left", show_lines=False)
+        for c in columns:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*[fmt(x) for x in r])
+        self.console.print(t)
+
+    def json(self, payload: dict) -> None:
+        if self.json_mode:
+            self.stream.write(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
+            self.stream.flush()
+
+    def note(self, message: str) -> None:
+        """A one-line remark for humans (written to stderr when stdout carries JSON)."""
+        if self.quiet:
+            return
+        (self.err if self.json_mode else self.console).print(message)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Any]:
+        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json)."""
+        if self.quiet or not sys.stderr.isatty():
+            yield _NullBar()
+            return
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=self.err, transient=True,
+        ) as p:
+            task = p.add_task(description, total=total)
+            yield _Bar(p, task)
+
+
+class _Bar:
+    def __init__(self, progress: Progress, task: Any):
+        self._p, self._t = progress, task
+
+    def advance(self, n: float = 1) -> None:
+        self._p.advance(self._t, n)
+
+
+class _NullBar:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+def fmt(x: Any) -> str:
+    """Format one table cell: floats with 4 significant digits, None as '—'."""
+    if x is None:
+        return "—"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if not math.isfinite(x):
+            return str(x)
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.3e}"
+        return f"{x:.4g}"
+    return str(x)
+
+
+class ProgressHook:
+    """What analyses receive to report progress without knowing about rich: ``hook(n)`` advances by n."""
+
+    def __init__(self, bar: Any = None):
+        self._bar = bar
+
+    def __call__(self, n: float = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(n)

@@ -1,0 +1,182 @@
+"""HDF5 reports: one file per command run, written atomically (temp file, then rename).
+
+Layout (schema_version 1)::
+
+    /                 attrs: schema_version, ckptaudit_version, command, argv (JSON), created (UTC ISO 8601),
+                             device, torch_version
+    /inputs           datasets: step (int64), path (str), bytes (int64), sha256 (str; "" with --no-hash)
+    /<command>/...    the result tree of the command
+
+A result tree is a nested dict: dict -> group; numpy array or list of numbers -> dataset; list of str -> string
+dataset; list of dicts -> group with subgroups "0", "1", ...; scalar (int, float, bool, str) -> attribute;
+None -> listed in the group's ``none_attrs`` attribute (HDF5 has no null).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ckptaudit import __version__
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One checkpoint that went into a report."""
+
+    step: int
+    path: str
+    bytes: int
+    sha256: str
+
+
+def sha256_files(paths: Iterable[Path], chunk: int = 1 << 22) -> str:
+    """SHA-256 over the bytes of ``paths`` in the given order (one digest for a sharded checkpoint)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(chunk)
+                if not b:
+                    break
+                h.update(b)
+    return h.hexdigest()
+
+
+def input_records(checkpoints: Sequence[Any], hash_files: bool = True) -> list[InputRecord]:
+    """Records for checkpoints exposing ``step``, ``path`` and ``weight_files``."""
+    out = []
+    for c in checkpoints:
+        files = list(c.weight_files)
+        out.append(
+            InputRecord(
+                step=int(c.step),
+                path=str(c.path),
+                bytes=int(sum(Path(f).stat().st_size for f in files)),
+                sha256=sha256_files(files) if hash_files else "",
+            )
+        )
+    return out
+
+
+def default_report_path(command: str) -> Path:
+    """``ckptaudit-<command>-<UTC time>.h5`` in the working directory."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(f"ckptaudit-{command.replace(' ', '-')}-{stamp}.h5")
+
+
+def write_report(
+    path: Path,
+    command: str,
+    argv: Sequence[str],
+    tree: dict,
+    inputs: Sequence[InputRecord] = (),
+    device: str = "cpu",
+    group: str | None = None,
+) -> Path:
+    """Write a complete report to ``path`` atomically; nothing is left behind on failure.
+
+    ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_').
+    """
+    import torch  # local: keep `ckptaudit --help` fast
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["ckptaudit_version"] = __version__
+            f.attrs["command"] = command
+            f.attrs["argv"] = json.dumps(list(argv))
+            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            f.attrs["device"] = str(device)
+            f.attrs["torch_version"] = torch.__version__
+            g = f.create_group("inputs")
+            str_dt = h5py.string_dtype()
+            g.create_dataset("step", data=np.array([r.step for r in inputs], dtype=np.int64))
+            g.create_dataset("path", data=np.array([r.path for r in inputs], dtype=object), dtype=str_dt)
+            g.create_dataset("bytes", data=np.array([r.bytes for r in inputs], dtype=np.int64))
+            g.create_dataset("sha256", data=np.array([r.sha256 for r in inputs], dtype=object), dtype=str_dt)
+            top = f.create_group(group or command.replace("-", "_").replace(" ", "_"))
+            write_tree(top, tree)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_tree(g: h5py.Group, tree: dict) -> None:
+    """Write a nested result tree into group ``g`` (see the module docstring for the mapping)."""
+    nones = []
+    for key, val in tree.items():
+        key = str(key)
+        if isinstance(val, dict):
+            write_tree(g.create_group(key), val)
+        elif val is None:
+            nones.append(key)
+        elif isinstance(val, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+            g.attrs[key] = val
+        elif isinstance(val, (list, tuple)) and val and all(isinstance(v, dict) for v in val):
+            sub = g.create_group(key)
+            sub.attrs["is_list"] = True
+            for i, v in enumerate(val):
+                write_tree(sub.create_group(str(i)), v)
+        elif isinstance(val, (list, tuple)) and val and all(isinstance(v, str) for v in val):
+            g.create_dataset(key, data=np.array(val, dtype=object), dtype=h5py.string_dtype())
+        else:
+            arr = np.asarray(val.detach().cpu().numpy() if hasattr(val, "detach") else val)
+            if arr.dtype == object:
+                arr = np.array([np.nan if v is None else v for v in arr.ravel()], dtype=np.float64).reshape(arr.shape)
+            g.create_dataset(key, data=arr)
+    if nones:
+        g.attrs["none_attrs"] = json.dumps(nones)
+
+
+def read_report(path: Path) -> dict:
+    """Read a report back into a nested dict (attributes under ``@attrs``, datasets as numpy arrays)."""
+    from ckptaudit.errors import CorruptFileError, InputNotFoundError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such report", "pass the .h5 file a ckptaudit command wrote")
+    try:
+        with h5py.File(path, "r") as f:
+            if "schema_version" not in f.attrs:
+                raise CorruptFileError(f"{path}: not a ckptaudit report (no schema_version)", "pass a file written by ckptaudit --out")
+            return _read_group(f)
+    except OSError as e:
+        raise CorruptFileError(f"{path}: not a readable HDF5 file ({e})", "pass a file written by ckptaudit --out") from None
+
+
+def _read_group(g: h5py.Group) -> dict:
+    out: dict[str, Any] = {"@attrs": {k: _attr(v) for k, v in g.attrs.items()}}
+    for k, v in g.items():
+        if isinstance(v, h5py.Group):
+            out[k] = _read_group(v)
+        else:
+            data = v[()]
+            if v.dtype.kind == "O" or h5py.check_string_dtype(v.dtype) is not None:
+                data = np.array([x.decode() if isinstance(x, bytes) else x for x in np.atleast_1d(data)], dtype=object)
+            out[k] = data
+    return out
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
