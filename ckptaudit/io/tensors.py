@@ -1,0 +1,585 @@
+"""Lazy tensors of one checkpoint, whatever its format, behind one interface (``TensorSource``).
+
+Formats are recognised by their first bytes, never by file extension. Every reader answers ``keys()``,
+``shape()`` and ``dtype()`` from headers alone and reads one tensor's bytes per ``get()``:
+
+- safetensors: ``safe_open`` (header only until ``get_tensor``); sharded checkpoints through their
+  ``*.index.json`` weight map, each shard opened on first use;
+- torch pickles (zip or legacy): ``torch.load(weights_only=True)``, memory-mapped when the file is a zip, with
+  the state dict found under "state_dict" / "model_state_dict" / "model" / "module";
+- GGUF: ``gguf.GGUFReader`` (memory-mapped); quantised tensors are dequantised to float32 on ``get``;
+- torch.distributed.checkpoint folders: see ``ckptaudit.io.dcp`` (restricted metadata unpickler).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError, UnsafePickleError
+
+FORMATS = ("safetensors", "safetensors-index", "torch-zip", "torch-legacy", "gguf", "dcp")
+
+# Keys under which training frameworks nest the model's state dict, most specific first
+# (Lightning: "state_dict"; many scripts: "model_state_dict" / "model"; DeepSpeed and DDP wrappers: "module").
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+# A JSON index larger than this is not an index (safetensors caps its own header at 100 MB as well).
+_MAX_INDEX_BYTES = 100 * 1024 * 1024
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dt
+    for name, attr in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+        ("C64", "complex64"),
+    ]
+    if (dt := getattr(torch, attr, None)) is not None
+}
+
+_RESAVE_HINT = "the file is damaged or incomplete: re-save or re-download it"
+
+
+class TensorNotFoundError(LayoutError, KeyError):
+    """A tensor name that the checkpoint does not hold (also a KeyError, like a missing dict key)."""
+
+    __str__ = Exception.__str__
+
+
+# ------------------------------------------------------------------------------------------ format detection
+
+
+def detect_format(path: Path | str) -> str:
+    """The storage format of ``path``, from its first bytes (never its extension).
+
+    Returns one of FORMATS: "safetensors" (8-byte little-endian header length, then '{'), "safetensors-index"
+    (a JSON file with a "weight_map", e.g. model.safetensors.index.json), "torch-zip" (a torch.save zip archive),
+    "torch-legacy" (a pickle: first byte 0x80), "gguf" (b"GGUF"), "dcp" (a directory holding ".metadata").
+    Raises InputNotFoundError for a missing path and LayoutError for anything else.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such file or directory", hint="check the path")
+    if p.is_dir():
+        if (p / ".metadata").is_file():
+            return "dcp"
+        raise LayoutError(
+            f"{p}: a directory without a torch.distributed.checkpoint '.metadata' file",
+            hint="pass a weight file, or open the directory with open_tensors / discover_run",
+        )
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04":
+        if _is_torch_zip(p):
+            return "torch-zip"
+        raise LayoutError(f"{p}: a zip archive that torch.save did not write (no data.pkl inside)")
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "safetensors"
+    if head.lstrip()[:1] == b"{" and p.stat().st_size <= _MAX_INDEX_BYTES:
+        try:
+            index = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            index = None
+        if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+            return "safetensors-index"
+    raise LayoutError(
+        f"{p}: not a checkpoint file ckptaudit can read (first bytes {head[:9]!r})",
+        hint="expected safetensors, a sharded *.index.json, torch.save output, GGUF or a DCP folder",
+    )
+
+
+def _is_torch_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        # A truncated torch zip has no readable central directory; torch.load will report it as corrupt.
+        return True
+
+
+# ------------------------------------------------------------------------------------------ safe torch.load
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def safe_torch_load(path: Path | str, extra_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load`` restricted to weights-only unpickling, onto the CPU.
+
+    Zip archives are memory-mapped (tensor bytes are read when touched). ``extra_globals`` are classes or
+    functions allowed in addition to torch's weights-only list (e.g. numpy's reconstruct for RNG states); pass
+    as few as possible. A pickle that needs any other global raises UnsafePickleError naming the file and the
+    global: the unpickler refuses before calling it, so the file's code never runs. A damaged archive raises
+    CorruptFileError; a missing file InputNotFoundError.
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt not in ("torch-zip", "torch-legacy"):
+        raise LayoutError(f"{p}: a {fmt} file, not a torch.save file", hint="open it with open_tensors")
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text:
+            raise CorruptFileError(f"{p}: cannot be unpickled ({text.splitlines()[0]})", hint=_RESAVE_HINT) from None
+        offenders = _unsafe_globals(p, fmt, text, extra_globals)
+        if offenders:
+            what = f"the global{'s' if len(offenders) > 1 else ''} {', '.join(offenders)}"
+        else:
+            reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler" in text else ""
+            what = f"pickle features outside the weights-only subset ({reason or 'see torch.load'})"
+        raise UnsafePickleError(
+            f"{p}: refused to unpickle: it needs {what}, which weights-only loading does not allow; "
+            "none of its code was run",
+            hint="re-save it as a plain state dict of tensors (or safetensors) from a trusted environment",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{p}: torch.load cannot read it ({first})", hint=_RESAVE_HINT) from None
+
+
+def _unsafe_globals(path: Path, fmt: str, message: str, extra_globals: Sequence[Any]) -> list[str]:
+    """Names of the globals a pickle needs beyond the allow-list, found without running it."""
+    found: list[str] = []
+    if fmt == "torch-zip":
+        try:
+            found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - best effort: the error message below still names one
+            found = []
+    allowed = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', getattr(g, '__name__', ''))}" for g in extra_globals}
+    found = [g for g in found if g not in allowed]
+    m = _GLOBAL_RE.search(message)
+    if m and m.group(1) not in found:
+        found.insert(0, m.group(1))
+    return found
+
+
+# ------------------------------------------------------------------------------------------ TensorSource
+
+
+class TensorSource:
+    """The tensors of one checkpoint, read lazily. Use as a context manager (``with open_tensors(p) as src``).
+
+    ``path`` is what was opened, ``format`` its storage format (one of FORMATS). Tensors come back on the CPU in
+    their stored dtype (bf16 stays bf16), except quantised GGUF tensors, which are dequantised to float32.
+    Do not modify returned tensors in place: pickled checkpoints hand out their own (memory-mapped) storage.
+    """
+
+    def __init__(self, path: Path, fmt: str):
+        self.path = Path(path)
+        self.format = fmt
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in a stable order (the file's order)."""
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (from headers; no tensor data is read)."""
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype ``get(name)`` returns: the stored dtype (float32 for dequantised GGUF tensors)."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU; reads only its bytes."""
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        """The weight files behind this source (every shard of a sharded checkpoint)."""
+        raise NotImplementedError
+
+    def nbytes(self, name: str) -> int:
+        """Size in bytes of the tensor ``get(name)`` returns (numel x element size)."""
+        n = 1
+        for s in self.shape(name):
+            n *= int(s)
+        return n * _itemsize(self.dtype(name))
+
+    def close(self) -> None:
+        """Release open files and memory maps. Idempotent."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, format={self.format!r})"
+
+    def _missing(self, name: str) -> TensorNotFoundError:
+        keys = self.keys()
+        near = [k for k in keys if name.split(".")[-1] in k][:5]
+        return TensorNotFoundError(
+            f"{self.path}: no tensor named {name!r} ({len(keys)} tensors"
+            + (f"; similar: {', '.join(near)}" if near else "")
+            + ")"
+        )
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsSource(TensorSource):
+    """One .safetensors file through ``safe_open``: the header is parsed once, tensors read one by one."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "safetensors")
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._f = safe_open(str(self.path), framework="pt", device="cpu")
+        except FileNotFoundError:
+            raise InputNotFoundError(f"{self.path}: no such file", hint="check the path") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CorruptFileError(f"{self.path}: not a valid safetensors file ({exc})", hint=_RESAVE_HINT) from None
+        self._keys = list(self._f.keys())
+        self._keyset = set(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _slice(self, name: str) -> Any:
+        if name not in self._keyset:
+            raise self._missing(name)
+        return self._f.get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._slice(name).get_dtype()
+        try:
+            return _SAFETENSORS_DTYPES[code]
+        except KeyError:
+            raise LayoutError(f"{self.path}: tensor {name!r} has dtype {code}, which torch cannot hold") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        if name not in self._keyset:
+            raise self._missing(name)
+        try:
+            return self._f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFileError(f"{self.path}: cannot read tensor {name!r} ({exc})", hint=_RESAVE_HINT) from None
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def close(self) -> None:
+        f, self._f = getattr(self, "_f", None), None
+        if f is not None and hasattr(f, "__exit__"):
+            f.__exit__(None, None, None)
+
+
+class ShardedSource(TensorSource):
+    """A checkpoint split over several files by a ``*.index.json`` weight map; each shard opened on first use."""
+
+    def __init__(self, index_path: Path):
+        super().__init__(index_path, "safetensors-index")
+        try:
+            index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{index_path}: not a valid sharded-checkpoint index ({exc})", hint=_RESAVE_HINT) from None
+        root = Path(index_path).parent
+        self._map: dict[str, Path] = {str(k): root / str(v) for k, v in weight_map.items()}
+        self._files = list(dict.fromkeys(self._map.values()))
+        missing = [f.name for f in self._files if not f.is_file()]
+        if missing:
+            raise InputNotFoundError(
+                f"{index_path}: shard file(s) named in the index are missing: {', '.join(missing)}",
+                hint="copy every shard next to the index (an interrupted download or copy?)",
+            )
+        self._open: dict[Path, TensorSource] = {}
+
+    def _shard(self, name: str) -> TensorSource:
+        try:
+            f = self._map[name]
+        except KeyError:
+            raise self._missing(name) from None
+        if f not in self._open:
+            self._open[f] = _open_file(f)
+        return self._open[f]
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard(name).dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._shard(name).get(name)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+class PickleSource(TensorSource):
+    """A ``torch.save`` file loaded weights-only (memory-mapped for zip archives); non-tensor entries ignored."""
+
+    def __init__(self, path: Path, fmt: str):
+        super().__init__(path, fmt)
+        obj = safe_torch_load(self.path)
+        self._tensors: dict[str, torch.Tensor] | None = find_state_dict(obj, self.path)
+
+    def _t(self, name: str) -> torch.Tensor:
+        assert self._tensors is not None, "source is closed"
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors or ())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._t(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._t(name)
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def close(self) -> None:
+        self._tensors = None
+
+
+def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the state dict inside a loaded pickle: ``obj`` itself, or nested under STATE_DICT_KEYS.
+
+    A nested dict is taken only when it holds tensors (checked recursively, so {"model": {"state_dict": ...}}
+    works). Non-tensor entries are dropped. Raises LayoutError when no tensors are found.
+    """
+    seen: list[str] = []
+    cur: Any = obj
+    for _ in range(4):  # bounded: nesting deeper than this is not a state-dict layout we know
+        if not isinstance(cur, Mapping):
+            break
+        nested = next(
+            (k for k in STATE_DICT_KEYS if isinstance(cur.get(k), Mapping) and _holds_tensors(cur[k])), None
+        )
+        if nested is None:
+            break
+        seen.append(nested)
+        cur = cur[nested]
+    if isinstance(cur, Mapping):
+        tensors = {str(k): v for k, v in cur.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    top = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise LayoutError(
+        f"{path}: no state dict of tensors found (top level: {top})",
+        hint=f"ckptaudit looks for tensors at the top level or under {', '.join(STATE_DICT_KEYS)}",
+    )
+
+
+def _holds_tensors(d: Mapping, depth: int = 3) -> bool:
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            return True
+        if depth > 0 and isinstance(v, Mapping) and _holds_tensors(v, depth - 1):
+            return True
+    return False
+
+
+class GGUFSource(TensorSource):
+    """A GGUF file via ``gguf.GGUFReader`` (memory-mapped). GGUF stores dimensions innermost-first; shapes here
+    are in torch order. F32/F16/BF16/F64 and integer tensors keep their dtype; quantised ones become float32."""
+
+    _NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+               "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+
+    def __init__(self, path: Path):
+        super().__init__(path, "gguf")
+        import gguf
+
+        try:
+            self._reader = gguf.GGUFReader(str(self.path), "r")
+            self._by_name = {t.name: t for t in self._reader.tensors}
+        except (ValueError, OSError, IndexError, KeyError, EOFError) as exc:
+            raise CorruptFileError(f"{self.path}: not a readable GGUF file ({exc})", hint=_RESAVE_HINT) from None
+
+    def _t(self, name: str) -> Any:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def keys(self) -> list[str]:
+        return list(self._by_name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in reversed(self._t(name).shape))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._NATIVE.get(self._t(name).tensor_type.name, torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+        import numpy as np
+
+        t = self._t(name)
+        shape = self.shape(name)
+        kind = t.tensor_type.name
+        if kind == "BF16":  # numpy has no bfloat16: reinterpret the raw bytes as int16, then as bf16
+            raw = np.ascontiguousarray(t.data).view(np.int16)
+            return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(shape)
+        if kind in self._NATIVE:
+            return torch.from_numpy(np.array(t.data)).reshape(shape)
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(shape)
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def close(self) -> None:
+        self._by_name = {}
+        self._reader = None
+
+
+# ------------------------------------------------------------------------------------------ opening
+
+
+# Weight files of a checkpoint directory, in order of preference. Accelerate's save_state writes
+# model.safetensors for its first model (model_0.safetensors in some versions), pytorch_model.bin without
+# safetensors; HF Trainer with FSDP writes a DCP folder pytorch_model_fsdp_0/.
+WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILE_NAMES = ("model.safetensors", "model_0.safetensors", "pytorch_model.bin", "model.bin",
+                     "pytorch_model_0.bin")
+WEIGHT_DIR_NAMES = ("pytorch_model_fsdp_0",)
+_LOOSE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf")
+
+
+def find_weights(directory: Path | str) -> tuple[Path, tuple[Path, ...]] | None:
+    """Where the model weights of a checkpoint directory live, or None when it has none.
+
+    Returns (entry, files): ``entry`` is what ``open_tensors`` opens (a file, an index JSON or a DCP folder) and
+    ``files`` the weight files behind it. Looks, in order, for: a DCP ``.metadata``; a sharded index; the
+    standard single-file names (WEIGHT_FILE_NAMES); an FSDP DCP sub-folder; else exactly one *.safetensors /
+    *.pt / *.pth / *.bin / *.ckpt / *.gguf file whose content is a checkpoint. Several candidates with no
+    standard name -> LayoutError naming them.
+    """
+    d = Path(directory)
+    if (d / ".metadata").is_file():
+        return d, tuple(sorted(d.glob("*.distcp")))
+    for name in WEIGHT_INDEX_NAMES:
+        idx = d / name
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
+            except (ValueError, AttributeError, UnicodeDecodeError) as exc:
+                raise CorruptFileError(f"{idx}: not a valid sharded-checkpoint index ({exc})", hint=_RESAVE_HINT) from None
+            return idx, tuple(d / f for f in dict.fromkeys(map(str, weight_map.values())))
+    for name in WEIGHT_FILE_NAMES:
+        if (d / name).is_file():
+            return d / name, (d / name,)
+    for name in WEIGHT_DIR_NAMES:
+        if (d / name / ".metadata").is_file():
+            return d / name, tuple(sorted((d / name).glob("*.distcp")))
+    candidates = []
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix.lower() in _LOOSE_SUFFIXES and not is_training_state_file(f.name):
+            try:
+                if detect_format(f) in ("safetensors", "torch-zip", "torch-legacy", "gguf"):
+                    candidates.append(f)
+            except LayoutError:
+                continue
+    if len(candidates) == 1:
+        return candidates[0], (candidates[0],)
+    if len(candidates) > 1:
+        raise LayoutError(
+            f"{d}: several weight files and none with a standard name: {', '.join(c.name for c in candidates)}",
+            hint="pass the one you mean as a file",
+        )
+    return None
+
+
+_TRAINING_STATE_RE = re.compile(
+    r"^(optimizer(_\d+)?\.(pt|bin)|scheduler(_\d+)?\.(pt|bin)|sampler(_\d+)?\.bin|scaler\.pt|training_args\.bin"
+    r"|rng_state(_\d+)?\.pth|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl)$"
+)
+
+
+def is_training_state_file(name: str) -> bool:
+    """Optimizer/scheduler/RNG/args files that sit next to the weights in Trainer and Accelerate folders."""
+    return bool(_TRAINING_STATE_RE.match(name))
+
+
+def open_tensors(path: Path | str) -> TensorSource:
+    """Open the tensors of one checkpoint: a weight file (any of FORMATS), an index JSON, or a checkpoint
+    directory (Trainer / Accelerate / model folder / DCP folder; see ``find_weights``).
+
+    Only headers are read here. Missing path -> InputNotFoundError; corrupt file -> CorruptFileError; a
+    directory without weights -> LayoutError naming what it holds.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such file or directory", hint="check the path")
+    if p.is_dir():
+        found = find_weights(p)
+        if found is None:
+            seen = sorted(c.name for c in p.iterdir())[:12]
+            raise LayoutError(
+                f"{p}: no model weights found (contents: {', '.join(seen) or 'empty'})",
+                hint="expected model.safetensors, a sharded index, pytorch_model.bin, *.pt, *.gguf or a DCP folder",
+            )
+        p = found[0]
+        if p.is_dir():
+            from ckptaudit.io.dcp import DCPSource
+
+            return DCPSource(p)
+    return _open_file(p)
+
+
+def _open_file(p: Path) -> TensorSource:
+    fmt = detect_format(p)
+    if fmt == "safetensors":
+        return SafetensorsSource(p)
+    if fmt == "safetensors-index":
+        return ShardedSource(p)
+    if fmt in ("torch-zip", "torch-legacy"):
+        return PickleSource(p, fmt)
+    if fmt == "gguf":
+        return GGUFSource(p)
+    from ckptaudit.io.dcp import DCPSource
+
+    return DCPSource(p)
