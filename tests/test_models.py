@@ -1,0 +1,179 @@
+"""ckptaudit.io.models: models rebuilt from saved checkpoints, meta-device parameter shapes, the hub cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckptaudit.errors import CorruptFileError, HubNotCachedError, InputNotFoundError, LayoutError
+from ckptaudit.io.discover import discover_run
+from ckptaudit.io.models import load_model, param_shapes, resolve_model_path
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 64, 16
+
+
+def gpt2_config():
+    return transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
+    )
+
+
+def llama_config():
+    # Untied head: lm_head.weight is its own parameter here, unlike GPT-2.
+    return transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+CONFIGS = {"gpt2": gpt2_config, "llama": llama_config}
+
+
+def checkpoint(path: Path):
+    """The Checkpoint for a saved model directory, as discover_run finds it."""
+    run = discover_run(path)
+    assert len(run) == 1, run
+    return run[0]
+
+
+def saved(kind: str, tmp_path: Path, dtype: torch.dtype = torch.float32):
+    """A freshly initialised model of ``kind`` saved with save_pretrained into tmp_path/checkpoint-1."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]()).to(dtype).eval()
+    out = tmp_path / "checkpoint-1"
+    model.save_pretrained(out)
+    return model, out
+
+
+INPUT = torch.arange(12).reshape(2, 6) % VOCAB
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_param_shapes_equal_named_parameters(kind, tmp_path):
+    model, out = saved(kind, tmp_path)
+    expected = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    assert param_shapes(checkpoint(out)) == expected
+    names = [n for n, _ in expected]
+    assert ("lm_head.weight" in names) == (kind == "llama")  # GPT-2 ties its head to the embeddings
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_load_model_round_trip(kind, tmp_path):
+    model, out = saved(kind, tmp_path)
+    loaded = load_model(checkpoint(out))
+    assert type(loaded) is type(model) and not loaded.training
+    for (name, p), (name2, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert name == name2 and torch.equal(p, q), name
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+    if kind == "gpt2":  # tied weights stay tied after loading
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_load_model_dtype(tmp_path):
+    model, out = saved("gpt2", tmp_path, dtype=torch.bfloat16)
+    loaded = load_model(checkpoint(out))  # default float32: stored bf16 values, upcast exactly
+    assert loaded.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+    assert torch.equal(
+        loaded.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight.float()
+    )
+    half = load_model(checkpoint(out), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    with torch.no_grad():
+        assert torch.equal(half(INPUT).logits, model(INPUT).logits)
+
+
+def test_load_model_refuses_missing_and_unexpected(tmp_path):
+    _, out = saved("llama", tmp_path)
+    weights = load_file(out / "model.safetensors")
+
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptFileError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(checkpoint(out))
+
+    weights["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 64)
+    weights["model.layers.2.extra.weight"] = torch.zeros(3)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LayoutError, match=r"model\.layers\.2\.extra\.weight"):
+        load_model(checkpoint(out))
+
+
+def test_load_model_refuses_shape_mismatch(tmp_path):
+    _, out = saved("llama", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["intermediate_size"] = 48  # config no longer matches the weights
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CorruptFileError, match=r"mlp\.down_proj\.weight has shape \(32, 64\).*expects \(32, 48\)"
+    ):
+        load_model(checkpoint(out))
+
+
+def test_no_config_is_refused(tmp_path):
+    _, out = saved("gpt2", tmp_path)
+    (out / "config.json").unlink()
+    with pytest.raises(LayoutError, match="config.json"):
+        param_shapes(checkpoint(out))
+    with pytest.raises(LayoutError, match="config.json"):
+        load_model(checkpoint(out))
+
+
+# ------------------------------------------------------------------------------------------ hub cache
+
+
+def test_resolve_local_path(tmp_path):
+    _, out = saved("gpt2", tmp_path)
+    assert resolve_model_path(str(out)) == out.resolve()
+    assert resolve_model_path(str(out / "model.safetensors")) == (out / "model.safetensors").resolve()
+    with pytest.raises(InputNotFoundError):
+        resolve_model_path(str(tmp_path / "no" / "such" / "dir"))
+
+
+def test_resolve_uncached_hub_id_fails_fast(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no network call even when online mode is allowed
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(HubNotCachedError) as err:
+        resolve_model_path("nonexistent-org/nonexistent-model-xyz")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert str(cache) in message and "never downloads" in message
+    assert "huggingface-cli download nonexistent-org/nonexistent-model-xyz" in message
+
+
+def test_resolve_cached_hub_id(tmp_path, monkeypatch):
+    # The cache layout huggingface_hub writes: models--org--name/{refs/<ref>, snapshots/<commit>/...}.
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--tiny-org--tiny-gpt2"
+    commit, older = "a" * 40, "b" * 40
+    for c in (commit, older):
+        (repo / "snapshots" / c).mkdir(parents=True)
+        (repo / "snapshots" / c / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("tiny-org/tiny-gpt2") == repo / "snapshots" / commit
+    assert resolve_model_path(f"tiny-org/tiny-gpt2@{older}") == repo / "snapshots" / older
+    with pytest.raises(HubNotCachedError):
+        resolve_model_path("tiny-org/tiny-gpt2@v9")
