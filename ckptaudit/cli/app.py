@@ -18,7 +18,10 @@ from ckptaudit import __version__
 from ckptaudit.errors import CkptAuditError
 
 
-def debug_enabled() -> bool:
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """--debug on the command line (root context) or CKPTAUDIT_DEBUG=1 in the environment."""
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
     return os.environ.get("CKPTAUDIT_DEBUG", "") not in ("", "0", "false")
 
 
@@ -29,7 +32,7 @@ class AuditGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CkptAuditError as e:
-            if debug_enabled():
+            if debug_enabled(ctx):
                 raise
             click.echo(f"ckptaudit: error: {e}", err=True)
             ctx.exit(e.exit_code)
@@ -66,8 +69,7 @@ def root(
     ] = False,
 ) -> None:
     """Audit neural-network training checkpoints: trajectory and optimizer-state analyses, HDF5 reports, CI gates."""
-    if debug:
-        os.environ["CKPTAUDIT_DEBUG"] = "1"
+    # --debug is read back from the root context by AuditGroup.invoke; nothing global is changed.
 
 
 def _register() -> None:

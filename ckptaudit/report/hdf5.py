@@ -102,7 +102,7 @@ def write_report(
             f.attrs["argv"] = json.dumps(list(argv))
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["device"] = str(device)
-            f.attrs["torch_version"] = torch.__version__
+            f.attrs["torch_version"] = str(torch.__version__)
             g = f.create_group("inputs")
             str_dt = h5py.string_dtype()
             g.create_dataset("step", data=np.array([r.step for r in inputs], dtype=np.int64))
@@ -127,7 +127,9 @@ def write_tree(g: h5py.Group, tree: dict) -> None:
             write_tree(g.create_group(key), val)
         elif val is None:
             nones.append(key)
-        elif isinstance(val, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+        elif isinstance(val, str):
+            g.attrs[key] = str(val)  # plain str: h5py has no conversion for str subclasses such as TorchVersion
+        elif isinstance(val, (bool, int, float, np.integer, np.floating, np.bool_)):
             g.attrs[key] = val
         elif isinstance(val, (list, tuple)) and val and all(isinstance(v, dict) for v in val):
             sub = g.create_group(key)

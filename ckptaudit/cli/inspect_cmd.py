@@ -1,0 +1,108 @@
+"""`ckptaudit inspect PATH`: checkpoints, parameters by role, Level-2 artifacts, file safety."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.options import (
+    JsonOpt,
+    NoHashOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    RoleMapOpt,
+    RunDirArg,
+    StepsOpt,
+)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def inspect(
+    path: RunDirArg,
+    steps: StepsOpt = None,
+    role_map: RoleMapOpt = None,
+    no_file_check: Annotated[
+        bool, typer.Option("--no-file-check", help="Skip the per-file safe-format check (faster on huge runs).")
+    ] = False,
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List a run's checkpoints: steps, parameters per role and block, dtypes, bytes, Level-2 artifacts
+    (optimizer moments, scheduler, trainer state with lr history, RNG state) and whether every file is safe to load.
+
+    Example: ckptaudit inspect runs/seed42/
+    """
+    from ckptaudit.analyses.provenance import inspect_run
+    from ckptaudit.io.roles import load_role_map
+
+    output = make_output(json_out, quiet)
+    run = load_run(path, steps)
+    rmap = load_role_map(role_map) if role_map is not None else None
+    with Progress(output, "inspecting", len(run.checkpoints)) as hook:
+        result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
+    save_report(output, "inspect", result.to_hdf5_tree(), run.checkpoints, out, no_report, hash_files=not no_hash)
+    output.json(result.to_json())
+    if not output.human:
+        return
+    render_inspect(output, result)
+
+
+def render_inspect(output, result) -> None:
+    """Terminal view of an InspectResult."""
+    yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"  # noqa: E731
+    rows = []
+    for c in result.checkpoints:
+        rows.append(
+            [
+                c.step,
+                c.layout,
+                f"{c.n_params:,}",
+                _human_bytes(c.bytes),
+                ", ".join(sorted(c.dtypes)),
+                yes(c.artifacts.get("optimizer")),
+                yes(c.artifacts.get("scheduler")),
+                yes(c.artifacts.get("trainer_state")),
+                yes(c.artifacts.get("rng_state")),
+                yes(all(f.safe for f in c.files)) if c.files else "—",
+            ]
+        )
+    output.table(
+        f"{result.run} — {len(result.checkpoints)} checkpoint(s), architecture: {result.architecture}",
+        ["step", "layout", "params", "bytes", "dtypes", "optimizer", "scheduler", "trainer state", "rng", "safe files"],
+        rows,
+    )
+    last = result.checkpoints[-1]
+    if last.params_by_role:
+        output.table(
+            f"parameters by role (step {last.step})",
+            ["role", "params"],
+            [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
+        )
+    if result.architecture_note:
+        output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
+    for c in result.checkpoints:
+        for f in c.files:
+            if not f.safe:
+                output.print(f"[red]unsafe file[/red] {f.path}: {f.detail}")
+    if result.provenance_complete:
+        output.print("[green]provenance complete[/green]: every checkpoint carries optimizer, scheduler, trainer state and RNG state")
+    else:
+        output.print(
+            f"[red]provenance incomplete[/red] (missing: {', '.join(result.missing)}): resuming or fine-tuning "
+            "from these weights cannot reproduce the training state"
+        )

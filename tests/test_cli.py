@@ -1,0 +1,154 @@
+"""CLI behaviour through typer's CliRunner: exit codes, one-line errors, JSON keys, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ckptaudit.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert err.startswith("ckptaudit: error:"), err
+    assert "\n" not in err and "Traceback" not in result.output, result.output
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_version_and_help():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("ckptaudit ")
+    r = invoke("--help")
+    assert r.exit_code == 0 and "inspect" in r.stdout and "backbone" in r.stdout
+
+
+def test_inspect_json_keys_and_counts(tiny_run):
+    r = invoke("inspect", tiny_run, "--json", "--no-report")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    for key in ("run", "architecture", "checkpoints", "provenance_complete", "missing"):
+        assert key in doc
+    assert doc["architecture"] == "gpt2"
+    dirs = sorted((p for p in tiny_run.iterdir() if p.name.startswith("checkpoint-")), key=lambda p: int(p.name.split("-")[1]))
+    assert [c["step"] for c in doc["checkpoints"]] == [int(p.name.split("-")[1]) for p in dirs]
+    # Independent count: read the safetensors header with the safetensors library itself.
+    with safe_open(dirs[-1] / "model.safetensors", framework="pt") as f:
+        expected = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert doc["checkpoints"][-1]["n_params"] == expected
+    assert all(c["has_optimizer_state"] for c in doc["checkpoints"])
+    assert doc["provenance_complete"] is True and doc["missing"] == []
+    for c in doc["checkpoints"]:
+        # training_args.bin is the Trainer's pickled TrainingArguments: flagged, never loaded.
+        unsafe = {Path(f["path"]).name for f in c["files"] if not f["safe"]}
+        assert c["files"] and unsafe <= {"training_args.bin"}, unsafe
+
+
+def test_inspect_missing_optimizer_marks_provenance_incomplete(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    (last / "optimizer.pt").unlink()
+    r = invoke("inspect", run, "--json", "--no-report")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["provenance_complete"] is False
+    assert "optimizer" in doc["missing"]
+    assert doc["checkpoints"][-1]["has_optimizer_state"] is False
+
+
+def test_inspect_writes_report_and_report_show_renders_it(tiny_run, tmp_path):
+    out = tmp_path / "inspect.h5"
+    r = invoke("inspect", tiny_run, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert out.exists()
+    r = invoke("report", "show", out)
+    assert r.exit_code == 0, r.output
+    assert "inspect" in r.stdout and "checkpoint" in r.stdout
+    r = invoke("report", "show", out, "--json")
+    doc = json.loads(r.stdout)
+    assert doc["@attrs"]["command"] == "inspect"
+    import hashlib
+
+    first = sorted(tiny_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    assert doc["inputs"]["sha256"][0] == hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_path_not_found(tmp_path):
+    assert_one_line_error(invoke("inspect", tmp_path / "nope"), str(tmp_path / "nope"))
+
+
+def test_empty_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("inspect", tmp_path / "empty"), "empty")
+
+
+def test_truncated_safetensors(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.randn(64, 64)}, run / "step_1.safetensors")
+    data = (run / "step_1.safetensors").read_bytes()
+    (run / "step_1.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(invoke("inspect", run, "--no-report"), "step_1.safetensors")
+
+
+class _Payload:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "evil": _Payload(str(marker))}, run / "step_1.pt")
+    out = tmp_path / "r.h5"
+    r = invoke("inspect", run, "--out", out)
+    assert_one_line_error(r, "step_1.pt")
+    assert not marker.exists()
+    assert not out.exists()  # nothing written half-way
+
+
+def test_unknown_architecture_names_tensors(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for s in (0, 1, 2):
+        save_file({"weird.alpha": torch.randn(4, 4), "weird.beta": torch.randn(4)}, run / f"step_{s}.safetensors")
+    assert_one_line_error(invoke("backbone", run, "--no-report"), "weird.alpha")
+
+
+def test_bad_device_is_usage_error(tiny_run):
+    assert_one_line_error(invoke("backbone", tiny_run, "--device", "tpu", "--no-report"), "--device")
+
+
+def test_report_show_missing_file(tmp_path):
+    assert_one_line_error(invoke("report", "show", tmp_path / "none.h5"), "none.h5")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "nope")])
+    assert r.exit_code != 0
+    assert r.exception is not None  # the exception propagates instead of being turned into one line
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    monkeypatch.delenv("CKPTAUDIT_DEBUG", raising=False)
