@@ -1,0 +1,349 @@
+"""Near-synonym density-matrix observables at one prediction (SPEC §6, born-gap; paper 002 sections 2, 4, 5).
+
+At the last position of a context the model gives logits ``z`` [V] and probabilities ``p = softmax(z)``. The pool
+``P`` is the smallest set of tokens whose cumulative probability reaches the nucleus mass, plus the target ``y``
+and the competitor ``c`` forced in; ``p`` is renormalised on ``P``. Overlaps ``c_ij`` are cosines between the
+unembedding rows of ``i`` and ``j`` (the input embeddings when the head is tied, the LM-head rows otherwise).
+
+With the density matrix ``rho = sum_{i in P} p_i |u_i><u_i|`` (unit rows ``u_i``):
+
+* Born score ``P_B(k) = <u_k|rho|u_k> = sum_i p_i c_ik^2``; Born gap ``phi = P_B(y) - P_B(c)``.
+* ``phi = S + D`` with signal ``S = (1 - c_yc^2)(p_y - p_c)`` and drag ``D = sum_{i in P\\{y,c}} p_i (c_iy^2 - c_ic^2)``.
+* purity ``gamma = tr(rho^2) = sum_ij p_i p_j c_ij^2``, participation ratio ``PR = 1/gamma``, classical
+  ``IPR = sum_i p_i^2``.
+* localisation length ``xi = sqrt(sum_ij p_i p_j theta_ij^2)`` (radians), ``theta = arccos(clip(c, -1, 1))``;
+  burial depth ``B = xi / theta_yc``; geometric efficiency ``eta_geo = c_yc^2 / sum_{i in P\\{y}} c_iy^2``.
+
+Ranks are competition ranks inside the pool: ``1 + #{k in P : score_k > score_y}`` (1 = top), by ``P_B`` (Born
+rank) and by ``p`` (softmax rank). Everything is computed in float64; cost is O(|P| d^2) for the Born scores and
+purity (through the d x d matrix rho) and O(|P|^2 d) for ``xi`` (streamed in row blocks, never |P| x |P| at once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckptaudit.errors import DataError, InputNotFoundError
+
+DEFAULT_NUCLEUS = 0.9
+_XI_BLOCK = 2048  # rows of the pool per block of the O(|P|^2) angle sum
+
+
+@dataclass(frozen=True)
+class Context:
+    """One near-synonym context: the text before the target, the target token text, an optional competitor."""
+
+    context: str
+    target: str
+    competitor: str | None = None
+
+
+@dataclass(frozen=True)
+class BornObservables:
+    """Observables of one prediction (see the module docstring). Token ids index the vocabulary.
+
+    ``pool`` [|P|] token ids in decreasing ``p``; ``p_pool`` [|P|] renormalised probabilities; ``born_scores``
+    [|P|] Born scores ``P_B`` of the pool tokens. ``decomposition_residual = |phi - (signal + drag)|``.
+    """
+
+    target: int
+    competitor: int
+    competitor_given: bool
+    pool_size: int
+    p_y: float
+    p_c: float
+    c_yc: float
+    phi: float
+    signal: float
+    drag: float
+    decomposition_residual: float
+    throttle: float
+    logit_gap: float
+    purity: float
+    pr: float
+    ipr: float
+    xi: float
+    theta_yc: float
+    burial_depth: float
+    eta_geo: float
+    born_rank: int
+    softmax_rank: int
+    phi_ablated: float
+    pool: np.ndarray = field(compare=False, repr=False)
+    p_pool: np.ndarray = field(compare=False, repr=False)
+    born_scores: np.ndarray = field(compare=False, repr=False)
+
+
+def nucleus_pool(p: torch.Tensor, nucleus: float, forced: Iterable[int] = ()) -> torch.Tensor:
+    """Token ids of the smallest top-probability set with cumulative mass >= ``nucleus``, plus ``forced`` ids.
+
+    Ordered by decreasing probability (ties by id), forced ids appended when not already in. ``p`` [V].
+    """
+    if not 0.0 < nucleus <= 1.0:
+        raise DataError(f"nucleus must be in (0, 1], got {nucleus}")
+    order = torch.argsort(-p.double(), stable=True)
+    cum = torch.cumsum(p.double()[order], 0)
+    # Smallest k with cum[k-1] >= nucleus; float round-off may leave the total just under 1.0.
+    k = int(torch.searchsorted(cum, torch.tensor([min(nucleus, float(cum[-1]))], dtype=cum.dtype))[0]) + 1
+    pool = order[: min(k, order.numel())].tolist()
+    seen = set(pool)
+    for t in forced:
+        if int(t) not in seen:
+            pool.append(int(t))
+            seen.add(int(t))
+    return torch.tensor(pool, dtype=torch.long)
+
+
+def born_observables(
+    p: torch.Tensor,
+    z: torch.Tensor,
+    U: torch.Tensor,
+    target: int,
+    competitor: int | None = None,
+    nucleus: float = DEFAULT_NUCLEUS,
+) -> BornObservables:
+    """Density-matrix observables of one prediction.
+
+    ``p`` [V] probabilities (need not be renormalised), ``z`` [V] logits (for the logit gap), ``U`` [V, d]
+    unembedding rows (normalised here), ``target`` and optional ``competitor`` token ids. When ``competitor``
+    is None it is the pool token ``j != y`` with the largest cosine ``c_yj`` to the target.
+    """
+    V = p.shape[0]
+    if U.shape[0] < V:
+        raise DataError(f"unembedding has {U.shape[0]} rows but the distribution has {V} entries")
+    for name, t in (("target", target), ("competitor", competitor)):
+        if t is not None and not 0 <= int(t) < V:
+            raise DataError(f"{name} token id {t} is outside the vocabulary [0, {V})")
+    y = int(target)
+    forced = [y] if competitor is None else [y, int(competitor)]
+    pool = nucleus_pool(p.detach().cpu(), nucleus, forced)
+    Up = U.detach()[pool.to(U.device)].to(torch.float64).cpu()
+    norms = Up.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        bad = pool[(norms[:, 0] == 0)].tolist()
+        raise DataError(f"unembedding rows of token ids {bad[:5]} are zero: overlaps undefined")
+    Up = Up / norms
+    iy = pool.tolist().index(y)
+    cy = Up @ Up[iy]  # c_iy for i in P
+    given = competitor is not None
+    if given:
+        ic = pool.tolist().index(int(competitor))
+        if ic == iy:
+            raise DataError(f"competitor token id {competitor} is the target itself")
+    else:
+        if pool.numel() < 2:
+            raise DataError("the pool holds only the target: no competitor to choose (lower --nucleus)")
+        masked = cy.clone()
+        masked[iy] = -math.inf
+        ic = int(torch.argmax(masked))
+    w = p.detach().cpu().to(torch.float64)[pool]
+    if float(w.sum()) <= 0:
+        raise DataError("the pool has zero probability mass")
+    w = w / w.sum()
+    zz = z.detach().cpu().to(torch.float64)
+    obs = _pool_observables(w, Up, iy, ic)
+    # Competitor ablation: remove its mass, renormalise, recompute the Born gap.
+    w_abl = w.clone()
+    w_abl[ic] = 0.0
+    phi_abl = float("nan")
+    if float(w_abl.sum()) > 0:
+        w_abl = w_abl / w_abl.sum()
+        rho_abl = (Up * w_abl[:, None]).T @ Up
+        phi_abl = float(Up[iy] @ rho_abl @ Up[iy] - Up[ic] @ rho_abl @ Up[ic])
+    born = obs.pop("born_scores")
+    return BornObservables(
+        target=y, competitor=int(pool[ic]), competitor_given=given, pool_size=int(pool.numel()),
+        logit_gap=float(zz[y] - zz[int(pool[ic])]),
+        born_rank=1 + int((born > born[iy]).sum()), softmax_rank=1 + int((w > w[iy]).sum()),
+        phi_ablated=phi_abl, pool=pool.numpy(), p_pool=w.numpy(), born_scores=born.numpy(), **obs,
+    )
+
+
+def _pool_observables(w: torch.Tensor, Up: torch.Tensor, iy: int, ic: int) -> dict:
+    """Observables from renormalised pool probabilities ``w`` [n] and unit rows ``Up`` [n, d] (float64)."""
+    rho = (Up * w[:, None]).T @ Up  # d x d
+    born = ((Up @ rho) * Up).sum(dim=1)  # <u_k|rho|u_k>
+    cy, cc = Up @ Up[iy], Up @ Up[ic]
+    c_yc = float(cy[ic])
+    throttle = 1.0 - c_yc * c_yc
+    py, pc = float(w[iy]), float(w[ic])
+    phi = float(born[iy] - born[ic])
+    signal = throttle * (py - pc)
+    rest = torch.ones_like(w, dtype=torch.bool)
+    rest[[iy, ic]] = False
+    drag = float((w[rest] * (cy[rest] ** 2 - cc[rest] ** 2)).sum())
+    purity = float((rho * rho).sum())  # tr(rho^2) for symmetric rho
+    theta_yc = math.acos(min(1.0, max(-1.0, c_yc)))
+    xi = math.sqrt(max(_weighted_angle_sq(w, Up), 0.0))
+    not_y = torch.ones_like(w, dtype=torch.bool)
+    not_y[iy] = False
+    denom = float((cy[not_y] ** 2).sum())
+    return {
+        "p_y": py, "p_c": pc, "c_yc": c_yc, "phi": phi, "signal": signal, "drag": drag,
+        "decomposition_residual": abs(phi - (signal + drag)), "throttle": throttle,
+        "purity": purity, "pr": 1.0 / purity if purity > 0 else math.inf, "ipr": float((w * w).sum()),
+        "xi": xi, "theta_yc": theta_yc, "burial_depth": xi / theta_yc if theta_yc > 0 else math.inf,
+        "eta_geo": c_yc * c_yc / denom if denom > 0 else math.nan, "born_scores": born,
+    }
+
+
+def _weighted_angle_sq(w: torch.Tensor, Up: torch.Tensor) -> float:
+    """sum_ij w_i w_j arccos(clip(c_ij))^2, in row blocks so memory stays O(block x |P|)."""
+    total = 0.0
+    n = Up.shape[0]
+    for a in range(0, n, _XI_BLOCK):
+        C = (Up[a:a + _XI_BLOCK] @ Up.T).clamp_(-1.0, 1.0)
+        th = torch.arccos(C)
+        # The diagonal is exactly 0 in theory; round-off would add ~1e-8 rad per entry.
+        idx = torch.arange(a, min(a + _XI_BLOCK, n))
+        th[idx - a, idx] = 0.0
+        total += float(w[a:a + _XI_BLOCK] @ (th * th) @ w)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Contexts and the model run
+
+
+@dataclass(frozen=True)
+class BornGapResult:
+    """born-gap over a contexts file. ``unembedding`` says whose rows the overlaps use."""
+
+    unembedding: str  # "input_embeddings (tied head)" or "lm_head (untied)"
+    nucleus: float
+    contexts: tuple[Context, ...]
+    target_texts: tuple[str, ...]
+    competitor_texts: tuple[str, ...]
+    observables: tuple[BornObservables, ...]
+
+    def to_json(self) -> dict:
+        """The ``--json`` payload: ``contexts`` (keys fixed by issue 7) and which rows gave the overlaps."""
+        rows = []
+        for ctx, tgt, comp, o in zip(self.contexts, self.target_texts, self.competitor_texts, self.observables, strict=True):
+            rows.append({
+                "context": ctx.context, "target": tgt, "competitor": comp, "pool_size": o.pool_size,
+                "phi": o.phi, "signal": o.signal, "drag": o.drag, "throttle": o.throttle,
+                "logit_gap": o.logit_gap, "purity": o.purity, "pr": o.pr, "ipr": o.ipr, "xi": o.xi,
+                "burial_depth": o.burial_depth, "eta_geo": o.eta_geo, "born_rank": o.born_rank,
+                "softmax_rank": o.softmax_rank, "phi_ablated": o.phi_ablated,
+            })
+        return {"unembedding": self.unembedding, "contexts": rows}
+
+    def to_hdf5_tree(self) -> dict:
+        """Nested dict for ``report.hdf5.write_tree``: one subgroup per context with its pool arrays."""
+        items = []
+        for ctx, tgt, comp, o in zip(self.contexts, self.target_texts, self.competitor_texts, self.observables, strict=True):
+            d = {k: v for k, v in asdict(o).items() if k not in ("pool", "p_pool", "born_scores")}
+            d.update(context=ctx.context, target_text=tgt, competitor_text=comp,
+                     pool=np.asarray(o.pool, dtype=np.int64), p_pool=o.p_pool, born_scores=o.born_scores)
+            items.append(d)
+        return {"unembedding": self.unembedding, "nucleus": self.nucleus, "contexts": items}
+
+
+def load_contexts(path: str | Path) -> list[Context]:
+    """Read a contexts JSONL file: one ``{"context", "target", "competitor"?}`` object per line.
+
+    Blank lines are skipped. Any malformed line raises ``DataError`` naming the file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: no such contexts file", "pass a JSONL file of {context, target, competitor}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})", "one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = set(obj) - {"context", "target", "competitor"}
+        if unknown:
+            raise DataError(f"{where}: unknown keys {sorted(unknown)}", "allowed: context, target, competitor")
+        for key in ("context", "target"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise DataError(f"{where}: '{key}' must be a non-empty string")
+        comp = obj.get("competitor")
+        if comp is not None and (not isinstance(comp, str) or not comp):
+            raise DataError(f"{where}: 'competitor' must be a non-empty string when given")
+        out.append(Context(obj["context"], obj["target"], comp))
+    if not out:
+        raise DataError(f"{path}: no contexts", "add at least one JSON line")
+    return out
+
+
+def single_token_id(tokenizer, word: str, role: str = "target") -> int:
+    """The id of ``word`` when the tokenizer encodes it as exactly one (known) token; ``DataError`` otherwise."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise DataError(
+            f"{role} {word!r} is {len(ids)} tokens for this tokenizer ({pieces}), not one",
+            "choose a word that is a single token (mind the leading space)")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and word.strip() != str(tokenizer.unk_token):
+        raise DataError(f"{role} {word!r} is the unknown token for this tokenizer", "choose a word in its vocabulary")
+    return int(ids[0])
+
+
+def unembedding_matrix(model) -> tuple[torch.Tensor, str]:
+    """The rows that score the vocabulary: input embeddings when the head is tied, LM-head rows otherwise."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None:
+        return emb, "input_embeddings (no head)"
+    H = head.weight
+    if H is emb or (H.shape == emb.shape and H.data_ptr() == emb.data_ptr()) or (
+            H.shape == emb.shape and torch.equal(H, emb)):
+        return emb, "input_embeddings (tied head)"
+    return H, "lm_head (untied)"
+
+
+@torch.no_grad()
+def born_gap(
+    model,
+    tokenizer,
+    contexts: Sequence[Context],
+    nucleus: float = DEFAULT_NUCLEUS,
+    device: str | torch.device = "cpu",
+    progress: Callable[[float], None] | None = None,
+) -> BornGapResult:
+    """Run ``model`` on each context and compute ``born_observables`` at the last position.
+
+    Targets and competitors must each be one token for ``tokenizer`` (``DataError`` naming the word otherwise);
+    all are validated before the model runs. ``progress(1)`` is called per context.
+    """
+    ids = []
+    for ctx in contexts:
+        y = single_token_id(tokenizer, ctx.target, "target")
+        c = None if ctx.competitor is None else single_token_id(tokenizer, ctx.competitor, "competitor")
+        if c == y:
+            raise DataError(f"competitor {ctx.competitor!r} is the same token as target {ctx.target!r}")
+        ids.append((y, c))
+    model = model.to(device).eval()
+    U, which = unembedding_matrix(model)
+    obs, tgt_txt, comp_txt = [], [], []
+    for ctx, (y, c) in zip(contexts, ids, strict=True):
+        enc = tokenizer(ctx.context, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            raise DataError(f"context {ctx.context!r} encodes to no tokens")
+        out = model(**{k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+        z = out.logits[0, -1].double()
+        p = torch.softmax(z, dim=-1)
+        o = born_observables(p.cpu(), z.cpu(), U, y, c, nucleus)
+        obs.append(o)
+        tgt_txt.append(ctx.target)
+        comp_txt.append(ctx.competitor if ctx.competitor is not None else tokenizer.decode([o.competitor]))
+        if progress is not None:
+            progress(1)
+    return BornGapResult(unembedding=which, nucleus=float(nucleus), contexts=tuple(contexts),
+                         target_texts=tuple(tgt_txt), competitor_texts=tuple(comp_txt), observables=tuple(obs))

@@ -1,0 +1,193 @@
+"""`ckptaudit classify-embeddings MODEL` and `ckptaudit born-gap MODEL` (SPEC §5, §6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.common import Progress, make_output, save_report
+from ckptaudit.cli.options import DeviceOpt, JsonOpt, NoReportOpt, OutOpt, QuietOpt, SeedOpt, resolve_device
+from ckptaudit.errors import DataError, InputNotFoundError
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
+]
+
+
+class _ModelInput:
+    """What save_report needs to list a model in /inputs."""
+
+    def __init__(self, path: Path):
+        from ckptaudit.io.tensors import open_tensors
+
+        self.step = 0
+        self.path = path
+        with open_tensors(path) as src:
+            self.weight_files = tuple(src.files())
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved beside a model (local files only; never a download)."""
+    from transformers import AutoTokenizer
+
+    folder = path if path.is_dir() else path.parent
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError variants for a missing tokenizer
+        raise DataError(
+            f"{folder}: no usable tokenizer ({type(e).__name__})",
+            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))",
+        ) from None
+
+
+def excluded_token_ids(spec: str, path: Path, vocab_size: int) -> set[int]:
+    """Token ids to leave out of the bulk statistics.
+
+    ``tokenizer``: the tokenizer's special tokens and rows beyond its vocabulary (padding rows of the matrix);
+    a file: JSON list or one id per line of the ids to KEEP (everything else is excluded).
+    """
+    if spec == "tokenizer":
+        tok = load_tokenizer(path)
+        excluded = set(int(i) for i in tok.all_special_ids)
+        excluded.update(range(len(tok), vocab_size))
+        return excluded
+    f = Path(spec)
+    if not f.exists():
+        raise InputNotFoundError(f"--tokens-from {spec}: no such file", "pass 'tokenizer' or a file of token ids to keep")
+    text = f.read_text().strip()
+    try:
+        keep = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
+    except ValueError:
+        raise DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None) from None
+    keep_set = {int(i) for i in keep}
+    return set(range(vocab_size)) - keep_set
+
+
+@app.command("classify-embeddings")
+def classify_embeddings(
+    model: ModelArg,
+    pairs: Annotated[int, typer.Option("--pairs", min=100, help="Random token pairs to sample (ignored with --exact).")] = 200_000,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="All pairs, in tiles on the device, streamed into a histogram (no V x V matrix).")
+    ] = False,
+    lora_lr: Annotated[
+        float, typer.Option("--lora-lr", help="LoRA learning rate used for the predicted critical rate eta_c = lr / h_class.")
+    ] = 2e-4,
+    tokens_from: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokens-from",
+            help="'tokenizer' to exclude special tokens and padding rows, or a file of token ids to keep (JSON list or one per line).",
+        ),
+    ] = None,
+    tile: Annotated[int, typer.Option("--tile", min=64, help="Rows per tile in --exact mode (memory ~ tile^2).")] = 4096,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Bulk geometry of the normalised input embeddings (and the LM head when untied): squared-cosine overlap
+    statistics, KS against fitted Gaussian and exponential laws, the class (A: dense Gaussian bulk, B: sparse
+    exponential bulk) with a continuous bulk index, LoRA sufficiency and the predicted critical LoRA learning rate.
+
+    Example: ckptaudit classify-embeddings models/smollm-135m --exact
+    """
+    from ckptaudit.analyses.embeddings import embedding_matrices, overlap_stats
+    from ckptaudit.io.models import resolve_model_path
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    path = Path(resolve_model_path(model))
+    mats = embedding_matrices(path)
+    tied = "head" not in mats
+    exclude = excluded_token_ids(tokens_from, path, mats["embed"].shape[0]) if tokens_from else None
+    results = {}
+    for role, M in mats.items():
+        total = M.shape[0] * (M.shape[0] - 1) // 2 if exact else pairs
+        with Progress(output, f"{role}: overlaps", total) as hook:
+            results[role] = overlap_stats(
+                M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
+                lora_lr=lora_lr, tied_head=tied,
+            )
+    summary = results["embed"].to_json()
+    if "head" in results:
+        summary["head"] = results["head"].to_json()
+    tree = {role: r.to_hdf5_tree() for role, r in results.items()}
+    save_report(output, "classify-embeddings", tree, [_ModelInput(path)], out, no_report, device=dev, group="embeddings")
+    output.json(summary)
+    if output.human:
+        rows = []
+        for role, r in results.items():
+            j = r.to_json()
+            rows.append([role, j["vocab_size"], j["dim"], j["pairs"], j["mean_c2"], j["std_c2"], j["frac_abs_c_gt_0_3"],
+                         j["ks_gauss"], j["ks_exp"], j["bulk_index"], j["class"]])
+        output.table(
+            f"embedding bulk — {path}",
+            ["matrix", "V", "d", "pairs", "mean c²", "std c²", "|c|>0.3", "KS gauss", "KS exp", "bulk index", "class"],
+            rows,
+            caption="class A = dense Gaussian bulk (KS_gauss < KS_exp), B = sparse exponential bulk; bulk index = KS_exp - KS_gauss",
+        )
+        j = results["embed"].to_json()
+        verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
+        output.print(
+            f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
+            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
+        )
+
+
+@app.command("born-gap")
+def born_gap_cmd(
+    model: ModelArg,
+    contexts: Annotated[
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+    ],
+    nucleus: Annotated[
+        float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
+    ] = 0.9,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Near-synonym density-matrix observables at the last position of each context: Born gap Phi = signal + drag,
+    throttle, logit gap, purity, participation ratio, localisation length, burial depth, geometric efficiency,
+    Born and softmax ranks, and the competitor ablation.
+
+    Example: ckptaudit born-gap models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl
+    """
+    from ckptaudit.analyses.synonyms import born_gap, load_contexts
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.io.models import load_model, resolve_model_path
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    path = Path(resolve_model_path(model))
+    ctxs = load_contexts(contexts)
+    tok = load_tokenizer(path)
+    ckpt = discover_run(path).checkpoints[-1]
+    net = load_model(ckpt, device=dev)
+    with Progress(output, "born-gap", len(ctxs)) as hook:
+        result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
+    save_report(output, "born-gap", result.to_hdf5_tree(), [ckpt], out, no_report, device=dev)
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        rows = [
+            [c["target"], c["competitor"], c["pool_size"], c["phi"], c["signal"], c["drag"], c["throttle"], c["logit_gap"],
+             c["pr"], c["burial_depth"], c["born_rank"], c["softmax_rank"]]
+            for c in summary["contexts"]
+        ]
+        output.table(
+            f"Born gap — {path} (unembedding: {summary.get('unembedding')})",
+            ["target", "competitor", "pool", "Phi", "S", "D", "throttle", "logit gap", "PR", "burial", "Born rank", "softmax rank"],
+            rows,
+            caption="Phi = P_B(target) - P_B(competitor) = S + D; Phi < 0: the competitor wins in Born geometry",
+        )

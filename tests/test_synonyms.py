@@ -1,0 +1,224 @@
+"""born-gap observables (SPEC §6) against explicit density matrices and brute-force sums."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckptaudit.analyses.synonyms import (
+    Context,
+    born_gap,
+    born_observables,
+    load_contexts,
+    nucleus_pool,
+)
+from ckptaudit.errors import DataError
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "contexts" / "near_synonyms.jsonl"
+PAPER_PAIRS = [("skepticism", "scepticism"), ("shame", "guilt"), ("ashes", "rubble"), ("longing", "yearning"),
+               ("remorse", "guilt"), ("relief", "joy"), ("awe", "wonder"), ("purpose", "meaning"),
+               ("terror", "fear"), ("shock", "horror")]
+
+
+def _case(seed: int, V: int = 40, d: int = 6, temp: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(V, generator=g, dtype=torch.float64) * 3 / temp
+    U = torch.randn(V, d, generator=g, dtype=torch.float64)
+    return torch.softmax(z, 0), z, U
+
+
+def _reference(p, U, pool, y, c):
+    """Everything by explicit loops / an explicitly built density matrix (numpy, float64)."""
+    pool = [int(t) for t in pool]
+    w = np.array([float(p[t]) for t in pool])
+    w /= w.sum()
+    E = U.numpy()[pool]
+    E = E / np.linalg.norm(E, axis=1, keepdims=True)
+    n = len(pool)
+    rho = sum(w[i] * np.outer(E[i], E[i]) for i in range(n))
+    iy, ic = pool.index(y), pool.index(c)
+    cos = lambda i, j: float(E[i] @ E[j])  # noqa: E731
+    born = np.array([E[k] @ rho @ E[k] for k in range(n)])
+    xi2 = sum(w[i] * w[j] * math.acos(max(-1.0, min(1.0, cos(i, j)))) ** 2 for i in range(n) for j in range(n)
+              if i != j)
+    signal = (1 - cos(iy, ic) ** 2) * (w[iy] - w[ic])
+    drag = sum(w[i] * (cos(i, iy) ** 2 - cos(i, ic) ** 2) for i in range(n) if i not in (iy, ic))
+    wa = w.copy()
+    wa[ic] = 0
+    wa /= wa.sum()
+    rho_a = sum(wa[i] * np.outer(E[i], E[i]) for i in range(n))
+    return {
+        "w": w, "born": born, "phi": born[iy] - born[ic], "signal": signal, "drag": drag,
+        "purity": float(np.trace(rho @ rho)), "ipr": float((w ** 2).sum()), "xi": math.sqrt(xi2),
+        "burial": math.sqrt(xi2) / math.acos(cos(iy, ic)),
+        "eta_geo": cos(iy, ic) ** 2 / sum(cos(i, iy) ** 2 for i in range(n) if i != iy),
+        "born_rank": 1 + sum(born[k] > born[iy] for k in range(n)),
+        "softmax_rank": 1 + sum(w[k] > w[iy] for k in range(n)),
+        "phi_ablated": float(E[iy] @ rho_a @ E[iy] - E[ic] @ rho_a @ E[ic]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ observables
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_phi_equals_signal_plus_drag(seed):
+    p, z, U = _case(seed, V=300, d=16, temp=0.5)
+    o = born_observables(p, z, U, target=seed + 3, competitor=seed + 50, nucleus=0.95)
+    assert abs(o.phi - (o.signal + o.drag)) < 1e-12
+    assert o.decomposition_residual < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_against_explicit_density_matrix(seed):
+    p, z, U = _case(seed, V=40, d=5)
+    y, c = 7, 11
+    o = born_observables(p, z, U, target=y, competitor=c, nucleus=0.8)
+    ref = _reference(p, U, o.pool, y, c)
+    assert np.allclose(o.p_pool, ref["w"], atol=1e-14)
+    assert np.allclose(o.born_scores, ref["born"], atol=1e-12)  # <e_k|rho|e_k>
+    assert o.purity == pytest.approx(ref["purity"], abs=1e-12)  # tr(rho^2)
+    assert o.pr == pytest.approx(1 / ref["purity"], rel=1e-12)
+    assert o.ipr == pytest.approx(ref["ipr"], abs=1e-14) and o.purity >= o.ipr
+    assert o.phi == pytest.approx(ref["phi"], abs=1e-12)
+    assert o.signal == pytest.approx(ref["signal"], abs=1e-12)
+    assert o.drag == pytest.approx(ref["drag"], abs=1e-12)
+    assert o.xi == pytest.approx(ref["xi"], abs=1e-9)
+    assert o.burial_depth == pytest.approx(ref["burial"], rel=1e-9)
+    assert o.eta_geo == pytest.approx(ref["eta_geo"], rel=1e-10)
+    assert (o.born_rank, o.softmax_rank) == (ref["born_rank"], ref["softmax_rank"])
+    assert o.phi_ablated == pytest.approx(ref["phi_ablated"], abs=1e-12)
+    assert o.logit_gap == pytest.approx(float(z[y] - z[c]))
+    assert o.throttle == pytest.approx(1 - o.c_yc ** 2)
+
+
+def test_nucleus_pool_is_smallest_top_set_plus_forced():
+    p, _, _ = _case(3, V=50)
+    order = np.argsort(-p.numpy(), kind="stable")
+    cum = np.cumsum(p.numpy()[order])
+    k = int(np.argmax(cum >= 0.7)) + 1
+    pool = nucleus_pool(p, 0.7, forced=[int(order[-1]), int(order[0])])
+    assert pool.tolist() == [int(t) for t in order[:k]] + [int(order[-1])]
+    assert nucleus_pool(p, 1.0).numel() == 50
+    with pytest.raises(DataError):
+        nucleus_pool(p, 0.0)
+
+
+def test_competitor_defaults_to_nearest_pool_token():
+    p, z, U = _case(4, V=30, d=4)
+    o = born_observables(p, z, U, target=2, nucleus=0.9)
+    En = U / U.norm(dim=1, keepdim=True)
+    cands = [int(t) for t in o.pool if int(t) != 2]
+    best = max(cands, key=lambda j: float(En[2] @ En[j]))
+    assert o.competitor == best and not o.competitor_given
+
+
+def test_near_synonym_split_looks_pure():
+    """Paper 002 §2.4: mass split evenly between two near-parallel tokens gives purity ~ 1, IPR = 1/2."""
+    U = torch.tensor([[1.0, 0.0, 0.0], [0.995, 0.0998749, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    z = torch.tensor([0.0, 0.0, -50.0], dtype=torch.float64)
+    o = born_observables(torch.softmax(z, 0), z, U, target=0, competitor=1, nucleus=0.99)
+    assert o.pool_size == 2 and o.ipr == pytest.approx(0.5)
+    assert o.purity == pytest.approx(0.5 + 0.5 * 0.995 ** 2, rel=1e-6)
+    assert o.phi == pytest.approx(0.0, abs=1e-12) and o.burial_depth == pytest.approx(1 / math.sqrt(2), rel=1e-6)  # xi^2 = 2 (1/4) theta^2
+
+
+# ------------------------------------------------------------------------------------------------ contexts
+
+
+def test_shipped_fixture_has_the_papers_ten_pairs():
+    ctx = load_contexts(FIXTURE)
+    assert [(c.target.strip(), c.competitor.strip()) for c in ctx] == PAPER_PAIRS
+    for c in ctx:
+        assert c.target.startswith(" ") and c.competitor.startswith(" ")
+        assert not c.context.endswith(" ") and len(c.context.split()) >= 8
+
+
+def test_load_contexts_errors_name_the_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"context": "a b", "target": " c"}\n\n{"context": "x", "target": 3}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:3: 'target'"):
+        load_contexts(f)
+    f.write_text('{"context": "a b", "target": " c"}\n{oops\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid JSON"):
+        load_contexts(f)
+    f.write_text('{"context": "a", "target": " b", "competitr": " c"}\n')
+    with pytest.raises(DataError, match="unknown keys"):
+        load_contexts(f)
+    f.write_text('{"context": "a", "target": " b"}\n')
+    assert load_contexts(f) == [Context("a", " b", None)]
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+
+WORDS = ["She", "felt", "a", "quiet", "deep", "sense", "of", "longing", "yearning", "guilt", "shame", "ice",
+         "cream", "the", "hills", "."]
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0}
+    for w in WORDS:
+        for form in (w, " " + w):
+            vocab.setdefault(form, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    # GPT-2 style pieces: a word with its leading space is one token.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]+"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def _model(vocab_size: int, tied: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                     tie_word_embeddings=tied)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_born_gap_on_tiny_gpt2(tied):
+    tok = _tokenizer()
+    assert tok.encode(" longing", add_special_tokens=False) == [tok.convert_tokens_to_ids(" longing")]
+    model = _model(len(tok), tied)
+    ctxs = [Context("She felt a quiet", " longing", " yearning"), Context("She felt a deep sense of", " shame")]
+    res = born_gap(model, tok, ctxs, nucleus=0.5)
+    assert res.unembedding.startswith("input_embeddings" if tied else "lm_head")
+    rows = model.transformer.wte.weight if tied else model.lm_head.weight
+    assert tied == torch.equal(model.transformer.wte.weight, model.lm_head.weight)
+    for ctx, o in zip(ctxs, res.observables, strict=True):
+        ids = torch.tensor([tok.encode(ctx.context, add_special_tokens=False)])
+        with torch.no_grad():
+            z = model(input_ids=ids).logits[0, -1].double()
+        p = torch.softmax(z, 0)
+        y = tok.convert_tokens_to_ids(ctx.target)
+        ref = _reference(p, rows.detach().double(), o.pool, y, o.competitor)
+        assert o.target == y and o.phi == pytest.approx(ref["phi"], abs=1e-10)
+        assert o.purity == pytest.approx(ref["purity"], abs=1e-10)
+        assert o.xi == pytest.approx(ref["xi"], abs=1e-8)
+        assert abs(o.phi - o.signal - o.drag) < 1e-12
+    assert res.observables[0].competitor == tok.convert_tokens_to_ids(" yearning")
+    j = res.to_json()
+    assert list(j["contexts"][0]) == ["context", "target", "competitor", "pool_size", "phi", "signal", "drag",
+                                      "throttle", "logit_gap", "purity", "pr", "ipr", "xi", "burial_depth",
+                                      "eta_geo", "born_rank", "softmax_rank", "phi_ablated"]
+    assert j["contexts"][1]["competitor"] == tok.decode([res.observables[1].competitor])
+    json.dumps(j)
+    tree = res.to_hdf5_tree()
+    assert tree["contexts"][0]["pool"].dtype == np.int64
+
+
+def test_multi_token_or_unknown_target_is_an_error_naming_it():
+    tok = _tokenizer()
+    model = _model(len(tok), True)
+    with pytest.raises(DataError, match=r"target ' ice cream' is 2 tokens"):
+        born_gap(model, tok, [Context("She felt a", " ice cream")])
+    with pytest.raises(DataError, match=r"competitor ' wistfulness' is the unknown token"):
+        born_gap(model, tok, [Context("She felt a", " longing", " wistfulness")])
