@@ -1,0 +1,154 @@
+"""`ckptaudit gate PATH --policy policy.toml`: run a policy's checks for CI; exit 0 pass, 1 fail, 2 bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.options import (
+    DeviceOpt,
+    NoHashOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    StepsOpt,
+    resolve_device,
+)
+from ckptaudit.errors import GateFailedError, UsageError
+
+_STATUS = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]", "skipped": "[yellow]skipped[/yellow]"}
+
+
+@app.command()
+def gate(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A run directory, a checkpoint directory or a checkpoint file to gate. With --init: the policy file "
+            "to write (stdout when omitted).",
+            show_default=False,
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option("--policy", "-p", help="Policy TOML naming the checks and their thresholds (see docs/gate.md).")
+    ] = None,
+    init: Annotated[
+        bool, typer.Option("--init", help="Write a commented default policy to PATH (or stdout) and exit.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --init: overwrite an existing policy file.")] = False,
+    json_path: Annotated[
+        str | None,
+        typer.Option("--json", metavar="PATH", help="Write the results as JSON to PATH ('-' for stdout, which replaces the table)."),
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML to PATH: one testcase per check.")
+    ] = None,
+    sarif: Annotated[
+        Path | None,
+        typer.Option("--sarif", metavar="PATH", help="Write SARIF 2.1.0 to PATH: one result per failed check, located at its file."),
+    ] = None,
+    steps: StepsOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Gate a checkpoint or run in CI: run the checks a policy enables (provenance, safe serialization, finite
+    values, resume probe, embedding class, fisher anisotropy, backbone bounds) and exit 0 when all pass, 1 when
+    any fails, 2 on bad input or a bad policy. A check that cannot run is reported as skipped, never as passed.
+
+    Example: ckptaudit gate checkpoints/ --policy ckptaudit-policy.toml --junit gate.xml --sarif gate.sarif
+    """
+    from ckptaudit.gate import load_policy, parse_policy, run_gate
+    from ckptaudit.gate.outputs import gate_json, write_json, write_junit, write_sarif
+    from ckptaudit.gate.policy import default_policy_text
+
+    if init:
+        text = default_policy_text()
+        parse_policy(text, "<default policy>")  # the template must stay valid: fail loudly here, not in CI
+        _write_init(path, text, force)
+        return
+    if path is None:
+        raise UsageError("missing PATH: the run directory or checkpoint to gate", "ckptaudit gate PATH --policy FILE")
+    if policy is None:
+        raise UsageError("--policy is required", "write one with `ckptaudit gate --init ckptaudit-policy.toml`")
+    pol = load_policy(policy)  # before touching the run: a bad policy is exit 2 whatever the input
+    dev = resolve_device(device)
+    to_stdout = json_path == "-"
+    output = make_output(to_stdout, quiet)
+    run = load_run(path, steps)
+    with Progress(output, "gating", len(pol.checks)) as hook:
+        result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
+
+    render_gate(output, result)
+    if json_path is not None:
+        if to_stdout:
+            output.json(gate_json(result))
+        else:
+            write_json(result, json_path)
+    if junit is not None:
+        write_junit(result, junit)
+    if sarif is not None:
+        write_sarif(result, sarif)
+    targets = run.checkpoints if pol.target == "all" else run.checkpoints[-1:]
+    save_report(output, "gate", result.to_hdf5_tree(), targets, out, no_report, hash_files=not no_hash, device=dev)
+    if not result.passed:
+        # Raised only after every output is written: CI needs the reports most when the gate fails.
+        raise GateFailedError(result.summary())
+
+
+def _write_init(path: Path | None, text: str, force: bool) -> None:
+    if path is None or str(path) == "-":
+        sys.stdout.write(text)
+        return
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory", "give the policy file to write, e.g. ckptaudit-policy.toml")
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists", "pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    typer.echo(f"policy written to {path}", err=True)
+
+
+def _cell(value: Any) -> str:
+    """A value/threshold summary for the table: dicts as k=v pairs, lists joined, markup escaped."""
+    from rich.markup import escape
+
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        return escape(", ".join(f"{k}={_cell_plain(v)}" for k, v in value.items()))
+    return escape(_cell_plain(value))
+
+
+def _cell_plain(value: Any) -> str:
+    from ckptaudit.report.console import fmt
+
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return fmt(value)
+
+
+def render_gate(output: Any, result: Any) -> None:
+    """Terminal view of a GateResult: one row per check, then the verdict."""
+    from rich.markup import escape
+
+    rows = [
+        [c.name, _STATUS.get(c.status, c.status), _cell(c.value), _cell(c.threshold), escape(c.message)]
+        for c in result.checks
+    ]
+    output.table(f"gate: {escape(result.run)} (policy {escape(result.policy)}, target {result.target})",
+                 ["check", "status", "value", "threshold", "message"], rows)  # fmt: skip
+    if result.passed:
+        output.print(f"[green]gate passed[/green]: {escape(result.summary())}")
+    else:
+        output.print(f"[red]gate failed[/red]: {escape(result.summary())}")

@@ -1,0 +1,464 @@
+"""`ckptaudit gate`: each check passing on the fixture run and failing on copies made to fail; policy errors;
+JUnit / SARIF / JSON outputs parsed back with standard parsers; exit codes through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from ckptaudit.cli.app import app
+from ckptaudit.gate.policy import default_policy_text, parse_policy
+
+runner = CliRunner()
+
+BASE = """\
+[gate]
+target = "last"
+
+[checks.provenance]
+
+[checks.safe_serialization]
+allow_files = ["training_args.bin"]
+
+[checks.finite]
+"""
+
+
+def invoke(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    # CliRunner turns any exception into exit code 1, the gate's "failed" code: a crash must not pass for a verdict.
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
+
+
+def gate(run: Path, policy_text: str, tmp_path: Path, *extra):
+    """Run the gate with JSON, JUnit and SARIF outputs; returns (result, json doc or None, junit path, sarif path)."""
+    pol = tmp_path / "policy.toml"
+    pol.write_text(policy_text)
+    j, x, s = tmp_path / "gate.json", tmp_path / "gate.xml", tmp_path / "gate.sarif"
+    for p in (j, x, s):
+        p.unlink(missing_ok=True)
+    r = invoke("gate", run, "--policy", pol, "--no-report", "--device", "cpu", "--json", j, "--junit", x, "--sarif", s, *extra)
+    if r.exit_code == 1:
+        one_line_error(r, 1)  # a failed gate says so on one line of stderr
+    doc = json.loads(j.read_text()) if j.exists() else None
+    return r, doc, x, s
+
+
+def by_name(doc: dict) -> dict:
+    return {c["name"]: c for c in doc["checks"]}
+
+
+def one_line_error(r, code: int) -> str:
+    assert r.exit_code == code, (r.exit_code, r.output)
+    err = r.stderr.strip()
+    assert err.startswith("ckptaudit: error:") and "\n" not in err and "Traceback" not in r.output, r.output
+    return err
+
+
+@pytest.fixture()
+def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (2.5 MB) that a test may damage."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------- passing run, --init
+
+
+def test_init_policy_parses_and_gates_tiny_run(tiny_run, tmp_path):
+    r = invoke("gate", "--init")
+    assert r.exit_code == 0, r.output
+    policy = parse_policy(r.stdout, "stdout")  # the template parses with the gate's own parser
+    assert r.stdout == default_policy_text() and "#" in r.stdout
+    assert set(policy.checks) == {"provenance", "safe_serialization", "finite"}
+
+    target = tmp_path / "ckptaudit-policy.toml"
+    assert invoke("gate", "--init", target).exit_code == 0 and target.read_text() == r.stdout
+    again = invoke("gate", "--init", target)
+    assert "already exists" in one_line_error(again, 2)
+    assert invoke("gate", "--init", target, "--force").exit_code == 0
+
+    res, doc, xml_path, sarif_path = gate(tiny_run, target.read_text(), tmp_path)
+    assert res.exit_code == 0, res.output
+    assert doc["passed"] is True and [c["status"] for c in doc["checks"]] == ["pass"] * 3
+    for c in doc["checks"]:
+        assert set(c) == {"name", "status", "value", "threshold", "message", "file"}
+    assert "gate passed" in res.stdout and "provenance" in res.stdout
+    suite = ET.parse(xml_path).getroot().find("testsuite")
+    assert suite.get("name") == "ckptaudit-gate" and len(suite.findall("testcase")) == 3
+    assert not suite.findall("testcase/failure") and not suite.findall("testcase/skipped")
+    log = json.loads(sarif_path.read_text())
+    assert log["version"] == "2.1.0" and log["runs"][0]["results"] == []
+    assert [r["id"] for r in log["runs"][0]["tool"]["driver"]["rules"]] == ["provenance", "safe_serialization", "finite"]
+
+
+def test_json_to_stdout_replaces_the_table(tiny_run, tmp_path):
+    pol = tmp_path / "p.toml"
+    pol.write_text(BASE)
+    r = invoke("gate", tiny_run, "--policy", pol, "--no-report", "--json", "-")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["passed"] is True and len(doc["checks"]) == 3
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def test_missing_optimizer_fails_provenance(run_copy, tmp_path):
+    (run_copy / "checkpoint-60" / "optimizer.pt").unlink()
+    r, doc, xml_path, sarif_path = gate(run_copy, BASE, tmp_path)
+    err = one_line_error(r, 1)
+    assert "1 of 3 checks failed: provenance" in err
+    prov = by_name(doc)["provenance"]
+    assert prov["status"] == "fail" and "missing optimizer" in prov["message"] and "step 60" in prov["message"]
+    assert by_name(doc)["finite"]["status"] == "pass"  # moments absent is provenance's failure, not finite's
+    assert doc["passed"] is False
+
+    # JUnit parsed back: one testcase per check, one failure element, for provenance.
+    root = ET.parse(xml_path).getroot()
+    cases = root.findall("testsuite/testcase")
+    assert [c.get("name") for c in cases] == ["provenance", "safe_serialization", "finite"]
+    failures = [(c.get("name"), c.find("failure")) for c in cases if c.find("failure") is not None]
+    assert len(failures) == 1 and failures[0][0] == "provenance" and "optimizer" in failures[0][1].get("message")
+    assert root.find("testsuite").get("failures") == "1" and root.find("testsuite").get("tests") == "3"
+
+    # SARIF 2.1.0 required fields; one error result located at a file of the failing checkpoint.
+    log = json.loads(sarif_path.read_text())
+    assert log["version"] == "2.1.0" and "$schema" in log and len(log["runs"]) == 1
+    run = log["runs"][0]
+    assert run["tool"]["driver"]["name"] == "ckptaudit" and run["tool"]["driver"]["version"]
+    rule_ids = [r["id"] for r in run["tool"]["driver"]["rules"]]
+    assert len(run["results"]) == 1
+    res = run["results"][0]
+    assert res["ruleId"] == "provenance" and res["ruleId"] in rule_ids and res["level"] == "error"
+    assert "optimizer" in res["message"]["text"]
+    uri = res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert "checkpoint-60" in uri
+
+
+def test_target_all_gates_every_checkpoint(run_copy, tmp_path):
+    (run_copy / "checkpoint-20" / "scheduler.pt").unlink()
+    r, doc, _, _ = gate(run_copy, BASE, tmp_path)
+    assert r.exit_code == 0, r.output  # target = "last": checkpoint-20 is not gated
+    r, doc, _, _ = gate(run_copy, BASE.replace('target = "last"', 'target = "all"'), tmp_path)
+    assert r.exit_code == 1
+    assert "step 20: missing scheduler" in by_name(doc)["provenance"]["message"]
+
+
+def test_weights_that_do_not_fit_the_optimizer_fail_provenance(run_copy, tmp_path):
+    st = run_copy / "checkpoint-60" / "model.safetensors"
+    weights = load_file(st)
+    name = "transformer.wpe.weight"
+    weights[name] = weights[name][:-1].clone()  # one position fewer than the optimizer's moments
+    save_file(weights, st, metadata={"format": "pt"})
+    r, doc, _, _ = gate(run_copy, BASE, tmp_path)
+    assert "provenance" in one_line_error(r, 1)
+    msg = by_name(doc)["provenance"]["message"]
+    assert name in msg and "shape" in msg, msg
+
+
+def test_optimizer_moments_of_wrong_shape_fail_provenance(run_copy, tmp_path):
+    opt_path = run_copy / "checkpoint-60" / "optimizer.pt"
+    sd = torch.load(opt_path, weights_only=True)
+    index = next(i for i, e in sd["state"].items() if e["exp_avg"].ndim == 2)
+    sd["state"][index]["exp_avg"] = sd["state"][index]["exp_avg"][:, :-1].clone()
+    torch.save(sd, opt_path)
+    r, doc, _, _ = gate(run_copy, BASE, tmp_path)
+    assert r.exit_code == 1, r.output
+    prov = by_name(doc)["provenance"]
+    assert prov["status"] == "fail" and "exp_avg" in prov["message"] and "transformer." in prov["message"]
+    assert prov["file"].endswith("optimizer.pt")
+
+
+# ------------------------------------------------------------------------------------------------- finite
+
+
+def test_nan_weight_fails_finite_naming_the_tensor(run_copy, tmp_path):
+    st = run_copy / "checkpoint-60" / "model.safetensors"
+    weights = load_file(st)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    weights[name][0, 0] = float("nan")
+    weights[name][1, 1] = float("inf")
+    save_file(weights, st, metadata={"format": "pt"})
+    r, doc, _, sarif_path = gate(run_copy, BASE, tmp_path)
+    assert "finite" in one_line_error(r, 1)
+    fin = by_name(doc)["finite"]
+    assert fin["status"] == "fail" and fin["value"] == 1
+    assert fin["message"].startswith(name) and "1 NaN and 1 Inf" in fin["message"]
+    assert fin["file"].endswith("model.safetensors")
+    result = json.loads(sarif_path.read_text())["runs"][0]["results"][0]
+    assert result["ruleId"] == "finite" and name in result["message"]["text"]
+
+
+def test_inf_moment_fails_finite_naming_the_parameter(run_copy, tmp_path):
+    opt_path = run_copy / "checkpoint-60" / "optimizer.pt"
+    sd = torch.load(opt_path, weights_only=True)
+    sd["state"][0]["exp_avg_sq"].view(-1)[3] = float("inf")
+    torch.save(sd, opt_path)
+    r, doc, _, _ = gate(run_copy, BASE, tmp_path)
+    assert r.exit_code == 1, r.output
+    fin = by_name(doc)["finite"]
+    # Index 0 of the Trainer's first (decay) group is the first decayed parameter: the token embedding.
+    assert fin["message"].startswith("transformer.wte.weight.exp_avg_sq") and "1 Inf" in fin["message"], fin
+    r, doc, _, _ = gate(run_copy, BASE.replace("[checks.finite]", "[checks.finite]\nmoments = false"), tmp_path)
+    assert by_name(doc)["finite"]["status"] == "pass"
+
+
+# ---------------------------------------------------------------------------------------- safe serialization
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, 'w'): a pickle that would run code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_that_would_run_code_fails_without_running(run_copy, tmp_path):
+    canary = tmp_path / "pwned.txt"
+    ckpt = run_copy / "checkpoint-60"
+    torch.save({"extra": _CreatesFile(str(canary))}, ckpt / "extra_state.pt")  # torch zip archive
+    # A plain pickle under a neutral name: the format is found from the content, not the extension.
+    (ckpt / "notes.dat").write_bytes(pickle.dumps(_CreatesFile(str(canary)), protocol=2))
+    r, doc, _, sarif_path = gate(run_copy, BASE, tmp_path)
+    assert "safe_serialization" in one_line_error(r, 1)
+    assert not canary.exists(), "the pickle's code ran"
+    safe = by_name(doc)["safe_serialization"]
+    assert safe["status"] == "fail" and safe["value"] == 2
+    assert "open" in safe["message"] and Path(safe["file"]).name in ("extra_state.pt", "notes.dat")
+    uri = json.loads(sarif_path.read_text())["runs"][0]["results"][0]["locations"][0]["physicalLocation"][
+        "artifactLocation"]["uri"]  # fmt: skip
+    assert uri.endswith(("extra_state.pt", "notes.dat"))
+
+    allow = BASE.replace('allow_files = ["training_args.bin"]', 'allow_files = ["training_args.bin", "extra_*.pt", "notes.*"]')
+    r, doc, _, _ = gate(run_copy, allow, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "3 exempted" in by_name(doc)["safe_serialization"]["message"]
+    assert not canary.exists()
+
+
+def test_training_args_pickle_fails_unless_allowed(tiny_run, tmp_path):
+    r, doc, _, _ = gate(tiny_run, BASE.replace('allow_files = ["training_args.bin"]', ""), tmp_path)
+    assert r.exit_code == 1
+    safe = by_name(doc)["safe_serialization"]
+    assert safe["status"] == "fail" and safe["file"].endswith("training_args.bin")
+
+
+# ---------------------------------------------------------------------------------------- skipped checks
+
+
+def test_skipped_checks_never_pass(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ckptaudit.analyses.fisher", None)  # the analysis absent: import fails
+    text = BASE + "\n[checks.fisher_anisotropy]\nmax = 100.0\n"
+    r, doc, xml_path, sarif_path = gate(tiny_run, text, tmp_path)
+    assert r.exit_code == 0, r.output
+    fisher = by_name(doc)["fisher_anisotropy"]
+    assert fisher["status"] == "skipped" and "not available" in fisher["message"] and fisher["value"] is None
+    assert doc["passed"] is True and "skipped" in r.stdout
+    skipped = [c for c in ET.parse(xml_path).getroot().iter("testcase") if c.find("skipped") is not None]
+    assert [c.get("name") for c in skipped] == ["fisher_anisotropy"]
+    assert json.loads(sarif_path.read_text())["runs"][0]["results"] == []
+
+    strict = text.replace('target = "last"', 'target = "last"\nfail_on_skipped = true')
+    r, doc, _, _ = gate(tiny_run, strict, tmp_path)
+    err = one_line_error(r, 1)
+    assert "skipped" in err and "fisher_anisotropy" in err and doc["passed"] is False
+
+
+def test_resume_probe_runs_the_reset_condition(tiny_run, tmp_path):
+    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
+    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+
+    text = BASE + "\n[checks.resume_probe]\nlr_multiplier = 0.5\nsteps = 3\n"
+    r, doc, _, _ = gate(tiny_run, text, tmp_path, "--seed", "3")
+    rp = by_name(doc)["resume_probe"]
+    # The same single RESET condition run directly through the analysis gives the verdict the gate reports.
+    direct = run_resume_probe(
+        probe_inputs_from_checkpoint(tiny_run / "checkpoint-60"),
+        ResumeSettings(steps=3, lr_mults=(0.5,), warmup_steps=0, boundary_probe=False, mode="reset", seed=3),
+    ).conditions
+    assert len(direct) == 1 and direct[0].optimizer == "reset" and direct[0].lr_mult == 0.5
+    expected = "pass" if direct[0].verdict == "stable" else "fail"
+    assert rp["status"] == expected and rp["value"] == direct[0].verdict, rp
+    assert r.exit_code == (0 if expected == "pass" else 1)
+
+
+class _Doc:
+    def __init__(self, doc):
+        self.doc = doc
+
+    def to_json(self):
+        return self.doc
+
+
+@pytest.mark.parametrize("verdict, status, code", [("stable", "pass", 0), ("collapse", "fail", 1), (None, "skipped", 0)])
+def test_resume_probe_verdict(tiny_run, tmp_path, monkeypatch, verdict, status, code):
+    import ckptaudit.analyses.resume as resume
+    import ckptaudit.analyses.resume_conditions as conditions
+
+    calls = []
+
+    def fake_probe(inputs, settings):
+        calls.append((inputs, settings.lr_mults, settings.mode, settings.steps, settings.warmup_steps))
+        conds = [] if verdict is None else [
+            {"name": "control", "optimizer": "preserved", "lr_mult": 1.0, "warmup_steps": 0, "verdict": "stable"},
+            {"name": "reset_lr0.1", "optimizer": "reset", "lr_mult": 0.1, "warmup_steps": 0, "verdict": verdict,
+             "collapse_step": 5 if verdict == "collapse" else None},
+        ]  # fmt: skip
+        return _Doc({"conditions": conds})
+
+    monkeypatch.setattr(resume, "run_resume_probe", fake_probe)
+    monkeypatch.setattr(conditions, "probe_inputs_from_checkpoint", lambda path, task=None, device="cpu": Path(path).name)
+    text = BASE + "\n[checks.resume_probe]\nlr_multiplier = 0.1\nsteps = 7\n"
+    r, doc, _, _ = gate(tiny_run, text, tmp_path)
+    assert r.exit_code == code, r.output
+    rp = by_name(doc)["resume_probe"]
+    assert rp["status"] == status, rp
+    assert calls == [("checkpoint-60", (0.1,), "reset", 7, 0)]
+    if verdict == "collapse":
+        assert "collapses at step 5" in rp["message"]
+    if verdict is None:
+        assert "no RESET condition" in rp["message"]
+
+
+def test_resume_probe_without_task_or_analysis_is_skipped(tiny_run, run_copy, tmp_path, monkeypatch):
+    (run_copy / "checkpoint-60" / "ckptaudit_task.json").unlink()  # the probe's data is then unknown
+    r, doc, _, _ = gate(run_copy, BASE + "\n[checks.resume_probe]\nsteps = 1\n", tmp_path)
+    rp = by_name(doc)["resume_probe"]
+    assert r.exit_code == 0 and rp["status"] == "skipped" and "ckptaudit_task.json" in rp["message"], rp
+    monkeypatch.setitem(sys.modules, "ckptaudit.analyses.resume", None)
+    r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.resume_probe]\n", tmp_path)
+    rp = by_name(doc)["resume_probe"]
+    assert r.exit_code == 0 and rp["status"] == "skipped" and "not available" in rp["message"]
+
+
+# --------------------------------------------------------------------------------- analyses-based bounds
+
+
+def test_backbone_bounds(tiny_run, tmp_path):
+    r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.backbone]\nrho1_min = 0.0\nk95_max = 6\n", tmp_path)
+    assert r.exit_code == 0, r.output
+    bb = by_name(doc)["backbone"]
+    assert bb["status"] == "pass" and 0 < bb["value"]["rho1"] <= 1 and 1 <= bb["value"]["k95"] <= 6
+    rho1 = bb["value"]["rho1"]
+    r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_max = {rho1 / 2}\n", tmp_path)
+    assert "backbone" in one_line_error(r, 1)
+    assert "rho1" in by_name(doc)["backbone"]["message"]
+    # One checkpoint is not a trajectory: skipped with the reason, never passed.
+    r, doc, _, _ = gate(tiny_run / "checkpoint-60", BASE + "\n[checks.backbone]\nk95_max = 6\n", tmp_path)
+    assert r.exit_code == 0, r.output
+    bb = by_name(doc)["backbone"]
+    assert bb["status"] == "skipped" and ">= 3 checkpoints" in bb["message"]
+
+
+def test_embedding_class(tiny_run, tmp_path):
+    table = "\n[checks.embedding_class]\npairs = 20000\n"
+    r, doc, _, _ = gate(tiny_run, BASE + table + "bulk_index_min = -1.0\n", tmp_path)
+    assert r.exit_code == 0, r.output
+    emb = by_name(doc)["embedding_class"]
+    assert emb["status"] == "pass" and emb["value"]["class"] in ("A", "B")
+    other = "A" if emb["value"]["class"] == "B" else "B"
+    r, doc, _, _ = gate(tiny_run, BASE + table + f'expected = "{other}"\n', tmp_path)
+    assert r.exit_code == 1
+    assert f"expected {other}" in by_name(doc)["embedding_class"]["message"]
+
+
+# ------------------------------------------------------------------------------------------ bad policies
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        (BASE + "\n[checks.finite]\n", ["line"]),  # duplicate table: a TOML error with its position
+        (BASE.replace("[checks.finite]", "[checks.finite]\nmoments = true\nweigths = true"), ["checks.finite.weigths", "line 11", "unknown key"]),
+        (BASE.replace("[checks.provenance]", '[checks.provenance]\nrequire = "optimizer"'), ["checks.provenance.require", "line 5", "array"]),
+        (BASE.replace('target = "last"', "target = 3"), ["gate.target", "line 2", "string"]),
+        (BASE.replace('target = "last"', 'target = "first"'), ["gate.target", "line 2"]),
+        (BASE.replace('target = "last"', "target = "), ["line 2", "invalid TOML"]),
+        (BASE + "\n[checks.speed]\nenabled = true\n", ["checks.speed", "line 11", "unknown check"]),
+        (BASE + "\n[checks.backbone]\nenabled = true\n", ["checks.backbone", "line 11", "no threshold"]),
+        (BASE + "\n[checks.backbone]\nrho1_min = 0.9\nrho1_max = 0.5\n", ["checks.backbone.rho1_min", "line 12"]),
+        ("[gate]\n", ["enables no checks"]),
+        ("[checks]\nprovenance = { enabled = 1 }\n", ["checks.provenance.enabled", "line 2", "true or false"]),
+    ],
+)
+def test_malformed_policy_exits_2_naming_key_and_line(tiny_run, tmp_path, text, needles):
+    r, doc, xml_path, _ = gate(tiny_run, text, tmp_path)
+    err = one_line_error(r, 2)
+    for n in needles:
+        assert n in err, (n, err)
+    assert doc is None and not xml_path.exists()  # nothing ran
+
+
+def test_usage_errors(tiny_run, tmp_path):
+    assert "--policy" in one_line_error(invoke("gate", tiny_run, "--no-report"), 2)
+    assert "not found" in one_line_error(invoke("gate", tiny_run, "--policy", tmp_path / "none.toml"), 2)
+    pol = tmp_path / "p.toml"
+    pol.write_text(BASE)
+    one_line_error(invoke("gate", tmp_path / "no-such-run", "--policy", pol, "--no-report"), 2)
+
+
+def test_hdf5_report_written_even_when_the_gate_fails(run_copy, tmp_path):
+    import h5py
+
+    (run_copy / "checkpoint-60" / "scheduler.pt").unlink()
+    pol = tmp_path / "p.toml"
+    pol.write_text(BASE)
+    out = tmp_path / "gate.h5"
+    r = invoke("gate", run_copy, "--policy", pol, "--out", out, "--no-hash", "--quiet")
+    assert r.exit_code == 1 and r.stdout == ""
+    with h5py.File(out) as f:
+        assert f.attrs["command"] == "gate"
+        g = f["gate"]
+        assert bool(g.attrs["passed"]) is False
+        names = [n.decode() if isinstance(n, bytes) else n for n in g["names"][()]]
+        status = [s.decode() if isinstance(s, bytes) else s for s in g["status"][()]]
+        assert dict(zip(names, status, strict=True)) == {"provenance": "fail", "safe_serialization": "pass", "finite": "pass"}
+
+
+# ------------------------------------------------------------------------------------------------- docs
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_policy_reference_documents_every_key():
+    from ckptaudit.gate.policy import CHECK_KEYS, GATE_KEYS
+
+    doc = (ROOT / "docs" / "gate.md").read_text()
+    missing = [k for k in GATE_KEYS if f"`{k}`" not in doc]
+    for check, keys in CHECK_KEYS.items():
+        if f"[checks.{check}]" not in doc:
+            missing.append(check)
+        missing += [f"{check}.{k}" for k in keys if k != "enabled" and f"`{k}`" not in doc]
+    assert not missing, f"docs/gate.md lacks: {missing}"
+
+
+def test_ci_examples_are_valid_yaml_and_run_the_gate():
+    yaml = pytest.importorskip("yaml")
+    gh = yaml.safe_load((ROOT / "docs" / "ci" / "github-actions.yml").read_text())
+    steps = gh["jobs"]["gate"]["steps"]
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "ckptaudit gate checkpoints/ --policy ckptaudit-policy.toml" in runs and "--sarif gate.sarif" in runs
+    uses = [s.get("uses", "") for s in steps]
+    assert any(u.startswith("github/codeql-action/upload-sarif") for u in uses)
+    assert any(u.startswith("actions/upload-artifact") for u in uses)
+    gl = yaml.safe_load((ROOT / "docs" / "ci" / "gitlab-ci.yml").read_text())
+    job = gl["ckptaudit-gate"]
+    assert job["artifacts"]["reports"]["junit"] == "gate.xml"
+    assert any("ckptaudit gate" in line and "--junit gate.xml" in line for line in job["script"])
