@@ -1,0 +1,335 @@
+"""`backbone`: uncentered drift-matrix SVD of a run (SPEC section 1), through one streaming Gram pass.
+
+``run_backbone`` resolves the architecture from the anchor checkpoint's tensor shapes and config, builds the
+parameter groups (trunk = q, k, v, o, mlp_in, mlp_out weights of every block; one group per analysed block;
+role groups G = q, k and S = v, o, mlp), computes every group's Gram in one pass over the checkpoints
+(:func:`ckptaudit.analyses.gram.drift_grams`), and derives all quantities from the Grams
+(:mod:`ckptaudit.analyses.backbone_metrics`). Rows are the checkpoints after the anchor (checkpoints before a
+later ``anchor_step`` are not used). ``save_vectors`` streams V_1..V_k of the trunk to safetensors in a second
+pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptaudit.analyses.backbone_metrics import (
+    BackboneResult,
+    backbone_from_gram,
+    detect_switches,
+    switch_cosines,
+)
+from ckptaudit.analyses.gram import (
+    DEFAULT_CHUNK_ELEMS,
+    SafetensorsStreamWriter,
+    _as_source,
+    _read,
+    drift_grams,
+    tensor_names_of,
+)
+from ckptaudit.errors import DataError, UsageError
+
+__all__ = ["BackboneReport", "BackboneResult", "backbone_from_gram", "backbone_groups", "detect_switches",
+           "run_backbone", "save_backbone_vectors"]
+
+
+@dataclass(frozen=True, eq=False)
+class BackboneReport:
+    """Backbone analysis of a run.
+
+    steps: the T drift-row steps (checkpoints after the anchor). trunk / blocks[l] / groups["G" | "S"]:
+    BackboneResult of raw rows; ``normalized``: the same keys for rows x(t)/||x(t)|| when asked, else None.
+    switches: (peak, trough) steps used; switch_cos: pairwise |cos| between switching directions (trunk).
+    dims: scalars per group ("trunk", "block_<l>", "group_G", "group_S"). vectors_path: the --save-vectors file.
+    """
+
+    steps: tuple[int, ...]
+    anchor_step: int
+    trunk: BackboneResult
+    blocks: dict[int, BackboneResult]
+    groups: dict[str, BackboneResult]
+    switches: tuple[tuple[int, int], ...]
+    switch_cos: np.ndarray
+    dims: dict[str, int]
+    settings: dict[str, Any]
+    normalized: dict[str, Any] | None = None
+    vectors_path: str | None = None
+    vector_sigma: tuple[float, ...] = field(default=())
+
+    def _switch_list(self) -> list[dict[str, Any]]:
+        out = []
+        for i, (p, q) in enumerate(self.switches):
+            d = self.trunk.switches[i].to_json() if self.trunk.switches else {"peak": p, "trough": q}
+            d["abs_cos_other"] = [None if not np.isfinite(c) else float(c) for c in self.switch_cos[i]]
+            d["blocks"] = {str(b): {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
+                           for b, r in self.blocks.items()}
+            d["groups"] = {g: {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
+                           for g, r in self.groups.items()}
+            out.append(d)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The --json document: steps, anchor_step, dims, settings, trunk, blocks {"<l>": ...}, groups
+        {"G", "S"} (these two also with velocity and consolidation_step), switch (list), normalized (or None),
+        vectors (path or None)."""
+        out: dict[str, Any] = {
+            "steps": list(self.steps),
+            "anchor_step": self.anchor_step,
+            "dims": dict(self.dims),
+            "settings": dict(self.settings),
+            "trunk": self.trunk.to_json(),
+            "blocks": {str(b): r.to_json() for b, r in self.blocks.items()},
+            "groups": {g: r.to_json(velocity=True) for g, r in self.groups.items()},
+            "switch": self._switch_list(),
+            "normalized": None,
+            "vectors": self.vectors_path,
+        }
+        if self.normalized is not None:
+            n = self.normalized
+            out["normalized"] = {"trunk": n["trunk"].to_json(),
+                                 "blocks": {str(b): r.to_json() for b, r in n["blocks"].items()},
+                                 "groups": {g: r.to_json() for g, r in n["groups"].items()}}
+        return out
+
+    def to_hdf5_tree(self) -> dict[str, Any]:
+        """Tree for ``report.hdf5.write_tree`` under /backbone: trunk/, block_<l>/, group_G/, group_S/ (each with
+        datasets steps, sigma, rho, a, r_norm, f_b, window_alignment, update_alignment and attributes k95, k99,
+        sign_flip_step; groups also velocity, consolidation_step), switch/ (list), normalized/ (same layout)."""
+        tree: dict[str, Any] = {
+            "steps": np.asarray(self.steps, dtype=np.int64),
+            "anchor_step": int(self.anchor_step),
+            "settings_json": json.dumps(self.settings, sort_keys=True),
+            "trunk": self.trunk.to_hdf5_tree(),
+        }
+        for b, r in self.blocks.items():
+            tree[f"block_{b}"] = r.to_hdf5_tree()
+        for g, r in self.groups.items():
+            tree[f"group_{g}"] = r.to_hdf5_tree(velocity=True)
+        if self.switches:
+            tree["switch"] = [_flat_switch(d) for d in self._switch_list()]
+            tree["switch_abs_cos"] = self.switch_cos
+        if self.normalized is not None:
+            n = self.normalized
+            sub = {"trunk": n["trunk"].to_hdf5_tree()}
+            sub.update({f"block_{b}": r.to_hdf5_tree() for b, r in n["blocks"].items()})
+            sub.update({f"group_{g}": r.to_hdf5_tree() for g, r in n["groups"].items()})
+            tree["normalized"] = sub
+        tree["vectors_path"] = self.vectors_path
+        return tree
+
+
+def _flat_switch(d: dict[str, Any]) -> dict[str, Any]:
+    """A switch entry for HDF5: per-block / per-group metrics as subgroups, lists as datasets."""
+    out = {k: v for k, v in d.items() if k not in ("blocks", "groups")}
+    out["pc_cos"] = np.asarray([np.nan if v is None else v for v in d["pc_cos"]], dtype=np.float64)
+    out["abs_cos_other"] = np.asarray([np.nan if v is None else v for v in d["abs_cos_other"]], dtype=np.float64)
+    for key in ("blocks", "groups"):
+        out[key] = {k: {kk: (np.asarray([np.nan if x is None else x for x in vv], dtype=np.float64)
+                             if isinstance(vv, list) else vv) for kk, vv in m.items()} for k, m in d[key].items()}
+    return out
+
+
+def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias: bool = False) -> dict[str, list]:
+    """Parameter groups of the analysis: "trunk" (all blocks), "block_<l>" (``blocks`` or all), "group_G",
+    "group_S" (over the whole trunk). Values are lists of Pieces."""
+    from ckptaudit.io.roles import GROUPS, TRUNK_ROLES
+
+    trunk = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
+    if not trunk:
+        raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
+                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+    present = sorted({p.block for p in trunk})
+    wanted = present if blocks is None else list(blocks)
+    missing = [b for b in wanted if b not in present]
+    if missing:
+        raise UsageError(f"--blocks {missing}: the model has blocks {present[0]}..{present[-1]}", None)
+    groups: dict[str, list] = {"trunk": trunk}
+    for b in wanted:
+        groups[f"block_{b}"] = [p for p in trunk if p.block == b]
+    for g, roles in GROUPS.items():
+        groups[f"group_{g}"] = [p for p in trunk if p.role in roles]
+    return groups
+
+
+def _trainer_log_history(checkpoints: Sequence[Any]) -> list[dict]:
+    for c in reversed(list(checkpoints)):
+        state = c.trainer_state() if hasattr(c, "trainer_state") else None
+        if state and state.get("log_history"):
+            return list(state["log_history"])
+    return []
+
+
+def run_backbone(
+    run: Any,
+    anchor_step: int | None = None,
+    blocks: Sequence[int] | None = None,
+    include_bias: bool = False,
+    window: int = 10,
+    normalize_rows: bool = False,
+    switches: Sequence[tuple[int, int]] = (),
+    metric: str | None = None,
+    device: str = "cpu",
+    role_map: Any = None,
+    save_vectors: str | Path | None = None,
+    top_k_vectors: int = 6,
+    progress: Callable[[int], None] | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> BackboneReport:
+    """Backbone analysis of ``run`` (a Run: ``.checkpoints`` ordered by step, each with ``.step``, ``.tensors()``,
+    ``.config()``, ``.trainer_state()``).
+
+    anchor_step: step of the anchor (default: the first checkpoint); rows are the checkpoints after it.
+    blocks: blocks analysed one by one (default all; the trunk and role groups always span every block).
+    switches: (peak_step, trough_step) pairs; ``metric`` adds pairs detected in trainer_state log_history.
+    role_map: a RoleMap, path or dict for resolve_architecture. save_vectors: path of a safetensors file for
+    V_1..V_k (k = top_k_vectors) of the trunk. progress: called with 1 per stored tensor processed per pass.
+    """
+    from ckptaudit.io.roles import resolve_architecture
+
+    ckpts = list(run.checkpoints)
+    if not ckpts:
+        raise UsageError("the run has no checkpoints", None)
+    all_steps = [int(c.step) for c in ckpts]
+    if anchor_step is None:
+        anchor_idx = 0
+    elif int(anchor_step) in all_steps:
+        anchor_idx = all_steps.index(int(anchor_step))
+    else:
+        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {_steps_str(all_steps)}")
+    anchor = ckpts[anchor_idx]
+    rows = ckpts[anchor_idx + 1 :]
+    if len(rows) < 2:
+        raise UsageError(f"backbone needs at least 2 checkpoints after the anchor (step {anchor.step}), found {len(rows)}",
+                         "choose an earlier --anchor or a run with more checkpoints")
+    steps = [int(c.step) for c in rows]
+    a_step = int(anchor.step)
+
+    with _as_source(anchor) as src:
+        shapes = {n: tuple(src.shape(n)) for n in src.keys()}
+    config = anchor.config() if hasattr(anchor, "config") else None
+    arch = resolve_architecture(shapes, config, role_map=role_map)
+    groups = backbone_groups(arch, blocks, include_bias)
+
+    pairs = [(int(p), int(q)) for p, q in switches]
+    if metric is not None:
+        history = _trainer_log_history(ckpts)
+        if not any(metric in e for e in history):
+            raise DataError(f"--metric {metric}: no trainer_state.json log_history entry holds {metric!r}",
+                            "name a metric logged by the trainer, or give --switch PEAK:TROUGH")
+        pairs += [pq for pq in detect_switches(history, metric, [a_step, *steps]) if pq not in pairs]
+    valid = {a_step, *steps}
+    for p, q in pairs:
+        for s in (p, q):
+            if s not in valid:
+                raise UsageError(f"--switch {p}:{q}: step {s} is not a checkpoint at or after the anchor",
+                                 f"steps: {_steps_str(sorted(valid))}")
+
+    gs = drift_grams(rows, anchor, groups, device=device, chunk_elems=chunk_elems, progress=progress)
+
+    def analyse(name: str, normalize: bool) -> BackboneResult:
+        return backbone_from_gram(gs.grams[name], steps, window=window, normalize_rows=normalize, switches=pairs,
+                                  anchor_step=a_step, dim=gs.dims[name])
+
+    block_ids = sorted(int(k.split("_", 1)[1]) for k in groups if k.startswith("block_"))
+    trunk = analyse("trunk", False)
+    normalized = None
+    if normalize_rows:
+        normalized = {"trunk": analyse("trunk", True),
+                      "blocks": {b: analyse(f"block_{b}", True) for b in block_ids},
+                      "groups": {g: analyse(f"group_{g}", True) for g in ("G", "S")}}
+    vec_path, vec_sigma = None, ()
+    if save_vectors is not None:
+        vec_sigma = save_backbone_vectors(save_vectors, rows, anchor, groups["trunk"], trunk, top_k_vectors,
+                                          device=device, progress=progress)
+        vec_path = str(save_vectors)
+    settings = {"window": window, "normalize_rows": normalize_rows, "include_bias": include_bias,
+                "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
+                "architecture": arch.name, "top_k_vectors": top_k_vectors,
+                "unused_checkpoints_before_anchor": all_steps[:anchor_idx]}
+    return BackboneReport(
+        steps=tuple(steps), anchor_step=a_step, trunk=trunk,
+        blocks={b: analyse(f"block_{b}", False) for b in block_ids},
+        groups={g: analyse(f"group_{g}", False) for g in ("G", "S")},
+        switches=tuple(pairs),
+        switch_cos=switch_cosines(gs.grams["trunk"], steps, a_step, pairs) if pairs else np.zeros((0, 0)),
+        dims=dict(gs.dims), settings=settings, normalized=normalized, vectors_path=vec_path,
+        vector_sigma=tuple(vec_sigma),
+    )
+
+
+def _steps_str(steps: Sequence[int]) -> str:
+    s = list(steps)
+    return ", ".join(map(str, s)) if len(s) <= 12 else f"{', '.join(map(str, s[:5]))}, …, {', '.join(map(str, s[-3:]))}"
+
+
+def save_backbone_vectors(
+    path: str | Path,
+    rows: Sequence[Any],
+    anchor: Any,
+    pieces: Sequence[Any],
+    result: BackboneResult,
+    k: int = 6,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[float, ...]:
+    """Stream V_1..V_k (V_j = X^T D u_j / sigma_j, unit vectors over ``pieces``) to a safetensors file.
+
+    Layout: one entry per stored tensor holding a selected piece, key = tensor name, float32 of shape
+    [k, *tensor_shape]: entry[j] is V_{j+1} on that tensor, zero outside the selected pieces (so it can be dotted
+    with a gradient of the same parameter). Metadata: steps, anchor_step, sigma, k, group, layout. Each
+    checkpoint's tensor is read once (second pass); memory is O(k x largest tensor). Returns sigma_1..sigma_k.
+    """
+    dev = torch.device(device)
+    sig = result.sigma
+    rank = int(np.sum(sig > (sig[0] * 1e-12 if sig.size else 0)))
+    k = max(1, min(int(k), rank))
+    coef = (result.u[:, :k] * result.row_scale[:, None]) / sig[:k]  # [T, k]; D u_j / sigma_j
+    coef_t = torch.as_tensor(coef.T.copy(), dtype=torch.float64, device=dev)  # [k, T]
+    by_tensor: dict[str, list] = {}
+    for p in pieces:
+        by_tensor.setdefault(p.tensor, []).append(p)
+    names = tensor_names_of({"v": pieces})
+    meta = {"steps": json.dumps([int(s) for s in result.steps]), "anchor_step": str(result.anchor_step),
+            "sigma": json.dumps([float(s) for s in sig[:k]]), "k": str(k), "group": "trunk",
+            "normalize_rows": str(bool(result.normalize_rows)),
+            "layout": "key = tensor name; value [k, *tensor_shape]; value[j] = V_{j+1} on this tensor, "
+                      "zero outside the trunk pieces; V_j has unit norm over all entries"}
+    specs = {n: ((k, *pieces_shape(by_tensor[n])), torch.float32) for n in names}
+    writer = SafetensorsStreamWriter(path, specs, meta)
+    try:
+        with _as_source(anchor) as asrc:
+            srcs = [_as_source(c) for c in rows]
+            try:
+                for name in names:
+                    base = _read(asrc, anchor, name, dev)
+                    out = torch.zeros((k, *base.shape), dtype=torch.float64, device=dev)
+                    for i, (c, s) in enumerate(zip(rows, srcs, strict=True)):
+                        t = _read(s, c, name, dev)
+                        for p in by_tensor[name]:
+                            drift = p.take(t).to(torch.float64) - p.take(base).to(torch.float64)
+                            for j in range(k):
+                                p.take(out[j]).add_(drift, alpha=float(coef_t[j, i]))
+                        del t
+                    writer.write(name, out.to(torch.float32))
+                    if progress is not None:
+                        progress(1)
+            finally:
+                for s in srcs:
+                    s.close()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return tuple(float(s) for s in sig[:k])
+
+
+def pieces_shape(pieces: Sequence[Any]) -> tuple[int, ...]:
+    """The stored tensor shape shared by the pieces of one tensor."""
+    return tuple(pieces[0].tensor_shape)
