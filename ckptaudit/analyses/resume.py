@@ -1,0 +1,466 @@
+"""resume-probe (SPEC §3; paper 000 section 2, paper 001 section 6): same weights, different optimizer state.
+
+From one checkpoint, training is resumed under several conditions that start from bit-identical weights (proved
+by a SHA-256 of the parameters at step 0 of each condition) and see identical batches in identical order:
+
+- ``control``: the saved optimizer state (moments, step counts, hyper-parameters) and the saved LR scheduler
+  restored exactly and stepped as in the original run;
+- ``reset`` / ``reset_lr{m}``: a fresh optimizer of the same class and hyper-parameters; its lr is held
+  constant at ``m`` x the lr in effect at the checkpoint (the saved schedule is not continued);
+- ``reset_warmup{W}``: fresh optimizer, lr ramped linearly: lr_k = lr * min(1, (k + 1) / W) at resumed step k;
+- ``warmup_boundary``: fresh optimizer, lr ramped geometrically from 1e-3 x lr (step 0) to 1 x lr (step N-1),
+  lr_k = lr * 1e-3 ** (1 - k / (N - 1)); evaluated after every step, and the multiplier of the update that
+  first made it unstable is reported.
+
+Verdict: "collapse" at the first eval step where accuracy < start accuracy - collapse_drop, or loss >
+collapse_ratio x start loss (or not finite); "stable" otherwise. Level-2 sensitive = control stable and reset
+(multiplier 1) collapses. Hash = SHA-256 over the raw bytes of every trainable parameter, in sorted name order.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptaudit.analyses.resume_conditions import ProbeInputs, fresh_optimizer, restored_optimizer
+from ckptaudit.errors import OptimizerStateError, UsageError
+
+__all__ = [
+    "BOUNDARY_START_MULT",
+    "ConditionResult",
+    "ConditionSpec",
+    "ResumeProbeResult",
+    "ResumeSettings",
+    "default_eval_steps",
+    "load_backbone_vector",
+    "plan_conditions",
+    "run_condition",
+    "run_resume_probe",
+    "weights_sha256",
+]
+
+BOUNDARY_START_MULT = 1e-3
+MODES = ("both", "reset", "preserve")
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    """What to run. ``eval_every`` None -> steps 0, 1, 2, 5, 10, 20, 50, 100, ... and ``steps``.
+
+    ``warmup_steps`` 0 disables the warm-up condition; ``mode`` is "both", "reset" (RESET family only) or
+    "preserve" (CONTROL only). ``seed`` seeds torch before every condition (dropout masks are then the same).
+    """
+
+    steps: int = 50
+    eval_every: int | None = None
+    lr_mults: tuple[float, ...] = (1.0, 0.1, 0.01)
+    warmup_steps: int = 10
+    boundary_probe: bool = True
+    collapse_drop: float = 0.2
+    collapse_ratio: float = 2.0
+    seed: int = 0
+    mode: str = "both"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """One condition: how its optimizer is made and its lr multiplier at resumed step k (0-based)."""
+
+    name: str
+    optimizer: str  # "preserved" | "reset"
+    lr_mult: float
+    warmup_steps: int
+    schedule: str  # "saved" | "constant" | "linear-warmup" | "geometric"
+
+    def multiplier(self, k: int, n_steps: int) -> float:
+        """lr multiplier (of the checkpoint's lr) for resumed step k of ``n_steps``; "saved" -> 1 (unused)."""
+        if self.schedule == "linear-warmup":
+            return self.lr_mult * min(1.0, (k + 1) / max(1, self.warmup_steps))
+        if self.schedule == "geometric":
+            frac = k / (n_steps - 1) if n_steps > 1 else 1.0
+            return self.lr_mult * BOUNDARY_START_MULT ** (1.0 - frac)
+        return self.lr_mult
+
+
+@dataclass(frozen=True)
+class ConditionResult:
+    """Metrics of one condition at its eval steps (``steps``; step 0 = the checkpoint).
+
+    eval_loss in nats, eval_acc in [0, 1], displacement = ||theta - theta_0|| (2-norm over all trainable
+    parameters). backbone_coord = <theta - theta_0, v_b>, transverse_residual = ||d - backbone_coord v_b|| over
+    the tensors of the vectors file (None without --vectors). train_loss and lr: per resumed step (lr of group 0).
+    """
+
+    name: str
+    optimizer: str
+    lr_mult: float
+    warmup_steps: int
+    schedule: str
+    steps: tuple[int, ...]
+    eval_loss: tuple[float, ...]
+    eval_acc: tuple[float, ...]
+    displacement: tuple[float, ...]
+    train_loss: tuple[float, ...]
+    lr: tuple[float, ...]
+    verdict: str
+    collapse_step: int | None
+    start_sha256: str
+    collapse_lr_mult: float | None = None
+    backbone_coord: tuple[float, ...] | None = None
+    transverse_residual: tuple[float, ...] | None = None
+
+    def to_json(self) -> dict:
+        """The condition's entry of the JSON summary (keys of issue 5, plus schedule details)."""
+        out = {
+            "name": self.name, "optimizer": self.optimizer, "lr_mult": self.lr_mult,
+            "warmup_steps": self.warmup_steps, "schedule": self.schedule, "steps": list(self.steps),
+            "eval_loss": list(self.eval_loss), "eval_acc": list(self.eval_acc),
+            "displacement": list(self.displacement), "verdict": self.verdict, "collapse_step": self.collapse_step,
+            "collapse_lr_mult": self.collapse_lr_mult, "start_sha256": self.start_sha256,
+            "train_loss": list(self.train_loss), "lr": list(self.lr),
+        }  # fmt: skip
+        if self.backbone_coord is not None:
+            out["backbone_coord"] = list(self.backbone_coord)
+            out["transverse_residual"] = list(self.transverse_residual or ())
+        return out
+
+
+@dataclass(frozen=True)
+class ResumeProbeResult:
+    """Result of a resume probe: one ConditionResult per condition and the summary of SPEC §3."""
+
+    checkpoint: str
+    start_step: int
+    task: str
+    conditions: tuple[ConditionResult, ...]
+    level2_sensitive: bool | None
+    max_safe_reset_lr_mult: float | None
+    warmup_boundary_lr_mult: float | None
+    start_weights_sha256: str
+    provenance_complete: bool
+    notes: tuple[str, ...] = ()
+    settings: dict = field(default_factory=dict)
+
+    def condition(self, name: str) -> ConditionResult:
+        """The condition called ``name`` (KeyError when it was not run)."""
+        for c in self.conditions:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        """JSON summary with the stable keys of issue 5 (plus checkpoint, start_step, notes, settings)."""
+        return {
+            "checkpoint": self.checkpoint, "start_step": self.start_step, "task": self.task,
+            "conditions": [c.to_json() for c in self.conditions], "level2_sensitive": self.level2_sensitive,
+            "max_safe_reset_lr_mult": self.max_safe_reset_lr_mult,
+            "warmup_boundary_lr_mult": self.warmup_boundary_lr_mult,
+            "start_weights_sha256": self.start_weights_sha256, "provenance_complete": self.provenance_complete,
+            "notes": list(self.notes), "settings": dict(self.settings),
+        }  # fmt: skip
+
+    def to_hdf5_tree(self) -> dict:
+        """Tree for report.hdf5: summary attributes at /resume_probe, one group per condition below it."""
+        tree: dict[str, Any] = {
+            "checkpoint": self.checkpoint, "start_step": self.start_step, "task": self.task,
+            "level2_sensitive": self.level2_sensitive, "max_safe_reset_lr_mult": self.max_safe_reset_lr_mult,
+            "warmup_boundary_lr_mult": self.warmup_boundary_lr_mult,
+            "start_weights_sha256": self.start_weights_sha256, "provenance_complete": self.provenance_complete,
+            "notes": list(self.notes) or None, "settings": {k: v for k, v in self.settings.items() if v is not None},
+        }  # fmt: skip
+        for c in self.conditions:
+            entry = c.to_json()
+            entry.pop("name")
+            tree[c.name] = entry
+        return tree
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def default_eval_steps(n: int, every: int | None = None) -> list[int]:
+    """Eval steps: 0, 1, 2, 5, 10, 20, 50, ... (1-2-5 decades) up to ``n``, plus ``n``; or 0, every, 2 every, ..., n."""
+    if every is not None:
+        if every < 1:
+            raise UsageError(f"--eval-every {every}: must be >= 1")
+        out = list(range(0, n + 1, every))
+    else:
+        out, decade = [0], 1
+        while decade <= n:
+            out += [s for s in (decade, 2 * decade, 5 * decade) if s <= n]
+            decade *= 10
+    return sorted(set(out) | {n})
+
+
+def _mult_label(m: float) -> str:
+    return f"{m:g}"
+
+
+def plan_conditions(settings: ResumeSettings, has_optimizer_state: bool) -> list[ConditionSpec]:
+    """The conditions to run, in report order. CONTROL needs optimizer state; the rest do not."""
+    if settings.mode not in MODES:
+        raise UsageError(f"unknown mode {settings.mode!r}", hint=f"one of {', '.join(MODES)}")
+    specs: list[ConditionSpec] = []
+    if settings.mode in ("both", "preserve"):
+        if not has_optimizer_state:
+            if settings.mode == "preserve":
+                raise OptimizerStateError(
+                    "--preserve-optimizer: the checkpoint has no optimizer state to preserve",
+                    hint="drop --preserve-optimizer to run the RESET conditions (provenance is incomplete)",
+                )
+        else:
+            specs.append(ConditionSpec("control", "preserved", 1.0, 0, "saved"))
+    if settings.mode in ("both", "reset"):
+        seen: set[float] = set()
+        for m in settings.lr_mults:
+            if not (m > 0 and math.isfinite(m)):
+                raise UsageError(f"--lr-mult {m}: multipliers must be positive numbers")
+            if m in seen:
+                continue
+            seen.add(m)
+            specs.append(
+                ConditionSpec("reset" if m == 1 else f"reset_lr{_mult_label(m)}", "reset", m, 0, "constant")
+            )
+        if settings.warmup_steps > 0:
+            specs.append(
+                ConditionSpec(
+                    f"reset_warmup{settings.warmup_steps}",
+                    "reset",
+                    1.0,
+                    settings.warmup_steps,
+                    "linear-warmup",
+                )
+            )
+        if settings.boundary_probe:
+            specs.append(ConditionSpec("warmup_boundary", "reset", 1.0, 0, "geometric"))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over the raw bytes of every trainable parameter, in sorted name order (names not hashed)."""
+    h = hashlib.sha256()
+    for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad:
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_backbone_vector(path: Path | str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """v_b by parameter name from a ``backbone --save-vectors`` file, normalised to unit length (float64).
+
+    Entries are [k, *shape] (entry[0] = V_1 = v_b) or already [*shape]. A tensor the model lacks, or whose shape
+    fits neither, is an error naming the tensor.
+    """
+    from safetensors import safe_open
+
+    from ckptaudit.errors import CorruptFileError, InputNotFoundError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"{path}: no such vectors file", hint="write one with `ckptaudit backbone --save-vectors`"
+        )
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name not in params:
+                    raise CorruptFileError(
+                        f"{path}: vector tensor {name} is not a parameter of the model",
+                        hint="the vectors were computed on another architecture",
+                    )
+                t, shape = f.get_tensor(name), tuple(params[name].shape)
+                if tuple(t.shape) == shape:
+                    out[name] = t.to(torch.float64)
+                elif t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape:
+                    out[name] = t[0].to(torch.float64)
+                else:
+                    raise CorruptFileError(
+                        f"{path}: vector tensor {name} has shape {tuple(t.shape)}, the parameter {shape}",
+                        hint="the vectors were computed on another model size",
+                    )
+    except OSError as exc:  # safetensors raises SafetensorError (an OSError subclass) on a bad header
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    norm = math.sqrt(sum(float((v * v).sum()) for v in out.values()))
+    if not out or norm == 0:
+        raise CorruptFileError(f"{path}: the backbone vector is empty or zero")
+    return {k: (v / norm) for k, v in out.items()}
+
+
+def _displacement(
+    model: nn.Module, start: dict[str, torch.Tensor], vector: dict[str, torch.Tensor] | None
+) -> tuple[float, float | None, float | None]:
+    """(||theta - theta_0||, <d, v_b>, ||d_V - <d, v_b> v_b||) with d_V = the displacement on v_b's tensors."""
+    total, coord, on_v = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in start:
+                continue
+            d = p.detach().to("cpu", torch.float64) - start[name]
+            sq = float((d * d).sum())
+            total += sq
+            if vector is not None and name in vector:
+                coord += float((d * vector[name]).sum())
+                on_v += sq
+    if vector is None:
+        return math.sqrt(total), None, None
+    # ||d_V - a v||^2 = ||d_V||^2 - a^2 for unit v; clamp rounding below zero.
+    return math.sqrt(total), coord, math.sqrt(max(on_v - coord * coord, 0.0))
+
+
+def _first_collapse(
+    steps: Sequence[int], loss: Sequence[float], acc: Sequence[float], drop: float, ratio: float
+) -> int | None:
+    """Index of the first eval where accuracy fell more than ``drop`` or loss rose above ``ratio`` x start."""
+    acc0, loss0 = acc[0], loss[0]
+    for i in range(1, len(steps)):
+        if not (math.isfinite(loss[i]) and math.isfinite(acc[i])):
+            return i
+        if acc[i] < acc0 - drop or loss[i] > ratio * loss0:
+            return i
+    return None
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, base: Sequence[float], mult: float) -> None:
+    for group, lr in zip(optimizer.param_groups, base, strict=True):
+        group["lr"] = lr * mult
+
+
+def _start_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters()}
+
+
+def run_condition(
+    spec: ConditionSpec,
+    inputs: ProbeInputs,
+    settings: ResumeSettings,
+    vector: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+    start_cpu: dict[str, torch.Tensor] | None = None,
+) -> tuple[ConditionResult, nn.Module]:
+    """Run one condition for ``settings.steps`` steps; returns its result and the trained model (a copy)."""
+    from ckptaudit.tasks.train import deterministic
+
+    start_cpu = start_cpu if start_cpu is not None else _start_copy(inputs.model)
+    n = settings.steps
+    # The boundary probe looks for the first unstable update, so it is evaluated after every step.
+    evals = (
+        set(range(n + 1)) if spec.schedule == "geometric" else set(default_eval_steps(n, settings.eval_every))
+    )
+    model = copy.deepcopy(inputs.model).to(settings.device)
+    sha = weights_sha256(model)
+    torch.manual_seed(settings.seed)
+    base = [float(h["lr"]) for h in inputs.group_hyper]
+    steps, losses, accs, disps, coords, resids, train_loss, lrs = [], [], [], [], [], [], [], []
+
+    def record(k: int) -> None:
+        loss, acc = inputs.evaluate(model)
+        disp, coord, resid = _displacement(model, start_cpu, vector)
+        steps.append(k)
+        losses.append(float(loss))
+        accs.append(float(acc))
+        disps.append(disp)
+        coords.append(coord)
+        resids.append(resid)
+
+    with deterministic():
+        if spec.optimizer == "preserved":
+            optimizer, scheduler = restored_optimizer(model, inputs)
+        else:
+            optimizer, scheduler = fresh_optimizer(model, inputs), None
+        record(0)
+        for k in range(n):
+            if spec.optimizer == "reset":
+                _set_lr(optimizer, base, spec.multiplier(k, n))
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            train_loss.append(float(inputs.train_step(model, optimizer, k)))
+            if scheduler is not None:
+                scheduler.step()
+            if k + 1 in evals:
+                record(k + 1)
+            if progress is not None:
+                progress(1)
+    hit = _first_collapse(steps, losses, accs, settings.collapse_drop, settings.collapse_ratio)
+    collapse_step = steps[hit] if hit is not None else None
+    # The update that made eval step s unstable is resumed step s-1; its multiplier marks the boundary.
+    collapse_mult = (
+        spec.multiplier(collapse_step - 1, n)
+        if collapse_step is not None and spec.optimizer == "reset"
+        else None
+    )
+    result = ConditionResult(
+        name=spec.name, optimizer=spec.optimizer, lr_mult=spec.lr_mult, warmup_steps=spec.warmup_steps,
+        schedule=spec.schedule, steps=tuple(steps), eval_loss=tuple(losses), eval_acc=tuple(accs),
+        displacement=tuple(disps), train_loss=tuple(train_loss), lr=tuple(lrs),
+        verdict="stable" if hit is None else "collapse", collapse_step=collapse_step, start_sha256=sha,
+        collapse_lr_mult=collapse_mult,
+        backbone_coord=tuple(coords) if vector is not None else None,
+        transverse_residual=tuple(resids) if vector is not None else None,
+    )  # fmt: skip
+    return result, model
+
+
+def run_resume_probe(
+    inputs: ProbeInputs,
+    settings: ResumeSettings | None = None,
+    vectors: Path | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ResumeProbeResult:
+    """Run every planned condition from ``inputs`` and summarise (SPEC §3).
+
+    ``vectors``: a ``backbone --save-vectors`` file; adds backbone coordinate and transverse residual of the
+    displacement. ``progress(1)`` is called after every training step of every condition. Raises RuntimeError
+    if the conditions did not start from bit-identical weights (the probe's premise).
+    """
+    settings = settings or ResumeSettings()
+    if settings.steps < 1:
+        raise UsageError(f"--steps {settings.steps}: must be >= 1")
+    specs = plan_conditions(settings, inputs.optimizer_state is not None)
+    start_cpu = _start_copy(inputs.model)
+    vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
+    results = tuple(run_condition(s, inputs, settings, vector, progress, start_cpu)[0] for s in specs)
+    hashes = {r.start_sha256 for r in results}
+    if len(hashes) != 1:
+        raise RuntimeError(f"conditions started from different weights: {sorted(hashes)}")
+
+    by_name = {r.name: r for r in results}
+    control, reset = by_name.get("control"), by_name.get("reset")
+    level2 = (
+        None
+        if control is None or reset is None
+        else (control.verdict == "stable" and reset.verdict == "collapse")
+    )
+    safe = [r.lr_mult for r in results if r.schedule == "constant" and r.verdict == "stable"]
+    boundary = by_name.get("warmup_boundary")
+    notes = list(inputs.notes)
+    if boundary is not None and boundary.verdict == "stable":
+        notes.append(
+            "warm-up boundary probe stayed stable up to 1x the lr: no boundary below the checkpoint's lr"
+        )
+    plain = {
+        "steps": settings.steps, "eval_every": settings.eval_every, "lr_mults": list(settings.lr_mults),
+        "warmup_steps": settings.warmup_steps, "collapse_drop": settings.collapse_drop,
+        "collapse_ratio": settings.collapse_ratio, "seed": settings.seed, "mode": settings.mode,
+        "device": settings.device, "base_lr": [float(h["lr"]) for h in inputs.group_hyper],
+        "optimizer_class": inputs.optimizer_cls.__name__, "vectors": None if vectors is None else str(vectors),
+    }  # fmt: skip
+    return ResumeProbeResult(
+        checkpoint=inputs.source, start_step=inputs.start_step, task=inputs.task, conditions=results,
+        level2_sensitive=level2, max_safe_reset_lr_mult=max(safe) if safe else None,
+        warmup_boundary_lr_mult=boundary.collapse_lr_mult if boundary is not None else None,
+        start_weights_sha256=hashes.pop(), provenance_complete=inputs.optimizer_state is not None,
+        notes=tuple(notes), settings=plain,
+    )  # fmt: skip

@@ -1,0 +1,387 @@
+"""Inputs of resume-probe: a checkpoint turned into a model, its optimizer/scheduler state and its data.
+
+``probe_inputs_from_checkpoint`` reads one checkpoint directory (Trainer layout: config.json, model.safetensors,
+optimizer.pt, scheduler.pt, trainer_state.json, and for the project's own runs ckptaudit_task.json) into a
+``ProbeInputs``: everything ``analyses.resume.run_resume_probe`` needs and nothing about files. Callers with
+their own data pipeline (e.g. a run written by ``transformers.Trainer``) build ``ProbeInputs`` directly.
+
+Optimizers are rebuilt here, in two ways (SPEC §3):
+- ``restored_optimizer``: same class, the saved param groups and the saved state loaded with
+  ``Optimizer.load_state_dict`` (moments, step counts, hyper-parameters, bit for bit), plus the saved scheduler
+  rebuilt by ``scheduler_factory`` and restored with its ``load_state_dict``;
+- ``fresh_optimizer``: same class and the saved hyper-parameters, empty state; its lr is set by the probe
+  every step (no scheduler object).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptaudit.errors import DataError, InputNotFoundError, LayoutError, OptimizerStateError
+
+__all__ = [
+    "ProbeInputs",
+    "fresh_optimizer",
+    "optimizer_class",
+    "probe_inputs_from_checkpoint",
+    "restored_optimizer",
+]
+
+# Keys of a saved param group that describe the group, not a hyper-parameter to pass to a fresh optimizer:
+# 'initial_lr' in particular would make a new LambdaLR take the old base lr.
+_NOT_HYPER = ("params", "param_names", "initial_lr")
+
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, int], float]
+EvalFn = Callable[[nn.Module], tuple[float, float]]
+
+
+@dataclass
+class ProbeInputs:
+    """Everything resume-probe needs to continue training from one checkpoint.
+
+    model: the model at the checkpoint (the probe deep-copies it per condition; it is never trained itself).
+    group_names: parameter names per optimizer param group, in index order (the saved optimizer's layout).
+    group_hyper: hyper-parameters per group (lr = the lr in effect at the checkpoint).
+    optimizer_cls: the optimizer class. optimizer_state: the saved state dict, or None (RESET only).
+    scheduler_state / scheduler_factory: the saved LR scheduler state and a function that builds a scheduler
+    of the saved kind over an optimizer (None: the schedule is unknown, CONTROL holds the saved lr).
+    train_step(model, optimizer, k): resumed step k (0-based; global step start_step + k): zero grads, forward,
+    backward, clip, ``optimizer.step()``; returns the training loss. It must not step a scheduler.
+    evaluate(model) -> (loss in nats, accuracy in [0, 1]) on the held-out split.
+    """
+
+    model: nn.Module
+    group_names: tuple[tuple[str, ...], ...]
+    group_hyper: tuple[dict, ...]
+    optimizer_cls: type
+    train_step: StepFn
+    evaluate: EvalFn
+    start_step: int = 0
+    optimizer_state: dict | None = None
+    scheduler_state: dict | None = None
+    scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None
+    source: str = ""
+    task: str = ""
+    notes: list[str] = field(default_factory=list)
+    checkpoint: Any = None  # the io Checkpoint it came from (for the report's /inputs), when read from files
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+
+
+def optimizer_class(groups: Sequence[dict], declared: str | None = None) -> type:
+    """The torch optimizer class that wrote param groups ``groups`` (or the class named ``declared``).
+
+    Adam-family groups carry 'betas' (torch >= 2.6 also 'decoupled_weight_decay': True for AdamW); SGD groups
+    carry 'momentum' and 'nesterov'. Anything else is refused: a wrong class would make the RESET condition
+    mean something else than the run's optimizer.
+    """
+    if declared:
+        cls = getattr(torch.optim, str(declared), None)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            return cls
+        raise OptimizerStateError(
+            f"optimizer {declared!r} is not a torch.optim class", hint="use AdamW, Adam or SGD"
+        )
+    first = dict(groups[0]) if groups else {}
+    if "betas" in first:
+        # Before torch 2.6 Adam and AdamW groups were indistinguishable; AdamW is what Trainer and most LM runs use.
+        return torch.optim.Adam if first.get("decoupled_weight_decay") is False else torch.optim.AdamW
+    if "momentum" in first and "nesterov" in first:
+        return torch.optim.SGD
+    raise OptimizerStateError(
+        f"cannot tell which optimizer wrote param groups with keys {sorted(first)}",
+        hint="resume-probe rebuilds AdamW, Adam and SGD",
+    )
+
+
+def _constructor_kwargs(cls: type, hyper: dict) -> dict:
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    return {k: v for k, v in hyper.items() if k in accepted}
+
+
+def _named_groups(model: nn.Module, inputs: ProbeInputs, hyper: Sequence[dict]) -> list[dict]:
+    params = dict(model.named_parameters())
+    groups = []
+    for g, (names, h) in enumerate(zip(inputs.group_names, hyper, strict=True)):
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise OptimizerStateError(
+                f"optimizer param group {g} names parameter(s) the model lacks: {', '.join(missing[:5])}",
+                hint="the optimizer state does not belong to these weights",
+            )
+        groups.append(
+            {**{k: v for k, v in h.items() if k not in _NOT_HYPER}, "params": [params[n] for n in names]}
+        )
+    return groups
+
+
+def restored_optimizer(model: nn.Module, inputs: ProbeInputs) -> tuple[torch.optim.Optimizer, Any]:
+    """CONTROL: the saved optimizer state and scheduler restored exactly over ``model``'s parameters.
+
+    Fresh objects first, saved state second (as ``Trainer._load_optimizer_and_scheduler``): a LambdaLR built over
+    a restored optimizer would take the scheduled lr for its base lr.
+    """
+    if inputs.optimizer_state is None:
+        raise OptimizerStateError(f"{inputs.source}: no optimizer state to restore")
+    groups = _named_groups(model, inputs, inputs.group_hyper)
+    optimizer = inputs.optimizer_cls(groups, **_constructor_kwargs(inputs.optimizer_cls, groups[0]))
+    scheduler = inputs.scheduler_factory(optimizer) if inputs.scheduler_factory is not None else None
+    try:
+        optimizer.load_state_dict(inputs.optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise OptimizerStateError(
+            f"{inputs.source}: saved optimizer state cannot be restored ({exc})"
+        ) from None
+    if scheduler is not None and inputs.scheduler_state is not None:
+        scheduler.load_state_dict(inputs.scheduler_state)
+    return optimizer, scheduler
+
+
+def fresh_optimizer(model: nn.Module, inputs: ProbeInputs) -> torch.optim.Optimizer:
+    """RESET: a new optimizer of the saved class with the saved hyper-parameters and empty state."""
+    groups = _named_groups(model, inputs, inputs.group_hyper)
+    return inputs.optimizer_cls(groups, **_constructor_kwargs(inputs.optimizer_cls, groups[0]))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class _DirCheckpoint:
+    """The few Checkpoint attributes io.models/io.optimizer need, for a Trainer-layout directory."""
+
+    path: Path
+    step: int
+    weight_files: tuple[Path, ...]
+    optimizer_file: Path | None
+    scheduler_file: Path | None
+    trainer_state_file: Path | None
+    config_file: Path | None
+    layout: str = "hf-trainer"
+
+    def config(self) -> dict | None:
+        return json.loads(self.config_file.read_text(encoding="utf-8")) if self.config_file else None
+
+    def trainer_state(self) -> dict | None:
+        if self.trainer_state_file is None:
+            return None
+        return json.loads(self.trainer_state_file.read_text(encoding="utf-8"))
+
+    def tensors(self) -> Any:
+        try:
+            from ckptaudit.io.tensors import open_tensors
+        except ImportError:
+            return _SafetensorsFiles(self.weight_files)
+        return open_tensors(self.path)
+
+
+class _SafetensorsFiles:
+    """Lazy tensors of one or more safetensors files (used until io.tensors is importable)."""
+
+    def __init__(self, files: Sequence[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles, self._where = [], {}
+
+    def __enter__(self) -> _SafetensorsFiles:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _checkpoint(path: Path) -> Any:
+    """A Checkpoint for ``path`` (io.discover when available, else a Trainer-layout reading of the directory)."""
+    if not path.exists():
+        raise InputNotFoundError(
+            f"{path}: no such checkpoint", hint="pass a checkpoint directory (checkpoint-N/)"
+        )
+    try:
+        from ckptaudit.io.discover import discover_run
+    except ImportError:
+        discover_run = None
+    if discover_run is not None:
+        run = discover_run(path)
+        if len(run.checkpoints) != 1:
+            raise LayoutError(
+                f"{path}: holds {len(run.checkpoints)} checkpoints; resume-probe starts from one",
+                hint="pass one checkpoint directory, e.g. run/checkpoint-1000",
+            )
+        return run.checkpoints[0]
+    if not path.is_dir():
+        raise LayoutError(f"{path}: resume-probe needs a checkpoint directory", hint="pass run/checkpoint-N")
+    weights = sorted(path.glob("model*.safetensors"))
+    if not weights:
+        raise LayoutError(
+            f"{path}: no model*.safetensors", hint="pass a checkpoint directory with safetensors weights"
+        )
+
+    def opt(name: str) -> Path | None:
+        return path / name if (path / name).is_file() else None
+
+    state = opt("trainer_state.json")
+    step = json.loads(state.read_text())["global_step"] if state else int(path.name.rpartition("-")[2] or 0)
+    return _DirCheckpoint(path, int(step), tuple(weights), opt("optimizer.pt"), opt("scheduler.pt"), state,
+                          opt("config.json"))  # fmt: skip
+
+
+def _task_and_spec(ckpt_dir: Path, task_override: str | None) -> tuple[Any, dict]:
+    """The built-in task (from ``--task`` or ckptaudit_task.json) and the checkpoint's spec (may be {})."""
+    from ckptaudit.tasks import TASK_FILE, get_task, load_task_spec, task_from_spec
+
+    spec = load_task_spec(ckpt_dir) if (ckpt_dir / TASK_FILE).is_file() else {}
+    if task_override is None:
+        if not spec:
+            raise DataError(
+                f"{ckpt_dir}: no {TASK_FILE}, so the data this checkpoint trains and evaluates on is unknown",
+                hint="name a built-in task with --task (e.g. --task modadd:p=97,train_frac=0.5)",
+            )
+        return task_from_spec(spec), spec
+    name, _, params = task_override.partition(":")
+    kwargs: dict[str, Any] = {}
+    if spec.get("task") == name:  # same task: keep the checkpoint's parameters unless overridden
+        kwargs = {k: v for k, v in spec.items() if k in ("p", "train_frac", "split_seed")}
+    for item in filter(None, params.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"--task {task_override}: {item!r} is not key=number", hint="e.g. modadd:p=97"
+            ) from None
+    return get_task(name, **kwargs), spec
+
+
+def _last_lrs(
+    ckpt: Any, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int
+) -> tuple[list, str]:
+    """The lr in effect at the checkpoint, per group, and where it came from."""
+    if opt_groups:
+        return [float(g["lr"]) for g in opt_groups], "optimizer state"
+    if sched and sched.get("_last_lr"):
+        lrs = [float(x) for x in sched["_last_lr"]]
+        return (lrs + lrs[-1:] * n)[:n], "scheduler.pt"
+    from ckptaudit.io.optimizer import lr_history
+
+    history = lr_history(ckpt)
+    if history:
+        return [history[-1][1]] * n, f"trainer_state.json (logged at step {history[-1][0]})"
+    if "lr" in hp:
+        return [float(hp["lr"])] * n, "ckptaudit_task.json (peak lr)"
+    raise OptimizerStateError(
+        f"{ckpt.path}: no optimizer state and no record of the learning rate",
+        hint="resume-probe needs at least the lr (trainer_state.json log_history or ckptaudit_task.json)",
+    )
+
+
+def probe_inputs_from_checkpoint(
+    path: Path | str,
+    task: str | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> ProbeInputs:
+    """Read checkpoint directory ``path`` into ProbeInputs (built-in task data, Trainer-layout files).
+
+    Training batches continue the checkpoint's own data order (ckptaudit_task.json: batch size and data seed,
+    batch of resumed step k = the run's batch of global step start + k), so CONTROL repeats the original run;
+    ``seed`` replaces the data seed. Optimizer state is mapped to parameter names by io.optimizer (refused, naming
+    the parameter, when it does not fit the model). A checkpoint without optimizer.pt yields inputs without
+    optimizer state and a note; its fresh optimizer uses the run's recorded hyper-parameters.
+    """
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state
+    from ckptaudit.tasks.train import build_scheduler, parameter_groups, train_step
+
+    path = Path(path)
+    ckpt = _checkpoint(path)
+    ckpt_dir = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
+    task_obj, spec = _task_and_spec(ckpt_dir, task)
+    hp = dict(spec.get("train") or {})
+    model = load_model(ckpt, device=device)
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    notes: list[str] = []
+
+    opt_state = None
+    if getattr(ckpt, "optimizer_file", None) is not None:
+        opt_state = load_optimizer_state(ckpt, params)
+    sched_state = load_scheduler_state(ckpt) if getattr(ckpt, "scheduler_file", None) is not None else None
+
+    if opt_state is not None:
+        names = opt_state.names
+        raw_groups = opt_state.raw["param_groups"]
+        cls = optimizer_class(raw_groups, hp.get("optimizer"))
+        hyper = tuple({k: v for k, v in g.items() if k not in _NOT_HYPER} for g in opt_state.groups)
+    else:
+        notes.append(
+            "provenance incomplete: the checkpoint has no optimizer state, so only RESET conditions can run "
+            "and the training state it came from cannot be reproduced"
+        )
+        if "lr" not in hp and sched_state is None:
+            notes.append("hyper-parameters are not recorded; torch defaults are used for the fresh optimizer")
+        decay, no_decay = parameter_groups(model)
+        names = (tuple(decay), tuple(no_decay))
+        cls = optimizer_class([], hp.get("optimizer") or "AdamW")
+        base = {"betas": tuple(hp.get("betas", (0.9, 0.999))), "eps": hp.get("eps", 1e-8)}
+        hyper = ({**base, "weight_decay": hp.get("weight_decay", 0.0)}, {**base, "weight_decay": 0.0})
+        raw_groups = None
+    lrs, lr_source = _last_lrs(ckpt, raw_groups, sched_state, hp, len(names))
+    hyper = tuple({**h, "lr": lr} for h, lr in zip(hyper, lrs, strict=True))
+    if opt_state is None:
+        notes.append(f"RESET learning rate taken from {lr_source}")
+    if all(lr == 0 for lr in lrs):
+        notes.append(
+            "the lr in effect at the checkpoint is 0 (end of a decaying schedule): RESET conditions do not move"
+        )
+
+    factory = None
+    if opt_state is not None and sched_state is None:
+        notes.append("no saved scheduler state: CONTROL holds the checkpoint's lr")
+    elif hp.get("scheduler") in ("constant", "linear"):
+
+        def factory(optimizer: torch.optim.Optimizer) -> Any:
+            return build_scheduler(optimizer, int(hp["warmup_steps"]), int(hp["max_steps"]), hp["scheduler"])
+
+    elif opt_state is not None:
+        notes.append("the saved LR schedule is not recorded: CONTROL holds the checkpoint's lr")
+
+    batch_size = int(hp.get("batch_size") or spec.get("batch_size") or 64)
+    data_seed = int(seed if seed is not None else spec.get("data_seed", hp.get("seed", 0)))
+    max_grad_norm = hp.get("max_grad_norm", 1.0)
+    start = int(ckpt.step)
+
+    def step_fn(m: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> float:
+        # The run's own step function, scheduler left to the probe: identical arithmetic to the original run.
+        return train_step(m, optimizer, None, task_obj, start + k, batch_size, data_seed, max_grad_norm).loss
+
+    def evaluate(m: nn.Module) -> tuple[float, float]:
+        return task_obj.evaluate(m, "validation")
+
+    return ProbeInputs(
+        model=model, group_names=tuple(tuple(n) for n in names), group_hyper=hyper, optimizer_cls=cls,
+        train_step=step_fn, evaluate=evaluate, start_step=start,
+        optimizer_state=opt_state.raw if opt_state is not None else None, scheduler_state=sched_state,
+        scheduler_factory=factory, source=str(ckpt.path), task=getattr(task_obj, "name", str(task)), notes=notes,
+        checkpoint=ckpt,
+    )  # fmt: skip

@@ -1,0 +1,235 @@
+"""`ckptaudit resume-probe CKPT`: resume from one checkpoint with preserved vs reset optimizer state (SPEC §3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.common import Progress, make_output, save_report
+from ckptaudit.cli.options import (
+    CheckpointArg,
+    DeviceOpt,
+    JsonOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    resolve_device,
+)
+from ckptaudit.errors import UsageError
+
+
+def parse_mults(spec: str) -> tuple[float, ...]:
+    """'1,0.1,0.01' -> (1.0, 0.1, 0.01)."""
+    try:
+        values = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(
+            f"--lr-mult {spec}: expected comma-separated numbers", "e.g. --lr-mult 1,0.1,0.01"
+        ) from None
+    if not values:
+        raise UsageError("--lr-mult: give at least one multiplier", "e.g. --lr-mult 1,0.1,0.01")
+    return values
+
+
+@app.command("resume-probe")
+def resume_probe(
+    ckpt: CheckpointArg,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimizer steps to resume for, per condition.")
+    ] = 50,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-every",
+            min=1,
+            help="Evaluate every K steps (default: at 0, 1, 2, 5, 10, 20, 50, 100, ... and the last step).",
+        ),
+    ] = None,
+    lr_mult: Annotated[
+        str,
+        typer.Option(
+            "--lr-mult", help="RESET learning-rate multipliers of the checkpoint's lr, comma-separated."
+        ),
+    ] = "1,0.1,0.01",
+    warmup_steps: Annotated[
+        int,
+        typer.Option(
+            "--warmup-steps",
+            min=0,
+            help="Steps of the linear warm-up of the RESET+warm-up condition (0: skip it).",
+        ),
+    ] = 10,
+    no_boundary: Annotated[
+        bool,
+        typer.Option(
+            "--no-boundary-probe",
+            help="Skip the warm-up boundary probe (lr ramped geometrically 1e-3x -> 1x).",
+        ),
+    ] = False,
+    reset_optimizer: Annotated[
+        bool, typer.Option("--reset-optimizer", help="Run only the RESET family (fresh optimizer state).")
+    ] = False,
+    preserve_optimizer: Annotated[
+        bool,
+        typer.Option("--preserve-optimizer", help="Run only CONTROL (saved optimizer and scheduler state)."),
+    ] = False,
+    collapse_drop: Annotated[
+        float,
+        typer.Option(
+            "--collapse-drop",
+            min=0.0,
+            help="Collapse when accuracy falls more than this (absolute) below the start.",
+        ),
+    ] = 0.2,
+    collapse_ratio: Annotated[
+        float,
+        typer.Option(
+            "--collapse-ratio",
+            min=1.0,
+            help="Collapse when eval loss rises above this multiple of the start loss.",
+        ),
+    ] = 2.0,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Data-order seed of the resumed batches (default: the checkpoint's own, so CONTROL repeats the run); also seeds torch.",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Built-in task to train and evaluate on, NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json).",
+        ),
+    ] = None,
+    vectors: Annotated[
+        Path | None,
+        typer.Option(
+            "--vectors",
+            help="Backbone vectors (safetensors from `backbone --save-vectors`): also report backbone coordinate and transverse residual.",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Write a PNG of eval accuracy over steps per condition to this directory."
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Resume training from one checkpoint under CONTROL (saved optimizer state and scheduler restored exactly) and
+    RESET conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
+    bit-identical weights on identical batches; report eval loss/accuracy, displacement, and collapse verdicts.
+
+    Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --steps 50
+    """
+    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
+    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+
+    if reset_optimizer and preserve_optimizer:
+        raise UsageError("--reset-optimizer and --preserve-optimizer exclude each other", "give at most one")
+    mode = "reset" if reset_optimizer else "preserve" if preserve_optimizer else "both"
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    settings = ResumeSettings(
+        steps=steps, eval_every=eval_every, lr_mults=parse_mults(lr_mult), warmup_steps=warmup_steps,
+        boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
+        seed=seed if seed is not None else 0, mode=mode, device=dev,
+    )  # fmt: skip
+    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev)
+    with Progress(output, "resume-probe", None) as hook:
+        result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
+    checkpoints = [inputs.checkpoint] if inputs.checkpoint is not None else []
+    save_report(output, "resume-probe", result.to_hdf5_tree(), checkpoints, out, no_report, device=dev)
+    summary = result.to_json()
+    output.json(summary)
+    if plot is not None:
+        written = plot_resume(summary, plot)
+        output.note(f"figure written to [bold]{written}[/bold]")
+    if output.human:
+        render_resume(output, summary)
+
+
+def plot_resume(summary: dict, out_dir: Path) -> Path:
+    """resume_probe_accuracy.png: eval accuracy over resumed steps, one line per condition."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib", "pip install 'ckptaudit[plot]'") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in summary["conditions"]:
+        style = "-" if c["optimizer"] == "preserved" else "--"
+        ax.plot(c["steps"], c["eval_acc"], style, marker=".", label=f"{c['name']} ({c['verdict']})")
+    ax.set_xlabel(f"resumed steps after step {summary['start_step']}")
+    ax.set_ylabel("eval accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("resume-probe: preserved vs reset optimizer state")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "resume_probe_accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_resume(output: Any, s: dict) -> None:
+    """Terminal view: one row per condition, then the summary lines."""
+    rows = []
+    for c in s["conditions"]:
+        verdict = "[green]stable[/green]" if c["verdict"] == "stable" else "[red]collapse[/red]"
+        rows.append([c["name"], c["optimizer"], c["lr_mult"], c["eval_acc"][0], c["eval_acc"][-1], min(c["eval_acc"]),
+                     verdict, c["collapse_step"]])  # fmt: skip
+    output.table(
+        f"resume-probe — {s['checkpoint']} (step {s['start_step']}, task {s['task']})",
+        [
+            "condition",
+            "optimizer",
+            "lr mult",
+            "start acc",
+            "final acc",
+            "min acc",
+            "verdict",
+            "collapse step",
+        ],
+        rows,
+        caption="collapse: accuracy below start - collapse-drop, or loss above collapse-ratio x start",
+    )
+    with_vec = [c for c in s["conditions"] if "backbone_coord" in c]
+    if with_vec:
+        output.table(
+            "displacement from the checkpoint at the last step",
+            ["condition", "||theta - theta_0||", "backbone coord <d, v_b>", "transverse residual ||r||"],
+            [
+                [c["name"], c["displacement"][-1], c["backbone_coord"][-1], c["transverse_residual"][-1]]
+                for c in with_vec
+            ],
+        )
+    yes = {True: "[red]yes[/red]", False: "[green]no[/green]", None: "— (needs CONTROL and RESET x1)"}
+    output.print(f"Level-2 sensitive (CONTROL stable, RESET collapses): {yes[s['level2_sensitive']]}")
+    output.print(
+        f"largest safe RESET lr multiplier: {s['max_safe_reset_lr_mult'] if s['max_safe_reset_lr_mult'] is not None else 'none'}"
+    )
+    if any(c["name"] == "warmup_boundary" for c in s["conditions"]):
+        b = s["warmup_boundary_lr_mult"]
+        text = f"instability begins at {b:.3g} x lr" if b is not None else "stable up to 1x lr"
+        output.print(f"warm-up boundary: {text}")
+    output.print(f"start weights SHA-256 (equal for every condition): {s['start_weights_sha256']}")
+    if not s["provenance_complete"]:
+        output.print(
+            "[red]provenance incomplete[/red]: no optimizer state in the checkpoint, only RESET could be probed"
+        )
+    for note in s["notes"]:
+        output.print(f"note: {note}")
