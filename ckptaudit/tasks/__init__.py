@@ -1,0 +1,123 @@
+"""Built-in training tasks: used by the fixture runs, the demo, the tests and the analyses that run a network.
+
+A task is named and parameterised in a small JSON dict (its *spec*) written into every checkpoint it trains as
+``ckptaudit_task.json``, so an analysis can rebuild the exact data a checkpoint was trained on::
+
+    task = get_task("modadd", p=23)
+    task = task_from_checkpoint_dir(run / "checkpoint-100")
+    spec = load_task_spec(run / "checkpoint-100")      # also batch_size, data_seed, training hyper-parameters
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ckptaudit.errors import DataError
+from ckptaudit.tasks.modadd import ModAdd
+
+TASK_FILE = "ckptaudit_task.json"
+
+__all__ = [
+    "TASK_FILE",
+    "ModAdd",
+    "Task",
+    "available_tasks",
+    "get_task",
+    "load_task_spec",
+    "task_from_checkpoint_dir",
+    "task_from_spec",
+]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What every built-in task provides (see ``ModAdd`` for the reference implementation)."""
+
+    name: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def seq_len(self) -> int: ...
+
+    def split_size(self, split: str) -> int: ...
+
+    def batch(self, split: str, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]: ...
+
+    def batches(
+        self, split: str, batch_size: int, seed: int, n: int, start: int = ...
+    ) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    def eval_batches(self, split: str, batch_size: int = ...) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    def loss_and_accuracy(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, float]: ...
+
+    def evaluate(self, model: torch.nn.Module, split: str = ...) -> tuple[float, float]: ...
+
+    def model_config(
+        self, n_layer: int = ..., n_embd: int = ..., n_head: int = ..., **overrides: Any
+    ) -> Any: ...
+
+    def task_spec(self, batch_size: int | None = None, data_seed: int | None = None) -> dict: ...
+
+
+# name -> (factory, the spec keys the factory accepts)
+_REGISTRY: dict[str, tuple[Callable[..., Task], tuple[str, ...]]] = {
+    "modadd": (ModAdd, ("p", "train_frac", "split_seed")),
+}
+
+
+def available_tasks() -> list[str]:
+    """Names accepted by ``get_task``."""
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, **params: Any) -> Task:
+    """The built-in task ``name`` with ``params`` (e.g. ``get_task("modadd", p=47, train_frac=0.4)``)."""
+    if name not in _REGISTRY:
+        raise DataError(f"unknown built-in task {name!r}", hint=f"use one of: {', '.join(available_tasks())}")
+    factory, accepted = _REGISTRY[name]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise DataError(
+            f"task {name!r} does not take parameter(s) {', '.join(unknown)}",
+            hint=f"it accepts: {', '.join(accepted)}",
+        )
+    return factory(**params)
+
+
+def task_from_spec(spec: dict) -> Task:
+    """Rebuild a task from its spec dict; keys that describe the run (batch_size, data_seed, ...) are ignored."""
+    if "task" not in spec:
+        raise DataError("task spec has no 'task' key", hint=f"expected a {TASK_FILE} written by ckptaudit")
+    name = spec["task"]
+    accepted = _REGISTRY.get(name, (None, ()))[1]
+    return get_task(name, **{k: v for k, v in spec.items() if k in accepted})
+
+
+def load_task_spec(path: Path | str) -> dict:
+    """The parsed ``ckptaudit_task.json`` of a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / TASK_FILE
+    if not file.is_file():
+        raise DataError(
+            f"{file} not found: this checkpoint does not name its built-in task",
+            hint="give the evaluation data explicitly, or use a run written by fixtures/make_fixtures.py",
+        )
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{file} is not valid JSON ({exc})", hint="regenerate the checkpoint") from exc
+
+
+def task_from_checkpoint_dir(path: Path | str) -> Task:
+    """The task a checkpoint directory was trained on, rebuilt from its ``ckptaudit_task.json``."""
+    return task_from_spec(load_task_spec(path))

@@ -1,0 +1,50 @@
+"""Shared test fixtures.
+
+``tiny_run`` is a real Trainer-layout run (GPT-2 on modular addition, 7 checkpoints: steps 0, 10, ..., 60)
+built by fixtures/make_fixtures.py. ``make test`` builds it into fixtures/runs and sets CKPTAUDIT_FIXTURES;
+otherwise it is built once into .cache/fixtures (under a file lock, so pytest-xdist workers share one build).
+Treat it as read-only: copy it (``tmp_path``) before modifying anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_ROOT / ".cache" / "fixtures"
+
+
+def _load_make_fixtures():
+    spec = importlib.util.spec_from_file_location(
+        "make_fixtures", REPO_ROOT / "fixtures" / "make_fixtures.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fixture_run(name: str) -> Path:
+    """Path of fixture run ``name``: $CKPTAUDIT_FIXTURES/name when complete there, else built in the cache."""
+    make_fixtures = _load_make_fixtures()
+    env = os.environ.get("CKPTAUDIT_FIXTURES")
+    if env and make_fixtures.is_complete(Path(env) / name, name):
+        return Path(env) / name
+    # pytest-xdist workers share the cores: one torch thread each avoids oversubscription.
+    threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
+    return make_fixtures.ensure_run(CACHE_DIR, name, threads=threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> Path:
+    """The ``tiny`` fixture run directory (read-only; checkpoint-0 ... checkpoint-60)."""
+    return fixture_run("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run: Path) -> Path:
+    """The last checkpoint of the ``tiny`` run (``checkpoint-60``), a complete Trainer checkpoint directory."""
+    return tiny_run / "checkpoint-60"
