@@ -1,0 +1,321 @@
+"""Evaluation sets and the slack probe of `gxs` (SPEC section 4, paper 000 section 3.2).
+
+An *evaluator* says which logits are answers and which class is correct:
+
+- :class:`TaskEval`: a built-in task's split (modular addition: the ``p`` number logits at the last position,
+  through the task's own ``answer_logits``, so loss, accuracy and margin follow ``loss_and_accuracy``);
+- :class:`TokenEval`: token-id sequences, next-token prediction at every position (any causal LM).
+
+Margin of one example: m = z_correct - max_{j != correct} z_j over the answer logits (positive iff correct,
+up to ties). The slack probe intervenes on the final residual stream h (after the final norm, before the
+unembedding): h' = alpha * h + sigma * rms(h) * eps, rms over the hidden dimension of each position,
+eps ~ N(0, I) drawn from a generator seeded by (seed, batch index) alone, so every cell of the grid sees the same
+noise directions (common random numbers make the cells comparable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ckptaudit.errors import DataError, InputNotFoundError, UsageError
+
+ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
+SIGMAS: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0)
+# Final norms by module name, tried before the generic rule (the module feeding the LM head).
+FINAL_NORMS: tuple[str, ...] = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
+                                "model.decoder.final_layer_norm", "transformer.norm_f")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------- evaluators
+
+
+@dataclass(frozen=True)
+class TaskEval:
+    """A built-in task's split. ``answer_logits`` goes through ``task.answer_logits`` (its own conventions)."""
+
+    task: Any
+    split: str = "validation"
+    batch_size: int = 4096
+
+    @property
+    def name(self) -> str:
+        """Label used in reports."""
+        return f"{getattr(self.task, 'name', 'task')}:{self.split}"
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids [B, T], labels [B]) in a fixed order."""
+        for b in self.task.eval_batches(self.split, self.batch_size):
+            yield b["input_ids"], b["labels"]
+
+    def answer_logits(self, model: Callable, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, C], row index into the batch's labels) — for a task one answer per sequence."""
+        logits = self.task.answer_logits(model, input_ids)
+        return logits, torch.arange(logits.shape[0])
+
+
+@dataclass(frozen=True)
+class TokenEval:
+    """Token-id sequences; next-token prediction at every position (answers: the whole vocabulary)."""
+
+    sequences: tuple[tuple[int, ...], ...]
+    batch_size: int = 16
+    label: str = "tokens"
+
+    @property
+    def name(self) -> str:
+        """Label used in reports."""
+        return self.label
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids [B, T], labels [B * (T - 1)]); sequences of equal length are batched together."""
+        by_len: dict[int, list[tuple[int, ...]]] = {}
+        for s in self.sequences:
+            by_len.setdefault(len(s), []).append(s)
+        for n in sorted(by_len):
+            group = by_len[n]
+            for i in range(0, len(group), self.batch_size):
+                ids = torch.tensor(group[i : i + self.batch_size], dtype=torch.long)
+                yield ids, ids[:, 1:].reshape(-1)
+
+    def answer_logits(self, model: Callable, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B * (T - 1), V], row index)."""
+        out = model(input_ids=input_ids)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+        return logits, torch.arange(logits.shape[0])
+
+
+def load_token_data(path: Path, tokenizer: Any = None, max_sequences: int | None = None) -> TokenEval:
+    """Read evaluation sequences: JSON list of id lists, JSONL (a list or {"input_ids": [...]} per line), or
+    plain text (one example per line, tokenized with ``tokenizer``). Sequences need at least 2 tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"--data {path}: no such file", "pass a JSON/JSONL file of token ids or a text file")
+    text = path.read_text(encoding="utf-8")
+    seqs: list[list[int]] = []
+    stripped = text.lstrip()
+    try:
+        whole = _json_or_none(text) if stripped.startswith("[") else None
+        if isinstance(whole, list) and whole and all(isinstance(s, list) for s in whole):
+            seqs = [list(map(int, s)) for s in whole]
+        elif stripped.startswith(("[", "{")):
+            for line in filter(None, (ln.strip() for ln in text.splitlines())):
+                obj = json.loads(line)
+                seqs.append(list(map(int, obj["input_ids"] if isinstance(obj, dict) else obj)))
+        else:
+            if tokenizer is None:
+                raise DataError(f"--data {path}: plain text needs the model's tokenizer saved beside it",
+                                "save it there (tokenizer.save_pretrained(DIR)) or pass token ids as JSONL")
+            seqs = [list(tokenizer(line)["input_ids"]) for line in text.splitlines() if line.strip()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--data {path}: not a list of token-id sequences ({e})",
+                        'expected [[1, 2, 3], ...] or one [..] / {"input_ids": [..]} per line') from None
+    seqs = [s for s in seqs if len(s) >= 2][: max_sequences or None]
+    if not seqs:
+        raise DataError(f"--data {path}: no sequence with at least 2 tokens", None)
+    return TokenEval(tuple(tuple(s) for s in seqs), label=path.name)
+
+
+def _json_or_none(text: str) -> Any:
+    """The parsed document, or None when ``text`` is not one JSON document (e.g. JSONL)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def check_vocab(model: nn.Module, evaluator: Any) -> None:
+    """Token ids beyond the model's embedding table are a user error, not an index crash."""
+    if not isinstance(evaluator, TokenEval):
+        return
+    vocab = model.get_input_embeddings().weight.shape[0]
+    top = max(max(s) for s in evaluator.sequences)
+    if top >= vocab:
+        raise DataError(f"--data holds token id {top}, the model's vocabulary has {vocab}",
+                        "the data was tokenized for another model")
+
+
+def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """m = z_correct - max_{j != correct} z_j per row (float64). logits [N, C], labels [N]."""
+    z = logits.double()
+    correct = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = z.scatter(1, labels.view(-1, 1), float("-inf"))
+    return correct - others.max(dim=1).values
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Loss (mean cross-entropy, nats), accuracy, mean margin (logit units) and the number of answers."""
+
+    loss: float
+    accuracy: float
+    margin: float
+    n: int
+
+
+def evaluate(model: nn.Module, evaluator: Any) -> EvalStats:
+    """Loss, accuracy and mean margin of ``model`` on ``evaluator`` (no grad, float64 accumulation)."""
+    device = _device_of(model)
+    total, correct, msum, count = 0.0, 0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for ids, labels in evaluator.batches():
+            logits, rows = evaluator.answer_logits(model, ids.to(device))
+            y = labels.to(device)[rows.to(device)]
+            z = logits.double()
+            total += F.cross_entropy(z, y, reduction="sum").item()
+            correct += int((z.argmax(dim=1) == y).sum().item())
+            msum += float(margins_of(z, y).sum().item())
+            count += int(y.numel())
+    model.train(was_training)
+    if count == 0:
+        raise DataError(f"evaluation set {evaluator.name} is empty", None)
+    return EvalStats(total / count, correct / count, msum / count, count)
+
+
+# ------------------------------------------------------------------------------------------- slack probe
+
+
+def final_residual_site(model: nn.Module) -> tuple[str, nn.Module, str]:
+    """(module name, module, "output" | "input"): where h (after the final norm, before the unembedding) is.
+
+    A known final norm (GPT-2 ``transformer.ln_f``, LLaMA ``model.norm``, NeoX ``final_layer_norm``...) is hooked
+    on its output; otherwise the LM head (``get_output_embeddings``) is hooked on its input.
+    """
+    modules = dict(model.named_modules())
+    for name in FINAL_NORMS:
+        if name in modules:
+            return name, modules[name], "output"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UsageError(f"{type(model).__name__}: no final norm and no LM head found for the slack probe",
+                         "the slack probe needs a model with an unembedding (a causal LM head)")
+    name = next(n for n, m in modules.items() if m is head)
+    return name, head, "input"
+
+
+def _noise_seed(seed: int, batch: int) -> int:
+    digest = hashlib.sha256(f"gxs-slack:{seed}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class SlackResult:
+    """The slack grid. accuracy / margin: arrays [len(alpha), len(sigma)]; margin = mean margin (logit units).
+    no_gain_reflex[i]: margin does not increase with sigma at alpha[i] (non-increasing along the row)."""
+
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    accuracy: np.ndarray
+    margin: np.ndarray
+    loss: np.ndarray
+    no_gain_reflex: tuple[bool, ...]
+    site: str
+    site_kind: str
+    evaluator: str
+    n: int
+    seed: int
+    checkpoint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """--json keys: alpha, sigma, accuracy (grid), margin (grid), loss (grid), no_gain_reflex (per alpha),
+        site, site_kind, eval, n, seed, checkpoint."""
+        return {"checkpoint": self.checkpoint, "alpha": list(self.alpha), "sigma": list(self.sigma),
+                "accuracy": self.accuracy.tolist(), "margin": self.margin.tolist(), "loss": self.loss.tolist(),
+                "no_gain_reflex": list(self.no_gain_reflex), "site": self.site, "site_kind": self.site_kind,
+                "eval": self.evaluator, "n": self.n, "seed": self.seed}
+
+    def to_hdf5_tree(self) -> dict[str, Any]:
+        """Tree under /gxs/slack: datasets alpha, sigma, accuracy, margin, loss, no_gain_reflex; attributes."""
+        return {"alpha": np.asarray(self.alpha), "sigma": np.asarray(self.sigma), "accuracy": self.accuracy,
+                "margin": self.margin, "loss": self.loss,
+                "no_gain_reflex": np.asarray(self.no_gain_reflex, dtype=bool), "site": self.site,
+                "site_kind": self.site_kind, "eval": self.evaluator, "n": self.n, "seed": self.seed,
+                "checkpoint": self.checkpoint}
+
+
+def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS, sigmas: Sequence[float] = SIGMAS,
+              seed: int = 0, progress: Callable[[int], None] | None = None, checkpoint: str = "") -> SlackResult:
+    """Accuracy, loss and mean margin for every (alpha, sigma) cell (one forward pass of the eval set per cell).
+
+    The intervention is a hook on the final residual site (:func:`final_residual_site`); the model is left
+    unchanged afterwards. Deterministic given ``seed``.
+    """
+    alphas, sigmas = tuple(float(a) for a in alphas), tuple(float(s) for s in sigmas)
+    if not alphas or not sigmas:
+        raise UsageError("the slack grid needs at least one alpha and one sigma", None)
+    device = _device_of(model)
+    site, module, kind = final_residual_site(model)
+    state: dict[str, Any] = {"alpha": 1.0, "sigma": 0.0, "eps": None, "capture": None}
+
+    def intervene(h: torch.Tensor) -> torch.Tensor | None:
+        if state["capture"] is not None:  # the clean pass that learns the shape of h: leave h alone
+            state["capture"].append(tuple(h.shape))
+            return None
+        eps = state["eps"]
+        if eps.shape != h.shape:
+            raise RuntimeError(f"slack probe: hooked tensor {tuple(h.shape)} != noise {tuple(eps.shape)}")
+        rms = h.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return state["alpha"] * h + state["sigma"] * rms * eps.to(h.dtype)
+
+    if kind == "output":
+        handle = module.register_forward_hook(lambda _m, _i, out: intervene(out))
+    else:
+        def pre_hook(_m: nn.Module, args: tuple) -> tuple | None:
+            new = intervene(args[0])
+            return None if new is None else (new, *args[1:])
+
+        handle = module.register_forward_pre_hook(pre_hook)
+    shape = (len(alphas), len(sigmas))
+    loss, correct, msum = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b, (ids, labels) in enumerate(evaluator.batches()):
+                ids = ids.to(device)
+                state["capture"] = []
+                evaluator.answer_logits(model, ids)
+                shapes, state["capture"] = state["capture"], None
+                if len(shapes) != 1:
+                    raise UsageError(f"slack probe: {site} ran {len(shapes)} times in one forward pass",
+                                     "the final-norm site must run once per forward pass")
+                gen = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, b))
+                state["eps"] = torch.randn(shapes[0], generator=gen, dtype=torch.float32).to(device)
+                for i, a in enumerate(alphas):
+                    for j, s in enumerate(sigmas):
+                        state["alpha"], state["sigma"] = a, s
+                        logits, rows = evaluator.answer_logits(model, ids)
+                        y = labels.to(device)[rows.to(device)]
+                        z = logits.double()
+                        loss[i, j] += F.cross_entropy(z, y, reduction="sum").item()
+                        correct[i, j] += int((z.argmax(dim=1) == y).sum().item())
+                        msum[i, j] += float(margins_of(z, y).sum().item())
+                        if progress is not None:
+                            progress(1)
+                n += int(y.numel())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if n == 0:
+        raise DataError(f"evaluation set {evaluator.name} is empty", None)
+    margin = msum / n
+    reflex = tuple(bool(np.all(np.diff(margin[i]) <= 0)) for i in range(len(alphas)))
+    return SlackResult(alphas, sigmas, correct / n, margin, loss / n, reflex, site, kind, evaluator.name, n, seed,
+                       checkpoint)

@@ -1,0 +1,329 @@
+"""`ckptaudit gxs transplant|velocity|slack`: Geometry x Slack (SPEC §4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptaudit.cli.app import AuditGroup, app
+from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.options import (
+    CheckpointArg,
+    DeviceOpt,
+    JsonOpt,
+    NoHashOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    RoleMapOpt,
+    RunDirArg,
+    SeedOpt,
+    StepsOpt,
+    resolve_device,
+)
+from ckptaudit.errors import DataError, UsageError
+
+gxs_app = typer.Typer(
+    cls=AuditGroup,
+    help="Geometry x Slack: QK transplants between two models, G-before-S consolidation, the slack (margin) probe.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(gxs_app, name="gxs")
+
+TaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", help="Built-in task to evaluate on, NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Evaluate next-token prediction on token ids (JSON [[ids]...] or JSONL) or text lines (tokenized with the model's tokenizer)."),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split of the built-in task to evaluate on.")]
+MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequences", min=1, help="Use at most this many --data sequences.")]
+
+
+def _last_checkpoint(path: Path) -> Any:
+    """The checkpoint of a checkpoint directory/file, or the last checkpoint of a run directory."""
+    return load_run(path).checkpoints[-1]
+
+
+def _ckpt_dir(ckpt: Any) -> Path:
+    p = Path(ckpt.path)
+    return p if p.is_dir() else p.parent
+
+
+def parse_floats(spec: str, option: str) -> tuple[float, ...]:
+    """'1,0.8,0.6' -> (1.0, 0.8, 0.6)."""
+    try:
+        values = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {spec}: expected comma-separated numbers", f"e.g. {option} 1,0.5") from None
+    if not values:
+        raise UsageError(f"{option}: give at least one number", None)
+    return values
+
+
+def _task(spec: str | None, ckpt: Any) -> Any:
+    """The built-in task named by ``--task`` (parameters from the checkpoint unless overridden) or its
+    ckptaudit_task.json."""
+    from ckptaudit.tasks import TASK_FILE, get_task, load_task_spec, task_from_spec
+
+    file = _ckpt_dir(ckpt) / TASK_FILE
+    saved = load_task_spec(file) if file.is_file() else {}
+    if spec is None:
+        if not saved:
+            raise DataError(f"{_ckpt_dir(ckpt)}: no {TASK_FILE}, so the evaluation data is unknown",
+                            "name it: --task modadd:p=23, or --data FILE of token ids")
+        return task_from_spec(saved)
+    name, _, params = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    if saved.get("task") == name:  # same task: keep the checkpoint's parameters unless overridden
+        kwargs = {k: v for k, v in saved.items() if k in ("p", "train_frac", "split_seed")}
+    for item in filter(None, params.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"--task {spec}: {item!r} is not key=number", "e.g. --task modadd:p=97") from None
+    return get_task(name, **kwargs)
+
+
+def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_sequences: int | None) -> Any:
+    from ckptaudit.analyses.gxs import TaskEval, load_token_data
+
+    if task is not None and data is not None:
+        raise UsageError("--task and --data exclude each other", "give one of them")
+    if data is not None:
+        tokenizer = None
+        if data.suffix not in (".json", ".jsonl"):
+            from ckptaudit.cli.embeddings_cmd import load_tokenizer
+
+            tokenizer = load_tokenizer(_ckpt_dir(ckpt))
+        return load_token_data(data, tokenizer, max_sequences)
+    t = _task(task, ckpt)
+    if split not in ("train", "validation"):
+        raise UsageError(f"--split {split}: unknown split", "use validation or train")
+    return TaskEval(t, split)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+# ------------------------------------------------------------------------------------------- transplant
+
+
+@gxs_app.command("transplant")
+def transplant_cmd(
+    a: Annotated[Path, typer.Argument(help="Model A (receives B's Q/K): a checkpoint directory or file, or a run (its last checkpoint).")],
+    b: Annotated[Path, typer.Argument(help="Model B (the donor), same architecture and shapes as A.")],
+    heads: Annotated[
+        str | None,
+        typer.Option("--heads", help="Query heads to transplant, LAYER.HEAD comma-separated, LAYER.* for a whole layer (default sweep: 1 head, 2 heads, all heads)."),
+    ] = None,
+    no_control: Annotated[bool, typer.Option("--no-control", help="Skip the reverse control (S = v, o, MLP of B into A).")] = False,
+    task: TaskOpt = None,
+    data: DataOpt = None,
+    split: SplitOpt = "validation",
+    max_sequences: MaxSeqOpt = None,
+    role_map: RoleMapOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Copy the Q and K weights and biases of chosen heads from B into A (V, O, MLP, embeddings of A untouched),
+    evaluate each hybrid (loss, accuracy, margin), prove bit by bit that swapped slices equal B and everything else
+    equals A, and run the reverse control (S of B into A). Under grouped-query attention, lists every query head
+    whose shared K a transplant touches.
+
+    Example: ckptaudit gxs transplant runs/seed0 runs/seed1 --heads 0.0,0.1
+    """
+    from ckptaudit.analyses.gxs import (
+        check_compatible,
+        default_conditions,
+        evaluate,
+        parse_heads,
+        run_transplant,
+    )
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.roles import load_role_map, resolve_architecture
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    ckpt_a, ckpt_b = _last_checkpoint(a), _last_checkpoint(b)
+    rmap = load_role_map(role_map) if role_map is not None else None
+    with ckpt_a.tensors() as src_a, ckpt_b.tensors() as src_b:
+        shapes_a = {n: tuple(src_a.shape(n)) for n in src_a.keys()}
+        shapes_b = {n: tuple(src_b.shape(n)) for n in src_b.keys()}
+        arch_a = resolve_architecture(shapes_a, ckpt_a.config(), role_map=rmap)
+        arch_b = resolve_architecture(shapes_b, ckpt_b.config(), role_map=rmap)
+        check_compatible(shapes_a, shapes_b, arch_a, arch_b, f"A ({a})", f"B ({b})")
+        chosen = parse_heads(heads, arch_a) if heads is not None else None
+        conditions = default_conditions(arch_a, chosen, control=not no_control)
+        evaluator = _evaluator(task, data, split, ckpt_a, max_sequences)
+        # B on its own first, then A: one model in memory at a time.
+        model_b = load_model(ckpt_b, device=dev)
+        donor = evaluate(model_b, evaluator)
+        del model_b
+        model_a = load_model(ckpt_a, device=dev)
+        with Progress(output, "gxs transplant", len(conditions)) as hook:
+            result = run_transplant(model_a, src_a, src_b, arch_a, evaluator, conditions, donor, progress=hook,
+                                    a=str(ckpt_a.path), b=str(ckpt_b.path))
+    save_report(output, "gxs transplant", {"transplant": result.to_hdf5_tree()}, [ckpt_a, ckpt_b], out, no_report,
+                hash_files=not no_hash, device=dev, group="gxs")
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_transplant(output, summary)
+
+
+def render_transplant(output: Any, s: dict) -> None:
+    """Terminal view: paper 000 Table 3 layout plus the proof columns."""
+    rows = []
+    for c in s["conditions"]:
+        proof = "—" if c["kind"] == "baseline" else (
+            "[green]exact[/green]" if c["swapped_equal_B"] and c["rest_equal_A"] else "[red]FAILED[/red]")
+        heads = ",".join(c["heads"]) if len(c["heads"]) <= 6 else f"{len(c['heads'])} heads"
+        touched = ",".join(c["touched_query_heads"]) if len(c["touched_query_heads"]) <= 6 else f"{len(c['touched_query_heads'])}"
+        rows.append([c["name"], heads or "—", touched or "—", c["params_swapped"], _pct(c["accuracy"]),
+                     _pct(c["delta_accuracy"]), c["loss"], c["margin"], proof])
+    output.table(
+        f"gxs transplant — A = {s['a']}, B = {s['b']} ({s['architecture']}, eval {s['eval']}, n = {s['n']})",
+        ["condition", "heads (L.H)", "touched q heads", "params swapped", "acc %", "Δ acc %", "loss", "margin", "proof"],
+        rows,
+        caption="proof: swapped slices equal B and every other element equals A, bit for bit, read from the live model",
+    )
+    output.print(f"B on its own: accuracy {100 * s['donor_accuracy']:.2f}%, loss {s['donor_loss']:.4g}; "
+                 f"exact copy: {'yes' if s['exact_copy'] else '[red]no[/red]'}")
+    for note in s["notes"]:
+        output.print(f"note: {note}")
+
+
+# --------------------------------------------------------------------------------------------- velocity
+
+
+@gxs_app.command("velocity")
+def velocity_cmd(
+    run_dir: RunDirArg,
+    steps: StepsOpt = None,
+    anchor: Annotated[int | None, typer.Option("--anchor", help="Step of the anchor checkpoint (default: the first); velocities start after it.")] = None,
+    include_bias: Annotated[bool, typer.Option("--include-bias", help="Include the q/k (G) and v/o/MLP (S) biases.")] = False,
+    role_map: RoleMapOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Velocity ||theta_g(t) - theta_g(t_prev)|| / (t - t_prev) of Geometry (q, k) and Slack (v, o, MLP) over a run,
+    from the backbone's streaming Gram; the consolidation step of each (velocity stays below 10% of its peak from
+    then on) and which consolidates first.
+
+    Example: ckptaudit gxs velocity runs/grok1/
+    """
+    from ckptaudit.analyses.gxs import run_velocity
+    from ckptaudit.io.roles import load_role_map
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    run = load_run(run_dir, steps)
+    if len(run.checkpoints) < 3:
+        raise UsageError(f"{run_dir}: velocity needs at least 3 checkpoints, found {len(run.checkpoints)}",
+                         "point it at a run directory, or widen --steps")
+    rmap = load_role_map(role_map) if role_map is not None else None
+    with Progress(output, "gxs velocity: reading checkpoints", None) as hook:
+        result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
+                              progress=hook)
+    save_report(output, "gxs velocity", {"velocity": result.to_hdf5_tree()}, run.checkpoints, out, no_report,
+                hash_files=not no_hash, device=dev, group="gxs")
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_velocity(output, summary)
+
+
+def render_velocity(output: Any, s: dict) -> None:
+    """Terminal view: velocity per step, each relative to its group's peak, then the verdict."""
+    from ckptaudit.cli.backbone_cmd import sparkline
+
+    peak_g = max((v for v in s["velocity_G"] if v is not None), default=None) or 1.0
+    peak_s = max((v for v in s["velocity_S"] if v is not None), default=None) or 1.0
+    rows = [[t, g, None if g is None else g / peak_g, v, None if v is None else v / peak_s]
+            for t, g, v in zip(s["steps"], s["velocity_G"], s["velocity_S"], strict=True)]
+    output.table(
+        f"gxs velocity — {len(s['steps'])} steps after anchor {s['anchor_step']} (D_G = {s['dim_G']}, D_S = {s['dim_S']})",
+        ["step", "nu_G", "nu_G / peak", "nu_S", "nu_S / peak"],
+        rows,
+        caption="nu = ||theta(t) - theta(t_prev)|| / (t - t_prev), parameter units per step",
+    )
+    output.print(f"G {sparkline(s['velocity_G'])}")
+    output.print(f"S {sparkline(s['velocity_S'])}")
+    output.print(f"consolidation (stays below 10% of peak): G at step {s['consolidation_step_G']}, "
+                 f"S at step {s['consolidation_step_S']} — [bold]{s['order']}[/bold]")
+
+
+# ------------------------------------------------------------------------------------------------ slack
+
+
+@gxs_app.command("slack")
+def slack_cmd(
+    ckpt: CheckpointArg,
+    alpha: Annotated[str, typer.Option("--alpha", help="Residual scales alpha, comma-separated.")] = "1,0.8,0.6,0.4,0.2",
+    sigma: Annotated[str, typer.Option("--sigma", help="Noise levels sigma (x the residual's RMS), comma-separated.")] = "0,0.3,1,2,3",
+    task: TaskOpt = None,
+    data: DataOpt = None,
+    split: SplitOpt = "validation",
+    max_sequences: MaxSeqOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Margin z_correct - max other logit over the eval set, under h' = alpha*h + sigma*rms(h)*eps on the final
+    residual stream (after the final norm, before the unembedding; eps ~ N(0, I), seeded): accuracy and mean
+    margin per (alpha, sigma) cell, and per alpha whether margin falls monotonically with sigma ("no gain reflex").
+
+    Example: ckptaudit gxs slack runs/seed0/checkpoint-3000 --seed 1
+    """
+    from ckptaudit.analyses.gxs import run_slack
+    from ckptaudit.analyses.gxs_eval import check_vocab
+    from ckptaudit.io.models import load_model
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    alphas, sigmas = parse_floats(alpha, "--alpha"), parse_floats(sigma, "--sigma")
+    if any(s < 0 for s in sigmas):
+        raise UsageError("--sigma: noise levels must be >= 0", None)
+    checkpoint = _last_checkpoint(ckpt)
+    evaluator = _evaluator(task, data, split, checkpoint, max_sequences)
+    model = load_model(checkpoint, device=dev)
+    check_vocab(model, evaluator)
+    with Progress(output, "gxs slack", None) as hook:
+        result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
+    save_report(output, "gxs slack", {"slack": result.to_hdf5_tree()}, [checkpoint], out, no_report,
+                hash_files=not no_hash, device=dev, group="gxs")
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_slack(output, summary)
+
+
+def render_slack(output: Any, s: dict) -> None:
+    """Terminal view: accuracy and mean margin grids (rows alpha, columns sigma)."""
+    cols = ["alpha \\ sigma", *(f"{x:g}" for x in s["sigma"])]
+    output.table(f"gxs slack — accuracy % ({s['eval']}, n = {s['n']}, hook: {s['site']} {s['site_kind']})", cols,
+                 [[f"{a:g}", *(_pct(v) for v in row)] for a, row in zip(s["alpha"], s["accuracy"], strict=True)])
+    output.table("gxs slack — mean margin z_correct - max other", [*cols, "no gain reflex"],
+                 [[f"{a:g}", *row, ok] for a, row, ok in zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True)],
+                 caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed buffer)")
