@@ -1,0 +1,329 @@
+"""The `extrapolate` analysis over a run: losses and regimes per checkpoint, every predictor at every K,
+acceptance rates per predictor, K and regime, cascades and the predict+validate vs real-steps timing.
+
+Formulas and streaming are in ``ckptaudit.analyses.extrapolate``; regimes in ``ckptaudit.analyses.regimes``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptaudit.analyses.extrapolate import (
+    CRITERIA,
+    DEFAULT_K,
+    FINITE_DIFFERENCE,
+    PREDICTORS,
+    PredictionPlan,
+    acceptance,
+    build_prediction,
+    model_sink,
+    recent_sigma,
+)
+from ckptaudit.analyses.regimes import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
+from ckptaudit.errors import CkptAuditError
+
+
+@dataclass(frozen=True)
+class ExtrapolateSettings:
+    """What to predict and how to judge it (defaults: the paper's protocol)."""
+
+    predictors: tuple[str, ...] = PREDICTORS
+    ks: tuple[int, ...] = DEFAULT_K
+    cascades: tuple[tuple[int, int], ...] = ()  # (D links, K steps each)
+    tolerance: float = 0.05  # proximity: |L_hat - L_t| < tolerance * L_t
+    sigma_window: int = 5  # adaptive: std of the losses of the last `sigma_window` checkpoints
+    skip_chaotic: bool = False  # the paper evaluates non-chaotic checkpoints only
+    thresholds: tuple[float, float] | None = None  # fixed regime thresholds; None = adaptive percentiles
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One validated prediction. Losses in nats; ``loss_true`` / ``rel_weight_error`` None when theta(t+K) is
+    not in the run; ``link`` is 1 outside cascades; ``seconds`` = predict + validate wall time."""
+
+    step: int
+    predictor: str
+    K: int
+    loss_pred: float
+    loss_now: float
+    loss_true: float | None
+    rel_weight_error: float | None
+    strict: bool
+    adaptive: bool
+    proximity: bool
+    regime: str
+    seconds: float
+    link: int = 1
+    D: int = 1
+
+    def to_json(self, cascade: bool = False) -> dict:
+        d = asdict(self)
+        d.pop("seconds")
+        if not cascade:
+            d.pop("link")
+            d.pop("D")
+        return d
+
+
+@dataclass(frozen=True)
+class ExtrapolateResult:
+    """Everything `extrapolate` reports (see ``to_json`` for the keys)."""
+
+    rows: tuple[PredictionRow, ...]
+    cascade_rows: tuple[PredictionRow, ...]
+    regimes: RegimesResult
+    losses: tuple[float, ...]
+    settings: ExtrapolateSettings
+    timing: dict | None
+    notes: tuple[str, ...] = field(default=())
+
+    def acceptance(self, regime: str | None = None) -> dict:
+        """predictor -> str(K) -> criterion -> rate (fraction of predictions accepted); optionally one regime."""
+        return _rates([r for r in self.rows if regime is None or r.regime == regime])
+
+    def counts(self) -> dict:
+        """predictor -> str(K) -> number of predictions behind each rate."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.rows:
+            out.setdefault(r.predictor, {}).setdefault(str(r.K), 0)
+            out[r.predictor][str(r.K)] += 1
+        return out
+
+    def cascade_summary(self) -> dict:
+        """"D:K" -> predictor -> criterion -> {"full_chain": fraction of chains with every link accepted,
+        "mean_depth": mean number of leading accepted links}."""
+        chains: dict[tuple, list[PredictionRow]] = {}
+        for r in self.cascade_rows:
+            chains.setdefault((f"{r.D}:{r.K}", r.predictor, r.step), []).append(r)
+        out: dict[str, dict] = {}
+        grouped: dict[tuple, list[list[PredictionRow]]] = {}
+        for (spec, pred, _), links in chains.items():
+            grouped.setdefault((spec, pred), []).append(sorted(links, key=lambda x: x.link))
+        for (spec, pred), all_links in grouped.items():
+            entry = {}
+            for c in CRITERIA:
+                depths = [_depth(links, c) for links in all_links]
+                entry[c] = {
+                    "full_chain": float(np.mean([d == len(ls) for d, ls in zip(depths, all_links, strict=True)])),
+                    "mean_depth": float(np.mean(depths)),
+                }
+            out.setdefault(spec, {})[pred] = entry
+        return out
+
+    def to_json(self) -> dict:
+        present_regimes = [g for g in (*REGIMES, UNKNOWN) if any(r.regime == g for r in self.rows)]
+        return {
+            "results": [r.to_json() for r in self.rows],
+            "acceptance": self.acceptance(),
+            "acceptance_by_regime": {g: self.acceptance(g) for g in present_regimes},
+            "counts": self.counts(),
+            "cascades": {"results": [r.to_json(cascade=True) for r in self.cascade_rows],
+                         "summary": self.cascade_summary()} if self.settings.cascades else None,  # fmt: skip
+            "timing": self.timing,
+            "losses": {"steps": list(self.regimes.steps), "loss": list(self.losses)},
+            "regimes": self.regimes.to_json(),
+            "settings": {"predictors": list(self.settings.predictors), "K": list(self.settings.ks),
+                         "tolerance": self.settings.tolerance, "sigma_window": self.settings.sigma_window,
+                         "skip_chaotic": self.settings.skip_chaotic},  # fmt: skip
+            "notes": list(self.notes),
+        }
+
+    def to_hdf5_tree(self) -> dict:
+        tree: dict[str, Any] = {
+            "results": _columns(self.rows),
+            "acceptance": self.acceptance(),
+            "acceptance_by_regime": {g: self.acceptance(g) for g in (*REGIMES, UNKNOWN)
+                                     if any(r.regime == g for r in self.rows)},  # fmt: skip
+            "counts": self.counts(),
+            "losses": {"steps": np.asarray(self.regimes.steps, dtype=np.int64), "loss": np.asarray(self.losses)},
+            "regimes": self.regimes.to_hdf5_tree(),
+            "tolerance": self.settings.tolerance,
+            "sigma_window": self.settings.sigma_window,
+        }
+        if self.cascade_rows:
+            tree["cascades"] = {"results": _columns(self.cascade_rows, cascade=True), "summary": self.cascade_summary()}
+        if self.timing is not None:
+            tree["timing"] = self.timing
+        return tree
+
+
+def _depth(links: Sequence[PredictionRow], criterion: str) -> int:
+    depth = 0
+    for r in links:
+        if not getattr(r, criterion):
+            break
+        depth += 1
+    return depth
+
+
+def _rates(rows: Sequence[PredictionRow]) -> dict:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    buckets: dict[tuple[str, int], list[PredictionRow]] = {}
+    for r in rows:
+        buckets.setdefault((r.predictor, r.K), []).append(r)
+    for (pred, k), rs in sorted(buckets.items(), key=lambda x: (PREDICTORS.index(x[0][0]), x[0][1])):
+        out.setdefault(pred, {})[str(k)] = {c: sum(getattr(r, c) for r in rs) / len(rs) for c in CRITERIA}
+    return out
+
+
+def _columns(rows: Sequence[PredictionRow], cascade: bool = False) -> dict:
+    """Column-wise arrays (one dataset per field) for HDF5; None becomes NaN."""
+    if not rows:
+        return {}
+    out: dict[str, Any] = {}
+    for key in rows[0].to_json(cascade=cascade):
+        vals = [getattr(r, key) for r in rows]
+        if isinstance(vals[0], str):
+            out[key] = vals
+        elif isinstance(vals[0], bool):
+            out[key] = np.asarray(vals, dtype=bool)
+        elif key in ("step", "K", "link", "D"):
+            out[key] = np.asarray(vals, dtype=np.int64)
+        else:
+            out[key] = np.asarray([math.nan if v is None else v for v in vals], dtype=np.float64)
+    out["seconds"] = np.asarray([r.seconds for r in rows])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _load_optimizer(ckpt: Any, notes: list[str]) -> Any:
+    from ckptaudit.io.optimizer import load_optimizer_state
+
+    if getattr(ckpt, "optimizer_file", None) is None:
+        return None
+    try:
+        opt = load_optimizer_state(ckpt)
+    except CkptAuditError as exc:
+        notes.append(f"step {ckpt.step}: optimizer state unusable ({exc.message}); momentum/adam-step skipped")
+        return None
+    usable = any(s.exp_avg is not None and s.exp_avg_sq is not None for s in opt.state.values())
+    if opt.groups and opt.groups[0].get("amsgrad"):
+        notes.append(f"step {ckpt.step}: AMSGrad optimizer; adam-step uses v, not max(v)")
+    return opt if usable else None
+
+
+def _plans(
+    i: int, ckpts: Sequence[Any], predictor: str, k: int, links: int, opt: Any, skipped: dict[str, set]
+) -> PredictionPlan | None:
+    """The plan for ``predictor`` from checkpoint i, or None (reason recorded in ``skipped``)."""
+    steps = [int(c.step) for c in ckpts]
+    if predictor in FINITE_DIFFERENCE:
+        need = 1 if predictor == "linear" else 2
+        if i < need:
+            skipped.setdefault(f"{predictor}: not enough earlier checkpoints", set()).add(steps[i])
+            return None
+        delta = steps[i] - steps[i - 1]
+        if need == 2 and steps[i - 1] - steps[i - 2] != delta:
+            skipped.setdefault(f"{predictor}: checkpoint spacing not uniform before t", set()).add(steps[i])
+            return None
+        return PredictionPlan(predictor, ckpts[i], k, links, delta, ckpts[i - 1], ckpts[i - 2] if need == 2 else None)
+    if opt is None:
+        skipped.setdefault(f"{predictor}: no optimizer moments", set()).add(steps[i])
+        return None
+    return PredictionPlan(predictor, ckpts[i], k, links, optimizer=opt)
+
+
+def run_extrapolate(
+    run: Sequence[Any],
+    evaluate: Callable[[torch.nn.Module], float],
+    probes: ProbeSet,
+    settings: ExtrapolateSettings = ExtrapolateSettings(),
+    timer: Callable[[Any, Sequence[int]], dict[int, float]] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> ExtrapolateResult:
+    """Validate every predictor at every K from every checkpoint of ``run`` (see the module docstring).
+
+    ``evaluate(model)`` is the held-out loss (nats) of a model; ``timer(checkpoint, ks)`` returns seconds of
+    K real training steps from that checkpoint (None: no timing).
+    """
+    from ckptaudit.io.models import load_model
+
+    ckpts = list(run)
+    steps = [int(c.step) for c in ckpts]
+    by_step = {s: c for s, c in zip(steps, ckpts, strict=True)}
+    notes: list[str] = []
+    similarity, _, losses = run_fingerprints(ckpts, probes, settings.device, evaluate=evaluate, progress=progress)
+    regimes = RegimesResult.from_similarity(steps, similarity, settings.thresholds, probes.source)
+    spacings = sorted({b - a for a, b in zip(steps, steps[1:])})
+    if len(spacings) > 1:
+        notes.append(f"checkpoint spacing varies ({spacings}): Delta is the spacing before each t")
+
+    model = load_model(ckpts[-1], settings.device)
+    sink = model_sink(model)
+    needs_opt = any(p in ("momentum", "adam-step") for p in settings.predictors)
+    rows: list[PredictionRow] = []
+    cascade_rows: list[PredictionRow] = []
+    skipped: dict[str, set] = {}
+
+    def validate(plan: PredictionPlan, i: int, ref: float, link: int = 1, d: int = 1) -> PredictionRow:
+        t0 = time.perf_counter()
+        target = by_step.get(steps[i] + plan.horizon)
+        rel = build_prediction(plan, sink, target)
+        loss = float(evaluate(model))
+        seconds = time.perf_counter() - t0
+        ok = acceptance(loss, ref, recent_sigma(losses, i, settings.sigma_window), settings.tolerance)
+        loss_true = losses[steps.index(target.step)] if target is not None else None
+        return PredictionRow(steps[i], plan.predictor, plan.k, loss, ref, loss_true, rel, ok["strict"],
+                             ok["adaptive"], ok["proximity"], regimes.regime[i], seconds, link, d)  # fmt: skip
+
+    for i in range(len(ckpts)):
+        if settings.skip_chaotic and regimes.regime[i] == "chaotic":
+            continue
+        opt = _load_optimizer(ckpts[i], notes) if needs_opt else None
+        for predictor in settings.predictors:
+            for k in settings.ks:
+                plan = _plans(i, ckpts, predictor, k, 1, opt, skipped)
+                if plan is None:
+                    break  # the reason does not depend on K
+                rows.append(validate(plan, i, losses[i]))
+            for d_links, k in settings.cascades:
+                ref = losses[i]
+                for link in range(1, d_links + 1):
+                    plan = _plans(i, ckpts, predictor, k, link, opt, skipped)
+                    if plan is None:
+                        break
+                    row = validate(plan, i, ref, link, d_links)
+                    cascade_rows.append(row)
+                    ref = row.loss_pred
+        del opt
+        if progress is not None:
+            progress(1)
+    for reason, where in skipped.items():
+        notes.append(f"{reason} at step(s) {sorted(where)}")
+
+    timing = None
+    if timer is not None and rows:
+        timing = _timing(rows, ckpts, by_step, timer, settings, notes)
+    return ExtrapolateResult(tuple(rows), tuple(cascade_rows), regimes, tuple(losses), settings, timing, tuple(notes))
+
+
+def _timing(rows, ckpts, by_step, timer, settings, notes) -> dict | None:
+    """Median predict+validate seconds per predictor and K against K real steps from the last predicted-from
+    checkpoint; ratio < 1 means predicting and validating is cheaper than training."""
+    start = max(r.step for r in rows)
+    try:
+        train = timer(by_step[start], sorted(set(settings.ks)))
+    except CkptAuditError as exc:
+        notes.append(f"--time: the run's training step cannot be executed ({exc.message})")
+        return None
+    pv: dict[str, dict[str, float]] = {}
+    ratio: dict[str, dict[str, float]] = {}
+    for pred in settings.predictors:
+        for k in settings.ks:
+            secs = [r.seconds for r in rows if r.predictor == pred and r.K == k]
+            if secs and k in train:
+                med = float(np.median(secs))
+                pv.setdefault(pred, {})[str(k)] = med
+                ratio.setdefault(pred, {})[str(k)] = med / train[k] if train[k] > 0 else math.nan
+    return {"from_step": start, "device": settings.device, "train_seconds": {str(k): v for k, v in train.items()},
+            "predict_validate_seconds": pv, "ratio": ratio}  # fmt: skip

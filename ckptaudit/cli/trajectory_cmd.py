@@ -1,0 +1,327 @@
+"""`ckptaudit regimes RUN`, `ckptaudit extrapolate RUN`, `ckptaudit cross-seed RUN RUN ...` (SPEC §7, paper 004)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    RunDirArg,
+    SeedOpt,
+    StepsOpt,
+    resolve_device,
+)
+from ckptaudit.errors import LayoutError, UsageError
+
+ProbesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--probes",
+        help="Probe file, one probe per line (text when the checkpoint has a tokenizer, else token ids). "
+        "Default: fixtures/probes/default.txt with a tokenizer; the task's own fixed inputs without one.",
+    ),
+]
+ThresholdsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--thresholds",
+        help="Fixed regime thresholds LOW,HIGH on s_t (e.g. 0.997,0.9995). Default: adaptive, the 30th/70th percentiles of s_t.",
+    ),
+]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", help="Built-in task NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Held-out data file: text, JSONL with a 'text' field, or .npy token ids (last 10% = validation)."),
+]
+
+
+def _data(ckpt: Any, task: str | None, data: Path | None, required: bool) -> Any:
+    """The Task-protocol data of ``ckpt`` (None when not required and the checkpoint names none)."""
+    from ckptaudit.io.data import load_data
+    from ckptaudit.tasks import TASK_FILE
+
+    if not required and task is None and data is None and not (Path(ckpt.path) / TASK_FILE).is_file():
+        return None
+    return load_data(ckpt, task=task, data=data)
+
+
+def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
+    from ckptaudit.analyses.regimes import build_probes
+
+    where = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
+    return build_probes(where, ckpt.config(), probes, data, seed)
+
+
+def _run(path: Path, steps: str | None = None) -> Any:
+    run = load_run(path, steps)
+    if len(run) < 2:
+        raise LayoutError(f"{path}: {len(run)} checkpoint(s); trajectory analyses need at least 2", "pass a run directory")
+    return run
+
+
+def _int_list(spec: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {spec}: expected comma-separated integers", f"e.g. {option} 5,10,25") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {spec}: give positive integers", f"e.g. {option} 5,10,25")
+    return values
+
+
+def _cascades(specs: list[str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for spec in specs:
+        d, _, k = spec.partition(":")
+        try:
+            out.append((int(d), int(k)))
+        except ValueError:
+            raise UsageError(f"--cascade {spec}: expected D:K", "e.g. --cascade 4:25") from None
+        if out[-1][0] < 1 or out[-1][1] < 1:
+            raise UsageError(f"--cascade {spec}: D and K must be positive", "e.g. --cascade 4:25")
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------- regimes
+
+
+@app.command("regimes")
+def regimes(
+    run_dir: RunDirArg,
+    probes: ProbesOpt = None,
+    thresholds: ThresholdsOpt = None,
+    task: TaskOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Training regimes from activation fingerprints: cosine s_t of consecutive checkpoints' mean-pooled final
+    hidden states over a fixed probe set; stable if s_t > HIGH, chaotic if s_t < LOW, transition otherwise.
+
+    Example: ckptaudit regimes runs/seeds/seed0 --json
+    """
+    from ckptaudit.analyses.regimes import parse_thresholds, run_regimes
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    fixed = parse_thresholds(thresholds)
+    run = _run(run_dir, steps)
+    probe_set = _probes(run[0], probes, _data(run[0], task, None, required=False), seed)
+    with Progress(output, "fingerprints", len(run)) as hook:
+        result = run_regimes(run, probe_set, fixed, dev, progress=hook)
+    save_report(output, "regimes", result.to_hdf5_tree(), list(run), out, no_report, device=dev)
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_regimes(output, summary, str(run_dir))
+
+
+def _threshold_line(th: dict) -> str:
+    if th["rule"] == "fixed":
+        return f"fixed thresholds: low {th['low']:.6g}, high {th['high']:.6g}"
+    p = th.get("percentiles", [30, 70])
+    return f"adaptive thresholds ({p[0]:g}th / {p[1]:g}th percentiles of s_t): low {th['low']:.6g}, high {th['high']:.6g}"
+
+
+def render_regimes(output: Any, s: dict, label: str) -> None:
+    """Terminal view: one row per checkpoint, then thresholds and first entries."""
+    colour = {"stable": "green", "transition": "yellow", "chaotic": "red", "unknown": "dim"}
+    rows = [[t, sim, f"[{colour[r]}]{r}[/{colour[r]}]"] for t, sim, r in zip(s["steps"], s["similarity"], s["regime"], strict=True)]
+    output.table(f"regimes — {label}", ["step", "s_t", "regime"], rows, caption=f"probes: {s['probes']}")
+    output.print(_threshold_line(s["thresholds"]))
+    output.print("first entry: " + ", ".join(f"{r} {'—' if v is None else v}" for r, v in s["first_entry"].items()))
+    for note in s["notes"]:
+        output.print(f"note: {note}")
+
+
+# --------------------------------------------------------------------------------------- extrapolate
+
+
+@app.command("extrapolate")
+def extrapolate(
+    run_dir: RunDirArg,
+    predictor: Annotated[
+        str,
+        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (the paper's printed coefficient), quadratic-fit (exact parabola), momentum (the paper's m/sqrt(v+eps)), adam-step."),
+    ] = "linear,quadratic,quadratic-fit,momentum,adam-step",
+    k: Annotated[str, typer.Option("--K", "-K", help="Prediction horizons in training steps, comma-separated.")] = "5,10,25,50,75,100",
+    cascade: Annotated[
+        list[str] | None,
+        typer.Option("--cascade", help="Chained prediction D:K (D links of K steps, validated at each link); repeatable."),
+    ] = None,
+    time_steps: Annotated[
+        bool,
+        typer.Option("--time", help="Time predict+validate against K real training steps from the last checkpoint (runs written by ckptaudit's trainer)."),
+    ] = False,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0.0, help="Proximity criterion: accept when |L_hat - L_t| < TOLERANCE * L_t.")
+    ] = 0.05,
+    sigma_window: Annotated[
+        int, typer.Option("--sigma-window", min=1, help="Adaptive criterion: sigma_L = std of the losses of the last N checkpoints.")
+    ] = 5,
+    skip_chaotic: Annotated[
+        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (the paper's protocol).")
+    ] = False,
+    data: DataOpt = None,
+    task: TaskOpt = None,
+    probes: ProbesOpt = None,
+    thresholds: ThresholdsOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Speculative weight prediction: predict theta(t+K) from each checkpoint (linear, quadratic, momentum,
+    adam-step), validate its held-out loss, accept by strict / adaptive / proximity criteria, report rates per
+    predictor, K and regime, and the error against theta(t+K) where the run has it.
+
+    Example: ckptaudit extrapolate runs/demo --K 5,10,25 --cascade 4:25 --time
+    """
+    from ckptaudit.analyses.extrapolate import PREDICTORS, time_training_steps
+    from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
+    from ckptaudit.analyses.regimes import parse_thresholds
+
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    predictors = tuple(p.strip() for p in predictor.split(",") if p.strip())
+    unknown = [p for p in predictors if p not in PREDICTORS]
+    if unknown or not predictors:
+        raise UsageError(f"--predictor {predictor}: unknown {', '.join(unknown) or 'empty list'}", f"choose from {', '.join(PREDICTORS)}")
+    settings = ExtrapolateSettings(
+        predictors=predictors, ks=_int_list(k, "--K"), cascades=_cascades(cascade or []), tolerance=tolerance,
+        sigma_window=sigma_window, skip_chaotic=skip_chaotic, thresholds=parse_thresholds(thresholds), device=dev,
+    )  # fmt: skip
+    run = _run(run_dir, steps)
+    held_out = _data(run[-1], task, data, required=True)
+    probe_set = _probes(run[0], probes, held_out, seed)
+
+    def evaluate(model: Any) -> float:
+        return float(held_out.evaluate(model, "validation")[0])
+
+    timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
+    with Progress(output, "extrapolate", 2 * len(run)) as hook:
+        result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
+    save_report(output, "extrapolate", result.to_hdf5_tree(), list(run), out, no_report, device=dev)
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_extrapolate(output, summary, str(run_dir))
+
+
+def render_extrapolate(output: Any, s: dict, label: str) -> None:
+    """Terminal view: acceptance per predictor and K, per regime, cascades, timing."""
+    rows = []
+    for pred, by_k in s["acceptance"].items():
+        for k, rates in by_k.items():
+            mine = [r for r in s["results"] if r["predictor"] == pred and str(r["K"]) == k]
+            errs = [r["rel_weight_error"] for r in mine if r["rel_weight_error"] is not None]
+            rows.append([pred, int(k), s["counts"][pred][k], rates["strict"], rates["adaptive"], rates["proximity"],
+                         sum(errs) / len(errs) if errs else None])  # fmt: skip
+    output.table(f"extrapolate — {label}", ["predictor", "K", "n", "strict", "adaptive", "proximity", "mean rel. weight error"],
+                 rows, caption="acceptance rates; rel. weight error = ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||")  # fmt: skip
+    reg_rows = []
+    for regime, acc in s["acceptance_by_regime"].items():
+        for pred, by_k in acc.items():
+            reg_rows.append([regime, pred, *(f"{by_k[k]['strict']:.2f}/{by_k[k]['proximity']:.2f}" if k in by_k else None
+                                             for k in map(str, s["settings"]["K"]))])  # fmt: skip
+    output.table("strict / proximity acceptance by regime", ["regime", "predictor", *(f"K={k}" for k in s["settings"]["K"])], reg_rows)
+    if s["cascades"]:
+        c_rows = [[spec, pred, c, v["full_chain"], v["mean_depth"]]
+                  for spec, preds in s["cascades"]["summary"].items() for pred, crit in preds.items() for c, v in crit.items()]  # fmt: skip
+        output.table("cascades (D:K)", ["D:K", "predictor", "criterion", "full chain accepted", "mean accepted links"], c_rows)
+    if s["timing"]:
+        t = s["timing"]
+        t_rows = [[pred, int(k), v, t["train_seconds"].get(k), t["ratio"][pred][k]]
+                  for pred, by_k in t["predict_validate_seconds"].items() for k, v in by_k.items()]  # fmt: skip
+        output.table(f"predict+validate vs K real steps from step {t['from_step']} ({t['device']})",
+                     ["predictor", "K", "predict+validate s", "K steps s", "ratio"], t_rows,
+                     caption="ratio < 1: predicting and validating is cheaper than training K steps")  # fmt: skip
+    output.print(_threshold_line(s["regimes"]["thresholds"]))
+    for note in s["notes"]:
+        output.print(f"note: {note}")
+
+
+# ---------------------------------------------------------------------------------------- cross-seed
+
+
+@app.command("cross-seed")
+def cross_seed(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories of the same recipe with different seeds.")],
+    probes: ProbesOpt = None,
+    thresholds: ThresholdsOpt = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cross-seed convergence: final-loss coefficient of variation, first step of each regime per seed and its
+    std, regime agreement at matched steps, and linear CKA between the seeds' probe representations.
+
+    Example: ckptaudit cross-seed runs/seeds/seed0 runs/seeds/seed1 runs/seeds/seed2
+    """
+    from ckptaudit.analyses.cross_seed import run_cross_seed
+    from ckptaudit.analyses.regimes import parse_thresholds
+
+    if len(run_dirs) < 2:
+        raise UsageError("cross-seed needs at least two runs", "e.g. ckptaudit cross-seed runs/seed0 runs/seed1")
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    fixed = parse_thresholds(thresholds)
+    runs = [_run(p, steps) for p in run_dirs]
+    names = [p.name for p in run_dirs]
+    labels = names if len(set(names)) == len(names) else [str(p) for p in run_dirs]
+    datas = [_data(r[-1], task, data, required=False) for r in runs]
+    # One probe set for every seed (CKA compares the same inputs): built from the first run.
+    probe_set = _probes(runs[0][0], probes, datas[0], seed)
+    evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
+    with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
+        result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook)
+    checkpoints = [c for r in runs for c in r]
+    save_report(output, "cross-seed", result.to_hdf5_tree(), checkpoints, out, no_report, device=dev)
+    summary = result.to_json()
+    output.json(summary)
+    if output.human:
+        render_cross_seed(output, summary)
+
+
+def render_cross_seed(output: Any, s: dict) -> None:
+    """Terminal view: per-seed first entries and final loss, then the cross-seed statistics and CKA."""
+    from ckptaudit.analyses.regimes import REGIMES
+
+    rows = [[x["label"], x["final_loss"], *(x["first_entry"][r] for r in REGIMES)] for x in s["seeds"]]
+    rows.append(["std across seeds", None, *(s["first_entry_std"][r] for r in REGIMES)])
+    output.table("cross-seed — first entry step per regime", ["seed", "final loss", *REGIMES], rows, caption=f"probes: {s['probes']}")
+    cka = s["cka"]
+    output.table("linear CKA of probe representations at matched steps", ["step", "mean CKA over seed pairs"],
+                 list(zip(cka["steps"], cka["mean"], strict=True)))  # fmt: skip
+    cv = s["loss_cv"]
+    output.print(f"final-loss coefficient of variation: {'—' if cv is None else f'{100 * cv:.3g}%'}")
+    agree = s["regime_agreement"]
+    output.print(f"regime agreement (all seeds, matched steps): {'—' if agree is None else f'{100 * agree:.3g}%'}")
+    output.print(_threshold_line(s["thresholds"]) + " (pooled over seeds)" * (s["thresholds"]["rule"] == "adaptive"))
+    for note in s["notes"]:
+        output.print(f"note: {note}")

@@ -1,0 +1,205 @@
+"""Speculative weight prediction: exactness of the predictors against planted trajectories and a real AdamW step,
+acceptance criteria on constructed losses, and `ckptaudit extrapolate` end to end on the tiny fixture run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ckptaudit.analyses.extrapolate import (
+    PredictionPlan,
+    acceptance,
+    build_prediction,
+    momentum_prediction,
+    recent_sigma,
+)
+from ckptaudit.cli.app import app
+from ckptaudit.io.discover import discover_run
+from ckptaudit.io.optimizer import load_optimizer_state
+
+SHAPES = {"a.weight": (3, 4), "b.bias": (5,)}
+
+
+def _write_trajectory(root, steps, theta_of):
+    """checkpoint-{t}/model.safetensors (float64, so the planted values are stored exactly)."""
+    for t in steps:
+        d = root / f"checkpoint-{t}"
+        d.mkdir(parents=True)
+        save_file({name: theta_of(name, t) for name in SHAPES}, str(d / "model.safetensors"))
+    return discover_run(root)
+
+
+def _collect(plan, target=None):
+    out = {}
+    rel = build_prediction(plan, lambda name, t: out.__setitem__(name, t.clone()), target)
+    return out, rel
+
+
+def _planted(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
+
+
+def test_linear_prediction_exact_on_linear_trajectory(tmp_path):
+    a, b = _planted(1), _planted(2)
+    run = _write_trajectory(tmp_path, [0, 10, 20, 30, 40], lambda n, t: a[n] + t * b[n])
+    ckpts = {c.step: c for c in run}
+    for k in (5, 20, 37):
+        plan = PredictionPlan("linear", ckpts[20], k, delta=10, previous=ckpts[10])
+        pred, rel = _collect(plan, ckpts.get(20 + k))
+        for n in SHAPES:
+            torch.testing.assert_close(pred[n], a[n] + (20 + k) * b[n], rtol=1e-12, atol=1e-12)
+        if k == 20:
+            assert rel == pytest.approx(0.0, abs=1e-12)
+
+
+def test_quadratic_prediction_exact_on_quadratic_trajectory(tmp_path):
+    a, b, c = _planted(3), _planted(4), _planted(5)
+
+    def theta(n, t):
+        return a[n] + t * b[n] + 0.01 * t * t * c[n]
+
+    run = _write_trajectory(tmp_path, [0, 10, 20, 30, 50], theta)
+    ckpts = {x.step: x for x in run}
+    hist = dict(delta=10, previous=ckpts[20], previous2=ckpts[10])
+    for k in (5, 20, 45):
+        pred, rel = _collect(PredictionPlan("quadratic-fit", ckpts[30], k, **hist), ckpts.get(30 + k))
+        paper, _ = _collect(PredictionPlan("quadratic", ckpts[30], k, **hist))
+        for n in SHAPES:
+            torch.testing.assert_close(pred[n], theta(n, 30 + k), rtol=1e-10, atol=1e-10)
+            # the paper's printed coefficient K(K-Delta)/(2 Delta^2), by hand from the stored checkpoints
+            t30, t20, t10 = theta(n, 30), theta(n, 20), theta(n, 10)
+            by_hand = t30 + (k / 10) * (t30 - t20) + k * (k - 10) / 200 * (t30 - 2 * t20 + t10)
+            torch.testing.assert_close(paper[n], by_hand, rtol=1e-12, atol=1e-12)
+            # ... which is off the parabola by exactly (K / Delta) times the second difference
+            torch.testing.assert_close(pred[n] - paper[n], (k / 10) * (t30 - 2 * t20 + t10), rtol=1e-9, atol=1e-9)
+        if k == 20:
+            assert rel == pytest.approx(0.0, abs=1e-10)
+    # linear is not exact on a curved trajectory: the relative error is clearly nonzero
+    lin, rel = _collect(PredictionPlan("linear", ckpts[30], 20, delta=10, previous=ckpts[20]), ckpts[50])
+    assert rel > 1e-3
+
+
+def _gpt2_with_adamw(tmp_path):
+    """A tiny GPT-2 and the Trainer's two-group AdamW, stepped 3 times; returns (model, optimizer, batch fn)."""
+    from ckptaudit.tasks import get_task
+    from ckptaudit.tasks.train import build_model, build_optimizer
+
+    task = get_task("modadd", p=7)
+    model = build_model(task.model_config(n_layer=1, n_embd=16, n_head=2), seed=0)
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8)
+
+    def step(i):
+        loss, _ = task.loss_and_accuracy(model, task.batch("train", i, 16, 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    return model, opt, task
+
+
+def test_adam_step_k1_equals_a_real_adamw_step(tmp_path):
+    model, opt, task = _gpt2_with_adamw(tmp_path)
+    ckpt_dir = tmp_path / "checkpoint-3"
+    # Weights before optimizer step 4, optimizer state (moments, step count, lr) that step 4 applies: the state a
+    # Trainer checkpoint holds, with the moments of the coming step.
+    model.save_pretrained(ckpt_dir, safe_serialization=True)
+    loss, _ = task.loss_and_accuracy(model, task.batch("train", 3, 16, 0))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), ckpt_dir / "optimizer.pt")
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ckpt = discover_run(ckpt_dir)[0]
+    state = load_optimizer_state(ckpt)
+    pred, _ = _collect(PredictionPlan("adam-step", ckpt, 1, optimizer=state))
+    for name, value in after.items():
+        torch.testing.assert_close(pred[name].float(), value, rtol=0, atol=1e-6, msg=name)
+    moved = max(float((after[n] - pred[n].float()).abs().max()) for n in after)
+    assert moved < 1e-6
+    # and the step is real: weights did move by far more than the tolerance
+    with ckpt.tensors() as src:
+        assert max(float((src.get(n) - after[n]).abs().max()) for n in after if n in src) > 1e-4
+
+
+def test_momentum_matches_the_papers_formula_by_hand(tmp_path):
+    model, opt, _ = _gpt2_with_adamw(tmp_path)
+    ckpt_dir = tmp_path / "checkpoint-3"
+    model.save_pretrained(ckpt_dir, safe_serialization=True)
+    torch.save(opt.state_dict(), ckpt_dir / "optimizer.pt")
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    ckpt = discover_run(ckpt_dir)[0]
+    k, eps = 25, 1e-8
+    pred, _ = _collect(PredictionPlan("momentum", ckpt, k, optimizer=load_optimizer_state(ckpt)))
+    for name, p in model.named_parameters():
+        st = opt.state[p]  # the live optimizer's moments, reached through the parameter object itself
+        m, v = st["exp_avg"].double().numpy(), st["exp_avg_sq"].double().numpy()
+        by_hand = p.detach().double().numpy() + k * m / np.sqrt(v + eps)
+        np.testing.assert_allclose(pred[name].numpy(), by_hand, rtol=1e-7, atol=1e-7, err_msg=name)
+    m = momentum_prediction(torch.zeros(2), torch.tensor([1.0, -2.0]), torch.tensor([4.0, 1.0]), 3, 0.0)
+    torch.testing.assert_close(m, torch.tensor([1.5, -6.0]))
+
+
+def test_acceptance_criteria_on_constructed_losses():
+    losses = [4.0, 3.0, 2.5, 2.2, 2.0, 1.9, 1.8]
+    assert recent_sigma(losses, 6, 5) == pytest.approx(np.std(losses[2:7]))
+    assert recent_sigma(losses, 0, 5) == 0.0
+    assert recent_sigma(losses, 1, 5) == pytest.approx(np.std(losses[:2]))
+    sigma = 0.2
+    assert acceptance(1.75, 1.8, sigma) == {"strict": True, "adaptive": True, "proximity": True}
+    assert acceptance(1.9, 1.8, sigma) == {"strict": False, "adaptive": True, "proximity": False}
+    assert acceptance(1.85, 1.8, sigma) == {"strict": False, "adaptive": True, "proximity": True}
+    assert acceptance(2.1, 1.8, sigma) == {"strict": False, "adaptive": False, "proximity": False}
+    assert acceptance(1.5, 1.8, sigma) == {"strict": True, "adaptive": True, "proximity": False}
+    assert acceptance(1.25, 1.0, 0.0)["proximity"] is False  # strict inequality at the 5% boundary
+    assert acceptance(math.nan, 1.8, sigma) == {"strict": False, "adaptive": False, "proximity": False}
+    assert acceptance(math.inf, 1.8, sigma)["adaptive"] is False
+
+
+def test_extrapolate_cli_on_tiny_run(tiny_run, tmp_path):
+    out = tmp_path / "x.h5"
+    args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "5,10", "--predictor", "linear,quadratic-fit,adam-step",
+            "--cascade", "2:10", "--time", "--json", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert {"results", "acceptance"} <= set(s)
+    row = s["results"][0]
+    assert set(row) == {"step", "predictor", "K", "loss_pred", "loss_now", "loss_true", "rel_weight_error",
+                        "strict", "adaptive", "proximity", "regime"}  # fmt: skip
+    assert set(s["acceptance"]) == {"linear", "quadratic-fit", "adam-step"}
+    assert set(s["acceptance"]["linear"]["10"]) == {"strict", "adaptive", "proximity"}
+    # checkpoints 30..60: linear needs one earlier checkpoint, quadratic-fit two (Delta = 10)
+    assert min(r["step"] for r in s["results"] if r["predictor"] == "linear") == 40
+    assert min(r["step"] for r in s["results"] if r["predictor"] == "quadratic-fit") == 50
+    assert min(r["step"] for r in s["results"] if r["predictor"] == "adam-step") == 30
+    for r in s["results"]:
+        if r["step"] + r["K"] <= 60 and r["K"] == 10:
+            assert r["loss_true"] is not None and r["rel_weight_error"] is not None
+        assert r["strict"] == (r["loss_pred"] < r["loss_now"])
+        assert r["proximity"] == (abs(r["loss_pred"] - r["loss_now"]) < 0.05 * r["loss_now"])
+    # loss_now is the checkpoint's validation loss as the trainer logged it
+    logged = json.loads((tiny_run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
+    eval_loss = [e["eval_loss"] for e in logged if e.get("step") == 30 and "eval_loss" in e][0]
+    assert [r["loss_now"] for r in s["results"] if r["step"] == 30][0] == pytest.approx(eval_loss, rel=1e-6)
+    assert s["cascades"]["summary"]["2:10"]["linear"]["strict"]["mean_depth"] >= 0
+    assert set(s["timing"]["ratio"]["linear"]) == {"5", "10"}
+    with h5py.File(out) as f:
+        assert "extrapolate/results/loss_pred" in f and "extrapolate/acceptance/linear/10" in f
+
+
+def test_extrapolate_rejects_unknown_predictor(tiny_run):
+    res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report"])
+    assert res.exit_code == 2
+    assert "cubic" in res.output
