@@ -1,0 +1,543 @@
+"""`fisher`: empirical-Fisher Rayleigh quotients along trajectory directions, streaming (SPEC §2; paper 001 §4.5, §9.4).
+
+At a checkpoint, M mini-batch gradients g_i (D scalars: the trunk, or one block, in :class:`TrunkLayout` order) of
+the model's training loss are taken one at a time. As each arrives, its dot products with every probe direction
+are taken (float64), so q(v) = (1/M) sum_i <g_i, v>^2 never needs the D x D Fisher F = (1/M) G^T G. The gradients
+are also kept (in RAM within the memory budget, else in a disk memmap; never approximated) for the M x M Gram
+G G^T, whose eigenpairs (s_j, a_j) give the Fisher's nonzero eigenvalues s_j / M and its top eigenvector
+u_1 = G^T a_1 / ||G^T a_1||.
+
+Definitions (reported by :class:`FisherCheckpoint`):
+- anisotropy alpha = q(v_b) / mean_k q(w_k), w_k random unit directions orthogonal to v_b and to each other;
+- effective rank = (sum_j s_j)^2 / sum_j s_j^2 over all M Gram eigenvalues (participation ratio; between 1 and M);
+- gradient-backbone cosine: mean and std (population) over batches of |<g_i, v_b>| / ||g_i||, beside the noise floor
+  sqrt(2 / (pi D)) = E|cos| between a fixed vector and a random direction for large D;
+- block signed projection b_l = mean_i <g_{i,l}, v_b^(l)> / ||g_{i,l}||, v_b^(l) = block l's part of v_b, unit;
+- with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches.
+
+Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
+and the seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptaudit.analyses.fisher_directions import (
+    TrunkLayout,
+    load_vector_file,
+    random_directions,
+    stack_directions,
+    switch_direction,
+    trunk_layout,
+)
+from ckptaudit.errors import LayoutError, UsageError
+
+__all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
+           "flat_gradient", "noise_floor", "prepare_probes", "run_fisher", "trunk_layout"]
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+DEFAULT_BATCHES = 32
+
+
+@dataclass(frozen=True)
+class FisherSettings:
+    """What to compute. ``batch_size`` None -> the checkpoint's recorded training batch size, else 32.
+
+    memory_budget: bytes the M stored gradients may take in RAM before they go to a memmap in ``spill_dir``
+    (None -> the system temp dir). top: how many Fisher eigenvalues to report. keep_eigenvector: keep u_1 (D
+    float64) in the result.
+    """
+
+    batches: int = DEFAULT_BATCHES
+    batch_size: int | None = None
+    n_random: int = 10
+    block: int | None = None
+    hessian: bool = False
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    seed: int = 0
+    top: int = 10
+    device: str = "cpu"
+    spill_dir: str | None = None
+    keep_eigenvector: bool = False
+    chunk_elems: int = 1 << 24
+
+
+def noise_floor(dim: int) -> float:
+    """sqrt(2 / (pi D)): E|<x, v>| for x uniform on the unit sphere in dimension D and a fixed unit v (large D)."""
+    return math.sqrt(2.0 / (math.pi * dim))
+
+
+# ------------------------------------------------------------------------------------------- gradient store
+
+
+class GradientStore:
+    """M gradient rows of D scalars: a numpy array when ``M * D * itemsize <= budget``, else a disk memmap.
+
+    ``append(g)`` stores the next row; ``gram()`` = G G^T (float64 ``[M, M]``) in one pass over column chunks;
+    ``combine(a)`` = G^T a (float64 ``[D]``) in another. ``close()`` deletes a spill file.
+    """
+
+    def __init__(self, rows: int, dim: int, dtype: np.dtype, budget: int, spill_dir: str | None = None):
+        self.rows, self.dim, self.count = int(rows), int(dim), 0
+        self.nbytes = self.rows * self.dim * np.dtype(dtype).itemsize
+        self._tmp: str | None = None
+        if self.nbytes <= budget:
+            self.array: np.ndarray = np.empty((self.rows, self.dim), dtype=dtype)
+            self.where = "ram"
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="ckptaudit-fisher-", dir=spill_dir)
+            path = Path(self._tmp) / "gradients.f"
+            self.array = np.memmap(path, dtype=dtype, mode="w+", shape=(self.rows, self.dim))
+            self.where = f"memmap:{path}"
+
+    def append(self, g: torch.Tensor) -> None:
+        """Store ``g`` ([D], any device) as the next row."""
+        self.array[self.count] = g.detach().to("cpu").numpy()
+        self.count += 1
+
+    def _chunks(self, chunk_elems: int):
+        step = max(1, int(chunk_elems) // max(1, self.count))
+        for lo in range(0, self.dim, step):
+            yield lo, min(self.dim, lo + step)
+
+    def gram(self, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray:
+        """G G^T over the stored rows, accumulated in float64 on ``device``."""
+        dev = torch.device(device)
+        out = torch.zeros((self.count, self.count), dtype=torch.float64, device=dev)
+        for lo, hi in self._chunks(chunk_elems):
+            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
+            out += c @ c.T
+        return out.cpu().numpy()
+
+    def combine(self, a: np.ndarray, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray:
+        """G^T a (float64 ``[D]``) for coefficients ``a`` ([M])."""
+        dev = torch.device(device)
+        at = torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)
+        out = np.empty(self.dim, dtype=np.float64)
+        for lo, hi in self._chunks(chunk_elems):
+            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
+            out[lo:hi] = (at @ c).cpu().numpy()
+        return out
+
+    def close(self) -> None:
+        """Drop the rows; remove the spill directory, if any."""
+        self.array = np.empty((0, 0))
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, eq=False)
+class FisherCheckpoint:
+    """Fisher analysis at one checkpoint.
+
+    q: direction name -> q(v) (gradient units squared), plus "random_mean". q_random: q(w_k), ``[K]``.
+    eigenvalues: all M Gram eigenvalues s_j / M, descending (the Fisher's nonzero spectrum). projections:
+    ``[M, n_dir]`` <g_i, v> per batch and direction (``direction_names`` order). block_signed_projection: block ->
+    b_l. hessian: direction name -> (1/M) sum_i v^T H_i v plus "random_mean" (None without --hessian).
+    """
+
+    step: int
+    dim: int
+    q: dict[str, float]
+    q_random: np.ndarray
+    anisotropy: float
+    eigenvalues: np.ndarray
+    top: int
+    top_overlap_backbone: float
+    effective_rank: float
+    grad_backbone_cos_mean: float
+    grad_backbone_cos_std: float
+    block_signed_projection: dict[int, float]
+    projections: np.ndarray
+    direction_names: tuple[str, ...]
+    grad_norms: np.ndarray
+    losses: np.ndarray
+    gradient_storage: str
+    hessian: dict[str, float] | None = None
+    hessian_random: np.ndarray | None = None
+    u1: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def noise_floor(self) -> float:
+        """sqrt(2 / (pi D))."""
+        return noise_floor(self.dim)
+
+    @property
+    def top_eigenvalues(self) -> np.ndarray:
+        """The ``top`` largest Fisher eigenvalues s_j / M."""
+        return self.eigenvalues[: self.top]
+
+    def to_json(self) -> dict[str, Any]:
+        """{step, q, anisotropy, top_eigenvalues, top_overlap_backbone, effective_rank, grad_backbone_cos_mean,
+        grad_backbone_cos_std, noise_floor, block_signed_projection {"<l>": b_l}}."""
+        return {
+            "step": int(self.step),
+            "q": {k: float(v) for k, v in self.q.items()},
+            "anisotropy": float(self.anisotropy),
+            "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
+            "top_overlap_backbone": float(self.top_overlap_backbone),
+            "effective_rank": float(self.effective_rank),
+            "grad_backbone_cos_mean": float(self.grad_backbone_cos_mean),
+            "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
+            "noise_floor": float(self.noise_floor),
+            "block_signed_projection": {str(b): float(v) for b, v in self.block_signed_projection.items()},
+        }
+
+    def to_hdf5_tree(self) -> dict[str, Any]:
+        """/fisher/step_<t>/: q/ (attrs per direction), datasets q_random, eigenvalues, projections, grad_norms,
+        losses, blocks, block_signed_projection; attrs anisotropy, effective_rank, ...; hessian/ when computed."""
+        blocks = sorted(self.block_signed_projection)
+        tree: dict[str, Any] = {
+            "step": int(self.step), "dim": int(self.dim),
+            "q": {k: float(v) for k, v in self.q.items()},
+            "q_random": np.asarray(self.q_random, dtype=np.float64),
+            "anisotropy": float(self.anisotropy),
+            "eigenvalues": np.asarray(self.eigenvalues, dtype=np.float64),
+            "top_eigenvalues": np.asarray(self.top_eigenvalues, dtype=np.float64),
+            "top_overlap_backbone": float(self.top_overlap_backbone),
+            "effective_rank": float(self.effective_rank),
+            "grad_backbone_cos_mean": float(self.grad_backbone_cos_mean),
+            "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
+            "noise_floor": float(self.noise_floor),
+            "blocks": np.asarray(blocks, dtype=np.int64),
+            "block_signed_projection": np.asarray([self.block_signed_projection[b] for b in blocks], dtype=np.float64),
+            "projections": np.asarray(self.projections, dtype=np.float64),
+            "direction_names": list(self.direction_names),
+            "grad_norms": np.asarray(self.grad_norms, dtype=np.float64),
+            "losses": np.asarray(self.losses, dtype=np.float64),
+            "gradient_storage": self.gradient_storage.split(":", 1)[0],
+        }
+        if self.hessian is not None:
+            tree["hessian"] = {k: float(v) for k, v in self.hessian.items()}
+            tree["hessian_random"] = np.asarray(self.hessian_random, dtype=np.float64)
+        return tree
+
+
+@dataclass(frozen=True, eq=False)
+class FisherReport:
+    """Fisher analysis over checkpoints (ascending step) with the backbone stiffening curve and running sums.
+
+    block_running_sum: block -> B_l(t) = sum of b_l over the checkpoints up to t (one value per checkpoint).
+    """
+
+    checkpoints: tuple[FisherCheckpoint, ...]
+    dim: int
+    settings: dict[str, Any]
+    block_running_sum: dict[int, np.ndarray]
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def stiffening(self) -> dict[str, list]:
+        """{"steps", "q_backbone", "anisotropy"} over the checkpoints."""
+        return {"steps": self.steps, "q_backbone": [c.q["backbone"] for c in self.checkpoints],
+                "anisotropy": [c.anisotropy for c in self.checkpoints]}
+
+    def to_json(self) -> dict[str, Any]:
+        """{checkpoints: [FisherCheckpoint.to_json()], stiffening, block_running_sum {"<l>": [B_l(t)]}, hessian
+        (list of {step, <direction>: v^T H v, random_mean} or None), dim, settings}."""
+        hess = None
+        if any(c.hessian is not None for c in self.checkpoints):
+            hess = [{"step": c.step, **(c.hessian or {})} for c in self.checkpoints]
+        return {
+            "checkpoints": [c.to_json() for c in self.checkpoints],
+            "stiffening": self.stiffening(),
+            "block_running_sum": {str(b): [float(x) for x in v] for b, v in self.block_running_sum.items()},
+            "hessian": hess,
+            "dim": int(self.dim),
+            "settings": dict(self.settings),
+        }
+
+    def to_hdf5_tree(self) -> dict[str, Any]:
+        """Tree for /fisher: step_<t>/ per checkpoint, stiffening/ (steps, q_backbone, anisotropy),
+        block_running_sum/ (datasets "<l>"), attrs dim and settings_json."""
+        tree: dict[str, Any] = {f"step_{c.step}": c.to_hdf5_tree() for c in self.checkpoints}
+        s = self.stiffening()
+        tree["stiffening"] = {k: np.asarray(v, dtype=np.float64 if k != "steps" else np.int64) for k, v in s.items()}
+        tree["block_running_sum"] = {str(b): np.asarray(v, dtype=np.float64) for b, v in self.block_running_sum.items()}
+        tree["dim"] = int(self.dim)
+        tree["settings_json"] = json.dumps(self.settings, sort_keys=True, default=str)
+        return tree
+
+
+# ------------------------------------------------------------------------------------------- one checkpoint
+
+
+def _params_of(model: torch.nn.Module, layout: TrunkLayout) -> dict[str, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    missing = [n for n in layout.tensors if n not in params]
+    if missing:
+        raise LayoutError(f"the model has no parameter(s) {', '.join(missing[:5])} for the trunk tensors",
+                          hint="the checkpoint's config.json and weights disagree")
+    return {n: params[n] for n in layout.tensors}
+
+
+def flat_gradient(model: torch.nn.Module, data: Any, batch: Mapping[str, torch.Tensor], layout: TrunkLayout,
+                  create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss_and_accuracy`` on ``batch``.
+
+    Only the trunk tensors are differentiated (autograd.grad, so ``.grad`` fields are untouched); with
+    ``create_graph`` the gradients stay differentiable for Hessian-vector products.
+    """
+    params = _params_of(model, layout)
+    loss, _ = data.loss_and_accuracy(model, batch)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    by_name = dict(zip(params, grads, strict=True))
+    g = layout.flatten({n: (t if create_graph else t.detach()) for n, t in by_name.items()})
+    return (g.detach() if create_graph else g), loss, grads
+
+
+def _eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s, a = np.linalg.eigh(gram)
+    order = np.argsort(s)[::-1]
+    return np.clip(s[order], 0.0, None), a[:, order]
+
+
+@dataclass(frozen=True, eq=False)
+class Probes:
+    """The directions as one matrix on the device: ``matrix`` ``[n_named + K, D]`` float64, rows ``names`` then
+    the K random ones; ``vb_blocks`` ``[D]``: each block's part of v_b normalised on its own (NaN for a block
+    where v_b is zero), so b_l is a segment dot product."""
+
+    names: tuple[str, ...]
+    matrix: torch.Tensor
+    vb_blocks: torch.Tensor
+    n_random: int
+
+
+def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor], random: torch.Tensor,
+                   device: str | torch.device = "cpu") -> Probes:
+    """Stack "backbone", the other named directions and ``random`` (``[K, D]``) on ``device`` (float64)."""
+    named = ("backbone", *[n for n in directions if n != "backbone"])
+    dev = torch.device(device)
+    matrix = torch.empty((len(named) + int(random.shape[0]), layout.dim), dtype=torch.float64, device=dev)
+    matrix[: len(named)] = stack_directions(directions, named).to(dev)
+    matrix[len(named) :] = random.to(dev, torch.float64)
+    vb = directions["backbone"].to(dev, torch.float64).clone()
+    for lo, hi in layout.block_ranges.values():
+        n = torch.linalg.vector_norm(vb[lo:hi])
+        vb[lo:hi] = vb[lo:hi] / n if n > 0 else float("nan")
+    return Probes(named, matrix, vb, int(random.shape[0]))
+
+
+def fisher_at_model(
+    model: torch.nn.Module,
+    data: Any,
+    layout: TrunkLayout,
+    directions: Mapping[str, torch.Tensor],
+    settings: FisherSettings,
+    step: int = 0,
+    batch_size: int = 32,
+    random: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+    probes: Probes | None = None,
+) -> FisherCheckpoint:
+    """The Fisher quantities of ``model`` (parameters already loaded, on the analysis device).
+
+    directions: name -> unit float64 ``[D]`` in ``layout`` order; must contain "backbone". random: ``[K, D]``
+    random directions (None -> drawn from ``settings.seed``). probes: :func:`prepare_probes` of the same directions,
+    to build the direction matrix once for many checkpoints. Batch i is ``data.batch("train", i, batch_size,
+    settings.seed)``. ``progress(1)`` after each gradient.
+    """
+    if "backbone" not in directions:
+        raise UsageError("the fisher analysis needs a backbone direction")
+    M, D = int(settings.batches), layout.dim
+    if M < 1:
+        raise UsageError(f"--batches {M}: need at least 1")
+    dev = next(model.parameters()).device
+    if probes is None:
+        if random is None:
+            random = random_directions(directions["backbone"], settings.n_random, settings.seed)
+        probes = prepare_probes(layout, directions, random, dev)
+    v_b, W, vb_blocks = directions["backbone"].to(torch.float64), probes.matrix, probes.vb_blocks
+    named, n_named, K = list(probes.names), len(probes.names), probes.n_random
+    ranges = layout.block_ranges
+    params = _params_of(model, layout)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    hv_dirs = None
+    if settings.hessian:
+        like = {n: p.detach() for n, p in params.items()}
+        hv_dirs = [layout.unflatten(W[j], like) for j in range(W.shape[0])]
+    store: GradientStore | None = None
+    proj = np.empty((M, W.shape[0]), dtype=np.float64)
+    norms = np.empty(M, dtype=np.float64)
+    block_cos = np.empty((M, len(ranges)), dtype=np.float64)
+    losses = np.empty(M, dtype=np.float64)
+    curv = np.zeros((M, W.shape[0]), dtype=np.float64) if settings.hessian else None
+    # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = sdpa_kernel([SDPBackend.MATH]) if settings.hessian else contextlib.nullcontext()
+    try:
+        kernel.__enter__()
+        model.eval()
+        # Only the analysed tensors need gradients: the rest of the backward pass is skipped.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        for i in range(M):
+            batch = data.batch("train", i, batch_size, settings.seed)
+            g, loss, grads = flat_gradient(model, data, batch, layout, create_graph=settings.hessian)
+            if g.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float32 holds fp16/bf16 exactly
+                g = g.float()
+            if store is None:
+                dtype = np.dtype(str(g.dtype).replace("torch.", ""))
+                store = GradientStore(M, D, dtype, settings.memory_budget, settings.spill_dir)
+            g64 = g.to(torch.float64)
+            # All scalars of this gradient in one tensor, so there is one device -> host transfer per batch.
+            seg = [torch.stack((torch.dot(g64[lo:hi], vb_blocks[lo:hi]), torch.dot(g64[lo:hi], g64[lo:hi])))
+                   for lo, hi in ranges.values()]
+            packed = torch.cat([W @ g64, torch.stack(seg).reshape(-1)]).cpu().numpy()
+            proj[i] = packed[: W.shape[0]]
+            pairs = packed[W.shape[0] :].reshape(-1, 2)
+            norms[i] = math.sqrt(pairs[:, 1].sum())  # the blocks partition the layout
+            with np.errstate(invalid="ignore", divide="ignore"):
+                block_cos[i] = pairs[:, 0] / np.sqrt(pairs[:, 1])
+            losses[i] = float(loss.detach())
+            store.append(g)
+            if hv_dirs is not None:
+                names = list(params)
+                for j, vd in enumerate(hv_dirs):
+                    gv = sum((gr * vd[n]).sum() for n, gr in zip(names, grads, strict=True))
+                    hv = torch.autograd.grad(gv, list(params.values()), retain_graph=j < len(hv_dirs) - 1)
+                    curv[i, j] = float(sum((h.to(torch.float64) * vd[n].to(torch.float64)).sum()
+                                           for n, h in zip(names, hv, strict=True)))
+            del g, grads, loss
+            if progress is not None:
+                progress(1)
+        gram = store.gram(str(dev), settings.chunk_elems)
+        s, a = _eig_desc(gram)
+        u1 = None
+        if s[0] > 0:
+            u = store.combine(a[:, 0], str(dev), settings.chunk_elems)
+            u1 = u / np.linalg.norm(u)
+            overlap = abs(float(u1 @ v_b.cpu().numpy()))
+        else:
+            overlap = float("nan")
+        where = store.where
+    finally:
+        kernel.__exit__(None, None, None)
+        if store is not None:
+            store.close()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+    q_all = (proj**2).mean(axis=0)
+    q = {n: float(q_all[j]) for j, n in enumerate(named)}
+    q_rand = q_all[n_named:]
+    q["random_mean"] = float(q_rand.mean()) if K else float("nan")
+    cos = np.abs(proj[:, 0]) / norms
+    ssum = float(s.sum())
+    hessian = hess_rand = None
+    if curv is not None:
+        c_all = curv.mean(axis=0)
+        hessian = {n: float(c_all[j]) for j, n in enumerate(named)}
+        hess_rand = c_all[n_named:]
+        hessian["random_mean"] = float(hess_rand.mean()) if K else float("nan")
+    return FisherCheckpoint(
+        step=int(step), dim=D, q=q, q_random=q_rand,
+        anisotropy=q["backbone"] / q["random_mean"] if K and q["random_mean"] > 0 else float("nan"),
+        eigenvalues=s / M, top=int(settings.top), top_overlap_backbone=overlap,
+        effective_rank=ssum**2 / float((s**2).sum()) if ssum > 0 else float("nan"),
+        grad_backbone_cos_mean=float(np.mean(cos)), grad_backbone_cos_std=float(np.std(cos)),
+        block_signed_projection={b: float(np.mean(block_cos[:, j])) for j, b in enumerate(ranges)},
+        projections=proj, direction_names=(*named, *[f"random_{k}" for k in range(K)]), grad_norms=norms,
+        losses=losses, gradient_storage=where, hessian=hessian, hessian_random=hess_rand,
+        u1=u1 if settings.keep_eigenvector else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- over a run
+
+
+def _default_batch_size(ckpt: Any) -> int:
+    from ckptaudit.tasks import TASK_FILE
+
+    path = Path(ckpt.path)
+    f = (path if path.is_dir() else path.parent) / TASK_FILE
+    if f.is_file():
+        try:
+            return int(json.loads(f.read_text()).get("batch_size") or 32)
+        except (ValueError, OSError):
+            return 32
+    return 32
+
+
+def run_fisher(
+    checkpoints: Sequence[Any],
+    settings: FisherSettings,
+    vectors: str | Path,
+    task: str | None = None,
+    data: str | Path | None = None,
+    seq_len: int | None = None,
+    switch: tuple[int, int] | None = None,
+    switch_run: Any = None,
+    progress: Callable[[int], None] | None = None,
+) -> FisherReport:
+    """Fisher analysis at each of ``checkpoints`` (Checkpoint objects, any order; reported by ascending step).
+
+    vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
+    ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
+    :func:`ckptaudit.io.data.load_data`. The layout, directions and random directions are fixed by the first
+    checkpoint and reused, so q(t) is measured along the same vectors at every step.
+    """
+    from ckptaudit.io.data import check_enough, load_data
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.roles import resolve_architecture
+
+    ckpts = sorted(checkpoints, key=lambda c: int(c.step))
+    if not ckpts:
+        raise UsageError("no checkpoints to analyse")
+    first = ckpts[0]
+    with first.tensors() as src:
+        shapes = {n: tuple(src.shape(n)) for n in src.keys()}
+    arch = resolve_architecture(shapes, first.config() if hasattr(first, "config") else None)
+    layout = trunk_layout(arch, settings.block)
+    directions = load_vector_file(vectors, layout)
+    if switch is not None:
+        if switch_run is None:
+            raise UsageError("--switch needs the run (give --run RUN or a run directory)")
+        directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
+    random = random_directions(directions["backbone"], settings.n_random, settings.seed)
+    probes = prepare_probes(layout, directions, random, settings.device)
+    dataset = load_data(first, task=task, data=data, seq_len=seq_len)
+    batch_size = int(settings.batch_size or _default_batch_size(first))
+    check_enough(dataset, settings.batches, batch_size)
+    results = []
+    for c in ckpts:
+        model = load_model(c, device=settings.device)
+        results.append(fisher_at_model(model, dataset, layout, directions, settings, step=int(c.step),
+                                       batch_size=batch_size, random=random, progress=progress,
+                                       probes=probes))
+        del model
+    blocks = sorted(layout.block_ranges)
+    running = {b: np.cumsum([r.block_signed_projection[b] for r in results]) for b in blocks}
+    spec = dataset.task_spec() if hasattr(dataset, "task_spec") else {}
+    record = {
+        "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
+        "block": settings.block, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
+        "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
+        "switch": list(switch) if switch else None, "directions": list(directions),
+        "architecture": arch.name, "data": spec,
+        "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
+    }
+    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)

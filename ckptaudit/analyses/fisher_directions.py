@@ -1,0 +1,189 @@
+"""Parameter layout and probe directions for the fisher analysis (SPEC §2).
+
+A :class:`TrunkLayout` fixes the order in which the trunk (or one block) is flattened into a vector of D scalars:
+the trunk pieces sorted by block (stable, so each block is one contiguous range and the order within a block is
+the architecture's piece order), each piece flattened in row-major order. Gradients, the backbone, PCs, switching
+and random directions all live in this one coordinate system.
+
+Directions come from a ``backbone --save-vectors`` file (key = tensor name, value ``[k, *tensor_shape]``, entry j =
+V_{j+1}, zero outside the trunk; optional keys ``switch/<tensor name>`` hold a switching direction), from a
+switching pair of checkpoints, or are drawn at random orthogonal to the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError, UsageError
+
+__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_vector_file", "random_directions", "switch_direction",
+           "trunk_layout"]
+
+SWITCH_PREFIX = "switch/"
+MAX_PC = 6
+
+
+@dataclass(frozen=True, eq=False)
+class TrunkLayout:
+    """Flattening of the selected trunk pieces into one vector of ``dim`` scalars.
+
+    ``pieces``: in flat order (sorted by block). ``offsets[i]``: start of piece i. ``block_ranges``: block ->
+    (start, stop) in the flat vector. ``tensors``: names of the stored tensors holding a piece, first-seen order.
+    """
+
+    pieces: tuple[Any, ...]
+    offsets: tuple[int, ...]
+    dim: int
+    block_ranges: dict[int, tuple[int, int]]
+    tensors: tuple[str, ...]
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Concatenate the pieces of full-shape ``tensors`` (name -> tensor) -> ``[dim]``."""
+        parts = []
+        for p in self.pieces:
+            if p.tensor not in tensors:
+                raise KeyError(p.tensor)
+            t = p.take(tensors[p.tensor]).reshape(-1)
+            parts.append(t if dtype is None else t.to(dtype))
+        return torch.cat(parts)
+
+    def unflatten(self, flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`flatten`: full-shape tensors (dtype/device of ``like``), zero outside the pieces."""
+        out = {n: torch.zeros_like(like[n]) for n in self.tensors}
+        for p, start in zip(self.pieces, self.offsets, strict=True):
+            p.put(out[p.tensor], flat[start : start + p.numel].to(out[p.tensor].dtype))
+        return out
+
+
+def trunk_layout(arch: Any, block: int | None = None, include_bias: bool = False) -> TrunkLayout:
+    """The layout of the trunk (q, k, v, o, mlp_in, mlp_out of every block) or of block ``block`` alone."""
+    from ckptaudit.io.roles import TRUNK_ROLES
+
+    pieces = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
+    if not pieces:
+        raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
+                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+    present = sorted({p.block for p in pieces})
+    if block is not None:
+        if block not in present:
+            raise UsageError(f"--block {block}: the model has blocks {present[0]}..{present[-1]}")
+        pieces = [p for p in pieces if p.block == block]
+    order = sorted(range(len(pieces)), key=lambda i: (pieces[i].block, i))
+    pieces = [pieces[i] for i in order]
+    offsets, ranges, pos = [], {}, 0
+    for p in pieces:
+        offsets.append(pos)
+        lo, _ = ranges.get(p.block, (pos, pos))
+        pos += p.numel
+        ranges[p.block] = (lo, pos)
+    names = tuple(dict.fromkeys(p.tensor for p in pieces))
+    return TrunkLayout(tuple(pieces), tuple(offsets), pos, ranges, names)
+
+
+def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
+    n = float(torch.linalg.vector_norm(v))
+    if not math.isfinite(n) or n == 0.0:
+        raise CorruptFileError(f"{source}: the {what} direction is zero (or not finite) on the analysed parameters",
+                               hint="check that the vectors belong to this model, or analyse another --block")
+    return v / n
+
+
+def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.Tensor]:
+    """Directions of a ``backbone --save-vectors`` file in ``layout`` coordinates, each a unit float64 ``[dim]``.
+
+    Keys: "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (tensors stored under
+    ``switch/<tensor name>``, when present). Restricted to the layout (e.g. one block), each is renormalised.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: no such vectors file", hint="write one with `ckptaudit backbone --save-vectors`")
+    stacks: dict[str, torch.Tensor] = {}
+    switch: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for p in layout.pieces:
+                if p.tensor in stacks:
+                    continue
+                if p.tensor not in keys:
+                    raise CorruptFileError(f"{path}: no vector entry for trunk tensor {p.tensor}",
+                                           hint="the vectors were computed on another architecture")
+                t = f.get_tensor(p.tensor)
+                shape = tuple(p.tensor_shape)
+                if tuple(t.shape) == shape:
+                    t = t.unsqueeze(0)
+                elif not (t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape):
+                    raise CorruptFileError(f"{path}: vector tensor {p.tensor} has shape {tuple(t.shape)}, the "
+                                           f"parameter {shape}", hint="the vectors were computed on another model size")
+                stacks[p.tensor] = t.to(torch.float64)
+                if SWITCH_PREFIX + p.tensor in keys:
+                    switch[p.tensor] = f.get_tensor(SWITCH_PREFIX + p.tensor).to(torch.float64).reshape(shape)
+    except OSError as exc:  # safetensors raises SafetensorError (an OSError subclass) on a bad header
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    k = min(int(t.shape[0]) for t in stacks.values())
+    out = {"backbone": _unit(layout.flatten({n: t[0] for n, t in stacks.items()}), "backbone", str(path))}
+    for j in range(1, min(k, MAX_PC)):
+        flat = layout.flatten({n: t[j] for n, t in stacks.items()})
+        if float(torch.linalg.vector_norm(flat)) > 0:
+            out[f"pc{j + 1}"] = flat / torch.linalg.vector_norm(flat)
+    if switch:
+        if len(switch) != len(stacks):
+            raise CorruptFileError(f"{path}: the switching direction covers only part of the trunk tensors")
+        out["switch"] = _unit(layout.flatten(switch), "switching", str(path))
+    return out
+
+
+def switch_direction(run: Any, peak: int, trough: int, layout: TrunkLayout) -> torch.Tensor:
+    """v_sw = (theta_peak - theta_trough) / ||.|| on the layout, float64 ``[dim]`` (SPEC §1)."""
+    ckpts = {int(c.step): c for c in run.checkpoints}
+    for s in (peak, trough):
+        if s not in ckpts:
+            raise UsageError(f"--switch {peak}:{trough}: no checkpoint at step {s}",
+                             f"steps: {', '.join(map(str, sorted(ckpts)))}")
+    flats = []
+    for s in (peak, trough):
+        with ckpts[s].tensors() as src:
+            try:
+                flats.append(layout.flatten({n: src.get(n) for n in layout.tensors}, torch.float64))
+            except KeyError as exc:
+                raise LayoutError(f"{ckpts[s].path}: tensor {exc.args[0]} missing for the switching direction") from None
+    return _unit(flats[0] - flats[1], f"switching ({peak}:{trough})", str(run.path))
+
+
+def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """K unit vectors ``[k, dim]`` (float64, CPU) orthogonal to ``v_b`` and to each other.
+
+    Gaussian draws from a generator seeded with ``seed``, then classical Gram-Schmidt against v_b and the earlier
+    ones, run twice: one pass leaves errors of order eps * sqrt(dim) in the inner products, the second brings them
+    to eps (the "twice is enough" rule), which the 1e-10 orthogonality contract needs at large dim.
+    """
+    dim = int(v_b.numel())
+    if k >= dim:
+        raise UsageError(f"--random {k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}")
+    gen = torch.Generator().manual_seed(int(seed))
+    vb = v_b.detach().to("cpu", torch.float64)
+    vb = vb / torch.linalg.vector_norm(vb)
+    basis: list[torch.Tensor] = [vb]
+    out = torch.empty((k, dim), dtype=torch.float64)
+    for i in range(k):
+        w = torch.randn(dim, generator=gen, dtype=torch.float64)
+        for _ in range(2):
+            for b in basis:
+                w -= torch.dot(w, b) * b
+        w /= torch.linalg.vector_norm(w)
+        out[i] = w
+        basis.append(out[i])
+    return out
+
+
+def stack_directions(directions: Mapping[str, torch.Tensor], order: Sequence[str]) -> torch.Tensor:
+    """``[len(order), dim]`` float64 rows in ``order`` (a helper for the streaming dot products)."""
+    return torch.stack([directions[n].to(torch.float64) for n in order])

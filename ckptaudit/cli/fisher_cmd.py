@@ -1,0 +1,167 @@
+"""`ckptaudit fisher RUN_OR_CKPT`: empirical-Fisher Rayleigh quotients along trajectory directions (SPEC §2)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ckptaudit.cli.app import app
+from ckptaudit.cli.backbone_cmd import parse_switch, sparkline
+from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    NoHashOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    RunDirArg,
+    SeedOpt,
+    StepsOpt,
+    resolve_device,
+)
+from ckptaudit.errors import UsageError
+
+
+def parse_bytes(spec: str) -> int:
+    """'2G', '512M', '1.5GB', '100000' -> bytes (powers of 1024)."""
+    s = spec.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise UsageError(f"--memory-budget {spec}: expected a size like 2G, 512M or a number of bytes") from None
+
+
+@app.command()
+def fisher(
+    run_dir: RunDirArg,
+    steps: StepsOpt = None,
+    vectors: Annotated[
+        Path | None,
+        typer.Option("--vectors", help="Backbone vectors from `ckptaudit backbone --save-vectors` (v_b, PC2..PC6)."),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="Run directory to compute the backbone from on the fly (default: RUN_OR_CKPT when it is a run)."),
+    ] = None,
+    switch: Annotated[
+        str | None,
+        typer.Option("--switch", help="Switching direction PEAK:TROUGH, two checkpoint steps of the run."),
+    ] = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Number M of mini-batch gradients per checkpoint.")] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, help="Sequences per mini-batch (default: the run's training batch size, else 32)."),
+    ] = None,
+    n_random: Annotated[
+        int, typer.Option("--random", min=1, help="Number K of random unit directions orthogonal to v_b and each other.")
+    ] = 10,
+    block: Annotated[int | None, typer.Option("--block", help="Restrict gradients and directions to this block.")] = None,
+    hessian: Annotated[
+        bool, typer.Option("--hessian", help="Also compute the true curvature v^T H v by Hessian-vector products.")
+    ] = False,
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", help="RAM for the M stored gradients (e.g. 2G); beyond it they go to a disk memmap.")
+    ] = "2G",
+    top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="Built-in task NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Training data: plain text, JSONL with a 'text' field, or .npy token ids.")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=2, help="Tokens per sequence for --data (default: min(model positions, 128)).")
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Empirical-Fisher Rayleigh quotients q(v) = (1/M) sum_i <g_i, v>^2 of the trunk gradients along the backbone,
+    the switching direction, PC2..PC6 and random directions; anisotropy, top Fisher eigenvalues (M x M Gram),
+    gradient-backbone cosines, per-block signed projections, the stiffening curve over checkpoints, and with
+    --hessian the true curvature. Never forms the D x D Fisher.
+
+    Example: ckptaudit fisher runs/seed42/ --steps 1000,5000,9000 --vectors backbone.safetensors
+    """
+    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.fisher import FisherSettings, run_fisher
+
+    if vectors is not None and run is not None:
+        raise UsageError("give either --vectors or --run, not both")
+    output = make_output(json_out, quiet)
+    dev = resolve_device(device)
+    targets = load_run(run_dir, steps)
+    source_run = load_run(run) if run is not None else None
+    if source_run is None and (vectors is None or switch is not None):
+        whole = load_run(run_dir)
+        if len(whole.checkpoints) >= 3:
+            source_run = whole
+    if vectors is None and source_run is None:
+        raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
+                         "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
+    settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
+                              hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
+                              device=dev)
+    pair = parse_switch(switch) if switch is not None else None
+    with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
+        vec_path = vectors
+        if vec_path is None:
+            vec_path = Path(tmp) / "backbone.safetensors"
+            with Progress(output, "fisher: backbone from the run", None) as hook:
+                run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, progress=hook)
+            output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
+        with Progress(output, "fisher: gradients", batches * len(targets.checkpoints)) as hook:
+            report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
+                                switch=pair, switch_run=source_run, progress=hook)
+    save_report(output, "fisher", report.to_hdf5_tree(), targets.checkpoints, out, no_report,
+                hash_files=not no_hash, device=dev)
+    summary = report.to_json()
+    output.json(summary)
+    if output.human:
+        render_fisher(output, summary)
+
+
+def render_fisher(output: Any, s: dict) -> None:
+    """Terminal view: quotients per checkpoint, the spectrum per checkpoint, the stiffening curve, running sums."""
+    cks = s["checkpoints"]
+    names = [k for k in cks[0]["q"] if k != "random_mean"] + ["random_mean"]
+    short = {"backbone": "v_b", "switch": "v_sw", "random_mean": "random"}
+    settings = s["settings"]
+    what = "trunk" if settings.get("block") is None else f"block {settings['block']}"
+    output.table(
+        f"fisher — {what}, D = {s['dim']}, M = {settings['batches']} batches of {settings['batch_size']}",
+        ["step", *[f"q({short.get(n, n)})" for n in names], "alpha"],
+        [[c["step"], *[c["q"].get(n) for n in names], c["anisotropy"]] for c in cks],
+        caption="q(v) = (1/M) sum_i <g_i, v>^2; random = mean over the random directions; alpha = q(v_b) / q(random)",
+    )
+    output.table(
+        "Fisher spectrum (M x M Gram) and gradient-backbone alignment",
+        ["step", "lambda_1", "lambda_2", "eff. rank", "|<u_1,v_b>|", "mean |cos(g,v_b)|", "std", "noise floor"],
+        [[c["step"], *(c["top_eigenvalues"] + [None, None])[:2], c["effective_rank"], c["top_overlap_backbone"],
+          c["grad_backbone_cos_mean"], c["grad_backbone_cos_std"], c["noise_floor"]] for c in cks],
+        caption="eff. rank = (sum s)^2 / sum s^2 over the Gram eigenvalues; noise floor = sqrt(2/(pi D))",
+    )
+    if s.get("hessian"):
+        hn = [k for k in s["hessian"][0] if k != "step"]
+        output.table("curvature v^T H v (Hessian-vector products on the same batches)",
+                     ["step", *[short.get(n, n) for n in hn]], [[h["step"], *[h.get(n) for n in hn]] for h in s["hessian"]])
+    st = s["stiffening"]
+    if len(st["steps"]) > 1:
+        qb, al = st["q_backbone"], st["anisotropy"]
+        output.print(f"q(v_b)(t)  {sparkline(qb)}  {qb[0]:.3g} → {qb[-1]:.3g}   (steps {st['steps'][0]}…{st['steps'][-1]})")
+        if all(a is not None for a in al):
+            output.print(f"alpha(t)   {sparkline(al)}  {al[0]:.3g} → {al[-1]:.3g}")
+    runs = ", ".join(f"{b}: {v[-1]:+.3g}" for b, v in s["block_running_sum"].items())
+    output.print(f"block signed projection, running sum B_l at the last step: {runs}")

@@ -1,0 +1,376 @@
+"""Evaluation / training data for the analyses that run a network (fisher, resume-probe, gxs, extrapolate).
+
+:func:`load_data` returns an object with the :class:`ckptaudit.tasks.Task` data protocol (``batch``,
+``eval_batches``, ``loss_and_accuracy``, ``evaluate``, ``split_size``), from one of three sources:
+
+- nothing given: the built-in task recorded in the checkpoint (``ckptaudit_task.json``);
+- ``task="NAME[:key=value,...]"``: a built-in task; parameters recorded in the checkpoint are kept when it is the
+  same task, and ``key=value`` pairs override them;
+- ``data=FILE``: a :class:`TokenData` built from plain text, JSONL with a ``"text"`` field, or token ids in a
+  ``.npy`` array (1-D: one stream; 2-D ``[N, L]``: one row per document). Text is tokenised with the checkpoint's
+  own tokenizer (``AutoTokenizer.from_pretrained(dir, local_files_only=True)``), never downloaded.
+
+File data is chunked into sequences of ``seq_len`` tokens (default ``min(model max positions, 128)``); the last
+``VALIDATION_FRAC`` of the sequences (contiguous, so no validation sequence shares text with a neighbouring train
+sequence) is the validation split. Loss is next-token cross-entropy in nats averaged over the ``seq_len - 1``
+predictions of every sequence; accuracy is next-token top-1 accuracy over the same positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ckptaudit.errors import DataError, InputNotFoundError
+
+__all__ = ["DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "check_enough", "load_data", "parse_task",
+           "read_token_ids"]
+
+DEFAULT_SEQ_LEN = 128
+VALIDATION_FRAC = 0.1
+SPLITS = ("train", "validation")
+_NPY_MAGIC = b"\x93NUMPY"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "merges.txt")
+
+
+def _stable_seed(*parts: object) -> int:
+    from ckptaudit.tasks.modadd import _stable_seed as seed_of
+
+    return seed_of(*parts)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenData:
+    """Sequences of token ids from a file, with the Task data protocol.
+
+    ``sequences``: int64 tensor ``[N, seq_len]``; rows ``[0, n_train)`` are the train split, the rest validation.
+    ``source``: the file, for messages. ``vocab_size``: the model's vocabulary (ids are checked against it).
+    """
+
+    sequences: torch.Tensor
+    n_train: int
+    source: str
+    vocab_size: int
+    n_tokens: int
+    name: str = field(default="file")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence (``seq_len - 1`` next-token predictions each)."""
+        return int(self.sequences.shape[1])
+
+    def _rows(self, split: str) -> torch.Tensor:
+        if split == "train":
+            return self.sequences[: self.n_train]
+        if split == "validation":
+            return self.sequences[self.n_train :]
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+    def split_size(self, split: str) -> int:
+        """Number of sequences in ``split``."""
+        return int(self._rows(split).shape[0])
+
+    def batch(self, split: str, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        """Batch ``step`` of ``split``: ``{"input_ids": [B, seq_len] int64}``, a pure function of the arguments.
+
+        Same scheme as the built-in tasks: global position ``step * batch_size + j`` takes element ``i % n`` of
+        epoch ``i // n``'s seeded permutation, so batches of one epoch never repeat a sequence.
+        """
+        if step < 0 or batch_size < 1:
+            raise ValueError(f"need step >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
+        rows = self._rows(split)
+        n = rows.shape[0]
+        if n == 0:
+            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter --seq-len")
+        positions = torch.arange(step * batch_size, (step + 1) * batch_size, dtype=torch.long)
+        epochs = torch.div(positions, n, rounding_mode="floor")
+        chosen = torch.empty(batch_size, dtype=torch.long)
+        for epoch in torch.unique(epochs).tolist():
+            gen = torch.Generator().manual_seed(_stable_seed("file-epoch", split, seed, epoch))
+            perm = torch.randperm(n, generator=gen)
+            mask = epochs == epoch
+            chosen[mask] = perm[positions[mask] % n]
+        return {"input_ids": rows[chosen]}
+
+    def eval_batches(self, split: str, batch_size: int = 64) -> Iterator[dict[str, torch.Tensor]]:
+        """The whole of ``split`` in file order, in batches of at most ``batch_size`` sequences."""
+        rows = self._rows(split)
+        for start in range(0, rows.shape[0], batch_size):
+            yield {"input_ids": rows[start : start + batch_size]}
+
+    @staticmethod
+    def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids)
+        return out.logits if hasattr(out, "logits") else out
+
+    def loss_and_accuracy(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
+        """Mean next-token cross-entropy (tensor with grad, nats) and next-token accuracy (float in [0, 1])."""
+        device = next(model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        logits = self._logits(model, ids)[:, :-1]
+        targets = ids[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        acc = (logits.argmax(dim=-1) == targets).float().mean().item()
+        return loss, acc
+
+    def evaluate(self, model: torch.nn.Module, split: str = "validation") -> tuple[float, float]:
+        """Loss (nats per predicted token) and accuracy over the whole of ``split``; train/eval mode restored."""
+        was_training = model.training
+        model.eval()
+        total, correct, count = 0.0, 0, 0
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in self.eval_batches(split):
+                ids = batch["input_ids"].to(device)
+                logits = self._logits(model, ids)[:, :-1].double()
+                targets = ids[:, 1:]
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                         reduction="sum").item()
+                correct += int((logits.argmax(dim=-1) == targets).sum().item())
+                count += targets.numel()
+        model.train(was_training)
+        if count == 0:
+            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter --seq-len")
+        return total / count, correct / count
+
+    def model_config(self, *args: Any, **kwargs: Any) -> Any:
+        """File data does not define a model (the checkpoint's own config is used)."""
+        raise DataError(f"{self.source}: file data does not define a model configuration",
+                        hint="use the checkpoint's config.json")
+
+    def task_spec(self, batch_size: int | None = None, data_seed: int | None = None) -> dict:
+        """A JSON-able description (for reports)."""
+        spec: dict[str, Any] = {"task": self.name, "data": self.source, "seq_len": self.seq_len,
+                                "n_tokens": self.n_tokens, "n_train": self.n_train,
+                                "n_validation": self.split_size("validation")}
+        if batch_size is not None:
+            spec["batch_size"] = int(batch_size)
+        if data_seed is not None:
+            spec["data_seed"] = int(data_seed)
+        return spec
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+
+def _checkpoint_dir(ckpt: Any) -> Path:
+    path = Path(ckpt.path)
+    return path if path.is_dir() else path.parent
+
+
+def _max_positions(config: dict | None) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = (config or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _tokenizer(ckpt: Any, file: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    where = _checkpoint_dir(ckpt)
+    hint = "save it beside the weights (tokenizer.save_pretrained(dir)), or pass token ids as a .npy file"
+    # Without tokenizer files AutoTokenizer may still build an empty tokenizer from config.json's model_type.
+    if not any((where / n).is_file() for n in _TOKENIZER_FILES):
+        raise DataError(f"{file}: text data needs the checkpoint's tokenizer, and {where} has no tokenizer files",
+                        hint=hint)
+    try:
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{file}: text data needs the checkpoint's tokenizer, and none could be loaded from {where} "
+            f"({type(exc).__name__})", hint=hint,
+        ) from None
+
+
+def _read_texts(file: Path) -> list[str]:
+    """Documents of a plain-text file (one document) or of a JSONL file (one ``"text"`` per line)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{file}: not UTF-8 text, JSONL, or a .npy array of token ids",
+                        hint="pass text, JSONL with a 'text' field, or np.save(ids)") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{file}: the file is empty", hint="give a file with text or token ids")
+    try:
+        first = json.loads(lines[0])
+    except json.JSONDecodeError:
+        first = None
+    if not (isinstance(first, dict) and "text" in first):
+        return [text]
+    docs = []
+    for i, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}: line {i} is not valid JSON ({exc.msg})",
+                            hint="each line of a JSONL file must be one object with a 'text' field") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f"{file}: line {i} has no string 'text' field",
+                            hint="each line of a JSONL file must be one object with a 'text' field")
+        if obj["text"].strip():
+            docs.append(obj["text"])
+    if not docs:
+        raise DataError(f"{file}: every 'text' field is empty", hint="give a file with text")
+    return docs
+
+
+def read_token_ids(file: Path) -> np.ndarray:
+    """Token ids of a ``.npy`` file (detected by its magic bytes) as int64 ``[n]`` or ``[N, L]``."""
+    try:
+        arr = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{file}: not a readable .npy array ({exc})", hint="write it with np.save(path, ids)") from None
+    if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{file}: token ids must be a 1-D or 2-D integer array, got {arr.dtype} {arr.shape}",
+                        hint="np.save(path, np.asarray(ids, dtype=np.int64))")
+    if arr.size == 0:
+        raise DataError(f"{file}: the file is empty (no token ids)", hint="give a file with token ids")
+    return arr.astype(np.int64, copy=False)
+
+
+def _sequences(docs: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """Concatenate 1-D documents and cut into ``[N, seq_len]`` (the incomplete tail is dropped)."""
+    stream = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+    n = stream.size // seq_len
+    return torch.from_numpy(np.ascontiguousarray(stream[: n * seq_len].reshape(n, seq_len)))
+
+
+def _file_data(ckpt: Any, file: Path, seq_len: int | None) -> TokenData:
+    if not file.is_file():
+        raise InputNotFoundError(f"--data {file}: no such file")
+    config = ckpt.config() if hasattr(ckpt, "config") else None
+    max_pos = _max_positions(config)
+    vocab = int((config or {}).get("vocab_size") or 0)
+    if seq_len is None:
+        seq_len = min(max_pos or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
+    if seq_len < 2:
+        raise DataError(f"{file}: seq_len must be at least 2 (one next-token prediction), got {seq_len}")
+    if max_pos is not None and seq_len > max_pos:
+        raise DataError(f"{file}: seq_len {seq_len} exceeds the model's {max_pos} positions",
+                        hint=f"use --seq-len {max_pos} or less")
+    with open(file, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head == _NPY_MAGIC:
+        arr = read_token_ids(file)
+        if arr.ndim == 2:
+            if arr.shape[1] < seq_len:  # rows shorter than the requested length: each row is one sequence
+                seq_len = int(arr.shape[1])
+                if seq_len < 2:
+                    raise DataError(f"{file}: rows of {seq_len} token(s) give no next-token prediction")
+            # Rows are documents: chunk each on its own so no sequence straddles two rows.
+            usable = (arr.shape[1] // seq_len) * seq_len
+            seqs = torch.from_numpy(np.ascontiguousarray(arr[:, :usable].reshape(-1, seq_len)))
+        else:
+            seqs = _sequences([arr], seq_len)
+        n_tokens = int(arr.size)
+    else:
+        docs = _read_texts(file)
+        tok = _tokenizer(ckpt, file)
+        eos = getattr(tok, "eos_token_id", None)
+        ids = []
+        for doc in docs:
+            enc = tok(doc, add_special_tokens=False)["input_ids"]
+            # Documents are joined with EOS when the tokenizer has one, as in ordinary LM training.
+            ids.append(np.asarray(enc + ([eos] if eos is not None and len(docs) > 1 else []), dtype=np.int64))
+        n_tokens = int(sum(a.size for a in ids))
+        if n_tokens == 0:
+            raise DataError(f"{file}: the text tokenises to no tokens", hint="give a file with text")
+        seqs = _sequences(ids, seq_len)
+    if seqs.numel() and (int(seqs.min()) < 0 or (vocab and int(seqs.max()) >= vocab)):
+        raise DataError(f"{file}: token ids range {int(seqs.min())}..{int(seqs.max())}, outside the model's "
+                        f"vocabulary of {vocab}", hint="the ids were made with another tokenizer")
+    n = int(seqs.shape[0])
+    if n < 2:
+        raise DataError(f"{file}: {n_tokens} tokens make {n} sequence(s) of {seq_len}; at least 2 are needed "
+                        f"(one train, one validation), i.e. {2 * seq_len} tokens",
+                        hint="give more text or a shorter --seq-len")
+    n_val = max(1, int(math.floor(VALIDATION_FRAC * n)))
+    return TokenData(sequences=seqs, n_train=n - n_val, source=str(file), vocab_size=vocab, n_tokens=n_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME[:key=value,...]"`` -> (name, params); values are JSON numbers/strings."""
+    name, _, params = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, params.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise json.JSONDecodeError("no '='", item, 0)
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"--task {spec}: {item!r} is not key=value", hint="e.g. --task modadd:p=97") from None
+    return name.strip(), kwargs
+
+
+def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None, seq_len: int | None = None) -> Any:
+    """Data for running ``ckpt``'s model: its recorded task, the built-in ``task``, or the file ``data``.
+
+    ``ckpt``: a Checkpoint (``.path``, ``.config()``). ``task``: ``"NAME[:key=value,...]"``. ``data``: a text,
+    JSONL or ``.npy`` file (see the module docstring). ``seq_len``: tokens per sequence for file data. Returns a
+    Task-protocol object. Errors (DataError): both given, unknown task, no recorded task, empty file, too few
+    tokens, a tokenizer missing for text.
+    """
+    from ckptaudit.tasks import TASK_FILE, available_tasks, get_task, load_task_spec, task_from_spec
+
+    where = _checkpoint_dir(ckpt)
+    if task is not None and data is not None:
+        raise DataError("give either --task or --data, not both")
+    if data is not None:
+        return _file_data(ckpt, Path(data), seq_len)
+    spec = load_task_spec(where) if (where / TASK_FILE).is_file() else {}
+    if task is None:
+        if not spec:
+            raise DataError(f"{where}: no {TASK_FILE}, so the data this checkpoint was trained on is unknown",
+                            hint="pass --data FILE (text, JSONL or .npy token ids) or --task NAME")
+        return task_from_spec(spec)
+    name, params = parse_task(task)
+    if name not in available_tasks():
+        raise DataError(f"--task {task}: unknown built-in task {name!r} (checkpoint {where})",
+                        hint=f"use one of: {', '.join(available_tasks())}, or --data FILE")
+    if spec.get("task") == name:  # same task: the checkpoint's parameters unless overridden
+        merged = {k: v for k, v in spec.items() if k not in ("task", "batch_size", "data_seed", "train")}
+        merged.update(params)
+        params = merged
+    try:
+        return get_task(name, **params)
+    except ValueError as exc:
+        raise DataError(f"--task {task}: {exc} (checkpoint {where})") from None
+
+
+def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train") -> None:
+    """File data must hold ``n_batches * batch_size`` distinct sequences in ``split`` (independent batches).
+
+    Built-in tasks are generated and cycle through epochs, so they are not checked. Raises DataError naming the
+    file and how many tokens are needed.
+    """
+    if not isinstance(data, TokenData):
+        return
+    need = int(n_batches) * int(batch_size)
+    have = data.split_size(split)
+    if have < need:
+        # The train split is (1 - VALIDATION_FRAC) of the sequences, so ask for the total that yields `need`.
+        total_seq = need + max(1, math.ceil(need * VALIDATION_FRAC / (1 - VALIDATION_FRAC)))
+        raise DataError(
+            f"{data.source}: {n_batches} batches of {batch_size} sequences need {need} {split} sequences of "
+            f"{data.seq_len} tokens (about {total_seq * data.seq_len} tokens in the file); it has {data.n_tokens} "
+            f"tokens -> {have} {split} sequences",
+            hint="give more text, or lower --batches / --batch-size / --seq-len",
+        )

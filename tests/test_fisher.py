@@ -1,0 +1,279 @@
+"""fisher (SPEC §2) against independent references: a dense empirical Fisher, dense eigh, finite differences,
+Monte Carlo, plain autograd; and the CLI on the tiny fixture run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckptaudit.analyses.fisher import (
+    FisherSettings,
+    fisher_at_model,
+    flat_gradient,
+    noise_floor,
+    trunk_layout,
+)
+from ckptaudit.analyses.fisher_directions import random_directions
+from ckptaudit.cli.app import app
+from ckptaudit.tasks import get_task
+
+runner = CliRunner()
+M, B, SEED = 6, 8, 3
+CHECKPOINT_KEYS = {"step", "q", "anisotropy", "top_eigenvalues", "top_overlap_backbone", "effective_rank",
+                   "grad_backbone_cos_mean", "grad_backbone_cos_std", "noise_floor", "block_signed_projection"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A float64 GPT-2 with 2 blocks of d=4 on modular addition mod 7: trunk D = 2 x 192 = 384."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ckptaudit.io.roles import resolve_architecture
+
+    task = get_task("modadd", p=7)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=task.vocab_size, n_positions=4, n_embd=4, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=8, eos_token_id=8, initializer_range=0.3)
+    model = GPT2LMHeadModel(config).double().eval()
+    arch = resolve_architecture({n: tuple(t.shape) for n, t in model.state_dict().items()}, config.to_dict())
+    layout = trunk_layout(arch)
+    return model, task, layout
+
+
+def manual_flat(tensors: dict[str, torch.Tensor], n_layer: int = 2, d: int = 4) -> torch.Tensor:
+    """The trunk in layout order written out by hand: per block Q, K, V columns of c_attn, c_proj, c_fc, mlp c_proj."""
+    parts = []
+    for b in range(n_layer):
+        w = tensors[f"transformer.h.{b}.attn.c_attn.weight"]
+        parts += [w[:, :d], w[:, d : 2 * d], w[:, 2 * d :]]
+        parts += [tensors[f"transformer.h.{b}.{n}.weight"] for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def dense_gradients(model, task, n: int = M) -> np.ndarray:
+    """[n, D] gradients by plain loss.backward() on every parameter."""
+    rows = []
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for i in range(n):
+        model.zero_grad()
+        loss, _ = task.loss_and_accuracy(model, task.batch("train", i, B, SEED))
+        loss.backward()
+        rows.append(manual_flat({k: p.grad for k, p in model.named_parameters()}).numpy().copy())
+    model.zero_grad()
+    return np.stack(rows)
+
+
+def unit(rng: np.random.Generator, dim: int) -> torch.Tensor:
+    v = rng.standard_normal(dim)
+    return torch.from_numpy(v / np.linalg.norm(v))
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny):
+    model, task, layout = tiny
+    rng = np.random.default_rng(0)
+    dirs = {"backbone": unit(rng, layout.dim), "pc2": unit(rng, layout.dim)}
+    settings = FisherSettings(batches=M, n_random=5, seed=SEED, keep_eigenvector=True)
+    res = fisher_at_model(model, task, layout, dirs, settings, batch_size=B)
+    return res, dirs, dense_gradients(model, task)
+
+
+def test_layout_matches_hand_flattening(tiny):
+    model, _, layout = tiny
+    sd = dict(model.state_dict())
+    assert layout.dim == 2 * (4 * 12 + 4 * 4 + 4 * 16 + 16 * 4)
+    assert torch.equal(layout.flatten(sd), manual_flat(sd))
+
+
+def test_gradient_equals_plain_autograd(tiny):
+    model, task, layout = tiny
+    batch = task.batch("train", 2, B, SEED)
+    g, loss, _ = flat_gradient(model, task, batch, layout)
+    ref = dense_gradients(model, task, n=3)[2]
+    np.testing.assert_allclose(g.numpy(), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_rayleigh_quotients_equal_dense_fisher(analysed, tiny):
+    res, dirs, G = analysed
+    F = G.T @ G / M  # the D x D Fisher, formed only here
+    for name in ("backbone", "pc2"):
+        v = dirs[name].numpy()
+        assert res.q[name] == pytest.approx(v @ F @ v, rel=1e-10)
+    W = random_directions(dirs["backbone"], 5, SEED).numpy()
+    expected = np.einsum("kd,de,ke->k", W, F, W)
+    np.testing.assert_allclose(res.q_random, expected, rtol=1e-10)
+    assert res.q["random_mean"] == pytest.approx(expected.mean(), rel=1e-10)
+    assert res.anisotropy == pytest.approx(dirs["backbone"].numpy() @ F @ dirs["backbone"].numpy() / expected.mean(),
+                                           rel=1e-10)
+
+
+def test_gram_eigenpairs_equal_dense_eigh(analysed):
+    res, dirs, G = analysed
+    lam, vecs = np.linalg.eigh(G.T @ G / M)
+    lam, vecs = lam[::-1], vecs[:, ::-1]
+    np.testing.assert_allclose(res.eigenvalues, lam[:M], rtol=1e-8, atol=1e-14 * lam[0])
+    assert np.all(np.abs(lam[M:]) < 1e-10 * lam[0])  # the rest of the D x D spectrum is zero
+    assert abs(abs(res.u1 @ vecs[:, 0]) - 1.0) < 1e-8
+    assert res.top_overlap_backbone == pytest.approx(abs(vecs[:, 0] @ dirs["backbone"].numpy()), rel=1e-7)
+    pos = lam[:M]
+    assert res.effective_rank == pytest.approx(pos.sum() ** 2 / (pos**2).sum(), rel=1e-8)
+    assert 1.0 <= res.effective_rank <= M
+
+
+def test_cosines_and_block_projection_from_dense_gradients(analysed):
+    res, dirs, G = analysed
+    vb = dirs["backbone"].numpy()
+    cos = np.abs(G @ vb) / np.linalg.norm(G, axis=1)
+    assert res.grad_backbone_cos_mean == pytest.approx(cos.mean(), rel=1e-10)
+    assert res.grad_backbone_cos_std == pytest.approx(cos.std(), rel=1e-10)
+    assert res.noise_floor == pytest.approx(math.sqrt(2 / (math.pi * 384)))
+    half = G.shape[1] // 2  # both blocks have 192 scalars, block 0 first
+    for b, sl in ((0, slice(0, half)), (1, slice(half, None))):
+        vl = vb[sl] / np.linalg.norm(vb[sl])
+        expected = np.mean(G[:, sl] @ vl / np.linalg.norm(G[:, sl], axis=1))
+        assert res.block_signed_projection[b] == pytest.approx(expected, rel=1e-10)
+
+
+def test_memmap_spill_gives_the_same_numbers(tiny, analysed, tmp_path):
+    model, task, layout = tiny
+    res, dirs, _ = analysed
+    settings = FisherSettings(batches=M, n_random=5, seed=SEED, memory_budget=1, spill_dir=str(tmp_path),
+                              keep_eigenvector=True)
+    spilled = fisher_at_model(model, task, layout, dirs, settings, batch_size=B)
+    assert res.gradient_storage == "ram" and spilled.gradient_storage.startswith("memmap:")
+    assert not Path(spilled.gradient_storage.split(":", 1)[1]).exists()  # the spill file is removed
+    assert spilled.q == res.q
+    np.testing.assert_array_equal(spilled.eigenvalues, res.eigenvalues)
+    np.testing.assert_array_equal(spilled.u1, res.u1)
+    assert spilled.to_json() == res.to_json()
+
+
+def test_random_directions_orthonormal_and_orthogonal_to_backbone():
+    rng = np.random.default_rng(1)
+    vb = unit(rng, 20_000)
+    W = random_directions(vb, 10, seed=7)
+    assert W.dtype == torch.float64 and W.shape == (10, 20_000)
+    np.testing.assert_allclose((W @ W.T).numpy(), np.eye(10), atol=1e-10)
+    assert float((W @ vb).abs().max()) < 1e-10
+    assert torch.equal(W, random_directions(vb, 10, seed=7))  # seeded
+    assert not torch.equal(W, random_directions(vb, 10, seed=8))
+
+
+def test_noise_floor_matches_monte_carlo():
+    dim, n = 800, 20_000
+    x = np.random.default_rng(5).standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fixed = np.zeros(dim)
+    fixed[3] = 1.0
+    assert np.mean(np.abs(x @ fixed)) == pytest.approx(noise_floor(dim), rel=0.03)
+
+
+class Float64Loss:
+    """The modadd data with the loss kept in float64 (the task's own loss is float32, too coarse for h^2 = 1e-6)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def batch(self, *args):
+        return self.task.batch(*args)
+
+    def loss_and_accuracy(self, model, batch):
+        logits = self.task.answer_logits(model, batch["input_ids"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"]), 0.0
+
+
+def test_hessian_matches_finite_difference(tiny):
+    model, task, layout = tiny
+    task = Float64Loss(task)
+    n = 3
+    rng = np.random.default_rng(2)
+    vb = unit(rng, layout.dim)
+    rand = random_directions(vb, 2, SEED)
+    settings = FisherSettings(batches=n, n_random=2, seed=SEED, hessian=True)
+    res = fisher_at_model(model, task, layout, {"backbone": vb}, settings, batch_size=B, random=rand)
+    batches = [task.batch("train", i, B, SEED) for i in range(n)]
+    params = dict(model.named_parameters())
+    base = {k: p.detach().clone() for k, p in params.items()}
+
+    def loss_at(v: torch.Tensor, h: float) -> float:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(base[k])
+            for piece, start in zip(layout.pieces, layout.offsets, strict=True):
+                piece.take(params[piece.tensor].data).add_(h * v[start : start + piece.numel].view(piece.shape))
+            value = np.mean([float(task.loss_and_accuracy(model, b)[0]) for b in batches])
+            for k, p in params.items():
+                p.copy_(base[k])
+        return value
+
+    h = 1e-3
+    for v, got in ((vb, res.hessian["backbone"]), (rand[0], res.hessian_random[0]), (rand[1], res.hessian_random[1])):
+        fd = (loss_at(v, h) - 2 * loss_at(v, 0.0) + loss_at(v, -h)) / h**2
+        assert got == pytest.approx(fd, rel=1e-4, abs=1e-9)
+    assert res.hessian["random_mean"] == pytest.approx(float(np.mean(res.hessian_random)))
+
+
+def test_fisher_is_deterministic_and_restores_the_model(tiny):
+    model, task, layout = tiny
+    flags = [p.requires_grad for p in model.parameters()]
+    vb = unit(np.random.default_rng(4), layout.dim)
+    s = FisherSettings(batches=2, n_random=2, seed=1)
+    a = fisher_at_model(model, task, layout, {"backbone": vb}, s, batch_size=4)
+    b = fisher_at_model(model, task, layout, {"backbone": vb}, s, batch_size=4)
+    assert a.to_json() == b.to_json()
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_with_vectors_from_backbone(tiny_run, tmp_path):
+    vec = tmp_path / "v.safetensors"
+    r = _invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "f.h5"
+    r = _invoke("fisher", tiny_run, "--steps", "50,60", "--vectors", vec, "--batches", 3, "--batch-size", 16,
+                "--random", 3, "--switch", "30:60", "--out", out, "--json", "--no-hash")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert [c["step"] for c in s["checkpoints"]] == [50, 60]
+    for c in s["checkpoints"]:
+        assert set(c) == CHECKPOINT_KEYS
+        assert set(c["q"]) == {"backbone", "switch", "pc2", "pc3", "pc4", "pc5", "pc6", "random_mean"}
+        assert set(c["block_signed_projection"]) == {"0", "1"}
+        assert len(c["top_eigenvalues"]) == 3
+    assert s["stiffening"]["q_backbone"] == [c["q"]["backbone"] for c in s["checkpoints"]]
+    b0 = [c["block_signed_projection"]["0"] for c in s["checkpoints"]]
+    assert s["block_running_sum"]["0"] == pytest.approx(np.cumsum(b0).tolist())
+    with h5py.File(out) as f:
+        assert {"step_50", "step_60", "stiffening"} <= set(f["fisher"])
+        assert f["fisher/step_60"].attrs["anisotropy"] == pytest.approx(s["checkpoints"][1]["anisotropy"])
+
+
+def test_cli_run_computes_vectors_on_the_fly(tiny_run):
+    r = _invoke("fisher", tiny_run / "checkpoint-60", "--run", tiny_run, "--batches", 2, "--batch-size", 8,
+                "--random", 2, "--block", 1, "--json", "--no-report")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    (c,) = s["checkpoints"]
+    assert c["step"] == 60 and set(c["block_signed_projection"]) == {"1"}
+    assert s["dim"] == 32 * 96 + 32 * 32 + 32 * 128 * 2
+    assert s["hessian"] is None
+
+
+def test_cli_single_checkpoint_without_vectors_is_a_usage_error(tiny_run):
+    r = _invoke("fisher", tiny_run / "checkpoint-60", "--no-report")
+    assert r.exit_code == 2
+    assert "--vectors" in r.stderr
