@@ -1,0 +1,16 @@
+"""Imports every command module so that each registers itself on the root app.
+
+The import order is the order of `ckptaudit --help` and of the man pages: look first, then analyse, then gate.
+"""
+
+# ruff: noqa: F401, I001
+from ckptaudit.cli import inspect_cmd
+from ckptaudit.cli import backbone_cmd
+from ckptaudit.cli import fisher_cmd
+from ckptaudit.cli import resume_cmd
+from ckptaudit.cli import gxs_cmd
+from ckptaudit.cli import embeddings_cmd
+from ckptaudit.cli import finetune_cmd
+from ckptaudit.cli import trajectory_cmd
+from ckptaudit.cli import gate_cmd
+from ckptaudit.cli import report_cmd
