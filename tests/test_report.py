@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ckptaudit.report.hdf5 import InputRecord, SCHEMA_VERSION, read_report, sha256_files, write_report
+from ckptaudit.report.hdf5 import SCHEMA_VERSION, InputRecord, read_report, sha256_files, write_report
 
 
 def test_round_trip_and_root_attributes(tmp_path):
@@ -48,7 +48,7 @@ def test_failed_write_leaves_nothing(tmp_path):
         pass
 
     target = tmp_path / "out.h5"
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         write_report(target, command="x", argv=[], tree={"bad": Boom()})
     assert not target.exists()
     assert os.listdir(tmp_path) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -79,7 +79,7 @@ def classify_embeddings(
         float, typer.Option("--lora-lr", help="LoRA learning rate used for the predicted critical rate eta_c = lr / h_class.")
     ] = 2e-4,
     tokens_from: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--tokens-from",
             help="'tokenizer' to exclude special tokens and padding rows, or a file of token ids to keep (JSON list or one per line).",

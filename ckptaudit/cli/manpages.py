@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import typer
 from typer.main import get_command
+
+from ckptaudit import __version__
 
 # typer >= 0.2x ships its own copy of click, so isinstance checks against the `click` package do not match its
 # objects; these predicates rely on the attributes both copies share.
@@ -34,7 +35,6 @@ def _context(cmd: object):
 
     return Context(cmd)  # type: ignore[arg-type]
 
-from ckptaudit import __version__
 
 DATE = "2026"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ RunDirArg = Annotated[
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint directory or file.")]
 OutOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--out", "-o", help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
 ]
 NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Do not write an HDF5 report.")]
@@ -24,7 +24,7 @@ DeviceOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; results are deterministic given it.")]
 StepsOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--steps",
         help="Checkpoints to use: a list (100,200), a range START:STOP (inclusive), START:STOP:EVERY, or ::K for every K-th checkpoint.",
@@ -32,7 +32,7 @@ StepsOpt = Annotated[
 ]
 NoHashOpt = Annotated[bool, typer.Option("--no-hash", help="Skip the SHA-256 of weight files in the report's /inputs.")]
 RoleMapOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--role-map", help="TOML/JSON file mapping tensor-name regexes to roles, for architectures ckptaudit does not know."),
 ]
 
