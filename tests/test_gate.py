@@ -462,3 +462,19 @@ def test_ci_examples_are_valid_yaml_and_run_the_gate():
     job = gl["ckptaudit-gate"]
     assert job["artifacts"]["reports"]["junit"] == "gate.xml"
     assert any("ckptaudit gate" in line and "--junit gate.xml" in line for line in job["script"])
+
+
+def test_fisher_anisotropy_check_runs_the_fisher_analysis(tiny_run, tmp_path):
+    """The check measures alpha at the last checkpoint with the backbone of the run; compare with `ckptaudit fisher`."""
+    r = runner.invoke(app, ["fisher", str(tiny_run), "--steps", "60", "--run", str(tiny_run), "--batches", "16",
+                            "--json", "--no-report", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    alpha = json.loads(r.stdout)["checkpoints"][0]["anisotropy"]
+    text = BASE + f"\n[checks.fisher_anisotropy]\nmin = {alpha / 2}\nmax = {alpha * 2}\n"
+    res, doc, _, _ = gate(tiny_run, text, tmp_path)
+    fisher = by_name(doc)["fisher_anisotropy"]
+    assert fisher["status"] == "pass", fisher
+    assert abs(fisher["value"] - alpha) <= 1e-9 * abs(alpha)
+    text = BASE + f"\n[checks.fisher_anisotropy]\nmax = {alpha / 2}\n"
+    res, doc, _, _ = gate(tiny_run, text, tmp_path)
+    assert res.exit_code == 1 and by_name(doc)["fisher_anisotropy"]["status"] == "fail"
