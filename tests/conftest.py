@@ -48,3 +48,36 @@ def tiny_run() -> Path:
 def tiny_checkpoint(tiny_run: Path) -> Path:
     """The last checkpoint of the ``tiny`` run (``checkpoint-60``), a complete Trainer checkpoint directory."""
     return tiny_run / "checkpoint-60"
+
+
+def make_tiny_lm_dir(
+    path: Path,
+    vocab: dict[str, int],
+    unk: str,
+    eos: str | None = None,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 4,
+    tokenizer: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A tiny random GPT-2 (16 positions, tied head) saved with save_pretrained, and beside it a WordLevel
+    tokenizer over ``vocab`` (whitespace-split), saved like any local model directory. Nothing is downloaded."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    special = vocab[eos] if eos is not None else 0
+    config = GPT2Config(vocab_size=len(vocab), n_positions=16, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        bos_token_id=special, eos_token_id=special)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    if tokenizer:
+        tok = Tokenizer(WordLevel(vocab, unk_token=unk))
+        tok.pre_tokenizer = WhitespaceSplit()
+        extra = {"eos_token": eos} if eos is not None else {}
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **extra).save_pretrained(path)
+    return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_lm_dir
 
 from ckptaudit.errors import DataError
 from ckptaudit.io.data import TokenData, check_enough, load_data
@@ -17,22 +18,8 @@ VOCAB = {w: i for i, w in enumerate(WORDS)} | {"[UNK]": 20, "[EOS]": 21}
 
 
 def _model_dir(path: Path, tokenizer: bool = True) -> Path:
-    """A tiny GPT-2 (16 positions) saved with save_pretrained, and a WordLevel tokenizer beside it."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(VOCAB), n_positions=16, n_embd=8, n_layer=1, n_head=2,
-                        bos_token_id=21, eos_token_id=21)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    if tokenizer:
-        tok = Tokenizer(WordLevel(VOCAB, unk_token="[UNK]"))
-        tok.pre_tokenizer = WhitespaceSplit()
-        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(path)
-    return path
+    """A tiny GPT-2 (16 positions) with a WordLevel tokenizer over VOCAB beside it."""
+    return make_tiny_lm_dir(path, VOCAB, unk="[UNK]", eos="[EOS]", n_embd=8, n_layer=1, n_head=2, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

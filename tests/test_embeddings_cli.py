@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from conftest import make_tiny_lm_dir
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -67,21 +67,8 @@ def test_uncached_hub_id_fails_fast(tmp_path, monkeypatch):
 
 
 def _tiny_lm_with_tokenizer(tmp_path: Path) -> Path:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     words = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home", "ice", "cream"]
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=16, n_embd=32, n_layer=2, n_head=4))
-    out = tmp_path / "tiny-lm"
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return make_tiny_lm_dir(tmp_path / "tiny-lm", {w: i for i, w in enumerate(words)}, unk="<unk>")
 
 
 def test_born_gap_cli_phi_equals_signal_plus_drag(tmp_path):

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_lm_dir
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -90,21 +91,8 @@ def test_critical_lr_is_smallest_flipping_rate():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 (tied head) with a WordLevel tokenizer, saved like any local model directory."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                       bos_token_id=0, eos_token_id=0))
-    out = tmp_path_factory.mktemp("ft") / "tiny-lm"
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    return make_tiny_lm_dir(tmp_path_factory.mktemp("ft") / "tiny-lm", vocab, unk="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -281,3 +282,38 @@ def test_cli_checkpoint_without_task_is_a_clear_error(tiny_run: Path, tmp_path: 
     assert r.exit_code == 2 and "--task" in r.stderr and "Traceback" not in r.output
     r = invoke("resume-probe", ckpt, "--reset-optimizer", "--preserve-optimizer", "--no-report")
     assert r.exit_code == 2 and "exclude each other" in r.stderr
+
+
+def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
+    """--data: a plain model directory (no optimizer state) trained on a text file; RESET only, provenance incomplete,
+    and the step-0 eval loss equals the next-token loss computed independently on the same validation sequences."""
+    from conftest import make_tiny_lm_dir
+
+    from ckptaudit.io.data import load_data
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.io.models import load_model
+
+    words = [f"w{i}" for i in range(20)]
+    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": 20, "[EOS]": 21}
+    model_dir = make_tiny_lm_dir(tmp_path / "lm", vocab, unk="[UNK]", eos="[EOS]", n_embd=16, n_layer=1, n_head=2)
+    rng = np.random.default_rng(0)
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words, size=15)) for _ in range(400)) + "\n")
+    r = runner.invoke(app, ["resume-probe", str(model_dir), "--data", str(text), "--steps", "5", "--lr-mult", "1",
+                            "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["provenance_complete"] is False
+    assert {c["optimizer"] for c in doc["conditions"]} == {"reset"}
+    ckpt = discover_run(model_dir).checkpoints[0]
+    data = load_data(ckpt, data=text)
+    model = load_model(ckpt)
+    losses, counts = [], []
+    with torch.no_grad():
+        for batch in data.eval_batches("validation", 64):
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            target = batch["input_ids"][:, 1:]
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                            reduction="sum").item())
+            counts.append(target.numel())
+    assert abs(doc["conditions"][0]["eval_loss"][0] - sum(losses) / sum(counts)) < 1e-4

@@ -16,7 +16,6 @@ Optimizers are rebuilt here, in two ways (SPEC §3):
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptaudit.errors import DataError, InputNotFoundError, LayoutError, OptimizerStateError
+from ckptaudit.errors import InputNotFoundError, LayoutError, OptimizerStateError
 
 __all__ = [
     "ProbeInputs",
@@ -155,129 +154,37 @@ def fresh_optimizer(model: nn.Module, inputs: ProbeInputs) -> torch.optim.Optimi
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-@dataclass(frozen=True)
-class _DirCheckpoint:
-    """The few Checkpoint attributes io.models/io.optimizer need, for a Trainer-layout directory."""
-
-    path: Path
-    step: int
-    weight_files: tuple[Path, ...]
-    optimizer_file: Path | None
-    scheduler_file: Path | None
-    trainer_state_file: Path | None
-    config_file: Path | None
-    layout: str = "hf-trainer"
-
-    def config(self) -> dict | None:
-        return json.loads(self.config_file.read_text(encoding="utf-8")) if self.config_file else None
-
-    def trainer_state(self) -> dict | None:
-        if self.trainer_state_file is None:
-            return None
-        return json.loads(self.trainer_state_file.read_text(encoding="utf-8"))
-
-    def tensors(self) -> Any:
-        try:
-            from ckptaudit.io.tensors import open_tensors
-        except ImportError:
-            return _SafetensorsFiles(self.weight_files)
-        return open_tensors(self.path)
-
-
-class _SafetensorsFiles:
-    """Lazy tensors of one or more safetensors files (used until io.tensors is importable)."""
-
-    def __init__(self, files: Sequence[Path]):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name].get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles, self._where = [], {}
-
-    def __enter__(self) -> _SafetensorsFiles:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 def _checkpoint(path: Path) -> Any:
-    """A Checkpoint for ``path`` (io.discover when available, else a Trainer-layout reading of the directory)."""
+    """The one Checkpoint at ``path`` (io.discover); a run of several is refused."""
+    from ckptaudit.io.discover import discover_run
+
     if not path.exists():
-        raise InputNotFoundError(
-            f"{path}: no such checkpoint", hint="pass a checkpoint directory (checkpoint-N/)"
-        )
-    try:
-        from ckptaudit.io.discover import discover_run
-    except ImportError:
-        discover_run = None
-    if discover_run is not None:
-        run = discover_run(path)
-        if len(run.checkpoints) != 1:
-            raise LayoutError(
-                f"{path}: holds {len(run.checkpoints)} checkpoints; resume-probe starts from one",
-                hint="pass one checkpoint directory, e.g. run/checkpoint-1000",
-            )
-        return run.checkpoints[0]
-    if not path.is_dir():
-        raise LayoutError(f"{path}: resume-probe needs a checkpoint directory", hint="pass run/checkpoint-N")
-    weights = sorted(path.glob("model*.safetensors"))
-    if not weights:
+        raise InputNotFoundError(f"{path}: no such checkpoint", hint="pass a checkpoint directory (checkpoint-N/)")
+    run = discover_run(path)
+    if len(run.checkpoints) != 1:
         raise LayoutError(
-            f"{path}: no model*.safetensors", hint="pass a checkpoint directory with safetensors weights"
+            f"{path}: holds {len(run.checkpoints)} checkpoints; resume-probe starts from one",
+            hint="pass one checkpoint directory, e.g. run/checkpoint-1000",
         )
-
-    def opt(name: str) -> Path | None:
-        return path / name if (path / name).is_file() else None
-
-    state = opt("trainer_state.json")
-    step = json.loads(state.read_text())["global_step"] if state else int(path.name.rpartition("-")[2] or 0)
-    return _DirCheckpoint(path, int(step), tuple(weights), opt("optimizer.pt"), opt("scheduler.pt"), state,
-                          opt("config.json"))  # fmt: skip
+    return run.checkpoints[0]
 
 
-def _task_and_spec(ckpt_dir: Path, task_override: str | None) -> tuple[Any, dict]:
-    """The built-in task (from ``--task`` or ckptaudit_task.json) and the checkpoint's spec (may be {})."""
-    from ckptaudit.tasks import TASK_FILE, get_task, load_task_spec, task_from_spec
+def _task_and_spec(ckpt: Any, ckpt_dir: Path, task: str | None, data: str | Path | None) -> tuple[Any, dict]:
+    """The data to train and evaluate on (io.data.load_data: --task, --data or ckptaudit_task.json) and the
+    checkpoint's recorded spec (may be {}; it carries the run's training hyper-parameters when present)."""
+    from ckptaudit.io.data import load_data
+    from ckptaudit.tasks import TASK_FILE, load_task_spec
 
     spec = load_task_spec(ckpt_dir) if (ckpt_dir / TASK_FILE).is_file() else {}
-    if task_override is None:
-        if not spec:
-            raise DataError(
-                f"{ckpt_dir}: no {TASK_FILE}, so the data this checkpoint trains and evaluates on is unknown",
-                hint="name a built-in task with --task (e.g. --task modadd:p=97,train_frac=0.5)",
-            )
-        return task_from_spec(spec), spec
-    name, _, params = task_override.partition(":")
-    kwargs: dict[str, Any] = {}
-    if spec.get("task") == name:  # same task: keep the checkpoint's parameters unless overridden
-        kwargs = {k: v for k, v in spec.items() if k in ("p", "train_frac", "split_seed")}
-    for item in filter(None, params.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(
-                f"--task {task_override}: {item!r} is not key=number", hint="e.g. modadd:p=97"
-            ) from None
-    return get_task(name, **kwargs), spec
+    return load_data(ckpt, task=task, data=data), spec
 
 
 def _last_lrs(
-    ckpt: Any, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int
+    ckpt: Any, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int, lr: float | None = None
 ) -> tuple[list, str]:
-    """The lr in effect at the checkpoint, per group, and where it came from."""
+    """The lr in effect at the checkpoint, per group, and where it came from (``lr`` given by the user wins)."""
+    if lr is not None:
+        return [float(lr)] * n, "--lr"
     if opt_groups:
         return [float(g["lr"]) for g in opt_groups], "optimizer state"
     if sched and sched.get("_last_lr"):
@@ -292,7 +199,7 @@ def _last_lrs(
         return [float(hp["lr"])] * n, "ckptaudit_task.json (peak lr)"
     raise OptimizerStateError(
         f"{ckpt.path}: no optimizer state and no record of the learning rate",
-        hint="resume-probe needs at least the lr (trainer_state.json log_history or ckptaudit_task.json)",
+        hint="pass the base learning rate with --lr (or keep trainer_state.json / ckptaudit_task.json with the checkpoint)",
     )
 
 
@@ -301,6 +208,8 @@ def probe_inputs_from_checkpoint(
     task: str | None = None,
     seed: int | None = None,
     device: str = "cpu",
+    data: str | Path | None = None,
+    lr: float | None = None,
 ) -> ProbeInputs:
     """Read checkpoint directory ``path`` into ProbeInputs (built-in task data, Trainer-layout files).
 
@@ -317,7 +226,7 @@ def probe_inputs_from_checkpoint(
     path = Path(path)
     ckpt = _checkpoint(path)
     ckpt_dir = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
-    task_obj, spec = _task_and_spec(ckpt_dir, task)
+    task_obj, spec = _task_and_spec(ckpt, ckpt_dir, task, data)
     hp = dict(spec.get("train") or {})
     model = load_model(ckpt, device=device)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
@@ -346,7 +255,7 @@ def probe_inputs_from_checkpoint(
         base = {"betas": tuple(hp.get("betas", (0.9, 0.999))), "eps": hp.get("eps", 1e-8)}
         hyper = ({**base, "weight_decay": hp.get("weight_decay", 0.0)}, {**base, "weight_decay": 0.0})
         raw_groups = None
-    lrs, lr_source = _last_lrs(ckpt, raw_groups, sched_state, hp, len(names))
+    lrs, lr_source = _last_lrs(ckpt, raw_groups, sched_state, hp, len(names), lr)
     hyper = tuple({**h, "lr": lr} for h, lr in zip(hyper, lrs, strict=True))
     if opt_state is None:
         notes.append(f"RESET learning rate taken from {lr_source}")

@@ -106,6 +106,21 @@ def resume_probe(
             help="Built-in task to train and evaluate on, NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json).",
         ),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Train and evaluate on this file instead: text, JSONL with a 'text' field, or .npy token ids (next-token loss).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            min=0.0,
+            help="Base learning rate that the RESET multipliers scale (default: the lr in effect at the checkpoint).",
+        ),
+    ] = None,
     vectors: Annotated[
         Path | None,
         typer.Option(
@@ -144,7 +159,7 @@ def resume_probe(
         boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
         seed=seed if seed is not None else 0, mode=mode, device=dev,
     )  # fmt: skip
-    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev)
+    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr)
     with Progress(output, "resume-probe", None) as hook:
         result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
     checkpoints = [inputs.checkpoint] if inputs.checkpoint is not None else []
