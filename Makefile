@@ -47,6 +47,8 @@ man: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
+	$(PY) benchmarks/bench_fisher.py
+	$(PY) benchmarks/bench_embeddings.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ckptaudit tests fixtures benchmarks
