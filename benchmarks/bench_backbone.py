@@ -8,12 +8,16 @@ memory (ru_maxrss) is its own:
              first run warms the page cache, the second is the reported warm-cache figure;
 - ckptaudit: ``run_backbone`` (Grams of trunk, every block and the G/S groups in one pass + all metrics);
 - naive:     stack the trunk drift matrix X (float32, T x D) in memory, then ``np.linalg.svd(X)`` as the paper's
-             public code does; skipped when X plus SVD workspace would not fit in memory.
+             public code does; skipped when X plus SVD workspace would not fit in memory;
+- ckptaudit x N (``--nproc N``): the same ``run_backbone`` under ``torch.distributed.run --standalone
+             --nproc-per-node N`` (gloo on CPU): time of rank 0 (process-group start included) and the speed-up
+             against one process; peak RSS is the largest of the ranks.
 
 The table and a machine description are appended to benchmarks/RESULTS.md.
 
     python benchmarks/bench_backbone.py            # full size (about 5 GB of checkpoints)
     python benchmarks/bench_backbone.py --small    # 11 checkpoints, d = 128, for a quick check
+    python benchmarks/bench_backbone.py --nproc 2  # also run 2 processes (torch.distributed, gloo)
 """
 
 from __future__ import annotations
@@ -85,17 +89,32 @@ def method_read(run: Path) -> dict:
         with c.tensors() as src:
             for name in src.keys():
                 t = src.get(name)
-                t.numpy().copy() if t.dtype != torch.bfloat16 else t.clone()  # touch every byte: tensors may be memory-mapped
+                if not getattr(src, "ranged_reads", False):  # memory-mapped formats: touch every byte
+                    t.numpy().copy() if t.dtype != torch.bfloat16 else t.clone()
                 nbytes += t.numel() * t.element_size()
     return {"bytes": nbytes}
 
 
 def method_ckptaudit(run: Path) -> dict:
+    from ckptaudit.analyses import distributed
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.io.discover import discover_run
 
-    rep = run_backbone(discover_run(run), device="cuda" if _cuda() else "cpu")
-    return {"rho1": float(rep.trunk.rho[0]), "k95": rep.trunk.k95, "D": rep.dims["trunk"], "sigma1": float(rep.trunk.sigma[0])}
+    device = "cuda" if _cuda() else "cpu"
+    ctx = distributed.init_from_env(device)  # None unless launched by torchrun with several processes
+    try:
+        r = discover_run(run)
+        t = time.perf_counter()
+        rep = run_backbone(r, device=ctx.device if ctx else device)
+        seconds_pass = time.perf_counter() - t
+    finally:
+        if ctx is not None:
+            ctx.close()
+    T = len(r.checkpoints) - 1
+    return {"rho1": float(rep.trunk.rho[0]), "k95": rep.trunk.k95, "D": rep.dims["trunk"],
+            "sigma1": float(rep.trunk.sigma[0]), "T": T, "seconds_backbone": seconds_pass,
+            "rank": ctx.rank if ctx else 0, "world": ctx.world_size if ctx else 1,
+            "syrk_gflop": T * (T + 1) * rep.dims["trunk"] / 1e9}
 
 
 def method_naive(run: Path) -> dict:
@@ -149,12 +168,21 @@ def child(method: str, run: Path) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def spawn(method: str, run: Path) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", method, "--run", str(run)], capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"]}
+def spawn(method: str, run: Path, nproc: int = 1) -> dict:
+    if nproc > 1:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
+               "--child", method, "--bench-run", str(run)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    else:
+        p = subprocess.run([sys.executable, __file__, "--child", method, "--bench-run", str(run)], capture_output=True, text=True)
+    results = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"]}
+    out = min(results, key=lambda r: r.get("rank", 0))  # rank 0's figures ...
+    out["seconds"] = max(r["seconds"] for r in results)  # ... but the slowest rank's time and the largest RSS
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    return out
 
 
 def machine() -> str:
@@ -180,8 +208,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="where the synthetic run is kept")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1, help="also run ckptaudit with this many processes (torchrun, gloo)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--bench-run", dest="run", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child, a.run)
@@ -198,6 +227,7 @@ def main() -> None:
     cold = spawn("read", run)  # warms the page cache (not a cold-cache figure unless the cache was empty)
     read = spawn("read", run)
     ours = spawn("ckptaudit", run)
+    multi = spawn("ckptaudit", run, a.nproc) if a.nproc > 1 else None
     naive_need = 3 * x_gb * 1e9  # X + V^T + workspace
     if a.skip_naive:
         naive = {"error": ["skipped (--skip-naive)"]}
@@ -213,6 +243,10 @@ def main() -> None:
         ("read every byte once (1st run)", cold), ("read every byte once (warm cache)", read),
         ("ckptaudit backbone", ours), ("naive: stack X, np.linalg.svd", naive),
     ]
+    if multi is not None:
+        if "seconds" in multi and "seconds" in ours:
+            multi.setdefault("note", f"speed-up vs 1 process: {ours['seconds'] / multi['seconds']:.2f}x")
+        rows.insert(3, (f"ckptaudit backbone, {a.nproc} processes (torchrun, gloo)", multi))
     base = read.get("seconds")
     lines = [
         f"### backbone, {n} checkpoints, trunk D = {D / 1e6:.1f}M (fp32, GPT-2 names), {time.strftime('%Y-%m-%d')}",
@@ -227,7 +261,15 @@ def main() -> None:
     for name, r in rows:
         ratio = f"{r['seconds'] / base:.2f}" if base and "seconds" in r else "—"
         note = "; ".join(r.get("error", [])) or (f"rho1 = {r['rho1']:.6f}" if "rho1" in r else "")
+        if r.get("note"):
+            note += f"; {r['note']}"
         lines.append(f"| {name} | {cell(r, 'seconds', '{:.2f}')} | {ratio} | {cell(r, 'peak_rss_mb', '{:.0f}')} | {note} |")
+    if "seconds" in ours and "syrk_gflop" in ours and "bytes" in read:
+        gf, sec = ours["syrk_gflop"], ours["seconds"]
+        lines += ["", f"Gram pass: T = {ours['T']}, D = {ours['D']:,}; symmetric rank-k products T(T+1)D = {gf:.1f} GFLOP "
+                  f"(float64) in {ours['seconds_backbone']:.2f} s of the {sec:.2f} s -> {gf / ours['seconds_backbone']:.1f} "
+                  f"GFLOP/s including reads; read reference {read['bytes'] / 1e9:.2f} GB in {read['seconds']:.2f} s = "
+                  f"{read['bytes'] / 1e9 / read['seconds']:.2f} GB/s."]
     lines += ["", "Page cache could not be dropped (no root): both read runs and the later methods read from a warm cache,",
               "so 'x read time' compares against memory bandwidth, not disk bandwidth.", ""]
     text = "\n".join(lines)

@@ -31,6 +31,7 @@ from ckptaudit.analyses.gram import (
     SafetensorsStreamWriter,
     _as_source,
     _read,
+    balanced_shards,
     drift_grams,
     tensor_names_of,
 )
@@ -179,8 +180,9 @@ def run_backbone(
     role_map: Any = None,
     save_vectors: str | Path | None = None,
     top_k_vectors: int = 6,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    progress_total: Callable[[float], None] | None = None,
 ) -> BackboneReport:
     """Backbone analysis of ``run`` (a Run: ``.checkpoints`` ordered by step, each with ``.step``, ``.tensors()``,
     ``.config()``, ``.trainer_state()``).
@@ -189,7 +191,16 @@ def run_backbone(
     blocks: blocks analysed one by one (default all; the trunk and role groups always span every block).
     switches: (peak_step, trough_step) pairs; ``metric`` adds pairs detected in trainer_state log_history.
     role_map: a RoleMap, path or dict for resolve_architecture. save_vectors: path of a safetensors file for
-    V_1..V_k (k = top_k_vectors) of the trunk. progress: called with 1 per stored tensor processed per pass.
+    V_1..V_k (k = top_k_vectors) of the trunk.
+
+    Progress: the unit is one stored tensor of one checkpoint (anchor included). ``progress_total(units)`` is
+    called once, before any data is read, with the units of every pass this process will run (the Gram pass,
+    plus the --save-vectors pass); ``progress(u)`` then advances by fractions that add up to that total.
+
+    Several processes: when a torch.distributed process group with more than one rank is initialised (see
+    :mod:`ckptaudit.analyses.distributed`; the CLI starts one under torchrun), each rank streams a size-balanced
+    share of the tensors, the per-piece Grams are all-reduced, and every rank returns the same report (equal to
+    the single-process one). Only rank 0 runs the --save-vectors pass and writes that file.
     """
     from ckptaudit.io.roles import resolve_architecture
 
@@ -231,7 +242,23 @@ def run_backbone(
                 raise UsageError(f"--switch {p}:{q}: step {s} is not a checkpoint at or after the anchor",
                                  f"steps: {_steps_str(sorted(valid))}")
 
-    gs = drift_grams(rows, anchor, groups, device=device, chunk_elems=chunk_elems, progress=progress)
+    from ckptaudit.analyses import distributed
+
+    ctx = distributed.active()
+    names = tensor_names_of(groups)
+    mine = names
+    if ctx is not None:
+        with _as_source(anchor) as src:
+            sizes = {n: src.nbytes(n) for n in names}
+        mine = balanced_shards(names, sizes, ctx.world_size)[ctx.rank]
+    writes_vectors = save_vectors is not None and (ctx is None or ctx.is_main)
+    if progress_total is not None:
+        n_vec = len(tensor_names_of({"v": groups["trunk"]})) if writes_vectors else 0
+        progress_total(float((len(mine) + n_vec) * (len(rows) + 1)))
+    gs = drift_grams(rows, anchor, groups, device=device, chunk_elems=chunk_elems, progress=progress,
+                     tensor_names=mine)
+    if ctx is not None:
+        gs = distributed.allreduce_gramset(gs, ctx, tuple(names))
 
     def analyse(name: str, normalize: bool) -> BackboneResult:
         return backbone_from_gram(gs.grams[name], steps, window=window, normalize_rows=normalize, switches=pairs,
@@ -245,10 +272,14 @@ def run_backbone(
                       "blocks": {b: analyse(f"block_{b}", True) for b in block_ids},
                       "groups": {g: analyse(f"group_{g}", True) for g in ("G", "S")}}
     vec_path, vec_sigma = None, ()
-    if save_vectors is not None:
+    if writes_vectors:
         vec_sigma = save_backbone_vectors(save_vectors, rows, anchor, groups["trunk"], trunk, top_k_vectors,
                                           device=device, progress=progress)
+    if save_vectors is not None:
         vec_path = str(save_vectors)
+        if not writes_vectors:  # other ranks: the same sigma as rank 0 writes, no file
+            rank = int(np.sum(trunk.sigma > (trunk.sigma[0] * 1e-12 if trunk.sigma.size else 0)))
+            vec_sigma = tuple(float(x) for x in trunk.sigma[: max(1, min(int(top_k_vectors), rank))])
     settings = {"window": window, "normalize_rows": normalize_rows, "include_bias": include_bias,
                 "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
                 "architecture": arch.name, "top_k_vectors": top_k_vectors,
@@ -277,7 +308,7 @@ def save_backbone_vectors(
     result: BackboneResult,
     k: int = 6,
     device: str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[float, ...]:
     """Stream V_1..V_k (V_j = X^T D u_j / sigma_j, unit vectors over ``pieces``) to a safetensors file.
 
@@ -285,6 +316,7 @@ def save_backbone_vectors(
     [k, *tensor_shape]: entry[j] is V_{j+1} on that tensor, zero outside the selected pieces (so it can be dotted
     with a gradient of the same parameter). Metadata: steps, anchor_step, sigma, k, group, layout. Each
     checkpoint's tensor is read once (second pass); memory is O(k x largest tensor). Returns sigma_1..sigma_k.
+    ``progress`` advances by T + 1 per stored tensor (one unit per checkpoint read, anchor included).
     """
     dev = torch.device(device)
     sig = result.sigma
@@ -319,7 +351,7 @@ def save_backbone_vectors(
                         del t
                     writer.write(name, out.to(torch.float32))
                     if progress is not None:
-                        progress(1)
+                        progress(float(len(rows) + 1))
             finally:
                 for s in srcs:
                     s.close()

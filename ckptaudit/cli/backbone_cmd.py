@@ -98,37 +98,48 @@ def backbone(
 
     Example: ckptaudit backbone runs/seed42/ --save-vectors backbone.safetensors
     """
+    from ckptaudit.analyses import distributed
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.io.roles import load_role_map
 
-    output = make_output(json_out, quiet)
     dev = resolve_device(device)
-    run = load_run(run_dir, steps)
-    if len(run.checkpoints) < 3:
-        raise UsageError(
-            f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",
-            "point it at a run directory with more checkpoints, or widen --steps",
-        )
-    switches = [parse_switch(s) for s in (switch or [])]
-    rmap = load_role_map(role_map) if role_map is not None else None
-    n_tensor_reads = len(run.checkpoints)
-    with Progress(output, "backbone: reading checkpoints", None) as hook:
-        report = run_backbone(
-            run,
-            anchor_step=anchor,
-            blocks=parse_blocks(blocks),
-            include_bias=include_bias,
-            window=window,
-            normalize_rows=normalize_rows,
-            switches=switches,
-            metric=metric,
-            device=dev,
-            role_map=rmap,
-            save_vectors=save_vectors,
-            top_k_vectors=top_k,
-            progress=hook,
-        )
-    del n_tensor_reads
+    # Under torchrun (WORLD_SIZE > 1): one process group for the run; rank 0 alone prints and writes.
+    ctx = distributed.init_from_env(dev)
+    try:
+        if ctx is not None:
+            dev = ctx.device
+        main = ctx is None or ctx.is_main
+        output = make_output(json_out, quiet or not main)
+        run = load_run(run_dir, steps)
+        if len(run.checkpoints) < 3:
+            raise UsageError(
+                f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",
+                "point it at a run directory with more checkpoints, or widen --steps",
+            )
+        switches = [parse_switch(s) for s in (switch or [])]
+        rmap = load_role_map(role_map) if role_map is not None else None
+        with Progress(output, "backbone: reading checkpoints", None) as hook:
+            report = run_backbone(
+                run,
+                anchor_step=anchor,
+                blocks=parse_blocks(blocks),
+                include_bias=include_bias,
+                window=window,
+                normalize_rows=normalize_rows,
+                switches=switches,
+                metric=metric,
+                device=dev,
+                role_map=rmap,
+                save_vectors=save_vectors,
+                top_k_vectors=top_k,
+                progress=hook if main else None,
+                progress_total=hook.set_total if main else None,
+            )
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if not main:
+        return
     save_report(output, "backbone", report.to_hdf5_tree(), run.checkpoints, out, no_report, hash_files=not no_hash, device=dev)
     summary = report.to_json()
     output.json(summary)

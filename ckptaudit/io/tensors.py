@@ -3,17 +3,25 @@
 Formats are recognised by their first bytes, never by file extension. Every reader answers ``keys()``,
 ``shape()`` and ``dtype()`` from headers alone and reads one tensor's bytes per ``get()``:
 
-- safetensors: ``safe_open`` (header only until ``get_tensor``); sharded checkpoints through their
-  ``*.index.json`` weight map, each shard opened on first use;
+- safetensors: the header is parsed once; tensor bytes are read with positioned reads (``os.preadv``) into
+  freshly allocated buffers, never memory-mapped, so the resident memory of a process that reads many
+  checkpoints stays flat; sharded checkpoints through their ``*.index.json`` weight map, each shard opened on
+  first use;
 - torch pickles (zip or legacy): ``torch.load(weights_only=True)``, memory-mapped when the file is a zip, with
   the state dict found under "state_dict" / "model_state_dict" / "model" / "module";
 - GGUF: ``gguf.GGUFReader`` (memory-mapped); quantised tensors are dequantised to float32 on ``get``;
 - torch.distributed.checkpoint folders: see ``ckptaudit.io.dcp`` (restricted metadata unpickler).
+
+Besides whole tensors, every source answers ranged reads: ``read_flat(name, start, stop)`` returns elements
+[start, stop) of the row-major flattened tensor in its stored dtype. Safetensors (single and sharded) read only
+those bytes (``ranged_reads = True``); the other formats fetch the tensor once and slice it, keeping that one
+tensor until another is asked for.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -84,10 +92,11 @@ def detect_format(path: Path | str) -> str:
         if _is_torch_zip(p):
             return "torch-zip"
         raise LayoutError(f"{p}: a zip archive that torch.save did not write (no data.pkl inside)")
-    if head[:1] == b"\x80":
-        return "torch-legacy"
+    # safetensors before pickles: a header length whose low byte is 0x80 also starts with the pickle opcode PROTO
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
         return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
     if head.lstrip()[:1] == b"{" and p.stat().st_size <= _MAX_INDEX_BYTES:
         try:
             index = json.loads(p.read_text(encoding="utf-8"))
@@ -202,6 +211,40 @@ class TensorSource:
         """The weight files behind this source (every shard of a sharded checkpoint)."""
         raise NotImplementedError
 
+    #: True when ``read_flat`` reads only the requested bytes; False when it fetches the whole tensor once
+    #: (and keeps that one tensor until another name is asked for).
+    ranged_reads = False
+
+    def numel(self, name: str) -> int:
+        """Number of scalars of tensor ``name`` (from headers)."""
+        n = 1
+        for s in self.shape(name):
+            n *= int(s)
+        return n
+
+    def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of tensor ``name`` flattened in row-major order: a 1-D CPU tensor in the
+        dtype ``get(name)`` returns.
+
+        ``out``: an optional contiguous 1-D tensor of that dtype with at least ``stop - start`` elements; the
+        values are written to ``out[:stop - start]``, which is returned (no allocation). This generic version
+        fetches the whole tensor with ``get`` the first time a name is asked for and slices it; the tensor is
+        kept until another name is read or the source is closed (``ranged_reads`` is False).
+        """
+        total = self.numel(name)
+        _check_range(self, name, start, stop, total)
+        cached = getattr(self, "_flat_cache", None)
+        if cached is None or cached[0] != name:
+            self._flat_cache = None
+            self._flat_cache = (name, self.get(name).reshape(-1))
+            cached = self._flat_cache
+        part = cached[1][start:stop]
+        if out is None:
+            return part.clone()
+        target = _out_view(self, name, out, part.dtype, stop - start)
+        target.copy_(part)
+        return target
+
     def nbytes(self, name: str) -> int:
         """Size in bytes of the tensor ``get(name)`` returns (numel x element size)."""
         n = 1
@@ -211,6 +254,7 @@ class TensorSource:
 
     def close(self) -> None:
         """Release open files and memory maps. Idempotent."""
+        self._flat_cache = None
 
     def __contains__(self, name: object) -> bool:
         return name in set(self.keys())
@@ -244,57 +288,165 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _check_range(src: TensorSource, name: str, start: int, stop: int, total: int) -> None:
+    if not 0 <= int(start) <= int(stop) <= total:
+        raise ValueError(f"{src.path}: range [{start}, {stop}) is outside tensor {name!r} of {total} elements")
+
+
+def _out_view(src: TensorSource, name: str, out: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    if out.dtype != dtype or out.dim() != 1 or not out.is_contiguous() or out.numel() < n or out.device.type != "cpu":
+        raise ValueError(f"{src.path}: read_flat of {name!r} needs a contiguous 1-D CPU {dtype} buffer of >= {n} "
+                         f"elements, got {out.dtype} {tuple(out.shape)}")
+    return out[:n]
+
+
+# Bytes per element of every safetensors dtype code (including ones torch cannot hold, for header checks).
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                         "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+                         "C64": 8}
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from file offset ``offset`` with positioned reads (no seek; safe across threads; the GIL
+    is released while the kernel copies). Returns the number of bytes read (< len(buf) only at end of file)."""
+    done, n = 0, len(buf)
+    while done < n:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
 class SafetensorsSource(TensorSource):
-    """One .safetensors file through ``safe_open``: the header is parsed once, tensors read one by one."""
+    """One .safetensors file. The header (8-byte little-endian length, JSON) is parsed and checked once; every
+    read is a positioned read of exactly the requested bytes into a fresh buffer (``os.preadv``), so nothing is
+    memory-mapped and only the buffers handed out count towards resident memory. Keys are in sorted order (as
+    ``safetensors.safe_open`` lists them)."""
+
+    ranged_reads = True
 
     def __init__(self, path: Path):
         super().__init__(path, "safetensors")
-        from safetensors import SafetensorError, safe_open
-
+        self._fd: int | None = None
         try:
-            self._f = safe_open(str(self.path), framework="pt", device="cpu")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise InputNotFoundError(f"{self.path}: no such file", hint="check the path") from None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CorruptFileError(f"{self.path}: not a valid safetensors file ({exc})", hint=_RESAVE_HINT) from None
-        self._keys = list(self._f.keys())
-        self._keyset = set(self._keys)
+        except OSError as exc:
+            raise CorruptFileError(f"{self.path}: cannot be opened ({exc})", hint=_RESAVE_HINT) from None
+        try:
+            self._entries, self._data_start = self._parse_header(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._keys = sorted(self._entries)
+
+    def _bad(self, why: str) -> CorruptFileError:
+        return CorruptFileError(f"{self.path}: not a valid safetensors file ({why})", hint=_RESAVE_HINT)
+
+    def _parse_header(self, fd: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise self._bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_INDEX_BYTES:
+            raise self._bad(f"the header claims {n} bytes, the file has {size - 8} after the length")
+        raw = os.pread(fd, n, 8)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self._bad(f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        data_len = size - 8 - n
+        entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                code = str(e["dtype"])
+                shape = tuple(int(x) for x in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._bad(f"tensor {name!r}: malformed header entry {e!r}") from None
+            numel = 1
+            for x in shape:
+                if x < 0:
+                    raise self._bad(f"tensor {name!r}: negative dimension in {shape}")
+                numel *= x
+            if not 0 <= begin <= end:
+                raise self._bad(f"tensor {name!r}: data offsets [{begin}, {end}]")
+            width = _SAFETENSORS_ITEMSIZE.get(code)
+            if width is not None and end - begin != numel * width:
+                raise self._bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} of {code}")
+            if end > data_len:
+                raise self._bad(f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section "
+                                "(truncated file?)")
+            entries[str(name)] = (code, shape, begin, end)
+        return entries, 8 + n
+
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise self._missing(name) from None
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def _slice(self, name: str) -> Any:
-        if name not in self._keyset:
-            raise self._missing(name)
-        return self._f.get_slice(name)
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in self._slice(name).get_shape())
+        return self._entry(name)[1]
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._slice(name).get_dtype()
+        code = self._entry(name)[0]
         try:
             return _SAFETENSORS_DTYPES[code]
         except KeyError:
             raise LayoutError(f"{self.path}: tensor {name!r} has dtype {code}, which torch cannot hold") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError
+    def _read(self, name: str, byte_offset: int, out: torch.Tensor) -> torch.Tensor:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the source is closed")
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
+            raw = out.reshape(-1).view(torch.uint8).numpy()
+            got = _pread_into(self._fd, memoryview(raw).cast("B"), self._data_start + byte_offset)
+            if got != nbytes:
+                raise CorruptFileError(f"{self.path}: cannot read tensor {name!r} (the file ends early)",
+                                       hint=_RESAVE_HINT)
+        return out
 
-        if name not in self._keyset:
-            raise self._missing(name)
-        try:
-            return self._f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise CorruptFileError(f"{self.path}: cannot read tensor {name!r} ({exc})", hint=_RESAVE_HINT) from None
+    def get(self, name: str) -> torch.Tensor:
+        code, shape, begin, _ = self._entry(name)
+        return self._read(name, begin, torch.empty(shape, dtype=self.dtype(name)))
+
+    def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        code, shape, begin, _ = self._entry(name)
+        dtype = self.dtype(name)
+        total = 1
+        for x in shape:
+            total *= x
+        _check_range(self, name, start, stop, total)
+        n = int(stop) - int(start)
+        target = torch.empty(n, dtype=dtype) if out is None else _out_view(self, name, out, dtype, n)
+        return self._read(name, begin + int(start) * _SAFETENSORS_ITEMSIZE[code], target)
 
     def files(self) -> list[Path]:
         return [self.path]
 
     def close(self) -> None:
-        f, self._f = getattr(self, "_f", None), None
-        if f is not None and hasattr(f, "__exit__"):
-            f.__exit__(None, None, None)
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class ShardedSource(TensorSource):
@@ -341,6 +493,19 @@ class ShardedSource(TensorSource):
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).get(name)
 
+    @property
+    def ranged_reads(self) -> bool:  # type: ignore[override]
+        """True when every shard is a safetensors file (checked from the shards' first bytes, once)."""
+        if getattr(self, "_ranged", None) is None:
+            try:
+                self._ranged = all(detect_format(f) == "safetensors" for f in self._files)
+            except LayoutError:
+                self._ranged = False
+        return bool(self._ranged)
+
+    def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._shard(name).read_flat(name, start, stop, out)
+
     def files(self) -> list[Path]:
         return list(self._files)
 
@@ -382,6 +547,7 @@ class PickleSource(TensorSource):
 
     def close(self) -> None:
         self._tensors = None
+        self._flat_cache = None
 
 
 def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -474,6 +640,7 @@ class GGUFSource(TensorSource):
     def close(self) -> None:
         self._by_name = {}
         self._reader = None
+        self._flat_cache = None
 
 
 # ------------------------------------------------------------------------------------------ opening

@@ -110,9 +110,15 @@ class _Bar:
     def advance(self, n: float = 1) -> None:
         self._p.advance(self._t, n)
 
+    def set_total(self, total: float) -> None:
+        self._p.update(self._t, total=total)
+
 
 class _NullBar:
     def advance(self, n: float = 1) -> None:
+        pass
+
+    def set_total(self, total: float) -> None:
         pass
 
 
@@ -143,3 +149,8 @@ class ProgressHook:
     def __call__(self, n: float = 1) -> None:
         if self._bar is not None:
             self._bar.advance(n)
+
+    def set_total(self, total: float) -> None:
+        """Give the bar its end once the amount of work is known (a no-op without a bar)."""
+        if self._bar is not None:
+            self._bar.set_total(total)
