@@ -11,6 +11,10 @@ How the backbone work splits: each rank streams a size-balanced share of the sto
 sums the per-piece Grams over ranks (every piece is computed on exactly one rank, so the sum only adds zeros
 and is exact) and every rank then adds the pieces into the group Grams in one fixed order. The group Grams are
 therefore identical, bit for bit, to a single-process run with the same chunking.
+
+How the fisher work splits: rank r takes mini-batches r, r + W, ...; see :mod:`ckptaudit.analyses.fisher`
+(:meth:`DistContext.gather` brings the gradient chunks to rank 0 for the Gram, :meth:`DistContext.broadcast` its
+eigenpairs back).
 """
 
 from __future__ import annotations
@@ -59,6 +63,27 @@ class DistContext:
         if self.device != "cpu":
             t = t.to(self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def gather(self, arr: np.ndarray) -> list[np.ndarray] | None:
+        """``arr`` of every rank (the same shape and dtype on all) on rank 0, in rank order; None on the others."""
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.array(arr, order="C"))  # a writable copy
+        if self.device != "cpu":
+            t = t.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(t, gather_list=out, dst=0)
+        return None if out is None else [x.cpu().numpy() for x in out]
+
+    def broadcast(self, arr: np.ndarray, src: int = 0) -> np.ndarray:
+        """Rank ``src``'s ``arr`` on every rank (the others pass an array of the same shape and dtype)."""
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.array(arr, order="C"))  # a writable copy
+        if self.device != "cpu":
+            t = t.to(self.device)
+        dist.broadcast(t, src=src)
         return t.cpu().numpy()
 
     def barrier(self) -> None:

@@ -17,6 +17,15 @@ Definitions (reported by :class:`FisherCheckpoint`):
 
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
+
+Several processes: when a torch.distributed process group with more than one rank is initialised (see
+:mod:`ckptaudit.analyses.distributed`; the CLI starts one under torchrun), rank r of W takes batches r, r + W, ...
+(batch i holds the same data as in one process) and keeps only those gradients, within the memory budget of each
+rank. The per-batch scalars (dot products, norms, block cosines, losses, curvatures) are summed over ranks into the
+full ``[M, ...]`` arrays, which is exact (every row comes from one rank, the others add zeros). For the Gram, rank 0
+gathers the rows of every rank one column chunk at a time, in batch order, so each chunk and its float64 product
+are the single-process ones; its eigenpairs go to every rank, and u_1 = G^T a_1 is the sum of each rank's partial
+G_r^T a_1, chunk by chunk. Every rank then holds the same result; the CLI writes rank 0's.
 """
 
 from __future__ import annotations
@@ -86,7 +95,8 @@ class GradientStore:
     """M gradient rows of D scalars: a numpy array when ``M * D * itemsize <= budget``, else a disk memmap.
 
     ``append(g)`` stores the next row; ``gram()`` = G G^T (float64 ``[M, M]``) in one pass over column chunks;
-    ``combine(a)`` = G^T a (float64 ``[D]``) in another. ``close()`` deletes a spill file.
+    ``combine(a)`` = G^T a (float64 ``[D]``) in another. ``close()`` deletes a spill file. Under several ranks,
+    ``gram_gathered`` and ``combine(..., reduce=...)`` take every rank's rows (see the module docstring).
     """
 
     def __init__(self, rows: int, dim: int, dtype: np.dtype, budget: int, spill_dir: str | None = None):
@@ -107,8 +117,9 @@ class GradientStore:
         self.array[self.count] = g.detach().to("cpu").numpy()
         self.count += 1
 
-    def _chunks(self, chunk_elems: int):
-        step = max(1, int(chunk_elems) // max(1, self.count))
+    def _chunks(self, chunk_elems: int, rows: int | None = None):
+        """Column ranges of ``chunk_elems // rows`` columns (``rows``: the stored count, or all ranks' rows)."""
+        step = max(1, int(chunk_elems) // max(1, self.count if rows is None else int(rows)))
         for lo in range(0, self.dim, step):
             yield lo, min(self.dim, lo + step)
 
@@ -121,14 +132,47 @@ class GradientStore:
             out += c @ c.T
         return out.cpu().numpy()
 
-    def combine(self, a: np.ndarray, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray:
-        """G^T a (float64 ``[D]``) for coefficients ``a`` ([M])."""
+    def gram_gathered(self, ctx: Any, rows: int, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray | None:
+        """G G^T over the rows of all ranks of ``ctx`` (rank r holds rows r, r + W, ... of ``rows``), on rank 0.
+
+        Rank 0 gathers one column chunk of every rank's rows at a time (in the stored dtype) and puts them in row
+        order, so each chunk, its width and its float64 product are those of one store holding all ``rows``.
+        Returns None on the other ranks. Every rank must call it (it is a collective).
+        """
+        world = int(ctx.world_size)
+        per = -(-int(rows) // world)
+        counts = [len(range(r, int(rows), world)) for r in range(world)]
+        if self.count != counts[ctx.rank]:
+            raise ValueError(f"rank {ctx.rank} holds {self.count} gradient rows, expected {counts[ctx.rank]}")
+        dev = torch.device(device)
+        out = torch.zeros((rows, rows), dtype=torch.float64, device=dev) if ctx.is_main else None
+        for lo, hi in self._chunks(chunk_elems, rows):
+            part = np.zeros((per, hi - lo), dtype=self.array.dtype)
+            part[: self.count] = self.array[: self.count, lo:hi]
+            got = ctx.gather(part)
+            if got is None:
+                continue
+            full = np.empty((rows, hi - lo), dtype=self.array.dtype)
+            for r, g in enumerate(got):
+                full[r::world] = g[: counts[r]]
+            c = torch.from_numpy(full).to(dev, torch.float64)
+            out += c @ c.T
+        return None if out is None else out.cpu().numpy()
+
+    def combine(self, a: np.ndarray, device: str = "cpu", chunk_elems: int = 1 << 24, rows: int | None = None,
+                reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """G^T a (float64 ``[D]``) for coefficients ``a`` ([M]).
+
+        Several ranks: ``a`` holds the coefficients of this rank's rows, ``rows`` the row count of all ranks (for
+        the same chunks as :meth:`gram_gathered`) and ``reduce`` sums a chunk over ranks (a collective).
+        """
         dev = torch.device(device)
         at = torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)
         out = np.empty(self.dim, dtype=np.float64)
-        for lo, hi in self._chunks(chunk_elems):
+        for lo, hi in self._chunks(chunk_elems, rows):
             c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
-            out[lo:hi] = (at @ c).cpu().numpy()
+            part = (at @ c).cpu().numpy()
+            out[lo:hi] = part if reduce is None else reduce(part)
         return out
 
     def close(self) -> None:
@@ -304,6 +348,31 @@ def flat_gradient(model: torch.nn.Module, data: Any, batch: Mapping[str, torch.T
     return (g.detach() if create_graph else g), loss, grads
 
 
+def _sum_over_ranks(ctx: Any, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
+    """The element-wise sums over ranks of float64 ``arrays`` (None passes through), in one all_reduce."""
+    present = [a for a in arrays if a is not None]
+    total = ctx.all_reduce_sum(np.concatenate([a.reshape(-1) for a in present]))
+    out, pos = [], 0
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        out.append(total[pos : pos + a.size].reshape(a.shape).copy())
+        pos += a.size
+    return tuple(out)
+
+
+def _gradient_dtype(params: Any) -> np.dtype:
+    """The numpy dtype :func:`flat_gradient`'s vector is stored in: the promoted parameter dtype, float32 for
+    half precision (numpy has no bfloat16; float32 holds fp16/bf16 exactly)."""
+    dt = None
+    for p in params:
+        dt = p.dtype if dt is None else torch.promote_types(dt, p.dtype)
+    if dt not in (torch.float32, torch.float64):
+        dt = torch.float32
+    return np.dtype(str(dt).replace("torch.", ""))
+
+
 def _eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s, a = np.linalg.eigh(gram)
     order = np.argsort(s)[::-1]
@@ -354,7 +423,8 @@ def fisher_at_model(
     directions: name -> unit float64 ``[D]`` in ``layout`` order; must contain "backbone". random: ``[K, D]``
     random directions (None -> drawn from ``settings.seed``). probes: :func:`prepare_probes` of the same directions,
     to build the direction matrix once for many checkpoints. Batch i is ``data.batch("train", i, batch_size,
-    settings.seed)``. ``progress(1)`` after each gradient.
+    settings.seed)``. ``progress(1)`` after each gradient (of this rank, when several processes share the batches:
+    see the module docstring; every rank must call this function, and every rank gets the same result).
     """
     if "backbone" not in directions:
         raise UsageError("the fisher analysis needs a backbone direction")
@@ -370,6 +440,10 @@ def fisher_at_model(
     named, n_named, K = list(probes.names), len(probes.names), probes.n_random
     ranges = layout.block_ranges
     params = _params_of(model, layout)
+    from ckptaudit.analyses import distributed
+
+    ctx = distributed.active()
+    mine = range(M) if ctx is None else range(ctx.rank, M, ctx.world_size)  # batch i on rank i % W
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     hv_dirs = None
@@ -377,10 +451,11 @@ def fisher_at_model(
         like = {n: p.detach() for n, p in params.items()}
         hv_dirs = [layout.unflatten(W[j], like) for j in range(W.shape[0])]
     store: GradientStore | None = None
-    proj = np.empty((M, W.shape[0]), dtype=np.float64)
-    norms = np.empty(M, dtype=np.float64)
-    block_cos = np.empty((M, len(ranges)), dtype=np.float64)
-    losses = np.empty(M, dtype=np.float64)
+    # Zeros in the rows of other ranks' batches: the sum over ranks is then exact.
+    proj = np.zeros((M, W.shape[0]), dtype=np.float64)
+    norms = np.zeros(M, dtype=np.float64)
+    block_cos = np.zeros((M, len(ranges)), dtype=np.float64)
+    losses = np.zeros(M, dtype=np.float64)
     curv = np.zeros((M, W.shape[0]), dtype=np.float64) if settings.hessian else None
     # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -394,7 +469,10 @@ def fisher_at_model(
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        for i in range(M):
+        if ctx is not None:  # a rank may get no batch (M < W) but joins the collectives with the gradient dtype
+            store = GradientStore(len(mine), D, _gradient_dtype(params.values()), settings.memory_budget,
+                                  settings.spill_dir)
+        for i in mine:
             batch = data.batch("train", i, batch_size, settings.seed)
             g, loss, grads = flat_gradient(model, data, batch, layout, create_graph=settings.hessian)
             if g.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float32 holds fp16/bf16 exactly
@@ -424,11 +502,25 @@ def fisher_at_model(
             del g, grads, loss
             if progress is not None:
                 progress(1)
-        gram = store.gram(str(dev), settings.chunk_elems)
-        s, a = _eig_desc(gram)
+        if ctx is None:
+            gram = store.gram(str(dev), settings.chunk_elems)
+            s, a = _eig_desc(gram)
+        else:
+            proj, norms, block_cos, losses, curv = _sum_over_ranks(ctx, proj, norms, block_cos, losses, curv)
+            gram = store.gram_gathered(ctx, M, str(dev), settings.chunk_elems)
+            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere.
+            eig = np.zeros(M + M * M, dtype=np.float64)
+            if gram is not None:
+                s0, a0 = _eig_desc(gram)
+                eig = np.concatenate([s0, a0.reshape(-1)])
+            eig = ctx.broadcast(eig)
+            s, a = eig[:M].copy(), eig[M:].reshape(M, M).copy()
         u1 = None
         if s[0] > 0:
-            u = store.combine(a[:, 0], str(dev), settings.chunk_elems)
+            if ctx is None:
+                u = store.combine(a[:, 0], str(dev), settings.chunk_elems)
+            else:
+                u = store.combine(a[list(mine), 0], str(dev), settings.chunk_elems, rows=M, reduce=ctx.all_reduce_sum)
             u1 = u / np.linalg.norm(u)
             overlap = abs(float(u1 @ v_b.cpu().numpy()))
         else:

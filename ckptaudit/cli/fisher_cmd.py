@@ -48,7 +48,9 @@ def fisher(
     ] = None,
     run: Annotated[
         Path | None,
-        typer.Option("--run", help="Run directory to compute the backbone from on the fly (default: RUN_OR_CKPT when it is a run)."),
+        typer.Option("--run", "--backbone-run",
+                     help="Run directory to compute the backbone from on the fly (default: RUN_OR_CKPT when it is a run). "
+                          "Under torchrun write --backbone-run: torchrun itself rejects --run."),
     ] = None,
     switch: Annotated[
         str | None,
@@ -95,42 +97,76 @@ def fisher(
 
     Example: ckptaudit fisher runs/seed42/ --steps 1000,5000,9000 --vectors backbone.safetensors
     """
+    from ckptaudit.analyses import distributed
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.analyses.fisher import FisherSettings, run_fisher
 
     if vectors is not None and run is not None:
         raise UsageError("give either --vectors or --run, not both")
-    output = make_output(json_out, quiet)
     dev = resolve_device(device)
-    targets = load_run(run_dir, steps)
-    source_run = load_run(run) if run is not None else None
-    if source_run is None and (vectors is None or switch is not None):
-        whole = load_run(run_dir)
-        if len(whole.checkpoints) >= 3:
-            source_run = whole
-    if vectors is None and source_run is None:
-        raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
-                         "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
-    settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
-                              hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
-                              device=dev)
-    pair = parse_switch(switch) if switch is not None else None
-    with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
-        vec_path = vectors
-        if vec_path is None:
-            vec_path = Path(tmp) / "backbone.safetensors"
-            with Progress(output, "fisher: backbone from the run", None) as hook:
-                run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, progress=hook)
-            output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
-        with Progress(output, "fisher: gradients", batches * len(targets.checkpoints)) as hook:
-            report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
-                                switch=pair, switch_run=source_run, progress=hook)
+    # Under torchrun (WORLD_SIZE > 1): one process group for the run; rank i % WORLD_SIZE takes mini-batch i, and
+    # rank 0 alone prints and writes.
+    ctx = distributed.init_from_env(dev)
+    try:
+        if ctx is not None:
+            dev = ctx.device
+        main = ctx is None or ctx.is_main
+        output = make_output(json_out, quiet or not main)
+        targets = load_run(run_dir, steps)
+        source_run = load_run(run) if run is not None else None
+        if source_run is None and (vectors is None or switch is not None):
+            whole = load_run(run_dir)
+            if len(whole.checkpoints) >= 3:
+                source_run = whole
+        if vectors is None and source_run is None:
+            raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
+                             "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
+        settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
+                                  hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
+                                  device=dev)
+        pair = parse_switch(switch) if switch is not None else None
+        share = batches if ctx is None else len(range(ctx.rank, batches, ctx.world_size))  # this rank's batches
+        with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
+            vec_path = vectors
+            if vec_path is None:
+                vec_path = Path(tmp) / "backbone.safetensors"
+                # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
+                # vectors; the file then goes to every rank (temporary directories need not be shared).
+                with Progress(output, "fisher: backbone from the run", None) as hook:
+                    run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6,
+                                 progress=hook if main else None)
+                if ctx is not None:
+                    broadcast_file(ctx, vec_path)
+                output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
+            with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
+                report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
+                                    switch=pair, switch_run=source_run, progress=hook if main else None)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if not main:
+        return
     save_report(output, "fisher", report.to_hdf5_tree(), targets.checkpoints, out, no_report,
                 hash_files=not no_hash, device=dev)
     summary = report.to_json()
     output.json(summary)
     if output.human:
         render_fisher(output, summary)
+
+
+def broadcast_file(ctx: Any, path: Path, chunk: int = 1 << 26) -> None:
+    """Copy rank 0's file ``path`` to ``path`` on every other rank of ``ctx``, ``chunk`` bytes at a time."""
+    import numpy as np
+
+    size = ctx.broadcast(np.array([path.stat().st_size if ctx.is_main else 0], dtype=np.int64))
+    size = int(size[0])
+    with open(path, "rb" if ctx.is_main else "wb") as f:
+        for lo in range(0, size, chunk):
+            n = min(chunk, size - lo)
+            buf = np.frombuffer(f.read(n), dtype=np.uint8) if ctx.is_main else np.zeros(n, dtype=np.uint8)
+            buf = ctx.broadcast(buf)
+            if not ctx.is_main:
+                f.write(buf.tobytes())
 
 
 def render_fisher(output: Any, s: dict) -> None:

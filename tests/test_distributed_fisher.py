@@ -1,0 +1,138 @@
+"""Several processes: `torchrun --nproc-per-node 2 -m ckptaudit fisher` (gloo, CPU) against one process.
+
+Rank r takes mini-batches r, r + 2, ...; the distributed run must report every number of the single-process run (to
+1e-10 relative), write exactly one report and print one JSON document. The backbone is computed on the fly by the
+distributed backbone pass and its vectors file copied from rank 0 to rank 1. An odd batch count gives the ranks
+unequal shares; that case also takes Hessian-vector products and spills the gradients to a memmap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHELASTIC_RUN_ID", "GROUP_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # what torchrun gives each rank: the same thread count on both sides
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _fisher(cwd: Path, run: Path, nproc: int, extra: list[str]) -> subprocess.CompletedProcess:
+    # torchrun's own parser rejects "--run" anywhere on its command line (an ambiguous prefix of its --run-path),
+    # so the distributed side spells the same option --backbone-run.
+    run_opt = "--run" if nproc == 1 else "--backbone-run"
+    args = ["fisher", str(run), "--steps", "60", run_opt, str(run), "--json", "--out", "report.h5", "--no-hash",
+            "--device", "cpu", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "ckptaudit", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ckptaudit", *args]
+    cwd.mkdir()
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _compare(a, b, path="") -> int:
+    """Every number of a equals b to 1e-10 relative; returns how many numbers were compared."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        return sum(_compare(a[k], b[k], f"{path}/{k}") for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b), path
+        return sum(_compare(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a):
+            assert math.isnan(b), path
+        else:
+            assert b == pytest.approx(a, rel=1e-10, abs=0.0), path
+        return 1
+    assert a == b, path
+    return 1 if isinstance(a, int) and not isinstance(a, bool) else 0
+
+
+@pytest.mark.parametrize(
+    ("batches", "extra"),
+    [(8, []), (7, ["--hessian", "--random", "3", "--memory-budget", "1K"])],
+    ids=["even-shares", "odd-shares-hessian-memmap"],
+)
+def test_two_process_gloo_fisher_equals_single_process(tiny_run, tmp_path, batches, extra):
+    extra = ["--batches", str(batches), *extra]
+    single = _fisher(tmp_path / "single", tiny_run, 1, extra)
+    dist = _fisher(tmp_path / "dist", tiny_run, 2, extra)
+    ref, got = json.loads(single.stdout), json.loads(dist.stdout)  # one JSON document: rank 1 printed nothing
+    # the vectors file computed on the fly lives in each run's own temporary directory
+    assert Path(ref["settings"].pop("vectors")).name == Path(got["settings"].pop("vectors")).name
+    assert ref["settings"]["batches"] == batches
+    assert (ref["hessian"] is not None) == ("--hessian" in extra)
+    assert ref["settings"]["gradient_storage"] == (["memmap"] if "--memory-budget" in extra else ["ram"])
+    assert _compare(ref, got) > 30
+    # exactly one report, from rank 0
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["report.h5"]
+    import h5py
+
+    keys = ["projections", "eigenvalues", "grad_norms", "losses", "q_random", "block_signed_projection"]
+    if "--hessian" in extra:
+        keys.append("hessian_random")
+    with h5py.File(tmp_path / "single" / "report.h5") as f1, h5py.File(tmp_path / "dist" / "report.h5") as f2:
+        for key in keys:
+            a, b = f1[f"fisher/step_60/{key}"][()], f2[f"fisher/step_60/{key}"][()]
+            assert a.shape == b.shape and a.size > 0, key
+            np.testing.assert_allclose(b, a, rtol=1e-10, atol=0, err_msg=key)
+        assert f1["fisher/step_60/projections"].shape[0] == batches  # every batch, in batch order
+
+
+def test_gradient_store_gathered_gram_and_combine_match_one_store():
+    """GradientStore.gram_gathered / combine(reduce=...) against one store, with a fake two-rank context that
+    passes the rows of both ranks in one process (the collectives are stand-ins; the row bookkeeping is real)."""
+    from ckptaudit.analyses.fisher import GradientStore
+
+    rng = np.random.default_rng(0)
+    M, D = 5, 37
+    G = rng.standard_normal((M, D)).astype(np.float32)
+    whole = GradientStore(M, D, np.float32, 1 << 30)
+    for g in G:
+        whole.append(torch.from_numpy(g))
+    stores = []
+    for r in range(2):
+        s = GradientStore(len(range(r, M, 2)), D, np.float32, 1 << 30)
+        for g in G[r::2]:
+            s.append(torch.from_numpy(g))
+        stores.append(s)
+
+    class Fake:
+        world_size = 2
+
+        def __init__(self, rank):
+            self.rank, self.is_main = rank, rank == 0
+
+    # rank 1's gather contributions first (collected), then rank 0 assembles them
+    ctx1, ctx0 = Fake(1), Fake(0)
+    sent: list[np.ndarray] = []
+    ctx1.gather = lambda part: sent.append(part.copy())  # type: ignore[attr-defined]
+    assert stores[1].gram_gathered(ctx1, M, chunk_elems=40) is None
+    it = iter(sent)
+    ctx0.gather = lambda part: [part, next(it)]  # type: ignore[attr-defined]
+    gram = stores[0].gram_gathered(ctx0, M, chunk_elems=40)
+    np.testing.assert_array_equal(gram, whole.gram(chunk_elems=40))
+
+    a = rng.standard_normal(M)
+    parts = [stores[r].combine(a[r::2], chunk_elems=40, rows=M) for r in range(2)]
+    np.testing.assert_allclose(parts[0] + parts[1], whole.combine(a, chunk_elems=40), rtol=1e-12, atol=1e-12)
+    for s in (whole, *stores):
+        s.close()
