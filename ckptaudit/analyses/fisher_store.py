@@ -1,0 +1,106 @@
+"""Storage for the M flattened trunk gradients of the fisher analysis: in RAM within the memory budget, else a disk
+memmap (never an approximation). Under several ranks each rank stores its own rows; ``gram_gathered`` and
+``combine(..., reduce=...)`` compute the exact cross-rank products (see ckptaudit.analyses.fisher)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class GradientStore:
+    """M gradient rows of D scalars: a numpy array when ``M * D * itemsize <= budget``, else a disk memmap.
+
+    ``append(g)`` stores the next row; ``gram()`` = G G^T (float64 ``[M, M]``) in one pass over column chunks;
+    ``combine(a)`` = G^T a (float64 ``[D]``) in another. ``close()`` deletes a spill file. Under several ranks,
+    ``gram_gathered`` and ``combine(..., reduce=...)`` take every rank's rows (see the module docstring).
+    """
+
+    def __init__(self, rows: int, dim: int, dtype: np.dtype, budget: int, spill_dir: str | None = None):
+        self.rows, self.dim, self.count = int(rows), int(dim), 0
+        self.nbytes = self.rows * self.dim * np.dtype(dtype).itemsize
+        self._tmp: str | None = None
+        if self.nbytes <= budget:
+            self.array: np.ndarray = np.empty((self.rows, self.dim), dtype=dtype)
+            self.where = "ram"
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="ckptaudit-fisher-", dir=spill_dir)
+            path = Path(self._tmp) / "gradients.f"
+            self.array = np.memmap(path, dtype=dtype, mode="w+", shape=(self.rows, self.dim))
+            self.where = f"memmap:{path}"
+
+    def append(self, g: torch.Tensor) -> None:
+        """Store ``g`` ([D], any device) as the next row."""
+        self.array[self.count] = g.detach().to("cpu").numpy()
+        self.count += 1
+
+    def _chunks(self, chunk_elems: int, rows: int | None = None):
+        """Column ranges of ``chunk_elems // rows`` columns (``rows``: the stored count, or all ranks' rows)."""
+        step = max(1, int(chunk_elems) // max(1, self.count if rows is None else int(rows)))
+        for lo in range(0, self.dim, step):
+            yield lo, min(self.dim, lo + step)
+
+    def gram(self, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray:
+        """G G^T over the stored rows, accumulated in float64 on ``device``."""
+        dev = torch.device(device)
+        out = torch.zeros((self.count, self.count), dtype=torch.float64, device=dev)
+        for lo, hi in self._chunks(chunk_elems):
+            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
+            out += c @ c.T
+        return out.cpu().numpy()
+
+    def gram_gathered(self, ctx: Any, rows: int, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray | None:
+        """G G^T over the rows of all ranks of ``ctx`` (rank r holds rows r, r + W, ... of ``rows``), on rank 0.
+
+        Rank 0 gathers one column chunk of every rank's rows at a time (in the stored dtype) and puts them in row
+        order, so each chunk, its width and its float64 product are those of one store holding all ``rows``.
+        Returns None on the other ranks. Every rank must call it (it is a collective).
+        """
+        world = int(ctx.world_size)
+        per = -(-int(rows) // world)
+        counts = [len(range(r, int(rows), world)) for r in range(world)]
+        if self.count != counts[ctx.rank]:
+            raise ValueError(f"rank {ctx.rank} holds {self.count} gradient rows, expected {counts[ctx.rank]}")
+        dev = torch.device(device)
+        out = torch.zeros((rows, rows), dtype=torch.float64, device=dev) if ctx.is_main else None
+        for lo, hi in self._chunks(chunk_elems, rows):
+            part = np.zeros((per, hi - lo), dtype=self.array.dtype)
+            part[: self.count] = self.array[: self.count, lo:hi]
+            got = ctx.gather(part)
+            if got is None:
+                continue
+            full = np.empty((rows, hi - lo), dtype=self.array.dtype)
+            for r, g in enumerate(got):
+                full[r::world] = g[: counts[r]]
+            c = torch.from_numpy(full).to(dev, torch.float64)
+            out += c @ c.T
+        return None if out is None else out.cpu().numpy()
+
+    def combine(self, a: np.ndarray, device: str = "cpu", chunk_elems: int = 1 << 24, rows: int | None = None,
+                reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """G^T a (float64 ``[D]``) for coefficients ``a`` ([M]).
+
+        Several ranks: ``a`` holds the coefficients of this rank's rows, ``rows`` the row count of all ranks (for
+        the same chunks as :meth:`gram_gathered`) and ``reduce`` sums a chunk over ranks (a collective).
+        """
+        dev = torch.device(device)
+        at = torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)
+        out = np.empty(self.dim, dtype=np.float64)
+        for lo, hi in self._chunks(chunk_elems, rows):
+            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
+            part = (at @ c).cpu().numpy()
+            out[lo:hi] = part if reduce is None else reduce(part)
+        return out
+
+    def close(self) -> None:
+        """Drop the rows; remove the spill directory, if any."""
+        self.array = np.empty((0, 0))
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
