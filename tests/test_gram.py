@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptaudit.analyses.gram import (
-    SafetensorsStreamWriter,
     drift_grams,
     shard_tensor_names,
     sum_grams,
@@ -21,6 +20,7 @@ from ckptaudit.analyses.gram import (
 from ckptaudit.errors import LayoutError
 from ckptaudit.io.roles import resolve_architecture
 from ckptaudit.io.tensors import open_tensors
+from ckptaudit.io.writer import SafetensorsStreamWriter
 
 # ----------------------------------------------------------------------------------------------- run builders
 

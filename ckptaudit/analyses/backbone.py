@@ -28,7 +28,6 @@ from ckptaudit.analyses.backbone_metrics import (
 )
 from ckptaudit.analyses.gram import (
     DEFAULT_CHUNK_ELEMS,
-    SafetensorsStreamWriter,
     _as_source,
     _read,
     balanced_shards,
@@ -36,6 +35,7 @@ from ckptaudit.analyses.gram import (
     tensor_names_of,
 )
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.writer import SafetensorsStreamWriter
 
 __all__ = ["BackboneReport", "BackboneResult", "backbone_from_gram", "backbone_groups", "detect_switches",
            "run_backbone", "save_backbone_vectors"]

@@ -25,7 +25,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -515,134 +515,6 @@ class ShardedSource(TensorSource):
         self._open.clear()
 
 
-class PickleSource(TensorSource):
-    """A ``torch.save`` file loaded weights-only (memory-mapped for zip archives); non-tensor entries ignored."""
-
-    def __init__(self, path: Path, fmt: str):
-        super().__init__(path, fmt)
-        obj = safe_torch_load(self.path)
-        self._tensors: dict[str, torch.Tensor] | None = find_state_dict(obj, self.path)
-
-    def _t(self, name: str) -> torch.Tensor:
-        assert self._tensors is not None, "source is closed"
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise self._missing(name) from None
-
-    def keys(self) -> list[str]:
-        return list(self._tensors or ())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._t(name).shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._t(name).dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._t(name)
-
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    def close(self) -> None:
-        self._tensors = None
-        self._flat_cache = None
-
-
-def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the state dict inside a loaded pickle: ``obj`` itself, or nested under STATE_DICT_KEYS.
-
-    A nested dict is taken only when it holds tensors (checked recursively, so {"model": {"state_dict": ...}}
-    works). Non-tensor entries are dropped. Raises LayoutError when no tensors are found.
-    """
-    seen: list[str] = []
-    cur: Any = obj
-    for _ in range(4):  # bounded: nesting deeper than this is not a state-dict layout we know
-        if not isinstance(cur, Mapping):
-            break
-        nested = next(
-            (k for k in STATE_DICT_KEYS if isinstance(cur.get(k), Mapping) and _holds_tensors(cur[k])), None
-        )
-        if nested is None:
-            break
-        seen.append(nested)
-        cur = cur[nested]
-    if isinstance(cur, Mapping):
-        tensors = {str(k): v for k, v in cur.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    top = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
-    raise LayoutError(
-        f"{path}: no state dict of tensors found (top level: {top})",
-        hint=f"ckptaudit looks for tensors at the top level or under {', '.join(STATE_DICT_KEYS)}",
-    )
-
-
-def _holds_tensors(d: Mapping, depth: int = 3) -> bool:
-    for v in d.values():
-        if isinstance(v, torch.Tensor):
-            return True
-        if depth > 0 and isinstance(v, Mapping) and _holds_tensors(v, depth - 1):
-            return True
-    return False
-
-
-class GGUFSource(TensorSource):
-    """A GGUF file via ``gguf.GGUFReader`` (memory-mapped). GGUF stores dimensions innermost-first; shapes here
-    are in torch order. F32/F16/BF16/F64 and integer tensors keep their dtype; quantised ones become float32."""
-
-    _NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-               "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
-
-    def __init__(self, path: Path):
-        super().__init__(path, "gguf")
-        import gguf
-
-        try:
-            self._reader = gguf.GGUFReader(str(self.path), "r")
-            self._by_name = {t.name: t for t in self._reader.tensors}
-        except (ValueError, OSError, IndexError, KeyError, EOFError) as exc:
-            raise CorruptFileError(f"{self.path}: not a readable GGUF file ({exc})", hint=_RESAVE_HINT) from None
-
-    def _t(self, name: str) -> Any:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise self._missing(name) from None
-
-    def keys(self) -> list[str]:
-        return list(self._by_name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in reversed(self._t(name).shape))
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._NATIVE.get(self._t(name).tensor_type.name, torch.float32)
-
-    def get(self, name: str) -> torch.Tensor:
-        import gguf
-        import numpy as np
-
-        t = self._t(name)
-        shape = self.shape(name)
-        kind = t.tensor_type.name
-        if kind == "BF16":  # numpy has no bfloat16: reinterpret the raw bytes as int16, then as bf16
-            raw = np.ascontiguousarray(t.data).view(np.int16)
-            return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(shape)
-        if kind in self._NATIVE:
-            return torch.from_numpy(np.array(t.data)).reshape(shape)
-        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(shape)
-
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    def close(self) -> None:
-        self._by_name = {}
-        self._reader = None
-        self._flat_cache = None
-
-
 # ------------------------------------------------------------------------------------------ opening
 
 
@@ -744,8 +616,12 @@ def _open_file(p: Path) -> TensorSource:
     if fmt == "safetensors-index":
         return ShardedSource(p)
     if fmt in ("torch-zip", "torch-legacy"):
+        from ckptaudit.io.formats import PickleSource
+
         return PickleSource(p, fmt)
     if fmt == "gguf":
+        from ckptaudit.io.formats import GGUFSource
+
         return GGUFSource(p)
     from ckptaudit.io.dcp import DCPSource
 
