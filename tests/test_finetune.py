@@ -98,9 +98,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     """(model, tokenizer) loaded through the project's own loaders, as the CLI does."""
-    from ckptaudit.cli.embeddings_cmd import load_tokenizer
     from ckptaudit.io.discover import discover_run
-    from ckptaudit.io.models import load_model
+    from ckptaudit.io.models import load_model, load_tokenizer
 
     return load_model(discover_run(tiny_dir).checkpoints[-1]), load_tokenizer(tiny_dir)
 

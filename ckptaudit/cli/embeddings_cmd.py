@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -12,6 +12,7 @@ from ckptaudit.cli.app import app
 from ckptaudit.cli.common import Progress, make_output, save_report
 from ckptaudit.cli.options import DeviceOpt, JsonOpt, NoReportOpt, OutOpt, QuietOpt, SeedOpt, resolve_device
 from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.io.models import load_tokenizer  # also imported from here by other commands
 
 ModelArg = Annotated[
     str,
@@ -29,20 +30,6 @@ class _ModelInput:
         self.path = path
         with open_tensors(path) as src:
             self.weight_files = tuple(src.files())
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The tokenizer saved beside a model (local files only; never a download)."""
-    from transformers import AutoTokenizer
-
-    folder = path if path.is_dir() else path.parent
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises OSError/ValueError variants for a missing tokenizer
-        raise DataError(
-            f"{folder}: no usable tokenizer ({type(e).__name__})",
-            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))",
-        ) from None
 
 
 def excluded_token_ids(spec: str, path: Path, vocab_size: int) -> set[int]:
@@ -171,8 +158,8 @@ def born_gap_cmd(
     dev = resolve_device(device)
     path = Path(resolve_model_path(model))
     ctxs = load_contexts(contexts)
-    tok = load_tokenizer(path)
     ckpt = discover_run(path).checkpoints[-1]
+    tok = load_tokenizer(ckpt.path if ckpt.layout == "gguf" else path)  # a GGUF carries its tokenizer inside
     net = load_model(ckpt, device=dev)
     with Progress(output, "born-gap", len(ctxs)) as hook:
         result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)

@@ -83,9 +83,8 @@ def finetune_probe_cmd(
     """
     from ckptaudit.analyses.finetune import DEFAULT_LR, OPTIMIZER, finetune_probe
     from ckptaudit.analyses.synonyms import load_contexts
-    from ckptaudit.cli.embeddings_cmd import load_tokenizer
     from ckptaudit.io.discover import discover_run
-    from ckptaudit.io.models import load_model, resolve_model_path
+    from ckptaudit.io.models import load_model, load_tokenizer, resolve_model_path
 
     mode = mode.strip().lower()
     if mode not in ("lora", "full"):
@@ -103,8 +102,8 @@ def finetune_probe_cmd(
     dev = resolve_device(device)
     path = Path(resolve_model_path(model))
     ctxs = load_contexts(contexts)
-    tok = load_tokenizer(path)
     ckpt = discover_run(path).checkpoints[-1]
+    tok = load_tokenizer(ckpt.path if ckpt.layout == "gguf" else path)  # a GGUF carries its tokenizer inside
     net = load_model(ckpt, device=dev)
     with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,

@@ -100,7 +100,7 @@ def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_s
     if data is not None:
         tokenizer = None
         if data.suffix not in (".json", ".jsonl"):
-            from ckptaudit.cli.embeddings_cmd import load_tokenizer
+            from ckptaudit.io.models import load_tokenizer
 
             tokenizer = load_tokenizer(_ckpt_dir(ckpt))
         return load_token_data(data, tokenizer, max_sequences)

@@ -1,11 +1,14 @@
 """Runnable transformers models from checkpoints, parameter shapes on the meta device, hub ids from the cache.
 
 Models are built from the checkpoint's config.json alone (never ``trust_remote_code``, never a download) and
-filled tensor by tensor from its TensorSource, so memory stays at one model plus one tensor.
+filled tensor by tensor from its TensorSource, so memory stays at one model plus one tensor. A GGUF file carries
+its own config and tokenizer as metadata: it is loaded through transformers' GGUF support and dequantised to float.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,13 +20,14 @@ import torch
 
 from ckptaudit.errors import (
     CorruptFileError,
+    DataError,
     HubNotCachedError,
     InputNotFoundError,
     LayoutError,
     UnknownArchitectureError,
 )
 
-__all__ = ["param_shapes", "load_model", "resolve_model_path", "hub_cache_dir"]
+__all__ = ["param_shapes", "load_model", "load_tokenizer", "resolve_model_path", "hub_cache_dir"]
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -108,7 +112,12 @@ def load_model(
     bf16/fp16 weights are converted). Weights are copied one tensor at a time. Key checking is strict: weights
     the model expects but the files lack raise CorruptFileError, tensors the model has no place for raise
     LayoutError, both naming the tensors (the model's own ignore lists, e.g. GPT-2's ``attn.bias``, are honoured).
+
+    A checkpoint with layout "gguf" (a single .gguf file) is loaded as a causal LM through transformers' GGUF
+    support, its config read from the file's metadata and its tensors dequantised to ``dtype``.
     """
+    if getattr(ckpt, "layout", None) == "gguf":
+        return _load_gguf_model(Path(ckpt.path), _resolve_device(device), dtype or torch.float32)
     config = _config_dict(ckpt)
     device = _resolve_device(device)
     dtype = dtype or torch.float32
@@ -165,6 +174,147 @@ def load_model(
             for name in present:
                 targets[name].copy_(source.get(name))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file, or None when it has none."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path), "r").fields.get("general.architecture")
+    except Exception as exc:  # gguf raises ValueError/struct errors on damaged headers
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})") from None
+    return str(field.contents()) if field is not None else None
+
+
+def _gguf_supported() -> list[str]:
+    """The GGUF architectures the installed transformers can turn into a model."""
+    names: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        names.update(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:
+        pass
+    try:
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+        names.update(GGUF_CONFIG_ARCHS)
+    except ImportError:
+        pass
+    return sorted(names - {"general", "tokenizer"})
+
+
+def _gguf_arch_known(arch: str, supported: list[str]) -> bool:
+    # llama.cpp spells some names without the underscore or with a hyphen (qwen2moe, gpt-oss)
+    spellings = {a for s in supported for a in (s, s.replace("_", "-"), s.replace("_", ""))}
+    return arch in spellings
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
+def _check_gguf_arch(path: Path) -> list[str]:
+    """The supported GGUF architectures; UnknownArchitectureError/CorruptFileError when ``path``'s is not one."""
+    arch = _gguf_architecture(path)
+    supported = _gguf_supported()
+    if arch is None:
+        raise CorruptFileError(
+            f"{path}: GGUF metadata has no general.architecture, so no model can be built",
+            hint="re-export the model with llama.cpp's convert_hf_to_gguf.py",
+        )
+    if not _gguf_arch_known(arch, supported):
+        raise UnknownArchitectureError(
+            f"{path}: GGUF architecture {arch!r} is not supported by the installed transformers "
+            f"(supported: {', '.join(supported)})",
+            hint="use the original Hugging Face model directory, or upgrade transformers",
+        )
+    return supported
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers warnings or progress bars on stderr: failures become ckptaudit errors instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A causal LM from a GGUF file (local only, dequantised to ``dtype``), on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    supported = _check_gguf_arch(path)
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path.parent),
+                gguf_file=path.name,
+                dtype=dtype,
+                local_files_only=True,
+                output_loading_info=True,
+            )
+    except Exception as exc:  # ValueError/KeyError/NotImplementedError/OSError variants from the GGUF loader
+        raise UnknownArchitectureError(
+            f"{path}: transformers could not build a causal LM from this GGUF ({_one_line(exc)})",
+            hint=f"supported GGUF architectures: {', '.join(supported)}; "
+            "or pass the original Hugging Face model directory",
+        ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CorruptFileError(
+            f"{path}: weights {type(model).__name__} needs are missing from the GGUF file: {_preview(missing)}",
+            hint="the file is incomplete or was exported from a different architecture",
+        )
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    """The tokenizer of a model: saved in (or beside) a model directory, or in a GGUF file's metadata.
+
+    A directory, or a weight file inside one, reads the tokenizer files there; a ``.gguf`` file builds the
+    tokenizer from its ``tokenizer.ggml.*`` metadata. Local files only, never a download; failure -> DataError.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    gguf_file = path.is_file() and _is_gguf_file(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError variants for a missing tokenizer
+        if gguf_file:
+            _check_gguf_arch(path)  # an unsupported architecture is the better message
+            raise DataError(
+                f"{path}: no usable tokenizer in the GGUF metadata ({_one_line(e)})",
+                "re-export with llama.cpp's convert_hf_to_gguf.py (it embeds tokenizer.ggml.*), "
+                "or pass the original Hugging Face model directory",
+            ) from None
+        raise DataError(
+            f"{folder}: no usable tokenizer ({type(e).__name__})",
+            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))",
+        ) from None
+
+
+def _is_gguf_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ hub cache
