@@ -235,7 +235,7 @@ def test_directory_tokenizer_still_loads(tmp_path):
     assert load_tokenizer(d)("hello world")["input_ids"] == [1, 2]
     assert load_tokenizer(d / "model.safetensors")("world")["input_ids"] == [2]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no usable tokenizer"):
+    with pytest.raises(DataError, match="no tokenizer files"):
         load_tokenizer(tmp_path / "empty")
 
 
@@ -321,3 +321,13 @@ def test_finetune_probe_cli_on_gguf(tiny_gguf, tmp_path, mode):
     (c,) = doc["contexts"]
     assert c["mode"] == mode and len(c["phi"]) == 3
     assert c["embeddings_unchanged"] is (mode == "lora")
+
+
+def test_directory_without_tokenizer_files_is_refused(tiny_checkpoint):
+    """A Trainer checkpoint has config.json but no tokenizer files: transformers would build an empty tokenizer that
+    encodes everything to []; ckptaudit refuses with the fix instead."""
+    from ckptaudit.errors import DataError
+    from ckptaudit.io.models import load_tokenizer
+
+    with pytest.raises(DataError, match="no tokenizer files"):
+        load_tokenizer(tiny_checkpoint)

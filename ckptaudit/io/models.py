@@ -280,6 +280,11 @@ def _load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype) -> to
     return model.to(device).eval()
 
 
+# Files any saved Hugging Face tokenizer has at least one of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: Path | str) -> Any:
     """The tokenizer of a model: saved in (or beside) a model directory, or in a GGUF file's metadata.
 
@@ -291,6 +296,12 @@ def load_tokenizer(path: Path | str) -> Any:
     path = Path(path)
     gguf_file = path.is_file() and _is_gguf_file(path)
     folder = path if path.is_dir() else path.parent
+    if not gguf_file and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from config.json alone; refuse instead of tokenizing to [].
+        raise DataError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
+            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))",
+        )
     try:
         if gguf_file:
             return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, local_files_only=True)
