@@ -30,7 +30,7 @@ fixtures: $(STAMP)
 	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) tiny
 
 test: $(STAMP) fixtures
-	CKPTAUDIT_FIXTURES=$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
+	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) demo

@@ -31,8 +31,9 @@ def fixture_run(name: str) -> Path:
     """Path of fixture run ``name``: $CKPTAUDIT_FIXTURES/name when complete there, else built in the cache."""
     make_fixtures = _load_make_fixtures()
     env = os.environ.get("CKPTAUDIT_FIXTURES")
-    if env and make_fixtures.is_complete(Path(env) / name, name):
-        return Path(env) / name
+    # Absolute, because some tests run the CLI in subprocesses with another working directory.
+    if env and make_fixtures.is_complete(Path(env).resolve() / name, name):
+        return Path(env).resolve() / name
     # pytest-xdist workers share the cores: one torch thread each avoids oversubscription.
     threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
     return make_fixtures.ensure_run(CACHE_DIR, name, threads=threads)
