@@ -9,26 +9,15 @@ unequal shares; that case also takes Hessian-vector products and spills the grad
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from distributed_helpers import compare_numbers, run_cli
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # what torchrun gives each rank: the same thread count on both sides
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _fisher(cwd: Path, run: Path, nproc: int, extra: list[str]) -> subprocess.CompletedProcess:
@@ -37,33 +26,7 @@ def _fisher(cwd: Path, run: Path, nproc: int, extra: list[str]) -> subprocess.Co
     run_opt = "--run" if nproc == 1 else "--backbone-run"
     args = ["fisher", str(run), "--steps", "60", run_opt, str(run), "--json", "--out", "report.h5", "--no-hash",
             "--device", "cpu", *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "ckptaudit", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "ckptaudit", *args]
-    cwd.mkdir()
-    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def _compare(a, b, path="") -> int:
-    """Every number of a equals b to 1e-10 relative; returns how many numbers were compared."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        return sum(_compare(a[k], b[k], f"{path}/{k}") for k in a)
-    if isinstance(a, list):
-        assert len(a) == len(b), path
-        return sum(_compare(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
-    if isinstance(a, float) and isinstance(b, float):
-        if math.isnan(a):
-            assert math.isnan(b), path
-        else:
-            assert b == pytest.approx(a, rel=1e-10, abs=0.0), path
-        return 1
-    assert a == b, path
-    return 1 if isinstance(a, int) and not isinstance(a, bool) else 0
+    return run_cli(cwd, args, nproc, timeout=180)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +44,7 @@ def test_two_process_gloo_fisher_equals_single_process(tiny_run, tmp_path, batch
     assert ref["settings"]["batches"] == batches
     assert (ref["hessian"] is not None) == ("--hessian" in extra)
     assert ref["settings"]["gradient_storage"] == (["memmap"] if "--memory-budget" in extra else ["ram"])
-    assert _compare(ref, got) > 30
+    assert compare_numbers(ref, got) > 30
     # exactly one report, from rank 0
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["report.h5"]
     import h5py

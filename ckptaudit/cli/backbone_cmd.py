@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import Progress, Session, load_run, save_report
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
@@ -19,7 +19,6 @@ from ckptaudit.cli.options import (
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
-    resolve_device,
 )
 from ckptaudit.errors import UsageError
 
@@ -98,18 +97,11 @@ def backbone(
 
     Example: ckptaudit backbone runs/seed42/ --save-vectors backbone.safetensors
     """
-    from ckptaudit.analyses import distributed
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.io.roles import load_role_map
 
-    dev = resolve_device(device)
-    # Under torchrun (WORLD_SIZE > 1): one process group for the run; rank 0 alone prints and writes.
-    ctx = distributed.init_from_env(dev)
-    try:
-        if ctx is not None:
-            dev = ctx.device
-        main = ctx is None or ctx.is_main
-        output = make_output(json_out, quiet or not main)
+    with Session(device, json_out, quiet) as session:
+        output, dev, main = session.output, session.device, session.main
         run = load_run(run_dir, steps)
         if len(run.checkpoints) < 3:
             raise UsageError(
@@ -135,9 +127,6 @@ def backbone(
                 progress=hook if main else None,
                 progress_total=hook.set_total if main else None,
             )
-    finally:
-        if ctx is not None:
-            ctx.close()
     if not main:
         return
     save_report(output, "backbone", report.to_hdf5_tree(), run.checkpoints, out, no_report, hash_files=not no_hash, device=dev)

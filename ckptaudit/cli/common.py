@@ -54,3 +54,26 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self._cm.__exit__(*exc)
+
+
+class Session:
+    """What a command that may run under torchrun needs: the process group (``ctx``, None for one process), the
+    device, whether this is the rank that prints and writes (``main``), and the output sink (silent elsewhere)."""
+
+    def __init__(self, device: str, json_mode: bool, quiet: bool):
+        from ckptaudit.analyses import distributed
+        from ckptaudit.cli.options import resolve_device
+
+        dev = resolve_device(device)
+        # Under torchrun (WORLD_SIZE > 1): one process group for the command; rank 0 alone prints and writes.
+        self.ctx = distributed.init_from_env(dev)
+        self.device = self.ctx.device if self.ctx is not None else dev
+        self.main = self.ctx is None or self.ctx.is_main
+        self.output = make_output(json_mode, quiet or not self.main)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.close()

@@ -10,7 +10,7 @@ import typer
 
 from ckptaudit.cli.app import app
 from ckptaudit.cli.backbone_cmd import parse_switch, sparkline
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import Progress, Session, load_run, save_report
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
@@ -21,7 +21,6 @@ from ckptaudit.cli.options import (
     RunDirArg,
     SeedOpt,
     StepsOpt,
-    resolve_device,
 )
 from ckptaudit.errors import UsageError
 
@@ -97,21 +96,14 @@ def fisher(
 
     Example: ckptaudit fisher runs/seed42/ --steps 1000,5000,9000 --vectors backbone.safetensors
     """
-    from ckptaudit.analyses import distributed
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.analyses.fisher import FisherSettings, run_fisher
 
     if vectors is not None and run is not None:
         raise UsageError("give either --vectors or --run, not both")
-    dev = resolve_device(device)
-    # Under torchrun (WORLD_SIZE > 1): one process group for the run; rank i % WORLD_SIZE takes mini-batch i, and
-    # rank 0 alone prints and writes.
-    ctx = distributed.init_from_env(dev)
-    try:
-        if ctx is not None:
-            dev = ctx.device
-        main = ctx is None or ctx.is_main
-        output = make_output(json_out, quiet or not main)
+    # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
+    with Session(device, json_out, quiet) as session:
+        ctx, output, dev, main = session.ctx, session.output, session.device, session.main
         targets = load_run(run_dir, steps)
         source_run = load_run(run) if run is not None else None
         if source_run is None and (vectors is None or switch is not None):
@@ -141,9 +133,6 @@ def fisher(
             with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
                 report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
                                     switch=pair, switch_run=source_run, progress=hook if main else None)
-    finally:
-        if ctx is not None:
-            ctx.close()
     if not main:
         return
     save_report(output, "fisher", report.to_hdf5_tree(), targets.checkpoints, out, no_report,
