@@ -82,3 +82,21 @@ def make_tiny_lm_dir(
         extra = {"eos_token": eos} if eos is not None else {}
         PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **extra).save_pretrained(path)
     return path
+
+
+def tiny_gpt2_config(vocab: int = 64, seq: int = 16):
+    """A 2-layer, 32-wide, 4-head GPT-2 config (tied head) for tests that train or load real models."""
+    import transformers
+
+    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=seq,
+                                   bos_token_id=0, eos_token_id=0)
+
+
+def tiny_llama_config(vocab: int = 64, seq: int = 16, tied: bool = False):
+    """A 2-layer LLaMA config with grouped-query attention (4 heads, 2 kv heads) and RMSNorm; untied head by default,
+    so lm_head.weight is a parameter of its own, unlike GPT-2."""
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq,
+                                    tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)

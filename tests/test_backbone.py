@@ -265,7 +265,7 @@ def test_bad_anchor_and_switch_are_usage_errors(run):
 
 
 def test_fixture_run(tiny_run):
-    discover = pytest.importorskip("ckptaudit.io.discover")
+    import ckptaudit.io.discover as discover
     r = discover.discover_run(tiny_run)
     rep = run_backbone(r, window=3)
     assert len(rep.steps) == len(r.checkpoints) - 1

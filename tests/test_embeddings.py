@@ -208,7 +208,7 @@ def test_tied_and_untied_heads_from_safetensors(tmp_path):
 
 
 def test_gguf_token_embedding_is_read(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     E = _randn(64, 16, seed=11).numpy()
     H = _randn(64, 16, seed=12).numpy()
     path = tmp_path / "tiny.gguf"

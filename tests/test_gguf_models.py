@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf  # noqa: E402 - core dependencies: absent is a failure, not a skip
 import numpy as np
 import pytest
 import torch
+import transformers  # noqa: E402
 from typer.testing import CliRunner
 
 from ckptaudit.cli.app import app
 from ckptaudit.errors import CorruptFileError, DataError, UnknownArchitectureError
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.models import load_model, load_tokenizer
-
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
 
 runner = CliRunner()
 

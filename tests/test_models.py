@@ -8,38 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a core dependency: absent is a failure, not a skip
+from conftest import tiny_gpt2_config, tiny_llama_config  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from ckptaudit.errors import CorruptFileError, HubNotCachedError, InputNotFoundError, LayoutError
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.models import load_model, param_shapes, resolve_model_path
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB, SEQ = 64, 16
 
 
 def gpt2_config():
-    return transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
-    )
+    return tiny_gpt2_config(VOCAB, SEQ)
 
 
 def llama_config():
-    # Untied head: lm_head.weight is its own parameter here, unlike GPT-2.
-    return transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    return tiny_llama_config(VOCAB, SEQ)
 
 
 CONFIGS = {"gpt2": gpt2_config, "llama": llama_config}

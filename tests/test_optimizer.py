@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a core dependency: absent is a failure, not a skip
+from conftest import tiny_gpt2_config, tiny_llama_config  # noqa: E402
 from safetensors.torch import save_file
 
 from ckptaudit.errors import OptimizerStateError, UnsafePickleError
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state, lr_history
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 64, 16
 
@@ -35,24 +35,11 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def gpt2_config():
-    return transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
-    )
+    return tiny_gpt2_config(VOCAB, SEQ)
 
 
 def llama_config():
-    return transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    return tiny_llama_config(VOCAB, SEQ)
 
 
 def train(config, out: Path):
@@ -194,7 +181,7 @@ def test_scheduler_and_lr_history(gpt2_run):
 
 
 def test_accelerate_save_state(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
+    import accelerate  # a dev dependency
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(gpt2_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
