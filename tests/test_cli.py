@@ -152,3 +152,36 @@ def test_debug_shows_traceback(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_debug_env(monkeypatch):
     monkeypatch.delenv("CKPTAUDIT_DEBUG", raising=False)
+
+
+def test_backbone_cli_json_plot_and_report_agree(tiny_run, tmp_path):
+    """backbone through the CLI: JSON keys of the issue, the HDF5 report holds the same numbers, --plot writes PNGs,
+    and rho_1 equals sigma_1^2 / sum sigma^2 of a numpy SVD of the explicitly stacked trunk drift matrix."""
+    import h5py
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    out, figs = tmp_path / "b.h5", tmp_path / "figs"
+    r = invoke("backbone", tiny_run, "--json", "--out", out, "--plot", figs, "--window", "3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    for key in ("steps", "trunk", "blocks", "groups", "switch"):
+        assert key in doc
+    for key in ("rho", "sigma", "k95", "k99", "a", "r_norm", "f_b", "window_alignment", "window_alignment_mean",
+                "update_alignment", "sign_flip_step"):
+        assert key in doc["trunk"]
+    assert {"velocity", "consolidation_step"} <= set(doc["groups"]["G"])
+    assert len(doc["trunk"]["a"]) == len(doc["steps"])
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["backbone/trunk/rho"][()], doc["trunk"]["rho"], rtol=1e-12)
+        assert int(f["backbone/trunk"].attrs["k95"]) == doc["trunk"]["k95"]
+    assert sorted(p.suffix for p in figs.iterdir()) and all(p.suffix == ".png" for p in figs.iterdir())
+    # Independent reference: stack the trunk weights (attention and MLP matrices of every block) by hand.
+    dirs = sorted(tiny_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trunk = [n for n in load_file(str(dirs[0] / "model.safetensors"))
+             if n.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"))]
+    flat = [np.concatenate([load_file(str(d / "model.safetensors"))[n].astype(np.float64).ravel() for n in sorted(trunk)])
+            for d in dirs]
+    X = np.stack([x - flat[0] for x in flat[1:]])
+    s = np.linalg.svd(X, compute_uv=False)
+    np.testing.assert_allclose(doc["trunk"]["rho"][: len(s)], (s**2 / np.sum(s**2))[:20], rtol=1e-6, atol=1e-12)
