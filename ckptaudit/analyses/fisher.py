@@ -467,16 +467,16 @@ def fisher_at_model(
 
 
 def _default_batch_size(ckpt: Any) -> int:
-    from ckptaudit.tasks import TASK_FILE
+    """The training batch size recorded in the checkpoint's ckptaudit_task.json, else 32."""
+    from ckptaudit.errors import DataError
+    from ckptaudit.tasks import TASK_FILE, load_task_spec
 
-    path = Path(ckpt.path)
-    f = (path if path.is_dir() else path.parent) / TASK_FILE
-    if f.is_file():
-        try:
-            return int(json.loads(f.read_text()).get("batch_size") or 32)
-        except (ValueError, OSError):
-            return 32
-    return 32
+    if not (ckpt.directory / TASK_FILE).is_file():
+        return 32
+    try:
+        return int(load_task_spec(ckpt.directory).get("batch_size") or 32)
+    except (DataError, TypeError, ValueError):
+        return 32
 
 
 def run_fisher(

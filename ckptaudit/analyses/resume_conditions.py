@@ -225,8 +225,7 @@ def probe_inputs_from_checkpoint(
 
     path = Path(path)
     ckpt = _checkpoint(path)
-    ckpt_dir = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
-    task_obj, spec = _task_and_spec(ckpt, ckpt_dir, task, data)
+    task_obj, spec = _task_and_spec(ckpt, ckpt.directory, task, data)
     hp = dict(spec.get("train") or {})
     model = load_model(ckpt, device=device)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]

@@ -19,19 +19,11 @@ from ckptaudit.cli.options import (
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
+    parse_switch,
 )
 from ckptaudit.errors import UsageError
 
 SPARK = "▁▂▃▄▅▆▇█"
-
-
-def parse_switch(spec: str) -> tuple[int, int]:
-    """'PEAK:TROUGH' -> (peak_step, trough_step)."""
-    try:
-        a, b = spec.split(":")
-        return int(a), int(b)
-    except ValueError:
-        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500") from None
 
 
 def parse_blocks(spec: str | None) -> list[int] | None:

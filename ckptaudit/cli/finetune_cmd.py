@@ -9,7 +9,16 @@ import typer
 
 from ckptaudit.cli.app import app
 from ckptaudit.cli.common import Progress, make_output, save_report
-from ckptaudit.cli.options import DeviceOpt, JsonOpt, NoReportOpt, OutOpt, QuietOpt, SeedOpt, resolve_device
+from ckptaudit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    parse_floats,
+    resolve_device,
+)
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt
 
@@ -19,25 +28,6 @@ ModelArg = Annotated[
     str,
     typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
 ]
-
-
-def parse_lrs(spec: str) -> list[float]:
-    """``"1e-4,2e-4"`` -> ``[1e-4, 2e-4]`` (sorted, duplicates dropped); UsageError naming a bad entry."""
-    out = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            lr = float(part)
-        except ValueError:
-            raise UsageError(f"--lr-sweep: {part!r} is not a number", "give comma-separated rates, e.g. 1e-4,2e-4,5e-4") from None
-        if not lr > 0:
-            raise UsageError(f"--lr-sweep: learning rate {part} must be positive")
-        out.append(lr)
-    if not out:
-        raise UsageError("--lr-sweep: no learning rates", "give comma-separated rates, e.g. 1e-4,2e-4,5e-4")
-    return sorted(set(out))
 
 
 @app.command("finetune-probe")
@@ -93,7 +83,7 @@ def finetune_probe_cmd(
         raise UsageError("give --lr or --lr-sweep, not both")
     if lr is not None and not lr > 0:
         raise UsageError(f"--lr {lr}: the learning rate must be positive")
-    lrs = parse_lrs(lr_sweep) if lr_sweep is not None else [lr if lr is not None else DEFAULT_LR[mode]]
+    lrs = sorted(set(parse_floats(lr_sweep, "--lr-sweep", "1e-4,2e-4,5e-4", positive=True))) if lr_sweep is not None else [lr if lr is not None else DEFAULT_LR[mode]]
     modules = [m for m in target_modules.split(",") if m.strip()] if target_modules else None
     if modules and mode != "lora":
         raise UsageError("--target-modules applies to --mode lora only")

@@ -9,9 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.backbone_cmd import parse_switch, sparkline
+from ckptaudit.cli.backbone_cmd import sparkline
 from ckptaudit.cli.common import Progress, Session, load_run, save_report
 from ckptaudit.cli.options import (
+    DataOpt,
     DeviceOpt,
     JsonOpt,
     NoHashOpt,
@@ -21,6 +22,8 @@ from ckptaudit.cli.options import (
     RunDirArg,
     SeedOpt,
     StepsOpt,
+    TaskOpt,
+    parse_switch,
 )
 from ckptaudit.errors import UsageError
 
@@ -71,13 +74,8 @@ def fisher(
         str, typer.Option("--memory-budget", help="RAM for the M stored gradients (e.g. 2G); beyond it they go to a disk memmap.")
     ] = "2G",
     top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
-    task: Annotated[
-        str | None,
-        typer.Option("--task", help="Built-in task NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Training data: plain text, JSONL with a 'text' field, or .npy token ids.")
-    ] = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=2, help="Tokens per sequence for --data (default: min(model positions, 128)).")
     ] = None,

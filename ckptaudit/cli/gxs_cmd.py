@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,9 +21,11 @@ from ckptaudit.cli.options import (
     RunDirArg,
     SeedOpt,
     StepsOpt,
+    TaskOpt,
+    parse_floats,
     resolve_device,
 )
-from ckptaudit.errors import DataError, UsageError
+from ckptaudit.errors import UsageError
 
 gxs_app = typer.Typer(
     cls=AuditGroup,
@@ -34,11 +35,7 @@ gxs_app = typer.Typer(
 )
 app.add_typer(gxs_app, name="gxs")
 
-TaskOpt = Annotated[
-    str | None,
-    typer.Option("--task", help="Built-in task to evaluate on, NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
-]
-DataOpt = Annotated[
+TokenDataOpt = Annotated[
     Path | None,
     typer.Option("--data", help="Evaluate next-token prediction on token ids (JSON [[ids]...] or JSONL) or text lines (tokenized with the model's tokenizer)."),
 ]
@@ -51,47 +48,6 @@ def _last_checkpoint(path: Path) -> Any:
     return load_run(path).checkpoints[-1]
 
 
-def _ckpt_dir(ckpt: Any) -> Path:
-    p = Path(ckpt.path)
-    return p if p.is_dir() else p.parent
-
-
-def parse_floats(spec: str, option: str) -> tuple[float, ...]:
-    """'1,0.8,0.6' -> (1.0, 0.8, 0.6)."""
-    try:
-        values = tuple(float(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise UsageError(f"{option} {spec}: expected comma-separated numbers", f"e.g. {option} 1,0.5") from None
-    if not values:
-        raise UsageError(f"{option}: give at least one number", None)
-    return values
-
-
-def _task(spec: str | None, ckpt: Any) -> Any:
-    """The built-in task named by ``--task`` (parameters from the checkpoint unless overridden) or its
-    ckptaudit_task.json."""
-    from ckptaudit.tasks import TASK_FILE, get_task, load_task_spec, task_from_spec
-
-    file = _ckpt_dir(ckpt) / TASK_FILE
-    saved = load_task_spec(file) if file.is_file() else {}
-    if spec is None:
-        if not saved:
-            raise DataError(f"{_ckpt_dir(ckpt)}: no {TASK_FILE}, so the evaluation data is unknown",
-                            "name it: --task modadd:p=23, or --data FILE of token ids")
-        return task_from_spec(saved)
-    name, _, params = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    if saved.get("task") == name:  # same task: keep the checkpoint's parameters unless overridden
-        kwargs = {k: v for k, v in saved.items() if k in ("p", "train_frac", "split_seed")}
-    for item in filter(None, params.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(f"--task {spec}: {item!r} is not key=number", "e.g. --task modadd:p=97") from None
-    return get_task(name, **kwargs)
-
-
 def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_sequences: int | None) -> Any:
     from ckptaudit.analyses.gxs import TaskEval, load_token_data
 
@@ -102,9 +58,11 @@ def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_s
         if data.suffix not in (".json", ".jsonl"):
             from ckptaudit.io.models import load_tokenizer
 
-            tokenizer = load_tokenizer(_ckpt_dir(ckpt))
+            tokenizer = load_tokenizer(ckpt.directory)
         return load_token_data(data, tokenizer, max_sequences)
-    t = _task(task, ckpt)
+    from ckptaudit.io.data import load_data
+
+    t = load_data(ckpt, task=task)  # --task NAME[:k=v], else the checkpoint's ckptaudit_task.json
     if split not in ("train", "validation"):
         raise UsageError(f"--split {split}: unknown split", "use validation or train")
     return TaskEval(t, split)
@@ -127,7 +85,7 @@ def transplant_cmd(
     ] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Skip the reverse control (S = v, o, MLP of B into A).")] = False,
     task: TaskOpt = None,
-    data: DataOpt = None,
+    data: TokenDataOpt = None,
     split: SplitOpt = "validation",
     max_sequences: MaxSeqOpt = None,
     role_map: RoleMapOpt = None,
@@ -279,7 +237,7 @@ def slack_cmd(
     alpha: Annotated[str, typer.Option("--alpha", help="Residual scales alpha, comma-separated.")] = "1,0.8,0.6,0.4,0.2",
     sigma: Annotated[str, typer.Option("--sigma", help="Noise levels sigma (x the residual's RMS), comma-separated.")] = "0,0.3,1,2,3",
     task: TaskOpt = None,
-    data: DataOpt = None,
+    data: TokenDataOpt = None,
     split: SplitOpt = "validation",
     max_sequences: MaxSeqOpt = None,
     seed: SeedOpt = 0,
@@ -302,7 +260,7 @@ def slack_cmd(
 
     output = make_output(json_out, quiet)
     dev = resolve_device(device)
-    alphas, sigmas = parse_floats(alpha, "--alpha"), parse_floats(sigma, "--sigma")
+    alphas, sigmas = parse_floats(alpha, "--alpha", "1,0.5"), parse_floats(sigma, "--sigma", "0,1,3")
     if any(s < 0 for s in sigmas):
         raise UsageError("--sigma: noise levels must be >= 0", None)
     checkpoint = _last_checkpoint(ckpt)

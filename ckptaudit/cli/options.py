@@ -31,6 +31,18 @@ StepsOpt = Annotated[
     ),
 ]
 NoHashOpt = Annotated[bool, typer.Option("--no-hash", help="Skip the SHA-256 of weight files in the report's /inputs.")]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", help="Built-in task NAME[:key=value,...] (default: the task in the checkpoint's ckptaudit_task.json)."),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Data file instead of the task: plain text, JSONL with a 'text' field, or .npy token ids "
+        "(tokenised with the checkpoint's tokenizer; next-token loss; the last 10% of sequences = validation).",
+    ),
+]
 RoleMapOpt = Annotated[
     Path | None,
     typer.Option("--role-map", help="TOML/JSON file mapping tensor-name regexes to roles, for architectures ckptaudit does not know."),
@@ -53,3 +65,34 @@ def resolve_device(spec: str) -> str:
             raise UsageError(f"--device {spec}: CUDA is not available on this machine", "use --device cpu or --device auto")
         return spec
     raise UsageError(f"--device {spec}: unknown device", "use auto, cpu, cuda or cuda:N")
+
+
+def parse_floats(spec: str, option: str, example: str = "1,0.5", positive: bool = False) -> tuple[float, ...]:
+    """'1,0.8,0.6' -> (1.0, 0.8, 0.6), in the given order; UsageError naming ``option`` and the bad entry."""
+    from ckptaudit.errors import UsageError
+
+    values = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"{option}: {part!r} is not a number", f"give comma-separated numbers, e.g. {option} {example}") from None
+        if positive and not value > 0:
+            raise UsageError(f"{option}: {part} must be positive", f"e.g. {option} {example}")
+        values.append(value)
+    if not values:
+        raise UsageError(f"{option}: give at least one number", f"e.g. {option} {example}")
+    return tuple(values)
+
+
+def parse_switch(spec: str) -> tuple[int, int]:
+    """'PEAK:TROUGH' -> (peak_step, trough_step)."""
+    from ckptaudit.errors import UsageError
+
+    try:
+        a, b = spec.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500") from None

@@ -11,27 +11,17 @@ from ckptaudit.cli.app import app
 from ckptaudit.cli.common import Progress, make_output, save_report
 from ckptaudit.cli.options import (
     CheckpointArg,
+    DataOpt,
     DeviceOpt,
     JsonOpt,
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    TaskOpt,
+    parse_floats,
     resolve_device,
 )
 from ckptaudit.errors import UsageError
-
-
-def parse_mults(spec: str) -> tuple[float, ...]:
-    """'1,0.1,0.01' -> (1.0, 0.1, 0.01)."""
-    try:
-        values = tuple(float(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise UsageError(
-            f"--lr-mult {spec}: expected comma-separated numbers", "e.g. --lr-mult 1,0.1,0.01"
-        ) from None
-    if not values:
-        raise UsageError("--lr-mult: give at least one multiplier", "e.g. --lr-mult 1,0.1,0.01")
-    return values
 
 
 @app.command("resume-probe")
@@ -99,20 +89,8 @@ def resume_probe(
             help="Data-order seed of the resumed batches (default: the checkpoint's own, so CONTROL repeats the run); also seeds torch.",
         ),
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="Built-in task to train and evaluate on, NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json).",
-        ),
-    ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help="Train and evaluate on this file instead: text, JSONL with a 'text' field, or .npy token ids (next-token loss).",
-        ),
-    ] = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -155,7 +133,7 @@ def resume_probe(
     output = make_output(json_out, quiet)
     dev = resolve_device(device)
     settings = ResumeSettings(
-        steps=steps, eval_every=eval_every, lr_mults=parse_mults(lr_mult), warmup_steps=warmup_steps,
+        steps=steps, eval_every=eval_every, lr_mults=parse_floats(lr_mult, "--lr-mult", "1,0.1,0.01"), warmup_steps=warmup_steps,
         boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
         seed=seed if seed is not None else 0, mode=mode, device=dev,
     )  # fmt: skip

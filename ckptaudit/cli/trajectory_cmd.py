@@ -10,6 +10,7 @@ import typer
 from ckptaudit.cli.app import app
 from ckptaudit.cli.common import Progress, load_run, make_output, save_report
 from ckptaudit.cli.options import (
+    DataOpt,
     DeviceOpt,
     JsonOpt,
     NoReportOpt,
@@ -18,6 +19,7 @@ from ckptaudit.cli.options import (
     RunDirArg,
     SeedOpt,
     StepsOpt,
+    TaskOpt,
     resolve_device,
 )
 from ckptaudit.errors import LayoutError, UsageError
@@ -37,16 +39,6 @@ ThresholdsOpt = Annotated[
         help="Fixed regime thresholds LOW,HIGH on s_t (e.g. 0.997,0.9995). Default: adaptive, the 30th/70th percentiles of s_t.",
     ),
 ]
-TaskOpt = Annotated[
-    str | None,
-    typer.Option("--task", help="Built-in task NAME[:key=value,...] (default: the checkpoint's ckptaudit_task.json)."),
-]
-DataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", help="Held-out data file: text, JSONL with a 'text' field, or .npy token ids (last 10% = validation)."),
-]
-
-
 def _data(ckpt: Any, task: str | None, data: Path | None, required: bool) -> Any:
     """The Task-protocol data of ``ckpt`` (None when not required and the checkpoint names none)."""
     from ckptaudit.io.data import load_data
@@ -60,8 +52,7 @@ def _data(ckpt: Any, task: str | None, data: Path | None, required: bool) -> Any
 def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
     from ckptaudit.analyses.regimes import build_probes
 
-    where = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
-    return build_probes(where, ckpt.config(), probes, data, seed)
+    return build_probes(ckpt.directory, ckpt.config(), probes, data, seed)
 
 
 def _run(path: Path, steps: str | None = None) -> Any:

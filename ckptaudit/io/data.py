@@ -164,11 +164,6 @@ class TokenData:
 # ----------------------------------------------------------------------------------------------- reading files
 
 
-def _checkpoint_dir(ckpt: Any) -> Path:
-    path = Path(ckpt.path)
-    return path if path.is_dir() else path.parent
-
-
 def _max_positions(config: dict | None) -> int | None:
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
         value = (config or {}).get(key)
@@ -180,7 +175,7 @@ def _max_positions(config: dict | None) -> int | None:
 def _tokenizer(ckpt: Any, file: Path) -> Any:
     from transformers import AutoTokenizer
 
-    where = _checkpoint_dir(ckpt)
+    where = ckpt.directory
     hint = "save it beside the weights (tokenizer.save_pretrained(dir)), or pass token ids as a .npy file"
     # Without tokenizer files AutoTokenizer may still build an empty tokenizer from config.json's model_type.
     if not any((where / n).is_file() for n in _TOKENIZER_FILES):
@@ -330,7 +325,7 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
     """
     from ckptaudit.tasks import TASK_FILE, available_tasks, get_task, load_task_spec, task_from_spec
 
-    where = _checkpoint_dir(ckpt)
+    where = ckpt.directory
     if task is not None and data is not None:
         raise DataError("give either --task or --data, not both")
     if data is not None:

@@ -87,6 +87,11 @@ class Checkpoint:
     rng_files: tuple[Path, ...] = ()
     config_file: Path | None = None
 
+    @property
+    def directory(self) -> Path:
+        """The folder holding the checkpoint's files: ``path`` itself, or its parent for single-file layouts."""
+        return self.path if self.path.is_dir() else self.path.parent
+
     def tensors(self) -> TensorSource:
         """Open the model tensors (lazily). Use as a context manager."""
         return open_tensors(self.path)
