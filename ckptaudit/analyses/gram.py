@@ -165,26 +165,8 @@ def _label(item: Any) -> str:
     return f"checkpoint {step} ({path})" if step is not None else str(path or item)
 
 
-def _blocks(shape2d: tuple[int, int], chunk: int):
-    """(r0, r1, c0, c1) tiles of a [R, C] matrix with at most ``chunk`` elements each, row-major order."""
-    rows, cols = shape2d
-    if cols <= chunk:
-        step = max(1, chunk // max(cols, 1))
-        for r0 in range(0, rows, step):
-            yield r0, min(rows, r0 + step), 0, cols
-    else:
-        for r0 in range(rows):
-            for c0 in range(0, cols, chunk):
-                yield r0, r0 + 1, c0, min(cols, c0 + chunk)
 
 
-def _as2d(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D view [R, C] of a piece (1-D -> [1, n]); trailing dims are flattened (a copy only if not viewable)."""
-    if t.dim() == 0:
-        return t.reshape(1, 1)
-    if t.dim() == 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
 
 
 def _read(src: Any, item: Any, name: str, device: torch.device) -> torch.Tensor:
@@ -540,43 +522,5 @@ def _shape_of(src: Any, item: Any, name: str) -> tuple[int, ...]:
         raise LayoutError(f"{_label(item)} has no tensor {name!r}", "every checkpoint of the run must hold the same tensors") from e
 
 
-def piece_gram(views: Sequence[torch.Tensor], anchor_view: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """Gram [T, T] (float64) of the drift of one piece: rows ``views[i] - anchor_view``, flattened.
-
-    views: T tensors of the piece's shape (any dtype, any strides); buf: float64 scratch [T, >= 1] on the
-    compute device. The piece is walked in tiles of at most ``buf.shape[1]`` scalars.
-    """
-    T = len(views)
-    chunk = buf.shape[1]
-    g = torch.zeros(T, T, dtype=torch.float64, device=buf.device)
-    v2 = [_as2d(v) for v in views]
-    a2 = _as2d(anchor_view)
-    on_cpu = buf.device.type == "cpu"
-    if on_cpu:
-        # numpy's strided convert-and-subtract is an order of magnitude faster than torch's CPU copy kernels for
-        # these [h, w] tiles; numpy has no bfloat16, so those pieces go through float32 (exact) first.
-        v2 = [_np(v) for v in v2]
-        a2 = _np(a2)
-        bn = buf.numpy()
-    for r0, r1, c0, c1 in _blocks(tuple(a2.shape), chunk):
-        h, w = r1 - r0, c1 - c0
-        m = h * w
-        tile = buf[:, :m]
-        if on_cpu:
-            a = a2[r0:r1, c0:c1]
-            for i in range(T):
-                np.subtract(v2[i][r0:r1, c0:c1], a, out=bn[i, :m].reshape(h, w), dtype=np.float64)
-        else:
-            a = a2[r0:r1, c0:c1].to(dtype=torch.float64).reshape(1, m)
-            for i in range(T):
-                tile[i].view(h, w).copy_(v2[i][r0:r1, c0:c1])
-            tile.sub_(a)  # exact in float64 for fp32/bf16/fp16 inputs
-        g.addmm_(tile, tile.T)
-    return g
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (bf16 converted to float32, which is exact)."""
-    if t.dtype == torch.bfloat16:
-        t = t.to(torch.float32)
-    return t.numpy()
