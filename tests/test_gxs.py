@@ -302,3 +302,27 @@ def test_cli_velocity_and_slack_json(tiny_run):
     s = json.loads(r.stdout)
     assert {"alpha", "sigma", "accuracy", "margin"} <= set(s)
     assert np.asarray(s["accuracy"]).shape == (2, 2) and len(s["no_gain_reflex"]) == 2
+
+
+@pytest.mark.parametrize("command", ["transplant", "slack"])
+def test_bad_token_data_is_one_line_error_in_both_commands(tiny_run, tmp_path, command):
+    """--data that does not fit the model (an id past its vocabulary, a sequence past its positions, a binary file)
+    is a one-line error with exit 2 in transplant as in slack, never an index crash."""
+    ckpt = tiny_run / "checkpoint-60"
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    n_pos = json.loads((ckpt / "config.json").read_text())["n_positions"]
+    cases = {
+        "ids.json": (json.dumps([[0, 1, vocab + 5]]), f"token id {vocab + 5}"),
+        "long.json": (json.dumps([[1] * (n_pos + 3)]), f"{n_pos + 3} tokens"),
+    }
+    (tmp_path / "ids.npy").write_bytes(bytes(range(256)))
+    args = ["gxs", command, str(ckpt)] + ([str(tiny_run / "checkpoint-30")] if command == "transplant" else [])
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        r = runner.invoke(app, [*args, "--data", str(tmp_path / name), "--no-report", "--device", "cpu"])
+        assert r.exit_code == 2, r.output
+        assert needle in r.stderr and "\n" not in r.stderr.strip() and "Traceback" not in r.output
+    # A binary file: the fixture model has no tokenizer, so that is what the one line names first.
+    r = runner.invoke(app, [*args, "--data", str(tmp_path / "ids.npy"), "--no-report", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("ckptaudit: error:") and "\n" not in r.stderr.strip() and "Traceback" not in r.output

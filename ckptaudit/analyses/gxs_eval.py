@@ -105,7 +105,11 @@ def load_token_data(path: Path, tokenizer: Any = None, max_sequences: int | None
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"--data {path}: no such file", "pass a JSON/JSONL file of token ids or a text file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"--data {path}: not a text file (binary content)",
+                        'pass token ids as JSON ([[1, 2, 3], ...]), JSONL, or text lines') from None
     seqs: list[list[int]] = []
     stripped = text.lstrip()
     try:
@@ -147,6 +151,12 @@ def check_vocab(model: nn.Module, evaluator: Any) -> None:
     if top >= vocab:
         raise DataError(f"--data holds token id {top}, the model's vocabulary has {vocab}",
                         "the data was tokenized for another model")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    longest = max(len(s) for s in evaluator.sequences)
+    if limit is not None and longest > limit:
+        raise DataError(f"--data holds a sequence of {longest} tokens, the model takes at most {limit}",
+                        "split the data into shorter sequences (or use --max-sequences on shorter files)")
 
 
 def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -169,6 +179,7 @@ class EvalStats:
 
 def evaluate(model: nn.Module, evaluator: Any) -> EvalStats:
     """Loss, accuracy and mean margin of ``model`` on ``evaluator`` (no grad, float64 accumulation)."""
+    check_vocab(model, evaluator)
     device = _device_of(model)
     total, correct, msum, count = 0.0, 0, 0.0, 0
     was_training = model.training
@@ -256,6 +267,7 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
     The intervention is a hook on the final residual site (:func:`final_residual_site`); the model is left
     unchanged afterwards. Deterministic given ``seed``.
     """
+    check_vocab(model, evaluator)
     alphas, sigmas = tuple(float(a) for a in alphas), tuple(float(s) for s in sigmas)
     if not alphas or not sigmas:
         raise UsageError("the slack grid needs at least one alpha and one sigma", None)

@@ -255,7 +255,6 @@ def slack_cmd(
     Example: ckptaudit gxs slack runs/seed0/checkpoint-3000 --seed 1
     """
     from ckptaudit.analyses.gxs import run_slack
-    from ckptaudit.analyses.gxs_eval import check_vocab
     from ckptaudit.io.models import load_model
 
     output = make_output(json_out, quiet)
@@ -266,7 +265,6 @@ def slack_cmd(
     checkpoint = _last_checkpoint(ckpt)
     evaluator = _evaluator(task, data, split, checkpoint, max_sequences)
     model = load_model(checkpoint, device=dev)
-    check_vocab(model, evaluator)
     with Progress(output, "gxs slack", None) as hook:
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     save_report(output, "gxs slack", {"slack": result.to_hdf5_tree()}, [checkpoint], out, no_report,
