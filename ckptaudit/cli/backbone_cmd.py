@@ -15,10 +15,12 @@ from ckptaudit.cli.options import (
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PlotOpt,
     QuietOpt,
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
+    check_output_file,
     parse_switch,
 )
 from ckptaudit.errors import UsageError
@@ -36,11 +38,15 @@ def parse_blocks(spec: str | None) -> list[int] | None:
             part = part.strip()
             if "-" in part:
                 lo, hi = part.split("-")
+                if int(lo) > int(hi):
+                    raise UsageError(f"--blocks {spec}: range {part} runs backwards", f"write {hi}-{lo}")
                 out.extend(range(int(lo), int(hi) + 1))
             elif part:
                 out.append(int(part))
     except ValueError:
         raise UsageError(f"--blocks {spec}: expected block indices like 0,2,5 or 0-3", None) from None
+    if not out:
+        raise UsageError(f"--blocks {spec!r}: selects no block", "e.g. --blocks 0,2,5 or --blocks 0-3")
     return out
 
 
@@ -69,12 +75,11 @@ def backbone(
     ] = None,
     save_vectors: Annotated[
         Path | None,
-        typer.Option("--save-vectors", help="Write the top right singular vectors V_1..V_k as safetensors keyed by tensor name."),
+        typer.Option("--save-vectors", callback=check_output_file,
+                     help="Write the top right singular vectors V_1..V_k as safetensors keyed by tensor name."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many singular vectors --save-vectors writes.")] = 6,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write PNG figures (a and r over steps, rho spectrum, C(t)) to this directory.")
-    ] = None,
+    plot: PlotOpt = None,
     role_map: RoleMapOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,

@@ -46,12 +46,12 @@ def excluded_token_ids(spec: str, path: Path, vocab_size: int) -> set[int]:
     f = Path(spec)
     if not f.exists():
         raise InputNotFoundError(f"--tokens-from {spec}: no such file", "pass 'tokenizer' or a file of token ids to keep")
-    text = f.read_text().strip()
     try:
-        keep = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
-    except ValueError:
+        text = f.read_text().strip()
+        keep = json.loads(text) if text.startswith("[") else text.split()
+        keep_set = {int(i) for i in keep}
+    except (ValueError, TypeError):
         raise DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None) from None
-    keep_set = {int(i) for i in keep}
     return set(range(vocab_size)) - keep_set
 
 

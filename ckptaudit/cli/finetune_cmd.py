@@ -14,6 +14,7 @@ from ckptaudit.cli.options import (
     JsonOpt,
     NoReportOpt,
     OutOpt,
+    PlotOpt,
     QuietOpt,
     SeedOpt,
     parse_floats,
@@ -54,9 +55,7 @@ def finetune_probe_cmd(
         str | None,
         typer.Option("--target-modules", help="LoRA target module names, comma-separated (default: the architecture's query/value projections)."),
     ] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Directory for PNG figures of Phi, S, D and the loss per step (needs matplotlib).")
-    ] = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,

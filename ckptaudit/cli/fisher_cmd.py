@@ -33,11 +33,12 @@ def parse_bytes(spec: str) -> int:
     s = spec.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise UsageError(f"--memory-budget {spec}: expected a size like 2G, 512M or a number of bytes") from None
+        value = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s)
+        if not 0 < value < float("inf"):
+            raise ValueError(spec)
+        return int(value)
+    except (ValueError, OverflowError):
+        raise UsageError(f"--memory-budget {spec}: expected a positive size like 2G, 512M or a number of bytes") from None
 
 
 @app.command()

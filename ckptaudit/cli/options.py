@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+def check_output_file(value: Path | None) -> Path | None:
+    """Reject an output file path that is an existing directory before any work is done."""
+    if value is not None and value.is_dir():
+        from ckptaudit.errors import UsageError
+
+        raise UsageError(f"{value}: is a directory, expected a file to write", "give a file name, e.g. out/report.h5")
+    return value
+
+
+def check_output_dir(value: Path | None) -> Path | None:
+    """Reject an output directory path that is an existing file before any work is done."""
+    if value is not None and value.exists() and not value.is_dir():
+        from ckptaudit.errors import UsageError
+
+        raise UsageError(f"{value}: is a file, expected a directory for the figures", "give a directory name, e.g. figs/")
+    return value
+
 
 RunDirArg = Annotated[
     Path,
@@ -14,7 +34,7 @@ RunDirArg = Annotated[
 CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint directory or file.")]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
+    typer.Option("--out", "-o", callback=check_output_file, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
 ]
 NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Do not write an HDF5 report.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary with stable keys instead of tables.")]
@@ -43,6 +63,10 @@ DataOpt = Annotated[
         "(tokenised with the checkpoint's tokenizer; next-token loss; the last 10% of sequences = validation).",
     ),
 ]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option("--plot", callback=check_output_dir, help="Write PNG figures to this directory (needs matplotlib: the plot extra)."),
+]
 RoleMapOpt = Annotated[
     Path | None,
     typer.Option("--role-map", help="TOML/JSON file mapping tensor-name regexes to roles, for architectures ckptaudit does not know."),
@@ -60,9 +84,12 @@ def resolve_device(spec: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return "cpu"
-    if spec.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", spec):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: CUDA is not available on this machine", "use --device cpu or --device auto")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)", "use cuda:0")
         return spec
     raise UsageError(f"--device {spec}: unknown device", "use auto, cpu, cuda or cuda:N")
 

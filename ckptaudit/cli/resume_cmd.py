@@ -16,6 +16,7 @@ from ckptaudit.cli.options import (
     JsonOpt,
     NoReportOpt,
     OutOpt,
+    PlotOpt,
     QuietOpt,
     TaskOpt,
     parse_floats,
@@ -106,12 +107,7 @@ def resume_probe(
             help="Backbone vectors (safetensors from `backbone --save-vectors`): also report backbone coordinate and transverse residual.",
         ),
     ] = None,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot", help="Write a PNG of eval accuracy over steps per condition to this directory."
-        ),
-    ] = None,
+    plot: PlotOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
