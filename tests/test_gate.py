@@ -317,8 +317,7 @@ def test_resume_probe_without_reset_condition_is_skipped(tiny_run, tmp_path, mon
     import ckptaudit.analyses.resume as resume
 
     class _Empty:
-        def to_json(self):
-            return {"conditions": []}
+        conditions = ()
 
     monkeypatch.setattr(resume, "run_resume_probe", lambda inputs, settings: _Empty())
     r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.resume_probe]\nsteps = 1\n", tmp_path)
@@ -468,3 +467,69 @@ def test_fisher_anisotropy_check_runs_the_fisher_analysis(tiny_run, tmp_path):
     text = BASE + f"\n[checks.fisher_anisotropy]\nmax = {alpha / 2}\n"
     res, doc, _, _ = gate(tiny_run, text, tmp_path)
     assert res.exit_code == 1 and by_name(doc)["fisher_anisotropy"]["status"] == "fail"
+
+
+def test_both_backbone_checks_share_one_backbone_pass_with_the_same_values(tiny_run, tmp_path, monkeypatch):
+    """backbone + fisher_anisotropy together compute the backbone once and report what each reports alone; the
+    gate's temporary vectors file is removed when the run ends."""
+    import tempfile
+
+    import ckptaudit.analyses.backbone as backbone
+
+    calls = []
+    real = backbone.run_backbone
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("save_vectors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "run_backbone", counting)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    bb_table = "\n[checks.backbone]\nrho1_min = 0.0\n"
+    fi_table = "\n[checks.fisher_anisotropy]\nmin = 0.0\n"
+    values = {}
+    for label, text in (("bb", BASE + bb_table), ("fi", BASE + fi_table), ("both", BASE + fi_table + bb_table)):
+        calls.clear()
+        r, doc, _, _ = gate(tiny_run, text, tmp_path)
+        assert r.exit_code == 0, r.output
+        assert len(calls) == 1, (label, calls)
+        assert (calls[0] is None) == (label == "bb")  # vectors written only when the Fisher check reads them
+        assert list(scratch.iterdir()) == [], label
+        values[label] = {n: c["value"] for n, c in by_name(doc).items() if n in ("backbone", "fisher_anisotropy")}
+    assert values["both"] == {**values["bb"], **values["fi"]}, values
+
+
+def test_non_finite_measured_value_fails():
+    from ckptaudit.gate.checks import _bounds
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for lo, hi in ((0.0, 1.0), (None, 1.0), (0.0, None)):
+            assert "not finite" in _bounds(value, lo, hi), (value, lo, hi)
+    assert _bounds(0.5, 0.0, 1.0) is None and "> max" in _bounds(2.0, None, 1.0)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_non_finite_fisher_anisotropy_fails_the_gate(tiny_run, tmp_path, monkeypatch, alpha):
+    """alpha is NaN when mean q(random) is 0: the check fails, saying so, and the JSON stays valid."""
+    import ckptaudit.analyses.fisher as fisher
+
+    monkeypatch.setattr(fisher, "fisher_anisotropy", lambda run, **kw: alpha)
+    r, doc, xml_path, _ = gate(tiny_run, BASE + "\n[checks.fisher_anisotropy]\nmin = 0.0\nmax = 100.0\n", tmp_path)
+    assert "fisher_anisotropy" in one_line_error(r, 1)
+    fi = by_name(doc)["fisher_anisotropy"]
+    assert fi["status"] == "fail" and "not finite" in fi["message"] and fi["value"] is None, fi
+    json.loads((tmp_path / "gate.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_type_error_inside_an_analysis_is_not_skipped(tiny_run, tmp_path, monkeypatch):
+    """A bug in an analysis surfaces instead of turning the check into "skipped"."""
+    import ckptaudit.analyses.fisher as fisher
+
+    def broken(run, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(fisher, "fisher_anisotropy", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        gate(tiny_run, BASE + "\n[checks.fisher_anisotropy]\nmax = 100.0\n", tmp_path)

@@ -540,17 +540,22 @@ def run_fisher(
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
 
 
-def fisher_anisotropy(run: Any, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+def fisher_anisotropy(run: Any, device: str = "cpu", seed: int = 0, batches: int = 16,
+                      vectors: str | Path | None = None) -> float:
     """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``, v_b from the run itself.
 
     What ``ckptaudit gate`` checks: the backbone is computed from the whole run into a temporary vectors file, then
     the Fisher quotients are measured at the last checkpoint on the data recorded in it. Needs >= 3 checkpoints.
+    ``vectors``: a vectors file already written by ``run_backbone(run, save_vectors=...)`` for this run (the gate
+    shares one backbone pass between its checks); the backbone pass is then skipped.
     """
+    settings = FisherSettings(batches=batches, seed=seed, device=device)
+    if vectors is not None:
+        return float(run_fisher([run.checkpoints[-1]], settings, vectors).checkpoints[-1].anisotropy)
     from ckptaudit.analyses.backbone import run_backbone
 
     if len(run.checkpoints) < 3:
         raise UsageError(f"{run.path}: the backbone direction needs at least 3 checkpoints, found {len(run.checkpoints)}")
-    settings = FisherSettings(batches=batches, seed=seed, device=device)
     with tempfile.TemporaryDirectory(prefix="ckptaudit-gate-fisher-") as tmp:
         vec_path = Path(tmp) / "backbone.safetensors"
         run_backbone(run, device=device, save_vectors=vec_path, top_k_vectors=2)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptaudit.errors import CkptAuditError
+from ckptaudit.errors import CkptAuditError, UsageError
 from ckptaudit.gate.policy import Policy
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
@@ -132,6 +134,8 @@ class GateContext:
         self.targets = cks if policy.target == "all" else cks[-1:]
         self._info: dict[str, Any] = {}
         self._opt: dict[str, Any] = {}
+        self._backbone: Any = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
     def info(self, ckpt: Any) -> Any:
         """provenance.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
@@ -158,6 +162,37 @@ class GateContext:
         if isinstance(value, CkptAuditError):
             raise value
         return value
+
+    def backbone(self, run_backbone: Callable[..., Any]) -> tuple[Any, Path | None]:
+        """(report, trunk vectors file) of ``run_backbone`` over the whole run, computed once per gate run.
+
+        The backbone and fisher_anisotropy checks share it. The vectors file (v_b and PC2, what the Fisher
+        measurement reads) is written only when fisher_anisotropy is enabled, into a temporary directory that
+        :meth:`close` removes; it is None otherwise. A refusal of the analysis is cached and re-raised.
+        """
+        if self._backbone is None:
+            n = len(self.run.checkpoints)
+            vectors = None
+            try:
+                if n < 3:
+                    raise UsageError(f"the backbone direction needs >= 3 checkpoints of a run, got {n}")
+                if "fisher_anisotropy" in self.policy.checks:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="ckptaudit-gate-")
+                    vectors = Path(self._tmp.name) / "backbone.safetensors"
+                report = run_backbone(self.run, device=self.device, save_vectors=vectors, top_k_vectors=2)
+                self._backbone = (report, vectors)
+            except CkptAuditError as e:
+                self._backbone = e
+        if isinstance(self._backbone, CkptAuditError):
+            raise self._backbone
+        return self._backbone
+
+    def close(self) -> None:
+        """Remove the gate run's temporary files (the backbone vectors)."""
+        self._backbone = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def _rel(path: Any, base: Any) -> str:
@@ -395,7 +430,9 @@ def _optional(module: str, *names: str) -> tuple[Any, str | None]:
 
 
 def _bounds(value: float, lo: float | None, hi: float | None) -> str | None:
-    """Why ``value`` violates [lo, hi], or None."""
+    """Why ``value`` violates [lo, hi] (a NaN or infinite value always does), or None."""
+    if not math.isfinite(value):
+        return f"{value} is not finite"
     if lo is not None and value < lo:
         return f"{value:.4g} < min {lo:g}"
     if hi is not None and value > hi:
@@ -411,27 +448,31 @@ def _range(lo: Any, hi: Any) -> str:
 
 def check_embedding_class(ctx: GateContext, settings: dict) -> CheckResult:
     """Class A/B and bulk_index bounds of the input embedding of each gated checkpoint (analyses.embeddings)."""
-    classify, reason = _optional("ckptaudit.analyses.embeddings", "classify_model")
+    matrices, reason = _optional("ckptaudit.analyses.embeddings", "embedding_matrices")
+    stats, reason2 = _optional("ckptaudit.analyses.embeddings", "overlap_stats")
     lo, hi, expected = settings["bulk_index_min"], settings["bulk_index_max"], settings["expected"]
     threshold: dict[str, Any] = {}
     if expected is not None:
         threshold["class"] = expected
     if lo is not None or hi is not None:
         threshold["bulk_index"] = _range(lo, hi)
-    if classify is None:
-        return CheckResult("embedding_class", SKIPPED, None, threshold, reason)
+    if matrices is None or stats is None:
+        return CheckResult("embedding_class", SKIPPED, None, threshold, reason or reason2)
     values = []
     for ckpt in ctx.targets:
         try:
-            res = classify(ckpt.path, pairs=settings["pairs"], seed=ctx.seed, device=ctx.device)["embed"]
+            mats = matrices(ckpt.path)  # the LM head is read only to tell whether it is tied; it is not classified
+            res = stats(mats["embed"], pairs=settings["pairs"], seed=ctx.seed, device=ctx.device,
+                        tied_head="head" not in mats)  # fmt: skip
         except CkptAuditError as e:
             return CheckResult("embedding_class", SKIPPED, None, threshold, f"{_label(ckpt)}: {e.message}", str(ckpt.path))
-        value = {"class": res.bulk_class, "bulk_index": round(float(res.bulk_index), 6)}
+        bulk = float(res.bulk_index)
+        value = {"class": res.bulk_class, "bulk_index": round(bulk, 6) if math.isfinite(bulk) else None}
         values.append(value)
         problems = []
         if expected is not None and res.bulk_class != expected:
             problems.append(f"class {res.bulk_class} != expected {expected}")
-        out = _bounds(float(res.bulk_index), lo, hi)
+        out = _bounds(bulk, lo, hi)
         if out:
             problems.append(f"bulk_index {out}")
         if problems:
@@ -442,20 +483,22 @@ def check_embedding_class(ctx: GateContext, settings: dict) -> CheckResult:
 
 
 def check_fisher_anisotropy(ctx: GateContext, settings: dict) -> CheckResult:
-    """Fisher anisotropy within [min, max] via ckptaudit.analyses.fisher; skipped while that analysis is absent."""
+    """Fisher anisotropy within [min, max] via ckptaudit.analyses.fisher, along the backbone the gate computed once
+    for the run (shared with the backbone check); skipped while either analysis is absent."""
     threshold = _range(settings["min"], settings["max"])
     fn, reason = _optional("ckptaudit.analyses.fisher", "fisher_anisotropy")
-    if fn is None:
-        return CheckResult("fisher_anisotropy", SKIPPED, None, threshold, reason)
+    run_backbone, reason2 = _optional("ckptaudit.analyses.backbone", "run_backbone")
+    if fn is None or run_backbone is None:
+        return CheckResult("fisher_anisotropy", SKIPPED, None, threshold, reason or reason2)
     try:
-        value = float(fn(ctx.run, device=ctx.device, seed=ctx.seed))
-    except TypeError as e:  # an analysis whose interface differs from what the gate expects: cannot judge
-        return CheckResult("fisher_anisotropy", SKIPPED, None, threshold, f"fisher analysis interface not supported: {e}")
+        _, vectors = ctx.backbone(run_backbone)
+        value = float(fn(ctx.run, device=ctx.device, seed=ctx.seed, vectors=vectors))
     except CkptAuditError as e:
         return CheckResult("fisher_anisotropy", SKIPPED, None, threshold, e.message)
     out = _bounds(value, settings["min"], settings["max"])
     file = _weight_file(ctx.run.checkpoints[-1])
-    return CheckResult("fisher_anisotropy", FAIL if out else PASS, value, threshold, out or f"anisotropy {value:.4g}", file)
+    return CheckResult("fisher_anisotropy", FAIL if out else PASS, value if math.isfinite(value) else None, threshold,
+                       out or f"anisotropy {value:.4g}", file)  # fmt: skip
 
 
 def check_backbone(ctx: GateContext, settings: dict) -> CheckResult:
@@ -474,15 +517,13 @@ def check_backbone(ctx: GateContext, settings: dict) -> CheckResult:
     if run_backbone is None:
         return CheckResult("backbone", SKIPPED, None, threshold, reason)
     try:
-        doc = run_backbone(ctx.run, device=ctx.device).to_json()
+        report, _ = ctx.backbone(run_backbone)
     except CkptAuditError as e:
         return CheckResult("backbone", SKIPPED, None, threshold, f"backbone analysis cannot run: {e.message}", str(ctx.run.path))
-    trunk = doc.get("trunk") or {}
-    rho = trunk.get("rho") or []
-    if not rho or trunk.get("k95") is None:
+    if len(report.trunk.rho) == 0:
         return CheckResult("backbone", SKIPPED, None, threshold, "backbone analysis returned no trunk spectrum")
-    rho1, k95 = float(rho[0]), int(trunk["k95"])
-    value = {"rho1": round(rho1, 6), "k95": k95}
+    rho1, k95 = float(report.trunk.rho[0]), int(report.trunk.k95)
+    value = {"rho1": round(rho1, 6) if math.isfinite(rho1) else None, "k95": k95}
     problems = [("rho1 " if i == 0 else "k95 ") + p for i, p in enumerate((_bounds(rho1, lo, hi), _bounds(k95, kmin, kmax))) if p]
     file = _weight_file(ctx.run.checkpoints[-1])
     if problems:
@@ -494,8 +535,7 @@ def check_resume_probe(ctx: GateContext, settings: dict) -> CheckResult:
     """No collapse when resuming each gated checkpoint with a RESET optimizer at ``lr_multiplier`` (analyses.resume).
 
     Runs only that one RESET condition (no CONTROL, warm-up or boundary probe: the gate asks one question) and
-    reads its verdict from the analysis' JSON contract (issue 5). Anything the gate cannot map onto that contract
-    is skipped, never passed.
+    reads its verdict from the probe's condition results. A result the gate cannot judge is skipped, never passed.
     """
     mult = settings["lr_multiplier"]
     threshold = {"verdict": "stable", "lr_mult": mult}
@@ -512,31 +552,30 @@ def check_resume_probe(ctx: GateContext, settings: dict) -> CheckResult:
     for ckpt in ctx.targets:
         try:
             inputs = load_inputs(ckpt.path, task=settings["task"], device=ctx.device)
-            doc = run_probe(inputs, settings_cls(**probe_kwargs)).to_json()
-        except TypeError as e:  # an interface the gate does not know how to call: cannot judge, so skip
-            return CheckResult("resume_probe", SKIPPED, None, threshold, f"resume analysis interface not supported: {e}")
+            report = run_probe(inputs, settings_cls(**probe_kwargs))
         except CkptAuditError as e:
             return CheckResult("resume_probe", SKIPPED, None, threshold, f"{_label(ckpt)}: probe cannot run: {e.message}",
                                str(ckpt.path))  # fmt: skip
-        cond = _reset_condition(doc, mult)
+        cond = _reset_condition(report.conditions, mult)
         if cond is None:
             return CheckResult("resume_probe", SKIPPED, None, threshold,
                                f"{_label(ckpt)}: the probe reported no RESET condition at lr_mult {mult:g}")  # fmt: skip
-        verdict = str(cond.get("verdict"))
+        verdict = str(cond.verdict)
         if verdict != "stable":
-            at = cond.get("collapse_step")
+            at = cond.collapse_step
             return CheckResult("resume_probe", FAIL, verdict, threshold,
                                f"{_label(ckpt)}: RESET at lr x{mult:g} collapses" + (f" at step {at}" if at is not None else ""),
-                               _weight_file(ckpt), {"condition": cond})  # fmt: skip
+                               _weight_file(ckpt), {"condition": cond.to_json()})  # fmt: skip
     n = len(ctx.targets)
     return CheckResult("resume_probe", PASS, verdict, threshold, f"RESET at lr x{mult:g} stable in {n} checkpoint(s)",
                        _weight_file(ctx.targets[-1]))  # fmt: skip
 
 
-def _reset_condition(doc: Any, mult: float) -> dict | None:
-    for cond in (doc or {}).get("conditions", []) if isinstance(doc, dict) else []:
-        if (cond.get("optimizer") == "reset" and not cond.get("warmup_steps")
-                and cond.get("lr_mult") is not None and abs(float(cond["lr_mult"]) - mult) <= 1e-9 * max(1.0, mult)):
+def _reset_condition(conditions: Sequence[Any], mult: float) -> Any:
+    """The RESET condition without warm-up at ``mult`` among the probe's ConditionResults, or None."""
+    for cond in conditions:
+        if (cond.optimizer == "reset" and not cond.warmup_steps
+                and abs(float(cond.lr_mult) - mult) <= 1e-9 * max(1.0, mult)):
             return cond
     return None
 
@@ -557,9 +596,12 @@ def run_gate(run: Any, policy: Policy, device: str = "cpu", seed: int = 0,
     """Run every enabled check of ``policy`` on ``run`` (a discovered Run), in policy order."""
     ctx = GateContext(run, policy, device=device, seed=seed)
     results = []
-    for name, settings in policy.checks.items():
-        results.append(CHECKS[name](ctx, settings))
-        if progress is not None:
-            progress(1)
+    try:
+        for name, settings in policy.checks.items():
+            results.append(CHECKS[name](ctx, settings))
+            if progress is not None:
+                progress(1)
+    finally:
+        ctx.close()
     return GateResult(run=str(run.path), policy=policy.path, target=policy.target,
                       fail_on_skipped=policy.fail_on_skipped, checks=tuple(results))  # fmt: skip
