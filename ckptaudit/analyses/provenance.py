@@ -272,13 +272,13 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
             by_block["none" if piece.block is None else str(piece.block)] += piece.numel
     except UnknownArchitectureError as e:
         note = e.message
-    state = ckpt.trainer_state() if ckpt.trainer_state_file else None
-    lr_points = sum(1 for e in (state or {}).get("log_history", []) if "learning_rate" in e)
+    from ckptaudit.io.optimizer import lr_history
+
     artifacts = {
         "optimizer": ckpt.optimizer_file is not None,
         "scheduler": ckpt.scheduler_file is not None,
         "trainer_state": ckpt.trainer_state_file is not None,
-        "lr_history": lr_points > 0,
+        "lr_history": bool(lr_history(ckpt)),
         "rng_state": bool(ckpt.rng_files),
     }
     if ckpt.layout == "lightning":
@@ -322,15 +322,14 @@ def inspect_run(run: Any, role_map: Any = None, check_files: bool = True, progre
     """Inspect every checkpoint of a run (headers and file kinds only; no tensor data is read)."""
     infos = []
     arch_name, note = "unknown", ""
-    lr_points = 0
     for ckpt in run.checkpoints:
         info, arch_name, note = inspect_checkpoint(ckpt, role_map=role_map, check_files=check_files)
         infos.append(info)
         if progress is not None:
             progress(1)
-    last = run.checkpoints[-1]
-    if last.trainer_state_file is not None:
-        lr_points = sum(1 for e in (last.trainer_state() or {}).get("log_history", []) if "learning_rate" in e)
+    from ckptaudit.io.optimizer import lr_history
+
     return InspectResult(
-        run=str(run.path), architecture=arch_name, architecture_note=note, checkpoints=tuple(infos), lr_history_points=lr_points
+        run=str(run.path), architecture=arch_name, architecture_note=note, checkpoints=tuple(infos),
+        lr_history_points=len(lr_history(run.checkpoints[-1])),
     )
