@@ -24,8 +24,7 @@ from ckptaudit.cli.options import (
     parse_switch,
 )
 from ckptaudit.errors import UsageError
-
-SPARK = "▁▂▃▄▅▆▇█"
+from ckptaudit.report.console import sparkline
 
 
 def parse_blocks(spec: str | None) -> list[int] | None:
@@ -140,14 +139,6 @@ def backbone(
         render_backbone(output, summary)
 
 
-def sparkline(values: list[float]) -> str:
-    """A one-line sketch of a series (for a(t) and ||r(t)|| side by side)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return ""
-    lo, hi = min(vals), max(vals)
-    span = (hi - lo) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] if v is not None else " " for v in values)
 
 
 def render_backbone(output: Any, s: dict) -> None:

@@ -43,6 +43,20 @@ def save_report(
     return path
 
 
+def load_model_input(model: str, device: str) -> tuple[Any, Any, Any]:
+    """(checkpoint, tokenizer, model) of MODEL: a local directory or weight file, or a hub id already cached.
+
+    The tokenizer comes from beside the model, or from a GGUF file's own metadata. Local files only.
+    """
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.io.models import load_model, load_tokenizer, resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    ckpt = discover_run(path).checkpoints[-1]
+    tokenizer = load_tokenizer(ckpt.path if ckpt.layout == "gguf" else path)  # a GGUF carries its tokenizer inside
+    return ckpt, tokenizer, load_model(ckpt, device=device)
+
+
 class Progress:
     """Context manager yielding a ProgressHook bound to the output's progress bar."""
 

@@ -9,15 +9,19 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, make_output, save_report
-from ckptaudit.cli.options import DeviceOpt, JsonOpt, NoReportOpt, OutOpt, QuietOpt, SeedOpt, resolve_device
+from ckptaudit.cli.common import Progress, load_model_input, make_output, save_report
+from ckptaudit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    ModelArg,
+    NoReportOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    resolve_device,
+)
 from ckptaudit.errors import DataError, InputNotFoundError
-from ckptaudit.io.models import load_tokenizer  # also imported from here by other commands
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
-]
+from ckptaudit.io.models import load_tokenizer
 
 
 class _ModelInput:
@@ -151,16 +155,11 @@ def born_gap_cmd(
     Example: ckptaudit born-gap models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl
     """
     from ckptaudit.analyses.synonyms import born_gap, load_contexts
-    from ckptaudit.io.discover import discover_run
-    from ckptaudit.io.models import load_model, resolve_model_path
 
     output = make_output(json_out, quiet)
     dev = resolve_device(device)
-    path = Path(resolve_model_path(model))
     ctxs = load_contexts(contexts)
-    ckpt = discover_run(path).checkpoints[-1]
-    tok = load_tokenizer(ckpt.path if ckpt.layout == "gguf" else path)  # a GGUF carries its tokenizer inside
-    net = load_model(ckpt, device=dev)
+    ckpt, tok, net = load_model_input(model, dev)
     with Progress(output, "born-gap", len(ctxs)) as hook:
         result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
     save_report(output, "born-gap", result.to_hdf5_tree(), [ckpt], out, no_report, device=dev)
@@ -173,7 +172,7 @@ def born_gap_cmd(
             for c in summary["contexts"]
         ]
         output.table(
-            f"Born gap — {path} (unembedding: {summary.get('unembedding')})",
+            f"Born gap — {ckpt.path} (unembedding: {summary.get('unembedding')})",
             ["target", "competitor", "pool", "Phi", "S", "D", "throttle", "logit gap", "PR", "burial", "Born rank", "softmax rank"],
             rows,
             caption="Phi = P_B(target) - P_B(competitor) = S + D; Phi < 0: the competitor wins in Born geometry",

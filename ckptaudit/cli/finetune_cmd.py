@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, make_output, save_report
+from ckptaudit.cli.common import Progress, load_model_input, make_output, save_report
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
+    ModelArg,
     NoReportOpt,
     OutOpt,
     PlotOpt,
@@ -22,13 +23,7 @@ from ckptaudit.cli.options import (
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt
-
-# Spelled here rather than imported from embeddings_cmd: importing that module first would re-enter app.py's
-# command registration half-way (a circular import).
-ModelArg = Annotated[
-    str,
-    typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
-]
+from ckptaudit.report.plots import plot_finetune
 
 
 @app.command("finetune-probe")
@@ -72,8 +67,6 @@ def finetune_probe_cmd(
     """
     from ckptaudit.analyses.finetune import DEFAULT_LR, OPTIMIZER, finetune_probe
     from ckptaudit.analyses.synonyms import load_contexts
-    from ckptaudit.io.discover import discover_run
-    from ckptaudit.io.models import load_model, load_tokenizer, resolve_model_path
 
     mode = mode.strip().lower()
     if mode not in ("lora", "full"):
@@ -89,18 +82,15 @@ def finetune_probe_cmd(
 
     output = make_output(json_out, quiet)
     dev = resolve_device(device)
-    path = Path(resolve_model_path(model))
     ctxs = load_contexts(contexts)
-    ckpt = discover_run(path).checkpoints[-1]
-    tok = load_tokenizer(ckpt.path if ckpt.layout == "gguf" else path)  # a GGUF carries its tokenizer inside
-    net = load_model(ckpt, device=dev)
+    ckpt, tok, net = load_model_input(model, dev)
     with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
     save_report(output, "finetune-probe", result.to_hdf5_tree(), [ckpt], out, no_report, device=dev)
     summary = result.to_json()
     if plot is not None:
-        for p in plot_trajectories(summary, plot):
+        for p in plot_finetune(summary, plot):
             output.note(f"figure written to {p}")
     output.json(summary)
     if not output.human:
@@ -112,7 +102,7 @@ def finetune_probe_cmd(
         for c in summary["contexts"]
     ]
     output.table(
-        f"finetune-probe — {path} ({mode}, {steps} steps; unembedding: {result.unembedding})",
+        f"finetune-probe — {ckpt.path} ({mode}, {steps} steps; unembedding: {result.unembedding})",
         ["target", "competitor", "lr", "Phi start → end", "loss start → end", "flip", "jump ratio", "character",
          "failure", "stop Phi / CE", "E same"],
         rows,
@@ -138,33 +128,3 @@ def finetune_probe_cmd(
         )
 
 
-def plot_trajectories(summary: dict, out_dir: Path) -> list[Path]:
-    """One PNG per run: Phi, S, D (left axis) and the CE loss (right axis) against the step. Returns the files."""
-    from ckptaudit.report.plots import _pyplot
-
-    plt = _pyplot()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, c in enumerate(summary["contexts"]):
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        t = range(len(c["phi"]))
-        ax.plot(t, c["phi"], label="Phi", lw=2)
-        ax.plot(t, c["signal"], label="signal S", ls="--")
-        ax.plot(t, c["drag"], label="drag D", ls=":")
-        ax.axhline(0.0, color="grey", lw=0.6)
-        if c["flip_step"] is not None:
-            ax.axvline(c["flip_step"], color="tab:red", lw=0.8, label=f"flip (step {c['flip_step']})")
-        ax2 = ax.twinx()
-        ax2.plot(t, c["loss"], color="black", alpha=0.4, label="CE loss")
-        ax2.set_ylabel("CE loss")
-        ax.set_xlabel("step")
-        ax.set_title(f"{c['target'].strip()} vs {c['competitor'].strip()} — {c['mode']}, lr {c['lr']:g}")
-        ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        safe = "".join(ch if ch.isalnum() else "_" for ch in c["target"].strip()) or "target"
-        p = out_dir / f"finetune_{i:03d}_{safe}_lr{c['lr']:g}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
-    return written

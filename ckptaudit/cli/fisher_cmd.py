@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.backbone_cmd import sparkline
 from ckptaudit.cli.common import Progress, Session, load_run, save_report
 from ckptaudit.cli.options import (
     DataOpt,
@@ -26,6 +25,7 @@ from ckptaudit.cli.options import (
     parse_switch,
 )
 from ckptaudit.errors import UsageError
+from ckptaudit.report.console import sparkline
 
 
 def parse_bytes(spec: str) -> int:

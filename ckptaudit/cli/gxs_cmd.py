@@ -210,7 +210,7 @@ def velocity_cmd(
 
 def render_velocity(output: Any, s: dict) -> None:
     """Terminal view: velocity per step, each relative to its group's peak, then the verdict."""
-    from ckptaudit.cli.backbone_cmd import sparkline
+    from ckptaudit.report.console import sparkline
 
     peak_g = max((v for v in s["velocity_G"] if v is not None), default=None) or 1.0
     peak_s = max((v for v in s["velocity_S"] if v is not None), default=None) or 1.0

@@ -31,6 +31,10 @@ RunDirArg = Annotated[
     Path,
     typer.Argument(help="A run directory (checkpoints ordered by step), a single checkpoint directory, or a checkpoint file."),
 ]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
+]
 CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint directory or file.")]
 OutOpt = Annotated[
     Path | None,

@@ -23,6 +23,7 @@ from ckptaudit.cli.options import (
     resolve_device,
 )
 from ckptaudit.errors import UsageError
+from ckptaudit.report.plots import plot_resume
 
 
 @app.command("resume-probe")
@@ -147,31 +148,6 @@ def resume_probe(
         render_resume(output, summary)
 
 
-def plot_resume(summary: dict, out_dir: Path) -> Path:
-    """resume_probe_accuracy.png: eval accuracy over resumed steps, one line per condition."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib", "pip install 'ckptaudit[plot]'") from None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for c in summary["conditions"]:
-        style = "-" if c["optimizer"] == "preserved" else "--"
-        ax.plot(c["steps"], c["eval_acc"], style, marker=".", label=f"{c['name']} ({c['verdict']})")
-    ax.set_xlabel(f"resumed steps after step {summary['start_step']}")
-    ax.set_ylabel("eval accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("resume-probe: preserved vs reset optimizer state")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "resume_probe_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def render_resume(output: Any, s: dict) -> None:

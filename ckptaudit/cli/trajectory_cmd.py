@@ -44,7 +44,7 @@ def _data(ckpt: Any, task: str | None, data: Path | None, required: bool) -> Any
     from ckptaudit.io.data import load_data
     from ckptaudit.tasks import TASK_FILE
 
-    if not required and task is None and data is None and not (Path(ckpt.path) / TASK_FILE).is_file():
+    if not required and task is None and data is None and not (ckpt.directory / TASK_FILE).is_file():
         return None
     return load_data(ckpt, task=task, data=data)
 

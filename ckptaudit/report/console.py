@@ -154,3 +154,16 @@ class ProgressHook:
         """Give the bar its end once the amount of work is known (a no-op without a bar)."""
         if self._bar is not None:
             self._bar.set_total(total)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """A one-line sketch of a series (for a(t) and ||r(t)|| side by side)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] if v is not None else " " for v in values)

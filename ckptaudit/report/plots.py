@@ -65,3 +65,54 @@ def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(p)
     return written
+
+
+def plot_finetune(summary: dict, out_dir: Path) -> list[Path]:
+    """One PNG per run: Phi, S, D (left axis) and the CE loss (right axis) against the step. Returns the files."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, c in enumerate(summary["contexts"]):
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        t = range(len(c["phi"]))
+        ax.plot(t, c["phi"], label="Phi", lw=2)
+        ax.plot(t, c["signal"], label="signal S", ls="--")
+        ax.plot(t, c["drag"], label="drag D", ls=":")
+        ax.axhline(0.0, color="grey", lw=0.6)
+        if c["flip_step"] is not None:
+            ax.axvline(c["flip_step"], color="tab:red", lw=0.8, label=f"flip (step {c['flip_step']})")
+        ax2 = ax.twinx()
+        ax2.plot(t, c["loss"], color="black", alpha=0.4, label="CE loss")
+        ax2.set_ylabel("CE loss")
+        ax.set_xlabel("step")
+        ax.set_title(f"{c['target'].strip()} vs {c['competitor'].strip()} — {c['mode']}, lr {c['lr']:g}")
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        safe = "".join(ch if ch.isalnum() else "_" for ch in c["target"].strip()) or "target"
+        p = out_dir / f"finetune_{i:03d}_{safe}_lr{c['lr']:g}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def plot_resume(summary: dict, out_dir: Path) -> Path:
+    """resume_probe_accuracy.png: eval accuracy over resumed steps, one line per condition."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in summary["conditions"]:
+        style = "-" if c["optimizer"] == "preserved" else "--"
+        ax.plot(c["steps"], c["eval_acc"], style, marker=".", label=f"{c['name']} ({c['verdict']})")
+    ax.set_xlabel(f"resumed steps after step {summary['start_step']}")
+    ax.set_ylabel("eval accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("resume-probe: preserved vs reset optimizer state")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "resume_probe_accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
