@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
 DEFAULT_PERCENTILES = (30.0, 70.0)
 DEFAULT_PROBES = Path(__file__).resolve().parents[2] / "fixtures" / "probes" / "default.txt"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------------------------- probes
@@ -119,16 +119,20 @@ def build_probes(
     """
     config = config or {}
     vocab = int(config.get("vocab_size") or (task.vocab_size if task is not None else 0))
-    max_len = int(config.get("n_positions") or config.get("max_position_embeddings") or 128)
-    has_tokenizer = ckpt_dir is not None and any((Path(ckpt_dir) / f).is_file() for f in _TOKENIZER_FILES)
-    if has_tokenizer:
-        from transformers import AutoTokenizer
-
+    max_len = max_positions(config) or 128
+    if ckpt_dir is not None and has_tokenizer(ckpt_dir):
         texts = read_probe_lines(probes_file or DEFAULT_PROBES)
-        tok = AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
+        tok = load_tokenizer(ckpt_dir)  # DataError (one line) when the files there are broken
         if tok.pad_token is None:  # GPT-2 style tokenizers have none; padded positions are masked anyway
             tok.pad_token = tok.eos_token or tok.unk_token
-        enc = tok(texts, padding=True, truncation=True, max_length=min(max_len, 128), return_tensors="pt")
+        try:
+            enc = tok(texts, padding=True, truncation=True, max_length=min(max_len, 128), return_tensors="pt")
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(
+                f"{ckpt_dir}: its tokenizer cannot encode the probes ({type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[0][:200]})",
+                hint="save a tokenizer with a pad, eos or unk token (tokenizer.save_pretrained(dir))",
+            ) from None
         return ProbeSet(enc["input_ids"].long(), enc["attention_mask"].long(), f"{probes_file or DEFAULT_PROBES} ({len(texts)} texts)")
     if vocab < 1:
         raise DataError("cannot build probes: the config has no vocab_size", hint="pass a checkpoint with config.json")

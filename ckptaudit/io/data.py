@@ -8,7 +8,7 @@
   same task, and ``key=value`` pairs override them;
 - ``data=FILE``: a :class:`TokenData` built from plain text, JSONL with a ``"text"`` field, or token ids in a
   ``.npy`` array (1-D: one stream; 2-D ``[N, L]``: one row per document). Text is tokenised with the checkpoint's
-  own tokenizer (``AutoTokenizer.from_pretrained(dir, local_files_only=True)``), never downloaded.
+  own tokenizer (``ckptaudit.io.models.load_tokenizer``, local files only), never downloaded.
 
 File data is chunked into sequences of ``seq_len`` tokens (default ``min(model max positions, 128)``); the last
 ``VALIDATION_FRAC`` of the sequences (contiguous, so no validation sequence shares text with a neighbouring train
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 
 __all__ = ["DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "check_enough", "load_data", "parse_task",
            "read_token_ids"]
@@ -38,8 +39,6 @@ DEFAULT_SEQ_LEN = 128
 VALIDATION_FRAC = 0.1
 SPLITS = ("train", "validation")
 _NPY_MAGIC = b"\x93NUMPY"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                    "spiece.model", "merges.txt")
 
 
 def _stable_seed(*parts: object) -> int:
@@ -164,30 +163,17 @@ class TokenData:
 # ----------------------------------------------------------------------------------------------- reading files
 
 
-def _max_positions(config: dict | None) -> int | None:
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        value = (config or {}).get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _tokenizer(ckpt: Any, file: Path) -> Any:
-    from transformers import AutoTokenizer
-
     where = ckpt.directory
     hint = "save it beside the weights (tokenizer.save_pretrained(dir)), or pass token ids as a .npy file"
     # Without tokenizer files AutoTokenizer may still build an empty tokenizer from config.json's model_type.
-    if not any((where / n).is_file() for n in _TOKENIZER_FILES):
+    if not has_tokenizer(where):
         raise DataError(f"{file}: text data needs the checkpoint's tokenizer, and {where} has no tokenizer files",
                         hint=hint)
     try:
-        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"{file}: text data needs the checkpoint's tokenizer, and none could be loaded from {where} "
-            f"({type(exc).__name__})", hint=hint,
-        ) from None
+        return load_tokenizer(where)
+    except DataError as exc:
+        raise DataError(f"{file}: text data needs the checkpoint's tokenizer, and {exc.message}", hint=hint) from None
 
 
 def _read_texts(file: Path) -> list[str]:
@@ -248,7 +234,7 @@ def _file_data(ckpt: Any, file: Path, seq_len: int | None) -> TokenData:
     if not file.is_file():
         raise InputNotFoundError(f"--data {file}: no such file")
     config = ckpt.config() if hasattr(ckpt, "config") else None
-    max_pos = _max_positions(config)
+    max_pos = max_positions(config)
     vocab = int((config or {}).get("vocab_size") or 0)
     if seq_len is None:
         seq_len = min(max_pos or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
@@ -323,7 +309,7 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
     Task-protocol object. Errors (DataError): both given, unknown task, no recorded task, empty file, too few
     tokens, a tokenizer missing for text.
     """
-    from ckptaudit.tasks import TASK_FILE, available_tasks, get_task, load_task_spec, task_from_spec
+    from ckptaudit.tasks import TASK_FILE, get_task, load_task_spec, task_from_spec
 
     where = ckpt.directory
     if task is not None and data is not None:
@@ -335,19 +321,13 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
         if not spec:
             raise DataError(f"{where}: no {TASK_FILE}, so the data this checkpoint was trained on is unknown",
                             hint="pass --data FILE (text, JSONL or .npy token ids) or --task NAME")
-        return task_from_spec(spec)
+        return task_from_spec(spec, source=where / TASK_FILE)
     name, params = parse_task(task)
-    if name not in available_tasks():
-        raise DataError(f"--task {task}: unknown built-in task {name!r} (checkpoint {where})",
-                        hint=f"use one of: {', '.join(available_tasks())}, or --data FILE")
     if spec.get("task") == name:  # same task: the checkpoint's parameters unless overridden
         merged = {k: v for k, v in spec.items() if k not in ("task", "batch_size", "data_seed", "train")}
         merged.update(params)
         params = merged
-    try:
-        return get_task(name, **params)
-    except ValueError as exc:
-        raise DataError(f"--task {task}: {exc} (checkpoint {where})") from None
+    return get_task(name, **params)
 
 
 def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train") -> None:

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from ckptaudit.errors import (
     UnknownArchitectureError,
 )
 
-__all__ = ["param_shapes", "load_model", "load_tokenizer", "resolve_model_path", "hub_cache_dir"]
+__all__ = ["param_shapes", "load_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
+           "resolve_model_path", "hub_cache_dir"]
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -38,27 +39,45 @@ def _config_dict(ckpt: Any) -> dict:
     config = method() if callable(method) else None
     if config is None and getattr(ckpt, "config_file", None) is not None:
         try:
-            config = json.loads(Path(ckpt.config_file).read_text())
+            config = json.loads(Path(ckpt.config_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"{ckpt.config_file}: not UTF-8 text", hint=_CONFIG_HINT) from None
         except json.JSONDecodeError as exc:
             raise CorruptFileError(f"{ckpt.config_file}: invalid JSON ({exc})") from None
-    if not config:
+    if config is None:
         raise LayoutError(
             f"{ckpt.path}: no config.json, so the model cannot be built",
             hint="save the model config next to the weights (model.config.save_pretrained(dir))",
         )
+    if not isinstance(config, Mapping) or not config:
+        what = "is empty ({})" if isinstance(config, Mapping) else f"holds a {type(config).__name__}, not an object"
+        raise CorruptFileError(
+            f"{ckpt.path}: config.json {what}, so the model cannot be built",
+            hint=_CONFIG_HINT,
+        )
     return dict(config)
+
+
+_CONFIG_HINT = "re-save the model config next to the weights (model.config.save_pretrained(dir))"
+# Out of memory is not a fault of config.json: it propagates as is.
+_NOT_CONFIG_ERRORS = (MemoryError, torch.OutOfMemoryError)
 
 
 def _transformers_config(config: dict, where: Any) -> Any:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise UnknownArchitectureError(
             f"{where}: config.json model_type {model_type!r} is not known to the installed transformers",
             hint="upgrade transformers, or audit weights only (analyses that do not run the model)",
         )
-    return CONFIG_MAPPING[model_type].from_dict(config)
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(config)
+    except Exception as exc:  # ValueError/TypeError, huggingface_hub's StrictDataclassFieldValidationError...
+        raise CorruptFileError(
+            f"{where}: config.json is not a valid {model_type} config ({_one_line(exc)})", hint=_CONFIG_HINT
+        ) from None
 
 
 def _build(config: dict, where: Any) -> torch.nn.Module:
@@ -67,14 +86,22 @@ def _build(config: dict, where: Any) -> torch.nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
     hf_config = _transformers_config(config, where)
-    for arch in config.get("architectures") or ():
-        cls = getattr(transformers, str(arch), None)
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-            return cls._from_config(hf_config)
+    architectures = config.get("architectures")
     try:
-        return AutoModelForCausalLM.from_config(hf_config)
-    except ValueError:  # encoder-only and other non-causal configs
-        return AutoModel.from_config(hf_config)
+        for arch in architectures if isinstance(architectures, list) else ():
+            cls = getattr(transformers, str(arch), None)
+            if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+                return cls._from_config(hf_config)
+        try:
+            return AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:  # encoder-only and other non-causal configs
+            return AutoModel.from_config(hf_config)
+    except _NOT_CONFIG_ERRORS:
+        raise
+    except Exception as exc:  # values transformers accepted but the model cannot be built with (e.g. n_embd < 0)
+        raise CorruptFileError(
+            f"{where}: no model can be built from config.json ({_one_line(exc)})", hint=_CONFIG_HINT
+        ) from None
 
 
 def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
@@ -285,6 +312,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "spiece.model", "merges.txt", "sentencepiece.bpe.model")
 
 
+def has_tokenizer(folder: Path | str) -> bool:
+    """Whether ``folder`` holds saved tokenizer files (any of TOKENIZER_FILES); reads no file."""
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def max_positions(config: Mapping | None) -> int | None:
+    """The model's maximum sequence length from a config.json dict (first positive int among the usual keys)."""
+    if not isinstance(config, Mapping):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(path: Path | str) -> Any:
     """The tokenizer of a model: saved in (or beside) a model directory, or in a GGUF file's metadata.
 
@@ -296,7 +340,7 @@ def load_tokenizer(path: Path | str) -> Any:
     path = Path(path)
     gguf_file = path.is_file() and _is_gguf_file(path)
     folder = path if path.is_dir() else path.parent
-    if not gguf_file and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if not gguf_file and not has_tokenizer(folder):
         # transformers 5 would build an empty tokenizer from config.json alone; refuse instead of tokenizing to [].
         raise DataError(
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
@@ -315,7 +359,7 @@ def load_tokenizer(path: Path | str) -> Any:
                 "or pass the original Hugging Face model directory",
             ) from None
         raise DataError(
-            f"{folder}: no usable tokenizer ({type(e).__name__})",
+            f"{folder}: no usable tokenizer ({_one_line(e)})",
             "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))",
         ) from None
 

@@ -24,6 +24,7 @@ import torch
 
 from ckptaudit.errors import CorruptFileError, OptimizerStateError
 from ckptaudit.io.tensors import safe_torch_load
+from ckptaudit.tasks.train import NO_DECAY_PATTERNS
 
 __all__ = [
     "ParamState",
@@ -145,9 +146,7 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
 
 # ---------------------------------------------------------------------------------- Trainer decay rules
 
-_RE_456 = [
-    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-]
+_RE_456 = [re.compile(p) for p in NO_DECAY_PATTERNS]  # the rule the built-in training loop applies too
 
 
 def _modules(params: ParamShapes) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -407,12 +406,27 @@ def _trainer_state(ckpt: Any) -> dict | None:
 
 
 def lr_history(ckpt: Any) -> list[tuple[int, float]]:
-    """``[(step, learning_rate)]`` from trainer_state.json's log_history (training entries only); [] without it."""
+    """``[(step, learning_rate)]`` from trainer_state.json's log_history (training entries only); [] without it.
+
+    trainer_state.json is untrusted input: a ``log_history`` that is null or not a list gives [], and entries
+    that are not objects, or whose ``step`` is not an integer or whose ``learning_rate`` is not a number
+    (null, text...), are skipped; the well-formed entries are still returned.
+    """
     state = _trainer_state(ckpt)
-    if not state:
+    if not state or not isinstance(state, dict):
         return []
-    return [
-        (int(entry["step"]), float(entry["learning_rate"]))
-        for entry in state.get("log_history", ())
-        if isinstance(entry, dict) and "learning_rate" in entry and "step" in entry
-    ]
+    history = state.get("log_history")
+    if not isinstance(history, list):
+        return []
+    out: list[tuple[int, float]] = []
+    for entry in history:
+        if not isinstance(entry, dict) or "learning_rate" not in entry or "step" not in entry:
+            continue
+        step, lr = entry["step"], entry["learning_rate"]
+        if isinstance(step, bool) or isinstance(lr, bool):
+            continue
+        try:
+            out.append((int(step), float(lr)))
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return out

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ckptaudit.errors import InputNotFoundError, UnknownArchitectureError, UsageError
+from ckptaudit.errors import CorruptFileError, InputNotFoundError, UnknownArchitectureError, UsageError
 from ckptaudit.io.architectures import KNOWN_NAMES, Rule, match_rule, recognise
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out", "embed", "pos", "norm", "head", "other")
@@ -158,10 +158,23 @@ class RoleMap:
                 re.compile(pattern)
             except re.error as e:
                 raise UsageError(f"{where}: roles[{i}] pattern {pattern!r} is not a valid regex ({e})") from None
-            head_axis = entry.get("head_axis")
-            rules.append(RoleRule(pattern, role, None if head_axis is None else int(head_axis)))
-        extra = {k: data.get(k) for k in ("n_heads", "n_kv_heads", "head_dim")}
-        return cls(tuple(rules), *(None if v is None else int(v) for v in extra.values()), source=source)
+            head_axis = _user_int(entry.get("head_axis"), f"{where}: roles[{i}].head_axis", minimum=None)
+            rules.append(RoleRule(pattern, role, head_axis))
+        extra = [_user_int(data.get(k), f"{where}: {k}", minimum=1) for k in ("n_heads", "n_kv_heads", "head_dim")]
+        return cls(tuple(rules), *extra, source=source)
+
+
+def _user_int(value: Any, what: str, minimum: int | None) -> int | None:
+    """``value`` as an int (None stays None); UsageError naming ``what`` when it is not one, or below ``minimum``."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{what} must be an integer, got {value!r}", hint=_ROLE_MAP_EXAMPLE) from None
+    if minimum is not None and number < minimum:
+        raise UsageError(f"{what} must be at least {minimum}, got {number}", hint=_ROLE_MAP_EXAMPLE)
+    return number
 
 
 _ROLE_MAP_EXAMPLE = ('e.g. a TOML file with lines [[roles]] pattern = \'blocks\\.(?P<block>\\d+)\\.attn\\.wq\\.weight$\' '
@@ -177,7 +190,12 @@ def load_role_map(path: str | Path) -> RoleMap:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"role map {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"role map {path} is not UTF-8 text", hint=_ROLE_MAP_EXAMPLE) from None
+    except OSError as e:
+        raise UsageError(f"role map {path} cannot be read ({e.strerror or e})", hint=_ROLE_MAP_EXAMPLE) from None
     try:
         if text.lstrip().startswith("{"):
             data = json.loads(text)
@@ -306,19 +324,33 @@ def _config_dims(config: Any) -> dict[str, int | None]:
     if config is None:
         return {"n_heads": None, "n_kv_heads": None, "head_dim": None, "hidden": None}
     if not isinstance(config, Mapping):
+        if not callable(getattr(config, "to_dict", None)):
+            raise CorruptFileError(f"config.json must hold a JSON object, got {type(config).__name__}",
+                                   hint="re-save the config (model.config.save_pretrained(dir))")
         config = config.to_dict()
     if not any(k in config for k in ("num_attention_heads", "n_head")) and isinstance(config.get("text_config"),
                                                                                       Mapping):
         config = config["text_config"]  # multimodal wrappers keep the language model's dims here
 
-    def first(*keys):
+    def first(*keys, positive=False):
         for k in keys:
-            if config.get(k) is not None:
-                return int(config[k])
+            value = config.get(k)
+            if value is not None:
+                try:
+                    number = int(value)
+                except (TypeError, ValueError, OverflowError):
+                    raise CorruptFileError(f"config.json: {k!r} must be an integer, got {value!r}",
+                                           hint="fix config.json, or re-save it (model.config.save_pretrained(dir))"
+                                           ) from None
+                if positive and number < 1:
+                    raise CorruptFileError(f"config.json: {k!r} must be at least 1, got {number}",
+                                           hint="fix the head count in config.json")
+                return number
         return None
 
-    return {"n_heads": first("num_attention_heads", "n_head", "n_heads", "num_heads"),
-            "n_kv_heads": first("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+    return {"n_heads": first("num_attention_heads", "n_head", "n_heads", "num_heads", positive=True),
+            "n_kv_heads": first("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
+                                positive=True),
             "head_dim": first("head_dim", "attention_head_size"),
             "hidden": first("hidden_size", "n_embd", "d_model", "dim")}
 

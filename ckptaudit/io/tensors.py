@@ -547,6 +547,12 @@ def find_weights(directory: Path | str) -> tuple[Path, tuple[Path, ...]] | None:
                 weight_map = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
             except (ValueError, AttributeError, UnicodeDecodeError) as exc:
                 raise CorruptFileError(f"{idx}: not a valid sharded-checkpoint index ({exc})", hint=_RESAVE_HINT) from None
+            if not isinstance(weight_map, dict):
+                raise CorruptFileError(
+                    f"{idx}: 'weight_map' must be an object of tensor name -> shard file, "
+                    f"got {type(weight_map).__name__}",
+                    hint=_RESAVE_HINT,
+                )
             return idx, tuple(d / f for f in dict.fromkeys(map(str, weight_map.values())))
     for name in WEIGHT_FILE_NAMES:
         if (d / name).is_file():

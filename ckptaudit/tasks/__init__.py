@@ -10,6 +10,7 @@ A task is named and parameterised in a small JSON dict (its *spec*) written into
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,8 +82,12 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str, **params: Any) -> Task:
-    """The built-in task ``name`` with ``params`` (e.g. ``get_task("modadd", p=47, train_frac=0.4)``)."""
-    if name not in _REGISTRY:
+    """The built-in task ``name`` with ``params`` (e.g. ``get_task("modadd", p=47, train_frac=0.4)``).
+
+    An unknown name, an unknown parameter or a value the task rejects (wrong type, out of range) raises
+    DataError naming the task and the parameter.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise DataError(f"unknown built-in task {name!r}", hint=f"use one of: {', '.join(available_tasks())}")
     factory, accepted = _REGISTRY[name]
     unknown = sorted(set(params) - set(accepted))
@@ -91,14 +96,63 @@ def get_task(name: str, **params: Any) -> Task:
             f"task {name!r} does not take parameter(s) {', '.join(unknown)}",
             hint=f"it accepts: {', '.join(accepted)}",
         )
-    return factory(**params)
+    try:
+        return factory(**params)
+    except (ValueError, TypeError) as exc:
+        raise DataError(
+            f"task {name!r}: {_culprit(factory, params)} rejected ({_first_line(exc)})",
+            hint=f"{name} takes {', '.join(accepted)} as numbers in range (the defaults are used when omitted)",
+        ) from None
 
 
-def task_from_spec(spec: dict) -> Task:
-    """Rebuild a task from its spec dict; keys that describe the run (batch_size, data_seed, ...) are ignored."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _culprit(factory: Callable[..., Any], params: dict[str, Any]) -> str:
+    """The parameter(s) to name in a rejection: those whose type differs from the default's, else all given."""
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+    bad = []
+    for key, value in params.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        want = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) or not isinstance(value, want):
+            bad.append(key)
+    chosen = bad or list(params)
+    if not chosen:
+        return "its default parameters were"
+    text = ", ".join(f"{k}={params[k]!r}" for k in chosen)
+    return f"parameter {text} was" if len(chosen) == 1 else f"parameters {text} were"
+
+
+def task_from_spec(spec: dict, source: Path | str | None = None) -> Task:
+    """Rebuild a task from its spec dict; keys that describe the run (batch_size, data_seed, ...) are ignored.
+
+    ``source`` (the file the spec was read from) is named at the start of any DataError.
+    """
+    if source is None:
+        return _task_from_spec(spec)
+    try:
+        return _task_from_spec(spec)
+    except DataError as exc:
+        raise DataError(f"{source}: {exc.message}", hint=exc.hint) from None
+
+
+def _task_from_spec(spec: dict) -> Task:
+    if not isinstance(spec, dict):
+        raise DataError(f"task spec must be a JSON object, got {type(spec).__name__}",
+                        hint=f"expected a {TASK_FILE} written by ckptaudit")
     if "task" not in spec:
         raise DataError("task spec has no 'task' key", hint=f"expected a {TASK_FILE} written by ckptaudit")
     name = spec["task"]
+    if not isinstance(name, str):
+        raise DataError(f"task spec key 'task' must be a task name, got {name!r}",
+                        hint=f"use one of: {', '.join(available_tasks())}")
     accepted = _REGISTRY.get(name, (None, ()))[1]
     return get_task(name, **{k: v for k, v in spec.items() if k in accepted})
 
@@ -113,11 +167,22 @@ def load_task_spec(path: Path | str) -> dict:
             hint="give the evaluation data explicitly, or use a run written by fixtures/make_fixtures.py",
         )
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{file} is not UTF-8 text", hint="regenerate the checkpoint") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{file} is not valid JSON ({exc})", hint="regenerate the checkpoint") from exc
+        raise DataError(f"{file} is not valid JSON ({exc})", hint="regenerate the checkpoint") from None
+    if not isinstance(spec, dict):
+        raise DataError(
+            f"{file} must hold a JSON object (e.g. {{\"task\": \"modadd\", \"p\": 23}}), "
+            f"got {type(spec).__name__}",
+            hint="regenerate the checkpoint",
+        )
+    return spec
 
 
 def task_from_checkpoint_dir(path: Path | str) -> Task:
     """The task a checkpoint directory was trained on, rebuilt from its ``ckptaudit_task.json``."""
-    return task_from_spec(load_task_spec(path))
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / TASK_FILE
+    return task_from_spec(load_task_spec(path), source=file)
