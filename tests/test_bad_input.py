@@ -388,3 +388,17 @@ def test_cli_regimes_broken_tokenizer(model_dir, tmp_path):
     for ck in run.iterdir():
         _break_tokenizer(ck)
     _assert_one_line_error(_cli("regimes", run), "tokenizer")
+
+
+def test_regimes_with_a_non_integer_vocab_size_is_one_line(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for cfg in run.glob("checkpoint-*/config.json"):
+        d = json.loads(cfg.read_text())
+        d["vocab_size"] = "many"
+        cfg.write_text(json.dumps(d))
+    r = CliRunner().invoke(app, ["regimes", str(run), "--no-report", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("ckptaudit: error:") and "vocab_size" in r.stderr and "Traceback" not in r.output

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.errors import DataError, UsageError
+from ckptaudit.errors import CorruptFileError, DataError, UsageError
 from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 
 REGIMES = ("chaotic", "transition", "stable")
@@ -118,7 +118,11 @@ def build_probes(
     ``task`` a built-in task or None. Deterministic given ``seed``.
     """
     config = config or {}
-    vocab = int(config.get("vocab_size") or (task.vocab_size if task is not None else 0))
+    try:
+        vocab = int(config.get("vocab_size") or (task.vocab_size if task is not None else 0))
+    except (TypeError, ValueError):
+        raise CorruptFileError(f"config.json: 'vocab_size' must be an integer, got {config.get('vocab_size')!r}",
+                               hint="fix or regenerate the checkpoint's config.json") from None
     max_len = max_positions(config) or 128
     if ckpt_dir is not None and has_tokenizer(ckpt_dir):
         texts = read_probe_lines(probes_file or DEFAULT_PROBES)
