@@ -402,3 +402,23 @@ def test_regimes_with_a_non_integer_vocab_size_is_one_line(tiny_run, tmp_path):
     r = CliRunner().invoke(app, ["regimes", str(run), "--no-report", "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("ckptaudit: error:") and "vocab_size" in r.stderr and "Traceback" not in r.output
+
+
+def test_resuming_training_from_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path):
+    """tasks.train.load_checkpoint (extrapolate --time continues training from it): a missing scheduler or a
+    truncated optimizer.pt is a CkptAuditError naming the file, not a raw torch/pickle error."""
+    import shutil
+
+    from ckptaudit.errors import CkptAuditError
+    from ckptaudit.tasks.train import load_checkpoint
+
+    ckpt = tmp_path / "checkpoint-30"
+    shutil.copytree(tiny_run / "checkpoint-30", ckpt)
+    (ckpt / "scheduler.pt").unlink()
+    with pytest.raises(CkptAuditError, match="scheduler.pt"):
+        load_checkpoint(ckpt)
+    shutil.copy(tiny_run / "checkpoint-30" / "scheduler.pt", ckpt / "scheduler.pt")
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CkptAuditError, match="optimizer.pt"):
+        load_checkpoint(ckpt)

@@ -299,16 +299,30 @@ def load_checkpoint(ckpt_dir: Path | str) -> TrainingState:
             f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})",
             hint="the checkpoint directory is inconsistent; regenerate it",
         )
-    optimizer = build_optimizer(
-        model, hp["lr"], hp["weight_decay"], tuple(hp["betas"]), hp["eps"], hp["fused"]
-    )
-    scheduler = build_scheduler(optimizer, hp["warmup_steps"], hp["max_steps"], hp["scheduler"])
+    from ckptaudit.io.tensors import safe_torch_load  # weights-only, one-line errors for damaged files
+
+    try:
+        optimizer = build_optimizer(
+            model, hp["lr"], hp["weight_decay"], tuple(hp["betas"]), hp["eps"], hp.get("fused")
+        )
+        scheduler = build_scheduler(optimizer, hp["warmup_steps"], hp["max_steps"], hp["scheduler"])
+    except KeyError as e:
+        raise LayoutError(f"{ckpt_dir / TASK_FILE}: the 'train' section lacks {e}", hint="regenerate the run") from None
+    files = {name: ckpt_dir / name for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json")}
+    for f in files.values():
+        if not f.is_file():
+            raise LayoutError(f"{f}: missing, so training cannot continue from this checkpoint",
+                              hint="use a checkpoint written with its optimizer and scheduler state")
     # Fresh objects first, saved state second: building the LambdaLR over a restored optimizer would take the
     # scheduled lr for the base lr.
-    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True, map_location="cpu"))
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    return TrainingState(model, optimizer, scheduler, task, spec, int(state["global_step"]))
+    try:
+        optimizer.load_state_dict(safe_torch_load(files["optimizer.pt"]))
+        scheduler.load_state_dict(safe_torch_load(files["scheduler.pt"]))
+        step = int(json.loads(files["trainer_state.json"].read_text(encoding="utf-8"))["global_step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise LayoutError(f"{ckpt_dir}: optimizer, scheduler or trainer state does not fit the model ({e})",
+                          hint="regenerate the checkpoint") from None
+    return TrainingState(model, optimizer, scheduler, task, spec, step)
 
 
 def checkpoint_dir(out_dir: Path | str, step: int) -> Path:
