@@ -178,7 +178,7 @@ def test_cli_inspect_with_malformed_lr_history(tiny_checkpoint, tmp_path):
     state = json.loads((ck / "trainer_state.json").read_text())
     state["log_history"] = [{"step": 1, "learning_rate": None}, {"step": "x", "learning_rate": 0.1}]
     (ck / "trainer_state.json").write_text(json.dumps(state))
-    result = _cli("inspect", run)
+    result = _cli("inspect", run, "--no-report")
     assert "Traceback" not in result.output
     assert result.exit_code == 0, (result.output, result.exception)
 

@@ -115,6 +115,14 @@ def init_from_env(device: str = "cpu") -> DistContext | None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            from ckptaudit.errors import UsageError
+
+            n = torch.cuda.device_count()
+            raise UsageError(f"local rank {local_rank} needs cuda:{local_rank}, but this machine has {n} CUDA "
+                             f"device(s) (nccl takes one GPU per process)",
+                             f"launch at most {n} process(es) per machine (torchrun --nproc-per-node {n}) "
+                             "or use --device cpu (gloo)")
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
     owned = False

@@ -132,6 +132,8 @@ def fisher(
             with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
                 report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
                                     switch=pair, switch_run=source_run, progress=hook if main else None)
+            if vectors is None:  # name the run the directions came from, not the temporary file
+                report.settings["vectors"] = f"backbone of {source_run.path}"
     if not main:
         return
     save_report(output, "fisher", report.to_hdf5_tree(), targets.checkpoints, out, no_report,

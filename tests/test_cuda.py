@@ -1,0 +1,276 @@
+"""The CUDA path: the same independent references as the CPU tests, and every command's numbers against its CPU run.
+
+Runs only where torch sees a GPU. CI has none, so there these tests are skipped and the CPU path is the tested
+default; benchmarks/RESULTS.md records the runs of the whole suite on a GPU machine. Set
+CKPTAUDIT_TEST_SECOND_DEVICE=cpu to run the CPU-against-second-device comparisons on a machine without a GPU
+(the comparator itself is then checked against a run that must agree to the last digit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import fixture_run, make_tiny_lm_dir
+from typer.testing import CliRunner
+
+from ckptaudit.cli.app import app
+
+SECOND = os.environ.get("CKPTAUDIT_TEST_SECOND_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(SECOND.startswith("cuda") and not torch.cuda.is_available(),
+                                reason="no CUDA device (the CPU path is tested everywhere else)")
+runner = CliRunner()
+
+# Keys whose values legitimately differ between two runs of one analysis: where and how long it ran.
+VOLATILE = ("device", "seconds", "elapsed", "time", "created", "path", "hash", "version", "report")
+
+
+def _numeric_close(a, b, rtol: float, where: str) -> None:
+    """``a`` and ``b`` (a number or a list of numbers) equal within rtol, relative to the largest magnitude."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    assert x.shape == y.shape, f"{where}: shapes {x.shape} and {y.shape}"
+    assert np.array_equal(np.isfinite(x), np.isfinite(y)), f"{where}: non-finite entries differ"
+    fin = np.isfinite(x)
+    scale = max(float(np.abs(y[fin]).max(initial=0.0)), 1e-30)
+    np.testing.assert_allclose(x[fin], y[fin], rtol=rtol, atol=rtol * scale, err_msg=where)
+
+
+def assert_same_results(a, b, rtol: float, where: str = "") -> None:
+    """Two JSON documents of one analysis agree: numbers within rtol, everything else exactly; VOLATILE keys skipped."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            if not any(v in k.lower() for v in VOLATILE):
+                assert_same_results(a[k], b[k], rtol, f"{where}/{k}")
+        return
+    if isinstance(a, list) and a and all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
+                                         for v in a):
+        if any(v is None for v in a):
+            assert [v is None for v in a] == [v is None for v in b], f"{where}: missing values differ"
+            a = [v for v in a if v is not None]
+            b = [v for v in b if v is not None]
+        _numeric_close(a, b, rtol, where)
+        return
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert_same_results(u, v, rtol, f"{where}[{i}]")
+        return
+    if isinstance(a, float) and not isinstance(b, bool):
+        _numeric_close(a, b, rtol, where)
+        return
+    assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _json(args: list[str], device: str) -> dict:
+    r = runner.invoke(app, [*args, "--device", device, "--json", "--no-report"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def _helpers():
+    try:
+        import tests.test_backbone as bb
+        import tests.test_gram as gr
+    except ImportError:  # pytest without tests/ as a package
+        import test_backbone as bb
+        import test_gram as gr
+    return bb, gr
+
+
+def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
+    from ckptaudit.analyses.backbone import run_backbone
+
+    bb, gr = _helpers()
+    d, n = bb.D_MODEL, bb.LAYERS
+    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(d, n), len(bb.STEPS), seed=7, noise=0.04),
+                      bb.STEPS, gr.gpt2_config(d, n))
+    sw = [(60, 85), (110, 150)]
+    rep = run_backbone(run, window=bb.W, switches=sw, device=SECOND, chunk_elems=100)
+    parts = gr.reference_parts(d, n)
+    for name, res in {"trunk": rep.trunk, "block_0": rep.blocks[0], "group_S": rep.groups["S"]}.items():
+        bb.check(res, bb.brute(gr.stacked(run, parts[name]), bb.STEPS[1:], 0, bb.W, sw))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, dtype):
+    """Stored half-precision rows are widened on the device and subtracted in float64: the Grams equal numpy's."""
+    from ckptaudit.analyses.backbone import run_backbone
+
+    bb, gr = _helpers()
+    steps = bb.STEPS[:8]
+    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(bb.D_MODEL, 1), len(steps), seed=2), steps,
+                      gr.gpt2_config(bb.D_MODEL, 1), dtype=dtype, shards=2)
+    rep = run_backbone(run, window=3, device=SECOND, chunk_elems=50)
+    X = gr.stacked(run, gr.reference_parts(bb.D_MODEL, 1)["trunk"])  # the stored values, upcast
+    bb.check(rep.trunk, bb.brute(X, steps[1:], 0, 3))
+
+
+def test_fisher_on_the_gpu_matches_the_dense_fisher():
+    try:
+        from tests.test_fisher import SEED, B, M, dense_gradients, unit
+    except ImportError:
+        from test_fisher import SEED, B, M, dense_gradients, unit
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, trunk_layout
+    from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks import get_task
+
+    task = get_task("modadd", p=7)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=task.vocab_size, n_positions=4, n_embd=4, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=8, eos_token_id=8, initializer_range=0.3)
+    model = GPT2LMHeadModel(config).double().eval()
+    layout = trunk_layout(resolve_architecture({n: tuple(t.shape) for n, t in model.state_dict().items()},
+                                               config.to_dict()))
+    G = dense_gradients(model, task)  # on the CPU, by plain loss.backward()
+    F = G.T @ G / M
+    rng = np.random.default_rng(0)
+    dirs = {"backbone": unit(rng, layout.dim), "pc2": unit(rng, layout.dim)}
+    settings = FisherSettings(batches=M, n_random=5, seed=SEED, keep_eigenvector=True, device=SECOND)
+    res = fisher_at_model(model.to(SECOND), task, layout, dirs, settings, batch_size=B)
+    for name in ("backbone", "pc2"):
+        v = dirs[name].numpy()
+        assert math.isclose(res.q[name], v @ F @ v, rel_tol=1e-9)
+    lam = np.linalg.eigvalsh(F)[::-1]
+    np.testing.assert_allclose(res.eigenvalues, lam[:M], rtol=1e-8, atol=1e-14 * lam[0])
+    cos = np.abs(G @ dirs["backbone"].numpy()) / np.linalg.norm(G, axis=1)
+    assert math.isclose(res.grad_backbone_cos_mean, cos.mean(), rel_tol=1e-9)
+
+
+def test_exact_overlaps_on_the_gpu_match_brute_force():
+    from ckptaudit.analyses.embeddings import overlap_stats
+
+    g = torch.Generator().manual_seed(1)
+    E = torch.randn(300, 16, generator=g)
+    R = E.double() / E.double().norm(dim=1, keepdim=True)
+    c = (R @ R.T)[tuple(torch.triu_indices(300, 300, 1))].numpy()
+    r = overlap_stats(E, exact=True, tile=64, bins=4096, device=SECOND)
+    assert r.pairs == c.size
+    assert r.mean_c == pytest.approx(c.mean(), abs=1e-7)
+    assert r.mean_c2 == pytest.approx((c * c).mean(), rel=1e-5)
+    assert r.frac_abs_c_gt_0_3 == np.count_nonzero(np.abs(c) > 0.3) / c.size
+    assert int(r.hist_c.sum()) == c.size
+
+
+# ------------------------------------------------------------------------------------------------ CPU against GPU
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    words = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home"]
+    return make_tiny_lm_dir(tmp_path_factory.mktemp("cuda") / "lm", {w: i for i, w in enumerate(words)}, unk="<unk>")
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("ctx") / "c.jsonl"
+    p.write_text(json.dumps({"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"})
+                 + "\n" + json.dumps({"context": "the old man felt", "target": "joy"}) + "\n")
+    return p
+
+
+# (command line with {run}/{lm}/{ctx} placeholders, relative tolerance). Float64 analyses agree to the last
+# digits; analyses that run a float32 model differ by float32 rounding (GPU kernels sum in another order).
+COMMANDS = [
+    ("backbone {run}", 1e-9),
+    ("fisher {run} --batches 8", 2e-3),
+    ("resume-probe {run}/checkpoint-30 --steps 3", 2e-3),
+    ("gxs velocity {run}", 2e-3),
+    ("gxs slack {run}/checkpoint-60 --alpha 1,0.5 --sigma 0,1", 2e-3),
+    ("gxs transplant {run}/checkpoint-60 {run}/checkpoint-30", 2e-3),
+    ("extrapolate {run}", 2e-3),
+    ("regimes {run}", 2e-3),
+    ("classify-embeddings {lm} --exact --tile 64", 1e-5),
+    ("born-gap {lm} --contexts {ctx}", 1e-4),
+    ("finetune-probe {lm} --contexts {ctx} --mode full --steps 3 --lr 1e-2 --seed 1", 2e-3),
+]
+
+
+@pytest.mark.parametrize(("line", "rtol"), COMMANDS, ids=[c[0].split(" {")[0] for c in COMMANDS])
+def test_command_on_the_gpu_reports_the_cpu_numbers(line, rtol, tiny_run, lm_dir, contexts):
+    args = line.format(run=tiny_run, lm=lm_dir, ctx=contexts).split()
+    cpu, gpu = _json(args, "cpu"), _json(args, SECOND)
+    assert_same_results(gpu, cpu, rtol, args[0])
+
+
+def test_gate_on_the_gpu_passes_the_same_checks(tiny_run, tmp_path):
+    policy = tmp_path / "policy.toml"
+    assert runner.invoke(app, ["gate", "--init", str(policy)]).exit_code == 0
+    docs = []
+    for dev in ("cpu", SECOND):
+        out = tmp_path / f"{dev}.json"
+        r = runner.invoke(app, ["gate", str(tiny_run), "--policy", str(policy), "--device", dev, "--no-report",
+                                "--no-hash", "--json", str(out)])
+        assert r.exit_code in (0, 1), r.output
+        docs.append(json.loads(out.read_text()))
+    cpu, gpu = docs
+    assert [(c["name"], c["status"]) for c in gpu["checks"]] == [(c["name"], c["status"]) for c in cpu["checks"]]
+
+
+def test_auto_device_is_the_gpu_and_the_report_says_so(tiny_run, tmp_path):
+    if not SECOND.startswith("cuda"):
+        pytest.skip("needs a GPU")
+    import h5py
+
+    out = tmp_path / "b.h5"
+    r = runner.invoke(app, ["backbone", str(tiny_run), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert f.attrs["device"].startswith("cuda")
+
+
+def test_cross_seed_on_the_gpu_reports_the_cpu_numbers(tmp_path):
+    runs = [str(fixture_run("seeds") / s) for s in ("seed0", "seed1")]
+    cpu, gpu = (_json(["cross-seed", *runs], d) for d in ("cpu", SECOND))
+    assert_same_results(gpu, cpu, 2e-3, "cross-seed")
+
+
+def test_nccl_collectives_carry_gpu_tensors(tmp_path):
+    """DistContext's all_reduce / gather / broadcast through nccl (a one-process group: this machine may have one GPU)."""
+    if not SECOND.startswith("cuda"):
+        pytest.skip("needs a GPU")
+    import torch.distributed as dist
+
+    from ckptaudit.analyses.distributed import DistContext
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda:0"))
+    try:
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, backend="nccl", device="cuda:0")
+        a = np.random.default_rng(0).standard_normal((3, 5))
+        assert np.array_equal(ctx.all_reduce_sum(a), a)
+        (g,) = ctx.gather(a.astype(np.float32))
+        assert g.dtype == np.float32 and np.array_equal(g, a.astype(np.float32))
+        assert np.array_equal(ctx.broadcast(np.arange(7, dtype=np.int64)), np.arange(7))
+        ctx.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(tiny_run, tmp_path):
+    if not SECOND.startswith("cuda"):
+        pytest.skip("needs a GPU")
+    import subprocess
+    import sys
+
+    from distributed_helpers import clean_env
+
+    n = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n + 1}", "-m",
+           "ckptaudit", "backbone", str(tiny_run), "--device", "cuda", "--no-report", "--quiet"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if "ckptaudit: error:" in ln]
+    assert lines and f"needs cuda:{n}" in lines[0] and f"--nproc-per-node {n}" in lines[0], p.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
