@@ -33,10 +33,25 @@ def fixture_run(name: str) -> Path:
     env = os.environ.get("CKPTAUDIT_FIXTURES")
     # Absolute, because some tests run the CLI in subprocesses with another working directory.
     if env and make_fixtures.is_complete(Path(env).resolve() / name, name):
-        return Path(env).resolve() / name
-    # pytest-xdist workers share the cores: one torch thread each avoids oversubscription.
-    threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
-    return make_fixtures.ensure_run(CACHE_DIR, name, threads=threads)
+        path = Path(env).resolve() / name
+    else:
+        # pytest-xdist workers share the cores: one torch thread each avoids oversubscription.
+        threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
+        path = make_fixtures.ensure_run(CACHE_DIR, name, threads=threads)
+    _adopt_build_threads(path / make_fixtures.MARKER)
+    return path
+
+
+def _adopt_build_threads(marker_file: Path) -> None:
+    """Use the torch thread count the run was trained with: float32 reductions split over another number of threads
+    round differently, and the tests that resume training compare against the saved checkpoints to 1e-6."""
+    import json
+
+    import torch
+
+    marker = json.loads(marker_file.read_text(encoding="utf-8"))
+    if marker.get("threads"):
+        torch.set_num_threads(int(marker["threads"]))
 
 
 @pytest.fixture(scope="session")

@@ -250,8 +250,9 @@ def _sampled_stats(rows: torch.Tensor, pairs: int, seed: int, progress) -> dict:
     c_np = c.numpy()
     s_np = c_np * c_np
     mean_s, std_s = float(s_np.mean()), float(s_np.std())
-    ks_gauss = float(sps.kstest(s_np, "norm", args=(mean_s, std_s)).statistic) if std_s > 0 else 1.0
-    ks_exp = float(sps.kstest(s_np, "expon", args=(0.0, mean_s)).statistic) if mean_s > 0 else 1.0
+    # Frozen distributions, not names with args: some scipy releases pass the args to the bare ufunc and fail.
+    ks_gauss = float(sps.kstest(s_np, sps.norm(mean_s, std_s).cdf).statistic) if std_s > 0 else 1.0
+    ks_exp = float(sps.kstest(s_np, sps.expon(0.0, mean_s).cdf).statistic) if mean_s > 0 else 1.0
     return {
         "pairs": pairs,
         "mean_c": float(c_np.mean()), "std_c": float(c_np.std()),

@@ -312,7 +312,7 @@ def finetune_trajectory(
             rec[k].append(v)
         if t == steps:
             break
-        loss = torch.nn.functional.cross_entropy(z[None].float(), torch.tensor([target_id], device=z.device))
+        loss = torch.nn.functional.cross_entropy(z[None].to(torch.promote_types(z.dtype, torch.float32)), torch.tensor([target_id], device=z.device))
         loss.backward()
         opt.step()
         if progress is not None:

@@ -152,7 +152,8 @@ class ModAdd:
     ) -> tuple[torch.Tensor, float]:
         """Mean cross-entropy (a tensor with grad, nats) and accuracy (float in [0, 1]) of ``batch``."""
         device = next(model.parameters()).device
-        logits = self.answer_logits(model, batch["input_ids"].to(device)).float()
+        logits = self.answer_logits(model, batch["input_ids"].to(device))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; float64 stays
         labels = batch["labels"].to(device)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(dim=-1) == labels).float().mean().item()
