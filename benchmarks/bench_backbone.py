@@ -100,7 +100,7 @@ def method_ckptaudit(run: Path) -> dict:
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.io.discover import discover_run
 
-    device = "cuda" if _cuda() else "cpu"
+    device = os.environ.get("CKPTAUDIT_BENCH_DEVICE") or ("cuda" if _cuda() else "cpu")
     ctx = distributed.init_from_env(device)  # None unless launched by torchrun with several processes
     try:
         r = discover_run(run)
@@ -168,14 +168,17 @@ def child(method: str, run: Path) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def spawn(method: str, run: Path, nproc: int = 1) -> dict:
+def spawn(method: str, run: Path, nproc: int = 1, device: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if device is not None:
+        env["CKPTAUDIT_BENCH_DEVICE"] = device
     if nproc > 1:
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
                "--child", method, "--bench-run", str(run)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     else:
-        p = subprocess.run([sys.executable, __file__, "--child", method, "--bench-run", str(run)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--child", method, "--bench-run", str(run)], capture_output=True,
+                           text=True, env=env)
     results = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if not results:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"]}
@@ -240,14 +243,20 @@ def main() -> None:
     x_gb = (n - 1) * D * 4 / 1e9
     cold = spawn("read", run)  # warms the page cache (not a cold-cache figure unless the cache was empty)
     read = spawn("read", run)
-    ours = spawn("ckptaudit", run)
-    multi = spawn("ckptaudit", run, a.nproc) if a.nproc > 1 else None
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = spawn("ckptaudit", run, device=dev)
+    ours_cpu = spawn("ckptaudit", run, device="cpu") if dev == "cuda" else None  # the CPU path beside the GPU's
+    # nccl takes one GPU per rank: with fewer GPUs than ranks the ranks compute on the CPU (gloo)
+    multi_dev = "cuda" if dev == "cuda" and torch.cuda.device_count() >= a.nproc else "cpu"
+    multi = spawn("ckptaudit", run, a.nproc, device=multi_dev) if a.nproc > 1 else None
     cold_read = cold_ours = None
     if a.cold:
         evict(run)
         cold_read = spawn("read", run)
         evict(run)
-        cold_ours = spawn("ckptaudit", run)
+        cold_ours = spawn("ckptaudit", run, device=dev)
     naive_need = 3 * x_gb * 1e9  # X + V^T + workspace
     if a.skip_naive:
         naive = {"error": ["skipped (--skip-naive)"]}
@@ -261,17 +270,21 @@ def main() -> None:
 
     rows = [
         ("read every byte once (1st run)", cold), ("read every byte once (warm cache)", read),
-        ("ckptaudit backbone", ours), ("naive: stack X, np.linalg.svd", naive),
+        (f"ckptaudit backbone ({dev})", ours), ("naive: stack X, np.linalg.svd", naive),
     ]
+    if ours_cpu is not None:
+        rows.insert(3, ("ckptaudit backbone (cpu)", ours_cpu))
     if multi is not None:
-        if "seconds" in multi and "seconds" in ours:
-            multi.setdefault("note", f"speed-up vs 1 process: {ours['seconds'] / multi['seconds']:.2f}x")
-        rows.insert(3, (f"ckptaudit backbone, {a.nproc} processes (torchrun, gloo)", multi))
+        one = ours if multi_dev == dev else ours_cpu
+        if "seconds" in multi and "seconds" in one:
+            multi.setdefault("note", f"speed-up vs 1 process: {one['seconds'] / multi['seconds']:.2f}x")
+        backend = "nccl" if multi_dev == "cuda" else "gloo"
+        rows.insert(len(rows) - 1, (f"ckptaudit backbone, {a.nproc} processes ({multi_dev}, torchrun, {backend})", multi))
     if cold_read is not None:
         if "seconds" in cold_read and "seconds" in cold_ours:
             cold_ours.setdefault("note", f"x cold read time: {cold_ours['seconds'] / cold_read['seconds']:.2f}")
         rows += [("read every byte once (cold cache: files evicted)", cold_read),
-                 ("ckptaudit backbone (cold cache: files evicted)", cold_ours)]
+                 (f"ckptaudit backbone ({dev}, cold cache: files evicted)", cold_ours)]
     base = read.get("seconds")
     lines = [
         f"### backbone, {n} checkpoints, trunk D = {D / 1e6:.1f}M (fp32, GPT-2 names), {time.strftime('%Y-%m-%d')}",

@@ -376,7 +376,10 @@ def fisher_at_model(
             p.requires_grad_(True)
         if ctx is not None:  # a rank may get no batch (M < W) but joins the collectives with the gradient dtype
             store = GradientStore(len(mine), D, _gradient_dtype(params.values()), settings.memory_budget,
-                                  settings.spill_dir)
+                                  settings.spill_dir, device=dev)
+        # Per-batch scalars stay on the device until the loop ends: no host synchronisation per gradient.
+        packed_rows: list[torch.Tensor] = []
+        curv_rows: list[torch.Tensor] = []
         for i in mine:
             batch = data.batch("train", i, batch_size, settings.seed)
             g, loss, grads = flat_gradient(model, data, batch, layout, create_graph=settings.hessian)
@@ -384,29 +387,37 @@ def fisher_at_model(
                 g = g.float()
             if store is None:
                 dtype = np.dtype(str(g.dtype).replace("torch.", ""))
-                store = GradientStore(M, D, dtype, settings.memory_budget, settings.spill_dir)
+                store = GradientStore(M, D, dtype, settings.memory_budget, settings.spill_dir, device=dev)
             g64 = g.to(torch.float64)
-            # All scalars of this gradient in one tensor, so there is one device -> host transfer per batch.
             seg = [torch.stack((torch.dot(g64[lo:hi], vb_blocks[lo:hi]), torch.dot(g64[lo:hi], g64[lo:hi])))
                    for lo, hi in ranges.values()]
-            packed = torch.cat([W @ g64, torch.stack(seg).reshape(-1)]).cpu().numpy()
-            proj[i] = packed[: W.shape[0]]
-            pairs = packed[W.shape[0] :].reshape(-1, 2)
-            norms[i] = math.sqrt(pairs[:, 1].sum())  # the blocks partition the layout
-            with np.errstate(invalid="ignore", divide="ignore"):
-                block_cos[i] = pairs[:, 0] / np.sqrt(pairs[:, 1])
-            losses[i] = float(loss.detach())
+            packed_rows.append(torch.cat([W @ g64, torch.stack(seg).reshape(-1),
+                                          loss.detach().to(torch.float64).reshape(1)]))
             store.append(g)
             if hv_dirs is not None:
                 names = list(params)
+                hvs = []
                 for j, vd in enumerate(hv_dirs):
                     gv = sum((gr * vd[n]).sum() for n, gr in zip(names, grads, strict=True))
                     hv = torch.autograd.grad(gv, list(params.values()), retain_graph=j < len(hv_dirs) - 1)
-                    curv[i, j] = float(sum((h.to(torch.float64) * vd[n].to(torch.float64)).sum()
-                                           for n, h in zip(names, hv, strict=True)))
-            del g, grads, loss
+                    hvs.append(sum((h.to(torch.float64) * vd[n].to(torch.float64)).sum()
+                                   for n, h in zip(names, hv, strict=True)))
+                curv_rows.append(torch.stack(hvs))
+            del g, g64, grads, loss
             if progress is not None:
                 progress(1)
+        if packed_rows:  # one device -> host transfer for all the scalars of this rank's batches
+            idx = list(mine)
+            packed = torch.stack(packed_rows).cpu().numpy()
+            nw = W.shape[0]
+            proj[idx] = packed[:, :nw]
+            pairs = packed[:, nw:-1].reshape(len(idx), -1, 2)
+            norms[idx] = np.sqrt(pairs[:, :, 1].sum(axis=1))  # the blocks partition the layout
+            with np.errstate(invalid="ignore", divide="ignore"):
+                block_cos[idx] = pairs[:, :, 0] / np.sqrt(pairs[:, :, 1])
+            losses[idx] = packed[:, -1]
+            if curv is not None:
+                curv[idx] = torch.stack(curv_rows).cpu().numpy()
         if ctx is None:
             gram = store.gram(str(dev), settings.chunk_elems)
             s, a = _eig_desc(gram)

@@ -15,29 +15,39 @@ import torch
 
 
 class GradientStore:
-    """M gradient rows of D scalars: a numpy array when ``M * D * itemsize <= budget``, else a disk memmap.
+    """M gradient rows of D scalars: on the analysis device when it is a GPU with room for them, else in RAM within
+    the memory budget, else a disk memmap.
 
     ``append(g)`` stores the next row; ``gram()`` = G G^T (float64 ``[M, M]``) in one pass over column chunks;
     ``combine(a)`` = G^T a (float64 ``[D]``) in another. ``close()`` deletes a spill file. Under several ranks,
     ``gram_gathered`` and ``combine(..., reduce=...)`` take every rank's rows (see the module docstring).
+    ``where``: "gpu" (rows stay on the GPU: no transfer per gradient, products where the rows are), "ram", or
+    "memmap:<path>".
     """
 
-    def __init__(self, rows: int, dim: int, dtype: np.dtype, budget: int, spill_dir: str | None = None):
+    def __init__(self, rows: int, dim: int, dtype: np.dtype, budget: int, spill_dir: str | None = None,
+                 device: str | torch.device = "cpu"):
         self.rows, self.dim, self.count = int(rows), int(dim), 0
         self.nbytes = self.rows * self.dim * np.dtype(dtype).itemsize
         self._tmp: str | None = None
-        if self.nbytes <= budget:
-            self.array: np.ndarray = np.empty((self.rows, self.dim), dtype=dtype)
+        tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        dev = torch.device(device)
+        if dev.type == "cuda" and self.nbytes <= min(budget, torch.cuda.mem_get_info(dev)[0] // 2):
+            self.array = torch.empty((self.rows, self.dim), dtype=tdtype, device=dev)
+            self.where = "gpu"
+        elif self.nbytes <= budget:
+            self.array = torch.empty((self.rows, self.dim), dtype=tdtype)
             self.where = "ram"
         else:
             self._tmp = tempfile.mkdtemp(prefix="ckptaudit-fisher-", dir=spill_dir)
             path = Path(self._tmp) / "gradients.f"
-            self.array = np.memmap(path, dtype=dtype, mode="w+", shape=(self.rows, self.dim))
+            self._memmap = np.memmap(path, dtype=dtype, mode="w+", shape=(self.rows, self.dim))
+            self.array = torch.from_numpy(self._memmap)
             self.where = f"memmap:{path}"
 
     def append(self, g: torch.Tensor) -> None:
-        """Store ``g`` ([D], any device) as the next row."""
-        self.array[self.count] = g.detach().to("cpu").numpy()
+        """Store ``g`` ([D], any device) as the next row (no host synchronisation when the rows live on its GPU)."""
+        self.array[self.count].copy_(g.detach())
         self.count += 1
 
     def _chunks(self, chunk_elems: int, rows: int | None = None):
@@ -46,12 +56,16 @@ class GradientStore:
         for lo in range(0, self.dim, step):
             yield lo, min(self.dim, lo + step)
 
+    def _columns(self, lo: int, hi: int, dev: torch.device) -> torch.Tensor:
+        """Columns lo:hi of the stored rows as float64 on ``dev``."""
+        return self.array[: self.count, lo:hi].to(dev, torch.float64)
+
     def gram(self, device: str = "cpu", chunk_elems: int = 1 << 24) -> np.ndarray:
         """G G^T over the stored rows, accumulated in float64 on ``device``."""
         dev = torch.device(device)
         out = torch.zeros((self.count, self.count), dtype=torch.float64, device=dev)
         for lo, hi in self._chunks(chunk_elems):
-            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
+            c = self._columns(lo, hi, dev)
             out += c @ c.T
         return out.cpu().numpy()
 
@@ -69,13 +83,14 @@ class GradientStore:
             raise ValueError(f"rank {ctx.rank} holds {self.count} gradient rows, expected {counts[ctx.rank]}")
         dev = torch.device(device)
         out = torch.zeros((rows, rows), dtype=torch.float64, device=dev) if ctx.is_main else None
+        np_dtype = np.dtype(str(self.array.dtype).replace("torch.", ""))
         for lo, hi in self._chunks(chunk_elems, rows):
-            part = np.zeros((per, hi - lo), dtype=self.array.dtype)
-            part[: self.count] = self.array[: self.count, lo:hi]
+            part = np.zeros((per, hi - lo), dtype=np_dtype)
+            part[: self.count] = self.array[: self.count, lo:hi].cpu().numpy()
             got = ctx.gather(part)
             if got is None:
                 continue
-            full = np.empty((rows, hi - lo), dtype=self.array.dtype)
+            full = np.empty((rows, hi - lo), dtype=np_dtype)
             for r, g in enumerate(got):
                 full[r::world] = g[: counts[r]]
             c = torch.from_numpy(full).to(dev, torch.float64)
@@ -91,16 +106,20 @@ class GradientStore:
         """
         dev = torch.device(device)
         at = torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)
+        if reduce is None:  # one product per chunk, one transfer to the host at the end
+            out_t = torch.empty(self.dim, dtype=torch.float64, device=dev)
+            for lo, hi in self._chunks(chunk_elems, rows):
+                out_t[lo:hi] = at @ self._columns(lo, hi, dev)
+            return out_t.cpu().numpy()
         out = np.empty(self.dim, dtype=np.float64)
         for lo, hi in self._chunks(chunk_elems, rows):
-            c = torch.from_numpy(np.ascontiguousarray(self.array[: self.count, lo:hi])).to(dev, torch.float64)
-            part = (at @ c).cpu().numpy()
-            out[lo:hi] = part if reduce is None else reduce(part)
+            out[lo:hi] = reduce((at @ self._columns(lo, hi, dev)).cpu().numpy())
         return out
 
     def close(self) -> None:
         """Drop the rows; remove the spill directory, if any."""
-        self.array = np.empty((0, 0))
+        self.array = torch.empty((0, 0))
+        self._memmap = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
