@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(SECOND.startswith("cuda") and not torch.cuda.is_
                                 reason="no CUDA device (the CPU path is tested everywhere else)")
 runner = CliRunner()
 
-# Keys whose values legitimately differ between two runs of one analysis: where and how long it ran.
-VOLATILE = ("device", "seconds", "elapsed", "time", "created", "path", "hash", "version", "report")
+# Keys whose values legitimately differ between two runs of one analysis: where (device, gradient storage) and
+# how long it ran.
+VOLATILE = ("device", "storage", "seconds", "elapsed", "time", "created", "path", "hash", "version", "report")
 
 
 def _numeric_close(a, b, rtol: float, where: str) -> None:
