@@ -416,3 +416,18 @@ print(grow, float(gs.grams["w"][0, 0]))
     grow_mb, g00 = float(out[0]), float(out[1])
     assert g00 == pytest.approx(1536 * 1024 * 1e-6, rel=1e-3)
     assert grow_mb < 60, f"peak RSS grew by {grow_mb:.0f} MB (30 checkpoints x 6 MB would be 180 MB)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_widens_half_precision_rows_exactly(tmp_path, dtype):
+    """The device path (one transfer per chunk, widened to float64 there) against numpy on the stored values."""
+    shapes = gpt2_shapes(D_MODEL, 1)
+    steps = [0, 10, 20, 30, 40]
+    run = make_run(tmp_path, random_trajectory(shapes, len(steps), seed=4), steps, gpt2_config(D_MODEL, 1), dtype=dtype)
+    groups = arch_groups(run)
+    ref = reference_parts(D_MODEL, 1)
+    for chunk in (16, 100, 1 << 20):  # whole-block chunks, ragged last chunks, one chunk per tensor
+        gs = drift_grams(run.checkpoints[1:], run.checkpoints[0], groups, chunk_elems=chunk, _backend="torch")
+        for name in ("trunk", "block_0"):
+            X = stacked(run, ref[name])
+            np.testing.assert_allclose(gs.grams[name], X @ X.T, rtol=1e-12, atol=1e-12 * np.abs(X @ X.T).max())
