@@ -264,10 +264,7 @@ class _Slot:
     """One of two buffer sets: raw stored-dtype bytes per source and, on the CPU path, the float64 drift D."""
 
     def __init__(self, n_src: int, chunk: int, max_item: int, T: int, numpy_path: bool, pin: bool):
-        # One block, a row per source: a chunk whose sources share a dtype and fill the rows moves to the device
-        # in one transfer.
-        self.block = torch.empty((n_src, chunk * max_item), dtype=torch.uint8, pin_memory=pin)
-        self.raw = list(self.block.unbind(0))
+        self.raw = [torch.empty(chunk * max_item, dtype=torch.uint8, pin_memory=pin) for _ in range(n_src)]
         self.flat = np.empty(T * chunk, dtype=np.float64) if numpy_path else None
         self.base = np.empty(chunk, dtype=np.float64) if numpy_path else None
 
@@ -414,21 +411,12 @@ runs single-threaded inside the pass, see :func:`_single_threaded_blas`); result
                         Dp = D[:, sel]
                         out.append((pid, Dp @ Dp.T))  # A @ A.T of one unit-stride buffer: BLAS dsyrk
                     return out
-                ti, a, b = jobs[k]
-                n = b - a
+                n = jobs[k][2] - jobs[k][1]
                 Dg = dbufs[k % workers][: T * n].view(T, n)
-                block = slots[k % n_slots].block
-                dts = dtypes[ti]
-                if (len(set(dts)) == 1 and n * dts[0].itemsize == block.shape[1]
-                        and all(r.data_ptr() == block[i].data_ptr() for i, r in enumerate(raws))):
-                    rows = block.to(dev, non_blocking=True).view(dts[0])  # [T + 1, n]: one transfer
-                    Dg.copy_(rows[1:])
-                    Dg.sub_(rows[0])  # computed in float64: exact for fp32/bf16/fp16 inputs
-                else:  # mixed dtypes, a short last chunk, or a source that handed back its own memory
-                    base = raws[0].to(dev, non_blocking=True).to(torch.float64)
-                    for i in range(T):
-                        Dg[i].copy_(raws[i + 1].to(dev, non_blocking=True))
-                    Dg.sub_(base)  # exact in float64 for fp32/bf16/fp16 inputs
+                base = raws[0].to(dev, non_blocking=True).to(torch.float64)
+                for i in range(T):
+                    Dg[i].copy_(raws[i + 1].to(dev, non_blocking=True))
+                Dg.sub_(base)  # exact in float64 for fp32/bf16/fp16 inputs
                 for pid, sel in plan:
                     Dp = Dg[:, sel] if isinstance(sel, slice) else Dg.index_select(1, torch.as_tensor(sel, device=dev))
                     out.append((pid, Dp @ Dp.T))
