@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -551,24 +550,11 @@ def run_fisher(
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
 
 
-def fisher_anisotropy(run: Any, device: str = "cpu", seed: int = 0, batches: int = 16,
-                      vectors: str | Path | None = None) -> float:
-    """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``, v_b from the run itself.
+def fisher_anisotropy(run: Any, vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+    """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``: what ``ckptaudit gate`` checks.
 
-    What ``ckptaudit gate`` checks: the backbone is computed from the whole run into a temporary vectors file, then
-    the Fisher quotients are measured at the last checkpoint on the data recorded in it. Needs >= 3 checkpoints.
-    ``vectors``: a vectors file already written by ``run_backbone(run, save_vectors=...)`` for this run (the gate
-    shares one backbone pass between its checks); the backbone pass is then skipped.
+    ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``; the gate computes them
+    once and shares them between its checks). The quotients are measured on the data recorded in the checkpoint.
     """
     settings = FisherSettings(batches=batches, seed=seed, device=device)
-    if vectors is not None:
-        return float(run_fisher([run.checkpoints[-1]], settings, vectors).checkpoints[-1].anisotropy)
-    from ckptaudit.analyses.backbone import run_backbone
-
-    if len(run.checkpoints) < 3:
-        raise UsageError(f"{run.path}: the backbone direction needs at least 3 checkpoints, found {len(run.checkpoints)}")
-    with tempfile.TemporaryDirectory(prefix="ckptaudit-gate-fisher-") as tmp:
-        vec_path = Path(tmp) / "backbone.safetensors"
-        run_backbone(run, device=device, save_vectors=vec_path, top_k_vectors=2)
-        report = run_fisher([run.checkpoints[-1]], settings, vec_path)
-    return float(report.checkpoints[-1].anisotropy)
+    return float(run_fisher([run.checkpoints[-1]], settings, vectors).checkpoints[-1].anisotropy)
