@@ -74,7 +74,8 @@ class Checkpoint:
     step: training step (optimizer steps for Trainer/Lightning; see the module docstring for the rest).
     path: the checkpoint folder, or the file for single-file layouts. weight_files: the files holding the model
     tensors. optimizer_file is the .ckpt itself for Lightning. config_file: config.json of the folder, else of the
-    run directory, else None.
+    run directory, else None. weights_entry: the file (or index, or DCP folder) the tensors open from, found at
+    discovery so that ``tensors()`` does not search the folder again.
     """
 
     step: int
@@ -86,6 +87,7 @@ class Checkpoint:
     trainer_state_file: Path | None = None
     rng_files: tuple[Path, ...] = ()
     config_file: Path | None = None
+    weights_entry: Path | None = None  # what open_tensors opens (found once at discovery); None: ``path``
 
     @property
     def directory(self) -> Path:
@@ -94,7 +96,7 @@ class Checkpoint:
 
     def tensors(self) -> TensorSource:
         """Open the model tensors (lazily). Use as a context manager."""
-        return open_tensors(self.path)
+        return open_tensors(self.weights_entry or self.path)
 
     def config(self) -> dict | None:
         """The parsed config.json, or None when the checkpoint has none."""
@@ -368,7 +370,8 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
         layout = "accelerate"
     else:
         layout = "model-dir"
-    parts: dict[str, Any] = {"weight_files": weight_files, "config_file": _first_file(d / "config.json", run_dir / "config.json")}
+    parts: dict[str, Any] = {"weight_files": weight_files, "weights_entry": entry,
+                             "config_file": _first_file(d / "config.json", run_dir / "config.json")}
     step = name_step
     if layout == "hf-trainer":
         parts["optimizer_file"] = _first_file(d / "optimizer.pt") or _first_dir(d / "optimizer_0")
