@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run, save_report
+from ckptaudit.cli.common import Progress, Session, load_run
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
@@ -96,7 +96,7 @@ def backbone(
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.io.roles import load_role_map
 
-    with Session(device, json_out, quiet) as session:
+    with Session("backbone", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         output, dev, main = session.output, session.device, session.main
         run = load_run(run_dir, steps)
         if len(run.checkpoints) < 3:
@@ -125,7 +125,7 @@ def backbone(
             )
     if not main:
         return
-    save_report(output, "backbone", report.to_hdf5_tree(), run.checkpoints, out, no_report, hash_files=not no_hash, device=dev)
+    session.save_report(report.to_hdf5_tree(), run.checkpoints)
     summary = report.to_json()
     output.json(summary)
     if plot is not None:

@@ -1,4 +1,5 @@
-"""Pieces every command shares: the output sink, run discovery, and writing the report."""
+"""Pieces every command shares: the session (torchrun, device, output sink, report options), run discovery, and
+writing the report."""
 
 from __future__ import annotations
 
@@ -70,14 +71,61 @@ class Progress:
         self._cm.__exit__(*exc)
 
 
-class Session:
-    """What a command that may run under torchrun needs: the process group (``ctx``, None for one process), the
-    device, whether this is the rank that prints and writes (``main``), and the output sink (silent elsewhere)."""
+class _Setup:
+    """What every computing command shares once its options are parsed: the command name, the process group
+    (``ctx``, None for one process), the device, whether this process prints and writes (``main``), the output
+    sink, and the report options (``--out``, ``--no-report``, ``--no-hash``) that :meth:`save_report` applies."""
 
-    def __init__(self, device: str, json_mode: bool, quiet: bool):
+    command: str
+    ctx: Any
+    device: str
+    main: bool
+    output: Output
+
+    def _report_options(self, out: Path | None, no_report: bool, no_hash: bool) -> None:
+        self.out, self.no_report, self.hash_files = out, no_report, not no_hash
+
+    def save_report(self, tree: dict, checkpoints: Sequence[Any], group: str | None = None) -> Path | None:
+        """Write this command's HDF5 report (only on the main process), honouring --out, --no-report and --no-hash."""
+        if not self.main:
+            return None
+        return save_report(self.output, self.command, tree, checkpoints, self.out, self.no_report,
+                           hash_files=self.hash_files, device=self.device, group=group)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def refuse_under_torchrun(command: str) -> None:
+    """UsageError when WORLD_SIZE > 1 (a torchrun launch) for a command that runs in one process only: every rank
+    would otherwise repeat the whole work and write the same report."""
+    from ckptaudit.analyses.distributed import world_size_from_env
+    from ckptaudit.errors import UsageError
+
+    n = world_size_from_env()
+    if n > 1:
+        raise UsageError(
+            f"`ckptaudit {command}` runs in a single process, but WORLD_SIZE={n} (torchrun): every rank would repeat "
+            "the whole work",
+            "launch it without torchrun (only backbone and fisher split their work across processes)",
+        )
+
+
+class Session(_Setup):
+    """The setup of a command that may run under torchrun (backbone, fisher): the process group (``ctx``, None for
+    one process), the device, whether this is the rank that prints and writes (``main``), and the output sink
+    (silent elsewhere)."""
+
+    def __init__(self, command: str, device: str, json_mode: bool, quiet: bool, *, out: Path | None = None,
+                 no_report: bool = False, no_hash: bool = False):
         from ckptaudit.analyses import distributed
         from ckptaudit.cli.options import resolve_device
 
+        self.command = command
+        self._report_options(out, no_report, no_hash)
         dev = resolve_device(device)
         # Under torchrun (WORLD_SIZE > 1): one process group for the command; rank 0 alone prints and writes.
         self.ctx = distributed.init_from_env(dev)
@@ -85,9 +133,23 @@ class Session:
         self.main = self.ctx is None or self.ctx.is_main
         self.output = make_output(json_mode, quiet or not self.main)
 
-    def __enter__(self) -> Session:
-        return self
-
     def __exit__(self, *exc: Any) -> None:
         if self.ctx is not None:
             self.ctx.close()
+
+
+class LocalSession(_Setup):
+    """The setup of a command that runs in one process: refuses a torchrun launch (WORLD_SIZE > 1) with one line,
+    resolves --device (``None`` for commands without one: the CPU), and picks the output sink."""
+
+    def __init__(self, command: str, device: str | None, json_mode: bool, quiet: bool, *, out: Path | None = None,
+                 no_report: bool = False, no_hash: bool = False):
+        from ckptaudit.cli.options import resolve_device
+
+        refuse_under_torchrun(command)
+        self.command = command
+        self._report_options(out, no_report, no_hash)
+        self.ctx = None
+        self.device = resolve_device(device) if device is not None else "cpu"
+        self.main = True
+        self.output = make_output(json_mode, quiet)

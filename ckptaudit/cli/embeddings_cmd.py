@@ -9,16 +9,16 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_model_input, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_model_input
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
     ModelArg,
+    NoHashOpt,
     NoReportOpt,
     OutOpt,
     QuietOpt,
     SeedOpt,
-    resolve_device,
 )
 from ckptaudit.errors import DataError, InputNotFoundError
 from ckptaudit.io.models import load_tokenizer
@@ -81,6 +81,7 @@ def classify_embeddings(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -93,8 +94,9 @@ def classify_embeddings(
     from ckptaudit.analyses.embeddings import embedding_matrices, overlap_stats
     from ckptaudit.io.models import resolve_model_path
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("classify-embeddings", device, json_out, quiet, out=out, no_report=no_report,
+                           no_hash=no_hash)
+    output, dev = session.output, session.device
     path = Path(resolve_model_path(model))
     mats = embedding_matrices(path)
     tied = "head" not in mats
@@ -111,7 +113,7 @@ def classify_embeddings(
     if "head" in results:
         summary["head"] = results["head"].to_json()
     tree = {role: r.to_hdf5_tree() for role, r in results.items()}
-    save_report(output, "classify-embeddings", tree, [_ModelInput(path)], out, no_report, device=dev, group="embeddings")
+    session.save_report(tree, [_ModelInput(path)], group="embeddings")
     output.json(summary)
     if output.human:
         rows = []
@@ -145,6 +147,7 @@ def born_gap_cmd(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -156,13 +159,13 @@ def born_gap_cmd(
     """
     from ckptaudit.analyses.synonyms import born_gap, load_contexts
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("born-gap", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
     with Progress(output, "born-gap", len(ctxs)) as hook:
         result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
-    save_report(output, "born-gap", result.to_hdf5_tree(), [ckpt], out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
     output.json(summary)
     if output.human:

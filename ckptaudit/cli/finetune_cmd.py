@@ -8,18 +8,18 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_model_input, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_model_input
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
     ModelArg,
+    NoHashOpt,
     NoReportOpt,
     OutOpt,
     PlotOpt,
     QuietOpt,
     SeedOpt,
     parse_floats,
-    resolve_device,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt
@@ -55,6 +55,7 @@ def finetune_probe_cmd(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -80,14 +81,14 @@ def finetune_probe_cmd(
     if modules and mode != "lora":
         raise UsageError("--target-modules applies to --mode lora only")
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("finetune-probe", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
     with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
-    save_report(output, "finetune-probe", result.to_hdf5_tree(), [ckpt], out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
     if plot is not None:
         for p in plot_finetune(summary, plot):

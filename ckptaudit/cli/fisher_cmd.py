@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run, save_report
+from ckptaudit.cli.common import Progress, Session, load_run
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -101,7 +101,7 @@ def fisher(
     if vectors is not None and run is not None:
         raise UsageError("give either --vectors or --run, not both")
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
-    with Session(device, json_out, quiet) as session:
+    with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         ctx, output, dev, main = session.ctx, session.output, session.device, session.main
         targets = load_run(run_dir, steps)
         source_run = load_run(run) if run is not None else None
@@ -136,8 +136,7 @@ def fisher(
                 report.settings["vectors"] = f"backbone of {source_run.path}"
     if not main:
         return
-    save_report(output, "fisher", report.to_hdf5_tree(), targets.checkpoints, out, no_report,
-                hash_files=not no_hash, device=dev)
+    session.save_report(report.to_hdf5_tree(), targets.checkpoints)
     summary = report.to_json()
     output.json(summary)
     if output.human:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_run, refuse_under_torchrun
 from ckptaudit.cli.options import (
     DeviceOpt,
     NoHashOpt,
@@ -18,7 +18,6 @@ from ckptaudit.cli.options import (
     QuietOpt,
     SeedOpt,
     StepsOpt,
-    resolve_device,
 )
 from ckptaudit.errors import GateFailedError, UsageError
 
@@ -73,6 +72,7 @@ def gate(
     from ckptaudit.gate.policy import default_policy_text
 
     if init:
+        refuse_under_torchrun("gate --init")  # every rank would write the same file
         text = default_policy_text()
         parse_policy(text, "<default policy>")  # the template must stay valid: fail loudly here, not in CI
         _write_init(path, text, force)
@@ -82,9 +82,9 @@ def gate(
     if policy is None:
         raise UsageError("--policy is required", "write one with `ckptaudit gate --init ckptaudit-policy.toml`")
     pol = load_policy(policy)  # before touching the run: a bad policy is exit 2 whatever the input
-    dev = resolve_device(device)
     to_stdout = json_path == "-"
-    output = make_output(to_stdout, quiet)
+    session = LocalSession("gate", device, to_stdout, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     run = load_run(path, steps)
     with Progress(output, "gating", len(pol.checks)) as hook:
         result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
@@ -100,7 +100,7 @@ def gate(
     if sarif is not None:
         write_sarif(result, sarif)
     targets = run.checkpoints if pol.target == "all" else run.checkpoints[-1:]
-    save_report(output, "gate", result.to_hdf5_tree(), targets, out, no_report, hash_files=not no_hash, device=dev)
+    session.save_report(result.to_hdf5_tree(), targets)
     if not result.passed:
         # Raised only after every output is written: CI needs the reports most when the gate fails.
         raise GateFailedError(result.summary())

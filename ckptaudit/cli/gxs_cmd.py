@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import AuditGroup, app
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_run
 from ckptaudit.cli.options import (
     CheckpointArg,
     DeviceOpt,
@@ -23,7 +23,6 @@ from ckptaudit.cli.options import (
     StepsOpt,
     TaskOpt,
     parse_floats,
-    resolve_device,
 )
 from ckptaudit.errors import UsageError
 
@@ -113,8 +112,8 @@ def transplant_cmd(
     from ckptaudit.io.models import load_model
     from ckptaudit.io.roles import load_role_map, resolve_architecture
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("gxs transplant", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     ckpt_a, ckpt_b = _last_checkpoint(a), _last_checkpoint(b)
     rmap = load_role_map(role_map) if role_map is not None else None
     with ckpt_a.tensors() as src_a, ckpt_b.tensors() as src_b:
@@ -134,8 +133,7 @@ def transplant_cmd(
         with Progress(output, "gxs transplant", len(conditions)) as hook:
             result = run_transplant(model_a, src_a, src_b, arch_a, evaluator, conditions, donor, progress=hook,
                                     a=str(ckpt_a.path), b=str(ckpt_b.path))
-    save_report(output, "gxs transplant", {"transplant": result.to_hdf5_tree()}, [ckpt_a, ckpt_b], out, no_report,
-                hash_files=not no_hash, device=dev, group="gxs")
+    session.save_report({"transplant": result.to_hdf5_tree()}, [ckpt_a, ckpt_b], group="gxs")
     summary = result.to_json()
     output.json(summary)
     if output.human:
@@ -190,8 +188,8 @@ def velocity_cmd(
     from ckptaudit.analyses.gxs import run_velocity
     from ckptaudit.io.roles import load_role_map
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("gxs velocity", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     run = load_run(run_dir, steps)
     if len(run.checkpoints) < 3:
         raise UsageError(f"{run_dir}: velocity needs at least 3 checkpoints, found {len(run.checkpoints)}",
@@ -200,8 +198,7 @@ def velocity_cmd(
     with Progress(output, "gxs velocity: reading checkpoints", None) as hook:
         result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
                               progress=hook)
-    save_report(output, "gxs velocity", {"velocity": result.to_hdf5_tree()}, run.checkpoints, out, no_report,
-                hash_files=not no_hash, device=dev, group="gxs")
+    session.save_report({"velocity": result.to_hdf5_tree()}, run.checkpoints, group="gxs")
     summary = result.to_json()
     output.json(summary)
     if output.human:
@@ -257,8 +254,8 @@ def slack_cmd(
     from ckptaudit.analyses.gxs import run_slack
     from ckptaudit.io.models import load_model
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("gxs slack", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     alphas, sigmas = parse_floats(alpha, "--alpha", "1,0.5"), parse_floats(sigma, "--sigma", "0,1,3")
     if any(s < 0 for s in sigmas):
         raise UsageError("--sigma: noise levels must be >= 0", None)
@@ -267,8 +264,7 @@ def slack_cmd(
     model = load_model(checkpoint, device=dev)
     with Progress(output, "gxs slack", None) as hook:
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
-    save_report(output, "gxs slack", {"slack": result.to_hdf5_tree()}, [checkpoint], out, no_report,
-                hash_files=not no_hash, device=dev, group="gxs")
+    session.save_report({"slack": result.to_hdf5_tree()}, [checkpoint], group="gxs")
     summary = result.to_json()
     output.json(summary)
     if output.human:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_run
 from ckptaudit.cli.options import (
     JsonOpt,
     NoHashOpt,
@@ -50,12 +50,13 @@ def inspect(
     from ckptaudit.analyses.provenance import inspect_run
     from ckptaudit.io.roles import load_role_map
 
-    output = make_output(json_out, quiet)
+    session = LocalSession("inspect", None, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output = session.output
     run = load_run(path, steps)
     rmap = load_role_map(role_map) if role_map is not None else None
     with Progress(output, "inspecting", len(run.checkpoints)) as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
-    save_report(output, "inspect", result.to_hdf5_tree(), run.checkpoints, out, no_report, hash_files=not no_hash)
+    session.save_report(result.to_hdf5_tree(), run.checkpoints)
     output.json(result.to_json())
     if not output.human:
         return

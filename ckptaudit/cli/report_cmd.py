@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from ckptaudit.cli.app import AuditGroup, app
-from ckptaudit.cli.common import make_output
+from ckptaudit.cli.common import LocalSession
 from ckptaudit.cli.options import JsonOpt, QuietOpt
 
 report_app = typer.Typer(
@@ -35,7 +35,7 @@ def show(
 
     from ckptaudit.report.hdf5 import read_report
 
-    output = make_output(json_out, quiet)
+    output = LocalSession("report show", None, json_out, quiet).output
     tree = read_report(path)
     output.json(_jsonable(tree))
     if not output.human:

@@ -8,19 +8,19 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress
 from ckptaudit.cli.options import (
     CheckpointArg,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    NoHashOpt,
     NoReportOpt,
     OutOpt,
     PlotOpt,
     QuietOpt,
     TaskOpt,
     parse_floats,
-    resolve_device,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.plots import plot_resume
@@ -112,6 +112,7 @@ def resume_probe(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -127,8 +128,8 @@ def resume_probe(
     if reset_optimizer and preserve_optimizer:
         raise UsageError("--reset-optimizer and --preserve-optimizer exclude each other", "give at most one")
     mode = "reset" if reset_optimizer else "preserve" if preserve_optimizer else "both"
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("resume-probe", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     settings = ResumeSettings(
         steps=steps, eval_every=eval_every, lr_mults=parse_floats(lr_mult, "--lr-mult", "1,0.1,0.01"), warmup_steps=warmup_steps,
         boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
@@ -138,7 +139,7 @@ def resume_probe(
     with Progress(output, "resume-probe", None) as hook:
         result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
     checkpoints = [inputs.checkpoint] if inputs.checkpoint is not None else []
-    save_report(output, "resume-probe", result.to_hdf5_tree(), checkpoints, out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), checkpoints)
     summary = result.to_json()
     output.json(summary)
     if plot is not None:

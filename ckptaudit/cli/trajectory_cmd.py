@@ -8,11 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, load_run, make_output, save_report
+from ckptaudit.cli.common import LocalSession, Progress, load_run
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    NoHashOpt,
     NoReportOpt,
     OutOpt,
     QuietOpt,
@@ -20,7 +21,6 @@ from ckptaudit.cli.options import (
     SeedOpt,
     StepsOpt,
     TaskOpt,
-    resolve_device,
 )
 from ckptaudit.errors import LayoutError, UsageError
 
@@ -99,6 +99,7 @@ def regimes(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -109,14 +110,14 @@ def regimes(
     """
     from ckptaudit.analyses.regimes import parse_thresholds, run_regimes
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     fixed = parse_thresholds(thresholds)
     run = _run(run_dir, steps)
     probe_set = _probes(run[0], probes, _data(run[0], task, None, required=False), seed)
     with Progress(output, "fingerprints", len(run)) as hook:
         result = run_regimes(run, probe_set, fixed, dev, progress=hook)
-    save_report(output, "regimes", result.to_hdf5_tree(), list(run), out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), list(run))
     summary = result.to_json()
     output.json(summary)
     if output.human:
@@ -178,6 +179,7 @@ def extrapolate(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -191,8 +193,8 @@ def extrapolate(
     from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
     from ckptaudit.analyses.regimes import parse_thresholds
 
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("extrapolate", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     predictors = tuple(p.strip() for p in predictor.split(",") if p.strip())
     unknown = [p for p in predictors if p not in PREDICTORS]
     if unknown or not predictors:
@@ -211,7 +213,7 @@ def extrapolate(
     timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
     with Progress(output, "extrapolate", 2 * len(run)) as hook:
         result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
-    save_report(output, "extrapolate", result.to_hdf5_tree(), list(run), out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), list(run))
     summary = result.to_json()
     output.json(summary)
     if output.human:
@@ -223,10 +225,8 @@ def render_extrapolate(output: Any, s: dict, label: str) -> None:
     rows = []
     for pred, by_k in s["acceptance"].items():
         for k, rates in by_k.items():
-            mine = [r for r in s["results"] if r["predictor"] == pred and str(r["K"]) == k]
-            errs = [r["rel_weight_error"] for r in mine if r["rel_weight_error"] is not None]
             rows.append([pred, int(k), s["counts"][pred][k], rates["strict"], rates["adaptive"], rates["proximity"],
-                         sum(errs) / len(errs) if errs else None])  # fmt: skip
+                         s["mean_rel_weight_error"][pred][k]])  # fmt: skip
     output.table(f"extrapolate — {label}", ["predictor", "K", "n", "strict", "adaptive", "proximity", "mean rel. weight error"],
                  rows, caption="acceptance rates; rel. weight error = ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||")  # fmt: skip
     reg_rows = []
@@ -266,6 +266,7 @@ def cross_seed(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
+    no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -279,8 +280,8 @@ def cross_seed(
 
     if len(run_dirs) < 2:
         raise UsageError("cross-seed needs at least two runs", "e.g. ckptaudit cross-seed runs/seed0 runs/seed1")
-    output = make_output(json_out, quiet)
-    dev = resolve_device(device)
+    session = LocalSession("cross-seed", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    output, dev = session.output, session.device
     fixed = parse_thresholds(thresholds)
     runs = [_run(p, steps) for p in run_dirs]
     names = [p.name for p in run_dirs]
@@ -292,7 +293,7 @@ def cross_seed(
     with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
         result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook)
     checkpoints = [c for r in runs for c in r]
-    save_report(output, "cross-seed", result.to_hdf5_tree(), checkpoints, out, no_report, device=dev)
+    session.save_report(result.to_hdf5_tree(), checkpoints)
     summary = result.to_json()
     output.json(summary)
     if output.human:
