@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError, UsageError
+from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
+from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
 
 __all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_vector_file", "random_directions", "switch_direction",
            "trunk_layout"]
 
-SWITCH_PREFIX = "switch/"
 MAX_PC = 6
 
 
@@ -99,45 +99,20 @@ def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.T
 
     Keys: "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (tensors stored under
     ``switch/<tensor name>``, when present). Restricted to the layout (e.g. one block), each is renormalised.
+    Only the layout's tensors, and of each only V_1..V_6, are read (``ckptaudit.io.vectors.read_vectors``, which
+    also raises the file errors).
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such vectors file", hint="write one with `ckptaudit backbone --save-vectors`")
-    stacks: dict[str, torch.Tensor] = {}
-    switch: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for p in layout.pieces:
-                if p.tensor in stacks:
-                    continue
-                if p.tensor not in keys:
-                    raise CorruptFileError(f"{path}: no vector entry for trunk tensor {p.tensor}",
-                                           hint="the vectors were computed on another architecture")
-                t = f.get_tensor(p.tensor)
-                shape = tuple(p.tensor_shape)
-                if tuple(t.shape) == shape:
-                    t = t.unsqueeze(0)
-                elif not (t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape):
-                    raise CorruptFileError(f"{path}: vector tensor {p.tensor} has shape {tuple(t.shape)}, the "
-                                           f"parameter {shape}", hint="the vectors were computed on another model size")
-                stacks[p.tensor] = t.to(torch.float64)
-                if SWITCH_PREFIX + p.tensor in keys:
-                    switch[p.tensor] = f.get_tensor(SWITCH_PREFIX + p.tensor).to(torch.float64).reshape(shape)
-    except OSError as exc:  # safetensors raises SafetensorError (an OSError subclass) on a bad header
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
-    k = min(int(t.shape[0]) for t in stacks.values())
-    out = {"backbone": _unit(layout.flatten({n: t[0] for n, t in stacks.items()}), "backbone", str(path))}
-    for j in range(1, min(k, MAX_PC)):
-        flat = layout.flatten({n: t[j] for n, t in stacks.items()})
-        if float(torch.linalg.vector_norm(flat)) > 0:
-            out[f"pc{j + 1}"] = flat / torch.linalg.vector_norm(flat)
-    if switch:
-        if len(switch) != len(stacks):
-            raise CorruptFileError(f"{path}: the switching direction covers only part of the trunk tensors")
-        out["switch"] = _unit(layout.flatten(switch), "switching", str(path))
+    shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
+    vf = read_vectors(path, shapes, rows=MAX_PC, switch=True)
+    source = str(vf.path)
+    out = {"backbone": _unit(layout.flatten(vf.row(0)), "backbone", source)}
+    for j in range(1, vf.k):
+        flat = layout.flatten(vf.row(j))
+        norm = torch.linalg.vector_norm(flat)
+        if float(norm) > 0:
+            out[f"pc{j + 1}"] = flat / norm
+    if vf.switch:
+        out["switch"] = _unit(layout.flatten(vf.switch), "switching", source)
     return out
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ckptaudit.analyses.resume_conditions import ProbeInputs, fresh_optimizer, restored_optimizer
 from ckptaudit.errors import OptimizerStateError, UsageError
+from ckptaudit.io.vectors import read_vectors
 
 __all__ = [
     "BOUNDARY_START_MULT",
@@ -260,44 +261,12 @@ def weights_sha256(model: nn.Module) -> str:
 def load_backbone_vector(path: Path | str, model: nn.Module) -> dict[str, torch.Tensor]:
     """v_b by parameter name from a ``backbone --save-vectors`` file, normalised to unit length (float64).
 
-    Entries are [k, *shape] (entry[0] = V_1 = v_b) or already [*shape]. A tensor the model lacks, or whose shape
-    fits neither, is an error naming the tensor.
+    Entries are [k, *shape] (entry[0] = V_1 = v_b; only that row is read) or already [*shape]. The file may cover
+    only some parameters; a vector entry the model lacks, or whose shape fits neither, is an error naming the
+    tensor (``ckptaudit.io.vectors.read_vectors``). ``switch/<name>`` entries are not vector entries (not read).
     """
-    from safetensors import safe_open
-
-    from ckptaudit.errors import CorruptFileError, InputNotFoundError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(
-            f"{path}: no such vectors file", hint="write one with `ckptaudit backbone --save-vectors`"
-        )
-    params = dict(model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if name not in params:
-                    raise CorruptFileError(
-                        f"{path}: vector tensor {name} is not a parameter of the model",
-                        hint="the vectors were computed on another architecture",
-                    )
-                t, shape = f.get_tensor(name), tuple(params[name].shape)
-                if tuple(t.shape) == shape:
-                    out[name] = t.to(torch.float64)
-                elif t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape:
-                    out[name] = t[0].to(torch.float64)
-                else:
-                    raise CorruptFileError(
-                        f"{path}: vector tensor {name} has shape {tuple(t.shape)}, the parameter {shape}",
-                        hint="the vectors were computed on another model size",
-                    )
-    except OSError as exc:  # safetensors raises SafetensorError (an OSError subclass) on a bad header
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
-    norm = math.sqrt(sum(float((v * v).sum()) for v in out.values()))
-    if not out or norm == 0:
-        raise CorruptFileError(f"{path}: the backbone vector is empty or zero")
-    return {k: (v / norm) for k, v in out.items()}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return read_vectors(path, shapes, rows=1, partial=True).backbone(unit=True)
 
 
 def _displacement(

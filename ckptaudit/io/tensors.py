@@ -362,6 +362,8 @@ class SafetensorsSource(TensorSource):
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         data_len = size - 8 - n
+        meta = header.get("__metadata__")
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
         entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
             if name == "__metadata__":
