@@ -3,6 +3,7 @@ acceptance criteria on constructed losses, and `ckptaudit extrapolate` end to en
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -167,14 +168,23 @@ def test_acceptance_criteria_on_constructed_losses():
     assert acceptance(math.inf, 1.8, sigma)["adaptive"] is False
 
 
-def test_extrapolate_cli_on_tiny_run(tiny_run, tmp_path):
-    out = tmp_path / "x.h5"
+EXTRAPOLATE_STEPS = (30, 40, 50, 60)  # --steps 30:60 of the tiny run (checkpoints every 10 steps)
+
+
+@pytest.fixture(scope="module")
+def extrapolate_report(tiny_run, tmp_path_factory):
+    """`ckptaudit extrapolate` on checkpoints 30..60 of the tiny run: (its --json summary, its --out HDF5 path)."""
+    out = tmp_path_factory.mktemp("extrapolate") / "x.h5"
     args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "5,10", "--predictor", "linear,quadratic-fit,adam-step",
             "--cascade", "2:10", "--time", "--json", "--device", "cpu", "--out", str(out)]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    s = json.loads(res.stdout)
-    assert {"results", "acceptance"} <= set(s)
+    return json.loads(res.stdout), out
+
+
+def test_extrapolate_cli_on_tiny_run(extrapolate_report, tiny_run):
+    s, out = extrapolate_report
+    assert {"results", "acceptance", "mean_rel_weight_error"} <= set(s)
     row = s["results"][0]
     assert set(row) == {"step", "predictor", "K", "loss_pred", "loss_now", "loss_true", "rel_weight_error",
                         "strict", "adaptive", "proximity", "regime"}  # fmt: skip
@@ -193,10 +203,111 @@ def test_extrapolate_cli_on_tiny_run(tiny_run, tmp_path):
     logged = json.loads((tiny_run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
     eval_loss = [e["eval_loss"] for e in logged if e.get("step") == 30 and "eval_loss" in e][0]
     assert [r["loss_now"] for r in s["results"] if r["step"] == 30][0] == pytest.approx(eval_loss, rel=1e-6)
-    assert s["cascades"]["summary"]["2:10"]["linear"]["strict"]["mean_depth"] >= 0
     assert set(s["timing"]["ratio"]["linear"]) == {"5", "10"}
     with h5py.File(out) as f:
         assert "extrapolate/results/loss_pred" in f and "extrapolate/acceptance/linear/10" in f
+
+
+def _stored(ckpt_dir) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as float64 numpy arrays, read with safetensors itself."""
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float64) for k, v in load_file(str(ckpt_dir / "model.safetensors")).items()}
+
+
+def _hand_loss(ckpt_dir, weights: dict[str, np.ndarray]) -> float:
+    """Validation loss of GPT-2 built by transformers itself and given ``weights`` (float32) by load_state_dict."""
+    from transformers import GPT2LMHeadModel
+
+    from ckptaudit.tasks import task_from_checkpoint_dir
+
+    model = GPT2LMHeadModel.from_pretrained(ckpt_dir).eval()
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v.astype(np.float32)) for k, v in weights.items()}, strict=False
+    )
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # the head is tied to the embeddings
+    return task_from_checkpoint_dir(ckpt_dir).evaluate(model, "validation")[0]
+
+
+def test_extrapolate_cascade_summary_by_hand(extrapolate_report, tiny_run):
+    """The 2:10 linear cascades recomputed without ckptaudit's loaders or predictors: link d from t is
+    theta_t + d (theta_t - theta_{t-10}) (numpy), its loss from a transformers-loaded GPT-2; acceptance, leading
+    accepted links and the summary by hand."""
+    s, _ = extrapolate_report
+    theta = {t: _stored(tiny_run / f"checkpoint-{t}") for t in EXTRAPOLATE_STEPS}
+    loss = {t: _hand_loss(tiny_run / f"checkpoint-{t}", theta[t]) for t in EXTRAPOLATE_STEPS}
+    for r in s["results"]:
+        assert r["loss_now"] == pytest.approx(loss[r["step"]], rel=1e-6)
+    links = {(r["step"], r["link"]): r for r in s["cascades"]["results"] if r["predictor"] == "linear"}
+    assert sorted(links) == [(t, d) for t in (40, 50, 60) for d in (1, 2)]
+    one_shot = {r["step"]: r for r in s["results"] if r["predictor"] == "linear" and r["K"] == 10}
+    depths = {c: [] for c in ("strict", "adaptive", "proximity")}
+    for i, t in enumerate(EXTRAPOLATE_STEPS):
+        if t == 30:
+            continue
+        window = [loss[u] for u in EXTRAPOLATE_STEPS[max(0, i - 4) : i + 1]]
+        sigma = float(np.std(window))
+        ref, accepted = loss[t], {c: [] for c in depths}
+        for d in (1, 2):
+            pred = {k: theta[t][k] + d * (theta[t][k] - theta[t - 10][k]) for k in theta[t]}
+            hand = _hand_loss(tiny_run / f"checkpoint-{t}", pred)
+            assert links[(t, d)]["loss_pred"] == pytest.approx(hand, rel=1e-6), (t, d)
+            if d == 1:  # the first link is the one-shot K=10 prediction
+                assert one_shot[t]["loss_pred"] == pytest.approx(hand, rel=1e-6)
+            accepted["strict"].append(hand < ref)
+            accepted["adaptive"].append(hand < ref + sigma)
+            accepted["proximity"].append(abs(hand - ref) < 0.05 * abs(ref))
+            ref = hand  # link d is validated against link d - 1
+        for c, flags in accepted.items():
+            depths[c].append(flags.index(False) if False in flags else len(flags))
+    summary = s["cascades"]["summary"]["2:10"]["linear"]
+    for c, ds in depths.items():
+        assert summary[c]["mean_depth"] == pytest.approx(sum(ds) / 3), c
+        assert summary[c]["full_chain"] == pytest.approx(sum(d == 2 for d in ds) / 3), c
+
+
+def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny_run):
+    """mean_rel_weight_error[predictor][K] is the mean over t of ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||,
+    here by hand with numpy from the stored checkpoints (linear and quadratic-fit, K = 10), in both the JSON and the
+    HDF5 report; K = 5 lands between checkpoints, so it has no value (None; listed in none_attrs)."""
+    from ckptaudit.cli.trajectory_cmd import render_extrapolate
+    from ckptaudit.report.console import Output, fmt
+
+    s, out = extrapolate_report
+    theta = {t: _stored(tiny_run / f"checkpoint-{t}") for t in EXTRAPOLATE_STEPS}
+
+    def rel(pred: dict, t: int) -> float:
+        err = sum(float(np.sum((pred[k] - theta[t + 10][k]) ** 2)) for k in pred)
+        move = sum(float(np.sum((theta[t + 10][k] - theta[t][k]) ** 2)) for k in pred)
+        return math.sqrt(err / move)
+
+    def linear(t):
+        return {k: theta[t][k] + (theta[t][k] - theta[t - 10][k]) for k in theta[t]}
+
+    def quadratic_fit(t):  # parabola through t-20, t-10, t at t+10: 3 theta_t - 3 theta_{t-10} + theta_{t-20}
+        return {k: 3 * theta[t][k] - 3 * theta[t - 10][k] + theta[t - 20][k] for k in theta[t]}
+
+    by_hand = {"linear": [rel(linear(t), t) for t in (40, 50)], "quadratic-fit": [rel(quadratic_fit(50), 50)]}
+    for pred, values in by_hand.items():
+        rows = sorted((r["step"], r["rel_weight_error"]) for r in s["results"] if r["predictor"] == pred and r["K"] == 10)
+        assert [e for _, e in rows if e is not None] == pytest.approx(values, rel=1e-9)
+        expected = sum(values) / len(values)
+        assert s["mean_rel_weight_error"][pred]["10"] == pytest.approx(expected, rel=1e-9)
+        assert s["mean_rel_weight_error"][pred]["5"] is None
+    assert 0.0 < s["mean_rel_weight_error"]["adam-step"]["10"] < math.inf
+    with h5py.File(out) as f:
+        group = f["extrapolate/mean_rel_weight_error"]
+        assert set(group) == {"linear", "quadratic-fit", "adam-step"}
+        for pred, values in by_hand.items():
+            assert float(group[pred].attrs["10"]) == pytest.approx(sum(values) / len(values), rel=1e-9)
+            assert json.loads(group[pred].attrs["none_attrs"]) == ["5"]
+        assert float(group["adam-step"].attrs["10"]) == pytest.approx(s["mean_rel_weight_error"]["adam-step"]["10"])
+    # the terminal table prints the stored value: it no longer needs the per-prediction rows
+    stream = io.StringIO()
+    render_extrapolate(Output(stream=stream), dict(s, results=[]), "tiny")
+    line = next(ln for ln in stream.getvalue().splitlines() if ln.split("│")[1:3] and
+                [c.strip() for c in ln.split("│")[1:3]] == ["linear", "10"])  # fmt: skip
+    assert fmt(s["mean_rel_weight_error"]["linear"]["10"]) in line
 
 
 def test_extrapolate_rejects_unknown_predictor(tiny_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ckptaudit.errors import CorruptFileError, HubNotCachedError, InputNotFoundError, LayoutError
 from ckptaudit.io.discover import discover_run
-from ckptaudit.io.models import load_model, param_shapes, resolve_model_path
+from ckptaudit.io.models import fill_model, load_model, param_shapes, resolve_model_path
 
 VOCAB, SEQ = 64, 16
 
@@ -109,6 +110,90 @@ def test_load_model_refuses_shape_mismatch(tmp_path):
         CorruptFileError, match=r"mlp\.down_proj\.weight has shape \(32, 64\).*expects \(32, 48\)"
     ):
         load_model(checkpoint(out))
+
+
+def fresh(kind: str, seed: int):
+    """A model of ``kind`` with another random initialisation than ``saved``'s (seed 0)."""
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+
+
+def assert_same_weights(reference: torch.nn.Module, filled: torch.nn.Module) -> None:
+    for (name, p), (name2, q) in zip(reference.named_parameters(), filled.named_parameters(), strict=True):
+        assert name == name2 and torch.equal(p, q), name
+    for (name, b), (name2, c) in zip(reference.named_buffers(), filled.named_buffers(), strict=True):
+        assert name == name2 and torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_fill_model_equals_the_saved_model(kind, tmp_path):
+    """fill_model into a differently initialised model, from the open source, a dict and a stream of pairs:
+    every parameter and buffer equals the model that was saved (the reference), and so do the logits."""
+    model, out = saved(kind, tmp_path)
+    ckpt = checkpoint(out)
+    stored = load_file(out / "model.safetensors")
+    forms = {"source": None, "dict": stored, "stream": lambda: iter(stored.items())}
+    for seed, (form, tensors) in enumerate(forms.items(), start=1):
+        target = fresh(kind, seed)
+        assert not torch.equal(target.lm_head.weight, model.lm_head.weight)  # really overwritten below
+        if form == "source":
+            with ckpt.tensors() as source:
+                assert fill_model(target, source, ckpt.path) is target
+        else:
+            fill_model(target, tensors() if callable(tensors) else tensors, out / "model.safetensors")
+        assert_same_weights(model, target)
+        with torch.no_grad():
+            assert torch.equal(target(INPUT).logits, model(INPUT).logits), form
+        if kind == "gpt2":  # the file holds the tied head once; it stays one tensor with the embeddings
+            assert "lm_head.weight" not in stored
+            assert target.lm_head.weight.data_ptr() == target.transformer.wte.weight.data_ptr()
+
+
+def test_fill_model_converts_dtype_like_load_model(tmp_path):
+    model, out = saved("llama", tmp_path, dtype=torch.bfloat16)
+    target = fresh("llama", 1).to(torch.float64)
+    fill_model(target, load_file(out / "model.safetensors"), out)
+    for (name, p), (_, q) in zip(model.named_parameters(), target.named_parameters(), strict=True):
+        assert q.dtype == torch.float64 and torch.equal(q, p.double()), name
+
+
+def test_fill_model_refuses_a_wrong_shape_in_one_line(tmp_path):
+    _, out = saved("llama", tmp_path)
+    weights = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert tuple(weights[name].shape) == (64, 32)
+    weights[name] = torch.zeros(48, 32)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    ckpt = checkpoint(out)
+
+    target = fresh("llama", 1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CorruptFileError) as err, ckpt.tensors() as source:
+        fill_model(target, source, ckpt.path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{ckpt.path}: tensor {name} has shape (48, 32), the model expects (64, 32)")
+    # a source is checked in full before anything is copied: the model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    # the same one-line error from a stream of pairs and from a dict
+    for tensors in (iter(weights.items()), weights):
+        with pytest.raises(CorruptFileError, match=rf"^prediction: tensor {re.escape(name)} has shape \(48, 32\), "
+                           r"the model expects \(64, 32\)"):  # fmt: skip
+            fill_model(fresh("llama", 1), tensors, "prediction")
+
+
+def test_fill_model_refuses_unknown_and_missing_names(tmp_path):
+    _, out = saved("gpt2", tmp_path)
+    weights = load_file(out / "model.safetensors")
+    for tensors in (lambda w: w, lambda w: iter(w.items())):
+        extra = dict(weights, **{"transformer.h.9.mlp.c_fc.weight": torch.zeros(2)})
+        with pytest.raises(LayoutError, match=r"^f\.safetensors: tensors with no place in GPT2LMHeadModel: "
+                           r"transformer\.h\.9\.mlp\.c_fc\.weight"):  # fmt: skip
+            fill_model(fresh("gpt2", 1), tensors(extra), "f.safetensors")
+        short = {k: v for k, v in weights.items() if k != "transformer.ln_f.bias"}
+        with pytest.raises(CorruptFileError, match=r"^f\.safetensors: weights GPT2LMHeadModel needs are missing "
+                           r"from the files: transformer\.ln_f\.bias"):  # fmt: skip
+            fill_model(fresh("gpt2", 1), tensors(short), "f.safetensors")
 
 
 def test_no_config_is_refused(tmp_path):

@@ -96,6 +96,31 @@ def test_probe_representation_is_the_masked_mean_of_the_last_hidden_state():
     torch.testing.assert_close(rep[0], full.double(), rtol=1e-5, atol=1e-6)
 
 
+def test_fingerprints_refuse_a_later_checkpoint_that_does_not_fit_the_model(tmp_path):
+    """The model built from the first checkpoint is refilled for the next ones: a tensor of another shape there is a
+    one-line error naming that checkpoint's file, the tensor and both shapes (it used to be copied unchecked)."""
+    from conftest import tiny_gpt2_config
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2LMHeadModel
+
+    from ckptaudit.analyses.regimes import run_fingerprints
+    from ckptaudit.errors import CorruptFileError
+    from ckptaudit.io.discover import discover_run
+
+    torch.manual_seed(0)
+    for step in (0, 1):
+        GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(tmp_path / f"checkpoint-{step}")
+    weights = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    weights["transformer.ln_f.weight"] = torch.ones(31)
+    save_file(weights, tmp_path / "checkpoint-1" / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.arange(8).reshape(2, 4)
+    with pytest.raises(CorruptFileError) as err:
+        run_fingerprints(discover_run(tmp_path), ProbeSet(ids, torch.ones_like(ids), "test"))
+    message = str(err.value)
+    assert "\n" not in message and "checkpoint-1" in message and "checkpoint-0" not in message
+    assert "tensor transformer.ln_f.weight has shape (31,), the model expects (32,)" in message
+
+
 def test_regimes_cli_on_tiny_run(tiny_run):
     res = CliRunner().invoke(app, ["regimes", str(tiny_run), "--json", "--no-report", "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -134,6 +159,41 @@ def two_seed_runs(tmp_path_factory):
     return root
 
 
+def _first_entries_by_hand(root, seeds, steps):
+    """Per seed: s_t from transformers-loaded models (masked mean of the last hidden state over the CLI's probe
+    inputs, cosine in numpy), pooled 30th/70th percentile thresholds, regimes, first entry of each regime; and the
+    population std of each regime's first entry over the seeds that entered it (None when fewer than two)."""
+    from transformers import GPT2LMHeadModel
+
+    from ckptaudit.tasks import task_from_checkpoint_dir
+
+    first_dir = root / f"seed{seeds[0]}" / f"checkpoint-{steps[0]}"  # the CLI builds one probe set from the first run
+    config = json.loads((first_dir / "config.json").read_text())
+    probes = build_probes(first_dir, config, None, task_from_checkpoint_dir(first_dir), 0)
+    mask = probes.attention_mask.double().unsqueeze(-1).numpy()
+    sims = []
+    for seed in seeds:
+        fps = []
+        for step in steps:
+            model = GPT2LMHeadModel.from_pretrained(root / f"seed{seed}" / f"checkpoint-{step}").eval()
+            with torch.no_grad():
+                out = model(input_ids=probes.input_ids, attention_mask=probes.attention_mask, output_hidden_states=True)
+            hidden = out.hidden_states[-1].double().numpy()
+            fps.append(((hidden * mask).sum(1) / mask.sum(1)).reshape(-1))
+        sims.append([float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(fps[1:], fps[:-1])])
+    low, high = np.percentile(np.concatenate(sims), [30, 70])
+    firsts = []
+    for sim in sims:
+        regime = ["stable" if x > high else "chaotic" if x < low else "transition" for x in sim]
+        firsts.append({r: next((t for t, g in zip(steps[1:], regime) if g == r), None)
+                       for r in ("chaotic", "transition", "stable")})  # fmt: skip
+    std = {}
+    for r in ("chaotic", "transition", "stable"):
+        entered = [f[r] for f in firsts if f[r] is not None]
+        std[r] = float(np.std(entered)) if len(entered) >= 2 else None
+    return sims, firsts, std
+
+
 def test_cross_seed_cli(two_seed_runs, tmp_path):
     import h5py
 
@@ -148,10 +208,15 @@ def test_cross_seed_cli(two_seed_runs, tmp_path):
     assert s["loss_cv"] == pytest.approx(np.std(finals) / np.mean(finals), rel=1e-5)
     assert s["cka"]["steps"] == [0, 5, 10, 15, 20]
     assert all(0.0 <= v <= 1.0 + 1e-12 for v in s["cka"]["mean"])
-    firsts = [x["first_entry"] for x in s["seeds"]]
-    for regime, std in s["first_entry_std"].items():
-        v = [f[regime] for f in firsts if f[regime] is not None]
-        assert std == (pytest.approx(np.std(v)) if len(v) == 2 else None)
+    # first entries and their std recomputed from the checkpoints without ckptaudit's loaders or fingerprints
+    sim, first, std = _first_entries_by_hand(two_seed_runs, (0, 1), [0, 5, 10, 15, 20])
+    for i in (0, 1):
+        assert s["seeds"][i]["similarity"][0] is None
+        assert s["seeds"][i]["similarity"][1:] == pytest.approx(sim[i], rel=1e-6)
+        assert s["seeds"][i]["first_entry"] == first[i]
+    assert set(s["first_entry_std"]) == set(std)
+    for regime, value in std.items():
+        assert s["first_entry_std"][regime] == (None if value is None else pytest.approx(value)), regime
     regimes = [x["regime"] for x in s["seeds"]]
     usable = [i for i in range(5) if all(r[i] != "unknown" for r in regimes)]
     assert s["regime_agreement"] == pytest.approx(sum(regimes[0][i] == regimes[1][i] for i in usable) / len(usable))

@@ -20,10 +20,11 @@ coupled weight decay (``decoupled_weight_decay`` False) the decay is already ins
 is dropped. Parameters without optimizer state (never got a gradient) stay at theta_t.
 
 Predictions are built one tensor at a time from the (at most three) checkpoints and the optimizer state a
-predictor needs, written straight into the one model that is then validated, so memory is one model plus the
-predictor's inputs. Acceptance of a predicted loss L_hat against the current loss L_t (``acceptance``):
-strict L_hat < L_t; adaptive L_hat < L_t + sigma_L (population std of the losses of the last ``window``
-checkpoints up to t); proximity |L_hat - L_t| < tolerance * L_t. A non-finite L_hat is never accepted.
+predictor needs, written straight into the one model that is then validated (``PredictionStream`` fed to
+``ckptaudit.io.models.fill_model``), so memory is one model plus the predictor's inputs. Acceptance of a
+predicted loss L_hat against the current loss L_t (``acceptance``): strict L_hat < L_t; adaptive
+L_hat < L_t + sigma_L (population std of the losses of the last ``window`` checkpoints up to t); proximity
+|L_hat - L_t| < tolerance * L_t. A non-finite L_hat is never accepted.
 
 Cascades (D links of K steps): chaining a finite-difference predictor through its own predictions re-fits the
 same polynomial, so link d of linear / quadratic-fit / momentum equals the one-shot prediction at d*K and is built
@@ -205,6 +206,34 @@ def predicted_tensors(plan: PredictionPlan) -> Iterator[tuple[str, torch.Tensor,
             yield name, _predict_tensor(plan, name, theta, sources, lookup), theta
 
 
+class PredictionStream:
+    """``plan``'s prediction as ``(name, theta_hat)`` pairs, one tensor at a time: feed it to
+    ``ckptaudit.io.models.fill_model`` (which checks names and shapes against the model) or to any consumer.
+
+    With ``target`` (the checkpoint at t + horizon), once the stream is exhausted ``rel_error`` is
+    ||theta_hat - theta_target|| / ||theta_target - theta_t|| over all floating tensors (NaN when the target
+    equals theta_t); it is None before then and without a target.
+    """
+
+    def __init__(self, plan: PredictionPlan, target: Any = None):
+        self.plan = plan
+        self.target = target
+        self.rel_error: float | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        err2 = move2 = 0.0
+        with contextlib.ExitStack() as stack:
+            truth = stack.enter_context(self.target.tensors()) if self.target is not None else None
+            for name, pred, theta in predicted_tensors(self.plan):
+                if truth is not None and pred.is_floating_point() and name in truth:
+                    true = truth.get(name).double()
+                    err2 += float((pred - true).square().sum())
+                    move2 += float((true - theta).square().sum())
+                yield name, pred
+        if self.target is not None:
+            self.rel_error = math.sqrt(err2 / move2) if move2 > 0 else math.nan
+
+
 def build_prediction(
     plan: PredictionPlan,
     sink: Callable[[str, torch.Tensor], None],
@@ -212,31 +241,11 @@ def build_prediction(
 ) -> float | None:
     """Stream ``plan``'s prediction into ``sink(name, tensor)``; with ``target`` (the checkpoint at t + horizon)
     return ||theta_hat - theta_target|| / ||theta_target - theta_t|| over all floating tensors (NaN when the
-    target equals theta_t), else None."""
-    err2 = move2 = 0.0
-    with contextlib.ExitStack() as stack:
-        truth = stack.enter_context(target.tensors()) if target is not None else None
-        for name, pred, theta in predicted_tensors(plan):
-            if truth is not None and pred.is_floating_point() and name in truth:
-                true = truth.get(name).double()
-                err2 += float((pred - true).square().sum())
-                move2 += float((true - theta).square().sum())
-            sink(name, pred)
-    if target is None:
-        return None
-    return math.sqrt(err2 / move2) if move2 > 0 else math.nan
-
-
-def model_sink(model: torch.nn.Module) -> Callable[[str, torch.Tensor], None]:
-    """A sink that copies each predicted tensor into ``model`` (its dtype and device); unknown names are skipped."""
-    targets = model.state_dict(keep_vars=True)
-
-    def sink(name: str, tensor: torch.Tensor) -> None:
-        if name in targets:
-            with torch.no_grad():
-                targets[name].copy_(tensor)
-
-    return sink
+    target equals theta_t), else None. (Into a model: ``fill_model(model, PredictionStream(plan, target))``.)"""
+    stream = PredictionStream(plan, target)
+    for name, tensor in stream:
+        sink(name, tensor)
+    return stream.rel_error
 
 
 # ------------------------------------------------------------------------------------ real-step timing

@@ -21,9 +21,8 @@ from ckptaudit.analyses.extrapolate import (
     FINITE_DIFFERENCE,
     PREDICTORS,
     PredictionPlan,
+    PredictionStream,
     acceptance,
-    build_prediction,
-    model_sink,
     recent_sigma,
 )
 from ckptaudit.analyses.regimes import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
@@ -75,7 +74,11 @@ class PredictionRow:
 
 @dataclass(frozen=True)
 class ExtrapolateResult:
-    """Everything `extrapolate` reports (see ``to_json`` for the keys)."""
+    """Everything `extrapolate` reports (see ``to_json`` for the keys).
+
+    ``mean_rel_weight_error`` (computed from ``rows``): predictor -> str(K) -> mean of ``rel_weight_error`` over
+    the predictions whose theta(t+K) is in the run; None where no prediction has one.
+    """
 
     rows: tuple[PredictionRow, ...]
     cascade_rows: tuple[PredictionRow, ...]
@@ -84,6 +87,10 @@ class ExtrapolateResult:
     settings: ExtrapolateSettings
     timing: dict | None
     notes: tuple[str, ...] = field(default=())
+    mean_rel_weight_error: dict[str, dict[str, float | None]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean_rel_weight_error", _mean_rel_errors(self.rows))
 
     def acceptance(self, regime: str | None = None) -> dict:
         """predictor -> str(K) -> criterion -> rate (fraction of predictions accepted); optionally one regime."""
@@ -125,6 +132,7 @@ class ExtrapolateResult:
             "acceptance": self.acceptance(),
             "acceptance_by_regime": {g: self.acceptance(g) for g in present_regimes},
             "counts": self.counts(),
+            "mean_rel_weight_error": self.mean_rel_weight_error,
             "cascades": {"results": [r.to_json(cascade=True) for r in self.cascade_rows],
                          "summary": self.cascade_summary()} if self.settings.cascades else None,  # fmt: skip
             "timing": self.timing,
@@ -143,6 +151,7 @@ class ExtrapolateResult:
             "acceptance_by_regime": {g: self.acceptance(g) for g in (*REGIMES, UNKNOWN)
                                      if any(r.regime == g for r in self.rows)},  # fmt: skip
             "counts": self.counts(),
+            "mean_rel_weight_error": self.mean_rel_weight_error,
             "losses": {"steps": np.asarray(self.regimes.steps, dtype=np.int64), "loss": np.asarray(self.losses)},
             "regimes": self.regimes.to_hdf5_tree(),
             "tolerance": self.settings.tolerance,
@@ -164,13 +173,28 @@ def _depth(links: Sequence[PredictionRow], criterion: str) -> int:
     return depth
 
 
-def _rates(rows: Sequence[PredictionRow]) -> dict:
-    out: dict[str, dict[str, dict[str, float]]] = {}
+def _by_predictor_and_k(rows: Sequence[PredictionRow]) -> list[tuple[str, int, list[PredictionRow]]]:
+    """``(predictor, K, rows)`` in PREDICTORS order, then by K."""
     buckets: dict[tuple[str, int], list[PredictionRow]] = {}
     for r in rows:
         buckets.setdefault((r.predictor, r.K), []).append(r)
-    for (pred, k), rs in sorted(buckets.items(), key=lambda x: (PREDICTORS.index(x[0][0]), x[0][1])):
+    ordered = sorted(buckets.items(), key=lambda x: (PREDICTORS.index(x[0][0]), x[0][1]))
+    return [(pred, k, rs) for (pred, k), rs in ordered]
+
+
+def _rates(rows: Sequence[PredictionRow]) -> dict:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for pred, k, rs in _by_predictor_and_k(rows):
         out.setdefault(pred, {})[str(k)] = {c: sum(getattr(r, c) for r in rs) / len(rs) for c in CRITERIA}
+    return out
+
+
+def _mean_rel_errors(rows: Sequence[PredictionRow]) -> dict[str, dict[str, float | None]]:
+    """predictor -> str(K) -> mean rel_weight_error of the rows that have one (None when none has)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for pred, k, rs in _by_predictor_and_k(rows):
+        errs = [r.rel_weight_error for r in rs if r.rel_weight_error is not None]
+        out.setdefault(pred, {})[str(k)] = sum(errs) / len(errs) if errs else None
     return out
 
 
@@ -246,7 +270,7 @@ def run_extrapolate(
     ``evaluate(model)`` is the held-out loss (nats) of a model; ``timer(checkpoint, ks)`` returns seconds of
     K real training steps from that checkpoint (None: no timing).
     """
-    from ckptaudit.io.models import load_model
+    from ckptaudit.io.models import fill_model, load_model
 
     ckpts = list(run)
     steps = [int(c.step) for c in ckpts]
@@ -259,7 +283,6 @@ def run_extrapolate(
         notes.append(f"checkpoint spacing varies ({spacings}): Delta is the spacing before each t")
 
     model = load_model(ckpts[-1], settings.device)
-    sink = model_sink(model)
     needs_opt = any(p in ("momentum", "adam-step") for p in settings.predictors)
     rows: list[PredictionRow] = []
     cascade_rows: list[PredictionRow] = []
@@ -268,7 +291,9 @@ def run_extrapolate(
     def validate(plan: PredictionPlan, i: int, ref: float, link: int = 1, d: int = 1) -> PredictionRow:
         t0 = time.perf_counter()
         target = by_step.get(steps[i] + plan.horizon)
-        rel = build_prediction(plan, sink, target)
+        stream = PredictionStream(plan, target)
+        fill_model(model, stream, f"{plan.current.path} ({plan.predictor} prediction)")
+        rel = stream.rel_error
         loss = float(evaluate(model))
         seconds = time.perf_counter() - t0
         ok = acceptance(loss, ref, recent_sigma(losses, i, settings.sigma_window), settings.tolerance)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import CorruptFileError, DataError, UsageError
-from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
+from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
@@ -308,15 +308,6 @@ class RegimesResult:
 # -------------------------------------------------------------------------------------------- the run
 
 
-def load_weights_into(model: torch.nn.Module, ckpt: Any) -> None:
-    """Copy ``ckpt``'s tensors into ``model`` in place, one tensor at a time (names the model lacks are skipped)."""
-    targets = model.state_dict(keep_vars=True)
-    with torch.no_grad(), ckpt.tensors() as source:
-        for name in source.keys():
-            if name in targets:
-                targets[name].copy_(source.get(name))
-
-
 def run_fingerprints(
     run: Sequence[Any],
     probes: ProbeSet,
@@ -328,7 +319,8 @@ def run_fingerprints(
     """One pass over the checkpoints of ``run``: similarity s_t (NaN first), optionally the representations
     ``[n_probes, d]`` of every checkpoint (``keep``) and the validation loss of each (``evaluate``).
 
-    One model is built and refilled tensor by tensor; only the previous fingerprint is held unless ``keep``.
+    One model is built and refilled tensor by tensor (``fill_model``: a checkpoint whose tensor names or shapes
+    differ from the first one's is an error); only the previous fingerprint is held unless ``keep``.
     """
     from ckptaudit.io.models import load_model
 
@@ -340,8 +332,9 @@ def run_fingerprints(
     for ckpt in run:
         if model is None:
             model = load_model(ckpt, device)
-        else:
-            load_weights_into(model, ckpt)
+        else:  # the same model refilled: names and shapes must match the first checkpoint's
+            with ckpt.tensors() as source:
+                fill_model(model, source, ckpt.path)
         rep = probe_representations(model, probes)
         similarity.append(math.nan if previous is None else cosine(rep, previous))
         previous = rep

@@ -26,8 +26,9 @@ from ckptaudit.errors import (
     LayoutError,
     UnknownArchitectureError,
 )
+from ckptaudit.io.tensors import TensorSource
 
-__all__ = ["param_shapes", "load_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
+__all__ = ["param_shapes", "load_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
            "resolve_model_path", "hub_cache_dir"]
 
 
@@ -136,9 +137,10 @@ def load_model(
     """A transformers model built from ``ckpt``'s config.json and filled with its weights, in eval mode.
 
     ``device``: "cpu", "cuda", "cuda:1" or "auto"; ``dtype``: the parameters' dtype (None -> float32; stored
-    bf16/fp16 weights are converted). Weights are copied one tensor at a time. Key checking is strict: weights
-    the model expects but the files lack raise CorruptFileError, tensors the model has no place for raise
-    LayoutError, both naming the tensors (the model's own ignore lists, e.g. GPT-2's ``attn.bias``, are honoured).
+    bf16/fp16 weights are converted). Weights are copied one tensor at a time by ``fill_model``, whose checks are
+    strict: weights the model expects but the files lack raise CorruptFileError, tensors the model has no place
+    for raise LayoutError, a shape mismatch raises CorruptFileError, each naming the tensors (the model's own
+    ignore lists, e.g. GPT-2's ``attn.bias``, are honoured).
 
     A checkpoint with layout "gguf" (a single .gguf file) is loaded as a causal LM through transformers' GGUF
     support, its config read from the file's metadata and its tensors dequantised to ``dtype``.
@@ -159,48 +161,87 @@ def load_model(
         torch.set_default_dtype(previous)
     model.to(dtype=dtype)
 
+    with ckpt.tensors() as source:
+        fill_model(model, source, ckpt.path)
+    return model.eval()
+
+
+def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> torch.nn.Module:
+    """Copy ``tensors`` into ``model``'s parameters and buffers in place, one tensor at a time; returns ``model``.
+
+    ``tensors``: an open TensorSource, a mapping name -> tensor, or an iterable of ``(name, tensor)`` pairs (a
+    stream: each pair is checked and copied as it comes, so only one tensor need exist at a time). Values are
+    converted to each target's dtype and device by ``copy_``. ``where`` (the file or checkpoint the tensors come
+    from) starts every error message. Checks are strict, each a one-line error naming the tensors:
+
+    - a tensor the model has no place for -> LayoutError;
+    - a weight the model needs that ``tensors`` lacks -> CorruptFileError;
+    - a tensor whose shape differs from the model's -> CorruptFileError naming both shapes.
+
+    The model's own ignore lists (``_keys_to_ignore_on_load_unexpected`` / ``_missing``, e.g. GPT-2's
+    ``attn.bias``) are honoured, and tied weights (one tensor under several names, e.g. a head tied to the
+    embeddings) need only one of their names. A source or a mapping is checked in full (names, then shapes from
+    the headers) before anything is copied; a stream tensor by tensor, its missing names once it is exhausted.
+    """
     targets = model.state_dict(keep_vars=True)
     # Tied weights appear under several names but are one tensor: the file needs only one of them.
     aliases: dict[int, list[str]] = {}
     for name, tensor in targets.items():
         aliases.setdefault(id(tensor), []).append(name)
+    ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+    kind = type(model).__name__
 
-    with ckpt.tensors() as source:
-        stored = list(source.keys())
-        stored_set = set(stored)
-        unexpected = [
-            k
-            for k in stored
-            if k not in targets and not _matches(k, model._keys_to_ignore_on_load_unexpected)
-        ]
+    def check_unexpected(names: list[str]) -> None:
+        unexpected = [k for k in names if k not in targets and not _matches(k, ignore_unexpected)]
+        if unexpected:
+            raise LayoutError(
+                f"{where}: tensors with no place in {kind}: {_preview(unexpected)}",
+                hint="check that config.json belongs to these weights (a prefixed state_dict needs re-saving)",
+            )
+
+    def check_missing(given: set[str]) -> None:
         missing = [
             names[0]
             for names in aliases.values()
-            if not any(n in stored_set for n in names)
-            and not all(_matches(n, model._keys_to_ignore_on_load_missing) for n in names)
+            if not any(n in given for n in names) and not all(_matches(n, ignore_missing) for n in names)
         ]
-        if unexpected:
-            raise LayoutError(
-                f"{ckpt.path}: tensors with no place in {type(model).__name__}: {_preview(unexpected)}",
-                hint="check that config.json belongs to these weights (a prefixed state_dict needs re-saving)",
-            )
         if missing:
             raise CorruptFileError(
-                f"{ckpt.path}: weights {type(model).__name__} needs are missing from the files: {_preview(missing)}",
+                f"{where}: weights {kind} needs are missing from the files: {_preview(missing)}",
                 hint="the checkpoint is incomplete (interrupted save or missing shard)",
             )
+
+    def check_shape(name: str, shape: Iterable[int]) -> None:
+        if tuple(shape) != tuple(targets[name].shape):
+            raise CorruptFileError(
+                f"{where}: tensor {name} has shape {tuple(shape)}, the model expects {tuple(targets[name].shape)}",
+                hint="check that config.json belongs to these weights",
+            )
+
+    if isinstance(tensors, (TensorSource, Mapping)):
+        stored = list(tensors.keys())
+        check_unexpected(stored)
+        check_missing(set(stored))
         present = [name for name in stored if name in targets]  # the rest is ignored by the model's own rules
+        shape_of = tensors.shape if isinstance(tensors, TensorSource) else (lambda n: tensors[n].shape)
         for name in present:  # shapes first (header reads only), so a mismatch costs no tensor data
-            if tuple(source.shape(name)) != tuple(targets[name].shape):
-                raise CorruptFileError(
-                    f"{ckpt.path}: tensor {name} has shape {tuple(source.shape(name))}, "
-                    f"the model expects {tuple(targets[name].shape)}",
-                    hint="check that config.json belongs to these weights",
-                )
+            check_shape(name, shape_of(name))
         with torch.no_grad():
             for name in present:
-                targets[name].copy_(source.get(name))
-    return model.eval()
+                targets[name].copy_(tensors.get(name))
+        return model
+
+    given: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            check_unexpected([name])
+            given.add(name)
+            if name in targets:
+                check_shape(name, tensor.shape)
+                targets[name].copy_(tensor)
+    check_missing(given)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ GGUF
