@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_helpers import assert_one_line_error, invoke
 from conftest import make_tiny_lm_dir
 from typer.testing import CliRunner
 
@@ -20,23 +21,6 @@ from ckptaudit.errors import CorruptFileError, DataError, LayoutError, UsageErro
 VOCAB = {f"w{i}": i for i in range(20)} | {"[UNK]": 20, "[EOS]": 21}
 
 
-def _cli(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart by default
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _assert_one_line_error(result, *names: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("ckptaudit: error:"), err
-    for name in names:
-        assert name in err, (name, err)
-    return err
 
 
 def _model_dir(path: Path, tokenizer: bool = True) -> Path:
@@ -130,7 +114,7 @@ def test_load_data_bad_task_parameters(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("spec, key", [('modadd:p="x"', "p="), ("modadd:p=null", "p="),
                                        ('modadd:train_frac="a"', "train_frac=")])
 def test_cli_bad_task_parameter(tiny_run, spec, key):
-    _assert_one_line_error(_cli("regimes", tiny_run, "--task", spec), "modadd", key)
+    assert_one_line_error(invoke("regimes", tiny_run, "--task", spec), "modadd", key)
 
 
 def test_cli_task_file_with_bad_value(tiny_run, tmp_path):
@@ -141,7 +125,7 @@ def test_cli_task_file_with_bad_value(tiny_run, tmp_path):
     for name in ("checkpoint-0", "checkpoint-10"):
         _copy(tiny_run / name, run / name)
         _edit_json(run / name / TASK_FILE, p=1)
-    _assert_one_line_error(_cli("regimes", run), TASK_FILE, "p=1")
+    assert_one_line_error(invoke("regimes", run), TASK_FILE, "p=1")
 
 
 # ------------------------------------------------------------------------------------------ 2. lr history
@@ -178,7 +162,7 @@ def test_cli_inspect_with_malformed_lr_history(tiny_checkpoint, tmp_path):
     state = json.loads((ck / "trainer_state.json").read_text())
     state["log_history"] = [{"step": 1, "learning_rate": None}, {"step": "x", "learning_rate": 0.1}]
     (ck / "trainer_state.json").write_text(json.dumps(state))
-    result = _cli("inspect", run, "--no-report")
+    result = invoke("inspect", run, "--no-report")
     assert "Traceback" not in result.output
     assert result.exit_code == 0, (result.output, result.exception)
 
@@ -199,7 +183,7 @@ def test_index_weight_map_not_an_object(model_dir, tmp_path, weight_map):
 def test_cli_index_weight_map_not_an_object(model_dir, tmp_path):
     d = _copy(model_dir, tmp_path / "m")
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
-    _assert_one_line_error(_cli("inspect", d), "model.safetensors.index.json", "weight_map")
+    assert_one_line_error(invoke("inspect", d), "model.safetensors.index.json", "weight_map")
 
 
 # ------------------------------------------------------------------------------------------ 4. role maps
@@ -261,20 +245,20 @@ def test_resolve_architecture_bad_config_dims(model_dir, change, key, match):
 def test_cli_role_map_not_utf8(tiny_run, tmp_path):
     f = tmp_path / "roles.toml"
     f.write_bytes(b'[[roles]]\npattern = "\xff"\nrole = "q"\n')
-    _assert_one_line_error(_cli("backbone", tiny_run, "--role-map", f), "roles.toml", "UTF-8")
+    assert_one_line_error(invoke("backbone", tiny_run, "--role-map", f), "roles.toml", "UTF-8")
 
 
 def test_cli_role_map_bad_head_axis(tiny_run, tmp_path):
     f = tmp_path / "roles.json"
     f.write_text(json.dumps({"roles": [{"pattern": "attn", "role": "q", "head_axis": "x"}]}))
-    _assert_one_line_error(_cli("backbone", tiny_run, "--role-map", f), "roles.json", "head_axis")
+    assert_one_line_error(invoke("backbone", tiny_run, "--role-map", f), "roles.json", "head_axis")
 
 
 @pytest.mark.parametrize("change, key", [({"n_head": "x"}, "n_head"), ({"n_head": 0}, "n_head")])
 def test_cli_config_bad_head_count(model_dir, tmp_path, change, key):
     d = _copy(model_dir, tmp_path / "m")
     _edit_json(d / "config.json", **change)
-    _assert_one_line_error(_cli("inspect", d), "config.json", key)
+    assert_one_line_error(invoke("inspect", d), "config.json", key)
 
 
 # ------------------------------------------------------------------------------------------ 5. models
@@ -311,8 +295,8 @@ def test_cli_model_config_rejected_by_transformers(tiny_checkpoint, tmp_path):
     run.mkdir()
     ck = _copy(tiny_checkpoint, run / "checkpoint-60")
     _edit_json(ck / "config.json", n_head="x")
-    result = _cli("resume-probe", ck, "--no-report", "--device", "cpu")
-    _assert_one_line_error(result, "config.json")
+    result = invoke("resume-probe", ck, "--no-report", "--device", "cpu")
+    assert_one_line_error(result, "config.json")
 
 
 # ------------------------------------------------------------------------------------------ 6. tokenizers
@@ -387,7 +371,7 @@ def test_cli_regimes_broken_tokenizer(model_dir, tmp_path):
     run = _run_of(model_dir, tmp_path / "run")
     for ck in run.iterdir():
         _break_tokenizer(ck)
-    _assert_one_line_error(_cli("regimes", run), "tokenizer")
+    assert_one_line_error(invoke("regimes", run), "tokenizer")
 
 
 def test_regimes_with_a_non_integer_vocab_size_is_one_line(tiny_run, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, invoke
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -16,19 +17,6 @@ from typer.testing import CliRunner
 from ckptaudit.cli.app import app
 
 runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("ckptaudit: error:"), err
-    assert "\n" not in err and "Traceback" not in result.output, result.output
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def test_version_and_help():

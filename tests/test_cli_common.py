@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from cli_helpers import MINIMAL_POLICY
 from conftest import make_tiny_lm_dir
 from typer.testing import CliRunner
 
@@ -21,17 +22,6 @@ runner = CliRunner()
 
 WORDS = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home"]
 
-POLICY = """\
-[gate]
-target = "last"
-
-[checks.provenance]
-
-[checks.safe_serialization]
-allow_files = ["training_args.bin"]
-
-[checks.finite]
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +42,7 @@ def inputs(tiny_run: Path, tmp_path_factory) -> dict[str, Path]:
     contexts = root / "contexts.jsonl"
     contexts.write_text(json.dumps({"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"}) + "\n")
     policy = root / "policy.toml"
-    policy.write_text(POLICY)
+    policy.write_text(MINIMAL_POLICY)
     return {"run": tiny_run, "other": other, "lm": lm, "contexts": contexts, "policy": policy}
 
 

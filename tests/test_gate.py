@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import MINIMAL_POLICY, assert_one_line_error
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -20,17 +21,7 @@ from ckptaudit.gate.policy import default_policy_text, parse_policy
 
 runner = CliRunner()
 
-BASE = """\
-[gate]
-target = "last"
-
-[checks.provenance]
-
-[checks.safe_serialization]
-allow_files = ["training_args.bin"]
-
-[checks.finite]
-"""
+BASE = MINIMAL_POLICY
 
 
 def invoke(*args):
@@ -50,20 +41,13 @@ def gate(run: Path, policy_text: str, tmp_path: Path, *extra):
         p.unlink(missing_ok=True)
     r = invoke("gate", run, "--policy", pol, "--no-report", "--device", "cpu", "--json", j, "--junit", x, "--sarif", s, *extra)
     if r.exit_code == 1:
-        one_line_error(r, 1)  # a failed gate says so on one line of stderr
+        assert_one_line_error(r, code=1)  # a failed gate says so on one line of stderr
     doc = json.loads(j.read_text()) if j.exists() else None
     return r, doc, x, s
 
 
 def by_name(doc: dict) -> dict:
     return {c["name"]: c for c in doc["checks"]}
-
-
-def one_line_error(r, code: int) -> str:
-    assert r.exit_code == code, (r.exit_code, r.output)
-    err = r.stderr.strip()
-    assert err.startswith("ckptaudit: error:") and "\n" not in err and "Traceback" not in r.output, r.output
-    return err
 
 
 @pytest.fixture()
@@ -87,7 +71,7 @@ def test_init_policy_parses_and_gates_tiny_run(tiny_run, tmp_path):
     target = tmp_path / "ckptaudit-policy.toml"
     assert invoke("gate", "--init", target).exit_code == 0 and target.read_text() == r.stdout
     again = invoke("gate", "--init", target)
-    assert "already exists" in one_line_error(again, 2)
+    assert "already exists" in assert_one_line_error(again, code=2)
     assert invoke("gate", "--init", target, "--force").exit_code == 0
 
     res, doc, xml_path, sarif_path = gate(tiny_run, target.read_text(), tmp_path)
@@ -119,7 +103,7 @@ def test_json_to_stdout_replaces_the_table(tiny_run, tmp_path):
 def test_missing_optimizer_fails_provenance(run_copy, tmp_path):
     (run_copy / "checkpoint-60" / "optimizer.pt").unlink()
     r, doc, xml_path, sarif_path = gate(run_copy, BASE, tmp_path)
-    err = one_line_error(r, 1)
+    err = assert_one_line_error(r, code=1)
     assert "1 of 3 checks failed: provenance" in err
     prov = by_name(doc)["provenance"]
     assert prov["status"] == "fail" and "missing optimizer" in prov["message"] and "step 60" in prov["message"]
@@ -164,7 +148,7 @@ def test_weights_that_do_not_fit_the_optimizer_fail_provenance(run_copy, tmp_pat
     weights[name] = weights[name][:-1].clone()  # one position fewer than the optimizer's moments
     save_file(weights, st, metadata={"format": "pt"})
     r, doc, _, _ = gate(run_copy, BASE, tmp_path)
-    assert "provenance" in one_line_error(r, 1)
+    assert "provenance" in assert_one_line_error(r, code=1)
     msg = by_name(doc)["provenance"]["message"]
     assert name in msg and "shape" in msg, msg
 
@@ -193,7 +177,7 @@ def test_nan_weight_fails_finite_naming_the_tensor(run_copy, tmp_path):
     weights[name][1, 1] = float("inf")
     save_file(weights, st, metadata={"format": "pt"})
     r, doc, _, sarif_path = gate(run_copy, BASE, tmp_path)
-    assert "finite" in one_line_error(r, 1)
+    assert "finite" in assert_one_line_error(r, code=1)
     fin = by_name(doc)["finite"]
     assert fin["status"] == "fail" and fin["value"] == 1
     assert fin["message"].startswith(name) and "1 NaN and 1 Inf" in fin["message"]
@@ -236,7 +220,7 @@ def test_pickle_that_would_run_code_fails_without_running(run_copy, tmp_path):
     # A plain pickle under a neutral name: the format is found from the content, not the extension.
     (ckpt / "notes.dat").write_bytes(pickle.dumps(_CreatesFile(str(canary)), protocol=2))
     r, doc, _, sarif_path = gate(run_copy, BASE, tmp_path)
-    assert "safe_serialization" in one_line_error(r, 1)
+    assert "safe_serialization" in assert_one_line_error(r, code=1)
     assert not canary.exists(), "the pickle's code ran"
     safe = by_name(doc)["safe_serialization"]
     assert safe["status"] == "fail" and safe["value"] == 2
@@ -276,7 +260,7 @@ def test_skipped_checks_never_pass(tiny_run, tmp_path, monkeypatch):
 
     strict = text.replace('target = "last"', 'target = "last"\nfail_on_skipped = true')
     r, doc, _, _ = gate(tiny_run, strict, tmp_path)
-    err = one_line_error(r, 1)
+    err = assert_one_line_error(r, code=1)
     assert "skipped" in err and "fisher_anisotropy" in err and doc["passed"] is False
 
 
@@ -346,7 +330,7 @@ def test_backbone_bounds(tiny_run, tmp_path):
     assert bb["status"] == "pass" and 0 < bb["value"]["rho1"] <= 1 and 1 <= bb["value"]["k95"] <= 6
     rho1 = bb["value"]["rho1"]
     r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_max = {rho1 / 2}\n", tmp_path)
-    assert "backbone" in one_line_error(r, 1)
+    assert "backbone" in assert_one_line_error(r, code=1)
     assert "rho1" in by_name(doc)["backbone"]["message"]
     # One checkpoint is not a trajectory: skipped with the reason, never passed.
     r, doc, _, _ = gate(tiny_run / "checkpoint-60", BASE + "\n[checks.backbone]\nk95_max = 6\n", tmp_path)
@@ -388,18 +372,18 @@ def test_embedding_class(tiny_run, tmp_path):
 )
 def test_malformed_policy_exits_2_naming_key_and_line(tiny_run, tmp_path, text, needles):
     r, doc, xml_path, _ = gate(tiny_run, text, tmp_path)
-    err = one_line_error(r, 2)
+    err = assert_one_line_error(r, code=2)
     for n in needles:
         assert n in err, (n, err)
     assert doc is None and not xml_path.exists()  # nothing ran
 
 
 def test_usage_errors(tiny_run, tmp_path):
-    assert "--policy" in one_line_error(invoke("gate", tiny_run, "--no-report"), 2)
-    assert "not found" in one_line_error(invoke("gate", tiny_run, "--policy", tmp_path / "none.toml"), 2)
+    assert "--policy" in assert_one_line_error(invoke("gate", tiny_run, "--no-report"), code=2)
+    assert "not found" in assert_one_line_error(invoke("gate", tiny_run, "--policy", tmp_path / "none.toml"), code=2)
     pol = tmp_path / "p.toml"
     pol.write_text(BASE)
-    one_line_error(invoke("gate", tmp_path / "no-such-run", "--policy", pol, "--no-report"), 2)
+    assert_one_line_error(invoke("gate", tmp_path / "no-such-run", "--policy", pol, "--no-report"), code=2)
 
 
 def test_hdf5_report_written_even_when_the_gate_fails(run_copy, tmp_path):
@@ -517,7 +501,7 @@ def test_non_finite_fisher_anisotropy_fails_the_gate(tiny_run, tmp_path, monkeyp
 
     monkeypatch.setattr(fisher, "fisher_anisotropy", lambda run, **kw: alpha)
     r, doc, xml_path, _ = gate(tiny_run, BASE + "\n[checks.fisher_anisotropy]\nmin = 0.0\nmax = 100.0\n", tmp_path)
-    assert "fisher_anisotropy" in one_line_error(r, 1)
+    assert "fisher_anisotropy" in assert_one_line_error(r, code=1)
     fi = by_name(doc)["fisher_anisotropy"]
     assert fi["status"] == "fail" and "not finite" in fi["message"] and fi["value"] is None, fi
     json.loads((tmp_path / "gate.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -34,8 +35,6 @@ CONTROL = ConditionSpec("control", "preserved", 1.0, 0, "saved")
 RESET = ConditionSpec("reset", "reset", 1.0, 0, "constant")
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def saved_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.backbone import run_backbone
 from ckptaudit.analyses.fisher_directions import load_vector_file, trunk_layout
 from ckptaudit.analyses.resume import load_backbone_vector
-from ckptaudit.cli.app import app
 from ckptaudit.errors import CorruptFileError, InputNotFoundError
 from ckptaudit.io.roles import resolve_architecture
 from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
@@ -103,24 +102,6 @@ def model(shapes):
     m = tiny_gpt2()
     assert {n: tuple(p.shape) for n, p in m.named_parameters()} == shapes
     return m
-
-
-def _cli(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart by default
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("ckptaudit: error:"), err
-    for s in needles:
-        assert s in err, (s, err)
-    return err
 
 
 # ------------------------------------------------------------------------------------------------ the reader
@@ -401,11 +382,11 @@ def test_cli_resume_probe_bad_vectors_is_one_line_exit_2(tiny_run, tmp_path):
     name = "transformer.h.0.attn.c_attn.weight"
     shape = tuple(w[name].shape)
     bad = save(tmp_path / "bad.safetensors", {name: np.ones((2, shape[0] + 1, shape[1]), np.float32)})
-    r = _cli("resume-probe", ckpt, "--vectors", bad, "--steps", 1, "--no-report", "--device", "cpu")
-    one_line_error(r, "bad.safetensors", name, "another model size")
-    r = _cli("resume-probe", ckpt, "--vectors", tmp_path / "absent.safetensors", "--steps", 1, "--no-report",
+    r = invoke("resume-probe", ckpt, "--vectors", bad, "--steps", 1, "--no-report", "--device", "cpu")
+    assert_one_line_error(r, "bad.safetensors", name, "another model size")
+    r = invoke("resume-probe", ckpt, "--vectors", tmp_path / "absent.safetensors", "--steps", 1, "--no-report",
              "--device", "cpu")
-    one_line_error(r, "absent.safetensors", "ckptaudit backbone --save-vectors")
+    assert_one_line_error(r, "absent.safetensors", "ckptaudit backbone --save-vectors")
 
 
 def test_cli_resume_probe_reads_a_file_with_switch_entries(tiny_run, tmp_path):
@@ -415,7 +396,7 @@ def test_cli_resume_probe_reads_a_file_with_switch_entries(tiny_run, tmp_path):
     arrays = {n: torch.stack([w20[n] - w0[n], torch.zeros_like(w0[n])]).numpy() for n in names}
     arrays |= {SWITCH_PREFIX + n: np.ones(tuple(w0[n].shape), np.float32) for n in names}
     vec = save(tmp_path / "v.safetensors", arrays)
-    r = _cli("resume-probe", ckpt, "--vectors", vec, "--steps", 1, "--lr-mult", "1", "--warmup-steps", 0,
+    r = invoke("resume-probe", ckpt, "--vectors", vec, "--steps", 1, "--lr-mult", "1", "--warmup-steps", 0,
              "--no-boundary-probe", "--no-report", "--device", "cpu", "--json")
     assert r.exit_code == 0, (r.output, r.stderr)
     s = json.loads(r.stdout)
@@ -429,8 +410,8 @@ def test_cli_fisher_bad_vectors_is_one_line_exit_2(tiny_run, tmp_path):
     arrays = {n: np.ones((1, *w[n].shape), np.float32) for n in names}
     del arrays["transformer.h.1.mlp.c_proj.weight"]
     bad = save(tmp_path / "bad.safetensors", arrays)
-    r = _cli("fisher", ckpt, "--vectors", bad, "--no-report")
-    one_line_error(r, "bad.safetensors", "transformer.h.1.mlp.c_proj.weight", "another architecture")
+    r = invoke("fisher", ckpt, "--vectors", bad, "--no-report")
+    assert_one_line_error(r, "bad.safetensors", "transformer.h.1.mlp.c_proj.weight", "another architecture")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 3)
-    one_line_error(_cli("fisher", ckpt, "--vectors", garbage, "--no-report"), "garbage.safetensors")
+    assert_one_line_error(invoke("fisher", ckpt, "--vectors", garbage, "--no-report"), "garbage.safetensors")

@@ -1,0 +1,48 @@
+"""Shared by the CLI tests: run the app in-process with stderr kept apart, the one-line error contract, and the
+smallest gate policy."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ckptaudit.cli.app import app
+
+
+def _runner() -> CliRunner:
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart by default
+        return CliRunner()
+
+
+RUNNER = _runner()
+
+
+def invoke(*args: object):
+    """``ckptaudit ARGS`` in this process (every argument through str)."""
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str, code: int = 2) -> str:
+    """Exit ``code``, one stderr line "ckptaudit: error: ..." holding every needle, no traceback; returns the line."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("ckptaudit: error:"), err
+    for s in needles:
+        assert s in err, (s, err)
+    return err
+
+
+# Checks that need no analysis: what every gate test can start from.
+MINIMAL_POLICY = """\
+[gate]
+target = "last"
+
+[checks.provenance]
+
+[checks.safe_serialization]
+allow_files = ["training_args.bin"]
+
+[checks.finite]
+"""
