@@ -147,3 +147,47 @@ def test_tasks_recorded_named_and_unknown(tiny_checkpoint, bare_ckpt, tmp_path):
     bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')
     with pytest.raises(DataError, match="bad.jsonl: line 2"):
         load_data(bare_ckpt, data=bad)
+
+
+# ------------------------------------------------------------------------------------- whole sequences (gxs)
+
+
+def test_sequences_from_every_format_are_the_same_ids(ckpt, tmp_path):
+    """load_sequences keeps one sequence per entry, whatever the format: the ids written by hand come back."""
+    from ckptaudit.io.data import load_sequences
+
+    docs = [["w1", "w2", "w3"], ["w4", "w5"], ["w6", "w7", "w8", "w9"]]
+    want = [tuple(_ids(d)) for d in docs]
+    (tmp_path / "a.txt").write_text("\n".join(" ".join(d) for d in docs) + "\n\n")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": " ".join(d)}) + "\n" for d in docs))
+    (tmp_path / "ids.json").write_text(json.dumps([list(w) for w in want]))
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"input_ids": list(want[0])}) + "\n"
+                                         + "".join(json.dumps(list(w)) + "\n" for w in want[1:]))
+    for name in ("a.txt", "t.jsonl", "ids.json", "ids.jsonl"):
+        assert load_sequences(ckpt, tmp_path / name) == want, name
+    assert load_sequences(ckpt, tmp_path / "ids.json", max_sequences=2) == want[:2]
+    grid = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32)
+    np.save(tmp_path / "grid.npy", grid)
+    np.save(tmp_path / "one.npy", np.array([7, 8, 9, 10]))
+    assert load_sequences(ckpt, tmp_path / "grid.npy") == [(1, 2, 3), (4, 5, 6)]
+    assert load_sequences(ckpt, tmp_path / "one.npy") == [(7, 8, 9, 10)]
+
+
+def test_sequences_bad_input_names_the_file(ckpt, bare_ckpt, tmp_path):
+    from ckptaudit.errors import InputNotFoundError
+    from ckptaudit.io.data import load_sequences
+
+    with pytest.raises(InputNotFoundError, match="nope.json"):
+        load_sequences(ckpt, tmp_path / "nope.json")
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="binary content"):
+        load_sequences(ckpt, tmp_path / "bin.dat")
+    (tmp_path / "short.json").write_text("[[1], [2]]")
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        load_sequences(ckpt, tmp_path / "short.json")
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [1, 2]}\n{"ids": [3, 4]}\n')
+    with pytest.raises(DataError, match="bad.jsonl"):
+        load_sequences(ckpt, tmp_path / "bad.jsonl")
+    (tmp_path / "a.txt").write_text("w1 w2\n")
+    with pytest.raises(DataError, match="tokenizer"):
+        load_sequences(bare_ckpt, tmp_path / "a.txt")

@@ -322,7 +322,23 @@ def test_bad_token_data_is_one_line_error_in_both_commands(tiny_run, tmp_path, c
         r = runner.invoke(app, [*args, "--data", str(tmp_path / name), "--no-report", "--device", "cpu"])
         assert r.exit_code == 2, r.output
         assert needle in r.stderr and "\n" not in r.stderr.strip() and "Traceback" not in r.output
-    # A binary file: the fixture model has no tokenizer, so that is what the one line names first.
+    # Bytes that are neither text nor a .npy array.
     r = runner.invoke(app, [*args, "--data", str(tmp_path / "ids.npy"), "--no-report", "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("ckptaudit: error:") and "\n" not in r.stderr.strip() and "Traceback" not in r.output
+    assert "binary content" in r.stderr
+
+
+def test_npy_and_json_token_data_give_the_same_slack(tiny_run, tmp_path):
+    """The same sequences as a .npy array and as JSON lists are the same evaluation set."""
+    ckpt = tiny_run / "checkpoint-60"
+    ids = np.random.default_rng(0).integers(0, 20, size=(6, 4))
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    docs = []
+    for name in ("ids.npy", "ids.json"):
+        r = runner.invoke(app, ["gxs", "slack", str(ckpt), "--alpha", "1,0.5", "--sigma", "0", "--data",
+                                str(tmp_path / name), "--json", "--no-report", "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads(r.stdout))
+    assert docs[0]["accuracy"] == docs[1]["accuracy"] and docs[0]["loss"] == docs[1]["loss"]

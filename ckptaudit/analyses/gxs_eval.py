@@ -16,7 +16,6 @@ noise directions (common random numbers make the cells comparable).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptaudit.errors import DataError, InputNotFoundError, UsageError
+from ckptaudit.errors import DataError, UsageError
 
 ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
 SIGMAS: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0)
@@ -99,47 +98,12 @@ class TokenEval:
         return logits, torch.arange(logits.shape[0])
 
 
-def load_token_data(path: Path, tokenizer: Any = None, max_sequences: int | None = None) -> TokenEval:
-    """Read evaluation sequences: JSON list of id lists, JSONL (a list or {"input_ids": [...]} per line), or
-    plain text (one example per line, tokenized with ``tokenizer``). Sequences need at least 2 tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"--data {path}: no such file", "pass a JSON/JSONL file of token ids or a text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"--data {path}: not a text file (binary content)",
-                        'pass token ids as JSON ([[1, 2, 3], ...]), JSONL, or text lines') from None
-    seqs: list[list[int]] = []
-    stripped = text.lstrip()
-    try:
-        whole = _json_or_none(text) if stripped.startswith("[") else None
-        if isinstance(whole, list) and whole and all(isinstance(s, list) for s in whole):
-            seqs = [list(map(int, s)) for s in whole]
-        elif stripped.startswith(("[", "{")):
-            for line in filter(None, (ln.strip() for ln in text.splitlines())):
-                obj = json.loads(line)
-                seqs.append(list(map(int, obj["input_ids"] if isinstance(obj, dict) else obj)))
-        else:
-            if tokenizer is None:
-                raise DataError(f"--data {path}: plain text needs the model's tokenizer saved beside it",
-                                "save it there (tokenizer.save_pretrained(DIR)) or pass token ids as JSONL")
-            seqs = [list(tokenizer(line)["input_ids"]) for line in text.splitlines() if line.strip()]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"--data {path}: not a list of token-id sequences ({e})",
-                        'expected [[1, 2, 3], ...] or one [..] / {"input_ids": [..]} per line') from None
-    seqs = [s for s in seqs if len(s) >= 2][: max_sequences or None]
-    if not seqs:
-        raise DataError(f"--data {path}: no sequence with at least 2 tokens", None)
-    return TokenEval(tuple(tuple(s) for s in seqs), label=path.name)
+def load_token_data(path: Path, ckpt: Any, max_sequences: int | None = None) -> TokenEval:
+    """The sequences of a --data file (:func:`ckptaudit.io.data.load_sequences`: .npy, JSON/JSONL ids, JSONL
+    text, or text lines; text through ``ckpt``'s tokenizer) as a :class:`TokenEval`."""
+    from ckptaudit.io.data import load_sequences
 
-
-def _json_or_none(text: str) -> Any:
-    """The parsed document, or None when ``text`` is not one JSON document (e.g. JSONL)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
+    return TokenEval(tuple(load_sequences(ckpt, path, max_sequences)), label=Path(path).name)
 
 
 def check_vocab(model: nn.Module, evaluator: Any) -> None:

@@ -36,7 +36,7 @@ app.add_typer(gxs_app, name="gxs")
 
 TokenDataOpt = Annotated[
     Path | None,
-    typer.Option("--data", help="Evaluate next-token prediction on token ids (JSON [[ids]...] or JSONL) or text lines (tokenized with the model's tokenizer)."),
+    typer.Option("--data", help="Evaluate next-token prediction on these sequences, one per entry: token ids (.npy rows, JSON [[ids]...], JSONL) or text (lines, or JSONL with 'text'; the model's tokenizer)."),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split of the built-in task to evaluate on.")]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequences", min=1, help="Use at most this many --data sequences.")]
@@ -53,12 +53,7 @@ def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_s
     if task is not None and data is not None:
         raise UsageError("--task and --data exclude each other", "give one of them")
     if data is not None:
-        tokenizer = None
-        if data.suffix not in (".json", ".jsonl"):
-            from ckptaudit.io.models import load_tokenizer
-
-            tokenizer = load_tokenizer(ckpt.directory)
-        return load_token_data(data, tokenizer, max_sequences)
+        return load_token_data(data, ckpt, max_sequences)
     from ckptaudit.io.data import load_data
 
     t = load_data(ckpt, task=task)  # --task NAME[:k=v], else the checkpoint's ckptaudit_task.json

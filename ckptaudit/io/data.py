@@ -14,6 +14,9 @@ File data is chunked into sequences of ``seq_len`` tokens (default ``min(model m
 ``VALIDATION_FRAC`` of the sequences (contiguous, so no validation sequence shares text with a neighbouring train
 sequence) is the validation split. Loss is next-token cross-entropy in nats averaged over the ``seq_len - 1``
 predictions of every sequence; accuracy is next-token top-1 accuracy over the same positions.
+
+:func:`load_sequences` reads the same kinds of file (and token-id JSON/JSONL) as whole sequences, one per entry,
+for the analyses that evaluate given sequences as they are (gxs).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import torch.nn.functional as F
 from ckptaudit.errors import DataError, InputNotFoundError
 from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 
-__all__ = ["DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "check_enough", "load_data", "parse_task",
-           "read_token_ids"]
+__all__ = ["DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "check_enough", "load_data", "load_sequences",
+           "parse_task", "read_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
 VALIDATION_FRAC = 0.1
@@ -281,6 +284,64 @@ def _file_data(ckpt: Any, file: Path, seq_len: int | None) -> TokenData:
                         hint="give more text or a shorter --seq-len")
     n_val = max(1, int(math.floor(VALIDATION_FRAC * n)))
     return TokenData(sequences=seqs, n_train=n - n_val, source=str(file), vocab_size=vocab, n_tokens=n_tokens)
+
+
+def load_sequences(ckpt: Any, file: str | Path, max_sequences: int | None = None) -> list[tuple[int, ...]]:
+    """Evaluation sequences of ``file``, one per entry (what ``gxs`` evaluates; nothing is cut or joined).
+
+    Accepted: a ``.npy`` array of token ids (2-D: one row per sequence; 1-D: one sequence); a JSON list of id
+    lists; JSONL with one id list or ``{"input_ids": [...]}`` per line; JSONL with ``{"text": ...}`` per line (one
+    sequence per document); plain text (one sequence per non-empty line). Text is tokenised with ``ckpt``'s own
+    tokenizer (special tokens added as the tokenizer does by default). Sequences shorter than 2 tokens are
+    dropped; at most ``max_sequences`` are kept. Errors (DataError / InputNotFoundError) name the file and the fix.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise InputNotFoundError(f"--data {file}: no such file",
+                                 "pass token ids (.npy, JSON, JSONL) or text (lines, or JSONL with 'text')")
+    with open(file, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head == _NPY_MAGIC:
+        arr = read_token_ids(file)
+        seqs = [tuple(r) for r in (arr.reshape(1, -1) if arr.ndim == 1 else arr).tolist()]
+    else:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"--data {file}: not a text file or a .npy array (binary content)",
+                            "pass token ids as .npy (np.save), JSON ([[1, 2, 3], ...]), JSONL, or text lines") from None
+        stripped = text.lstrip()
+        whole = _json_or_none(text) if stripped.startswith("[") else None
+        first = _json_or_none(stripped.splitlines()[0]) if stripped.startswith("{") else None
+        try:
+            if isinstance(whole, list) and whole and all(isinstance(x, list) for x in whole):
+                seqs = [tuple(map(int, x)) for x in whole]
+            elif isinstance(first, dict) and "text" in first:
+                tok = _tokenizer(ckpt, file)
+                seqs = [tuple(tok(doc)["input_ids"]) for doc in _read_texts(file)]
+            elif stripped.startswith(("[", "{")):
+                seqs = []
+                for line in filter(None, (ln.strip() for ln in text.splitlines())):
+                    obj = json.loads(line)
+                    seqs.append(tuple(map(int, obj["input_ids"] if isinstance(obj, dict) else obj)))
+            else:
+                tok = _tokenizer(ckpt, file)
+                seqs = [tuple(tok(line)["input_ids"]) for line in text.splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--data {file}: not a list of token-id sequences ({e})",
+                            'expected [[1, 2, 3], ...], one [..] / {"input_ids": [..]} per line, or text') from None
+    seqs = [x for x in seqs if len(x) >= 2][: max_sequences or None]
+    if not seqs:
+        raise DataError(f"--data {file}: no sequence with at least 2 tokens", "give longer sequences")
+    return seqs
+
+
+def _json_or_none(text: str) -> Any:
+    """The parsed document, or None when ``text`` is not one JSON document (e.g. JSONL)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ entry point
