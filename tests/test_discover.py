@@ -291,3 +291,20 @@ def test_steps_selecting_absent_steps(run_dir: Path, spec: str) -> None:
 def test_malformed_steps_spec(spec: str) -> None:
     with pytest.raises(UsageError):
         parse_steps(spec)
+
+
+def test_file_safety_says_when_a_pickle_needs_allow_listed_globals(tmp_path):
+    """A plain tensor pickle loads with weights_only as is; a numpy RNG state (as the Trainer saves) is safe but
+    needs numpy globals allow-listed; torch.load itself is the reference for both."""
+    import numpy as np
+
+    from ckptaudit.analyses.provenance import file_safety
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    torch.save({"numpy": np.random.RandomState(0).get_state()}, tmp_path / "rng_state.pth")
+    torch.load(tmp_path / "plain.pt", weights_only=True)
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        torch.load(tmp_path / "rng_state.pth", weights_only=True)
+    plain, rng = file_safety(tmp_path / "plain.pt"), file_safety(tmp_path / "rng_state.pth")
+    assert plain.safe and plain.detail == "weights-only loadable"
+    assert rng.safe and "allow-listed" in rng.detail and "numpy" in rng.detail

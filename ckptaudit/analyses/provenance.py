@@ -194,6 +194,10 @@ def file_safety(path: Path) -> FileSafety:
         bad = sorted(needed - SAFE_EXTRA_GLOBALS)
         if bad:
             return FileSafety(str(p), "pickle", False, "needs non-weights-only globals: " + ", ".join(bad[:5]))
+        if needed:  # safe, but a plain torch.load(weights_only=True) refuses it without the allow-list
+            return FileSafety(str(p), "pickle", True,
+                              "weights-only loadable with allow-listed numpy/builtin globals "
+                              f"(torch.serialization.safe_globals: {', '.join(sorted(needed)[:4])})")
         return FileSafety(str(p), "pickle", True, "weights-only loadable")
     if kind == "torch-legacy":
         return _legacy_pickle_safety(p)
