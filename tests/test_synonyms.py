@@ -44,6 +44,8 @@ def _reference(p, U, pool, y, c):
     iy, ic = pool.index(y), pool.index(c)
     cos = lambda i, j: float(E[i] @ E[j])  # noqa: E731
     born = np.array([E[k] @ rho @ E[k] for k in range(n)])
+    U_all = U.numpy() / np.linalg.norm(U.numpy(), axis=1, keepdims=True)
+    born_all = np.array([sum(w[i] * float(E[i] @ U_all[k]) ** 2 for i in range(n)) for k in range(len(U_all))])
     xi2 = sum(w[i] * w[j] * math.acos(max(-1.0, min(1.0, cos(i, j)))) ** 2 for i in range(n) for j in range(n)
               if i != j)
     signal = (1 - cos(iy, ic) ** 2) * (w[iy] - w[ic])
@@ -57,8 +59,9 @@ def _reference(p, U, pool, y, c):
         "purity": float(np.trace(rho @ rho)), "ipr": float((w ** 2).sum()), "xi": math.sqrt(xi2),
         "burial": math.sqrt(xi2) / math.acos(cos(iy, ic)),
         "eta_geo": cos(iy, ic) ** 2 / sum(cos(i, iy) ** 2 for i in range(n) if i != iy),
-        "born_rank": 1 + sum(born[k] > born[iy] for k in range(n)),
-        "softmax_rank": 1 + sum(w[k] > w[iy] for k in range(n)),
+        # ranks over the whole vocabulary: P_B(k) = sum_i w_i c_ik^2 for every token k, p over every token
+        "born_rank": 1 + sum(born_all[k] > born_all[y] for k in range(len(U_all))),
+        "softmax_rank": 1 + sum(float(p[k]) > float(p[y]) for k in range(len(U_all))),
         "phi_ablated": float(E[iy] @ rho_a @ E[iy] - E[ic] @ rho_a @ E[ic]),
     }
 
@@ -222,3 +225,16 @@ def test_multi_token_or_unknown_target_is_an_error_naming_it():
         born_gap(model, tok, [Context("She felt a", " ice cream")])
     with pytest.raises(DataError, match=r"competitor ' wistfulness' is the unknown token"):
         born_gap(model, tok, [Context("She felt a", " longing", " wistfulness")])
+
+
+def test_ranks_count_the_whole_vocabulary_not_only_the_pool():
+    """A target forced into a small pool with little probability: its ranks exceed the pool size, as counted by
+    brute force over every token."""
+    p, z, U = _case(4, V=60, d=6, temp=0.3)
+    y = int(torch.argsort(p)[5])  # among the least likely tokens
+    o = born_observables(p, z, U, target=y, nucleus=0.5)
+    assert o.pool_size < 10
+    ref = _reference(p, U, o.pool, y, o.competitor)
+    assert o.softmax_rank == ref["softmax_rank"] == 1 + int((p > p[y]).sum()) > o.pool_size
+    assert o.born_rank == ref["born_rank"]
+    assert born_observables(p, z, U, target=y, nucleus=0.5, vocab_ranks=False).born_rank is None

@@ -304,7 +304,7 @@ def finetune_trajectory(
         zd = z.detach().double().cpu()
         p = torch.softmax(zd, dim=-1)
         U, _ = unembedding_matrix(hf_model)  # the current rows: full fine-tuning moves them
-        o = born_observables(p, zd, U, target_id, comp, nucleus)
+        o = born_observables(p, zd, U, target_id, comp, nucleus, vocab_ranks=False)  # no rank recorded per step
         comp = o.competitor  # held fixed from step 0 on
         values = {"loss": -float(torch.log_softmax(zd, dim=-1)[target_id]), "p_y": o.p_y, "p_c": o.p_c,
                   "logit_gap": o.logit_gap, "phi": o.phi, "signal": o.signal, "drag": o.drag, "pr": o.pr, "xi": o.xi}

@@ -73,8 +73,8 @@ class BornObservables:
     theta_yc: float
     burial_depth: float
     eta_geo: float
-    born_rank: int
-    softmax_rank: int
+    born_rank: int | None  # over the whole vocabulary; None when not asked for (vocab_ranks=False)
+    softmax_rank: int | None
     phi_ablated: float
     pool: np.ndarray = field(compare=False, repr=False)
     p_pool: np.ndarray = field(compare=False, repr=False)
@@ -108,12 +108,17 @@ def born_observables(
     target: int,
     competitor: int | None = None,
     nucleus: float = DEFAULT_NUCLEUS,
+    vocab_ranks: bool = True,
 ) -> BornObservables:
     """Density-matrix observables of one prediction.
 
     ``p`` [V] probabilities (need not be renormalised), ``z`` [V] logits (for the logit gap), ``U`` [V, d]
     unembedding rows (normalised here), ``target`` and optional ``competitor`` token ids. When ``competitor``
     is None it is the pool token ``j != y`` with the largest cosine ``c_yj`` to the target.
+
+    Ranks of y are over the whole vocabulary: the softmax rank by p, the Born rank by P_B(k) = sum_{i in P} p_i c_ik^2
+    for every token k (|P| x V overlaps, computed in row blocks; a zero row scores 0). ``vocab_ranks=False`` skips
+    them (None), for callers that observe every training step and report no rank.
     """
     V = p.shape[0]
     if U.shape[0] < V:
@@ -161,9 +166,24 @@ def born_observables(
     return BornObservables(
         target=y, competitor=int(pool[ic]), competitor_given=given, pool_size=int(pool.numel()),
         logit_gap=float(zz[y] - zz[int(pool[ic])]),
-        born_rank=1 + int((born > born[iy]).sum()), softmax_rank=1 + int((w > w[iy]).sum()),
+        born_rank=_vocab_born_rank(U[:V], w, Up, y) if vocab_ranks else None,
+        softmax_rank=1 + int((p.detach().cpu().double() > float(p[y])).sum()) if vocab_ranks else None,
         phi_ablated=phi_abl, pool=pool.numpy(), p_pool=w.numpy(), born_scores=born.numpy(), **obs,
     )
+
+
+def _vocab_born_rank(U: torch.Tensor, w: torch.Tensor, Up: torch.Tensor, y: int, block: int = 8192) -> int:
+    """1 + #{k in V : P_B(k) > P_B(y)}, P_B(k) = sum_i w_i (u_i . u_k / |u_k|)^2 over the pool rows ``Up``."""
+
+    def scores(rows: torch.Tensor) -> torch.Tensor:
+        r = rows.detach().to("cpu", torch.float64)
+        n = r.norm(dim=1, keepdim=True)
+        c = (r / torch.where(n > 0, n, torch.ones_like(n))) @ Up.T  # [b, |P|]
+        return (c * c) @ w
+
+    # One pass, one formula for every token (y included), so y is never compared with itself at other rounding.
+    pb = torch.cat([scores(U[a : a + block]) for a in range(0, U.shape[0], block)])
+    return 1 + int((pb > pb[y]).sum())
 
 
 def _pool_observables(w: torch.Tensor, Up: torch.Tensor, iy: int, ic: int) -> dict:
