@@ -273,3 +273,26 @@ def test_fixture_run(tiny_run):
     d, n_layers = int(cfg["n_embd"]), int(cfg["n_layer"])
     X = stacked(r, reference_parts(d, n_layers)["trunk"])
     check(rep.trunk, brute(X, list(rep.steps), rep.anchor_step, 3))
+
+
+def test_steps_subset_keeps_the_runs_anchor(tiny_run):
+    """--steps picks the drift rows; the anchor stays the run's first checkpoint (or --anchor), as numpy's SVD of
+    the rows theta(t) - theta(anchor) says."""
+    import json
+
+    from cli_helpers import invoke
+
+    from ckptaudit.io.discover import discover_run
+
+    run = discover_run(tiny_run)
+    parts = reference_parts(32, 2)["trunk"]
+    for extra, anchor_idx in (([], 0), (["--anchor", "10"], 1)):
+        r = invoke("backbone", tiny_run, "--steps", "30:60", *extra, "--json", "--no-report", "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert doc["anchor_step"] == run.checkpoints[anchor_idx].step and doc["steps"] == [30, 40, 50, 60]
+        rows = [c for c in run.checkpoints if c.step in (30, 40, 50, 60)]
+        X = stacked(run, parts, anchor_idx=anchor_idx, rows=rows)
+        rel(doc["trunk"]["sigma"], np.linalg.svd(X, compute_uv=False), 1e-9)
+    r = invoke("backbone", tiny_run, "--steps", "30:60", "--anchor", "15", "--no-report")
+    assert r.exit_code == 2 and "--anchor 15" in r.stderr

@@ -54,8 +54,9 @@ def _ckpt(p: dict, step: int) -> Path:
 COMMANDS = {
     "inspect": (lambda p: ["inspect", p["run"], "--steps", "50:60"],
                 lambda p: [_ckpt(p, 50), _ckpt(p, 60)]),
+    # backbone and gxs velocity read the run's anchor (step 0) beside the --steps rows: it is an input too
     "backbone": (lambda p: ["backbone", p["run"], "--steps", "40:60", "--device", "cpu"],
-                 lambda p: [_ckpt(p, s) for s in (40, 50, 60)]),
+                 lambda p: [_ckpt(p, s) for s in (0, 40, 50, 60)]),
     "fisher": (lambda p: ["fisher", p["run"], "--steps", "60", "--batches", "2", "--batch-size", "8", "--random", "1",
                           "--device", "cpu"],
                lambda p: [_ckpt(p, 60)]),
@@ -66,7 +67,7 @@ COMMANDS = {
                                   "--device", "cpu"],
                        lambda p: [_ckpt(p, 60), _ckpt(p, 30)]),
     "gxs velocity": (lambda p: ["gxs", "velocity", p["run"], "--steps", "40:60", "--device", "cpu"],
-                     lambda p: [_ckpt(p, s) for s in (40, 50, 60)]),
+                     lambda p: [_ckpt(p, s) for s in (0, 40, 50, 60)]),
     "gxs slack": (lambda p: ["gxs", "slack", _ckpt(p, 60), "--alpha", "1", "--sigma", "0", "--device", "cpu"],
                   lambda p: [_ckpt(p, 60)]),
     "classify-embeddings": (lambda p: ["classify-embeddings", p["lm"], "--pairs", "100", "--device", "cpu"],

@@ -342,3 +342,11 @@ def test_npy_and_json_token_data_give_the_same_slack(tiny_run, tmp_path):
         assert r.exit_code == 0, r.output
         docs.append(json.loads(r.stdout))
     assert docs[0]["accuracy"] == docs[1]["accuracy"] and docs[0]["loss"] == docs[1]["loss"]
+
+
+def test_velocity_steps_subset_keeps_the_runs_anchor(tiny_run):
+    r = runner.invoke(app, ["gxs", "velocity", str(tiny_run), "--steps", "30:60", "--json", "--no-report",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["anchor_step"] == 0 and doc["steps"] == [30, 40, 50, 60]

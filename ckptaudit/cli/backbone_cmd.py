@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run
+from ckptaudit.cli.common import Progress, Session, load_drift_run
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
@@ -98,7 +98,7 @@ def backbone(
 
     with Session("backbone", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         output, dev, main = session.output, session.device, session.main
-        run = load_run(run_dir, steps)
+        run = load_drift_run(run_dir, steps, anchor)
         if len(run.checkpoints) < 3:
             raise UsageError(
                 f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import AuditGroup, app
-from ckptaudit.cli.common import LocalSession, Progress, load_run
+from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run
 from ckptaudit.cli.options import (
     CheckpointArg,
     DeviceOpt,
@@ -185,7 +185,7 @@ def velocity_cmd(
 
     session = LocalSession("gxs velocity", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
-    run = load_run(run_dir, steps)
+    run = load_drift_run(run_dir, steps, anchor)
     if len(run.checkpoints) < 3:
         raise UsageError(f"{run_dir}: velocity needs at least 3 checkpoints, found {len(run.checkpoints)}",
                          "point it at a run directory, or widen --steps")
