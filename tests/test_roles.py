@@ -353,3 +353,25 @@ def test_role_map_takes_precedence_and_rejects_bad_files(tmp_path):
         load_role_map(bad)
     with pytest.raises(CkptAuditError, match="does not exist"):
         load_role_map(tmp_path / "missing.toml")
+
+
+def test_plain_regex_to_role_mapping_places_the_same_pieces(tmp_path):
+    """{regex: role} (SPEC 0's small map), at the top level of JSON or as a TOML [roles] table, gives the same
+    placement as the list form for rules without head axes."""
+    shapes = {k: tuple(v.shape) for k, v in _OddNet().state_dict().items()}
+    rules = {r"stack\.(?P<block>\d+)\.wq\.": "q", r"stack\.(?P<block>\d+)\.wk\.": "k",
+             r"stack\.(?P<block>\d+)\.wv\.": "v", r"stack\.(?P<block>\d+)\.wo\.": "o",
+             r"stack\.(?P<block>\d+)\.ff1\.": "mlp_in", r"stack\.(?P<block>\d+)\.ff2\.": "mlp_out",
+             r"\.scale\.": "norm", r"^tok\.": "embed"}
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps({"roles": [{"pattern": k, "role": v} for k, v in rules.items()]}))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(rules))
+    table = tmp_path / "table.toml"
+    table.write_text("[roles]\n" + "".join(f"'{k}' = \"{v}\"\n" for k, v in rules.items()))
+
+    def placed(path):
+        return sorted((p.tensor, p.block, p.role) for p in resolve_architecture(shapes, role_map=load_role_map(path)).pieces)
+
+    assert placed(plain) == placed(listed) == placed(table)
+    assert ("stack.1.ff2.weight", 1, "mlp_out") in placed(plain)

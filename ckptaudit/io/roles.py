@@ -141,9 +141,16 @@ class RoleMap:
 
     @classmethod
     def from_dict(cls, data: Mapping, source: str | None = None) -> RoleMap:
-        """Validate ``{"roles": [{"pattern": ..., "role": ...}, ...], "n_heads": ...}`` into a RoleMap."""
+        """Validate ``{"roles": [{"pattern": ..., "role": ...}, ...], "n_heads": ...}`` into a RoleMap.
+
+        The plain form ``{regex: role, ...}`` (at the top level, or as the ``roles`` table) is accepted too; its
+        rules keep the file's order."""
         where = source or "role map"
         entries = data.get("roles") if isinstance(data, Mapping) else None
+        if isinstance(data, Mapping) and entries is None and data and all(isinstance(v, str) for v in data.values()):
+            entries = dict(data)  # the whole document is {regex: role}
+        if isinstance(entries, Mapping) and all(isinstance(v, str) for v in entries.values()):
+            entries = [{"pattern": k, "role": v} for k, v in entries.items()]
         if not isinstance(entries, list) or not entries:
             raise UsageError(f"{where}: expected a non-empty list 'roles' of {{pattern, role}} entries",
                              hint=_ROLE_MAP_EXAMPLE)
