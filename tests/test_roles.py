@@ -14,6 +14,7 @@ import pickle
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama_config
 from torch import nn
 
 from ckptaudit.errors import CkptAuditError, UnknownArchitectureError
@@ -375,3 +376,16 @@ def test_plain_regex_to_role_mapping_places_the_same_pieces(tmp_path):
 
     assert placed(plain) == placed(listed) == placed(table)
     assert ("stack.1.ff2.weight", 1, "mlp_out") in placed(plain)
+
+
+def test_unknown_modules_inside_known_blocks_are_listed():
+    """A LLaMA checkpoint with mixture-of-experts MLP weights: the registry has no role for the experts, so they are
+    listed as unplaced block weights (and stay out of the trunk) instead of vanishing silently."""
+    cfg = tiny_llama_config()
+    shapes = {k: tuple(v.shape) for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    plain = resolve_architecture(shapes, cfg.to_dict())
+    assert plain.unplaced_block_weights == ()
+    experts = {f"model.layers.{b}.block_sparse_moe.experts.{e}.w1.weight": (64, 32) for b in (0, 1) for e in (0, 1)}
+    arch = resolve_architecture({**shapes, **experts}, cfg.to_dict())
+    assert arch.name == plain.name and sorted(arch.unplaced_block_weights) == sorted(experts)
+    assert not {p.tensor for p in arch.select()} & set(experts)

@@ -283,6 +283,7 @@ def run_backbone(
     settings = {"window": window, "normalize_rows": normalize_rows, "include_bias": include_bias,
                 "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
                 "architecture": arch.name, "top_k_vectors": top_k_vectors,
+                "unplaced_block_weights": list(arch.unplaced_block_weights),
                 "unused_checkpoints_before_anchor": all_steps[:anchor_idx]}
     return BackboneReport(
         steps=tuple(steps), anchor_step=a_step, trunk=trunk,

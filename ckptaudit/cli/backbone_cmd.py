@@ -135,6 +135,10 @@ def backbone(
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if save_vectors is not None:
         output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")
+    unplaced = summary["settings"].get("unplaced_block_weights") or []
+    if unplaced:
+        output.note(f"{len(unplaced)} weight(s) inside the blocks have no role and are not in the trunk "
+                    f"(e.g. {unplaced[0]}); place them with --role-map")
     if output.human:
         render_backbone(output, summary)
 

@@ -118,6 +118,9 @@ def _piece(tensor: str, block: int | None, role: str, is_bias: bool, tensor_shap
 # ---------------------------------------------------------------------------------------------------- role map
 
 
+_LAYER_INDEX_RE = re.compile(r"\.\d+\.")
+
+
 @dataclass(frozen=True)
 class RoleRule:
     """One user rule: tensor names matching ``pattern`` (re.search) get ``role``; a named group ``block``
@@ -235,6 +238,14 @@ class Architecture:
     head_dim: int | None
     pieces: tuple[Piece, ...]
     kv_group: int | None = None
+
+    @property
+    def unplaced_block_weights(self) -> tuple[str, ...]:
+        """Matrices (2-D or more) that sit in a numbered layer (``.<n>.`` in the name) but got no role: in a
+        recognised architecture these are modules the registry does not know (e.g. mixture-of-experts MLPs), left
+        out of the trunk unless a --role-map places them."""
+        return tuple(p.tensor for p in self.pieces
+                     if p.role == "other" and len(p.tensor_shape) >= 2 and _LAYER_INDEX_RE.search(p.tensor))
 
     def select(self, roles: Iterable[str] | str = TRUNK_ROLES, blocks: Iterable[int] | None = None,
                include_bias: bool = False) -> list[Piece]:
