@@ -389,3 +389,12 @@ def test_unknown_modules_inside_known_blocks_are_listed():
     arch = resolve_architecture({**shapes, **experts}, cfg.to_dict())
     assert arch.name == plain.name and sorted(arch.unplaced_block_weights) == sorted(experts)
     assert not {p.tensor for p in arch.select()} & set(experts)
+
+
+def test_bert_embedding_roles():
+    sd = _bert().state_dict()
+    arch = resolve_architecture({k: tuple(v.shape) for k, v in sd.items()})
+    role = {p.tensor: p.role for p in arch.pieces}
+    assert role["bert.embeddings.word_embeddings.weight"] == "embed"
+    assert role["bert.embeddings.position_embeddings.weight"] == "pos"
+    assert role["bert.embeddings.token_type_embeddings.weight"] == "other"

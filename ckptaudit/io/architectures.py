@@ -114,7 +114,8 @@ BERT = ArchSpec("bert", (
     _rule(rf"layer\.{_BLOCK}\.output\.dense", "mlp_out"),
     _rule(rf"layer\.{_BLOCK}\.(?:attention\.)?output\.LayerNorm", "norm"),
     _rule(r"embeddings\.word_embeddings", "embed"),
-    _rule(r"embeddings\.(?:position_embeddings|token_type_embeddings)", "pos"),
+    _rule(r"embeddings\.position_embeddings", "pos"),
+    _rule(r"embeddings\.token_type_embeddings", "other"),  # segment embeddings: neither token nor position
     _rule(r"embeddings\.LayerNorm", "norm"),
     # Integer index buffers of BertEmbeddings.
     _rule(r"embeddings\.(?:position_ids|token_type_ids)", "other", kind=False, signature=False),
