@@ -21,7 +21,7 @@ from ckptaudit.analyses.fisher_directions import load_vector_file, trunk_layout
 from ckptaudit.analyses.resume import load_backbone_vector
 from ckptaudit.errors import CorruptFileError, InputNotFoundError
 from ckptaudit.io.roles import resolve_architecture
-from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
+from ckptaudit.io.vectors import BLOCK_PREFIX, SWITCH_PREFIX, read_vectors
 
 try:
     from tests.test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory
@@ -221,7 +221,8 @@ def test_file_from_run_backbone(tmp_path):
     with safe_open(str(path), framework="np") as f:  # the independent reading
         saved = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
         meta = f.metadata()
-    assert set(saved) == set(trunk_names()) and meta["k"] == "3"
+    blocks = {k[len(BLOCK_PREFIX):]: saved.pop(k) for k in list(saved) if k.startswith(BLOCK_PREFIX)}
+    assert set(saved) == set(trunk_names()) == set(blocks) and meta["k"] == "3"
 
     arch = resolve_architecture(shapes, gpt2_config(d, LAYERS))
     vf = read_vectors(path, {n: shapes[n] for n in saved})
@@ -243,7 +244,7 @@ def test_file_from_run_backbone(tmp_path):
     sw = {n: torch.from_numpy(np.linspace(-1, 1, a[0].size).reshape(a[0].shape).astype(np.float32))
           for n, a in saved.items()}
     both = tmp_path / "with_switch.safetensors"
-    save_file(load_file(str(path)) | {SWITCH_PREFIX + n: t for n, t in sw.items()}, str(both), meta)
+    save_file(load_file(str(path)) | {SWITCH_PREFIX + n: t for n, t in sw.items()}, str(both), meta)  # keeps block/
     vec_sw = load_backbone_vector(both, model)
     for n in saved:
         np.testing.assert_allclose(vec_sw[n].numpy(), vec[n].numpy(), rtol=1e-12, atol=0)
@@ -415,3 +416,45 @@ def test_cli_fisher_bad_vectors_is_one_line_exit_2(tiny_run, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 3)
     assert_one_line_error(invoke("fisher", ckpt, "--vectors", garbage, "--no-report"), "garbage.safetensors")
+
+
+def test_block_backbones_are_each_blocks_own_pc1(tmp_path):
+    """block/<tensor> entries: for every block, numpy's SVD of that block's own drift matrix gives V_1 (signed so
+    that a(last) > 0), and fisher's probes carry it as v_b^(l) for b_l (the segment dot product itself is checked
+    against dense gradients in test_fisher)."""
+    from ckptaudit.analyses.fisher import prepare_probes
+    from ckptaudit.analyses.fisher_directions import load_block_backbones
+
+    try:
+        from tests.test_gram import reference_parts, stacked
+    except ImportError:
+        from test_gram import reference_parts, stacked
+    d = 8
+    shapes = gpt2_shapes(d, LAYERS)
+    steps = [0, 10, 20, 30, 45, 60, 80]
+    run = make_run(tmp_path / "run", random_trajectory(shapes, len(steps), seed=5, noise=0.05), steps,
+                   gpt2_config(d, LAYERS))
+    path = tmp_path / "v.safetensors"
+    run_backbone(run, save_vectors=path, top_k_vectors=2)
+    saved = load_file(str(path))
+    parts = reference_parts(d, LAYERS)
+    arch = resolve_architecture(shapes, gpt2_config(d, LAYERS))
+    layout = trunk_layout(arch)
+    own = load_block_backbones(path, layout).numpy()
+    for b in range(LAYERS):
+        X = stacked(run, parts[f"block_{b}"])
+        v = np.linalg.svd(X, full_matrices=False)[2][0]
+        v = v if (X[-1] @ v) > 0 else -v
+        got = np.concatenate([saved[BLOCK_PREFIX + n].double().numpy()[idx].ravel() for n, idx in parts[f"block_{b}"]])
+        np.testing.assert_allclose(got, v, rtol=1e-5, atol=1e-6)  # stored as float32
+        lo, hi = layout.block_ranges[b]
+        seg = own[lo:hi]
+        assert abs(np.linalg.norm(seg) - 1) < 1e-5
+        # b_l is a segment dot product with this vector (normalised on the segment)
+        directions = load_vector_file(path, layout)
+        probes = prepare_probes(layout, directions, torch.zeros(0, layout.dim), block_backbone=torch.from_numpy(own))
+        np.testing.assert_allclose(probes.vb_blocks[lo:hi].numpy(), seg / np.linalg.norm(seg), rtol=1e-12)
+    # A file without block entries (written before them): b_l falls back to the trunk v_b restricted per block.
+    trunk_only = tmp_path / "trunk_only.safetensors"
+    save_file({k: t for k, t in saved.items() if not k.startswith(BLOCK_PREFIX)}, str(trunk_only))
+    assert load_block_backbones(trunk_only, layout) is None

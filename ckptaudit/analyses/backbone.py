@@ -12,7 +12,7 @@ pass.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ckptaudit.analyses.gram import (
     tensor_names_of,
 )
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.vectors import BLOCK_PREFIX
 from ckptaudit.io.writer import SafetensorsStreamWriter
 
 __all__ = ["BackboneReport", "BackboneResult", "backbone_from_gram", "backbone_groups", "detect_switches",
@@ -273,8 +274,9 @@ def run_backbone(
                       "groups": {g: analyse(f"group_{g}", True) for g in ("G", "S")}}
     vec_path, vec_sigma = None, ()
     if writes_vectors:
+        block_results = {b: analyse(f"block_{b}", False) for b in block_ids}
         vec_sigma = save_backbone_vectors(save_vectors, rows, anchor, groups["trunk"], trunk, top_k_vectors,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress, blocks=block_results)
     if save_vectors is not None:
         vec_path = str(save_vectors)
         if not writes_vectors:  # other ranks: the same sigma as rank 0 writes, no file
@@ -310,14 +312,18 @@ def save_backbone_vectors(
     k: int = 6,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    blocks: Mapping[int, BackboneResult] | None = None,
 ) -> tuple[float, ...]:
     """Stream V_1..V_k (V_j = X^T D u_j / sigma_j, unit vectors over ``pieces``) to a safetensors file.
 
     Layout: one entry per stored tensor holding a selected piece, key = tensor name, float32 of shape
     [k, *tensor_shape]: entry[j] is V_{j+1} on that tensor, zero outside the selected pieces (so it can be dotted
-    with a gradient of the same parameter). Metadata: steps, anchor_step, sigma, k, group, layout. Each
-    checkpoint's tensor is read once (second pass); memory is O(k x largest tensor). Returns sigma_1..sigma_k.
-    ``progress`` advances by T + 1 per stored tensor (one unit per checkpoint read, anchor included).
+    with a gradient of the same parameter). ``blocks`` (block -> that block's own result): also the block
+    backbones v_b^(l) = X_l^T u_1^(l) / sigma_1^(l) (each block's own PC1, signed so that its a(last) > 0) under
+    ``block/<tensor name>``, shape tensor_shape, on the pieces of that block. Metadata: steps, anchor_step, sigma,
+    k, group, layout. Each checkpoint's tensor is read once (second pass); memory is O(k x largest tensor).
+    Returns sigma_1..sigma_k. ``progress`` advances by T + 1 per stored tensor (one unit per checkpoint read,
+    anchor included).
     """
     dev = torch.device(device)
     sig = result.sigma
@@ -329,12 +335,26 @@ def save_backbone_vectors(
     for p in pieces:
         by_tensor.setdefault(p.tensor, []).append(p)
     names = tensor_names_of({"v": pieces})
+    # Block backbones: per block the coefficients D u_1 / sigma_1 of its own SVD (blocks with a zero drift skipped).
+    bcoef = {}
+    for b, res in (blocks or {}).items():
+        if res.sigma.size and res.sigma[0] > 0:
+            bcoef[b] = torch.as_tensor(res.u[:, 0] * res.row_scale / res.sigma[0], dtype=torch.float64, device=dev)
+    block_names = [n for n in names if any(p.block in bcoef for p in by_tensor[n])]
     meta = {"steps": json.dumps([int(s) for s in result.steps]), "anchor_step": str(result.anchor_step),
             "sigma": json.dumps([float(s) for s in sig[:k]]), "k": str(k), "group": "trunk",
             "normalize_rows": str(bool(result.normalize_rows)),
             "layout": "key = tensor name; value [k, *tensor_shape]; value[j] = V_{j+1} on this tensor, "
                       "zero outside the trunk pieces; V_j has unit norm over all entries"}
-    specs = {n: ((k, *pieces_shape(by_tensor[n])), torch.float32) for n in names}
+    if block_names:
+        meta["block_layout"] = ("key = block/<tensor name>; value tensor_shape; the backbone of the tensor's own block "
+                                "(its PC1, unit over that block's trunk pieces, a(last) > 0); zero elsewhere")
+        meta["blocks"] = json.dumps(sorted(bcoef))
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for n in names:  # written in this order: each tensor's V stack, then its block backbone
+        specs[n] = ((k, *pieces_shape(by_tensor[n])), torch.float32)
+        if n in block_names:
+            specs[BLOCK_PREFIX + n] = (pieces_shape(by_tensor[n]), torch.float32)
     writer = SafetensorsStreamWriter(path, specs, meta)
     try:
         with _as_source(anchor) as asrc:
@@ -343,14 +363,19 @@ def save_backbone_vectors(
                 for name in names:
                     base = _read(asrc, anchor, name, dev)
                     out = torch.zeros((k, *base.shape), dtype=torch.float64, device=dev)
+                    own = torch.zeros(base.shape, dtype=torch.float64, device=dev) if name in block_names else None
                     for i, (c, s) in enumerate(zip(rows, srcs, strict=True)):
                         t = _read(s, c, name, dev)
                         for p in by_tensor[name]:
                             drift = p.take(t).to(torch.float64) - p.take(base).to(torch.float64)
                             for j in range(k):
                                 p.take(out[j]).add_(drift, alpha=float(coef_t[j, i]))
+                            if own is not None and p.block in bcoef:
+                                p.take(own).add_(drift, alpha=float(bcoef[p.block][i]))
                         del t
                     writer.write(name, out.to(torch.float32))
+                    if own is not None:
+                        writer.write(BLOCK_PREFIX + name, own.to(torch.float32))
                     if progress is not None:
                         progress(float(len(rows) + 1))
             finally:

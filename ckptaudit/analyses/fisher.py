@@ -43,6 +43,7 @@ import torch
 
 from ckptaudit.analyses.fisher_directions import (
     TrunkLayout,
+    load_block_backbones,
     load_vector_file,
     random_directions,
     stack_directions,
@@ -286,8 +287,9 @@ def _eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True, eq=False)
 class Probes:
     """The directions as one matrix on the device: ``matrix`` ``[n_named + K, D]`` float64, rows ``names`` then
-    the K random ones; ``vb_blocks`` ``[D]``: each block's part of v_b normalised on its own (NaN for a block
-    where v_b is zero), so b_l is a segment dot product."""
+    the K random ones; ``vb_blocks`` ``[D]``: on each block's segment v_b^(l), unit on that segment (the block's
+    own backbone when given, else the trunk's v_b restricted to the block; NaN for a block where it is zero), so
+    b_l is a segment dot product."""
 
     names: tuple[str, ...]
     matrix: torch.Tensor
@@ -296,15 +298,20 @@ class Probes:
 
 
 def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor], random: torch.Tensor,
-                   device: str | torch.device = "cpu") -> Probes:
-    """Stack "backbone", the other named directions and ``random`` (``[K, D]``) on ``device`` (float64)."""
+                   device: str | torch.device = "cpu", block_backbone: torch.Tensor | None = None) -> Probes:
+    """Stack "backbone", the other named directions and ``random`` (``[K, D]``) on ``device`` (float64).
+    ``block_backbone``: the blocks' own backbones (:func:`load_block_backbones`) for b_l; a block where it is zero
+    falls back to the trunk's v_b restricted to that block."""
     named = ("backbone", *[n for n in directions if n != "backbone"])
     dev = torch.device(device)
     matrix = torch.empty((len(named) + int(random.shape[0]), layout.dim), dtype=torch.float64, device=dev)
     matrix[: len(named)] = stack_directions(directions, named).to(dev)
     matrix[len(named) :] = random.to(dev, torch.float64)
     vb = directions["backbone"].to(dev, torch.float64).clone()
+    own = None if block_backbone is None else block_backbone.to(dev, torch.float64)
     for lo, hi in layout.block_ranges.values():
+        if own is not None and float(torch.linalg.vector_norm(own[lo:hi])) > 0:
+            vb[lo:hi] = own[lo:hi]
         n = torch.linalg.vector_norm(vb[lo:hi])
         vb[lo:hi] = vb[lo:hi] / n if n > 0 else float("nan")
     return Probes(named, matrix, vb, int(random.shape[0]))
@@ -525,7 +532,8 @@ def run_fisher(
             raise UsageError("--switch needs the run (give --run RUN or a run directory)")
         directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
     random = random_directions(directions["backbone"], settings.n_random, settings.seed)
-    probes = prepare_probes(layout, directions, random, settings.device)
+    block_backbone = load_block_backbones(vectors, layout)
+    probes = prepare_probes(layout, directions, random, settings.device, block_backbone=block_backbone)
     dataset = load_data(first, task=task, data=data, seq_len=seq_len)
     batch_size = int(settings.batch_size or _default_batch_size(first))
     check_enough(dataset, settings.batches, batch_size)
@@ -545,6 +553,7 @@ def run_fisher(
         "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
         "switch": list(switch) if switch else None, "directions": list(directions),
         "architecture": arch.name, "data": spec,
+        "block_directions": "own block backbones" if block_backbone is not None else "trunk v_b restricted to each block",
         "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
     }
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)

@@ -23,7 +23,7 @@ import torch
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
 from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
 
-__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_vector_file", "random_directions", "switch_direction",
+__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions", "switch_direction",
            "trunk_layout"]
 
 MAX_PC = 6
@@ -114,6 +114,17 @@ def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.T
     if vf.switch:
         out["switch"] = _unit(layout.flatten(vf.switch), "switching", source)
     return out
+
+
+def load_block_backbones(path: str | Path, layout: TrunkLayout) -> torch.Tensor | None:
+    """The block backbones v_b^(l) (each block's own PC1, ``block/<tensor>`` entries of the vectors file) in
+    ``layout`` coordinates, float64 ``[dim]``, zero on blocks the file has none for; None when it has none at all
+    (files written before block backbones were saved)."""
+    shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
+    vf = read_vectors(path, shapes, rows=1, block=True)
+    if not vf.block:
+        return None
+    return layout.flatten({n: vf.block.get(n, torch.zeros(shapes[n], dtype=torch.float64)) for n in shapes})
 
 
 def switch_direction(run: Any, peak: int, trough: int, layout: TrunkLayout) -> torch.Tensor:

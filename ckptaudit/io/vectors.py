@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,9 +24,10 @@ import torch
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError
 from ckptaudit.io.tensors import SafetensorsSource
 
-__all__ = ["SWITCH_PREFIX", "VectorFile", "read_vectors"]
+__all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "VectorFile", "read_vectors"]
 
 SWITCH_PREFIX = "switch/"
+BLOCK_PREFIX = "block/"  # block/<tensor>: the backbone of the tensor's own block (its PC1)
 WRITE_HINT = "write one with `ckptaudit backbone --save-vectors`"
 REWRITE_HINT = "the vectors file is damaged or incomplete: write it again with `ckptaudit backbone --save-vectors`"
 SIZE_HINT = "the vectors were computed on another model size"
@@ -38,12 +39,14 @@ class VectorFile:
     """What :func:`read_vectors` read. ``stacks``: tensor name -> float64 ``[k, *tensor_shape]`` (row j = V_{j+1},
     as stored, not renormalised); every stack has the same ``k``. ``switch``: tensor name -> float64
     ``[*tensor_shape]`` (empty when the file has no switching direction or it was not asked for). ``metadata``:
-    the file's safetensors metadata."""
+    the file's safetensors metadata. ``block``: tensor name -> float64 ``[*tensor_shape]``, the backbone of that
+    tensor's own block (files written since block backbones were added; empty otherwise or when not asked for)."""
 
     path: Path
     stacks: dict[str, torch.Tensor]
     switch: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    block: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -90,13 +93,15 @@ def read_vectors(
     rows: int | None = None,
     switch: bool = False,
     partial: bool = False,
+    block: bool = False,
 ) -> VectorFile:
     """Read the backbone vectors of the tensors in ``shapes`` (tensor name -> the model's shape of that tensor).
 
     ``partial`` False: every tensor of ``shapes`` must be in the file (a missing one is an error naming it);
     the file's other entries are not read. ``partial`` True: the file may cover only some of ``shapes`` (the
     others are absent from the result), but every vector entry it holds must be one of them. ``switch/`` entries
-    are never vector entries. ``rows``: read at most this many rows (V_1..V_rows) of each entry, None = all.
+    are never vector entries, nor are ``block/`` entries. ``rows``: read at most this many rows (V_1..V_rows) of each
+    entry, None = all. ``block``: also read ``block/<name>`` where the file has it (the tensor's block backbone).
     ``switch``: also read ``switch/<name>`` of every tensor read (all or none of them must have one).
 
     Errors: a missing file -> InputNotFoundError; not safetensors, truncated, or a dtype torch cannot hold ->
@@ -116,7 +121,7 @@ def read_vectors(
     with src:
         keys = set(src.keys())
         if partial:
-            unknown = sorted(k for k in keys if not k.startswith(SWITCH_PREFIX) and k not in want)
+            unknown = sorted(k for k in keys if not k.startswith((SWITCH_PREFIX, BLOCK_PREFIX)) and k not in want)
             if unknown:
                 raise CorruptFileError(f"{path}: vector tensor {unknown[0]} is not a parameter of the model"
                                        + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
@@ -149,6 +154,14 @@ def read_vectors(
                                        f"tensor {want[n]}", hint=SIZE_HINT)
         stacks = {n: _read_rows(src, n, k, want[n]) for n in names}
         sw = {n: _read_rows(src, SWITCH_PREFIX + n, 1, want[n])[0] for n in sw_names}
+        own = {}
+        for n in (names if block else []):
+            if BLOCK_PREFIX + n in keys:
+                stored = tuple(src.shape(BLOCK_PREFIX + n))
+                if stored != want[n]:
+                    raise CorruptFileError(f"{path}: vector tensor {BLOCK_PREFIX}{n} has shape {stored}, the "
+                                           f"model's tensor {want[n]}", hint=SIZE_HINT)
+                own[n] = _read_rows(src, BLOCK_PREFIX + n, 1, want[n])[0]
         metadata = dict(src.metadata)
     sq = sum(float((t[0] * t[0]).sum()) for t in stacks.values())
     if not math.isfinite(sq) or sq == 0.0:
@@ -156,4 +169,4 @@ def read_vectors(
         raise CorruptFileError(f"{path}: the backbone vector V_1 is {what} on the {len(stacks)} tensor(s) read",
                                hint="check that the vectors belong to this model, or write them again with "
                                     "`ckptaudit backbone --save-vectors`")
-    return VectorFile(path, stacks, sw, metadata)
+    return VectorFile(path, stacks, sw, metadata, own)
