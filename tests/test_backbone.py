@@ -296,3 +296,17 @@ def test_steps_subset_keeps_the_runs_anchor(tiny_run):
         rel(doc["trunk"]["sigma"], np.linalg.svd(X, compute_uv=False), 1e-9)
     r = invoke("backbone", tiny_run, "--steps", "30:60", "--anchor", "15", "--no-report")
     assert r.exit_code == 2 and "--anchor 15" in r.stderr
+
+
+def test_window_mean_skips_windows_without_a_pc1():
+    """Rows equal to the anchor (x = 0) make a window with no PC1 (NaN); the mean is over the defined windows, each
+    checked against numpy's SVD of that window."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((8, 30))
+    X[:3] = 0.0  # the first three checkpoints did not move
+    res = backbone_from_gram(X @ X.T, list(range(10, 90, 10)), window=3, anchor_step=0)
+    vb = np.linalg.svd(X, full_matrices=False)[2][0]
+    want = [abs(np.linalg.svd(X[w : w + 3], full_matrices=False)[2][0] @ vb) for w in range(1, 6)]
+    assert np.isnan(res.window_alignment[0])
+    np.testing.assert_allclose(res.window_alignment[1:], want, rtol=1e-9)
+    assert res.window_alignment_mean == pytest.approx(np.mean(want), rel=1e-9)

@@ -316,7 +316,8 @@ def backbone_from_gram(
     return BackboneResult(
         steps=steps_arr, anchor_step=anchor_step, dim=dim, normalize_rows=normalize_rows, window=window,
         sigma=sigma, rho=rho, k95=k95, k99=k99, a=a, r_norm=r_norm, f_b=f_b, window_alignment=wa,
-        window_alignment_mean=float(np.mean(wa)) if wa.size and np.isfinite(wa).all() else None,
+        # windows of rows that are all zero (checkpoints equal to the anchor) have no PC1: the mean is over the rest
+        window_alignment_mean=float(np.mean(wa[np.isfinite(wa)])) if np.isfinite(wa).any() else None,
         update_alignment=C, sign_flip_step=sign_flip_step(C, steps_arr), velocity=nu,
         consolidation_step=consolidation_step(nu, steps_arr) if np.isfinite(nu).all() else None,
         u=U, row_scale=scale, switches=sw,
