@@ -210,14 +210,21 @@ def test_resume_reader_accepts_switch_entries(tmp_path, shapes, model):
 # ------------------------------------------------------------------------------------------------ a real run's file
 
 
+def _backbone_vectors_of_a_run(tmp_path, d: int, seed: int, noise: float, k: int):
+    """(run, vectors file) of run_backbone over a 7-checkpoint random GPT-2 trajectory."""
+    shapes = gpt2_shapes(d, LAYERS)
+    steps = [0, 10, 20, 30, 45, 60, 80]
+    run = make_run(tmp_path / "run", random_trajectory(shapes, len(steps), seed=seed, noise=noise), steps,
+                   gpt2_config(d, LAYERS))
+    path = tmp_path / "v.safetensors"
+    run_backbone(run, save_vectors=path, top_k_vectors=k)
+    return run, path
+
+
 def test_file_from_run_backbone(tmp_path):
     d = 8
     shapes = gpt2_shapes(d, LAYERS)
-    steps = [0, 10, 20, 30, 45, 60, 80]
-    run = make_run(tmp_path / "run", random_trajectory(shapes, len(steps), seed=3, noise=0.04), steps,
-                   gpt2_config(d, LAYERS))
-    path = tmp_path / "v.safetensors"
-    run_backbone(run, save_vectors=path, top_k_vectors=3)
+    _, path = _backbone_vectors_of_a_run(tmp_path, d, seed=3, noise=0.04, k=3)
     with safe_open(str(path), framework="np") as f:  # the independent reading
         saved = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
         meta = f.metadata()
@@ -431,11 +438,7 @@ def test_block_backbones_are_each_blocks_own_pc1(tmp_path):
         from test_gram import reference_parts, stacked
     d = 8
     shapes = gpt2_shapes(d, LAYERS)
-    steps = [0, 10, 20, 30, 45, 60, 80]
-    run = make_run(tmp_path / "run", random_trajectory(shapes, len(steps), seed=5, noise=0.05), steps,
-                   gpt2_config(d, LAYERS))
-    path = tmp_path / "v.safetensors"
-    run_backbone(run, save_vectors=path, top_k_vectors=2)
+    run, path = _backbone_vectors_of_a_run(tmp_path, d, seed=5, noise=0.05, k=2)
     saved = load_file(str(path))
     parts = reference_parts(d, LAYERS)
     arch = resolve_architecture(shapes, gpt2_config(d, LAYERS))
