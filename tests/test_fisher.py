@@ -277,3 +277,49 @@ def test_cli_single_checkpoint_without_vectors_is_a_usage_error(tiny_run):
     r = _invoke("fisher", tiny_run / "checkpoint-60", "--no-report")
     assert r.exit_code == 2
     assert "--vectors" in r.stderr
+
+
+def test_include_bias_quotient_by_parameter_name(tiny):
+    """With biases in the trunk, q(v) equals (1/M) sum_i <g_i, v>^2 computed parameter by parameter (full tensors,
+    plain autograd), independently of the layout's order."""
+    model, task, _ = tiny
+    from ckptaudit.io.roles import resolve_architecture
+
+    arch = resolve_architecture({n: tuple(t.shape) for n, t in model.state_dict().items()}, model.config.to_dict())
+    layout = trunk_layout(arch, include_bias=True)
+    names = [f"transformer.h.{b}.{m}.{kind}" for b in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj") for kind in ("weight", "bias")]
+    params = dict(model.named_parameters())
+    assert layout.dim == sum(params[n].numel() for n in names)
+    g = torch.Generator().manual_seed(7)
+    full = {n: torch.randn(params[n].shape, generator=g, dtype=torch.float64) for n in names}
+    norm = math.sqrt(sum(float((t * t).sum()) for t in full.values()))
+    v = layout.flatten(full) / norm
+    settings = FisherSettings(batches=M, n_random=2, seed=SEED)
+    res = fisher_at_model(model, task, layout, {"backbone": v}, settings, batch_size=B)
+    dots = []
+    for i in range(M):
+        model.zero_grad()
+        loss, _ = task.loss_and_accuracy(model, task.batch("train", i, B, SEED))
+        loss.backward()
+        dots.append(sum(float((params[n].grad * full[n]).sum()) for n in names) / norm)
+    model.zero_grad()
+    assert res.q["backbone"] == pytest.approx(float(np.mean(np.square(dots))), rel=1e-10)
+
+
+def test_cli_include_bias_uses_the_bias_entries_of_the_vectors(tiny_run, tmp_path):
+    """backbone --include-bias writes bias entries; fisher --include-bias measures in the larger trunk (its noise
+    floor is that of the larger D), and without it the same file still serves the weights-only trunk."""
+    vec = tmp_path / "v.safetensors"
+    assert _invoke("backbone", tiny_run, "--include-bias", "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
+    docs = {}
+    for flag in ([], ["--include-bias"]):
+        r = _invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--batches", 2, "--batch-size", 8,
+                    "--random", 2, "--json", "--no-report", *flag)
+        assert r.exit_code == 0, r.output
+        docs[bool(flag)] = json.loads(r.stdout)
+    assert docs[True]["settings"]["include_bias"] is True and docs[False]["settings"]["include_bias"] is False
+    # trunk of the tiny run: 2 blocks of d = 32; the biases add 3d + d + 4d + d scalars per block
+    assert docs[True]["dim"] - docs[False]["dim"] == 2 * 9 * 32
+    nf = docs[True]["checkpoints"][0]["noise_floor"]
+    assert nf == pytest.approx(math.sqrt(2 / (math.pi * docs[True]["dim"])))

@@ -73,6 +73,7 @@ class FisherSettings:
     batch_size: int | None = None
     n_random: int = 10
     block: int | None = None
+    include_bias: bool = False
     hessian: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     seed: int = 0
@@ -525,7 +526,7 @@ def run_fisher(
     with first.tensors() as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
     arch = resolve_architecture(shapes, first.config() if hasattr(first, "config") else None)
-    layout = trunk_layout(arch, settings.block)
+    layout = trunk_layout(arch, settings.block, settings.include_bias)
     directions = load_vector_file(vectors, layout)
     if switch is not None:
         if switch_run is None:
@@ -549,7 +550,7 @@ def run_fisher(
     spec = dataset.task_spec() if hasattr(dataset, "task_spec") else {}
     record = {
         "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
-        "block": settings.block, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
+        "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
         "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
         "switch": list(switch) if switch else None, "directions": list(directions),
         "architecture": arch.name, "data": spec,

@@ -68,6 +68,8 @@ def fisher(
         int, typer.Option("--random", min=1, help="Number K of random unit directions orthogonal to v_b and each other.")
     ] = 10,
     block: Annotated[int | None, typer.Option("--block", help="Restrict gradients and directions to this block.")] = None,
+    include_bias: Annotated[bool, typer.Option(
+        "--include-bias", help="Include attention/MLP biases in the trunk (vectors from `backbone --include-bias`).")] = False,
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Also compute the true curvature v^T H v by Hessian-vector products.")
     ] = False,
@@ -113,6 +115,7 @@ def fisher(
             raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
                              "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
         settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
+                                  include_bias=include_bias,
                                   hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
                                   device=dev)
         pair = parse_switch(switch) if switch is not None else None
@@ -124,7 +127,7 @@ def fisher(
                 # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
                 # vectors; the file then goes to every rank (temporary directories need not be shared).
                 with Progress(output, "fisher: backbone from the run", None) as hook:
-                    run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6,
+                    run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, include_bias=include_bias,
                                  progress=hook if main else None)
                 if ctx is not None:
                     broadcast_file(ctx, vec_path)
