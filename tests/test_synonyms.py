@@ -238,3 +238,14 @@ def test_ranks_count_the_whole_vocabulary_not_only_the_pool():
     assert o.softmax_rank == ref["softmax_rank"] == 1 + int((p > p[y]).sum()) > o.pool_size
     assert o.born_rank == ref["born_rank"]
     assert born_observables(p, z, U, target=y, nucleus=0.5, vocab_ranks=False).born_rank is None
+
+
+def test_vocabulary_born_rank_with_a_pool_wider_than_the_embedding():
+    """A flat distribution puts most tokens in the pool (|P| > d, so the d x d density matrix is used): the Born
+    rank still equals brute force over the vocabulary."""
+    p, z, U = _case(6, V=80, d=4, temp=50.0)
+    y = 9
+    o = born_observables(p, z, U, target=y, nucleus=0.95)
+    assert o.pool_size > U.shape[1]
+    ref = _reference(p, U, o.pool, y, o.competitor)
+    assert (o.born_rank, o.softmax_rank) == (ref["born_rank"], ref["softmax_rank"])

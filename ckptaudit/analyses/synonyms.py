@@ -175,10 +175,15 @@ def born_observables(
 def _vocab_born_rank(U: torch.Tensor, w: torch.Tensor, Up: torch.Tensor, y: int, block: int = 8192) -> int:
     """1 + #{k in V : P_B(k) > P_B(y)}, P_B(k) = sum_i w_i (u_i . u_k / |u_k|)^2 over the pool rows ``Up``."""
 
+    rho = (Up * w[:, None]).T @ Up if Up.shape[0] > Up.shape[1] else None  # d x d when the pool is wider than d
+
     def scores(rows: torch.Tensor) -> torch.Tensor:
         r = rows.detach().to("cpu", torch.float64)
         n = r.norm(dim=1, keepdim=True)
-        c = (r / torch.where(n > 0, n, torch.ones_like(n))) @ Up.T  # [b, |P|]
+        r = r / torch.where(n > 0, n, torch.ones_like(n))
+        if rho is not None:  # u_k^T rho u_k: b x d x d work instead of b x |P| x d
+            return ((r @ rho) * r).sum(dim=1)
+        c = r @ Up.T  # [b, |P|]
         return (c * c) @ w
 
     # One pass, one formula for every token (y included), so y is never compared with itself at other rounding.
