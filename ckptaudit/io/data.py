@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ckptaudit.errors import DataError, InputNotFoundError
 from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
+from ckptaudit.tasks.sampling import epoch_sample
 
 __all__ = ["DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "check_enough", "load_data", "load_sequences",
            "parse_task", "read_token_ids"]
@@ -42,12 +43,6 @@ DEFAULT_SEQ_LEN = 128
 VALIDATION_FRAC = 0.1
 SPLITS = ("train", "validation")
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def _stable_seed(*parts: object) -> int:
-    from ckptaudit.tasks.modadd import _stable_seed as seed_of
-
-    return seed_of(*parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,21 +82,10 @@ class TokenData:
         Same scheme as the built-in tasks: global position ``step * batch_size + j`` takes element ``i % n`` of
         epoch ``i // n``'s seeded permutation, so batches of one epoch never repeat a sequence.
         """
-        if step < 0 or batch_size < 1:
-            raise ValueError(f"need step >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
         rows = self._rows(split)
-        n = rows.shape[0]
-        if n == 0:
+        if rows.shape[0] == 0:
             raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter --seq-len")
-        positions = torch.arange(step * batch_size, (step + 1) * batch_size, dtype=torch.long)
-        epochs = torch.div(positions, n, rounding_mode="floor")
-        chosen = torch.empty(batch_size, dtype=torch.long)
-        for epoch in torch.unique(epochs).tolist():
-            gen = torch.Generator().manual_seed(_stable_seed("file-epoch", split, seed, epoch))
-            perm = torch.randperm(n, generator=gen)
-            mask = epochs == epoch
-            chosen[mask] = perm[positions[mask] % n]
-        return {"input_ids": rows[chosen]}
+        return {"input_ids": rows[epoch_sample(rows.shape[0], step, batch_size, "file-epoch", split, seed)]}
 
     def eval_batches(self, split: str, batch_size: int = 64) -> Iterator[dict[str, torch.Tensor]]:
         """The whole of ``split`` in file order, in batches of at most ``batch_size`` sequences."""

@@ -12,20 +12,15 @@ without replaying a sampler, which is what resume-probe and extrapolate rely on.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ckptaudit.tasks.sampling import epoch_sample, stable_seed
+
 SPLITS = ("train", "validation")
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed derived from ``parts``; stable across processes (unlike ``hash()``)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ class ModAdd:
         if not 0.0 < self.train_frac < 1.0:
             raise ValueError(f"modadd needs 0 < train_frac < 1, got {self.train_frac}")
         n = self.p * self.p
-        gen = torch.Generator().manual_seed(_stable_seed("modadd-split", self.p, self.split_seed))
+        gen = torch.Generator().manual_seed(stable_seed("modadd-split", self.p, self.split_seed))
         perm = torch.randperm(n, generator=gen)
         n_train = min(max(int(round(self.train_frac * n)), 1), n - 1)
         # Sorted so that eval order (and therefore eval batches) does not depend on the permutation.
@@ -112,20 +107,8 @@ class ModAdd:
         falls in epoch ``i // n`` and takes element ``i % n`` of that epoch's seeded permutation, so every
         example is seen once per epoch and any step can be reproduced without replaying earlier ones.
         """
-        if step < 0 or batch_size < 1:
-            raise ValueError(f"need step >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
         idx = self.split_indices(split)
-        n = idx.numel()
-        start = step * batch_size
-        positions = torch.arange(start, start + batch_size, dtype=torch.long)
-        epochs = torch.div(positions, n, rounding_mode="floor")
-        chosen = torch.empty(batch_size, dtype=torch.long)
-        for epoch in torch.unique(epochs).tolist():
-            gen = torch.Generator().manual_seed(_stable_seed("modadd-epoch", split, seed, epoch))
-            perm = torch.randperm(n, generator=gen)
-            mask = epochs == epoch
-            chosen[mask] = idx[perm[positions[mask] % n]]
-        return self.encode(chosen)
+        return self.encode(idx[epoch_sample(idx.numel(), step, batch_size, "modadd-epoch", split, seed)])
 
     def batches(
         self, split: str, batch_size: int, seed: int, n: int, start: int = 0
