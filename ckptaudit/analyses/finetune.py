@@ -34,7 +34,7 @@ from ckptaudit.analyses.synonyms import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
-    single_token_id,
+    context_token_ids,
     unembedding_matrix,
 )
 from ckptaudit.errors import DataError, UnknownArchitectureError, UsageError
@@ -435,10 +435,7 @@ def finetune_probe(
         raise UsageError("no learning rate given")
     prepared = []
     for ctx in contexts:
-        y = single_token_id(tokenizer, ctx.target, "target")
-        c = None if ctx.competitor is None else single_token_id(tokenizer, ctx.competitor, "competitor")
-        if c == y:
-            raise DataError(f"competitor {ctx.competitor!r} is the same token as target {ctx.target!r}")
+        y, c = context_token_ids(tokenizer, ctx)
         ids = tokenizer(ctx.context, return_tensors="pt")["input_ids"]
         if ids.shape[1] == 0:
             raise DataError(f"context {ctx.context!r} encodes to no tokens")

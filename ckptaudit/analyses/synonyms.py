@@ -320,6 +320,15 @@ def single_token_id(tokenizer, word: str, role: str = "target") -> int:
     return int(ids[0])
 
 
+def context_token_ids(tokenizer, ctx: Context) -> tuple[int, int | None]:
+    """(target id, competitor id or None) of a context: each one token (:func:`single_token_id`), and distinct."""
+    y = single_token_id(tokenizer, ctx.target, "target")
+    c = None if ctx.competitor is None else single_token_id(tokenizer, ctx.competitor, "competitor")
+    if c == y:
+        raise DataError(f"competitor {ctx.competitor!r} is the same token as target {ctx.target!r}")
+    return y, c
+
+
 def unembedding_matrix(model) -> tuple[torch.Tensor, str]:
     """The rows that score the vocabulary: input embeddings when the head is tied, LM-head rows otherwise."""
     emb = model.get_input_embeddings().weight
@@ -349,11 +358,7 @@ def born_gap(
     """
     ids = []
     for ctx in contexts:
-        y = single_token_id(tokenizer, ctx.target, "target")
-        c = None if ctx.competitor is None else single_token_id(tokenizer, ctx.competitor, "competitor")
-        if c == y:
-            raise DataError(f"competitor {ctx.competitor!r} is the same token as target {ctx.target!r}")
-        ids.append((y, c))
+        ids.append(context_token_ids(tokenizer, ctx))
     model = model.to(device).eval()
     U, which = unembedding_matrix(model)
     obs, tgt_txt, comp_txt = [], [], []
