@@ -43,9 +43,8 @@ import torch
 
 from ckptaudit.analyses.fisher_directions import (
     TrunkLayout,
-    load_block_backbones,
-    load_vector_file,
     random_directions,
+    read_directions,
     stack_directions,
     switch_direction,
     trunk_layout,
@@ -301,7 +300,7 @@ class Probes:
 def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor], random: torch.Tensor,
                    device: str | torch.device = "cpu", block_backbone: torch.Tensor | None = None) -> Probes:
     """Stack "backbone", the other named directions and ``random`` (``[K, D]``) on ``device`` (float64).
-    ``block_backbone``: the blocks' own backbones (:func:`load_block_backbones`) for b_l; a block where it is zero
+    ``block_backbone``: the blocks' own backbones (:func:`read_directions`) for b_l; a block where it is zero
     falls back to the trunk's v_b restricted to that block."""
     named = ("backbone", *[n for n in directions if n != "backbone"])
     dev = torch.device(device)
@@ -527,13 +526,12 @@ def run_fisher(
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
     arch = resolve_architecture(shapes, first.config() if hasattr(first, "config") else None)
     layout = trunk_layout(arch, settings.block, settings.include_bias)
-    directions = load_vector_file(vectors, layout)
+    directions, block_backbone = read_directions(vectors, layout)
     if switch is not None:
         if switch_run is None:
             raise UsageError("--switch needs the run (give --run RUN or a run directory)")
         directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
     random = random_directions(directions["backbone"], settings.n_random, settings.seed)
-    block_backbone = load_block_backbones(vectors, layout)
     probes = prepare_probes(layout, directions, random, settings.device, block_backbone=block_backbone)
     dataset = load_data(first, task=task, data=data, seq_len=seq_len)
     batch_size = int(settings.batch_size or _default_batch_size(first))

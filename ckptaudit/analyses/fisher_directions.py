@@ -23,8 +23,8 @@ import torch
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
 from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
 
-__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions", "switch_direction",
-           "trunk_layout"]
+__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
+           "read_directions", "switch_direction", "trunk_layout"]
 
 MAX_PC = 6
 
@@ -94,16 +94,18 @@ def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
     return v / n
 
 
-def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.Tensor]:
-    """Directions of a ``backbone --save-vectors`` file in ``layout`` coordinates, each a unit float64 ``[dim]``.
+def read_directions(path: str | Path, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The directions of a ``backbone --save-vectors`` file and its block backbones, in one read.
 
-    Keys: "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (tensors stored under
-    ``switch/<tensor name>``, when present). Restricted to the layout (e.g. one block), each is renormalised.
-    Only the layout's tensors, and of each only V_1..V_6, are read (``ckptaudit.io.vectors.read_vectors``, which
-    also raises the file errors).
+    Directions (each a unit float64 ``[dim]`` in ``layout`` coordinates, renormalised on the layout, e.g. one
+    block): "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (``switch/<tensor>``
+    entries, when present). Block backbones: v_b^(l) (each block's own PC1, ``block/<tensor>`` entries) as one
+    float64 ``[dim]``, zero on blocks the file has none for; None when it has none (files written before they
+    were saved). Only the layout's tensors, and of each only V_1..V_6, are read
+    (``ckptaudit.io.vectors.read_vectors``, which also raises the file errors).
     """
     shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
-    vf = read_vectors(path, shapes, rows=MAX_PC, switch=True)
+    vf = read_vectors(path, shapes, rows=MAX_PC, switch=True, block=True)
     source = str(vf.path)
     out = {"backbone": _unit(layout.flatten(vf.row(0)), "backbone", source)}
     for j in range(1, vf.k):
@@ -113,18 +115,20 @@ def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.T
             out[f"pc{j + 1}"] = flat / norm
     if vf.switch:
         out["switch"] = _unit(layout.flatten(vf.switch), "switching", source)
-    return out
+    blocks = None
+    if vf.block:
+        blocks = layout.flatten({n: vf.block.get(n, torch.zeros(shapes[n], dtype=torch.float64)) for n in shapes})
+    return out, blocks
+
+
+def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.Tensor]:
+    """The directions of :func:`read_directions`."""
+    return read_directions(path, layout)[0]
 
 
 def load_block_backbones(path: str | Path, layout: TrunkLayout) -> torch.Tensor | None:
-    """The block backbones v_b^(l) (each block's own PC1, ``block/<tensor>`` entries of the vectors file) in
-    ``layout`` coordinates, float64 ``[dim]``, zero on blocks the file has none for; None when it has none at all
-    (files written before block backbones were saved)."""
-    shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
-    vf = read_vectors(path, shapes, rows=1, block=True)
-    if not vf.block:
-        return None
-    return layout.flatten({n: vf.block.get(n, torch.zeros(shapes[n], dtype=torch.float64)) for n in shapes})
+    """The block backbones of :func:`read_directions`."""
+    return read_directions(path, layout)[1]
 
 
 def switch_direction(run: Any, peak: int, trough: int, layout: TrunkLayout) -> torch.Tensor:
