@@ -278,3 +278,14 @@ def test_cli_usage_errors(tiny_dir, tmp_path):
         r = runner.invoke(app, base + extra)
         assert r.exit_code == 2, (extra, r.output)
         assert word in r.stderr
+
+
+def test_cli_plot_writes_one_png_per_run(tiny_dir, tmp_path):
+    ctx = _contexts(tmp_path, [{"context": CTX, "target": "yearning", "competitor": "longing"}])
+    figs = tmp_path / "figs"
+    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--steps", "2",
+                            "--lr-sweep", "1e-3,1e-2", "--device", "cpu", "--no-report", "--plot", str(figs), "--quiet"])
+    assert r.exit_code == 0, r.output
+    pngs = sorted(figs.glob("*.png"))
+    assert len(pngs) == 2  # one context, two learning rates
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

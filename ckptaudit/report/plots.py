@@ -18,6 +18,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
     """a(t) and ||r(t)|| per parameter set, the rho spectrum, and C(t). Returns the files written."""
     plt = _pyplot()
@@ -35,11 +43,7 @@ def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_title(f"{name}: backbone vs residual")
         ax.legend()
-        fig.tight_layout()
-        p = out_dir / f"backbone_{name}_a_r.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        written.append(p)
+        written.append(_save(plt, fig, out_dir / f"backbone_{name}_a_r.png"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, r in sets.items():
         ax.semilogy(range(1, len(r["rho"]) + 1), [max(x, 1e-16) for x in r["rho"]], marker="o", ms=3, label=name)
@@ -47,11 +51,7 @@ def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("rho_k")
     ax.set_title("explained variance spectrum")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out_dir / "backbone_rho.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(plt, fig, out_dir / "backbone_rho.png"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     c = summary["trunk"]["update_alignment"]
     ax.plot(steps[len(steps) - len(c):], c, marker=".")
@@ -59,11 +59,7 @@ def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("C(t)")
     ax.set_title("update-direction alignment with the backbone")
-    fig.tight_layout()
-    p = out_dir / "backbone_update_alignment.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(plt, fig, out_dir / "backbone_update_alignment.png"))
     return written
 
 
@@ -88,12 +84,8 @@ def plot_finetune(summary: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_title(f"{c['target'].strip()} vs {c['competitor'].strip()} — {c['mode']}, lr {c['lr']:g}")
         ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in c["target"].strip()) or "target"
-        p = out_dir / f"finetune_{i:03d}_{safe}_lr{c['lr']:g}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        written.append(_save(plt, fig, out_dir / f"finetune_{i:03d}_{safe}_lr{c['lr']:g}.png", dpi=110))
     return written
 
 
@@ -111,8 +103,4 @@ def plot_resume(summary: dict, out_dir: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("resume-probe: preserved vs reset optimizer state")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "resume_probe_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "resume_probe_accuracy.png")
