@@ -9,31 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from test_gram import FakeRun, gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
 
 from ckptaudit.analyses.backbone import run_backbone
 from ckptaudit.analyses.backbone_metrics import backbone_from_gram, detect_switches, sign_flip_step
 from ckptaudit.report.hdf5 import write_tree
-
-try:
-    from tests.test_gram import (
-        FakeRun,
-        gpt2_config,
-        gpt2_shapes,
-        make_run,
-        random_trajectory,
-        reference_parts,
-        stacked,
-    )
-except ImportError:  # pytest without tests/ as a package
-    from test_gram import (
-        FakeRun,
-        gpt2_config,
-        gpt2_shapes,
-        make_run,
-        random_trajectory,
-        reference_parts,
-        stacked,
-    )
 
 D_MODEL, LAYERS, W = 8, 2, 4
 STEPS = [0, 10, 20, 35, 50, 60, 70, 85, 100, 110, 125, 140, 150, 170]

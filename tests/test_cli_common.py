@@ -12,11 +12,9 @@ from pathlib import Path
 
 import h5py
 import pytest
-from cli_helpers import MINIMAL_POLICY
+from cli_helpers import MINIMAL_POLICY, invoke
 from conftest import make_tiny_lm_dir
 from typer.testing import CliRunner
-
-from ckptaudit.cli.app import app
 
 runner = CliRunner()
 
@@ -91,10 +89,6 @@ COMMANDS = {
 SINGLE_PROCESS = [c for c in COMMANDS if c not in ("backbone", "fisher")]
 
 
-def invoke(args: list) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def weight_file_sha256(path: Path) -> tuple[int, str]:
     """(bytes, SHA-256) of the one safetensors weight file of a checkpoint or model directory, by hashlib."""
     (weights,) = sorted(path.glob("*.safetensors"))
@@ -116,9 +110,9 @@ def test_no_hash_leaves_sha256_empty_and_hashes_match_hashlib_otherwise(command,
     expected = {p.resolve(): weight_file_sha256(p) for p in expected_paths(inputs)}
 
     hashed, unhashed = tmp_path / "hashed.h5", tmp_path / "unhashed.h5"
-    r = invoke([*args(inputs), "--quiet", "--out", hashed])
+    r = invoke(*args(inputs), "--quiet", "--out", hashed)
     assert r.exit_code == 0, r.output
-    r = invoke([*args(inputs), "--quiet", "--out", unhashed, "--no-hash"])
+    r = invoke(*args(inputs), "--quiet", "--out", unhashed, "--no-hash")
     assert r.exit_code == 0, r.output
 
     got = read_inputs(hashed)
@@ -155,10 +149,10 @@ def torchrun_env(monkeypatch, tmp_path) -> Path:
 def test_single_process_command_refuses_torchrun_and_writes_nothing(command, inputs, torchrun_env):
     args, _ = COMMANDS[command]
     extra = ["--json", "-"] if command == "gate" else ["--json"]  # gate's --json takes a path
-    r = invoke([*args(inputs), *extra, "--out", torchrun_env / "report.h5"])
+    r = invoke(*args(inputs), *extra, "--out", torchrun_env / "report.h5")
     _assert_refused(r, command)
     assert list(torchrun_env.iterdir()) == []
-    r = invoke(args(inputs))  # and without --out: no default report in the working directory either
+    r = invoke(*args(inputs))  # and without --out: no default report in the working directory either
     _assert_refused(r, command)
     assert list(torchrun_env.iterdir()) == []
 
@@ -166,17 +160,17 @@ def test_single_process_command_refuses_torchrun_and_writes_nothing(command, inp
 def test_report_show_and_gate_init_refuse_torchrun(inputs, torchrun_env, monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE")
     report = tmp_path / "r.h5"
-    assert invoke(COMMANDS["inspect"][0](inputs) + ["--quiet", "--out", report]).exit_code == 0
+    assert invoke(*COMMANDS["inspect"][0](inputs), "--quiet", "--out", report).exit_code == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _assert_refused(invoke(["report", "show", report]), "report show")
-    _assert_refused(invoke(["gate", "--init", torchrun_env / "policy.toml"]), "gate --init")
-    _assert_refused(invoke(["gate", "--init"]), "gate --init")
+    _assert_refused(invoke("report", "show", report), "report show")
+    _assert_refused(invoke("gate", "--init", torchrun_env / "policy.toml"), "gate --init")
+    _assert_refused(invoke("gate", "--init"), "gate --init")
     assert list(torchrun_env.iterdir()) == []
 
 
 def test_world_size_one_is_a_single_process(inputs, monkeypatch, tmp_path):
     """torchrun with one process (WORLD_SIZE=1) is a plain run: nothing refused."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    r = invoke(["inspect", inputs["run"], "--steps", "60", "--json", "--no-report"])
+    r = invoke("inspect", inputs["run"], "--steps", "60", "--json", "--no-report")
     assert r.exit_code == 0, r.output
     assert [c["step"] for c in json.loads(r.stdout)["checkpoints"]] == [60]

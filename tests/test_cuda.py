@@ -79,12 +79,9 @@ def _json(args: list[str], device: str) -> dict:
 
 
 def _helpers():
-    try:
-        import tests.test_backbone as bb
-        import tests.test_gram as gr
-    except ImportError:  # pytest without tests/ as a package
-        import test_backbone as bb
-        import test_gram as gr
+    import test_backbone as bb
+    import test_gram as gr
+
     return bb, gr
 
 
@@ -117,10 +114,7 @@ def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, d
 
 
 def test_fisher_on_the_gpu_matches_the_dense_fisher():
-    try:
-        from tests.test_fisher import SEED, B, M, dense_gradients, unit
-    except ImportError:
-        from test_fisher import SEED, B, M, dense_gradients, unit
+    from test_fisher import SEED, B, M, dense_gradients, unit
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, trunk_layout

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from typer.testing import CliRunner
 
 from ckptaudit.analyses.fisher import (
@@ -21,7 +22,6 @@ from ckptaudit.analyses.fisher import (
     trunk_layout,
 )
 from ckptaudit.analyses.fisher_directions import random_directions
-from ckptaudit.cli.app import app
 from ckptaudit.tasks import get_task
 
 runner = CliRunner()
@@ -235,16 +235,12 @@ def test_fisher_is_deterministic_and_restores_the_model(tiny):
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def test_cli_with_vectors_from_backbone(tiny_run, tmp_path):
     vec = tmp_path / "v.safetensors"
-    r = _invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet")
+    r = invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet")
     assert r.exit_code == 0, r.output
     out = tmp_path / "f.h5"
-    r = _invoke("fisher", tiny_run, "--steps", "50,60", "--vectors", vec, "--batches", 3, "--batch-size", 16,
+    r = invoke("fisher", tiny_run, "--steps", "50,60", "--vectors", vec, "--batches", 3, "--batch-size", 16,
                 "--random", 3, "--switch", "30:60", "--out", out, "--json", "--no-hash")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
@@ -263,7 +259,7 @@ def test_cli_with_vectors_from_backbone(tiny_run, tmp_path):
 
 
 def test_cli_run_computes_vectors_on_the_fly(tiny_run):
-    r = _invoke("fisher", tiny_run / "checkpoint-60", "--run", tiny_run, "--batches", 2, "--batch-size", 8,
+    r = invoke("fisher", tiny_run / "checkpoint-60", "--run", tiny_run, "--batches", 2, "--batch-size", 8,
                 "--random", 2, "--block", 1, "--json", "--no-report")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
@@ -274,7 +270,7 @@ def test_cli_run_computes_vectors_on_the_fly(tiny_run):
 
 
 def test_cli_single_checkpoint_without_vectors_is_a_usage_error(tiny_run):
-    r = _invoke("fisher", tiny_run / "checkpoint-60", "--no-report")
+    r = invoke("fisher", tiny_run / "checkpoint-60", "--no-report")
     assert r.exit_code == 2
     assert "--vectors" in r.stderr
 
@@ -311,10 +307,10 @@ def test_cli_include_bias_uses_the_bias_entries_of_the_vectors(tiny_run, tmp_pat
     """backbone --include-bias writes bias entries; fisher --include-bias measures in the larger trunk (its noise
     floor is that of the larger D), and without it the same file still serves the weights-only trunk."""
     vec = tmp_path / "v.safetensors"
-    assert _invoke("backbone", tiny_run, "--include-bias", "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
+    assert invoke("backbone", tiny_run, "--include-bias", "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
     docs = {}
     for flag in ([], ["--include-bias"]):
-        r = _invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--batches", 2, "--batch-size", 8,
+        r = invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--batches", 2, "--batch-size", 8,
                     "--random", 2, "--json", "--no-report", *flag)
         assert r.exit_code == 0, r.output
         docs[bool(flag)] = json.loads(r.stdout)

@@ -15,6 +15,7 @@ import torch
 from cli_helpers import assert_one_line_error, invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
 
 from ckptaudit.analyses.backbone import run_backbone
 from ckptaudit.analyses.fisher_directions import load_vector_file, trunk_layout
@@ -22,11 +23,6 @@ from ckptaudit.analyses.resume import load_backbone_vector
 from ckptaudit.errors import CorruptFileError, InputNotFoundError
 from ckptaudit.io.roles import resolve_architecture
 from ckptaudit.io.vectors import BLOCK_PREFIX, SWITCH_PREFIX, read_vectors
-
-try:
-    from tests.test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory
-except ImportError:  # pytest without tests/ as a package
-    from test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory
 
 D, LAYERS = 4, 2
 WRITE_HINT = "write one with `ckptaudit backbone --save-vectors`"
@@ -432,10 +428,6 @@ def test_block_backbones_are_each_blocks_own_pc1(tmp_path):
     from ckptaudit.analyses.fisher import prepare_probes
     from ckptaudit.analyses.fisher_directions import load_block_backbones
 
-    try:
-        from tests.test_gram import reference_parts, stacked
-    except ImportError:
-        from test_gram import reference_parts, stacked
     d = 8
     shapes = gpt2_shapes(d, LAYERS)
     run, path = _backbone_vectors_of_a_run(tmp_path, d, seed=5, noise=0.05, k=2)
