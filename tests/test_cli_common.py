@@ -14,9 +14,6 @@ import h5py
 import pytest
 from cli_helpers import MINIMAL_POLICY, invoke
 from conftest import make_tiny_lm_dir
-from typer.testing import CliRunner
-
-runner = CliRunner()
 
 WORDS = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home"]
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import invoke
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.fisher import (
     FisherSettings,
@@ -24,7 +23,6 @@ from ckptaudit.analyses.fisher import (
 from ckptaudit.analyses.fisher_directions import random_directions
 from ckptaudit.tasks import get_task
 
-runner = CliRunner()
 M, B, SEED = 6, 8, 3
 CHECKPOINT_KEYS = {"step", "q", "anisotropy", "top_eigenvalues", "top_overlap_backbone", "effective_rank",
                    "grad_backbone_cos_mean", "grad_backbone_cos_std", "noise_floor", "block_signed_projection"}
