@@ -317,3 +317,12 @@ def test_cli_include_bias_uses_the_bias_entries_of_the_vectors(tiny_run, tmp_pat
     assert docs[True]["dim"] - docs[False]["dim"] == 2 * 9 * 32
     nf = docs[True]["checkpoints"][0]["noise_floor"]
     assert nf == pytest.approx(math.sqrt(2 / (math.pi * docs[True]["dim"])))
+
+
+def test_cli_include_bias_with_weights_only_vectors_names_the_fix(tiny_run, tmp_path):
+    from cli_helpers import assert_one_line_error
+
+    vec = tmp_path / "v.safetensors"
+    assert invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
+    r = invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--include-bias", "--batches", 2, "--no-report")
+    assert_one_line_error(r, str(vec), "c_attn.bias", "--include-bias")

@@ -131,7 +131,10 @@ def read_vectors(
             missing = [n for n in want if n not in keys]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise CorruptFileError(f"{path}: no vector entry for tensor {missing[0]}{more}", hint=ARCH_HINT)
+                hint = ARCH_HINT
+                if all(n.endswith(".bias") for n in missing):
+                    hint = "the vectors hold weights only: write them with `ckptaudit backbone --include-bias` too"
+                raise CorruptFileError(f"{path}: no vector entry for tensor {missing[0]}{more}", hint=hint)
             names = list(want)
         if not names:
             raise CorruptFileError(f"{path}: holds no backbone vector (no entry keyed by a tensor name)",
