@@ -114,20 +114,11 @@ def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, d
 
 
 def test_fisher_on_the_gpu_matches_the_dense_fisher():
-    from test_fisher import SEED, B, M, dense_gradients, unit
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_fisher import SEED, B, M, dense_gradients, tiny_fisher_model, unit
 
-    from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, trunk_layout
-    from ckptaudit.io.roles import resolve_architecture
-    from ckptaudit.tasks import get_task
+    from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model
 
-    task = get_task("modadd", p=7)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=task.vocab_size, n_positions=4, n_embd=4, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=8, eos_token_id=8, initializer_range=0.3)
-    model = GPT2LMHeadModel(config).double().eval()
-    layout = trunk_layout(resolve_architecture({n: tuple(t.shape) for n, t in model.state_dict().items()},
-                                               config.to_dict()))
+    model, task, layout = tiny_fisher_model()
     G = dense_gradients(model, task)  # on the CPU, by plain loss.backward()
     F = G.T @ G / M
     rng = np.random.default_rng(0)

@@ -30,7 +30,11 @@ CHECKPOINT_KEYS = {"step", "q", "anisotropy", "top_eigenvalues", "top_overlap_ba
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A float64 GPT-2 with 2 blocks of d=4 on modular addition mod 7: trunk D = 2 x 192 = 384."""
+    return tiny_fisher_model()
+
+
+def tiny_fisher_model():
+    """(model, task, layout): a float64 GPT-2 with 2 blocks of d=4 on modular addition mod 7; trunk D = 2 x 192."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ckptaudit.io.roles import resolve_architecture
