@@ -26,6 +26,7 @@ from ckptaudit.errors import (
     LayoutError,
     UnknownArchitectureError,
 )
+from ckptaudit.io.keys import model_key_renamer
 from ckptaudit.io.tensors import TensorSource
 
 __all__ = ["param_shapes", "load_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
@@ -182,6 +183,8 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
     ``attn.bias``) are honoured, and tied weights (one tensor under several names, e.g. a head tied to the
     embeddings) need only one of their names. A source or a mapping is checked in full (names, then shapes from
     the headers) before anything is copied; a stream tensor by tensor, its missing names once it is exhausted.
+    Stored names are first mapped to the model's as transformers maps them when loading (``io.keys``:
+    GPT-NeoX's ``embed_out.weight`` -> ``lm_head.weight``, a missing or extra base-model prefix...).
     """
     targets = model.state_dict(keep_vars=True)
     # Tied weights appear under several names but are one tensor: the file needs only one of them.
@@ -219,22 +222,31 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
                 hint="check that config.json belongs to these weights",
             )
 
+    rename = model_key_renamer(model)
     if isinstance(tensors, (TensorSource, Mapping)):
-        stored = list(tensors.keys())
-        check_unexpected(stored)
+        stored: dict[str, str] = {}  # the model's name -> the stored name
+        for key in tensors.keys():
+            name = rename(key)
+            if name in stored:
+                raise LayoutError(f"{where}: tensors {stored[name]} and {key} both load into {name} of {kind}",
+                                  hint="keep one of them (a state dict saved twice under two names?)")
+            stored[name] = key
+        check_unexpected(list(stored))
         check_missing(set(stored))
         present = [name for name in stored if name in targets]  # the rest is ignored by the model's own rules
         shape_of = tensors.shape if isinstance(tensors, TensorSource) else (lambda n: tensors[n].shape)
         for name in present:  # shapes first (header reads only), so a mismatch costs no tensor data
-            check_shape(name, shape_of(name))
+            check_shape(name, shape_of(stored[name]))
         with torch.no_grad():
             for name in present:
-                targets[name].copy_(tensors.get(name))
+                targets[name].copy_(tensors.get(stored[name]) if isinstance(tensors, TensorSource)
+                                    else tensors[stored[name]])
         return model
 
     given: set[str] = set()
     with torch.no_grad():
-        for name, tensor in tensors:
+        for key, tensor in tensors:
+            name = rename(key)
             check_unexpected([name])
             given.add(name)
             if name in targets:
