@@ -94,6 +94,10 @@ def render_inspect(output, result) -> None:
             ["role", "params"],
             [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
         )
+    if last.shared:
+        pairs = ", ".join(f"{a} = {b}" for a, b in list(last.shared.items())[:4])
+        output.print(f"tensors stored twice with one storage (tied), counted once: {pairs}"
+                     + (f" (+{len(last.shared) - 4} more)" if len(last.shared) > 4 else ""))
     if result.architecture_note:
         output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
     for c in result.checkpoints:

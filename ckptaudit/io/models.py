@@ -231,6 +231,11 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
                 raise LayoutError(f"{where}: tensors {stored[name]} and {key} both load into {name} of {kind}",
                                   hint="keep one of them (a state dict saved twice under two names?)")
             stored[name] = key
+        shared = getattr(tensors, "aliases", None)
+        for key, kept in (shared() if callable(shared) else {}).items():
+            name = rename(key)  # one storage under two names: the second name gets the same tensor
+            if name in targets and name not in stored and kept in set(stored.values()):
+                stored[name] = kept
         check_unexpected(list(stored))
         check_missing(set(stored))
         present = [name for name in stored if name in targets]  # the rest is ignored by the model's own rules
