@@ -16,11 +16,19 @@ def make_output(json_mode: bool, quiet: bool) -> Output:
     return Output(json_mode=json_mode, quiet=quiet)
 
 
+_CURRENT_OUTPUT: list[Output] = []  # the running command's output sink, for the notes of load_run
+
+
 def load_run(path: Path, steps: str | None = None) -> Any:
-    """Discover a run (a directory of checkpoints, one checkpoint directory, or one file)."""
+    """Discover a run (a directory of checkpoints, one checkpoint directory, or one file). Model files found
+    beside the checkpoints but left out of the trajectory are noted, one line each, with the reason."""
     from ckptaudit.io.discover import discover_run
 
-    return discover_run(path, steps=steps)
+    run = discover_run(path, steps=steps)
+    if _CURRENT_OUTPUT and run.left_out:
+        for where, why in run.left_out:
+            _CURRENT_OUTPUT[-1].note(f"left out: {where}: {why}")
+    return run
 
 
 def load_drift_run(path: Path, steps: str | None, anchor_step: int | None) -> Any:
@@ -153,6 +161,7 @@ class Session(_Setup):
         self.device = self.ctx.device if self.ctx is not None else dev
         self.main = self.ctx is None or self.ctx.is_main
         self.output = make_output(json_mode, quiet or not self.main)
+        _CURRENT_OUTPUT[:] = [self.output]
 
     def __exit__(self, *exc: Any) -> None:
         if self.ctx is not None:
@@ -174,3 +183,4 @@ class LocalSession(_Setup):
         self.device = resolve_device(device) if device is not None else "cpu"
         self.main = True
         self.output = make_output(json_mode, quiet)
+        _CURRENT_OUTPUT[:] = [self.output]

@@ -57,7 +57,7 @@ def inspect(
     with Progress(output, "inspecting", len(run.checkpoints)) as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
     session.save_report(result.to_hdf5_tree(), run.checkpoints)
-    output.json(result.to_json())
+    output.json({**result.to_json(), "left_out": [{"path": p, "why": why} for p, why in run.left_out]})
     if not output.human:
         return
     render_inspect(output, result)

@@ -5,8 +5,8 @@ Recognised layouts (``Checkpoint.layout``):
 - "hf-trainer": Hugging Face Trainer ``checkpoint-N/`` folders (weights + optimizer.pt, scheduler.pt,
   trainer_state.json, rng_state[_rank].pth). Step: ``global_step`` of trainer_state.json, else N.
 - "accelerate": ``Accelerator.save_state`` folders (model.safetensors / model_0.safetensors, optimizer.bin,
-  scheduler.bin, random_states_R.pkl). Step: from the folder name (checkpoint_N, step_N, ...). With Accelerate's
-  automatic naming, N counts saves, not optimizer steps; the order is right either way.
+  scheduler.bin, random_states_R.pkl). Step: from the folder name (checkpoint_N, step_N, ...); with Accelerate's
+  automatic naming (``checkpoints/checkpoint_K``, K counts saves) the optimizer state's step count.
 - "lightning": ``*.ckpt`` files (one file holds weights and optimizer). Step: ``step=N`` in the name
   (epoch=E-step=N.ckpt), else the ``global_step`` stored in the file. ``last*.ckpt`` is Lightning's copy of the
   newest checkpoint: it is dropped when another checkpoint has the same step.
@@ -17,10 +17,13 @@ Recognised layouts (``Checkpoint.layout``):
 - "model-dir": a folder of model weights without training state (step from the folder name).
 
 A checkpoint directory or file passed directly is a run of one (step from trainer_state.json, the name, or 0).
-A folder that holds both step-named checkpoints and model files of its own (a Trainer ``output_dir`` after
-``save_model``) is a run of the step-named checkpoints; its own top-level model files are not a checkpoint.
-Nothing is guessed: an unknown step, two checkpoints with one step, or a --steps spec naming absent steps are
-errors that name the paths and the fix.
+A folder that holds both step-named checkpoints and other model files (a Trainer ``output_dir`` after
+``save_model``, a ``best/`` or ``sharded-final/`` folder, ``runs/`` logs) is a run of the step-named checkpoints;
+the rest is listed in ``Run.left_out`` with the reason, never given a guessed step. config.json is looked up in
+the checkpoint, the run directory, and above a ``checkpoints/`` folder. With Accelerate's automatic naming
+(``checkpoint_K``) the step is the optimizer's own step count when optimizer.bin records one, else K.
+Nothing is guessed: a folder of checkpoints none of which has a step, two checkpoints with one step, or a
+--steps spec naming absent steps are errors that name the paths and the fix.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ _DIR_STEP_RES = (
 )
 _TRAILING_INT_RE = re.compile(r"(\d+)$")
 _LIGHTNING_STEP_RE = re.compile(r"(?:^|[^a-z])step=(\d+)", re.I)
+_ACCELERATE_AUTO_RE = re.compile(r"^checkpoint_\d+$")
 
 # Files that are parts of a model folder (not separate checkpoints) and folders that are parts of a checkpoint.
 _MODEL_PART_RE = re.compile(
@@ -116,6 +120,7 @@ class Run:
 
     path: Path
     checkpoints: tuple[Checkpoint, ...]
+    left_out: tuple[tuple[str, str], ...] = ()  # (path, why) of model files found but not part of the trajectory
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -125,7 +130,7 @@ class Run:
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return Run(self.path, self.checkpoints[index])
+            return Run(self.path, self.checkpoints[index], self.left_out)
         return self.checkpoints[index]
 
     @property
@@ -271,20 +276,22 @@ def discover_run(path: Path | str, steps: str | None = None) -> Run:
         cand = _file_candidate(root, run_dir=root.parent, single=True)
         if cand is None:
             raise LayoutError(f"{root}: not a checkpoint file", hint="pass a weight file or a run directory")
-        found = [cand]
+        found, left_out = [cand], []
     else:
-        found = _scan(root, depth=0)
+        found, left_out = _scan(root, depth=0)
     ckpts = _order(found)
     if steps is not None:
         keep = set(parse_steps(steps).select([c.step for c in ckpts]))
         ckpts = [c for c in ckpts if c.step in keep]
-    return Run(root, tuple(ckpts))
+    return Run(root, tuple(ckpts), tuple(left_out))
 
 
-def _scan(d: Path, depth: int) -> list[_Candidate]:
-    """The checkpoints of run directory ``d`` (or ``d`` itself as a run of one)."""
+def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """The checkpoints of run directory ``d`` (or ``d`` itself as a run of one), and the model files found
+    beside them that are not steps of the trajectory, each with the reason."""
     children: list[_Candidate] = []
     seen: list[str] = []
+    logs: list[Path] = []
     for child in sorted(d.iterdir()):
         if child.name.startswith("."):
             continue
@@ -292,25 +299,35 @@ def _scan(d: Path, depth: int) -> list[_Candidate]:
         if child.is_dir():
             if _SKIP_DIR_RE.match(child.name):
                 continue
+            if child.name == "runs":
+                logs.append(child)
+                continue
             cand = _dir_candidate(child, run_dir=d, single=False)
         else:
             cand = _file_candidate(child, run_dir=d, single=False)
         if cand is not None:
             children.append(cand)
     self_weights = _weights_or_none(d)
-    if children and (any(c.step is not None for c in children) or self_weights is None):
+    stepped = [c for c in children if c.step is not None]
+    if stepped or (children and self_weights is None):
         unknown = [c for c in children if c.step is None]
-        if unknown:
+        if not stepped:
             raise LayoutError(
                 f"{d}: cannot tell the step of {', '.join(c.path.name for c in unknown)}",
                 hint="name checkpoints step_N / checkpoint-N (or keep trainer_state.json), move other model "
                 "files out of the run directory, or pass one checkpoint directly",
             )
-        return children
+        left_out = [(str(c.path), "no training step in its name or files (a final/best/exported model?); "
+                     "pass it directly to audit it alone") for c in unknown]
+        if self_weights is not None:
+            left_out.append((str(self_weights[0]), "the model saved at the top of the run (trainer.save_model), "
+                             "not a step of the trajectory; pass the run's checkpoint-N/ to audit that step"))
+        left_out += [(str(p), "training logs (TensorBoard), not a checkpoint") for p in logs]
+        return stepped, left_out
     if self_weights is not None or (d / "trainer_state.json").is_file():
         cand = _dir_candidate(d, run_dir=d.parent, single=True)
         if cand is not None:
-            return [cand]
+            return [cand], []
     if depth == 0 and (d / "checkpoints").is_dir():  # Lightning logs / Accelerate automatic naming
         return _scan(d / "checkpoints", depth + 1)
     raise LayoutError(
@@ -371,7 +388,7 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
     else:
         layout = "model-dir"
     parts: dict[str, Any] = {"weight_files": weight_files, "weights_entry": entry,
-                             "config_file": _first_file(d / "config.json", run_dir / "config.json")}
+                             "config_file": _run_config(d, run_dir)}
     step = name_step
     if layout == "hf-trainer":
         parts["optimizer_file"] = _first_file(d / "optimizer.pt") or _first_dir(d / "optimizer_0")
@@ -386,6 +403,9 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
         parts["optimizer_file"] = _first_file(d / "optimizer.bin")
         parts["scheduler_file"] = _first_file(d / "scheduler.bin")
         parts["rng_files"] = tuple(sorted(d.glob("random_states_*.pkl")))
+        if _ACCELERATE_AUTO_RE.match(d.name) and parts["optimizer_file"] is not None:
+            # automatic_checkpoint_naming counts saves; the optimizer's own step count is the training step
+            step = _optimizer_step(parts["optimizer_file"], default=step)
     if step is None and single:
         step = 0
     return _Candidate(d, layout, step, parts)
@@ -402,7 +422,7 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
         return None
     if fmt in ("torch-zip", "torch-legacy") and not single and f.suffix.lower() not in _TORCH_FILE_SUFFIXES:
         return None  # other pickles (*.pkl) next to checkpoints are training state, not weights
-    config = _first_file(run_dir / "config.json")
+    config = _run_config(run_dir, run_dir)
     if fmt == "safetensors-index":
         return _Candidate(f, "model-dir", _step_from_name(f.parent.name, trailing=False) or 0,
                           {"weight_files": tuple(open_tensors(f).files()), "config_file": _first_file(f.parent / "config.json")})
@@ -415,6 +435,33 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
     if step is None and single:
         step = 0
     return _Candidate(f, "gguf" if fmt == "gguf" else "state-dict", step, {"weight_files": (f,), "config_file": config})
+
+
+def _run_config(d: Path, run_dir: Path) -> Path | None:
+    """config.json of the checkpoint folder, else of the run directory, else (for a ``checkpoints/`` folder, as
+    Lightning and Accelerate's automatic naming lay runs out) of the project folder above it."""
+    above = (run_dir.parent / "config.json",) if run_dir.name == "checkpoints" else ()
+    return _first_file(d / "config.json", run_dir / "config.json", *above)
+
+
+def _optimizer_step(path: Path, default: int | None) -> int | None:
+    """The number of optimizer steps an optimizer state dict records (the largest per-parameter 'step'), or
+    ``default`` when it records none (an optimizer without step counts, or saved before the first step)."""
+    from ckptaudit.errors import CkptAuditError
+
+    try:
+        sd = safe_torch_load(path)
+    except CkptAuditError:
+        return default  # the optimizer reader reports a bad file when the state is asked for
+    steps = []
+    for entry in (sd.get("state") or {}).values() if isinstance(sd, dict) else ():
+        value = entry.get("step") if isinstance(entry, dict) else None
+        if value is not None:
+            try:
+                steps.append(int(float(value)))
+            except (TypeError, ValueError):
+                continue
+    return max(steps) if steps else default
 
 
 def _weight_format(f: Path) -> str | None:
