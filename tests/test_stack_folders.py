@@ -11,7 +11,15 @@ import pytest
 from cli_helpers import invoke
 from conftest import fixture_run
 from safetensors.torch import load_file
-from stack_helpers import assert_close_weights, backbone_rho, cli_ok, control_weights, inspect_json, producer, rho_reference
+from stack_helpers import (
+    assert_close_weights,
+    backbone_rho,
+    cli_ok,
+    control_weights,
+    inspect_json,
+    producer,
+    rho_reference,
+)
 
 GPT2_TRUNK = [f"transformer.h.{i}.{m}.weight" for i in range(2)
               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
