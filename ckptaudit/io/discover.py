@@ -13,6 +13,8 @@ Recognised layouts (``Checkpoint.layout``):
 - "state-dict": loose *.safetensors / *.pt / *.pth / *.bin files. Step: step_N / step-N / ckpt_N / ckpt-N in the
   name, else the name's trailing integer.
 - "gguf": GGUF files (step from the name as for state-dict files).
+- "nanogpt": nanoGPT ``ckpt.pt`` / ``ckpt_N.pt`` (recognised by content: model, model_args, iter_num). Step:
+  ``iter_num``. Read by ``ckptaudit.io.nanogpt``.
 - "dcp": torch.distributed.checkpoint folders (step from the folder name).
 - "model-dir": a folder of model weights without training state (step from the folder name).
 
@@ -45,7 +47,26 @@ from ckptaudit.io.tensors import (
     safe_torch_load,
 )
 
-LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir")
+LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir", "nanogpt")
+
+# Layouts whose files need their stack's own reader (a module under ckptaudit/io/ with open_tensors(ckpt) and
+# optionally config(ckpt), model_source(source, ckpt, model), optimizer_dict(ckpt), param_shapes(ckpt)).
+_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt"}
+
+
+def _remapped(view: Any, pairs: Any) -> Iterator[Any]:
+    with view:
+        yield from (view.remap(pairs) if hasattr(view, "remap") else pairs)
+
+
+def stack_reader(layout: str) -> Any:
+    """The reader module of a stack layout, or None for the layouts ``open_tensors`` reads directly."""
+    name = _STACK_READERS.get(layout)
+    if name is None:
+        return None
+    import importlib
+
+    return importlib.import_module(name)
 
 # Step-bearing names. Directories need one of these; files may also use a trailing integer.
 _DIR_STEP_RES = (
@@ -100,11 +121,34 @@ class Checkpoint:
 
     def tensors(self) -> TensorSource:
         """Open the model tensors (lazily). Use as a context manager."""
+        reader = stack_reader(self.layout)
+        if reader is not None:
+            return reader.open_tensors(self)
         return open_tensors(self.weights_entry or self.path)
 
+    def model_tensors(self, model: Any) -> TensorSource:
+        """The tensors as ``model`` (built from ``config()``) names and lays them out: a stack reader maps its
+        stack's names (a Lightning module prefix, nanoGPT's Linear layout...); other layouts are ``tensors()``."""
+        reader = stack_reader(self.layout)
+        source = self.tensors()
+        if reader is not None and hasattr(reader, "model_source"):
+            return reader.model_source(source, self, model)
+        return source
+
+    def model_stream(self, model: Any, pairs: Any) -> Any:
+        """A stream of (stored name, tensor) pairs of this checkpoint's layout (e.g. a predicted theta) mapped as
+        ``model_tensors`` maps the stored tensors; the pairs themselves for layouts without a stack reader."""
+        if stack_reader(self.layout) is None:
+            return pairs
+        return _remapped(self.model_tensors(model), pairs)
+
     def config(self) -> dict | None:
-        """The parsed config.json, or None when the checkpoint has none."""
-        return _read_json(self.config_file) if self.config_file else None
+        """The parsed config.json, else the config the stack's own files record (nanoGPT's model_args,
+        Lightning's hyper_parameters), or None when the checkpoint has none."""
+        if self.config_file:
+            return _read_json(self.config_file)
+        reader = stack_reader(self.layout)
+        return reader.config(self) if reader is not None and hasattr(reader, "config") else None
 
     def trainer_state(self) -> dict | None:
         """The parsed trainer_state.json (Trainer layouts), or None."""
@@ -431,6 +475,13 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
         step = int(m.group(1)) if m else _lightning_global_step(f)
         return _Candidate(f, "lightning", step, {"weight_files": (f,), "optimizer_file": f, "config_file": config},
                           alias=f.stem.lower().startswith("last"))
+    if fmt == "torch-zip" and f.suffix.lower() in (".pt", ".pth"):
+        from ckptaudit.io import nanogpt
+
+        if nanogpt.detect(f):
+            return _Candidate(f, "nanogpt", nanogpt.step(f), {
+                "weight_files": (f,), "config_file": config,
+                "optimizer_file": f if nanogpt.optimizer_dict(f) is not None else None})
     step = _step_from_name(f.stem, trailing=True)
     if step is None and single:
         step = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -134,18 +134,21 @@ class MappedSource(TensorSource):
 
     ``transforms`` (exposed name -> function) changes a tensor on read, with ``shapes`` giving the shape it then
     has (e.g. a transposed Linear weight); everything else is passed through. Closing closes the underlying
-    source. ``aliases()`` of the underlying source are carried over under the exposed names.
+    source. ``aliases()`` of the underlying source are carried over under the exposed names. ``extra`` adds
+    tensors that the underlying source lacks (e.g. zero biases for a model that has none), listed after its own.
     """
 
     def __init__(self, source: TensorSource, names: Mapping[str, str],
                  transforms: Mapping[str, Transform] | None = None,
-                 shapes: Mapping[str, tuple[int, ...]] | None = None):
+                 shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 extra: Mapping[str, torch.Tensor] | None = None):
         super().__init__(Path(source.path), source.format)
         self._src = source
         self._names = dict(names)
         self._transforms = dict(transforms or {})
         self._shapes = dict(shapes or {})
-        self.ranged_reads = bool(source.ranged_reads) and not self._transforms
+        self._extra = {k: v for k, v in (extra or {}).items() if k not in self._names}
+        self.ranged_reads = bool(source.ranged_reads) and not self._transforms and not self._extra
 
     def _inner(self, name: str) -> str:
         try:
@@ -154,31 +157,54 @@ class MappedSource(TensorSource):
             raise self._missing(name) from None
 
     def keys(self) -> list[str]:
-        return list(self._names)
+        return list(self._names) + list(self._extra)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._extra:
+            return tuple(self._extra[name].shape)
         if name in self._shapes:
             return tuple(self._shapes[name])
         return self._src.shape(self._inner(name))
 
     def dtype(self, name: str) -> torch.dtype:
+        if name in self._extra:
+            return self._extra[name].dtype
         return self._src.dtype(self._inner(name))
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._extra:
+            return self._extra[name]
         tensor = self._src.get(self._inner(name))
         fn = self._transforms.get(name)
         return fn(tensor) if fn is not None else tensor
 
     def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        if name in self._transforms:
+        if name in self._transforms or name in self._extra:
             return TensorSource.read_flat(self, name, start, stop, out)
         return self._src.read_flat(self._inner(name), start, stop, out)
+
+    def remap(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """A stream of (underlying name, tensor) pairs as this view exposes them: renamed, transformed, names
+        the view leaves out skipped, and ``extra`` tensors appended at the end."""
+        exposed = {inner: name for name, inner in self._names.items()}
+        for inner, tensor in pairs:
+            name = exposed.get(inner)
+            if name is None:
+                continue
+            fn = self._transforms.get(name)
+            yield name, fn(tensor) if fn is not None else tensor
+        yield from self._extra.items()
 
     def aliases(self) -> dict[str, str]:
         back = {v: k for k, v in self._names.items()}
         inner = getattr(self._src, "aliases", None)
         found = inner() if callable(inner) else {}
-        return {back.get(k, k): back.get(v, v) for k, v in found.items()}
+        out = {}
+        for key, kept in found.items():
+            name = back.get(kept, kept)
+            head = kept[: len(kept) - len(name)] if kept.endswith(name) else ""
+            out[back.get(key, key[len(head):] if head and key.startswith(head) else key)] = name
+        return out
 
     def files(self) -> list[Path]:
         return self._src.files()

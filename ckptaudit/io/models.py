@@ -162,7 +162,8 @@ def load_model(
         torch.set_default_dtype(previous)
     model.to(dtype=dtype)
 
-    with ckpt.tensors() as source:
+    opener = getattr(ckpt, "model_tensors", None)  # a stack's names and layout mapped to the model's
+    with (opener(model) if callable(opener) else ckpt.tensors()) as source:
         fill_model(model, source, ckpt.path)
     return model.eval()
 
