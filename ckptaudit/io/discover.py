@@ -9,7 +9,8 @@ Recognised layouts (``Checkpoint.layout``):
   automatic naming (``checkpoints/checkpoint_K``, K counts saves) the optimizer state's step count.
 - "lightning": ``*.ckpt`` files (one file holds weights and optimizer). Step: ``step=N`` in the name
   (epoch=E-step=N.ckpt), else the ``global_step`` stored in the file. ``last*.ckpt`` is Lightning's copy of the
-  newest checkpoint: it is dropped when another checkpoint has the same step.
+  newest checkpoint: it is dropped when another checkpoint has the same step. Read by ``ckptaudit.io.lightning``
+  (module prefix stripped by matching the model's names, config from config.json or hyper_parameters).
 - "state-dict": loose *.safetensors / *.pt / *.pth / *.bin files. Step: step_N / step-N / ckpt_N / ckpt-N in the
   name, else the name's trailing integer.
 - "gguf": GGUF files (step from the name as for state-dict files).
@@ -51,7 +52,7 @@ LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp",
 
 # Layouts whose files need their stack's own reader (a module under ckptaudit/io/ with open_tensors(ckpt) and
 # optionally config(ckpt), model_source(source, ckpt, model), optimizer_dict(ckpt), param_shapes(ckpt)).
-_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt"}
+_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning"}
 
 
 def _remapped(view: Any, pairs: Any) -> Iterator[Any]:
@@ -374,6 +375,12 @@ def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]
             return [cand], []
     if depth == 0 and (d / "checkpoints").is_dir():  # Lightning logs / Accelerate automatic naming
         return _scan(d / "checkpoints", depth + 1)
+    versions = sorted(p for p in (d / "lightning_logs").glob("version_*") if (p / "checkpoints").is_dir())
+    if depth == 0 and len(versions) == 1:  # Lightning's default_root_dir with one logged run
+        return _scan(versions[0] / "checkpoints", depth + 1)
+    if depth == 0 and len(versions) > 1:
+        raise LayoutError(f"{d}: several Lightning runs ({', '.join(v.name for v in versions)})",
+                          hint=f"pass one of them, e.g. {versions[-1]}")
     raise LayoutError(
         f"{d}: no checkpoints found (saw: {', '.join(seen[:15]) or 'nothing'}{' ...' if len(seen) > 15 else ''})",
         hint="pass a run directory of checkpoint-N/ step_N folders or *.safetensors/*.pt/*.ckpt/*.gguf files",
@@ -473,7 +480,8 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
     if fmt in ("torch-zip", "torch-legacy") and (f.suffix.lower() == ".ckpt" or _LIGHTNING_STEP_RE.search(f.stem)):
         m = _LIGHTNING_STEP_RE.search(f.stem)
         step = int(m.group(1)) if m else _lightning_global_step(f)
-        return _Candidate(f, "lightning", step, {"weight_files": (f,), "optimizer_file": f, "config_file": config},
+        return _Candidate(f, "lightning", step, {"weight_files": (f,), "optimizer_file": f, "scheduler_file": f,
+                                                 "config_file": config},
                           alias=f.stem.lower().startswith("last"))
     if fmt == "torch-zip" and f.suffix.lower() in (".pt", ".pth"):
         from ckptaudit.io import nanogpt
