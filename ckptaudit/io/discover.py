@@ -16,7 +16,9 @@ Recognised layouts (``Checkpoint.layout``):
 - "gguf": GGUF files (step from the name as for state-dict files).
 - "nanogpt": nanoGPT ``ckpt.pt`` / ``ckpt_N.pt`` (recognised by content: model, model_args, iter_num). Step:
   ``iter_num``. Read by ``ckptaudit.io.nanogpt``.
-- "dcp": torch.distributed.checkpoint folders (step from the folder name).
+- "dcp": torch.distributed.checkpoint folders (step from the folder name), e.g. torchtitan's
+  ``RUN/checkpoint/step-N/``: only the model's tensors are weights; an ``optimizer`` / ``lr_scheduler``
+  subtree saved beside them is the optimizer / scheduler state (``ckptaudit.io.dcp``).
 - "model-dir": a folder of model weights without training state (step from the folder name).
 
 A checkpoint directory or file passed directly is a run of one (step from trainer_state.json, the name, or 0).
@@ -52,7 +54,7 @@ LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp",
 
 # Layouts whose files need their stack's own reader (a module under ckptaudit/io/ with open_tensors(ckpt) and
 # optionally config(ckpt), model_source(source, ckpt, model), optimizer_dict(ckpt), param_shapes(ckpt)).
-_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning"}
+_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning", "dcp": "ckptaudit.io.dcp"}
 
 
 def _remapped(view: Any, pairs: Any) -> Iterator[Any]:
@@ -373,8 +375,9 @@ def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]
         cand = _dir_candidate(d, run_dir=d.parent, single=True)
         if cand is not None:
             return [cand], []
-    if depth == 0 and (d / "checkpoints").is_dir():  # Lightning logs / Accelerate automatic naming
-        return _scan(d / "checkpoints", depth + 1)
+    for sub in ("checkpoints", "checkpoint"):  # Lightning, Accelerate automatic naming; torchtitan
+        if depth == 0 and (d / sub).is_dir():
+            return _scan(d / sub, depth + 1)
     versions = sorted(p for p in (d / "lightning_logs").glob("version_*") if (p / "checkpoints").is_dir())
     if depth == 0 and len(versions) == 1:  # Lightning's default_root_dir with one logged run
         return _scan(versions[0] / "checkpoints", depth + 1)
@@ -430,8 +433,15 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
             )
         return None
     entry, weight_files = found
+    parts_extra: dict[str, Any] = {}
     if entry == d:
         layout = "dcp"
+        from ckptaudit.io import dcp
+
+        if dcp.has_subtree(d, "optimizer"):  # get_state_dict(model, optimizer) saved together; torchtitan
+            parts_extra = {"optimizer_file": d, "scheduler_file": d if dcp.has_subtree(d, "lr_scheduler") else None}
+        else:
+            parts_extra = {}
     elif hf:
         layout = "hf-trainer"
     elif any(_ACCELERATE_MARKERS_RE.match(n) for n in names):
@@ -441,6 +451,8 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
     parts: dict[str, Any] = {"weight_files": weight_files, "weights_entry": entry,
                              "config_file": _run_config(d, run_dir)}
     step = name_step
+    if layout == "dcp":
+        parts.update(parts_extra)
     if layout == "hf-trainer":
         parts["optimizer_file"] = _first_file(d / "optimizer.pt") or _first_dir(d / "optimizer_0")
         parts["scheduler_file"] = _first_file(d / "scheduler.pt")
@@ -499,7 +511,7 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
 def _run_config(d: Path, run_dir: Path) -> Path | None:
     """config.json of the checkpoint folder, else of the run directory, else (for a ``checkpoints/`` folder, as
     Lightning and Accelerate's automatic naming lay runs out) of the project folder above it."""
-    above = (run_dir.parent / "config.json",) if run_dir.name == "checkpoints" else ()
+    above = (run_dir.parent / "config.json",) if run_dir.name in ("checkpoints", "checkpoint") else ()
     return _first_file(d / "config.json", run_dir / "config.json", *above)
 
 

@@ -8,6 +8,7 @@ its own config and tokenizer as metadata: it is loaded through transformers' GGU
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -116,6 +117,22 @@ def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         model = _build(config, ckpt.path)
     return [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]
+
+
+@functools.lru_cache(maxsize=16)
+def _tied_groups(config_json: str) -> tuple[tuple[str, ...], ...]:
+    with torch.device("meta"):
+        model = _build(json.loads(config_json), "config")
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def tied_groups(config: Mapping) -> tuple[tuple[str, ...], ...]:
+    """Names that are one tensor in the model a config.json dict builds (e.g. a head tied to the embeddings),
+    each group in ``state_dict()`` order; built on the meta device."""
+    return _tied_groups(json.dumps(dict(config), sort_keys=True, default=str))
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -131,6 +131,10 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
         if loaded is None:
             raise OptimizerStateError(f"{path}: this checkpoint has no optimizer state")
         return loaded, path
+    if path.is_dir() and (path / ".metadata").is_file():  # DCP: the optimizer subtree, keyed by name
+        from ckptaudit.io.dcp import optimizer_state_dict
+
+        return optimizer_state_dict(path), path
     if path.is_dir():  # FSDP sharded optimizer_0/ (DCP): moments are flattened per rank, not per index
         raise OptimizerStateError(
             f"{path}: a sharded (torch.distributed.checkpoint) optimizer state",
@@ -404,6 +408,10 @@ def load_scheduler_state(ckpt: Any) -> dict | None:
     path = getattr(ckpt, "scheduler_file", None) or _lightning_file(ckpt)
     if path is None:
         return None
+    if Path(path).is_dir() and (Path(path) / ".metadata").is_file():  # DCP: the lr_scheduler subtree
+        from ckptaudit.io.dcp import scheduler_state_dict
+
+        return scheduler_state_dict(path)
     loaded = safe_torch_load(Path(path))
     if not isinstance(loaded, dict):
         raise CorruptFileError(f"{path}: expected a scheduler state dict, found {type(loaded).__name__}")
