@@ -20,6 +20,9 @@ Recognised layouts (``Checkpoint.layout``):
   ``RUN/checkpoint/step-N/``: only the model's tensors are weights; an ``optimizer`` / ``lr_scheduler``
   subtree saved beside them is the optimizer / scheduler state (``ckptaudit.io.dcp``).
 - "model-dir": a folder of model weights without training state (step from the folder name).
+- "deepspeed": DeepSpeed engine checkpoints ``SAVE_DIR/global_stepN/`` (step N, else the recorded
+  global_steps), read by ``ckptaudit.io.deepspeed`` without DeepSpeed's code. Inside a Trainer
+  ``checkpoint-N/`` the engine folder is that checkpoint's optimizer and scheduler state.
 
 A checkpoint directory or file passed directly is a run of one (step from trainer_state.json, the name, or 0).
 A folder that holds both step-named checkpoints and other model files (a Trainer ``output_dir`` after
@@ -50,11 +53,12 @@ from ckptaudit.io.tensors import (
     safe_torch_load,
 )
 
-LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir", "nanogpt")
+LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir", "nanogpt", "deepspeed")
 
 # Layouts whose files need their stack's own reader (a module under ckptaudit/io/ with open_tensors(ckpt) and
 # optionally config(ckpt), model_source(source, ckpt, model), optimizer_dict(ckpt), param_shapes(ckpt)).
-_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning", "dcp": "ckptaudit.io.dcp"}
+_STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning", "dcp": "ckptaudit.io.dcp",
+                  "deepspeed": "ckptaudit.io.deepspeed"}
 
 
 def _remapped(view: Any, pairs: Any) -> Iterator[Any]:
@@ -336,6 +340,10 @@ def discover_run(path: Path | str, steps: str | None = None) -> Run:
 def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     """The checkpoints of run directory ``d`` (or ``d`` itself as a run of one), and the model files found
     beside them that are not steps of the trajectory, each with the reason."""
+    from ckptaudit.io import deepspeed
+
+    if deepspeed.is_engine_dir(d):
+        return [_deepspeed_candidate(d, d.parent, single=True)], []
     children: list[_Candidate] = []
     seen: list[str] = []
     logs: list[Path] = []
@@ -344,6 +352,11 @@ def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]
             continue
         seen.append(child.name + ("/" if child.is_dir() else ""))
         if child.is_dir():
+            if deepspeed.is_engine_dir(child) and not (d / "trainer_state.json").is_file():
+                # a DeepSpeed save_dir (SAVE_DIR/global_stepN/); inside a Trainer checkpoint it is that
+                # checkpoint's optimizer state instead
+                children.append(_deepspeed_candidate(child, d, single=False))
+                continue
             if _SKIP_DIR_RE.match(child.name):
                 continue
             if child.name == "runs":
@@ -454,8 +467,11 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
     if layout == "dcp":
         parts.update(parts_extra)
     if layout == "hf-trainer":
-        parts["optimizer_file"] = _first_file(d / "optimizer.pt") or _first_dir(d / "optimizer_0")
-        parts["scheduler_file"] = _first_file(d / "scheduler.pt")
+        from ckptaudit.io.deepspeed import engine_dir_of
+
+        engine = engine_dir_of(d)  # Trainer + DeepSpeed: the engine's global_stepN/ holds optimizer and scheduler
+        parts["optimizer_file"] = _first_file(d / "optimizer.pt") or _first_dir(d / "optimizer_0") or engine
+        parts["scheduler_file"] = _first_file(d / "scheduler.pt") or engine
         parts["trainer_state_file"] = _first_file(d / "trainer_state.json")
         parts["rng_files"] = tuple(sorted(p for p in d.glob("rng_state*.pth")))
         if parts["trainer_state_file"] is not None:
@@ -506,6 +522,21 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
     if step is None and single:
         step = 0
     return _Candidate(f, "gguf" if fmt == "gguf" else "state-dict", step, {"weight_files": (f,), "config_file": config})
+
+
+def _deepspeed_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate:
+    """A DeepSpeed engine checkpoint folder (global_stepN/): step from the name, else the recorded global_steps."""
+    from ckptaudit.io import deepspeed
+
+    step = _step_from_name(d.name, trailing=False)
+    if step is None:
+        step = deepspeed.step(d)
+    if step is None and single:
+        step = 0
+    files = tuple(sorted(f for f in d.iterdir() if f.suffix == ".pt"))
+    return _Candidate(d, "deepspeed", step, {
+        "weight_files": files, "optimizer_file": d, "scheduler_file": d,
+        "config_file": _run_config(d, run_dir) or _first_file(run_dir.parent / "config.json")})
 
 
 def _run_config(d: Path, run_dir: Path) -> Path | None:

@@ -98,7 +98,8 @@ def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         seen.append(nested)
         cur = cur[nested]
     if isinstance(cur, Mapping):
-        tensors = {str(k): v for k, v in cur.items() if isinstance(v, torch.Tensor)}
+        # nn.Parameter entries (some stacks pickle parameters, not their data) are handed out as plain tensors
+        tensors = {str(k): v.detach() if v.requires_grad else v for k, v in cur.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
     top = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__

@@ -131,6 +131,10 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
         if loaded is None:
             raise OptimizerStateError(f"{path}: this checkpoint has no optimizer state")
         return loaded, path
+    from ckptaudit.io import deepspeed
+
+    if deepspeed.is_engine_dir(path):  # a DeepSpeed engine checkpoint (ZeRO 0-3), e.g. in a Trainer checkpoint
+        return deepspeed.optimizer_state_dict(path), path
     if path.is_dir() and (path / ".metadata").is_file():  # DCP: the optimizer subtree, keyed by name
         from ckptaudit.io.dcp import optimizer_state_dict
 
@@ -408,6 +412,10 @@ def load_scheduler_state(ckpt: Any) -> dict | None:
     path = getattr(ckpt, "scheduler_file", None) or _lightning_file(ckpt)
     if path is None:
         return None
+    from ckptaudit.io import deepspeed
+
+    if deepspeed.is_engine_dir(Path(path)):
+        return deepspeed.scheduler_state_dict(Path(path))
     if Path(path).is_dir() and (Path(path) / ".metadata").is_file():  # DCP: the lr_scheduler subtree
         from ckptaudit.io.dcp import scheduler_state_dict
 
