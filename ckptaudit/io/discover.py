@@ -20,6 +20,8 @@ Recognised layouts (``Checkpoint.layout``):
   ``RUN/checkpoint/step-N/``: only the model's tensors are weights; an ``optimizer`` / ``lr_scheduler``
   subtree saved beside them is the optimizer / scheduler state (``ckptaudit.io.dcp``).
 - "model-dir": a folder of model weights without training state (step from the folder name).
+- "peft": PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors; Trainer files beside them),
+  read by ``ckptaudit.io.peft`` as merged deltas; the model is the base model named by the adapter.
 - "deepspeed": DeepSpeed engine checkpoints ``SAVE_DIR/global_stepN/`` (step N, else the recorded
   global_steps), read by ``ckptaudit.io.deepspeed`` without DeepSpeed's code. Inside a Trainer
   ``checkpoint-N/`` the engine folder is that checkpoint's optimizer and scheduler state.
@@ -53,12 +55,13 @@ from ckptaudit.io.tensors import (
     safe_torch_load,
 )
 
-LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir", "nanogpt", "deepspeed")
+LAYOUTS = ("hf-trainer", "accelerate", "lightning", "state-dict", "gguf", "dcp", "model-dir", "nanogpt", "deepspeed",
+           "peft")
 
 # Layouts whose files need their stack's own reader (a module under ckptaudit/io/ with open_tensors(ckpt) and
 # optionally config(ckpt), model_source(source, ckpt, model), optimizer_dict(ckpt), param_shapes(ckpt)).
 _STACK_READERS = {"nanogpt": "ckptaudit.io.nanogpt", "lightning": "ckptaudit.io.lightning", "dcp": "ckptaudit.io.dcp",
-                  "deepspeed": "ckptaudit.io.deepspeed"}
+                  "deepspeed": "ckptaudit.io.deepspeed", "peft": "ckptaudit.io.peft"}
 
 
 def _remapped(view: Any, pairs: Any) -> Iterator[Any]:
@@ -446,6 +449,9 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
             )
         return None
     entry, weight_files = found
+    from ckptaudit.io.peft import adapter_file
+
+    peft_file = adapter_file(d)
     parts_extra: dict[str, Any] = {}
     if entry == d:
         layout = "dcp"
@@ -463,6 +469,18 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
         layout = "model-dir"
     parts: dict[str, Any] = {"weight_files": weight_files, "weights_entry": entry,
                              "config_file": _run_config(d, run_dir)}
+    if peft_file is not None:  # a LoRA adapter (ckptaudit.io.peft): its config is the base model's
+        layout = "peft"
+        parts.update(weight_files=(peft_file,), weights_entry=peft_file, config_file=_first_file(d / "config.json"))
+        if hf:
+            parts["optimizer_file"] = _first_file(d / "optimizer.pt")
+            parts["scheduler_file"] = _first_file(d / "scheduler.pt")
+            parts["trainer_state_file"] = _first_file(d / "trainer_state.json")
+            parts["rng_files"] = tuple(sorted(p for p in d.glob("rng_state*.pth")))
+            if parts["trainer_state_file"] is not None:
+                state = _read_json(parts["trainer_state_file"])
+                if isinstance(state.get("global_step"), int):
+                    name_step = state["global_step"]
     step = name_step
     if layout == "dcp":
         parts.update(parts_extra)

@@ -502,7 +502,7 @@ def resolve_model_path(spec: str) -> Path:
     if snapshot is None:
         raise HubNotCachedError(
             f"{spec}: no such local path, and not in the local cache at {cache}",
-            hint=f"ckptaudit never downloads: run `huggingface-cli download {repo_id}` on a machine with access, "
+            hint=f"ckptaudit never downloads: run `hf download {repo_id}` on a machine with access, "
             "or pass a local directory",
         )
     return snapshot
