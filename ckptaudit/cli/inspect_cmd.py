@@ -14,6 +14,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    RevisionsOpt,
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
@@ -32,6 +33,7 @@ def _human_bytes(n: int) -> str:
 def inspect(
     path: RunDirArg,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     role_map: RoleMapOpt = None,
     no_file_check: Annotated[
         bool, typer.Option("--no-file-check", help="Skip the per-file safe-format check (faster on huge runs).")
@@ -52,7 +54,7 @@ def inspect(
 
     session = LocalSession("inspect", None, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output = session.output
-    run = load_run(path, steps)
+    run = load_run(path, steps, revisions)
     rmap = load_role_map(role_map) if role_map is not None else None
     with Progress(output, "inspecting", len(run.checkpoints)) as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)

@@ -17,6 +17,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    RevisionsOpt,
     RunDirArg,
     SeedOpt,
     StepsOpt,
@@ -55,8 +56,8 @@ def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
     return build_probes(ckpt.directory, ckpt.config(), probes, data, seed)
 
 
-def _run(path: Path, steps: str | None = None) -> Any:
-    run = load_run(path, steps)
+def _run(path: Path, steps: str | None = None, revisions: str | None = None) -> Any:
+    run = load_run(path, steps, revisions)
     if len(run) < 2:
         raise LayoutError(f"{path}: {len(run)} checkpoint(s); trajectory analyses need at least 2", "pass a run directory")
     return run
@@ -95,6 +96,7 @@ def regimes(
     thresholds: ThresholdsOpt = None,
     task: TaskOpt = None,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -113,7 +115,7 @@ def regimes(
     session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
     fixed = parse_thresholds(thresholds)
-    run = _run(run_dir, steps)
+    run = _run(run_dir, steps, revisions)
     probe_set = _probes(run[0], probes, _data(run[0], task, None, required=False), seed)
     with Progress(output, "fingerprints", len(run)) as hook:
         result = run_regimes(run, probe_set, fixed, dev, progress=hook)
@@ -175,6 +177,7 @@ def extrapolate(
     probes: ProbesOpt = None,
     thresholds: ThresholdsOpt = None,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -203,7 +206,7 @@ def extrapolate(
         predictors=predictors, ks=_int_list(k, "--K"), cascades=_cascades(cascade or []), tolerance=tolerance,
         sigma_window=sigma_window, skip_chaotic=skip_chaotic, thresholds=parse_thresholds(thresholds), device=dev,
     )  # fmt: skip
-    run = _run(run_dir, steps)
+    run = _run(run_dir, steps, revisions)
     held_out = _data(run[-1], task, data, required=True)
     probe_set = _probes(run[0], probes, held_out, seed)
 

@@ -316,13 +316,31 @@ class _Candidate:
         return Checkpoint(step=self.step, path=self.path, layout=self.layout, **self.parts)
 
 
-def discover_run(path: Path | str, steps: str | None = None) -> Run:
+def discover_run(path: Path | str, steps: str | None = None, revisions: str | None = None) -> Run:
     """Find the checkpoints of the run at ``path`` (a run directory, one checkpoint folder, or one file), sorted
     by step, optionally filtered by a --steps spec (see ``parse_steps``).
+
+    With ``revisions`` (a glob such as ``step*``), ``path`` is a hub repo id and the run is its cached revisions
+    matching the glob (``ckptaudit.io.hub``; byte-identical revisions are left out and listed).
 
     Raises InputNotFoundError (no such path) or LayoutError (no checkpoints, a step that cannot be determined,
     two checkpoints with the same step, a --steps spec naming absent steps); messages name the paths and the fix.
     """
+    if revisions is not None:
+        from ckptaudit.io import hub
+
+        def candidate(snapshot: Path, step: int) -> _Candidate | None:
+            cand = _dir_candidate(snapshot, run_dir=snapshot, single=True)
+            if cand is not None:
+                cand.step = step
+            return cand
+
+        found, left_out = hub.revision_checkpoints(str(path), revisions, candidate)
+        ckpts = _order(found)
+        if steps is not None:
+            keep = set(parse_steps(steps).select([c.step for c in ckpts]))
+            ckpts = [c for c in ckpts if c.step in keep]
+        return Run(Path(str(path)), tuple(ckpts), tuple(left_out))
     root = Path(path).expanduser()
     if not root.exists():
         raise InputNotFoundError(f"{root}: no such file or directory", hint="check the run directory path")
