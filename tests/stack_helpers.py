@@ -46,10 +46,19 @@ def inspect_json(run_dir: Path, *extra: str) -> dict:
 
 def control_weights(ckpt: Path, steps: int) -> dict[str, torch.Tensor]:
     """The model's parameters after CONTROL resumed ``steps`` steps from ``ckpt``, through the CLI's input path."""
+    from conftest import build_threads
+
     from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
 
-    inputs = probe_inputs_from_checkpoint(ckpt, device="cpu")
-    _, model = run_condition(CONTROL, inputs, ResumeSettings(steps=steps, eval_every=steps))
+    previous = torch.get_num_threads()
+    threads = build_threads(ckpt)  # float reductions over another thread count round differently
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        inputs = probe_inputs_from_checkpoint(ckpt, device="cpu")
+        _, model = run_condition(CONTROL, inputs, ResumeSettings(steps=steps, eval_every=steps))
+    finally:
+        torch.set_num_threads(previous)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

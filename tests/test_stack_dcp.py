@@ -23,7 +23,7 @@ TRUNK = [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_att
 
 @pytest.fixture(scope="module")
 def root():
-    return fixture_run("stack_dcp")
+    return fixture_run("stack_dcp", adopt_threads=False)
 
 
 def _folder(root, sub, step):

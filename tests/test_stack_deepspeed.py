@@ -27,7 +27,7 @@ TRUNK = [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_att
 
 @pytest.fixture(scope="module")
 def root():
-    return fixture_run("stack_deepspeed")
+    return fixture_run("stack_deepspeed", adopt_threads=False)
 
 
 def test_deepspeed_is_not_importable_here():

@@ -27,12 +27,12 @@ GPT2_TRUNK = [f"transformer.h.{i}.{m}.weight" for i in range(2)
 
 @pytest.fixture(scope="module")
 def hf_output():
-    return fixture_run("stack_hf_output")
+    return fixture_run("stack_hf_output", adopt_threads=False)
 
 
 @pytest.fixture(scope="module")
 def accelerate_run():
-    return fixture_run("stack_accelerate")
+    return fixture_run("stack_accelerate", adopt_threads=False)
 
 
 def test_trainer_output_dir_keeps_the_trajectory_and_lists_the_rest(hf_output):

@@ -20,7 +20,7 @@ PREFIX = {"hparams": "model.", "configjson": "net."}
 
 @pytest.fixture(scope="module")
 def root():
-    return fixture_run("stack_lightning")
+    return fixture_run("stack_lightning", adopt_threads=False)
 
 
 def _ckpt_dir(root, sub):

@@ -19,7 +19,7 @@ from ckptaudit.io.optimizer import load_optimizer_state
 
 @pytest.fixture(scope="module")
 def root():
-    return fixture_run("stack_nanogpt")
+    return fixture_run("stack_nanogpt", adopt_threads=False)
 
 
 def _nanogpt_model(path):

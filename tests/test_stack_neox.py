@@ -24,7 +24,7 @@ TRUNK = [f"gpt_neox.layers.{i}.{m}.weight" for i in range(2) for m in (
 
 @pytest.fixture(scope="module")
 def run():
-    return fixture_run("stack_neox")
+    return fixture_run("stack_neox", adopt_threads=False)
 
 
 def test_head_is_stored_as_embed_out(run):

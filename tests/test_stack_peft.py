@@ -25,7 +25,7 @@ TASK = "modadd:p=13,train_frac=0.6"
 
 @pytest.fixture(scope="module")
 def root():
-    return fixture_run("stack_peft")
+    return fixture_run("stack_peft", adopt_threads=False)
 
 
 def _merged(root, step):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,17 @@ def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
     folder = _dir(ckpt)
     peft_config = PeftConfig.from_pretrained(str(folder))
     peft_config.inference_mode = False  # as it was trained: the adapter parameters require grad
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT notes that the meta model has no name_or_path
-        model = get_peft_model(_build(config(ckpt), folder), peft_config)
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT would otherwise look base model names up on the hub
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT notes that the meta model has no name_or_path
+            model = get_peft_model(_build(config(ckpt), folder), peft_config)
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
     out = []
     for name, p in model.named_parameters():
         if p.requires_grad:
