@@ -87,3 +87,16 @@ def test_uncached_repo_and_unmatched_glob_name_hf_download(cache):
     assert_one_line_error(r, "other-org/not-cached", "not in the local hub cache", "hf download other-org/not-cached")
     r = invoke("inspect", REPO, "--revisions", "ckpt-*", "--no-report")
     assert_one_line_error(r, "no cached revision matches 'ckpt-*'", "step0", "hf download")
+
+
+def test_model_running_commands_take_revisions(cache, tiny_run):
+    r = invoke("extrapolate", REPO, "--revisions", "step*", "--predictor", "linear", "--K", 10, "--json",
+               "--no-report", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    via_hub = json.loads(r.stdout)["results"]
+    r = invoke("extrapolate", tiny_run, "--predictor", "linear", "--K", 10, "--json", "--no-report", "--device", "cpu")
+    direct = json.loads(r.stdout)["results"]
+    assert [(x["step"], x["loss_pred"]) for x in via_hub] == [(x["step"], x["loss_pred"]) for x in direct]
+    r = invoke("regimes", REPO, "--revisions", "step*", "--json", "--no-report", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["steps"] == [0, 10, 20, 30, 40, 50, 60]
