@@ -78,3 +78,17 @@ def test_accelerate_control_reproduces_the_next_save(accelerate_run):
     ext = cli_ok("extrapolate", accelerate_run, "--K", 10, "--device", "cpu")
     assert {r["step"] for r in ext["results"]} == {10, 20}
     assert json.loads((ckpts / "checkpoint_1" / "ckptaudit_task.json").read_text())["task"] == "modadd"
+
+
+def test_accelerate_backbone_and_moments(accelerate_run):
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.io.optimizer import load_optimizer_state
+
+    states = [load_file(accelerate_run / "checkpoints" / f"checkpoint_{k}" / "model.safetensors") for k in (0, 1, 2)]
+    np.testing.assert_allclose(backbone_rho(accelerate_run), rho_reference(states, GPT2_TRUNK), rtol=1e-9)
+    state = load_optimizer_state(discover_run(accelerate_run).by_step(20))
+    live = producer(accelerate_run)["moments"]
+    assert set(state.state) == set(live)
+    for name, m in live.items():
+        np.testing.assert_allclose(state.state[name].exp_avg.reshape(-1)[:8].numpy(), m["exp_avg"], rtol=1e-6)
+        assert state.state[name].step == m["step"] == 20
