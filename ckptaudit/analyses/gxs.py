@@ -365,12 +365,13 @@ def consolidation_order(step_g: int | None, step_s: int | None) -> str:
 
 
 def run_velocity(run: Any, include_bias: bool = False, device: str = "cpu", role_map: Any = None,
-                 anchor_step: int | None = None, progress: Callable[[int], None] | None = None) -> VelocityResult:
+                 anchor_step: int | None = None, progress: Callable[[int], None] | None = None,
+                 allow_partial_trunk: bool = False) -> VelocityResult:
     """Velocities and consolidation steps of G and S over ``run``, from ``run_backbone``'s role-group Grams."""
     from ckptaudit.analyses.backbone import run_backbone
 
     report = run_backbone(run, anchor_step=anchor_step, blocks=[], include_bias=include_bias, device=device,
-                          role_map=role_map, progress=progress)
+                          role_map=role_map, progress=progress, allow_partial_trunk=allow_partial_trunk)
     g, s = report.groups["G"], report.groups["S"]
     return VelocityResult(tuple(report.steps), report.anchor_step, np.asarray(g.velocity, dtype=np.float64),
                           np.asarray(s.velocity, dtype=np.float64), g.consolidation_step, s.consolidation_step,

@@ -101,6 +101,7 @@ class InspectResult:
     checkpoints: tuple[CheckpointInfo, ...]
     lr_history_points: int
     extra: dict[str, Any] = field(default_factory=dict)
+    architecture_recognised_by: str = ""  # which config.json value (or the tensor names) chose the family
 
     @property
     def missing(self) -> list[str]:
@@ -125,6 +126,7 @@ class InspectResult:
             "run": self.run,
             "architecture": self.architecture,
             "architecture_note": self.architecture_note,
+            "architecture_recognised_by": self.architecture_recognised_by,
             "checkpoints": [c.to_json() for c in self.checkpoints],
             "provenance_complete": self.provenance_complete,
             "missing": self.missing,
@@ -138,6 +140,7 @@ class InspectResult:
         return {
             "run": self.run,
             "architecture": self.architecture,
+            "architecture_recognised_by": self.architecture_recognised_by,
             "provenance_complete": self.provenance_complete,
             "all_files_safe": self.all_files_safe,
             "missing": json.dumps(self.missing),
@@ -248,8 +251,9 @@ def checkpoint_files(ckpt: Any) -> list[Path]:
 def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True) -> tuple[CheckpointInfo, str, str]:
     """Inspect one checkpoint: parameter counts by role/block/dtype from tensor headers only.
 
-    Returns (info, architecture name, note). An architecture ckptaudit cannot place is reported, not raised:
-    inspect must work on any checkpoint.
+    Returns (info, architecture name, note). The note says how the family was recognised, or why no family
+    could place the tensors: an architecture ckptaudit cannot place is reported, not raised (inspect must work
+    on any checkpoint).
     """
     from ckptaudit.errors import UnknownArchitectureError
     from ckptaudit.io.roles import resolve_architecture
@@ -270,7 +274,7 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
     arch_name, note = "unknown", ""
     try:
         arch = resolve_architecture(shapes, ckpt.config(), role_map=role_map)
-        arch_name = arch.name
+        arch_name, note = arch.name, arch.recognised_by
         for piece in arch.pieces:
             by_role[piece.role] += piece.numel
             by_block["none" if piece.block is None else str(piece.block)] += piece.numel
@@ -333,7 +337,9 @@ def inspect_run(run: Any, role_map: Any = None, check_files: bool = True, progre
             progress(1)
     from ckptaudit.io.optimizer import lr_history
 
+    known = arch_name != "unknown"
     return InspectResult(
-        run=str(run.path), architecture=arch_name, architecture_note=note, checkpoints=tuple(infos),
-        lr_history_points=len(lr_history(run.checkpoints[-1])),
+        run=str(run.path), architecture=arch_name, architecture_note="" if known else note,
+        checkpoints=tuple(infos), lr_history_points=len(lr_history(run.checkpoints[-1])),
+        architecture_recognised_by=note if known else "",
     )

@@ -10,6 +10,7 @@ import typer
 from ckptaudit.cli.app import app
 from ckptaudit.cli.common import Progress, Session, load_drift_run
 from ckptaudit.cli.options import (
+    AllowPartialTrunkOpt,
     DeviceOpt,
     JsonOpt,
     NoHashOpt,
@@ -80,6 +81,7 @@ def backbone(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many singular vectors --save-vectors writes.")] = 6,
     plot: PlotOpt = None,
     role_map: RoleMapOpt = None,
+    allow_partial_trunk: AllowPartialTrunkOpt = False,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -122,6 +124,7 @@ def backbone(
                 top_k_vectors=top_k,
                 progress=hook if main else None,
                 progress_total=hook.set_total if main else None,
+                allow_partial_trunk=allow_partial_trunk,
             )
     if not main:
         return
@@ -135,6 +138,10 @@ def backbone(
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if save_vectors is not None:
         output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")
+    missing = summary["settings"].get("missing_trunk") or []
+    if missing:
+        output.note(f"[yellow]partial trunk[/yellow] ({summary['settings']['architecture']}): {'; '.join(missing[:3])}"
+                    f"{' ...' if len(missing) > 3 else ''}")
     unplaced = summary["settings"].get("unplaced_block_weights") or []
     if unplaced:
         output.note(f"{len(unplaced)} weight(s) inside the blocks have no role and are not in the trunk "
@@ -166,6 +173,9 @@ def render_backbone(output: Any, s: dict) -> None:
         rows.append(row(f"group {g}", r))
     for b, r in s.get("blocks", {}).items():
         rows.append(row(f"block {b}", r))
+    experts = s.get("experts", {})
+    if 0 < len(experts) <= 16:
+        rows += [row(f"expert {k}", r) for k, r in experts.items()]
     steps = s["steps"]
     output.table(
         f"backbone — {len(steps)} drift rows (steps {steps[0]}…{steps[-1]}), anchor step {s.get('anchor_step')}",
@@ -173,6 +183,11 @@ def render_backbone(output: Any, s: dict) -> None:
         rows,
         caption="PC1 % = sigma_1^2 / trace(G); f_b = backbone fraction a^2/||x||^2; c(w) = rolling-window PC1 alignment; t* = update-alignment sign flip",
     )
+    if len(experts) > 16:
+        pc1 = {k: 100.0 * r["rho"][0] for k, r in experts.items() if r.get("rho")}
+        lo, hi = min(pc1, key=pc1.get), max(pc1, key=pc1.get)
+        output.print(f"{len(experts)} experts (in the JSON and HDF5 report): PC1 % from {pc1[lo]:.1f} (expert {lo}) "
+                     f"to {pc1[hi]:.1f} (expert {hi})")
     t = s["trunk"]
     output.print(f"a(t)     {sparkline(t['a'])}  {t['a'][0]:.3g} → {t['a'][-1]:.3g}")
     output.print(f"||r(t)|| {sparkline(t['r_norm'])}  {t['r_norm'][0]:.3g} → {t['r_norm'][-1]:.3g}")

@@ -94,6 +94,8 @@ def render_inspect(output, result) -> None:
             ["role", "params"],
             [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
         )
+    if result.architecture_recognised_by:
+        output.print(f"architecture {result.architecture}: recognised by {result.architecture_recognised_by}")
     if result.architecture_note:
         output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
     for c in result.checkpoints:

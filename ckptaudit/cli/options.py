@@ -73,7 +73,15 @@ PlotOpt = Annotated[
 ]
 RoleMapOpt = Annotated[
     Path | None,
-    typer.Option("--role-map", help="TOML/JSON file mapping tensor-name regexes to roles, for architectures ckptaudit does not know."),
+    typer.Option("--role-map", metavar="FILE",
+                 help="Architecture file (TOML/JSON, the schema of the shipped families, see `ckptaudit architectures`): "
+                      "a family of its own (name / extends) or rules mapping tensor-name regexes to roles, tried first."),
+]
+AllowPartialTrunkOpt = Annotated[
+    bool,
+    typer.Option("--allow-partial-trunk",
+                 help="Analyse a trunk that lacks a role its architecture has (e.g. MLP weights no rule places) "
+                      "instead of stopping with an error."),
 ]
 
 
