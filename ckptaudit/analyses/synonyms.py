@@ -21,7 +21,6 @@ purity (through the d x d matrix rho) and O(|P|^2 d) for ``xi`` (streamed in row
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.io.jsonio import loads_bounded
 
 DEFAULT_NUCLEUS = 0.9
 _XI_BLOCK = 2048  # rows of the pool per block of the O(|P|^2) angle sum
@@ -280,15 +280,19 @@ def load_contexts(path: str | Path) -> list[Context]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such contexts file", "pass a JSONL file of {context, target, competitor}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {e.start} of the file)",
+                        "save the contexts file as UTF-8") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})", "one JSON object per line") from None
+        obj = loads_bounded(line, where, error=DataError, hint="one JSON object per line")
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = set(obj) - {"context", "target", "competitor"}

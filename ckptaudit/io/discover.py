@@ -25,14 +25,13 @@ errors that name the paths and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError, UsageError
+from ckptaudit.errors import InputNotFoundError, LayoutError, UsageError
 from ckptaudit.io.tensors import (
     TensorSource,
     detect_format,
@@ -467,15 +466,10 @@ def _first_dir(*paths: Path) -> Path | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: no such file", hint="check the checkpoint folder") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})", hint="re-save or restore the file") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    """A JSON object of the checkpoint (config.json, trainer_state.json), read with io.jsonio's limits."""
+    from ckptaudit.io.jsonio import read_json
+
+    return read_json(path)
 
 
 def _fmt_steps(steps: Sequence[int], limit: int = 20) -> str:

@@ -13,7 +13,6 @@ moment's shape equals its parameter's shape; several accepted candidates that di
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -399,10 +398,9 @@ def _trainer_state(ckpt: Any) -> dict | None:
     path = getattr(ckpt, "trainer_state_file", None)
     if path is None:
         return None
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})") from None
+    from ckptaudit.io.jsonio import read_json
+
+    return read_json(path)
 
 
 def lr_history(ckpt: Any) -> list[tuple[int, float]]:
