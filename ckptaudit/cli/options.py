@@ -101,15 +101,13 @@ def resolve_device(spec: str) -> str:
 def parse_floats(spec: str, option: str, example: str = "1,0.5", positive: bool = False) -> tuple[float, ...]:
     """'1,0.8,0.6' -> (1.0, 0.8, 0.6), in the given order; UsageError naming ``option`` and the bad entry."""
     from ckptaudit.errors import UsageError
+    from ckptaudit.io.numbers import parse_float
 
     values = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise UsageError(f"{option}: {part!r} is not a number", f"give comma-separated numbers, e.g. {option} {example}") from None
+        value = parse_float(part, option, hint=f"give comma-separated numbers, e.g. {option} {example}")
         if positive and not value > 0:
             raise UsageError(f"{option}: {part} must be positive", f"e.g. {option} {example}")
         values.append(value)
@@ -121,9 +119,9 @@ def parse_floats(spec: str, option: str, example: str = "1,0.5", positive: bool 
 def parse_switch(spec: str) -> tuple[int, int]:
     """'PEAK:TROUGH' -> (peak_step, trough_step)."""
     from ckptaudit.errors import UsageError
+    from ckptaudit.io.numbers import is_int_text, parse_int
 
-    try:
-        a, b = spec.split(":")
-        return int(a), int(b)
-    except ValueError:
-        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500") from None
+    parts = [p.strip() for p in spec.split(":")]
+    if len(parts) != 2 or not all(map(is_int_text, parts)):
+        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500")
+    return parse_int(parts[0], "--switch"), parse_int(parts[1], "--switch")

@@ -494,10 +494,9 @@ class ShardedSource(TensorSource):
                     f"({', '.join(absent[:3])})", hint=_RESAVE_HINT)
             stray = sorted(have - want)
             if stray:
-                elsewhere = [k for k in stray if k in self._map]
-                what = f"places {', '.join(elsewhere[:3])} in another shard" if elsewhere else "omits them"
+                what = "places in another shard" if any(k in self._map for k in stray) else "omits"
                 raise CorruptFileError(
-                    f"{self.path}: shard {f.name} holds {len(stray)} tensor(s) the weight_map {what} "
+                    f"{self.path}: shard {f.name} holds {len(stray)} tensor(s) that the weight_map {what} "
                     f"({', '.join(stray[:3])})", hint=_RESAVE_HINT)
         except BaseException:
             src.close()

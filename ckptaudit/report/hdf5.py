@@ -3,7 +3,7 @@
 Layout (schema_version 1)::
 
     /                 attrs: schema_version, ckptaudit_version, command, argv (JSON), created (UTC ISO 8601),
-                             device, torch_version
+                             device, torch_version, notes (JSON list of the warnings the libraries gave)
     /inputs           datasets: step (int64), path (str), bytes (int64), sha256 (str; "" with --no-hash)
     /<command>/...    the result tree of the command
 
@@ -84,10 +84,12 @@ def write_report(
     inputs: Sequence[InputRecord] = (),
     device: str = "cpu",
     group: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a complete report to ``path`` atomically; nothing is left behind on failure.
 
-    ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_').
+    ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_'); ``notes`` the
+    warnings the libraries gave while the command ran (root attribute ``notes``, a JSON list).
     """
     import torch  # local: keep `ckptaudit --help` fast
 
@@ -103,6 +105,7 @@ def write_report(
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["device"] = str(device)
             f.attrs["torch_version"] = str(torch.__version__)
+            f.attrs["notes"] = json.dumps([str(n) for n in notes])
             g = f.create_group("inputs")
             str_dt = h5py.string_dtype()
             g.create_dataset("step", data=np.array([r.step for r in inputs], dtype=np.int64))
