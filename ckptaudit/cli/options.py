@@ -10,11 +10,31 @@ import typer
 
 
 def check_output_file(value: Path | None) -> Path | None:
-    """Reject an output file path that is an existing directory before any work is done."""
-    if value is not None and value.is_dir():
-        from ckptaudit.errors import UsageError
+    """Typer callback of output-file options: :func:`check_output_path` before any work is done."""
+    return check_output_path(value, "output file")
 
-        raise UsageError(f"{value}: is a directory, expected a file to write", "give a file name, e.g. out/report.h5")
+
+def check_output_path(value: Path | None, option: str) -> Path | None:
+    """Reject, before any work is done, an output file path that cannot be written: an existing directory, a path
+    below an existing file, or one whose nearest existing folder is not writable. ``option`` names it in messages."""
+    import os
+
+    from ckptaudit.errors import UsageError
+
+    if value is None:
+        return value
+    value = Path(value)
+    if value.is_dir():
+        raise UsageError(f"{option} {value}: is a directory, expected a file to write", "give a file name, e.g. out/report.h5")
+    parent = value.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{option} {value}: {parent} is a file, so no folder can be made there", "give another path")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {value}: the folder {parent} is not writable", "give a path you can write to")
+    if value.exists() and not os.access(value, os.W_OK) and not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {value}: exists and cannot be replaced", "give a path you can write to")
     return value
 
 
@@ -36,9 +56,13 @@ ModelArg = Annotated[
     typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint directory or file.")]
+def _check_out(value: Path | None) -> Path | None:
+    return check_output_path(value, "--out")
+
+
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", callback=check_output_file, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
+    typer.Option("--out", "-o", callback=_check_out, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
 ]
 NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Do not write an HDF5 report.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary with stable keys instead of tables.")]
