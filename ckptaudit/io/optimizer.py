@@ -126,6 +126,9 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
     loaded = safe_torch_load(path)
     if isinstance(loaded, dict) and "optimizer_states" in loaded:  # Lightning: one entry per optimizer
         states = loaded["optimizer_states"]
+        if not isinstance(states, (list, tuple)):
+            raise CorruptFileError(f"{path}: 'optimizer_states' must be a list, got {type(states).__name__}",
+                                   hint="re-save the checkpoint with Lightning")
         if not states:
             raise OptimizerStateError(f"{path}: 'optimizer_states' is empty (saved without the optimizer)")
         loaded = states[0]
@@ -140,6 +143,9 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
             f"{path}: not a torch optimizer state dict (expected 'state' and 'param_groups', found {keys})",
             hint="DeepSpeed/FSDP sharded optimizer states are not supported",
         )
+    from ckptaudit.io.optimizer_schema import validate_optimizer_state
+
+    validate_optimizer_state(loaded, path)  # the one place a state dict is read: its structure is checked here
     return loaded, path
 
 
