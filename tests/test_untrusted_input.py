@@ -234,3 +234,41 @@ def test_library_warnings_become_notes(tiny_run, tmp_path):
     assert any("planted transformers warning" in ln for ln in lines) and any("python warning" in ln for ln in lines)
     # outside a command, transformers' handler prints as usual: the capture is undone
     assert logging.getLogger("transformers").handlers
+
+
+# ------------------------------------------------------------------------------------------ report show
+
+
+def test_report_show_renders_hostile_reports(tmp_path):
+    """Bad JSON in argv, bytes that are not UTF-8, names that look like rich markup, a dangling link: every value
+    stored as text is shown escaped, the command exits 0, and --json is strict JSON holding the same text."""
+    import h5py
+    import numpy as np
+
+    from ckptaudit.report.hdf5 import write_report
+
+    path = tmp_path / "r.h5"
+    write_report(path, command="inspect", argv=["ckptaudit"], tree={"steps": [1, 2], "name": "ok"})
+    with h5py.File(path, "r+") as f:
+        f.attrs["argv"] = "{not json"
+        f.attrs["raw"] = np.bytes_(b"\xff\xfe bytes")
+        g = f.create_group("[red]x[/blue]")
+        g.attrs["[bold]k"] = "[/] value"
+        g.create_dataset("[i]d[b]", data=np.array([b"\xff", b"ok"], dtype="S2"))
+        f["inspect"]["gone"] = h5py.SoftLink("/nowhere/at/all")
+        f["inspect"]["loop"] = h5py.SoftLink("/inspect")
+    human = invoke("report", "show", path)
+    assert human.exit_code == 0, (human.output, human.exception)
+    for text in ("{not json", "[red]x[/blue]", "[bold]k", "[/] value", "[i]d[b]", "dangling link to /nowhere/at/all"):
+        assert text in human.stdout, text
+    doc = json.loads(invoke("report", "show", path, "--json").stdout)
+    assert doc["@attrs"]["raw"] == "\ufffd\ufffd bytes"
+    assert doc["[red]x[/blue]"]["[i]d[b]"] == ["\ufffd", "ok"]
+    assert doc["inspect"]["gone"] == "<dangling link to /nowhere/at/all>"
+    assert doc["inspect"]["loop"] == "<link to /inspect>"
+
+
+def test_report_show_not_hdf5(tmp_path):
+    f = tmp_path / "r.h5"
+    f.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    assert_one_line_error(invoke("report", "show", f), "r.h5")

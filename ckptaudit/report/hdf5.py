@@ -161,27 +161,60 @@ def read_report(path: Path) -> dict:
         with h5py.File(path, "r") as f:
             if "schema_version" not in f.attrs:
                 raise CorruptFileError(f"{path}: not a ckptaudit report (no schema_version)", "pass a file written by ckptaudit --out")
-            return _read_group(f)
-    except OSError as e:
-        raise CorruptFileError(f"{path}: not a readable HDF5 file ({e})", "pass a file written by ckptaudit --out") from None
+            return _read_group(f, depth=0)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"{path}: not a readable HDF5 file ({first})", "pass a file written by ckptaudit --out") from None
 
 
-def _read_group(g: h5py.Group) -> dict:
-    out: dict[str, Any] = {"@attrs": {k: _attr(v) for k, v in g.attrs.items()}}
-    for k, v in g.items():
+# A report is untrusted input too: its text is decoded leniently (invalid UTF-8 becomes U+FFFD), a link that
+# leads nowhere is read as a note of where it pointed, and groups nest at most this deep.
+_MAX_GROUP_DEPTH = 64
+
+
+def _read_group(g: h5py.Group, depth: int) -> dict:
+    if depth > _MAX_GROUP_DEPTH:
+        raise ValueError(f"groups nested more than {_MAX_GROUP_DEPTH} deep")
+    out: dict[str, Any] = {"@attrs": {}}
+    for k in g.attrs.keys():
+        try:
+            out["@attrs"][k] = _attr(g.attrs[k])
+        except (OSError, UnicodeDecodeError, TypeError, ValueError) as e:
+            out["@attrs"][k] = f"<unreadable attribute: {type(e).__name__}>"
+    for k in g.keys():
+        link = g.get(k, getlink=True)
+        try:
+            v = g[k]
+        except (KeyError, OSError, ValueError):
+            target = getattr(link, "path", None)
+            where = f" to {getattr(link, 'filename', '')}:{target}" if isinstance(link, h5py.ExternalLink) else (
+                f" to {target}" if target else "")
+            out[k] = f"<dangling link{where}>"
+            continue
         if isinstance(v, h5py.Group):
-            out[k] = _read_group(v)
-        else:
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                out[k] = f"<link to {getattr(link, 'path', '?')}>"  # not followed: a link may loop back to a parent
+                continue
+            out[k] = _read_group(v, depth + 1)
+        elif isinstance(v, h5py.Dataset):
             data = v[()]
-            if v.dtype.kind == "O" or h5py.check_string_dtype(v.dtype) is not None:
-                data = np.array([x.decode() if isinstance(x, bytes) else x for x in np.atleast_1d(data)], dtype=object)
+            if v.dtype.kind in "OS" or h5py.check_string_dtype(v.dtype) is not None:
+                data = np.array([_text(x) for x in np.atleast_1d(data)], dtype=object)
             out[k] = data
+        else:
+            out[k] = f"<{type(v).__name__}>"
     return out
 
 
+def _text(x: Any) -> Any:
+    return x.decode("utf-8", errors="replace") if isinstance(x, (bytes, np.bytes_)) else x
+
+
 def _attr(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
+    if isinstance(v, (bytes, np.bytes_)):
+        return _text(v)
     if isinstance(v, np.generic):
         return v.item()
+    if isinstance(v, np.ndarray) and v.dtype.kind in "OS":
+        return np.array([_text(x) for x in v.ravel()], dtype=object).reshape(v.shape)
     return v
