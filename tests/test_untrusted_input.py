@@ -263,7 +263,7 @@ def test_report_show_renders_hostile_reports(tmp_path):
         assert text in human.stdout, text
     doc = json.loads(invoke("report", "show", path, "--json").stdout)
     assert doc["@attrs"]["raw"] == "\ufffd\ufffd bytes"
-    assert doc["[red]x[/blue]"]["[i]d[b]"] == ["\ufffd", "ok"]
+    assert doc["[red]x["]["blue]"]["[i]d[b]"] == ["\ufffd", "ok"]  # "/" nests groups; the path shows /[red]x[/blue]
     assert doc["inspect"]["gone"] == "<dangling link to /nowhere/at/all>"
     assert doc["inspect"]["loop"] == "<link to /inspect>"
 
