@@ -131,12 +131,23 @@ def _torch_allowed() -> set[str]:
     return allowed
 
 
+def _resolved(g: str) -> str:
+    """A global as the unpickler resolves it: Python 2 names of protocol-0..2 pickles mapped as pickle maps them
+    (``__builtin__.set`` -> ``builtins.set``, ``copy_reg._reconstructor`` -> ``copyreg._reconstructor``)."""
+    import _compat_pickle
+
+    module, _, name = g.rpartition(".")
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module),
+                                                                    name))
+    return f"{module}.{name}"
+
+
 def pickle_verdict(scan: PickleScan) -> tuple[str, tuple[str, ...], str, tuple[str, ...]]:
     """(verdict, globals named, detail, allow-lists drawn on) of a scanned pickle, per the module's rule."""
     bad: list[str] = [f"extension code {c} (copyreg)" for c in scan.ext_codes]
     if scan.computed_globals:
         bad.append(f"{scan.computed_globals} STACK_GLOBAL(s) with computed names")
-    extra = [g for g in scan.globals if g not in _torch_allowed()]
+    extra = [g for g in map(_resolved, scan.globals) if g not in _torch_allowed()]
     lists: list[str] = []
     for g in extra:
         owner = next((a for a in allow_lists() if a.covers(g)), None)

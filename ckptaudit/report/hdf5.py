@@ -100,16 +100,16 @@ def write_report(
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["ckptaudit_version"] = __version__
-            f.attrs["command"] = command
+            f.attrs["command"] = h5_text(command)
             f.attrs["argv"] = json.dumps(list(argv))
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["device"] = str(device)
             f.attrs["torch_version"] = str(torch.__version__)
-            f.attrs["notes"] = json.dumps([str(n) for n in notes])
+            f.attrs["notes"] = json.dumps([h5_text(n) for n in notes])
             g = f.create_group("inputs")
             str_dt = h5py.string_dtype()
             g.create_dataset("step", data=np.array([r.step for r in inputs], dtype=np.int64))
-            g.create_dataset("path", data=np.array([r.path for r in inputs], dtype=object), dtype=str_dt)
+            g.create_dataset("path", data=np.array([h5_text(r.path) for r in inputs], dtype=object), dtype=str_dt)
             g.create_dataset("bytes", data=np.array([r.bytes for r in inputs], dtype=np.int64))
             g.create_dataset("sha256", data=np.array([r.sha256 for r in inputs], dtype=object), dtype=str_dt)
             top = f.create_group(group or command.replace("-", "_").replace(" ", "_"))
@@ -121,17 +121,30 @@ def write_report(
     return path
 
 
+def h5_text(s: object) -> str:
+    """``s`` as text HDF5 can store: its strings cannot hold NUL and must be valid UTF-8, so a NUL becomes the
+    four characters ``\\x00`` and a lone surrogate (an undecodable file name) its backslash escape."""
+    text = str(s)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def write_tree(g: h5py.Group, tree: dict) -> None:
     """Write a nested result tree into group ``g`` (see the module docstring for the mapping)."""
     nones = []
     for key, val in tree.items():
-        key = str(key)
+        key = h5_text(key)
         if isinstance(val, dict):
             write_tree(g.create_group(key), val)
         elif val is None:
             nones.append(key)
         elif isinstance(val, str):
-            g.attrs[key] = str(val)  # plain str: h5py has no conversion for str subclasses such as TorchVersion
+            g.attrs[key] = h5_text(val)  # plain str: h5py has no conversion for str subclasses such as TorchVersion
         elif isinstance(val, (bool, int, float, np.integer, np.floating, np.bool_)):
             g.attrs[key] = val
         elif isinstance(val, (list, tuple)) and val and all(isinstance(v, dict) for v in val):
@@ -140,7 +153,7 @@ def write_tree(g: h5py.Group, tree: dict) -> None:
             for i, v in enumerate(val):
                 write_tree(sub.create_group(str(i)), v)
         elif isinstance(val, (list, tuple)) and val and all(isinstance(v, str) for v in val):
-            g.create_dataset(key, data=np.array(val, dtype=object), dtype=h5py.string_dtype())
+            g.create_dataset(key, data=np.array([h5_text(v) for v in val], dtype=object), dtype=h5py.string_dtype())
         else:
             arr = np.asarray(val.detach().cpu().numpy() if hasattr(val, "detach") else val)
             if arr.dtype == object:
