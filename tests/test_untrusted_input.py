@@ -272,3 +272,126 @@ def test_report_show_not_hdf5(tmp_path):
     f = tmp_path / "r.h5"
     f.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     assert_one_line_error(invoke("report", "show", f), "r.h5")
+
+
+# ------------------------------------------------------------------------------------------ file safety, gate
+
+
+def _policy(tmp_path: Path) -> Path:
+    from cli_helpers import MINIMAL_POLICY
+
+    p = tmp_path / "policy.toml"
+    p.write_text(MINIMAL_POLICY)
+    return p
+
+
+def test_protocol0_pickle_as_scheduler_is_not_safe_text(tiny_checkpoint, tmp_path):
+    """A text (protocol-0) pickle that names os.system, as scheduler.pt: unsafe, named, never run; a 0-byte
+    optimizer.pt and a 3-byte scheduler.pt do not make provenance complete."""
+    import os
+    import pickle
+
+    marker = tmp_path / "RAN"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ck = _copy_ckpt(tiny_checkpoint, tmp_path)
+    (ck / "scheduler.pt").write_bytes(pickle.dumps(Evil(), protocol=0))
+    assert (ck / "scheduler.pt").read_bytes().isascii()  # it is "text", and a pickle
+    r = invoke("inspect", ck.parent, "--no-report", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    files = {Path(f["path"]).name: f for f in doc["checkpoints"][0]["files"]}
+    assert files["scheduler.pt"]["verdict"] == "unsafe" and "system" in files["scheduler.pt"]["detail"]
+    assert doc["all_files_safe"] is False
+    g = invoke("gate", ck, "--policy", _policy(tmp_path), "--no-report")
+    assert_one_line_error(g, "safe_serialization", code=1)
+    assert not marker.exists()
+
+    (ck / "optimizer.pt").write_bytes(b"")
+    (ck / "scheduler.pt").write_bytes(b"abc")
+    doc = json.loads(invoke("inspect", ck.parent, "--no-report", "--json").stdout)
+    c = doc["checkpoints"][0]
+    assert c["artifacts"]["optimizer"] is False and c["artifacts"]["scheduler"] is False
+    assert doc["provenance_complete"] is False
+    assert {Path(p).name for p in doc["unreadable_files"]} == {"optimizer.pt", "scheduler.pt"}
+    assert_one_line_error(invoke("gate", ck, "--policy", _policy(tmp_path), "--no-report"), "optimizer.pt")
+
+
+def test_gate_unreadable_weights_is_exit_2_and_writes_nothing(tiny_checkpoint, tmp_path):
+    ck = _copy_ckpt(tiny_checkpoint, tmp_path)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data + b"\x00\x00")  # trailing bytes: the library refuses it too
+    import safetensors
+
+    with pytest.raises(Exception):  # noqa: B017 - the library's own refusal
+        safetensors.deserialize((ck / "model.safetensors").read_bytes())
+    outs = [tmp_path / "g.json", tmp_path / "g.xml", tmp_path / "g.sarif", tmp_path / "g.h5"]
+    r = invoke("gate", ck, "--policy", _policy(tmp_path), "--json", outs[0], "--junit", outs[1], "--sarif", outs[2],
+               "--out", outs[3])
+    assert_one_line_error(r, "model.safetensors", "not fully covered")
+    assert not any(p.exists() for p in outs)
+
+
+@pytest.mark.parametrize("option", ["--junit", "--sarif", "--json", "--out"])
+def test_gate_output_paths_checked_before_any_work(tiny_checkpoint, tmp_path, option):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for bad, needle in ((tmp_path / "a_dir", "is a directory"), (tmp_path / "a_file" / "r.xml", "is a file")):
+        other = tmp_path / "other.json"
+        r = invoke("gate", tiny_checkpoint, "--policy", _policy(tmp_path), option, bad,
+                   *(["--json", other] if option != "--json" else []))
+        assert_one_line_error(r, option, needle)
+        assert not other.exists()  # nothing was written before the refusal
+    r = invoke("gate", tiny_checkpoint, "--policy", _policy(tmp_path), "--json", tmp_path / "same",
+               "--junit", tmp_path / "same", "--no-report")
+    assert_one_line_error(r, "--json", "--junit")
+
+
+def test_training_args_needs_named_transformers_globals(tiny_checkpoint):
+    from ckptaudit.io.plainpickle import load_plain
+    from ckptaudit.io.safety import ALLOW_LISTED, TRAINING_ARGUMENTS, file_safety
+
+    v = file_safety(tiny_checkpoint / "training_args.bin")
+    assert v.verdict == ALLOW_LISTED and not v.safe
+    assert "transformers.training_args.TrainingArguments" in v.globals
+    assert all(TRAINING_ARGUMENTS.covers(g) for g in v.globals if not g.startswith(("torch.", "collections.")))
+    # the reader the allow-list names reads it, as plain data, with exactly those prefixes
+    assert load_plain(tiny_checkpoint / "training_args.bin", TRAINING_ARGUMENTS.prefixes)["__class__"].endswith(
+        "TrainingArguments")
+
+
+def test_dcp_run_passes_safe_serialization(tmp_path):
+    """A torch.distributed.checkpoint folder written by dcp.save: .metadata and the .distcp data are safe, and the
+    gate's safe_serialization check passes; an object item that names os.system makes its .distcp unsafe."""
+    import os
+    import warnings as _w
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptaudit.io.safety import file_safety
+
+    marker = tmp_path / "RAN"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    model = torch.nn.Linear(4, 3)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "run" / "step_5"), no_dist=True)
+        dcp.save({"model": model.state_dict(), "extra": Evil()}, checkpoint_id=str(tmp_path / "evil"), no_dist=True)
+    verdicts = {f.name: file_safety(f) for f in (tmp_path / "run" / "step_5").iterdir()}
+    assert verdicts and all(v.safe for v in verdicts.values()), verdicts
+    assert any(n.endswith(".distcp") for n in verdicts)
+    policy = tmp_path / "p.toml"
+    policy.write_text('[checks.safe_serialization]\n')
+    r = invoke("gate", tmp_path / "run", "--policy", policy, "--no-report", "--json", "-")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["checks"][0]["status"] == "pass"
+    evil = [file_safety(f) for f in (tmp_path / "evil").glob("*.distcp")]
+    assert evil and all(v.verdict == "unsafe" and "system" in v.detail for v in evil)
+    assert not marker.exists()
