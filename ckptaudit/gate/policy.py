@@ -347,10 +347,12 @@ require = ["optimizer", "scheduler", "trainer_state", "rng_state"]
 check_shapes = true
 
 [checks.safe_serialization]
-# Every file must be safetensors/GGUF/text or a pickle that loads weights-only (judged by content, never run).
+# Every file must be safe to load (judged by content, never run; docs/security.md has the rule): data formats,
+# or pickles that load weights-only, with at most numpy's array globals allow-listed.
 enabled = true
-# Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickle of
-# TrainingArguments that needs arbitrary globals; ckptaudit never loads it. Remove it to insist on none.
+# Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickled TrainingArguments
+# that needs transformers' classes (needs-allow-listed-globals): ckptaudit reads it only as plain data, through
+# stand-ins, but torch.load would have to trust those classes. Remove it to insist on none.
 allow_files = ["training_args.bin"]
 
 [checks.finite]
