@@ -382,7 +382,7 @@ def _mutate(path: Path, how: str, seed: int, blob: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-@budget(60)
+@budget(40)
 @given(m=mutation())
 def test_cli_on_mutated_checkpoints(base_checkpoint, m):
     target, how, seed, blob = m
@@ -407,7 +407,7 @@ _policy_values = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.
                            st.text(max_size=6), st.lists(st.text(max_size=4), max_size=3))
 
 
-@budget(60)
+@budget(40)
 @given(table=st.sampled_from(["gate", "checks.provenance", "checks.finite", "checks.safe_serialization",
                               "checks.embedding_class", "checks.backbone", "checks.nope"]),
        key=st.sampled_from(["target", "fail_on_skipped", "require", "weights", "pairs", "rho1_min", "k95_max",
@@ -439,7 +439,7 @@ _arg_text = st.one_of(st.text(max_size=12), st.integers(min_value=-(2**70), max_
                                        "99999999999999999999", "first,last", "0-99999999999"]))
 
 
-@budget(80)
+@budget(50)
 @given(option=st.sampled_from(["--steps", "--seed", "--window", "--top-k", "--anchor", "--blocks", "--switch"]),
        value=_arg_text)
 def test_backbone_arguments(tiny_run, option, value):

@@ -67,6 +67,12 @@ def test_json_int64_edges_and_nan_pass():
     assert doc["a"] == 2**63 - 1 and doc["b"] == -(2**63) and doc["c"] != doc["c"]
 
 
+def test_deep_role_map_json_is_one_line(tiny_run, tmp_path):
+    f = tmp_path / "roles.json"
+    f.write_text('{"roles": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    assert_one_line_error(invoke("backbone", tiny_run, "--role-map", f, "--no-report"), "roles.json", "nested")
+
+
 def test_json_size_limit(tmp_path):
     f = tmp_path / "big.json"
     f.write_text(json.dumps({"x": "y" * 1000}))
@@ -219,11 +225,14 @@ def test_library_warnings_become_notes(tiny_run, tmp_path):
             super().__init__(*a, **k)
 
     inspect_cmd.LocalSession = Noisy
+    level = tlogging.get_verbosity()
+    tlogging.set_verbosity_warning()  # other tests (the fixture builder) may have silenced transformers
     try:
         quiet = invoke("inspect", tiny_run, "--steps", "last", "--out", tmp_path / "r.h5", "--no-hash")
         loud = invoke("--verbose", "inspect", tiny_run, "--steps", "last", "--no-report")
     finally:
         inspect_cmd.LocalSession = original
+        tlogging.set_verbosity(level)
     assert quiet.exit_code == 0, quiet.output
     assert "planted" not in quiet.stderr
     with h5py.File(tmp_path / "r.h5", "r") as f:

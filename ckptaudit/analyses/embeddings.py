@@ -457,10 +457,11 @@ def classify_model(model_path: str | Path, **kwargs) -> dict[str, EmbeddingClass
 
 
 def _read_config(path: Path) -> dict | None:
-    import json
+    from ckptaudit.errors import CkptAuditError
+    from ckptaudit.io.jsonio import read_json
 
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        return json.loads(cfg.read_text()) if cfg.is_file() else None
-    except (OSError, ValueError):
+        return read_json(cfg) if cfg.is_file() else None
+    except CkptAuditError:
         return None

@@ -23,6 +23,7 @@ import torch
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, UnknownArchitectureError, UsageError
 from ckptaudit.io.architectures import KNOWN_NAMES, Rule, match_rule, recognise
+from ckptaudit.io.jsonio import loads_bounded
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out", "embed", "pos", "norm", "head", "other")
 TRUNK_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out")
@@ -208,7 +209,7 @@ def load_role_map(path: str | Path) -> RoleMap:
         raise UsageError(f"role map {path} cannot be read ({e.strerror or e})", hint=_ROLE_MAP_EXAMPLE) from None
     try:
         if text.lstrip().startswith("{"):
-            data = json.loads(text)
+            data = loads_bounded(text, f"role map {path}", error=UsageError, hint=_ROLE_MAP_EXAMPLE)
         else:
             try:
                 import tomllib
