@@ -49,6 +49,7 @@ QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 DEFAULT_BINS = 1 << 16
 DEFAULT_LORA_LR = 2e-4
 _THRESHOLDS = (0.3, 0.5)
+MAX_PAIRS = 100_000_000  # sampled overlaps take ~24 bytes a pair: far beyond this no machine holds them
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,9 @@ def overlap_stats(
             raise DataError(f"bins must be an even number >= 2, got {bins}")
         stats = _exact_stats(rows, tile=tile, bins=bins, progress=progress)
     else:
-        if pairs < 2:
-            raise DataError(f"pairs must be >= 2, got {pairs}")
+        if not 2 <= pairs <= MAX_PAIRS:
+            raise DataError(f"pairs must lie in [2, {MAX_PAIRS:,}], got {pairs:,}",
+                            "the default 200,000 pairs already pin the statistics to ~0.002")
         stats = _sampled_stats(rows, pairs=pairs, seed=seed, progress=progress)
     bulk_class = "A" if stats["ks_gauss"] < stats["ks_exp"] else "B"
     h = H_CLASS[bulk_class]
@@ -455,10 +457,11 @@ def classify_model(model_path: str | Path, **kwargs) -> dict[str, EmbeddingClass
 
 
 def _read_config(path: Path) -> dict | None:
-    import json
+    from ckptaudit.errors import CkptAuditError
+    from ckptaudit.io.jsonio import read_json
 
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        return json.loads(cfg.read_text()) if cfg.is_file() else None
-    except (OSError, ValueError):
+        return read_json(cfg) if cfg.is_file() else None
+    except CkptAuditError:
         return None

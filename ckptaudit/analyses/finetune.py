@@ -34,10 +34,11 @@ from ckptaudit.analyses.synonyms import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
+    context_input_ids,
     context_token_ids,
     unembedding_matrix,
 )
-from ckptaudit.errors import DataError, UnknownArchitectureError, UsageError
+from ckptaudit.errors import UnknownArchitectureError, UsageError
 
 DEFAULT_STEPS = 50
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates of each protocol; users pass --lr for anything else
@@ -420,10 +421,7 @@ def finetune_probe(
     prepared = []
     for ctx in contexts:
         y, c = context_token_ids(tokenizer, ctx)
-        ids = tokenizer(ctx.context, return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:
-            raise DataError(f"context {ctx.context!r} encodes to no tokens")
-        prepared.append((ctx, y, c, ids))
+        prepared.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
     targets, note = (lora_targets(model, target_modules) if mode == "lora" else (None, None))
     _, which = unembedding_matrix(model)
     runs = []

@@ -27,24 +27,28 @@ from ckptaudit.cli.options import (
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import sparkline
 
+_MAX_BLOCK = 100_000  # far above any model's depth; bounds what a range like 0-99999999999 may ask for
+
 
 def parse_blocks(spec: str | None) -> list[int] | None:
     """'0,2,5' or '0-3' -> block indices."""
     if spec is None:
         return None
+    from ckptaudit.io.numbers import parse_int
+
     out: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-")
-                if int(lo) > int(hi):
-                    raise UsageError(f"--blocks {spec}: range {part} runs backwards", f"write {hi}-{lo}")
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise UsageError(f"--blocks {spec}: expected block indices like 0,2,5 or 0-3", None) from None
+    bad = UsageError(f"--blocks {spec}: expected block indices like 0,2,5 or 0-3", None)
+    for part in spec.split(","):
+        part = part.strip()
+        pieces = [x.strip() for x in part.split("-")] if "-" in part else [part]
+        if not part:
+            continue
+        if len(pieces) > 2 or not all(x.isascii() and x.isdigit() for x in pieces):
+            raise bad
+        lo, hi = (parse_int(x, "--blocks", maximum=_MAX_BLOCK) for x in (pieces[0], pieces[-1]))
+        if lo > hi:
+            raise UsageError(f"--blocks {spec}: range {part} runs backwards", f"write {hi}-{lo}")
+        out.extend(range(lo, hi + 1))
     if not out:
         raise UsageError(f"--blocks {spec!r}: selects no block", "e.g. --blocks 0,2,5 or --blocks 0-3")
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -50,12 +49,19 @@ def excluded_token_ids(spec: str, path: Path, vocab_size: int) -> set[int]:
     f = Path(spec)
     if not f.exists():
         raise InputNotFoundError(f"--tokens-from {spec}: no such file", "pass 'tokenizer' or a file of token ids to keep")
+    from ckptaudit.io.jsonio import loads_bounded
+    from ckptaudit.io.numbers import is_int_text
+
+    bad = DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None)
     try:
-        text = f.read_text().strip()
-        keep = json.loads(text) if text.startswith("[") else text.split()
-        keep_set = {int(i) for i in keep}
-    except (ValueError, TypeError):
-        raise DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None) from None
+        text = f.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise bad from None
+    keep = loads_bounded(text, str(f), error=DataError) if text.startswith("[") else text.split()
+    if not isinstance(keep, list) or not all(
+            (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, str) and is_int_text(i)) for i in keep):
+        raise bad
+    keep_set = {int(i) for i in keep}
     return set(range(vocab_size)) - keep_set
 
 

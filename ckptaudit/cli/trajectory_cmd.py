@@ -63,11 +63,13 @@ def _run(path: Path, steps: str | None = None) -> Any:
 
 
 def _int_list(spec: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise UsageError(f"{option} {spec}: expected comma-separated integers", f"e.g. {option} 5,10,25") from None
-    if not values or min(values) < 1:
+    from ckptaudit.io.numbers import is_int_text, parse_int
+
+    parts = [x.strip() for x in spec.split(",") if x.strip()]
+    if not parts or not all(is_int_text(x) for x in parts):
+        raise UsageError(f"{option} {spec}: expected comma-separated integers", f"e.g. {option} 5,10,25")
+    values = tuple(parse_int(x, option, hint=f"e.g. {option} 5,10,25") for x in parts)
+    if min(values) < 1:
         raise UsageError(f"{option} {spec}: give positive integers", f"e.g. {option} 5,10,25")
     return values
 
@@ -75,11 +77,12 @@ def _int_list(spec: str, option: str) -> tuple[int, ...]:
 def _cascades(specs: list[str]) -> tuple[tuple[int, int], ...]:
     out = []
     for spec in specs:
-        d, _, k = spec.partition(":")
-        try:
-            out.append((int(d), int(k)))
-        except ValueError:
-            raise UsageError(f"--cascade {spec}: expected D:K", "e.g. --cascade 4:25") from None
+        from ckptaudit.io.numbers import is_int_text, parse_int
+
+        d, _, k = (x.strip() for x in spec.partition(":"))
+        if not (is_int_text(d) and is_int_text(k)):
+            raise UsageError(f"--cascade {spec}: expected D:K", "e.g. --cascade 4:25")
+        out.append((parse_int(d, "--cascade"), parse_int(k, "--cascade")))
         if out[-1][0] < 1 or out[-1][1] < 1:
             raise UsageError(f"--cascade {spec}: D and K must be positive", "e.g. --cascade 4:25")
     return tuple(out)

@@ -22,7 +22,6 @@ layer index, a named group), ``{expert}`` (the expert index of a numbered expert
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -364,7 +363,9 @@ def parse_text(text: str, source: str) -> Any:
     """A family or role-map document: JSON when it starts with '{', TOML otherwise (UsageError when neither)."""
     try:
         if text.lstrip().startswith("{"):
-            return json.loads(text)
+            from ckptaudit.io.jsonio import loads_bounded
+
+            return loads_bounded(text, source, error=UsageError, hint=SCHEMA_HINT)
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
