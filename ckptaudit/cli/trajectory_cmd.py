@@ -127,7 +127,7 @@ def regimes(
     output, dev = session.output, session.device
     fixed = parse_thresholds(thresholds)
     run = _run(run_dir, steps)
-    held_out = _data(run[-1], task, data, required=False)
+    held_out = _data(run[0], task, data, required=False)
     probe_set = _probes(run[0], probes, held_out, seed)
     evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
     with Progress(output, "fingerprints", len(run)) as hook:
