@@ -222,3 +222,13 @@ def test_backbone_cli_reports_dynamics_in_json_hdf5_terminal_and_plots(tiny_run,
     for bad in ("60:20", "a:b", "10"):
         r = invoke("backbone", tiny_run, "--fit-range", bad, "--no-report")
         assert r.exit_code == 2 and "--fit-range" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_more_rows_than_the_dense_limit_use_lanczos_and_still_match_the_svd():
+    from ckptaudit.analyses import backbone_dynamics
+
+    T = backbone_dynamics.DENSE_MAX + 26
+    X = drift(seed=9, T=T, D=150)
+    steps = list(range(10, 10 * T + 1, 10))
+    res = backbone_from_gram(X @ X.T, steps, window=5, anchor_step=0, switches=[(200, 700)])
+    check(res, brute_dynamics(X, steps, 0, 5, [(200, 700)]))

@@ -218,52 +218,73 @@ class BackboneDynamics:
         return tree
 
 
+DENSE_MAX = 64  # above this size the top eigenpair comes from Lanczos (ARPACK), not a full eigendecomposition
+
+
+def top_eigenpair(M: np.ndarray) -> tuple[float, np.ndarray]:
+    """(lambda_1, u_1) of a symmetric PSD matrix: dense for small ones; for large ones Lanczos from the fixed start
+    vector of ones (deterministic, converged to machine precision), dense again if it does not converge."""
+    M = (M + M.T) / 2
+    if M.shape[0] > DENSE_MAX:
+        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+        try:
+            lam, U = eigsh(M, k=1, which="LA", v0=np.ones(M.shape[0]), tol=0)
+            return float(max(lam[0], 0.0)), U[:, 0]
+        except ArpackNoConvergence:
+            pass
+    lam, U = spectrum(M)
+    return (float(lam[0]), U[:, 0]) if lam.size else (0.0, np.zeros(0))
+
+
 def _pc1_coef(M: np.ndarray) -> tuple[np.ndarray, float] | None:
     """(u_1 / s_1, s_1) of a PSD Gram, None without a PC1."""
-    lam, U = spectrum(M)
-    if not lam.size or lam[0] <= 0:
+    lam, u = top_eigenpair(M)
+    if lam <= 0:
         return None
-    s = math.sqrt(lam[0])
-    return U[:, 0] / s, s
+    s = math.sqrt(lam)
+    return u / s, s
 
 
-def window_coefficients(Ga: np.ndarray, scale: np.ndarray, window: int) -> list[np.ndarray | None]:
-    """beta_w [T] of the PC1 of every window of ``window`` consecutive analysed rows (None where it has none)."""
+Coef = tuple[int, np.ndarray]  # (first row, coefficients on rows first .. first + len - 1): beta on its support
+
+
+def window_coefficients(Ga: np.ndarray, scale: np.ndarray, window: int) -> list[Coef | None]:
+    """beta_w of the PC1 of every window of ``window`` consecutive analysed rows, on its support (None where the
+    window has no PC1)."""
     T = Ga.shape[0]
-    out: list[np.ndarray | None] = []
+    out: list[Coef | None] = []
     for w in range(max(T - window + 1, 0)):
         pc = _pc1_coef(Ga[w : w + window, w : w + window])
-        if pc is None:
-            out.append(None)
-            continue
-        beta = np.zeros(T)
-        beta[w : w + window] = scale[w : w + window] * pc[0]
-        out.append(beta)
+        out.append(None if pc is None else (w, scale[w : w + window] * pc[0]))
     return out
 
 
-def local_window_coefficients(G: np.ndarray, window: int) -> list[np.ndarray | None]:
-    """beta_w [T] of the PC1 of every re-anchored, row-normalised window of ``window`` checkpoints (the paper's
-    code's rotation curve); None where the window has no PC1."""
+def local_window_coefficients(G: np.ndarray, window: int) -> list[Coef | None]:
+    """beta_w of the PC1 of every re-anchored, row-normalised window of ``window`` checkpoints (the paper's code's
+    rotation curve), on its support rows w .. w+window-1; None where the window has no PC1."""
     T = G.shape[0]
-    out: list[np.ndarray | None] = []
+    out: list[Coef | None] = []
     m = window - 1
+    C = np.zeros((m, window))  # rows e_{j} - e_0 over the window's own rows
+    C[np.arange(m), 1 + np.arange(m)] = 1.0
+    C[:, 0] = -1.0
     for w in range(max(T - window + 1, 0)):
-        C = np.zeros((m, T))
-        C[np.arange(m), w + 1 + np.arange(m)] = 1.0
-        C[:, w] -= 1.0
-        Mn, s_c = normalized_gram(C @ G @ C.T)
+        sub = G[w : w + window, w : w + window]
+        Mn, s_c = normalized_gram(C @ sub @ C.T)
         pc = _pc1_coef(Mn)
-        out.append(None if pc is None else C.T @ (s_c * pc[0]))
+        out.append(None if pc is None else (w, C.T @ (s_c * pc[0])))
     return out
 
 
-def _rotation(G: np.ndarray, coefs: list[np.ndarray | None]) -> np.ndarray:
+def _rotation(G: np.ndarray, coefs: list[Coef | None]) -> np.ndarray:
+    """|<v^(w), v^(w+1)>| = |beta_w^T G beta_{w+1}| on the two supports (O(W^2) per pair, not O(T^2))."""
     out = np.full(max(len(coefs) - 1, 0), np.nan)
     for w in range(len(coefs) - 1):
         a, b = coefs[w], coefs[w + 1]
         if a is not None and b is not None:
-            out[w] = min(abs(float(a @ G @ b)), 1.0)
+            (la, va), (lb, vb) = a, b
+            out[w] = min(abs(float(va @ G[la : la + va.size, lb : lb + vb.size] @ vb)), 1.0)
     return out
 
 
