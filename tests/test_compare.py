@@ -133,3 +133,22 @@ def test_resolve_addresses_attributes_entries_and_none():
     assert resolve(tree, "g/t") is None
     missing = resolve(tree, "g/d[7]")
     assert missing is resolve(tree, "g/nothing") and missing is resolve(tree, "h/k")
+
+
+def test_reports_of_different_checkpoints_line_up_through_their_step_group(tmp_path):
+    """fisher-style reports keep each checkpoint under step_<t>: one report per checkpoint still lines up."""
+    paths = [_report(tmp_path / f"f{t}.h5", "fisher", {f"step_{t}": {"anisotropy": a, "steps": np.arange(2),
+                                                                     "q": np.array([a, 2 * a])}})
+             for t, a in ((100, 1.5), (200, 3.0))]
+    loaded = load_reports(paths)
+    scalars, series, _ = default_specs(loaded)
+    assert [s.path for s in scalars] == ["fisher/step_*/anisotropy"]
+    assert [s.path for s in series] == ["fisher/step_*/q"]
+    comp = compare(loaded, scalars, series)
+    assert comp.rows[0]["values"] == [1.5, 3.0]
+    assert resolve(loaded[0].tree, "fisher/step_*/q[1]") == 3.0
+    two = _report(tmp_path / "both.h5", "fisher", {"step_1": {"a": 1.0}, "step_2": {"a": 2.0}})
+    from ckptaudit.report.compare import _MISSING
+
+    assert resolve(read_report(two), "fisher/step_*/a") is _MISSING  # ambiguous: name the checkpoint
+    assert resolve(read_report(two), "fisher/step_2/a") == 2.0

@@ -2,7 +2,9 @@
 
 Reports are read with :func:`ckptaudit.report.hdf5.read_report`. A quantity is addressed by a path inside the
 report's result group(s): ``backbone/trunk/k95`` (an attribute), ``backbone/trunk/rho[0]`` (one entry of a dataset,
-negative indices count from the end), ``regimes/similarity`` (a whole 1-D dataset: a series). A series is plotted
+negative indices count from the end), ``regimes/similarity`` (a whole 1-D dataset: a series). A component with
+``*`` matches the one group it fits (``fisher/step_*/anisotropy`` lines up reports of different checkpoints); the
+automatic lists use ``step_*`` wherever a report has a single per-checkpoint group. A series is plotted
 against the ``steps`` dataset of its own group when their lengths match (``x`` overrides), else against its index.
 
 Which quantities: for ``backbone``, ``regimes`` and ``classify-embeddings`` a list of headline quantities (with the
@@ -13,6 +15,7 @@ common numeric attribute to the headline list.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -145,6 +148,9 @@ def resolve(tree: dict, path: str) -> Any:
     parts = [p for p in path.split("/") if p]
     node: Any = tree
     for p in parts[:-1]:
+        if isinstance(node, dict) and "*" in p:  # a wildcard component names the one child it matches
+            hits = [k for k, v in node.items() if k != "@attrs" and isinstance(v, dict) and fnmatch.fnmatchcase(k, p)]
+            p = hits[0] if len(hits) == 1 else ""
         if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
             return _MISSING
         node = node[p]
@@ -189,13 +195,24 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+_STEP_GROUP = re.compile(r"^step_\d+$")
+
+
+def _child_name(node: dict, key: str) -> str:
+    """``step_*`` for the only per-checkpoint group (``step_<t>``) of a node, so that reports of different
+    checkpoints line up; the key itself otherwise."""
+    if _STEP_GROUP.match(key) and sum(1 for k in node if _STEP_GROUP.match(k)) == 1:
+        return "step_*"
+    return key
+
+
 def _walk_attrs(node: dict, prefix: str):
     for k, v in node.get("@attrs", {}).items():
         if k not in _SKIP_ATTRS and not k.endswith("_json") and _number(v) is not None:
             yield f"{prefix}{k}"
     for k, v in node.items():
         if k != "@attrs" and isinstance(v, dict):
-            yield from _walk_attrs(v, f"{prefix}{k}/")
+            yield from _walk_attrs(v, f"{prefix}{_child_name(node, k)}/")
 
 
 def _walk_series(node: dict, prefix: str):
@@ -205,7 +222,7 @@ def _walk_series(node: dict, prefix: str):
         if k == "@attrs":
             continue
         if isinstance(v, dict):
-            yield from _walk_series(v, f"{prefix}{k}/")
+            yield from _walk_series(v, f"{prefix}{_child_name(node, k)}/")
         elif (k != "steps" and n and isinstance(v, np.ndarray) and v.ndim == 1 and v.size == n
               and v.dtype.kind in "fiu"):
             yield f"{prefix}{k}"
