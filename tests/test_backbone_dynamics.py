@@ -162,7 +162,8 @@ def test_planted_rotation_between_two_phases():
     np.testing.assert_allclose(local[[0, 1, 2, 5, 6, 7, 8]], 1.0, atol=1e-12)
     np.testing.assert_allclose(local[3:5], np.cos(np.radians([22.5, 67.5])), atol=1e-12)
     js = res.to_json()
-    assert js["window_rotation_deg"][0] == pytest.approx(math.degrees(math.acos(min(js["window_rotation"][0], 1.0))))
+    assert js["local_window_rotation_deg"][3:5] == pytest.approx([22.5, 67.5], abs=1e-6)
+    assert js["local_window_rotation_deg"][0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_run_backbone_reports_dynamics_for_every_group(run, tmp_path):  # noqa: F811
