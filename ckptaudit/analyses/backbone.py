@@ -70,13 +70,17 @@ class BackboneReport:
 
     def _switch_list(self) -> list[dict[str, Any]]:
         out = []
+        def metrics(r: BackboneResult, i: int) -> dict[str, Any]:
+            d = {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
+            if r.dynamics is not None and r.dynamics.switches:
+                d.update(r.dynamics.switches[i].to_json())
+            return d
+
         for i, (p, q) in enumerate(self.switches):
-            d = self.trunk.switches[i].to_json() if self.trunk.switches else {"peak": p, "trough": q}
+            d = {"peak": p, "trough": q, **metrics(self.trunk, i)} if self.trunk.switches else {"peak": p, "trough": q}
             d["abs_cos_other"] = [None if not np.isfinite(c) else float(c) for c in self.switch_cos[i]]
-            d["blocks"] = {str(b): {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
-                           for b, r in self.blocks.items()}
-            d["groups"] = {g: {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
-                           for g, r in self.groups.items()}
+            d["blocks"] = {str(b): metrics(r, i) for b, r in self.blocks.items()}
+            d["groups"] = {g: metrics(r, i) for g, r in self.groups.items()}
             out.append(d)
         return out
 
@@ -133,11 +137,15 @@ class BackboneReport:
         return tree
 
 
+_SWITCH_SERIES = ("residual_projection", "drift_projection", "capture_pc2_to_k", "capture_perp_pc2_to_k")
+
+
 def _flat_switch(d: dict[str, Any]) -> dict[str, Any]:
     """A switch entry for HDF5: per-block / per-group metrics as subgroups, lists as datasets."""
     out = {k: v for k, v in d.items() if k not in ("blocks", "groups")}
-    out["pc_cos"] = np.asarray([np.nan if v is None else v for v in d["pc_cos"]], dtype=np.float64)
-    out["abs_cos_other"] = np.asarray([np.nan if v is None else v for v in d["abs_cos_other"]], dtype=np.float64)
+    for key in ("pc_cos", "abs_cos_other", *_SWITCH_SERIES):
+        if key in d:
+            out[key] = np.asarray([np.nan if v is None else v for v in d[key]], dtype=np.float64)
     for key in ("blocks", "groups"):
         out[key] = {k: {kk: (np.asarray([np.nan if x is None else x for x in vv], dtype=np.float64)
                              if isinstance(vv, list) else vv) for kk, vv in m.items()} for k, m in d[key].items()}
@@ -195,6 +203,7 @@ def run_backbone(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     progress_total: Callable[[float], None] | None = None,
     allow_partial_trunk: bool = False,
+    fit_range: tuple[int, int] | None = None,
 ) -> BackboneReport:
     """Backbone analysis of ``run`` (a Run: ``.checkpoints`` ordered by step, each with ``.step``, ``.tensors()``,
     ``.config()``, ``.trainer_state()``).
@@ -204,7 +213,8 @@ def run_backbone(
     switches: (peak_step, trough_step) pairs; ``metric`` adds pairs detected in trainer_state log_history.
     role_map: a user family or overlay (a Family, path or dict) for resolve_architecture. save_vectors: path of a
     safetensors file for V_1..V_k (k = top_k_vectors) of the trunk. allow_partial_trunk: analyse a trunk that
-    lacks a role its family expects in some block (otherwise an error naming what is missing).
+    lacks a role its family expects in some block (otherwise an error naming what is missing). fit_range: (lo, hi)
+    steps of the power-law fits of a(t) and ||r(t)|| (default every row after the anchor).
 
     Progress: the unit is one stored tensor of one checkpoint (anchor included). ``progress_total(units)`` is
     called once, before any data is read, with the units of every pass this process will run (the Gram pass,
@@ -275,7 +285,7 @@ def run_backbone(
 
     def analyse(name: str, normalize: bool) -> BackboneResult:
         return backbone_from_gram(gs.grams[name], steps, window=window, normalize_rows=normalize, switches=pairs,
-                                  anchor_step=a_step, dim=gs.dims[name])
+                                  anchor_step=a_step, dim=gs.dims[name], fit_range=fit_range)
 
     block_ids = sorted(int(k.split("_", 1)[1]) for k in groups if k.startswith("block_"))
     trunk = analyse("trunk", False)
@@ -300,7 +310,10 @@ def run_backbone(
                 "top_k_vectors": top_k_vectors, "n_experts": arch.n_experts,
                 "missing_trunk": list(arch.missing_trunk),
                 "unplaced_block_weights": list(arch.unplaced_block_weights),
-                "unused_checkpoints_before_anchor": all_steps[:anchor_idx]}
+                "unused_checkpoints_before_anchor": all_steps[:anchor_idx],
+                "fit_range": None if fit_range is None else [int(fit_range[0]), int(fit_range[1])],
+                "fit_rule": "least squares of log10 |a(t)| and log10 ||r(t)|| on log10 (t - anchor step) over the rows "
+                            "with t > anchor step and a non-zero value" + (" inside fit_range" if fit_range else "")}
     return BackboneReport(
         steps=tuple(steps), anchor_step=a_step, trunk=trunk,
         blocks={b: analyse(f"block_{b}", False) for b in block_ids},

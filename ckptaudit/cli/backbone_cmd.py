@@ -25,7 +25,7 @@ from ckptaudit.cli.options import (
     parse_switch,
 )
 from ckptaudit.errors import UsageError
-from ckptaudit.report.console import sparkline
+from ckptaudit.report.console import fmt, sparkline
 
 _MAX_BLOCK = 100_000  # far above any model's depth; bounds what a range like 0-99999999999 may ask for
 
@@ -52,6 +52,19 @@ def parse_blocks(spec: str | None) -> list[int] | None:
     if not out:
         raise UsageError(f"--blocks {spec!r}: selects no block", "e.g. --blocks 0,2,5 or --blocks 0-3")
     return out
+
+
+def parse_fit_range(spec: str | None) -> tuple[int, int] | None:
+    """'LO:HI' -> (lo, hi) steps, lo < hi."""
+    if spec is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise UsageError(f"--fit-range {spec}: expected LO:HI as two step numbers", "e.g. --fit-range 1000:9000") from None
+    if lo >= hi:
+        raise UsageError(f"--fit-range {spec}: LO must be below HI", "e.g. --fit-range 1000:9000")
+    return lo, hi
 
 
 @app.command()
@@ -83,6 +96,11 @@ def backbone(
                      help="Write the top right singular vectors V_1..V_k as safetensors keyed by tensor name."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many singular vectors --save-vectors writes.")] = 6,
+    fit_range: Annotated[
+        str | None,
+        typer.Option("--fit-range", metavar="LO:HI",
+                     help="Steps (inclusive) of the power-law fits of a(t) and ||r(t)|| (default: every row after the anchor)."),
+    ] = None,
     plot: PlotOpt = None,
     role_map: RoleMapOpt = None,
     allow_partial_trunk: AllowPartialTrunkOpt = False,
@@ -94,8 +112,9 @@ def backbone(
     quiet: QuietOpt = False,
 ) -> None:
     """Streaming SVD of the drift matrix X (rows theta(t) - theta(anchor)) for the trunk, each block and the role
-    groups G (q,k) and S (v,o,mlp): spectrum, backbone coordinate, residual, rolling stability, update alignment,
-    switching directions, velocities. Reads every tensor byte once; memory does not grow with model size.
+    groups G (q,k) and S (v,o,mlp): spectrum, backbone coordinate, residual, rolling stability, rotation of the
+    window PC1, speeds and power-law exponents of a(t) and ||r(t)||, update alignment, switching directions and
+    their capture by PC2..PCk, velocities. Reads every tensor byte once; memory does not grow with model size.
 
     Example: ckptaudit backbone runs/seed42/ --save-vectors backbone.safetensors
     """
@@ -129,6 +148,7 @@ def backbone(
                 progress=hook if main else None,
                 progress_total=hook.set_total if main else None,
                 allow_partial_trunk=allow_partial_trunk,
+                fit_range=parse_fit_range(fit_range),
             )
     if not main:
         return
@@ -199,8 +219,53 @@ def render_backbone(output: Any, s: dict) -> None:
     if groups:
         cons = ", ".join(f"{g}: step {r.get('consolidation_step')}" for g, r in groups.items())
         output.print(f"consolidation (velocity stays below 10% of peak): {cons}")
+    render_dynamics(output, s, rows_of=[("trunk", t), *((f"group {g}", r) for g, r in groups.items()),
+                                        *((f"block {b}", r) for b, r in s.get("blocks", {}).items())])
     for i, sw in enumerate(s.get("switch", [])):
         output.print(
-            f"switch {i}: steps {sw.get('peak')}→{sw.get('trough')}  |cos(v_sw, v_b)| = {sw.get('abs_cos_backbone'):.4g}, "
-            f"E_2:6 = {sw.get('e_2_6'):.4g}"
+            f"switch {i}: steps {sw.get('peak')}→{sw.get('trough')}  |cos(v_sw, v_b)| = {fmt(sw.get('abs_cos_backbone'))}, "
+            f"E_2:6 = {fmt(sw.get('e_2_6'))}"
         )
+        cap, perp = sw.get("capture_pc2_to_k") or [], sw.get("capture_perp_pc2_to_k") or []
+        if cap:
+            ks = sorted({0, min(4, len(cap) - 1), len(cap) - 1})
+            output.print("  captured by PC2..PCk (v_sw / v_sw without its backbone part): "
+                         + ", ".join(f"k={k + 2}: {fmt(cap[k])} / {fmt(perp[k])}" for k in ks))
+        res = sw.get("residual_projection") or []
+        if res:
+            output.print(f"  <r(t), v_sw> {sparkline(res)}  {fmt(res[0])} → {fmt(res[-1])}")
+
+
+def _fit(f: dict | None) -> str | None:
+    if not f:
+        return None
+    se = f.get("slope_se")
+    return f"{fmt(f['slope'])} ± {fmt(se)}" if se is not None else fmt(f["slope"])
+
+
+def render_dynamics(output: Any, s: dict, rows_of: list[tuple[str, dict]]) -> None:
+    """Terminal view of the trajectory dynamics: window stability against the global backbone beside the rotation
+    between consecutive windows, the power-law exponents with their fit range, and a(t) on the raw and on the
+    row-normalised backbone side by side."""
+    rows = [[name, r.get("window_alignment_mean"), r.get("window_rotation_mean"), r.get("window_rotation_max_deg"),
+             r.get("local_window_rotation_mean"), _fit(r.get("loglog_a")), _fit(r.get("loglog_r_norm")),
+             r.get("rownorm_backbone_abs_cos")] for name, r in rows_of]
+    fit = s["trunk"].get("loglog_a") or {}
+    span = f"steps {fit.get('first_step')}…{fit.get('last_step')} ({fit.get('n')} rows)" if fit else "no usable rows"
+    output.table(
+        "trajectory dynamics",
+        ["parameters", "mean c(w) vs v_b", "mean rotation w→w+1", "max rotation °", "mean local rotation",
+         "a ~ τ^p", "||r|| ~ τ^p", "|cos(v_b, v_b rownorm)|"],
+        rows,
+        caption=f"c(w) = |<PC1 of window w, global backbone>|; rotation = |<PC1 of window w, PC1 of window w+1>| (same "
+                f"windows); local = windows of {s['settings']['window']} checkpoints re-anchored at their first, unit rows "
+                f"(the paper's code); p = slope of log10|a|, log10||r|| on log10 τ, τ = steps since the anchor, "
+                f"± its standard error, trunk fit over {span}",
+    )
+    t = s["trunk"]
+    if t.get("a_rownorm"):
+        output.print(f"a(t) raw backbone      {sparkline(t['a'])}  {fmt(t['a'][0])} → {fmt(t['a'][-1])}")
+        a_n = t["a_rownorm"]
+        output.print(f"a(t) row-norm backbone {sparkline(a_n)}  {fmt(a_n[0])} → {fmt(a_n[-1])}")
+    output.print(f"da/dt     {sparkline(t['speed_a'])}  {fmt(t['speed_a'][0])} → {fmt(t['speed_a'][-1])}  (per step)")
+    output.print(f"d||r||/dt {sparkline(t['speed_r_norm'])}  {fmt(t['speed_r_norm'][0])} → {fmt(t['speed_r_norm'][-1])}")

@@ -14,4 +14,5 @@ from ckptaudit.cli import embeddings_cmd
 from ckptaudit.cli import finetune_cmd
 from ckptaudit.cli import trajectory_cmd
 from ckptaudit.cli import gate_cmd
+from ckptaudit.cli import compare_cmd
 from ckptaudit.cli import report_cmd

@@ -83,6 +83,11 @@ def classify_embeddings(
         ),
     ] = None,
     tile: Annotated[int, typer.Option("--tile", min=64, help="Rows per tile in --exact mode (memory ~ tile^2).")] = 4096,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", min=0,
+                     help="Bootstrap replicates over the sampled pairs for the intervals of every statistic (0: standard errors only; seeded by --seed)."),
+    ] = 200,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -113,7 +118,7 @@ def classify_embeddings(
         with Progress(output, f"{role}: overlaps", total) as hook:
             results[role] = overlap_stats(
                 M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
-                lora_lr=lora_lr, tied_head=tied,
+                lora_lr=lora_lr, tied_head=tied, bootstrap=bootstrap,
             )
     summary = results["embed"].to_json()
     if "head" in results:
@@ -133,12 +138,30 @@ def classify_embeddings(
             rows,
             caption="class A = dense Gaussian bulk (KS_gauss < KS_exp), B = sparse exponential bulk; bulk index = KS_exp - KS_gauss",
         )
+        for role, r in results.items():
+            output.print(f"{role}: {uncertainty_line(r.uncertainty)}")
         j = results["embed"].to_json()
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
             f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
         )
+
+
+def uncertainty_line(u: dict | None) -> str:
+    """One line: the sampling error of the headline numbers (or why there is none)."""
+    from ckptaudit.report.console import fmt
+
+    if not u or not u.get("standard_error"):
+        return (u or {}).get("method", "no uncertainty")
+    se = u["standard_error"]
+    parts = [f"mean c² ± {fmt(se['mean_c2'])}", f"|c|>0.3 ± {fmt(se['frac_abs_c_gt_0_3'])}"]
+    b = u.get("bootstrap")
+    if b:
+        pct = f"{100 * b['level']:g}%"
+        parts += [f"{k} {pct} {fmt(b[k]['ci'][0])}–{fmt(b[k]['ci'][1])}" for k in ("ks_gauss", "ks_exp", "bulk_index")]
+        parts.append(f"class agreement {fmt(b['class_agreement'])} ({b['n_boot']} bootstrap replicates, seed {b['seed']})")
+    return f"{u['method']}: " + ", ".join(parts)
 
 
 @app.command("born-gap")
