@@ -58,8 +58,13 @@ def test_adapter_run_layout(root):
     doc = inspect_json(root / "run")
     assert doc["architecture"] == "gpt2"  # from the base model's config
     last = doc["checkpoints"][-1]
-    # the effective parameters that move: every adapted base weight (c_attn, c_fc of two blocks)
-    assert last["n_params"] == 2 * (32 * 96 + 32 * 128)
+    # the effective model: the base's weights, of which the adapted ones (c_attn, c_fc of two blocks) move
+    from safetensors.torch import load_file
+
+    assert last["n_params"] == sum(t.numel() for t in load_file(root / "base" / "model.safetensors").values())
+    with discover_run(root / "run").by_step(6).tensors() as src:
+        moving = [n for n in src.keys() if bool(src.get(n).abs().max() > 0)]
+    assert sorted(moving) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc"))
     assert last["artifacts"]["optimizer"] and last["artifacts"]["trainer_state"]
 
 

@@ -67,6 +67,8 @@ def inspect(
 
 def render_inspect(output, result) -> None:
     """Terminal view of an InspectResult."""
+    from rich.markup import escape
+
     yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"  # noqa: E731
     rows = []
     for c in result.checkpoints:
@@ -85,7 +87,7 @@ def render_inspect(output, result) -> None:
             ]
         )
     output.table(
-        f"{result.run} — {len(result.checkpoints)} checkpoint(s), architecture: {result.architecture}",
+        escape(f"{result.run} — {len(result.checkpoints)} checkpoint(s), architecture: {result.architecture}"),
         ["step", "layout", "params", "bytes", "dtypes", "optimizer", "scheduler", "trainer state", "rng", "safe files"],
         rows,
     )
@@ -100,12 +102,17 @@ def render_inspect(output, result) -> None:
         pairs = ", ".join(f"{a} = {b}" for a, b in list(last.shared.items())[:4])
         output.print(f"tensors stored twice with one storage (tied), counted once: {pairs}"
                      + (f" (+{len(last.shared) - 4} more)" if len(last.shared) > 4 else ""))
+    if result.architecture_recognised_by:
+        output.print(f"architecture {result.architecture}: recognised by {result.architecture_recognised_by}")
     if result.architecture_note:
-        output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
+        output.print(f"[yellow]roles not resolved:[/yellow] {escape(result.architecture_note)}")
+    from rich.markup import escape
+
     for c in result.checkpoints:
         for f in c.files:
             if not f.safe:
-                output.print(f"[red]unsafe file[/red] {f.path}: {f.detail}")
+                what = "unreadable file" if not f.loadable else f"unsafe file ({f.verdict})"
+                output.print(f"[red]{what}[/red] {escape(f.path)}: {escape(f.detail)}")
     if result.provenance_complete:
         output.print("[green]provenance complete[/green]: every checkpoint carries optimizer, scheduler, trainer state and RNG state")
     else:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.io.jsonio import loads_bounded
 from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 from ckptaudit.tasks.sampling import epoch_sample
 
@@ -173,19 +174,13 @@ def _read_texts(file: Path) -> list[str]:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{file}: the file is empty", hint="give a file with text or token ids")
-    try:
-        first = json.loads(lines[0])
-    except json.JSONDecodeError:
-        first = None
+    first = _json_or_none(lines[0])
     if not (isinstance(first, dict) and "text" in first):
         return [text]
     docs = []
     for i, line in enumerate(lines, 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}: line {i} is not valid JSON ({exc.msg})",
-                            hint="each line of a JSONL file must be one object with a 'text' field") from None
+        obj = loads_bounded(line, f"{file}: line {i}", error=DataError,
+                            hint="each line of a JSONL file must be one object with a 'text' field")
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f"{file}: line {i} has no string 'text' field",
                             hint="each line of a JSONL file must be one object with a 'text' field")
@@ -306,7 +301,8 @@ def load_sequences(ckpt: Any, file: str | Path, max_sequences: int | None = None
             elif stripped.startswith(("[", "{")):
                 seqs = []
                 for line in filter(None, (ln.strip() for ln in text.splitlines())):
-                    obj = json.loads(line)
+                    obj = loads_bounded(line, f"--data {file}", error=DataError,
+                                        hint='expected one [..] or {"input_ids": [..]} per line')
                     seqs.append(tuple(map(int, obj["input_ids"] if isinstance(obj, dict) else obj)))
             else:
                 tok = _tokenizer(ckpt, file)
@@ -322,9 +318,11 @@ def load_sequences(ckpt: Any, file: str | Path, max_sequences: int | None = None
 
 def _json_or_none(text: str) -> Any:
     """The parsed document, or None when ``text`` is not one JSON document (e.g. JSONL)."""
+    from ckptaudit.errors import CkptAuditError
+
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads_bounded(text, "json")
+    except CkptAuditError:
         return None
 
 

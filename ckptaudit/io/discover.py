@@ -38,7 +38,6 @@ Nothing is guessed: a folder of checkpoints none of which has a step, two checkp
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -415,8 +414,12 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
         parts["rng_files"] = tuple(sorted(p for p in d.glob("rng_state*.pth")))
         if parts["trainer_state_file"] is not None:
             state = _read_json(parts["trainer_state_file"])
-            if isinstance(state.get("global_step"), int):
-                step = state["global_step"]
+            global_step = state.get("global_step")
+            if isinstance(global_step, int) and not isinstance(global_step, bool):
+                if global_step < 0:
+                    raise CorruptFileError(f"{parts['trainer_state_file']}: global_step {global_step} is negative",
+                                           hint="re-save or restore the file")
+                step = global_step
     elif layout == "accelerate":
         parts["optimizer_file"] = _first_file(d / "optimizer.bin")
         parts["scheduler_file"] = _first_file(d / "scheduler.bin")
@@ -555,12 +558,8 @@ def _first_dir(*paths: Path) -> Path | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: no such file", hint="check the checkpoint folder") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})", hint="re-save or restore the file") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    """A JSON object of the checkpoint (config.json, trainer_state.json), read with io.jsonio's limits."""
+    from ckptaudit.io.jsonio import read_json
+
+    return read_json(path)
+

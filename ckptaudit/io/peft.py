@@ -5,7 +5,8 @@ fan_in_fan_out, base_model_name_or_path), beside the Trainer's optimizer.pt over
 - Weights (the trajectory): the effective weight of each adapted module is W0 + s B A (transposed when
   ``fan_in_fan_out``, as GPT-2's Conv1D stores [in, out]), s = alpha / r (alpha / sqrt(r) with rsLoRA). W0 cancels
   in theta(t) - theta(anchor), so the tensors exposed are the merged deltas s B A, computed in float64, under
-  the base module's weight names (``transformer.h.0.attn.c_attn.weight``): no base weights are needed.
+  the base module's weight names (``transformer.h.0.attn.c_attn.weight``), and zeros for the base weights the
+  adapter leaves alone (their shapes from the base model's config): no base weights are read.
 - Model (commands that run it): the base model, found by ``base_model_name_or_path`` (a folder beside the run,
   a local path, or a hub id in the local cache), filled with W0 + s B A; a missing base is one clear error.
 - Optimizer state: the Trainer's optimizer.pt, keyed by the adapter parameter names in the order PEFT's model
@@ -121,9 +122,13 @@ def _scale(cfg: dict, module: str, r: int) -> float:
 
 
 class DeltaSource(TensorSource):
-    """The merged LoRA deltas s B A of one adapter checkpoint, float64, under the base weights' names."""
+    """The merged LoRA deltas s B A of one adapter checkpoint, float64, under the base weights' names.
 
-    def __init__(self, folder: Path, cfg: dict):
+    ``base_shapes`` (the base model's weights, name -> shape, in its order): every other weight of the base is
+    exposed too, as zeros (it does not move), so that the trajectory is the whole model's, as merged checkpoints
+    would give it. Without them only the adapted weights are exposed."""
+
+    def __init__(self, folder: Path, cfg: dict, base_shapes: dict[str, tuple[int, ...]] | None = None):
         file = adapter_file(folder)
         super().__init__(file, "peft")
         self._src = _open_file(file)
@@ -143,17 +148,28 @@ class DeltaSource(TensorSource):
                 raise CorruptFileError(f"{file}: {module} has lora_{next(iter(parts))} without its pair",
                                        hint="re-save the adapter")
             self._pairs[module + ".weight"] = (parts["A"], parts["B"])
+        self._zeros = {n: tuple(s) for n, s in (base_shapes or {}).items() if n not in self._pairs}
+        order = list(base_shapes or ()) + [n for n in self._pairs if n not in (base_shapes or {})]
+        self._keys = order
 
     def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def adapted(self) -> list[str]:
+        """The weights the adapter changes (the rest are zeros)."""
         return list(self._pairs)
 
     def _ab(self, name: str) -> tuple[str, str]:
+        if name in self._zeros:
+            raise KeyError(name)
         try:
             return self._pairs[name]
         except KeyError:
             raise self._missing(name) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._zeros:
+            return self._zeros[name]
         a, b = self._ab(name)
         out, into = self._src.shape(b)[0], self._src.shape(a)[1]
         return (into, out) if self._cfg.get("fan_in_fan_out") else (out, into)
@@ -162,6 +178,8 @@ class DeltaSource(TensorSource):
         return torch.float64
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._zeros:
+            return torch.zeros(self._zeros[name], dtype=torch.float64)
         a, b = self._ab(name)
         A, B = self._src.get(a).double(), self._src.get(b).double()
         if B.shape[1] != A.shape[0]:
@@ -177,9 +195,27 @@ class DeltaSource(TensorSource):
         self._src.close()
 
 
+def _base_shapes(config_dict: dict) -> dict[str, tuple[int, ...]]:
+    from ckptaudit.io.models import _build, tied_groups
+
+    with torch.device("meta"):
+        model = _build(config_dict, "config")
+    tied = {n for group in tied_groups(config_dict) for n in group[1:]}
+    return {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in tied}
+
+
 def open_tensors(ckpt: Any) -> TensorSource:
-    """The merged deltas of the adapter checkpoint (see the module docstring)."""
-    return DeltaSource(_dir(ckpt), adapter_config(ckpt))
+    """The merged deltas of the adapter checkpoint, with zeros for the base weights it leaves alone when the
+    base model's config is available (see the module docstring)."""
+    from ckptaudit.errors import CkptAuditError
+
+    try:
+        method = getattr(ckpt, "config", None)
+        cfg = method() if callable(method) else config(ckpt)
+        shapes = _base_shapes(cfg) if cfg else None
+    except CkptAuditError:
+        shapes = None  # no base model here: the adapted weights alone
+    return DeltaSource(_dir(ckpt), adapter_config(ckpt), shapes)
 
 
 class _MergedView(TensorSource):
@@ -188,7 +224,7 @@ class _MergedView(TensorSource):
     def __init__(self, base: TensorSource, deltas: TensorSource):
         super().__init__(Path(base.path), base.format)
         self._base, self._deltas = base, deltas
-        self._adapted = set(deltas.keys())
+        self._adapted = set(deltas.adapted() if hasattr(deltas, "adapted") else deltas.keys())
         missing = sorted(self._adapted - set(base.keys()))
         if missing:
             raise LayoutError(f"{deltas.path}: the base model has no weight {missing[0]} for the adapter",
@@ -215,10 +251,12 @@ class _MergedView(TensorSource):
     def remap(self, pairs: Any) -> Any:
         """A stream of (delta name, delta) pairs (a predicted trajectory point) as full model tensors: W0 + delta
         for the adapted weights, then the base model's other tensors."""
+        done = set()
         for name, delta in pairs:
+            done.add(name)
             yield name, self._merge(name, delta)
         for name in self._base.keys():
-            if name not in self._adapted:
+            if name not in done:
                 yield name, self._base.get(name)
 
     def files(self) -> list[Path]:

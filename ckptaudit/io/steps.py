@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckptaudit.errors import LayoutError, UsageError
+from ckptaudit.io.numbers import parse_int
 
 
 def _fmt_steps(steps: Sequence[int], limit: int = 20) -> str:
@@ -86,9 +87,9 @@ def parse_steps(spec: str) -> StepFilter:
         raise bad
     if ":" in s:
         parts = s.split(":")
-        if len(parts) > 3 or not all(p == "" or p.isdigit() for p in parts):
+        if len(parts) > 3 or not all(p == "" or (p.isascii() and p.isdigit()) for p in parts):
             raise bad
-        nums = [int(p) if p else None for p in parts] + [None] * (3 - len(parts))
+        nums = [parse_int(p, "--steps") if p else None for p in parts] + [None] * (3 - len(parts))
         start, stop, every = nums
         if every == 0:
             raise UsageError(f"--steps {spec!r}: the stride must be at least 1")
@@ -104,8 +105,8 @@ def parse_steps(spec: str) -> StepFilter:
         low = it.lower()
         if low in ("first", "last"):
             items.append(low)
-        elif re.fullmatch(r"-?\d+", it):
-            items.append(int(it))
+        elif re.fullmatch(r"-?[0-9]+", it):
+            items.append(parse_int(it, "--steps"))
         else:
             raise bad
     return StepFilter(spec, "list", items=tuple(items))
