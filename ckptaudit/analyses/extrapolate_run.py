@@ -230,12 +230,6 @@ def _load_optimizer(ckpt: Any, notes: list[str]) -> Any:
     except CkptAuditError as exc:
         notes.append(f"step {ckpt.step}: optimizer state unusable ({exc.message}); momentum/adam-step skipped")
         return None
-    with ckpt.tensors() as src:
-        weights = set(src.keys())
-    if not weights & set(opt.state):  # e.g. a LoRA run: moments of A and B, weights are the merged deltas
-        notes.append(f"step {ckpt.step}: the optimizer's parameters are not the checkpoint's weights (an adapter "
-                     "run?); momentum/adam-step skipped")
-        return None
     usable = any(s.exp_avg is not None and s.exp_avg_sq is not None for s in opt.state.values())
     problem = _moments_problem(ckpt, opt)
     if problem is not None:
