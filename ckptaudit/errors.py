@@ -54,6 +54,10 @@ class DataError(CkptAuditError):
     """Evaluation/training data that is missing, empty or too small."""
 
 
+class NonFiniteWeightsError(CkptAuditError):
+    """Weights holding NaN or infinity (a diverged run): analyses of their geometry are undefined."""
+
+
 class PolicyError(CkptAuditError):
     """A malformed gate policy file (names the key and the line)."""
 

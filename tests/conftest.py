@@ -27,8 +27,17 @@ def _load_make_fixtures():
     return module
 
 
-def fixture_run(name: str) -> Path:
-    """Path of fixture run ``name``: $CKPTAUDIT_FIXTURES/name when complete there, else built in the cache."""
+# Nothing in the tests may reach a model hub: libraries that would look a name up (PEFT checks whether a base
+# model's config exists on the hub when it saves an adapter) see offline mode.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def fixture_run(name: str, adopt_threads: bool = True) -> Path:
+    """Path of fixture run ``name``: $CKPTAUDIT_FIXTURES/name when complete there, else built in the cache.
+
+    ``adopt_threads``: set this process's torch threads to the build's for good (the project's own runs, whose
+    resume tests compare to 1e-6). Tests of other stacks' runs pass False and use ``build_threads`` around the one
+    computation that replays training, so they leave the thread count of the session alone."""
     make_fixtures = _load_make_fixtures()
     env = os.environ.get("CKPTAUDIT_FIXTURES")
     # Absolute, because some tests run the CLI in subprocesses with another working directory.
@@ -38,8 +47,20 @@ def fixture_run(name: str) -> Path:
         # pytest-xdist workers share the cores: one torch thread each avoids oversubscription.
         threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
         path = make_fixtures.ensure_run(CACHE_DIR, name, threads=threads)
-    _adopt_build_threads(path / make_fixtures.MARKER)
+    if adopt_threads:
+        _adopt_build_threads(path / make_fixtures.MARKER)
     return path
+
+
+def build_threads(path: Path) -> int | None:
+    """The torch thread count the fixture run holding ``path`` was built with (None: torch's default)."""
+    import json
+
+    marker_name = _load_make_fixtures().MARKER
+    for folder in (Path(path), *Path(path).parents):
+        if (folder / marker_name).is_file():
+            return json.loads((folder / marker_name).read_text(encoding="utf-8")).get("threads")
+    return None
 
 
 def _adopt_build_threads(marker_file: Path) -> None:

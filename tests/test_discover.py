@@ -121,14 +121,22 @@ def test_accelerate_save_state_folders(tmp_path: Path) -> None:
         assert torch.equal(src.get("w"), _weights(1)["w"])
 
 
-def test_accelerate_folder_without_step_is_refused(tmp_path: Path) -> None:
+def test_accelerate_folder_without_step_is_left_out_and_listed(tmp_path: Path) -> None:
     for name in ("checkpoint_2", "final"):
         d = tmp_path / name
         d.mkdir()
         save_file(_weights(0), str(d / "model.safetensors"))
         torch.save({"state": {}, "param_groups": []}, d / "optimizer.bin")
-    with pytest.raises(LayoutError, match="cannot tell the step of final"):
-        discover_run(tmp_path)
+    run = discover_run(tmp_path)
+    assert run.steps == [2]
+    assert [(Path(p).name, "no training step" in why) for p, why in run.left_out] == [("final", True)]
+    for name in ("final", "best"):  # no step anywhere: refused, nothing guessed
+        d = tmp_path / "only" / name
+        d.mkdir(parents=True)
+        save_file(_weights(0), str(d / "model.safetensors"))
+        torch.save({"state": {}, "param_groups": []}, d / "optimizer.bin")
+    with pytest.raises(LayoutError, match="cannot tell the step of best, final"):
+        discover_run(tmp_path / "only")
 
 
 def test_lightning_ckpts(tmp_path: Path) -> None:
@@ -228,11 +236,11 @@ def test_duplicate_steps_are_ambiguous(tmp_path: Path) -> None:
         discover_run(tmp_path)
 
 
-def test_undeterminable_step_is_refused(tmp_path: Path) -> None:
+def test_undeterminable_step_is_left_out_not_guessed(tmp_path: Path) -> None:
     torch.save(_weights(1), tmp_path / "step_100.pt")
     save_file(_weights(2), str(tmp_path / "final.safetensors"))
-    with pytest.raises(LayoutError, match="cannot tell the step of final.safetensors"):
-        discover_run(tmp_path)
+    run = discover_run(tmp_path)
+    assert run.steps == [100] and [Path(p).name for p, _ in run.left_out] == ["final.safetensors"]
 
 
 def test_unreadable_trainer_state(tmp_path: Path) -> None:

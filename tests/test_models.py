@@ -228,7 +228,7 @@ def test_resolve_uncached_hub_id_fails_fast(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     message = str(err.value)
     assert str(cache) in message and "never downloads" in message
-    assert "huggingface-cli download nonexistent-org/nonexistent-model-xyz" in message
+    assert "hf download nonexistent-org/nonexistent-model-xyz" in message
 
 
 def test_resolve_cached_hub_id(tmp_path, monkeypatch):

@@ -312,7 +312,8 @@ def run_extrapolate(
         t0 = time.perf_counter()
         target = by_step.get(steps[i] + plan.horizon)
         stream = PredictionStream(plan, target)
-        fill_model(model, stream, f"{plan.current.path} ({plan.predictor} prediction)")
+        mapped = plan.current.model_stream(model, stream) if hasattr(plan.current, "model_stream") else stream
+        fill_model(model, mapped, f"{plan.current.path} ({plan.predictor} prediction)")
         rel = stream.rel_error
         loss = float(evaluate(model))
         seconds = time.perf_counter() - t0

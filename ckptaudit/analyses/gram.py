@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.errors import LayoutError
+from ckptaudit.errors import LayoutError, NonFiniteWeightsError
 
 DEFAULT_CHUNK_ELEMS = 1 << 17  # 128 Ki scalars: a [T, chunk] float64 buffer is 1 MiB per checkpoint
 
@@ -389,6 +389,12 @@ runs single-threaded inside the pass, see :func:`_single_threaded_blas`); result
                             raise
                         raise LayoutError(f"{_label(items[i])} has no tensor {tp.name!r}",
                                           "every checkpoint of the run must hold the same tensors") from e
+                    if raws[-1].is_floating_point() and not bool(torch.isfinite(raws[-1]).all()):
+                        raise NonFiniteWeightsError(
+                            f"{_label(items[i])}: tensor {tp.name!r} holds NaN or infinite values (a diverged "
+                            "run?), so the drift geometry is undefined",
+                            "leave the checkpoints from the divergence on out (--steps), or audit an earlier part of the run",
+                        )
                 if label_state["ti"] != ti:
                     label_state["ti"], label_state["layers"] = ti, []  # release the previous tensor's labels first
                     label_state["layers"] = _label_layers(tp)

@@ -35,6 +35,7 @@ class CheckpointInfo:
     params_by_block: dict[str, int]
     artifacts: dict[str, bool]  # optimizer, scheduler, trainer_state, lr_history, rng_state
     files: tuple[FileSafety, ...]
+    shared: dict[str, str] = field(default_factory=dict)  # name stored again -> the name it shares storage with
 
     @property
     def has_optimizer_state(self) -> bool:
@@ -58,6 +59,7 @@ class CheckpointInfo:
             "artifacts": self.artifacts,
             "missing": self.missing,
             "files": [f.to_json() for f in self.files],
+            "shared_tensors": dict(self.shared),
         }
 
 
@@ -158,6 +160,8 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
 
     with ckpt.tensors() as src:
         names = list(src.keys())
+        aliases = getattr(src, "aliases", None)
+        shared = aliases() if callable(aliases) else {}  # counted once: keys() lists a shared storage once
         shapes = {n: tuple(src.shape(n)) for n in names}
         dtypes: Counter[str] = Counter()
         n_params = 0
@@ -209,6 +213,7 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
         params_by_block=dict(sorted(by_block.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))),
         artifacts=artifacts,
         files=files,
+        shared=shared,
     )
     return info, arch_name, note
 

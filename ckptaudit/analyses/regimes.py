@@ -340,7 +340,7 @@ def run_fingerprints(
         if model is None:
             model = load_model(ckpt, device)
         else:  # the same model refilled: names and shapes must match the first checkpoint's
-            with ckpt.tensors() as source:
+            with (ckpt.model_tensors(model) if hasattr(ckpt, "model_tensors") else ckpt.tensors()) as source:
                 fill_model(model, source, ckpt.path)
         rep = probe_representations(model, probes)
         similarity.append(math.nan if previous is None else cosine(rep, previous))

@@ -18,6 +18,7 @@ from ckptaudit.cli.options import (
     OutOpt,
     PlotOpt,
     QuietOpt,
+    RevisionsOpt,
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
@@ -71,6 +72,7 @@ def parse_fit_range(spec: str | None) -> tuple[int, int] | None:
 def backbone(
     run_dir: RunDirArg,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     anchor: Annotated[
         int | None, typer.Option("--anchor", help="Step of the anchor checkpoint (default: the first checkpoint of the run).")
     ] = None,
@@ -123,7 +125,7 @@ def backbone(
 
     with Session("backbone", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         output, dev, main = session.output, session.device, session.main
-        run = load_drift_run(run_dir, steps, anchor)
+        run = load_drift_run(run_dir, steps, anchor, revisions)
         if len(run.checkpoints) < 3:
             raise UsageError(
                 f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",

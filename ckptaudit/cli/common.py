@@ -16,21 +16,37 @@ def make_output(json_mode: bool, quiet: bool) -> Output:
     return Output(json_mode=json_mode, quiet=quiet)
 
 
-def load_run(path: Path, steps: str | None = None) -> Any:
-    """Discover a run (a directory of checkpoints, one checkpoint directory, or one file)."""
+_CURRENT_OUTPUT: list[Output] = []  # the running command's output sink, for the notes of load_run
+
+
+def load_run(path: Path, steps: str | None = None, revisions: str | None = None) -> Any:
+    """Discover a run (a directory of checkpoints, one checkpoint directory, or one file; with ``revisions``, the
+    cached hub revisions of repo id ``path`` matching that glob). What was found but left out of the trajectory
+    (model files without a step, byte-identical revisions) is noted, one line each, with the reason."""
     from ckptaudit.io.discover import discover_run
 
-    return discover_run(path, steps=steps)
+    run = discover_run(path, steps=steps, revisions=revisions)
+    if _CURRENT_OUTPUT and run.left_out:
+        for where, why in run.left_out:
+            _CURRENT_OUTPUT[-1].note(f"left out: {where}: {why}")
+    return run
 
 
-def load_drift_run(path: Path, steps: str | None, anchor_step: int | None) -> Any:
+def discover_run_quiet(path: Path, steps: str | None, revisions: str | None) -> Any:
+    """``discover_run`` without the left-out notes (for a second look at a run already loaded)."""
+    from ckptaudit.io.discover import discover_run
+
+    return discover_run(path, steps=steps, revisions=revisions)
+
+
+def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revisions: str | None = None) -> Any:
     """The run for a drift analysis (backbone, gxs velocity): the checkpoints ``--steps`` selects, with the anchor
     taken from the whole run (its first checkpoint, or ``--anchor``) even when ``--steps`` leaves it out, so that a
     step subset keeps rows theta(t) - theta(anchor) of the same run. The anchor step is checked here."""
     from ckptaudit.errors import UsageError
     from ckptaudit.io.discover import Run
 
-    whole = load_run(path)
+    whole = load_run(path, revisions=revisions)
     if steps is None:
         return whole
     if anchor_step is None:
@@ -39,7 +55,7 @@ def load_drift_run(path: Path, steps: str | None, anchor_step: int | None) -> An
         anchor = whole.by_step(int(anchor_step))
     else:
         raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {', '.join(map(str, whole.steps[:12]))}{' ...' if len(whole.steps) > 12 else ''}")
-    chosen = {c.step: c for c in load_run(path, steps).checkpoints}
+    chosen = {c.step: c for c in discover_run_quiet(path, steps, revisions).checkpoints}
     chosen[anchor.step] = anchor
     return Run(whole.path, tuple(chosen[s] for s in sorted(chosen)))
 
@@ -156,6 +172,7 @@ class Session(_Setup):
         self.device = self.ctx.device if self.ctx is not None else dev
         self.main = self.ctx is None or self.ctx.is_main
         self.output = make_output(json_mode, quiet or not self.main)
+        _CURRENT_OUTPUT[:] = [self.output]
 
     def __exit__(self, *exc: Any) -> None:
         if self.ctx is not None:
@@ -177,3 +194,4 @@ class LocalSession(_Setup):
         self.device = resolve_device(device) if device is not None else "cpu"
         self.main = True
         self.output = make_output(json_mode, quiet)
+        _CURRENT_OUTPUT[:] = [self.output]

@@ -18,6 +18,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    RevisionsOpt,
     RunDirArg,
     SeedOpt,
     StepsOpt,
@@ -49,6 +50,7 @@ def parse_bytes(spec: str) -> int:
 def fisher(
     run_dir: RunDirArg,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     vectors: Annotated[
         Path | None,
         typer.Option("--vectors", help="Backbone vectors from `ckptaudit backbone --save-vectors` (v_b, PC2..PC6)."),
@@ -109,10 +111,10 @@ def fisher(
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
     with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         ctx, output, dev, main = session.ctx, session.output, session.device, session.main
-        targets = load_run(run_dir, steps)
+        targets = load_run(run_dir, steps, revisions)
         source_run = load_run(run) if run is not None else None
         if source_run is None and (vectors is None or switch is not None):
-            whole = load_run(run_dir)
+            whole = load_run(run_dir, revisions=revisions)
             if len(whole.checkpoints) >= 3:
                 source_run = whole
         if vectors is None and source_run is None:

@@ -14,6 +14,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    RevisionsOpt,
     RoleMapOpt,
     RunDirArg,
     StepsOpt,
@@ -32,6 +33,7 @@ def _human_bytes(n: int) -> str:
 def inspect(
     path: RunDirArg,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     role_map: RoleMapOpt = None,
     no_file_check: Annotated[
         bool, typer.Option("--no-file-check", help="Skip the per-file safe-format check (faster on huge runs).")
@@ -52,12 +54,12 @@ def inspect(
 
     session = LocalSession("inspect", None, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output = session.output
-    run = load_run(path, steps)
+    run = load_run(path, steps, revisions)
     rmap = load_role_map(role_map) if role_map is not None else None
     with Progress(output, "inspecting", len(run.checkpoints)) as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
     session.save_report(result.to_hdf5_tree(), run.checkpoints)
-    output.json(result.to_json())
+    output.json({**result.to_json(), "left_out": [{"path": p, "why": why} for p, why in run.left_out]})
     if not output.human:
         return
     render_inspect(output, result)
@@ -96,6 +98,10 @@ def render_inspect(output, result) -> None:
             ["role", "params"],
             [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
         )
+    if last.shared:
+        pairs = ", ".join(f"{a} = {b}" for a, b in list(last.shared.items())[:4])
+        output.print(f"tensors stored twice with one storage (tied), counted once: {pairs}"
+                     + (f" (+{len(last.shared) - 4} more)" if len(last.shared) > 4 else ""))
     if result.architecture_recognised_by:
         output.print(f"architecture {result.architecture}: recognised by {result.architecture_recognised_by}")
     if result.architecture_note:

@@ -78,6 +78,13 @@ StepsOpt = Annotated[
         help="Checkpoints to use: a list (100,200), a range START:STOP (inclusive), START:STOP:EVERY, or ::K for every K-th checkpoint.",
     ),
 ]
+RevisionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revisions",
+        help="Read RUN as a hub repo id whose cached revisions matching this glob (e.g. 'step*') are the checkpoints, ordered by the number in the revision name.",
+    ),
+]
 NoHashOpt = Annotated[bool, typer.Option("--no-hash", help="Skip the SHA-256 of weight files in the report's /inputs.")]
 TaskOpt = Annotated[
     str | None,

@@ -17,6 +17,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     QuietOpt,
+    RevisionsOpt,
     RunDirArg,
     SeedOpt,
     StepsOpt,
@@ -56,8 +57,8 @@ def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
     return build_probes(ckpt.directory, ckpt.config(), probes, data, seed)
 
 
-def _run(path: Path, steps: str | None = None) -> Any:
-    run = load_run(path, steps)
+def _run(path: Path, steps: str | None = None, revisions: str | None = None) -> Any:
+    run = load_run(path, steps, revisions)
     if len(run) < 2:
         raise LayoutError(f"{path}: {len(run)} checkpoint(s); trajectory analyses need at least 2", "pass a run directory")
     return run
@@ -109,6 +110,7 @@ def regimes(
     task: TaskOpt = None,
     data: DataOpt = None,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -129,7 +131,7 @@ def regimes(
     session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
     fixed = parse_thresholds(thresholds)
-    run = _run(run_dir, steps)
+    run = _run(run_dir, steps, revisions)
     held_out = _data(run[0], task, data, required=False)
     probe_set = _probes(run[0], probes, held_out, seed)
     evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
@@ -243,6 +245,7 @@ def extrapolate(
     probes: ProbesOpt = None,
     thresholds: ThresholdsOpt = None,
     steps: StepsOpt = None,
+    revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -271,7 +274,7 @@ def extrapolate(
         predictors=predictors, ks=_int_list(k, "--K"), cascades=_cascades(cascade or []), tolerance=tolerance,
         sigma_window=sigma_window, skip_chaotic=skip_chaotic, thresholds=parse_thresholds(thresholds), device=dev,
     )  # fmt: skip
-    run = _run(run_dir, steps)
+    run = _run(run_dir, steps, revisions)
     held_out = _data(run[-1], task, data, required=True)
     probe_set = _probes(run[0], probes, held_out, seed)
 

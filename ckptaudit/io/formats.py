@@ -23,7 +23,11 @@ class PickleSource(TensorSource):
     def __init__(self, path: Path, fmt: str):
         super().__init__(path, fmt)
         obj = safe_torch_load(self.path)
-        self._tensors: dict[str, torch.Tensor] | None = find_state_dict(obj, self.path)
+        tensors = find_state_dict(obj, self.path)
+        self._aliases = shared_storage_aliases(tensors)
+        # A tensor stored under two names (a tied head in a .bin / Lightning / DeepSpeed / nanoGPT file) is one
+        # tensor: it is exposed once, under its first name, like the safetensors copy of the same model.
+        self._tensors: dict[str, torch.Tensor] | None = {k: v for k, v in tensors.items() if k not in self._aliases}
 
     def _t(self, name: str) -> torch.Tensor:
         assert self._tensors is not None, "source is closed"
@@ -44,12 +48,35 @@ class PickleSource(TensorSource):
     def get(self, name: str) -> torch.Tensor:
         return self._t(name)
 
+    def aliases(self) -> dict[str, str]:
+        """Names left out of ``keys()`` because they share storage with an earlier name: {left out: kept}."""
+        return dict(self._aliases)
+
     def files(self) -> list[Path]:
         return [self.path]
 
     def close(self) -> None:
         self._tensors = None
         self._flat_cache = None
+
+
+def shared_storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{name: earlier name} for every tensor that is the same view of the same storage as an earlier one (same
+    storage, offset, shape, strides and dtype): torch.save keeps tied parameters as one storage."""
+    first: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, t in tensors.items():
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if key[0] == 0 or t.numel() == 0:  # empty storages all share address 0
+            continue
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
 
 
 def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +98,8 @@ def find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         seen.append(nested)
         cur = cur[nested]
     if isinstance(cur, Mapping):
-        tensors = {str(k): v for k, v in cur.items() if isinstance(v, torch.Tensor)}
+        # nn.Parameter entries (some stacks pickle parameters, not their data) are handed out as plain tensors
+        tensors = {str(k): v.detach() if v.requires_grad else v for k, v in cur.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
     top = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__

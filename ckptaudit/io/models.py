@@ -8,7 +8,9 @@ its own config and tokenizer as metadata: it is loaded through transformers' GGU
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -25,6 +27,7 @@ from ckptaudit.errors import (
     LayoutError,
     UnknownArchitectureError,
 )
+from ckptaudit.io.keys import model_key_renamer
 from ckptaudit.io.tensors import TensorSource
 
 __all__ = ["param_shapes", "load_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
@@ -113,6 +116,22 @@ def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]
 
 
+@functools.lru_cache(maxsize=16)
+def _tied_groups(config_json: str) -> tuple[tuple[str, ...], ...]:
+    with torch.device("meta"):
+        model = _build(json.loads(config_json), "config")
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def tied_groups(config: Mapping) -> tuple[tuple[str, ...], ...]:
+    """Names that are one tensor in the model a config.json dict builds (e.g. a head tied to the embeddings),
+    each group in ``state_dict()`` order; built on the meta device."""
+    return _tied_groups(json.dumps(dict(config), sort_keys=True, default=str))
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +176,8 @@ def load_model(
         torch.set_default_dtype(previous)
     model.to(dtype=dtype)
 
-    with ckpt.tensors() as source:
+    opener = getattr(ckpt, "model_tensors", None)  # a stack's names and layout mapped to the model's
+    with (opener(model) if callable(opener) else ckpt.tensors()) as source:
         fill_model(model, source, ckpt.path)
     return model.eval()
 
@@ -178,6 +198,8 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
     ``attn.bias``) are honoured, and tied weights (one tensor under several names, e.g. a head tied to the
     embeddings) need only one of their names. A source or a mapping is checked in full (names, then shapes from
     the headers) before anything is copied; a stream tensor by tensor, its missing names once it is exhausted.
+    Stored names are first mapped to the model's as transformers maps them when loading (``io.keys``:
+    GPT-NeoX's ``embed_out.weight`` -> ``lm_head.weight``, a missing or extra base-model prefix...).
     """
     targets = model.state_dict(keep_vars=True)
     # Tied weights appear under several names but are one tensor: the file needs only one of them.
@@ -215,22 +237,36 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
                 hint="check that config.json belongs to these weights",
             )
 
+    rename = model_key_renamer(model)
     if isinstance(tensors, (TensorSource, Mapping)):
-        stored = list(tensors.keys())
-        check_unexpected(stored)
+        stored: dict[str, str] = {}  # the model's name -> the stored name
+        for key in tensors.keys():
+            name = rename(key)
+            if name in stored:
+                raise LayoutError(f"{where}: tensors {stored[name]} and {key} both load into {name} of {kind}",
+                                  hint="keep one of them (a state dict saved twice under two names?)")
+            stored[name] = key
+        shared = getattr(tensors, "aliases", None)
+        for key, kept in (shared() if callable(shared) else {}).items():
+            name = rename(key)  # one storage under two names: the second name gets the same tensor
+            if name in targets and name not in stored and kept in set(stored.values()):
+                stored[name] = kept
+        check_unexpected(list(stored))
         check_missing(set(stored))
         present = [name for name in stored if name in targets]  # the rest is ignored by the model's own rules
         shape_of = tensors.shape if isinstance(tensors, TensorSource) else (lambda n: tensors[n].shape)
         for name in present:  # shapes first (header reads only), so a mismatch costs no tensor data
-            check_shape(name, shape_of(name))
+            check_shape(name, shape_of(stored[name]))
         with torch.no_grad():
             for name in present:
-                targets[name].copy_(tensors.get(name))
+                targets[name].copy_(tensors.get(stored[name]) if isinstance(tensors, TensorSource)
+                                    else tensors[stored[name]])
         return model
 
     given: set[str] = set()
     with torch.no_grad():
-        for name, tensor in tensors:
+        for key, tensor in tensors:
+            name = rename(key)
             check_unexpected([name])
             given.add(name)
             if name in targets:
@@ -463,7 +499,7 @@ def resolve_model_path(spec: str) -> Path:
     if snapshot is None:
         raise HubNotCachedError(
             f"{spec}: no such local path, and not in the local cache at {cache}",
-            hint=f"ckptaudit never downloads: run `huggingface-cli download {repo_id}` on a machine with access, "
+            hint=f"ckptaudit never downloads: run `hf download {repo_id}` on a machine with access, "
             "or pass a local directory",
         )
     return snapshot

@@ -109,6 +109,12 @@ def _lightning_file(ckpt: Any) -> Path | None:
     return Path(files[0]) if files else None
 
 
+def _stack_reader(ckpt: Any) -> Any:
+    from ckptaudit.io.discover import stack_reader
+
+    return stack_reader(getattr(ckpt, "layout", ""))
+
+
 def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
     """The plain optimizer state dict of ``ckpt`` and the file it came from."""
     path = getattr(ckpt, "optimizer_file", None) or _lightning_file(ckpt)
@@ -118,6 +124,20 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
             hint="save with the optimizer (Trainer: save_only_model=False; Accelerate: save_state)",
         )
     path = Path(path)
+    reader = _stack_reader(ckpt)
+    if reader is not None and hasattr(reader, "optimizer_dict"):
+        loaded = reader.optimizer_dict(ckpt)
+        if loaded is None:
+            raise OptimizerStateError(f"{path}: this checkpoint has no optimizer state")
+        return loaded, path
+    from ckptaudit.io import deepspeed
+
+    if deepspeed.is_engine_dir(path):  # a DeepSpeed engine checkpoint (ZeRO 0-3), e.g. in a Trainer checkpoint
+        return deepspeed.optimizer_state_dict(path), path
+    if path.is_dir() and (path / ".metadata").is_file():  # DCP: the optimizer subtree, keyed by name
+        from ckptaudit.io.dcp import optimizer_state_dict
+
+        return optimizer_state_dict(path), path
     if path.is_dir():  # FSDP sharded optimizer_0/ (DCP): moments are flattened per rank, not per index
         raise OptimizerStateError(
             f"{path}: a sharded (torch.distributed.checkpoint) optimizer state",
@@ -224,6 +244,8 @@ def _candidates(params: ParamShapes, n_groups: int) -> list[tuple[str, tuple[tup
         out.append(
             (rule, (tuple(n for n in names if n not in excluded), tuple(n for n in names if n in excluded)))
         )
+    # decay = every weight of dim >= 2 (nanoGPT's configure_optimizers and many training scripts)
+    out.append(("decay:dim>=2", (tuple(n for n, s in params if len(s) >= 2), tuple(n for n, s in params if len(s) < 2))))
     return out
 
 
@@ -351,11 +373,18 @@ def load_optimizer_state(ckpt: Any, params: ParamShapes | None = None) -> Optimi
     parameter names). Reads Trainer optimizer.pt, Accelerate optimizer.bin and Lightning ``optimizer_states[0]``,
     weights-only. Raises OptimizerStateError when indices cannot be mapped to names exactly.
     """
+    reader = _stack_reader(ckpt)
+    if params is not None and reader is not None and hasattr(reader, "optimizer_to_model"):
+        # the stack keys its optimizer by its own parameter shapes: map it so, then re-lay it for the model
+        return reader.optimizer_to_model(load_optimizer_state(ckpt), params)
     sd, path = _load_optimizer_dict(ckpt)
 
     def get_params() -> ParamShapes:
         from ckptaudit.io.models import param_shapes
 
+        reader = _stack_reader(ckpt)
+        if reader is not None and hasattr(reader, "param_shapes"):  # the stack's own names and shapes
+            return reader.param_shapes(ckpt)
         return param_shapes(ckpt)
 
     mapping, names = _map_names(sd, path, params, get_params)
@@ -388,6 +417,14 @@ def load_scheduler_state(ckpt: Any) -> dict | None:
     path = getattr(ckpt, "scheduler_file", None) or _lightning_file(ckpt)
     if path is None:
         return None
+    from ckptaudit.io import deepspeed
+
+    if deepspeed.is_engine_dir(Path(path)):
+        return deepspeed.scheduler_state_dict(Path(path))
+    if Path(path).is_dir() and (Path(path) / ".metadata").is_file():  # DCP: the lr_scheduler subtree
+        from ckptaudit.io.dcp import scheduler_state_dict
+
+        return scheduler_state_dict(path)
     loaded = safe_torch_load(Path(path))
     if not isinstance(loaded, dict):
         raise CorruptFileError(f"{path}: expected a scheduler state dict, found {type(loaded).__name__}")

@@ -87,7 +87,7 @@ class Output:
         """A one-line remark for humans (written to stderr when stdout carries JSON)."""
         if self.quiet:
             return
-        (self.err if self.json_mode else self.console).print(message)
+        (self.err if self.json_mode else self.console).print(message, soft_wrap=True)
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Any]:
