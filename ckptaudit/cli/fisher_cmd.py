@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,16 +14,23 @@ from ckptaudit.cli.common import Progress, Session, load_run
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PackOpt,
     QuietOpt,
     RunDirArg,
     SeedOpt,
+    SeqLenOpt,
     StepsOpt,
     TaskOpt,
+    ThreadsOpt,
+    TrainTokensOpt,
+    apply_threads,
     parse_switch,
+    window_spec,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import sparkline
@@ -79,9 +87,11 @@ def fisher(
     top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
     task: TaskOpt = None,
     data: DataOpt = None,
-    seq_len: Annotated[
-        int | None, typer.Option("--seq-len", min=2, help="Tokens per sequence for --data (default: min(model positions, 128)).")
-    ] = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    train_tokens: TrainTokensOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -105,6 +115,8 @@ def fisher(
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
     with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         ctx, output, dev, main = session.ctx, session.output, session.device, session.main
+        n_threads = apply_threads(threads)
+        t_start = time.perf_counter()
         targets = load_run(run_dir, steps)
         source_run = load_run(run) if run is not None else None
         if source_run is None and (vectors is None or switch is not None):
@@ -134,7 +146,11 @@ def fisher(
                 output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
             with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
                 report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
-                                    switch=pair, switch_run=source_run, progress=hook if main else None)
+                                    switch=pair, switch_run=source_run, progress=hook if main else None,
+                                    windows=window_spec(seq_len, pack, None, train_tokens, seed), dtype=dtype)
+            report.settings["threads"] = n_threads
+            report.settings["timing_seconds"] = {"total": time.perf_counter() - t_start,
+                                                 **{f"step_{c.step}": c.seconds for c in report.checkpoints}}
             if vectors is None:  # name the run the directions came from, not the temporary file
                 report.settings["vectors"] = f"backbone of {source_run.path}"
     if not main:
@@ -173,6 +189,12 @@ def render_fisher(output: Any, s: dict) -> None:
         ["step", *[f"q({short.get(n, n)})" for n in names], "alpha"],
         [[c["step"], *[c["q"].get(n) for n in names], c["anisotropy"]] for c in cks],
         caption="q(v) = (1/M) sum_i <g_i, v>^2; random = mean over the random directions; alpha = q(v_b) / q(random)",
+    )
+    output.table(
+        "anisotropy: sampled against exact",
+        ["step", "alpha", "std. error", "E q(w) = (tr F - q(v_b))/(D-1)", "alpha exact"],
+        [[c["step"], c["anisotropy"], c["anisotropy_se"], c["random_expected"], c["anisotropy_exact"]] for c in cks],
+        caption="std. error from the spread of the K random quotients; alpha exact = q(v_b) / E q(w) over all unit w orthogonal to v_b",
     )
     output.table(
         "Fisher spectrum (M x M Gram) and gradient-backbone alignment",
