@@ -315,12 +315,14 @@ def run_fingerprints(
     keep: bool = False,
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     progress: Callable[[float], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[torch.Tensor] | None, list[float] | None]:
     """One pass over the checkpoints of ``run``: similarity s_t (NaN first), optionally the representations
     ``[n_probes, d]`` of every checkpoint (``keep``) and the validation loss of each (``evaluate``).
 
     One model is built and refilled tensor by tensor (``fill_model``: a checkpoint whose tensor names or shapes
-    differ from the first one's is an error); only the previous fingerprint is held unless ``keep``.
+    differ from the first one's is an error); only the previous fingerprint is held unless ``keep``. ``dtype``: the
+    model's precision (None: float32).
     """
     from ckptaudit.io.models import load_model
 
@@ -331,7 +333,7 @@ def run_fingerprints(
     previous = None
     for ckpt in run:
         if model is None:
-            model = load_model(ckpt, device)
+            model = load_model(ckpt, device, dtype=dtype)
         else:  # the same model refilled: names and shapes must match the first checkpoint's
             with ckpt.tensors() as source:
                 fill_model(model, source, ckpt.path)
@@ -353,10 +355,11 @@ def run_regimes(
     fixed: tuple[float, float] | None = None,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> RegimesResult:
     """Fingerprints of every checkpoint of ``run``, s_t, thresholds, regimes and first entries."""
     steps = [int(c.step) for c in run]
-    similarity, _, _ = run_fingerprints(run, probes, device, progress=progress)
+    similarity, _, _ = run_fingerprints(run, probes, device, progress=progress, dtype=dtype)
     notes = []
     if len(steps) < 3:
         notes.append(f"only {len(steps)} checkpoints: {max(len(steps) - 1, 0)} similarity value(s)")

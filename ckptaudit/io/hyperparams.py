@@ -29,7 +29,8 @@ from typing import Any
 
 from ckptaudit.errors import CkptAuditError
 
-__all__ = ["TRAINING_ARGS_FILE", "HyperValue", "RunHyperparameters", "read_training_args", "run_hyperparameters"]
+__all__ = ["TRAINING_ARGS_FILE", "HyperValue", "RunHyperparameters", "read_training_args", "recorded_eval_losses",
+           "run_hyperparameters"]
 
 TRAINING_ARGS_FILE = "training_args.bin"
 TRAINING_ARGS_ALLOW = ("transformers.", "accelerate.")
@@ -174,3 +175,23 @@ def _derive(values: dict[str, HyperValue]) -> None:
         values["warmup"] = HyperValue(math.ceil(ratio * total), f"{values['warmup_ratio'].source} warmup_ratio x max_steps")
     elif warm is not None:
         values["warmup"] = HyperValue(int(warm), values["warmup_steps"].source)
+
+
+def recorded_eval_losses(ckpt: Any) -> list[tuple[int, float]]:
+    """``[(step, eval_loss)]`` logged in the checkpoint's trainer_state.json (evaluation entries with a finite
+    number), in log order; [] without them. trainer_state.json is untrusted: malformed entries are skipped."""
+    try:
+        state = ckpt.trainer_state() if hasattr(ckpt, "trainer_state") else None
+    except CkptAuditError:
+        return []
+    history = state.get("log_history") if isinstance(state, dict) else None
+    out: list[tuple[int, float]] = []
+    for entry in history if isinstance(history, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        step, loss = entry.get("step"), entry.get("eval_loss")
+        if isinstance(step, bool) or isinstance(loss, bool) or not isinstance(step, int):
+            continue
+        if isinstance(loss, (int, float)) and math.isfinite(float(loss)):
+            out.append((step, float(loss)))
+    return out
