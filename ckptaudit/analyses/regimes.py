@@ -164,18 +164,26 @@ def build_probes(
 @torch.no_grad()
 def probe_representations(model: torch.nn.Module, probes: ProbeSet, batch_size: int = 64) -> torch.Tensor:
     """``[n_probes, d]`` float64: per probe, the final hidden state averaged over its real positions."""
+    from ckptaudit.tasks.lm import split_model
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # The final hidden states need the trunk only: the LM head (a vocabulary of logits per position) is skipped.
+    split = split_model(model)
+    runner = split[0] if split is not None else model
     out = []
-    for start in range(0, len(probes), batch_size):
-        ids = probes.input_ids[start : start + batch_size].to(device)
-        mask = probes.attention_mask[start : start + batch_size].to(device)
-        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = res.hidden_states[-1].double()  # [B, L, d]
-        weights = mask.double().unsqueeze(-1)
-        out.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).cpu())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(probes), batch_size):
+                ids = probes.input_ids[start : start + batch_size].to(device)
+                mask = probes.attention_mask[start : start + batch_size].to(device)
+                res = runner(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                hidden = res.hidden_states[-1].double()  # [B, L, d]
+                weights = mask.double().unsqueeze(-1)
+                out.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 

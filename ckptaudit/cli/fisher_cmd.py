@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run
+from ckptaudit.cli.common import Progress, Session, load_run, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -215,3 +215,4 @@ def render_fisher(output: Any, s: dict) -> None:
             output.print(f"alpha(t)   {sparkline(al)}  {al[0]:.3g} → {al[-1]:.3g}")
     runs = ", ".join(f"{b}: {v[-1]:+.3g}" for b, v in s["block_running_sum"].items())
     output.print(f"block signed projection, running sum B_l at the last step: {runs}")
+    render_facts(output, {**settings, "train_data": (settings.get("data") or {}).get("selection")})

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import AuditGroup, app
-from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run
+from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run, render_facts
 from ckptaudit.cli.options import (
     CheckpointArg,
     DataOpt,
@@ -190,6 +190,7 @@ def render_transplant(output: Any, s: dict) -> None:
     )
     output.print(f"B on its own: accuracy {100 * s['donor_accuracy']:.2f}%, loss {s['donor_loss']:.4g}; "
                  f"exact copy: {'yes' if s['exact_copy'] else '[red]no[/red]'}")
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -325,3 +326,4 @@ def render_slack(output: Any, s: dict) -> None:
     output.table("gxs slack — mean margin z_correct - max other", [*cols, "no gain reflex"],
                  [[f"{a:g}", *row, ok] for a, row, ok in zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True)],
                  caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed buffer)")
+    render_facts(output, s)

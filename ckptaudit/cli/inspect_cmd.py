@@ -94,6 +94,14 @@ def render_inspect(output, result) -> None:
             ["role", "params"],
             [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
         )
+    if result.hyperparameters:
+        output.table(
+            f"training hyper-parameters (step {result.checkpoints[-1].step})",
+            ["hyper-parameter", "value", "from"],
+            [[k, v["value"], v["source"]] for k, v in result.hyperparameters.items()],
+        )
+    for note in result.hyperparameter_notes:
+        output.print(f"[yellow]note:[/yellow] {note}")
     if result.architecture_note:
         output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
     for c in result.checkpoints:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress
+from ckptaudit.cli.common import LocalSession, Progress, render_facts
 from ckptaudit.cli.options import (
     CheckpointArg,
     DataOpt,
@@ -235,17 +235,7 @@ def render_resume(output: Any, s: dict) -> None:
     if st.get("run_values"):
         output.table(f"CONTROL: {st.get('control')} — the run's values and where they came from", ["value", "", "source"],
                      [[k, v["value"], v["source"]] for k, v in st["run_values"].items()])
-    prec = st.get("precision")
-    if prec:
-        output.print(f"precision: {prec['dtype']} ({prec['source']}; checkpoint {prec['checkpoint_dtype'] or 'unknown'})")
-    ev = (st.get("eval_data") or {}).get("validation")
-    if ev:
-        capped = f", capped at {ev['token_cap']:,} tokens (seeded)" if ev["capped"] else ""
-        output.print(f"evaluation: {ev['windows_used']} of {ev['windows_in_split']} validation windows, "
-                     f"{ev['tokens_used']:,} tokens{capped}")
-    timing = st.get("timing_seconds") or {}
-    if timing:
-        output.print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items() if v is not None))
+    render_facts(output, st)
     if not s["provenance_complete"]:
         output.print(
             "[red]provenance incomplete[/red]: no optimizer state in the checkpoint, only RESET could be probed"

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress, load_run
+from ckptaudit.cli.common import LocalSession, Progress, load_run, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -166,6 +166,7 @@ def render_regimes(output: Any, s: dict, label: str) -> None:
     output.table(f"regimes — {label}", ["step", "s_t", "regime"], rows, caption=f"probes: {s['probes']}")
     output.print(_threshold_line(s["thresholds"]))
     output.print("first entry: " + ", ".join(f"{r} {'—' if v is None else v}" for r, v in s["first_entry"].items()))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -287,6 +288,7 @@ def render_extrapolate(output: Any, s: dict, label: str) -> None:
                      ["predictor", "K", "predict+validate s", "K steps s", "ratio"], t_rows,
                      caption="ratio < 1: predicting and validating is cheaper than training K steps")  # fmt: skip
     output.print(_threshold_line(s["regimes"]["thresholds"]))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -370,5 +372,6 @@ def render_cross_seed(output: Any, s: dict) -> None:
     agree = s["regime_agreement"]
     output.print(f"regime agreement (all seeds, matched steps): {'—' if agree is None else f'{100 * agree:.3g}%'}")
     output.print(_threshold_line(s["thresholds"]) + " (pooled over seeds)" * (s["thresholds"]["rule"] == "adaptive"))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
