@@ -108,7 +108,7 @@ def probe_inputs_from_checkpoint(
     naming the parameter, when it does not fit the model). A checkpoint without optimizer state yields inputs
     without it (RESET only) and a note.
     """
-    from ckptaudit.analyses.resume_trainer import TrainerLoop
+    from ckptaudit.analyses.resume_trainer import TrainerLoop, passed_fields
     from ckptaudit.io.data import load_data, load_rows
     from ckptaudit.io.hyperparams import run_hyperparameters
     from ckptaudit.io.models import load_model
@@ -211,6 +211,7 @@ def probe_inputs_from_checkpoint(
         total = hp.get("max_steps")
         max_steps = int(total) - start if total else None
         values["data_order"] = _value("the Trainer's sampler over --train-data's rows", "transformers.Trainer")
+        values["trainer_arguments"] = _value(passed_fields(hp.training_args, str(device)), "training_args.bin")
         values["batch_size"] = _value(hp.get("batch_size"), hp.source("batch_size") or "training_args.bin")
         if batch_size is not None:
             notes.append("--batch-size is ignored under the Trainer's resume: the Trainer uses the run's own")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TRAINER_FIELDS", "TrainerLoop", "trainer_arguments"]
+__all__ = ["TRAINER_FIELDS", "TrainerLoop", "passed_fields", "trainer_arguments"]
 
 # TrainingArguments fields that decide what an optimizer step computes (the rest is logging, saving, hub...).
 TRAINER_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
@@ -54,16 +54,25 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def trainer_arguments(saved: dict, output_dir: str, device: str) -> tuple[Any, dict[str, Any]]:
-    """(TrainingArguments, the fields taken from ``saved``): the run's arithmetic, nothing with a side effect."""
+def passed_fields(saved: dict, device: str) -> dict[str, Any]:
+    """The fields of the saved arguments that the probe's Trainer is built with (TRAINER_FIELDS that this
+    transformers knows, plain values only; mixed precision only on a GPU)."""
     from transformers import TrainingArguments
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     taken = {k: saved[k] for k in TRAINER_FIELDS if k in known and k in saved and _plain(saved[k])}
-    cuda = str(device).startswith("cuda")
-    if not cuda:
+    if not str(device).startswith("cuda"):
         taken.pop("bf16", None)
         taken.pop("fp16", None)
+    return taken
+
+
+def trainer_arguments(saved: dict, output_dir: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """(TrainingArguments, the fields taken from ``saved``): the run's arithmetic, nothing with a side effect."""
+    from transformers import TrainingArguments
+
+    taken = passed_fields(saved, device)
+    cuda = str(device).startswith("cuda")
     forced = dict(output_dir=output_dir, save_strategy="no", eval_strategy="no", logging_strategy="steps",
                   logging_steps=1, report_to=[], push_to_hub=False, disable_tqdm=True, use_cpu=not cuda,
                   dataloader_num_workers=0, load_best_model_at_end=False, log_level="error")
