@@ -2,6 +2,7 @@
 #
 #   make demo    train the bundled fixture run (cached) and audit it
 #   make test    install, build test fixtures, run the whole suite
+#   make fuzz    the property-based fuzz suite (tests/test_fuzz.py) with twenty times its example budget
 #
 # TORCH_SPEC chooses the torch build: the default is the CPU build; for CUDA use e.g.
 #   make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
@@ -15,7 +16,7 @@ STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 FIXTURES    := fixtures/runs
 
-.PHONY: install test demo man bench lint fixtures clean
+.PHONY: install test fuzz demo man bench lint fixtures clean
 
 install: $(STAMP)
 
@@ -34,6 +35,9 @@ fixtures: $(STAMP)
 
 test: $(STAMP) fixtures
 	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
+
+fuzz: $(STAMP) fixtures
+	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) CKPTAUDIT_FUZZ_SCALE=$${CKPTAUDIT_FUZZ_SCALE:-20} $(PY) -m pytest $(PYTEST_ARGS) tests/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) demo

@@ -3,7 +3,7 @@
 Not a test. Three measurements on the real-vocabulary fixture model (fixtures/trainer_lm.py: GPT-2 2 x 64 with
 SmolLM2's 49,152-token vocabulary, trained by transformers.Trainer), each printed as a ratio:
 
-- resume-probe with its defaults (6 conditions, from checkpoint-25: 5 steps each, the run's max_steps) against a
+- resume-probe with its default conditions (6, from checkpoint-25: 5 steps each, the run's max_steps) against a
   bare loop doing the same number of AdamW steps (same batch size and length) and the same evaluations (same
   windows, ``model(input_ids, labels=...)``); once with CONTROL in ckptaudit's loop (text --data), once with CONTROL
   and every condition inside transformers.Trainer (--train-data). Target <= 1.3x.
@@ -97,7 +97,9 @@ def bench_resume(run: Path) -> None:
     ckpt = run / "run" / "checkpoint-25"
     for label, extra in (("ckptaudit loop", {}), ("Trainer resume", {"train_data": run / "data" / "train.jsonl"})):
         inputs = probe_inputs_from_checkpoint(ckpt, data=CORPUS, **extra)
-        settings = ResumeSettings()
+        # The default conditions and evaluation steps; 5 resumed steps each, where the run's max_steps (30) stops the
+        # Trainer (ckptaudit's loop would continue past it, so it is given the same 5).
+        settings = ResumeSettings(steps=5)
         t0 = time.perf_counter()
         result = run_resume_probe(inputs, settings)
         probe = time.perf_counter() - t0

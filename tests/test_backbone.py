@@ -216,6 +216,10 @@ def test_metric_switches_and_report_trees(tmp_path):
     assert set(js) >= {"steps", "trunk", "blocks", "groups", "switch"}
     keys = {"rho", "sigma", "k95", "k99", "a", "r_norm", "f_b", "window_alignment", "window_alignment_mean",
             "update_alignment", "sign_flip_step"}
+    keys |= {"window_rotation", "window_rotation_deg", "window_rotation_mean", "window_rotation_max_deg",
+             "window_rotation_start_step", "local_window_rotation", "local_window_rotation_deg",
+             "local_window_rotation_mean", "speed_a", "speed_r_norm", "speed_residual", "loglog_a", "loglog_r_norm",
+             "fit_range", "a_rownorm", "r_norm_rownorm", "rownorm_backbone_abs_cos"}
     assert set(js["trunk"]) == keys and set(js["blocks"]["0"]) == keys
     assert set(js["groups"]) == {"G", "S"} and set(js["groups"]["G"]) == keys | {"velocity", "consolidation_step"}
     assert len(js["trunk"]["a"]) == len(js["steps"]) == len(js["trunk"]["update_alignment"]) == 6

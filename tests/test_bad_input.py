@@ -209,10 +209,11 @@ def test_role_map_not_utf8(tmp_path):
     ],
 )
 def test_role_map_bad_integers(tmp_path, doc, key):
-    from ckptaudit.io.roles import RoleMap, load_role_map
+    from ckptaudit.io.architectures import family_from_dict
+    from ckptaudit.io.roles import load_role_map
 
     with pytest.raises(UsageError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        RoleMap.from_dict(doc)
+        family_from_dict(doc, "role map", require_name=False)
     f = tmp_path / "roles.json"
     f.write_text(json.dumps(doc))
     with pytest.raises(UsageError) as err:

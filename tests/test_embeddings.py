@@ -252,7 +252,7 @@ def test_json_keys_and_hdf5_tree(tmp_path):
     j = r.to_json()
     assert list(j) == ["vocab_size", "dim", "pairs", "exact", "mean_c2", "std_c2", "quantiles_c2",
                        "frac_abs_c_gt_0_3", "frac_abs_c_gt_0_5", "ks_gauss", "ks_exp", "bulk_index", "class",
-                       "lora_sufficient", "predicted_critical_lora_lr", "tied_head"]
+                       "lora_sufficient", "predicted_critical_lora_lr", "tied_head", "uncertainty"]
     assert j["class"] in ("A", "B") and j["tied_head"] is True and len(j["quantiles_c2"]) == 7
     with h5py.File(tmp_path / "r.h5", "w") as f:
         write_tree(f.create_group("embeddings"), r.to_hdf5_tree())

@@ -35,6 +35,8 @@ def test_classify_minilm_sampled_mean_matches_exact_all_pairs_mean(tmp_path):
     exact_mean_c2 = (np.sum(gram * gram) - V) / (V * (V - 1))
     assert doc["vocab_size"] == V and doc["dim"] == 384 and doc["exact"] is False
     assert abs(doc["mean_c2"] - exact_mean_c2) < 0.02 * exact_mean_c2
+    # the reported standard error describes the actual error of the sampled mean against the exact one
+    assert abs(doc["mean_c2"] - exact_mean_c2) < 4 * doc["uncertainty"]["standard_error"]["mean_c2"]
     assert doc["class"] in ("A", "B")
     assert (doc["ks_gauss"] < doc["ks_exp"]) == (doc["class"] == "A")
     assert np.isclose(doc["bulk_index"], doc["ks_exp"] - doc["ks_gauss"])

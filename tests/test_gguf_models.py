@@ -330,3 +330,22 @@ def test_directory_without_tokenizer_files_is_refused(tiny_checkpoint):
 
     with pytest.raises(DataError, match="no tokenizer files"):
         load_tokenizer(tiny_checkpoint)
+
+
+def test_llama_cpp_tensor_names_get_their_roles(tiny_gguf):
+    """A GGUF's llama.cpp names (no config.json) are placed by the llama_cpp family: per-block q/k/v/o and MLP
+    weights, the trunk count equal to the model's own attention and MLP matrices."""
+    from ckptaudit.io.roles import resolve_architecture
+
+    path, model, _ = tiny_gguf
+    with ckpt_of(path).tensors() as src:
+        shapes = {n: tuple(src.shape(n)) for n in src.keys()}
+    arch = resolve_architecture(shapes, {"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS})
+    assert arch.name == "llama_cpp" and "tensor names" in arch.recognised_by and not arch.missing_trunk
+    roles = {p.tensor: (p.block, p.role) for p in arch.pieces}
+    assert roles["blk.1.attn_k.weight"] == (1, "k") and roles["blk.0.ffn_gate.weight"] == (0, "mlp_in")
+    assert roles["token_embd.weight"] == (None, "embed") and roles["output_norm.weight"] == (None, "norm")
+    assert roles["output.weight"] == (None, "head")
+    trunk = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
+    assert sum(p.numel for p in arch.select()) == trunk
+    assert (arch.n_kv_heads, arch.kv_group) == (KV_HEADS, HEADS // KV_HEADS)

@@ -20,7 +20,7 @@ from ckptaudit.analyses.synonyms import (
 from ckptaudit.errors import DataError
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "contexts" / "near_synonyms.jsonl"
-PAPER_PAIRS = [("skepticism", "scepticism"), ("shame", "guilt"), ("ashes", "rubble"), ("longing", "yearning"),
+PAPER_PAIRS = [("skepticism", "suspicion"), ("shame", "guilt"), ("ashes", "rubble"), ("longing", "yearning"),
                ("remorse", "guilt"), ("relief", "joy"), ("awe", "wonder"), ("purpose", "meaning"),
                ("terror", "fear"), ("shock", "horror")]
 
@@ -148,7 +148,7 @@ def test_load_contexts_errors_name_the_line(tmp_path):
     with pytest.raises(DataError, match=r"c\.jsonl:3: 'target'"):
         load_contexts(f)
     f.write_text('{"context": "a b", "target": " c"}\n{oops\n')
-    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"c\.jsonl:2: invalid JSON"):
         load_contexts(f)
     f.write_text('{"context": "a", "target": " b", "competitr": " c"}\n')
     with pytest.raises(DataError, match="unknown keys"):
@@ -249,3 +249,26 @@ def test_vocabulary_born_rank_with_a_pool_wider_than_the_embedding():
     assert o.pool_size > U.shape[1]
     ref = _reference(p, U, o.pool, y, o.competitor)
     assert (o.born_rank, o.softmax_rank) == (ref["born_rank"], ref["softmax_rank"])
+
+
+def test_context_longer_than_the_model_positions_is_refused_before_running():
+    """n_positions = 32: a 33-token context would index past the position embeddings (IndexError inside torch)."""
+    tok = _tokenizer()
+    model = _model(len(tok), True)
+    long = " ".join(["She"] * 33)
+    assert len(tok.encode(long, add_special_tokens=False)) == 33 > model.config.n_positions
+    with pytest.raises(IndexError):  # what the model itself does with it
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tok.encode(long, add_special_tokens=False)]))
+    with pytest.raises(DataError, match="33 tokens, more than the model's 32 positions"):
+        born_gap(model, tok, [Context("She felt a", " longing"), Context(long, " longing")])
+    fits = " ".join(["She"] * 32)
+    assert born_gap(model, tok, [Context(fits, " longing")]).observables[0].target == tok.convert_tokens_to_ids(
+        " longing")
+
+
+def test_contexts_file_not_utf8_names_the_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(b'{"context": "a", "target": " b"}\n{"context": "\xff", "target": " b"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not UTF-8"):
+        load_contexts(f)

@@ -47,7 +47,9 @@ class BackboneReport:
     """Backbone analysis of a run.
 
     steps: the T drift-row steps (checkpoints after the anchor). trunk / blocks[l] / groups["G" | "S"]:
-    BackboneResult of raw rows; ``normalized``: the same keys for rows x(t)/||x(t)|| when asked, else None.
+    BackboneResult of raw rows; experts["<l>.<e>"]: each expert of an analysed block of a mixture-of-experts
+    model (its mlp_in and mlp_out weights), empty for dense models; ``normalized``: the same keys for rows
+    x(t)/||x(t)|| when asked, else None.
     switches: (peak, trough) steps used; switch_cos: pairwise |cos| between switching directions (trunk).
     dims: scalars per group ("trunk", "block_<l>", "group_G", "group_S"). vectors_path: the --save-vectors file.
     """
@@ -64,23 +66,28 @@ class BackboneReport:
     normalized: dict[str, Any] | None = None
     vectors_path: str | None = None
     vector_sigma: tuple[float, ...] = field(default=())
+    experts: dict[str, BackboneResult] = field(default_factory=dict)
 
     def _switch_list(self) -> list[dict[str, Any]]:
         out = []
+        def metrics(r: BackboneResult, i: int) -> dict[str, Any]:
+            d = {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
+            if r.dynamics is not None and r.dynamics.switches:
+                d.update(r.dynamics.switches[i].to_json())
+            return d
+
         for i, (p, q) in enumerate(self.switches):
-            d = self.trunk.switches[i].to_json() if self.trunk.switches else {"peak": p, "trough": q}
+            d = {"peak": p, "trough": q, **metrics(self.trunk, i)} if self.trunk.switches else {"peak": p, "trough": q}
             d["abs_cos_other"] = [None if not np.isfinite(c) else float(c) for c in self.switch_cos[i]]
-            d["blocks"] = {str(b): {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
-                           for b, r in self.blocks.items()}
-            d["groups"] = {g: {k: v for k, v in r.switches[i].to_json().items() if k not in ("peak", "trough")}
-                           for g, r in self.groups.items()}
+            d["blocks"] = {str(b): metrics(r, i) for b, r in self.blocks.items()}
+            d["groups"] = {g: metrics(r, i) for g, r in self.groups.items()}
             out.append(d)
         return out
 
     def to_json(self) -> dict[str, Any]:
         """The --json document: steps, anchor_step, dims, settings, trunk, blocks {"<l>": ...}, groups
-        {"G", "S"} (these two also with velocity and consolidation_step), switch (list), normalized (or None),
-        vectors (path or None)."""
+        {"G", "S"} (these two also with velocity and consolidation_step), experts {"<l>.<e>": ...} (mixture of
+        experts only), switch (list), normalized (or None), vectors (path or None)."""
         out: dict[str, Any] = {
             "steps": list(self.steps),
             "anchor_step": self.anchor_step,
@@ -89,6 +96,7 @@ class BackboneReport:
             "trunk": self.trunk.to_json(),
             "blocks": {str(b): r.to_json() for b, r in self.blocks.items()},
             "groups": {g: r.to_json(velocity=True) for g, r in self.groups.items()},
+            "experts": {k: r.to_json() for k, r in self.experts.items()},
             "switch": self._switch_list(),
             "normalized": None,
             "vectors": self.vectors_path,
@@ -114,6 +122,8 @@ class BackboneReport:
             tree[f"block_{b}"] = r.to_hdf5_tree()
         for g, r in self.groups.items():
             tree[f"group_{g}"] = r.to_hdf5_tree(velocity=True)
+        for k, r in self.experts.items():
+            tree[f"expert_{k.replace('.', '_')}"] = r.to_hdf5_tree()
         if self.switches:
             tree["switch"] = [_flat_switch(d) for d in self._switch_list()]
             tree["switch_abs_cos"] = self.switch_cos
@@ -127,11 +137,15 @@ class BackboneReport:
         return tree
 
 
+_SWITCH_SERIES = ("residual_projection", "drift_projection", "capture_pc2_to_k", "capture_perp_pc2_to_k")
+
+
 def _flat_switch(d: dict[str, Any]) -> dict[str, Any]:
     """A switch entry for HDF5: per-block / per-group metrics as subgroups, lists as datasets."""
     out = {k: v for k, v in d.items() if k not in ("blocks", "groups")}
-    out["pc_cos"] = np.asarray([np.nan if v is None else v for v in d["pc_cos"]], dtype=np.float64)
-    out["abs_cos_other"] = np.asarray([np.nan if v is None else v for v in d["abs_cos_other"]], dtype=np.float64)
+    for key in ("pc_cos", "abs_cos_other", *_SWITCH_SERIES):
+        if key in d:
+            out[key] = np.asarray([np.nan if v is None else v for v in d[key]], dtype=np.float64)
     for key in ("blocks", "groups"):
         out[key] = {k: {kk: (np.asarray([np.nan if x is None else x for x in vv], dtype=np.float64)
                              if isinstance(vv, list) else vv) for kk, vv in m.items()} for k, m in d[key].items()}
@@ -140,7 +154,8 @@ def _flat_switch(d: dict[str, Any]) -> dict[str, Any]:
 
 def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias: bool = False) -> dict[str, list]:
     """Parameter groups of the analysis: "trunk" (all blocks), "block_<l>" (``blocks`` or all), "group_G",
-    "group_S" (over the whole trunk). Values are lists of Pieces."""
+    "group_S" (over the whole trunk), and "expert_<l>_<e>" for every expert of an analysed block (mixture of
+    experts). Values are lists of Pieces."""
     from ckptaudit.io.roles import GROUPS, TRUNK_ROLES
 
     trunk = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
@@ -157,6 +172,9 @@ def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias
         groups[f"block_{b}"] = [p for p in trunk if p.block == b]
     for g, roles in GROUPS.items():
         groups[f"group_{g}"] = [p for p in trunk if p.role in roles]
+    for b in wanted:
+        for e in sorted({p.expert for p in trunk if p.block == b and p.expert is not None}):
+            groups[f"expert_{b}_{e}"] = [p for p in trunk if p.block == b and p.expert == e]
     return groups
 
 
@@ -184,6 +202,8 @@ def run_backbone(
     progress: Callable[[float], None] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     progress_total: Callable[[float], None] | None = None,
+    allow_partial_trunk: bool = False,
+    fit_range: tuple[int, int] | None = None,
 ) -> BackboneReport:
     """Backbone analysis of ``run`` (a Run: ``.checkpoints`` ordered by step, each with ``.step``, ``.tensors()``,
     ``.config()``, ``.trainer_state()``).
@@ -191,8 +211,10 @@ def run_backbone(
     anchor_step: step of the anchor (default: the first checkpoint); rows are the checkpoints after it.
     blocks: blocks analysed one by one (default all; the trunk and role groups always span every block).
     switches: (peak_step, trough_step) pairs; ``metric`` adds pairs detected in trainer_state log_history.
-    role_map: a RoleMap, path or dict for resolve_architecture. save_vectors: path of a safetensors file for
-    V_1..V_k (k = top_k_vectors) of the trunk.
+    role_map: a user family or overlay (a Family, path or dict) for resolve_architecture. save_vectors: path of a
+    safetensors file for V_1..V_k (k = top_k_vectors) of the trunk. allow_partial_trunk: analyse a trunk that
+    lacks a role its family expects in some block (otherwise an error naming what is missing). fit_range: (lo, hi)
+    steps of the power-law fits of a(t) and ||r(t)|| (default every row after the anchor).
 
     Progress: the unit is one stored tensor of one checkpoint (anchor included). ``progress_total(units)`` is
     called once, before any data is read, with the units of every pass this process will run (the Gram pass,
@@ -226,7 +248,7 @@ def run_backbone(
     with _as_source(anchor) as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
     config = anchor.config() if hasattr(anchor, "config") else None
-    arch = resolve_architecture(shapes, config, role_map=role_map)
+    arch = resolve_architecture(shapes, config, role_map=role_map, allow_partial_trunk=allow_partial_trunk)
     groups = backbone_groups(arch, blocks, include_bias)
 
     pairs = [(int(p), int(q)) for p, q in switches]
@@ -269,7 +291,7 @@ def run_backbone(
 
     def analyse(name: str, normalize: bool) -> BackboneResult:
         return backbone_from_gram(gs.grams[name], steps, window=used_window, normalize_rows=normalize, switches=pairs,
-                                  anchor_step=a_step, dim=gs.dims[name])
+                                  anchor_step=a_step, dim=gs.dims[name], fit_range=fit_range)
 
     block_ids = sorted(int(k.split("_", 1)[1]) for k in groups if k.startswith("block_"))
     trunk = analyse("trunk", False)
@@ -291,9 +313,14 @@ def run_backbone(
     settings = {"window": window, "window_used": used_window, "window_note": window_note,
                 "normalize_rows": normalize_rows, "include_bias": include_bias,
                 "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
-                "architecture": arch.name, "top_k_vectors": top_k_vectors,
+                "architecture": arch.name, "architecture_recognised_by": arch.recognised_by,
+                "top_k_vectors": top_k_vectors, "n_experts": arch.n_experts,
+                "missing_trunk": list(arch.missing_trunk),
                 "unplaced_block_weights": list(arch.unplaced_block_weights),
-                "unused_checkpoints_before_anchor": all_steps[:anchor_idx]}
+                "unused_checkpoints_before_anchor": all_steps[:anchor_idx],
+                "fit_range": None if fit_range is None else [int(fit_range[0]), int(fit_range[1])],
+                "fit_rule": "least squares of log10 |a(t)| and log10 ||r(t)|| on log10 (t - anchor step) over the rows "
+                            "with t > anchor step and a non-zero value" + (" inside fit_range" if fit_range else "")}
     return BackboneReport(
         steps=tuple(steps), anchor_step=a_step, trunk=trunk,
         blocks={b: analyse(f"block_{b}", False) for b in block_ids},
@@ -302,6 +329,7 @@ def run_backbone(
         switch_cos=switch_cosines(gs.grams["trunk"], steps, a_step, pairs) if pairs else np.zeros((0, 0)),
         dims=dict(gs.dims), settings=settings, normalized=normalized, vectors_path=vec_path,
         vector_sigma=tuple(vec_sigma),
+        experts={k[len("expert_"):].replace("_", "."): analyse(k, False) for k in groups if k.startswith("expert_")},
     )
 
 

@@ -89,16 +89,20 @@ class BackboneResult:
     u: np.ndarray = field(repr=False)
     row_scale: np.ndarray = field(repr=False)  # D: 1 (raw) or 1/||x(t)|| (normalised rows)
     switches: tuple[SwitchMetrics, ...] = ()
+    #: rotations, speeds, power-law fits, switch projections (:mod:`ckptaudit.analyses.backbone_dynamics`)
+    dynamics: Any = field(default=None, repr=False)
 
     def to_json(self, velocity: bool = False) -> dict[str, Any]:
-        """Keys of the issue: rho, sigma, k95, k99, a, r_norm, f_b, window_alignment(_mean), update_alignment,
-        sign_flip_step; with ``velocity`` also velocity and consolidation_step (role groups)."""
+        """Keys: rho, sigma, k95, k99, a, r_norm, f_b, window_alignment(_mean), update_alignment, sign_flip_step,
+        the dynamics keys (BackboneDynamics.to_json); with ``velocity`` also velocity and consolidation_step."""
         out: dict[str, Any] = {
             "rho": self.rho.tolist(), "sigma": self.sigma.tolist(), "k95": self.k95, "k99": self.k99,
             "a": self.a.tolist(), "r_norm": self.r_norm.tolist(), "f_b": _nan_none(self.f_b),
             "window_alignment": self.window_alignment.tolist(), "window_alignment_mean": self.window_alignment_mean,
             "update_alignment": _nan_none(self.update_alignment), "sign_flip_step": self.sign_flip_step,
         }
+        if self.dynamics is not None:
+            out.update(self.dynamics.to_json())
         if velocity:
             out["velocity"] = self.velocity.tolist()
             out["consolidation_step"] = self.consolidation_step
@@ -116,6 +120,8 @@ class BackboneResult:
             "k95": int(self.k95), "k99": int(self.k99), "sign_flip_step": self.sign_flip_step,
             "window": int(W), "dim": self.dim, "window_alignment_mean": self.window_alignment_mean,
         }
+        if self.dynamics is not None:
+            tree.update(self.dynamics.to_hdf5_tree())
         if velocity:
             tree["velocity"] = self.velocity
             tree["consolidation_step"] = self.consolidation_step
@@ -278,12 +284,16 @@ def backbone_from_gram(
     top: int = TOP,
     anchor_step: int | None = None,
     dim: int | None = None,
+    fit_range: tuple[int, int] | None = None,
 ) -> BackboneResult:
     """All backbone quantities of one group from its Gram G [T, T] (rows = checkpoints after the anchor).
 
     steps: the T row steps (increasing). anchor_step: the step of x = 0 (velocity of the first row, switches
     involving the anchor). switches: (peak_step, trough_step) pairs among ``steps`` or the anchor step.
+    fit_range: (lo, hi) steps of the power-law fits (default: every row, see backbone_dynamics).
     """
+    from ckptaudit.analyses.backbone_dynamics import backbone_dynamics
+
     G = np.asarray(G, dtype=np.float64)
     steps_arr = np.asarray(list(steps), dtype=np.int64)
     T = G.shape[0]
@@ -321,6 +331,8 @@ def backbone_from_gram(
         update_alignment=C, sign_flip_step=sign_flip_step(C, steps_arr), velocity=nu,
         consolidation_step=consolidation_step(nu, steps_arr) if np.isfinite(nu).all() else None,
         u=U, row_scale=scale, switches=sw,
+        dynamics=backbone_dynamics(G, steps_arr, anchor_step, lam, U, scale, window, normalize_rows, switches,
+                                   fit_range),
     )
 
 

@@ -49,6 +49,7 @@ QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 DEFAULT_BINS = 1 << 16
 DEFAULT_LORA_LR = 2e-4
 _THRESHOLDS = (0.3, 0.5)
+MAX_PAIRS = 100_000_000  # sampled overlaps take ~24 bytes a pair: far beyond this no machine holds them
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class EmbeddingClassResult:
     ks_resolution: float | None = None
     #: exact mode only: counts per c-bin (int64, length ``bins``).
     hist_c: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: standard errors and bootstrap intervals of the sampled statistics (:mod:`.embeddings_uncertainty`)
+    uncertainty: dict | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         """The ``--json`` payload (keys fixed by issue 7)."""
@@ -111,6 +114,7 @@ class EmbeddingClassResult:
             "lora_sufficient": self.lora_sufficient,
             "predicted_critical_lora_lr": self.predicted_critical_lora_lr,
             "tied_head": self.tied_head,
+            "uncertainty": self.uncertainty,
         }
 
     def to_hdf5_tree(self) -> dict:
@@ -144,6 +148,10 @@ class EmbeddingClassResult:
             "c2": {"mean": self.mean_c2, "std": self.std_c2,
                    "quantiles": np.asarray(self.quantiles_c2, dtype=np.float64)},
         }
+        if self.uncertainty is not None:
+            from ckptaudit.analyses.embeddings_uncertainty import hdf5_tree
+
+            tree["uncertainty"] = hdf5_tree(self.uncertainty)
         if self.hist_c is not None and self.bins is not None:
             half = self.bins // 2
             tree["histogram"] = {
@@ -195,6 +203,7 @@ def overlap_stats(
     progress: Callable[[float], None] | None = None,
     lora_lr: float = DEFAULT_LORA_LR,
     tied_head: bool | None = None,
+    bootstrap: int = 0,
 ) -> EmbeddingClassResult:
     """Overlap statistics, KS distances and class of the embedding matrix ``E`` [V, d] (any float dtype).
 
@@ -202,7 +211,9 @@ def overlap_stats(
     side; memory ~ 3 * tile^2 * 4 bytes) into ``bins`` uniform c-bins on [-1, 1] (even). ``exclude``: token ids
     left out (special/unused tokens). ``progress(n)`` is advanced by the number of pairs done (total: ``pairs``
     sampled, ``n_used * (n_used - 1) / 2`` exact). ``lora_lr`` is the intended LoRA learning rate for the
-    predicted critical rate. Deterministic given ``seed`` (sampled) and independent of it (exact).
+    predicted critical rate. Deterministic given ``seed`` (sampled) and independent of it (exact). Sampled mode
+    also reports standard errors and, with ``bootstrap`` >= 2 replicates (seeded by ``seed``), bootstrap intervals
+    of every statistic (``uncertainty``; :mod:`ckptaudit.analyses.embeddings_uncertainty`).
     """
     V, d = (int(x) for x in E.shape) if E.ndim == 2 else (0, 0)
     rows, n_zero, n_excl = normalised_rows(E, exclude)
@@ -217,10 +228,16 @@ def overlap_stats(
             raise DataError(f"bins must be an even number >= 2, got {bins}")
         stats = _exact_stats(rows, tile=tile, bins=bins, progress=progress)
     else:
-        if pairs < 2:
-            raise DataError(f"pairs must be >= 2, got {pairs}")
+        if not 2 <= pairs <= MAX_PAIRS:
+            raise DataError(f"pairs must lie in [2, {MAX_PAIRS:,}], got {pairs:,}",
+                            "the default 200,000 pairs already pin the statistics to ~0.002")
         stats = _sampled_stats(rows, pairs=pairs, seed=seed, progress=progress)
     bulk_class = "A" if stats["ks_gauss"] < stats["ks_exp"] else "B"
+    from ckptaudit.analyses.embeddings_uncertainty import EXACT, sampled_uncertainty
+
+    sample = stats.pop("_c", None)
+    stats["uncertainty"] = dict(EXACT) if exact else sampled_uncertainty(sample, bulk_class, QUANTILE_LEVELS,
+                                                                          n_boot=bootstrap, seed=seed)
     h = H_CLASS[bulk_class]
     return EmbeddingClassResult(
         vocab_size=V, dim=d, n_used=n, n_zero_rows=n_zero, n_excluded=n_excl, exact=exact, seed=seed,
@@ -262,6 +279,7 @@ def _sampled_stats(rows: torch.Tensor, pairs: int, seed: int, progress) -> dict:
         "frac_abs_c_gt_0_3": float(np.count_nonzero(s_np > _THRESHOLDS[0] ** 2)) / pairs,
         "frac_abs_c_gt_0_5": float(np.count_nonzero(s_np > _THRESHOLDS[1] ** 2)) / pairs,
         "ks_gauss": ks_gauss, "ks_exp": ks_exp,
+        "_c": c_np,  # the sample itself, for the uncertainty (not kept in the result)
     }
 
 
@@ -460,10 +478,11 @@ def classify_model(model_path: str | Path, **kwargs) -> dict[str, EmbeddingClass
 
 
 def _read_config(path: Path) -> dict | None:
-    import json
+    from ckptaudit.errors import CkptAuditError
+    from ckptaudit.io.jsonio import read_json
 
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        return json.loads(cfg.read_text()) if cfg.is_file() else None
-    except (OSError, ValueError):
+        return read_json(cfg) if cfg.is_file() else None
+    except CkptAuditError:
         return None

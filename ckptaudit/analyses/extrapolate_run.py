@@ -232,9 +232,29 @@ def _load_optimizer(ckpt: Any, notes: list[str]) -> Any:
         notes.append(f"step {ckpt.step}: optimizer state unusable ({exc.message}); momentum/adam-step skipped")
         return None
     usable = any(s.exp_avg is not None and s.exp_avg_sq is not None for s in opt.state.values())
+    problem = _moments_problem(ckpt, opt)
+    if problem is not None:
+        notes.append(f"step {ckpt.step}: optimizer state unusable ({problem}); momentum/adam-step skipped")
+        return None
     if opt.groups and opt.groups[0].get("amsgrad"):
         notes.append(f"step {ckpt.step}: AMSGrad optimizer; adam-step uses v, not max(v)")
     return opt if usable else None
+
+
+def _moments_problem(ckpt: Any, opt: Any) -> str | None:
+    """Why the stored moments cannot drive a prediction of ``ckpt``'s weights, or None: names that match no
+    weight (the update would silently be zero), or a negative second moment (sqrt of it is NaN)."""
+    with ckpt.tensors() as src:
+        weights = set(src.keys())
+    stray = sorted(set(opt.state) - weights)
+    if stray:
+        return (f"{len(stray)} of its {len(opt.state)} parameter names match no weight of the checkpoint "
+                f"({', '.join(stray[:3])})")
+    for name, st in opt.state.items():
+        v = st.exp_avg_sq
+        if v is not None and v.numel() and v.is_floating_point() and bool((v < 0).any()):
+            return f"exp_avg_sq of {name} has negative entries (a second moment cannot be negative)"
+    return None
 
 
 def _plans(

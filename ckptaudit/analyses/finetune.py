@@ -34,10 +34,11 @@ from ckptaudit.analyses.synonyms import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
+    context_input_ids,
     context_token_ids,
     unembedding_matrix,
 )
-from ckptaudit.errors import DataError, UnknownArchitectureError, UsageError
+from ckptaudit.errors import UnknownArchitectureError, UsageError
 
 DEFAULT_STEPS = 50
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates of each protocol; users pass --lr for anything else
@@ -49,17 +50,6 @@ DRIFT_RATIO = 5.0
 SATURATION_REL = 0.01
 SATURATION_WINDOW = 3
 
-# Attention query/value modules per architecture family (names from io/architectures.py's registry).
-FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "llama": ("q_proj", "v_proj"),
-    "bert": ("query", "value"),
-}
-FUSED_NOTES: dict[str, str] = {
-    "gpt2": "c_attn is GPT-2's fused Q|K|V Conv1D: the adapter also updates the key projection",
-    "gpt_neox": "query_key_value is GPT-NeoX's fused Q|K|V projection: the adapter also updates the key projection",
-}
 SERIES = ("loss", "p_y", "p_c", "logit_gap", "phi", "signal", "drag", "pr", "xi")
 
 
@@ -144,20 +134,13 @@ def critical_lr(lrs: Sequence[float], flips: Sequence[int | None]) -> float | No
 # LoRA targets
 
 
-def model_family(model: torch.nn.Module) -> str | None:
-    """The architecture family of ``model`` from its parameter names (io/architectures.py registry)."""
-    from ckptaudit.io.architectures import recognise
-
-    spec = recognise([n for n, _ in model.named_parameters()])
-    return None if spec is None else spec.name
-
-
 def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) -> tuple[tuple[str, ...], str | None]:
     """The module names LoRA adapts and a note for the report (None when there is nothing to say).
 
     ``override``: module names given by the user (``--target-modules``), each checked to exist in the model.
-    Without it the architecture's attention query/value modules are used; an unknown architecture raises
-    ``UnknownArchitectureError`` pointing at ``--target-modules``.
+    Without it the ``lora_targets`` of the model's architecture file are used (the attention query/value
+    modules); an unknown architecture, or one whose file names none, raises ``UnknownArchitectureError``
+    pointing at ``--target-modules``.
     """
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     if override:
@@ -167,17 +150,19 @@ def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) 
             raise UsageError(f"--target-modules: no module named {missing or list(override)} in {type(model).__name__}",
                              "name the attention projections as they appear in model.named_modules() (e.g. q_proj,v_proj)")
         return names, "target modules given by --target-modules"
-    family = model_family(model)
-    if family not in FAMILY_TARGETS:
+    from ckptaudit.io.roles import family_of_model
+
+    family = family_of_model(model)
+    if family is None or not family.lora_targets:
         raise UnknownArchitectureError(
             f"{type(model).__name__}: no known attention query/value modules for LoRA",
             "pass --target-modules NAME[,NAME] (module names of the query and value projections)")
-    names = FAMILY_TARGETS[family]
+    names = family.lora_targets
     missing = [n for n in names if n not in leaves]
     if missing:
-        raise UnknownArchitectureError(f"{type(model).__name__} ({family}) has no modules named {missing}",
+        raise UnknownArchitectureError(f"{type(model).__name__} ({family.name}) has no modules named {missing}",
                                        "pass --target-modules NAME[,NAME]")
-    return names, FUSED_NOTES.get(family)
+    return names, family.lora_note or None
 
 
 def apply_lora(model: torch.nn.Module, targets: Sequence[str]) -> torch.nn.Module:
@@ -436,10 +421,7 @@ def finetune_probe(
     prepared = []
     for ctx in contexts:
         y, c = context_token_ids(tokenizer, ctx)
-        ids = tokenizer(ctx.context, return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:
-            raise DataError(f"context {ctx.context!r} encodes to no tokens")
-        prepared.append((ctx, y, c, ids))
+        prepared.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
     targets, note = (lora_targets(model, target_modules) if mode == "lora" else (None, None))
     _, which = unembedding_matrix(model)
     runs = []

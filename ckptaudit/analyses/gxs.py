@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,9 @@ def head_label(h: Head) -> str:
 # ------------------------------------------------------------------------------------------------ heads
 
 
+_DIGITS = re.compile(r"[0-9]{1,18}", re.ASCII)  # ASCII digits only: int() would also take "٣"
+
+
 def parse_heads(spec: str, arch: Any) -> list[Head]:
     """'0.1,1.3' (block.query_head) or '1.*' (every head of block 1) -> sorted unique (block, head) pairs."""
     if arch.n_heads is None:
@@ -57,11 +61,10 @@ def parse_heads(spec: str, arch: Any) -> list[Head]:
     out: set[Head] = set()
     for item in filter(None, (x.strip() for x in spec.split(","))):
         layer, _, head = item.partition(".")
-        try:
-            block = int(layer)
-            heads = range(arch.n_heads) if head == "*" else [int(head)]
-        except ValueError:
-            raise UsageError(f"--heads {spec}: {item!r} is not LAYER.HEAD", "e.g. --heads 0.1,1.3 or --heads 1.*") from None
+        if not (_DIGITS.fullmatch(layer) and (head == "*" or _DIGITS.fullmatch(head))):
+            raise UsageError(f"--heads {spec}: {item!r} is not LAYER.HEAD", "e.g. --heads 0.1,1.3 or --heads 1.*")
+        block = int(layer)
+        heads = range(arch.n_heads) if head == "*" else [int(head)]
         if not 0 <= block < arch.n_layers:
             raise UsageError(f"--heads {item}: block {block} out of range (the model has {arch.n_layers} blocks)", None)
         for h in heads:
@@ -365,12 +368,13 @@ def consolidation_order(step_g: int | None, step_s: int | None) -> str:
 
 
 def run_velocity(run: Any, include_bias: bool = False, device: str = "cpu", role_map: Any = None,
-                 anchor_step: int | None = None, progress: Callable[[int], None] | None = None) -> VelocityResult:
+                 anchor_step: int | None = None, progress: Callable[[int], None] | None = None,
+                 allow_partial_trunk: bool = False) -> VelocityResult:
     """Velocities and consolidation steps of G and S over ``run``, from ``run_backbone``'s role-group Grams."""
     from ckptaudit.analyses.backbone import run_backbone
 
     report = run_backbone(run, anchor_step=anchor_step, blocks=[], include_bias=include_bias, device=device,
-                          role_map=role_map, progress=progress)
+                          role_map=role_map, progress=progress, allow_partial_trunk=allow_partial_trunk)
     g, s = report.groups["G"], report.groups["S"]
     return VelocityResult(tuple(report.steps), report.anchor_step, np.asarray(g.velocity, dtype=np.float64),
                           np.asarray(s.velocity, dtype=np.float64), g.consolidation_step, s.consolidation_step,

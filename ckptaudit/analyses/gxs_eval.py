@@ -36,10 +36,6 @@ from ckptaudit.errors import DataError, UsageError
 
 ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
 SIGMAS: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0)
-# Final norms by module name, tried before the generic rule (the module feeding the LM head).
-FINAL_NORMS: tuple[str, ...] = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
-                                "model.decoder.final_layer_norm", "transformer.norm_f")
-
 
 ROW_CHUNK = 1024
 
@@ -238,11 +234,15 @@ def evaluate(model: nn.Module, evaluator: Any) -> EvalStats:
 def final_residual_site(model: nn.Module) -> tuple[str, nn.Module, str]:
     """(module name, module, "output" | "input"): where h (after the final norm, before the unembedding) is.
 
-    A known final norm (GPT-2 ``transformer.ln_f``, LLaMA ``model.norm``, NeoX ``final_layer_norm``...) is hooked
-    on its output; otherwise the LM head (``get_output_embeddings``) is hooked on its input.
+    The final norm named by the model's architecture file (``final_norm``: GPT-2 ``transformer.ln_f``, LLaMA
+    ``model.norm``, NeoX ``gpt_neox.final_layer_norm``...) is hooked on its output; otherwise the LM head
+    (``get_output_embeddings``) is hooked on its input.
     """
+    from ckptaudit.io.roles import family_of_model
+
     modules = dict(model.named_modules())
-    for name in FINAL_NORMS:
+    family = family_of_model(model)
+    for name in family.final_norm if family is not None else ():
         if name in modules:
             return name, modules[name], "output"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -2,53 +2,23 @@
 
 A checkpoint is a complete artifact only with its Level-2 state (paper 000, section 6): optimizer moments,
 scheduler, trainer state with the learning-rate history, and RNG state. This module inspects files without
-executing any pickle: safetensors are parsed by header, pickles are checked for the globals they would need.
+executing any pickle; what each file is and whether it is safe to load comes from ``ckptaudit.io.safety``.
 """
 
 from __future__ import annotations
 
 import json
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptaudit.errors import CkptAuditError
+from ckptaudit.io.safety import FileSafety, file_safety
+
+__all__ = ["FileSafety", "file_safety", "inspect_checkpoint", "inspect_run", "CheckpointInfo", "InspectResult"]
 
 LEVEL2_ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "rng_state")
-
-# Globals a checkpoint file may need beyond torch's weights-only defaults and still count as safe:
-# the numpy pieces the Trainer itself allow-lists for rng_state.pth.
-SAFE_EXTRA_GLOBALS = {
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.UInt32DType",
-    "numpy.dtypes.Float64DType",
-    "numpy.dtypes.Int64DType",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "_codecs.encode",
-    "builtins.set",
-    "collections.OrderedDict",
-}
-
-TEXT_SUFFIXES = {".json", ".txt", ".md", ".model", ".yaml", ".yml", ".jinja", ".py", ".tiktoken", ".merges", ".csv", ".log"}
-
-
-@dataclass(frozen=True)
-class FileSafety:
-    """One file of a checkpoint and whether it can be loaded without running code."""
-
-    path: str
-    kind: str  # safetensors | pickle | gguf | text | dcp-metadata | other
-    safe: bool
-    detail: str = ""
-
-    def to_json(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "safe": self.safe, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -104,6 +74,7 @@ class InspectResult:
     # The run's hyper-parameters at its last checkpoint (io.hyperparams): name -> {"value", "source"}.
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameter_notes: tuple[str, ...] = ()
+    architecture_recognised_by: str = ""  # which config.json value (or the tensor names) chose the family
 
     @property
     def missing(self) -> list[str]:
@@ -128,11 +99,13 @@ class InspectResult:
             "run": self.run,
             "architecture": self.architecture,
             "architecture_note": self.architecture_note,
+            "architecture_recognised_by": self.architecture_recognised_by,
             "checkpoints": [c.to_json() for c in self.checkpoints],
             "provenance_complete": self.provenance_complete,
             "missing": self.missing,
             "all_files_safe": self.all_files_safe,
             "unsafe_files": [f.path for c in self.checkpoints for f in c.files if not f.safe],
+            "unreadable_files": [f.path for c in self.checkpoints for f in c.files if not f.loadable],
             "lr_history_points": self.lr_history_points,
             "hyperparameters": self.hyperparameters,
             "hyperparameters_step": self.checkpoints[-1].step if self.checkpoints else None,
@@ -145,6 +118,7 @@ class InspectResult:
             "hyperparameters_json": json.dumps(self.hyperparameters, sort_keys=True),
             "run": self.run,
             "architecture": self.architecture,
+            "architecture_recognised_by": self.architecture_recognised_by,
             "provenance_complete": self.provenance_complete,
             "all_files_safe": self.all_files_safe,
             "missing": json.dumps(self.missing),
@@ -164,84 +138,11 @@ class InspectResult:
                     "files": [f.path for f in c.files],
                     "files_safe": [f.safe for f in c.files],
                     "files_kind": [f.kind for f in c.files],
+                    "files_verdict": [f.verdict for f in c.files],
                 }
                 for c in cks
             ],
         }
-
-
-def file_safety(path: Path) -> FileSafety:
-    """Classify one file by its content and decide whether loading it can run code. Never unpickles."""
-    import torch
-
-    from ckptaudit.io.tensors import detect_format
-
-    p = Path(path)
-    if p.is_dir():
-        return FileSafety(str(p), "other", True, "directory")
-    if p.name == ".metadata":
-        # torch reads it with plain pickle; ckptaudit parses it with a restricted unpickler instead.
-        return FileSafety(str(p), "dcp-metadata", True, "pickle; read by ckptaudit with a restricted unpickler")
-    try:
-        kind = detect_format(p)
-    except CkptAuditError:
-        kind = "unknown"
-    if kind in ("safetensors", "safetensors-index"):
-        return FileSafety(str(p), "safetensors", True)
-    if kind == "gguf":
-        return FileSafety(str(p), "gguf", True)
-    if kind == "torch-zip" and p.name == "training_args.bin":
-        # The Trainer pickles its TrainingArguments object here: loading it would run arbitrary code.
-        return FileSafety(str(p), "pickle", False, "pickled TrainingArguments object; ckptaudit never loads it")
-    if kind == "torch-zip":
-        try:
-            needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
-        except Exception as e:  # a damaged zip: not loadable, so not safe to ship
-            return FileSafety(str(p), "pickle", False, f"unreadable pickle archive: {e}")
-        bad = sorted(needed - SAFE_EXTRA_GLOBALS)
-        if bad:
-            return FileSafety(str(p), "pickle", False, "needs non-weights-only globals: " + ", ".join(bad[:5]))
-        if needed:  # safe, but a plain torch.load(weights_only=True) refuses it without the allow-list
-            return FileSafety(str(p), "pickle", True,
-                              "weights-only loadable with allow-listed numpy/builtin globals "
-                              f"(torch.serialization.safe_globals: {', '.join(sorted(needed)[:4])})")
-        return FileSafety(str(p), "pickle", True, "weights-only loadable")
-    if kind == "torch-legacy":
-        return _legacy_pickle_safety(p)
-    if p.suffix.lower() in TEXT_SUFFIXES or _looks_text(p):
-        return FileSafety(str(p), "text", True)
-    return FileSafety(str(p), "other", True, "not a serialized object")
-
-
-def _looks_text(p: Path) -> bool:
-    try:
-        with open(p, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
-    if not head:
-        return True
-    if head[:1] in (b"\x80",) or zipfile.is_zipfile(p):
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _legacy_pickle_safety(p: Path) -> FileSafety:
-    """Legacy (non-zip) torch pickles: try a weights-only load; the restricted unpickler never runs code."""
-    from ckptaudit.errors import UnsafePickleError
-    from ckptaudit.io.tensors import safe_torch_load
-
-    try:
-        safe_torch_load(p)
-    except UnsafePickleError as e:
-        return FileSafety(str(p), "pickle", False, e.message)
-    except CkptAuditError as e:
-        return FileSafety(str(p), "pickle", False, e.message)
-    return FileSafety(str(p), "pickle", True, "weights-only loadable")
 
 
 def checkpoint_files(ckpt: Any) -> list[Path]:
@@ -255,8 +156,9 @@ def checkpoint_files(ckpt: Any) -> list[Path]:
 def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True) -> tuple[CheckpointInfo, str, str]:
     """Inspect one checkpoint: parameter counts by role/block/dtype from tensor headers only.
 
-    Returns (info, architecture name, note). An architecture ckptaudit cannot place is reported, not raised:
-    inspect must work on any checkpoint.
+    Returns (info, architecture name, note). The note says how the family was recognised, or why no family
+    could place the tensors: an architecture ckptaudit cannot place is reported, not raised (inspect must work
+    on any checkpoint).
     """
     from ckptaudit.errors import UnknownArchitectureError
     from ckptaudit.io.roles import resolve_architecture
@@ -277,7 +179,7 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
     arch_name, note = "unknown", ""
     try:
         arch = resolve_architecture(shapes, ckpt.config(), role_map=role_map)
-        arch_name = arch.name
+        arch_name, note = arch.name, arch.recognised_by
         for piece in arch.pieces:
             by_role[piece.role] += piece.numel
             by_block["none" if piece.block is None else str(piece.block)] += piece.numel
@@ -285,16 +187,23 @@ def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True
         note = e.message
     from ckptaudit.io.optimizer import lr_history
 
+    files = tuple(file_safety(f) for f in checkpoint_files(ckpt)) if check_files else ()
+    verdicts = {Path(f.path): f for f in files}
+
+    def present(*paths: Any) -> bool:
+        """An artifact counts only when every file of it is there and well-formed (a 0-byte optimizer.pt is not)."""
+        found = [Path(x) for x in paths if x is not None]
+        return bool(found) and all(x.is_dir() or (verdicts.get(x) or file_safety(x)).loadable for x in found)
+
     artifacts = {
-        "optimizer": ckpt.optimizer_file is not None,
-        "scheduler": ckpt.scheduler_file is not None,
-        "trainer_state": ckpt.trainer_state_file is not None,
+        "optimizer": present(ckpt.optimizer_file),
+        "scheduler": present(ckpt.scheduler_file),
+        "trainer_state": ckpt.trainer_state_file is not None,  # parsed (and validated) at discovery
         "lr_history": bool(lr_history(ckpt)),
-        "rng_state": bool(ckpt.rng_files),
+        "rng_state": present(*ckpt.rng_files),
     }
     if ckpt.layout == "lightning":
         artifacts.update(_lightning_artifacts(Path(ckpt.path)))
-    files = tuple(file_safety(f) for f in checkpoint_files(ckpt)) if check_files else ()
     total_bytes = sum(Path(f).stat().st_size for f in ckpt.weight_files)
     info = CheckpointInfo(
         step=int(ckpt.step),
@@ -342,8 +251,10 @@ def inspect_run(run: Any, role_map: Any = None, check_files: bool = True, progre
     from ckptaudit.io.optimizer import lr_history
 
     hp = run_hyperparameters(run.checkpoints[-1])
+    known = arch_name != "unknown"
     return InspectResult(
-        run=str(run.path), architecture=arch_name, architecture_note=note, checkpoints=tuple(infos),
-        lr_history_points=len(lr_history(run.checkpoints[-1])), hyperparameters=hp.to_json(),
+        run=str(run.path), architecture=arch_name, architecture_note="" if known else note,
+        checkpoints=tuple(infos), lr_history_points=len(lr_history(run.checkpoints[-1])),
+        architecture_recognised_by=note if known else "", hyperparameters=hp.to_json(),
         hyperparameter_notes=hp.notes,
     )

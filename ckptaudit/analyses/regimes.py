@@ -23,6 +23,7 @@ Probe inputs (``build_probes``), in order of preference:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -276,6 +277,8 @@ class RegimesResult:
     first_entry: dict[str, int | None]
     probes: str
     notes: tuple[str, ...] = field(default=())
+    #: activation variance, loss curvature, bootstrap of s_t (:mod:`ckptaudit.analyses.regimes_signals`), or None
+    signals: Any = field(default=None, compare=False)
 
     @classmethod
     def from_similarity(
@@ -299,6 +302,7 @@ class RegimesResult:
             "steps": list(self.steps), "similarity": list(self.similarity), "regime": list(self.regime),
             "thresholds": self.thresholds.to_json(), "first_entry": self.first_entry, "counts": self.counts(),
             "probes": self.probes, "notes": list(self.notes),
+            **({} if self.signals is None else self.signals.to_json()),
         }  # fmt: skip
 
     def to_hdf5_tree(self) -> dict:
@@ -310,6 +314,7 @@ class RegimesResult:
             "first_entry": {k: (-1 if v is None else v) for k, v in self.first_entry.items()},
             "counts": self.counts(),
             "probes": self.probes,
+            **({} if self.signals is None else self.signals.to_hdf5_tree()),
         }
 
 
@@ -323,10 +328,12 @@ def run_fingerprints(
     keep: bool = False,
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     progress: Callable[[float], None] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[torch.Tensor] | None, list[float] | None]:
     """One pass over the checkpoints of ``run``: similarity s_t (NaN first), optionally the representations
     ``[n_probes, d]`` of every checkpoint (``keep``) and the validation loss of each (``evaluate``).
+    ``observe(rep, previous)`` sees each representation and its predecessor (None first) as they are made.
 
     One model is built and refilled tensor by tensor (``fill_model``: a checkpoint whose tensor names or shapes
     differ from the first one's is an error); only the previous fingerprint is held unless ``keep``. ``dtype``: the
@@ -347,6 +354,8 @@ def run_fingerprints(
                 fill_model(model, source, ckpt.path)
         rep = probe_representations(model, probes)
         similarity.append(math.nan if previous is None else cosine(rep, previous))
+        if observe is not None:
+            observe(rep, previous)
         previous = rep
         if keep:
             reps.append(rep)
@@ -363,12 +372,41 @@ def run_regimes(
     fixed: tuple[float, float] | None = None,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    evaluate: Callable[[torch.nn.Module], float] | None = None,
+    losses: Sequence[float | None] | None = None,
+    loss_source: str = "",
+    variance_window: int = 5,
+    bootstrap: int = 200,
+    seed: int = 0,
+    signals: bool = True,
     dtype: torch.dtype | None = None,
 ) -> RegimesResult:
-    """Fingerprints of every checkpoint of ``run``, s_t, thresholds, regimes and first entries."""
+    """Fingerprints of every checkpoint of ``run``, s_t, thresholds, regimes and first entries, and (``signals``)
+    the activation variance over ``variance_window`` checkpoints, the loss curvature and a seeded bootstrap over
+    probes (``bootstrap`` replicates, 0: none) — see :mod:`ckptaudit.analyses.regimes_signals`.
+
+    The loss at each checkpoint comes from ``evaluate(model)`` when given (one evaluation per checkpoint, in the
+    same pass), else from ``losses`` (one per checkpoint, None where unknown); ``loss_source`` says which in words.
+    """
+    from ckptaudit.analyses.regimes_signals import RegimeSignals, SignalCollector
+
     steps = [int(c.step) for c in run]
-    similarity, _, _ = run_fingerprints(run, probes, device, progress=progress, dtype=dtype)
+    collector = SignalCollector(variance_window) if signals else None
+    similarity, _, evaluated = run_fingerprints(run, probes, device, evaluate=evaluate, progress=progress,
+                                                observe=collector, dtype=dtype)
     notes = []
     if len(steps) < 3:
         notes.append(f"only {len(steps)} checkpoints: {max(len(steps) - 1, 0)} similarity value(s)")
-    return RegimesResult.from_similarity(steps, similarity, fixed, probes.source, notes)
+    result = RegimesResult.from_similarity(steps, similarity, fixed, probes.source, notes)
+    if collector is None:
+        return result
+    if evaluated is not None:
+        losses = evaluated
+    elif losses is not None and all(v is None for v in losses):
+        losses = None
+    if losses is None:
+        loss_source = loss_source or "no loss: no held-out data (--task / --data) and no eval_loss in trainer_state.json"
+    th = result.thresholds
+    sig = RegimeSignals.build(steps, collector, result.regime, fixed, th.percentiles or DEFAULT_PERCENTILES, losses,
+                              loss_source, n_boot=bootstrap, seed=seed)
+    return dataclasses.replace(result, signals=sig)

@@ -21,7 +21,6 @@ purity (through the d x d matrix rho) and O(|P|^2 d) for ``xi`` (streamed in row
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.io.jsonio import loads_bounded
 
 DEFAULT_NUCLEUS = 0.9
 _XI_BLOCK = 2048  # rows of the pool per block of the O(|P|^2) angle sum
@@ -280,15 +280,19 @@ def load_contexts(path: str | Path) -> list[Context]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such contexts file", "pass a JSONL file of {context, target, competitor}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {e.start} of the file)",
+                        "save the contexts file as UTF-8") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})", "one JSON object per line") from None
+        obj = loads_bounded(line, where, error=DataError, hint="one JSON object per line")
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = set(obj) - {"context", "target", "competitor"}
@@ -329,6 +333,23 @@ def context_token_ids(tokenizer, ctx: Context) -> tuple[int, int | None]:
     return y, c
 
 
+def context_input_ids(tokenizer, model, ctx: Context) -> torch.Tensor:
+    """The ``[1, L]`` token ids of a context, checked before the model runs: at least one token, and no more than
+    the model's positions (a longer context would index past its position embeddings). ``DataError`` otherwise."""
+    from ckptaudit.io.models import max_positions
+
+    ids = tokenizer(ctx.context, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise DataError(f"context {ctx.context!r} encodes to no tokens")
+    config = getattr(model, "config", None)
+    limit = max_positions(config.to_dict() if hasattr(config, "to_dict") else None)
+    if limit is not None and ids.shape[1] > limit:
+        shown = ctx.context if len(ctx.context) <= 40 else ctx.context[:37] + "..."
+        raise DataError(f"context {shown!r} is {ids.shape[1]} tokens, more than the model's {limit} positions",
+                        f"shorten it to at most {limit} tokens")
+    return ids
+
+
 def unembedding_matrix(model) -> tuple[torch.Tensor, str]:
     """The rows that score the vocabulary: input embeddings when the head is tied, LM-head rows otherwise."""
     emb = model.get_input_embeddings().weight
@@ -357,16 +378,13 @@ def born_gap(
     all are validated before the model runs. ``progress(1)`` is called per context.
     """
     ids = []
-    for ctx in contexts:
-        ids.append(context_token_ids(tokenizer, ctx))
+    for ctx in contexts:  # every context checked before the model runs on any
+        ids.append((*context_token_ids(tokenizer, ctx), context_input_ids(tokenizer, model, ctx)))
     model = model.to(device).eval()
     U, which = unembedding_matrix(model)
     obs, tgt_txt, comp_txt = [], [], []
-    for ctx, (y, c) in zip(contexts, ids, strict=True):
-        enc = tokenizer(ctx.context, return_tensors="pt")
-        if enc["input_ids"].shape[1] == 0:
-            raise DataError(f"context {ctx.context!r} encodes to no tokens")
-        out = model(**{k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    for ctx, (y, c, input_ids) in zip(contexts, ids, strict=True):
+        out = model(input_ids=input_ids.to(device))
         z = out.logits[0, -1].double()
         p = torch.softmax(z, dim=-1)
         o = born_observables(p.cpu(), z.cpu(), U, y, c, nucleus)

@@ -1,7 +1,9 @@
 """Root Typer app: global flags, command registration, and the error -> exit-code mapping.
 
 Exit codes: 0 success, 1 a gate check failed, 2 bad input or usage. A user error prints one line on stderr
-(no traceback unless --debug or CKPTAUDIT_DEBUG=1).
+(no traceback unless --debug or CKPTAUDIT_DEBUG=1): ckptaudit's own errors, and click's usage errors (an unknown
+option, a value out of range) through the same formatter. Warnings of the libraries a command drives are collected
+as notes (cli/capture.py): into the report, and on stderr with --verbose.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import os
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from ckptaudit import __version__
+from ckptaudit.cli.paramtypes import Abort, click_api
 from ckptaudit.errors import CkptAuditError
+
+click = click_api  # the click that the installed typer runs on (its own copy in typer >= 0.20)
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:
@@ -25,20 +29,70 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return os.environ.get("CKPTAUDIT_DEBUG", "") not in ("", "0", "false")
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: what an error line may hold whatever the message it wraps."""
+    return " ".join(str(text).split())
+
+
+def usage_error_line(e: click.ClickException) -> str:
+    """The one stderr line for one of click's usage errors: the message, then where the options are listed."""
+    line = f"ckptaudit: error: {one_line(e.format_message())}"
+    ctx = getattr(e, "ctx", None)
+    return line + f" — see `{ctx.command_path if ctx is not None else 'ckptaudit COMMAND'} --help`"
+
+
 class AuditGroup(TyperGroup):
-    """A command group that turns CkptAuditError into one line on stderr and its exit code."""
+    """A command group that turns CkptAuditError into one line on stderr and its exit code, checks every number
+    option (paramtypes.harden), and collects library warnings while the command runs."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        from ckptaudit.cli.paramtypes import harden
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        return name, (harden(cmd) if cmd is not None else cmd), rest
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        if ctx.parent is not None:  # a subgroup (report, gxs): the root already captures and maps errors
             return super().invoke(ctx)
+        from ckptaudit.cli.capture import capture_library_warnings
+
+        notes: list[str] = []
+        try:
+            with capture_library_warnings() as collected:
+                try:
+                    rv = super().invoke(ctx)
+                finally:
+                    notes = collected.notes
         except CkptAuditError as e:
             if debug_enabled(ctx):
                 raise
-            click.echo(f"ckptaudit: error: {e}", err=True)
+            _show_notes(ctx, notes)
+            click.echo(f"ckptaudit: error: {one_line(e)}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("ckptaudit: interrupted", err=True)
             ctx.exit(130)
+        _show_notes(ctx, notes)
+        return rv
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `ckptaudit` alone: the help, as before
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            if debug_enabled():
+                raise
+            click.echo(usage_error_line(e), err=True)
+            sys.exit(2 if isinstance(e, click.exceptions.UsageError) else e.exit_code)
+        except Abort:
+            click.echo("ckptaudit: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # registration order, not alphabetical: the README order
@@ -64,12 +118,22 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors (also CKPTAUDIT_DEBUG=1).")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the warnings of the libraries a command drives (kept as report notes).")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Audit neural-network training checkpoints: trajectory and optimizer-state analyses, HDF5 reports, CI gates."""
-    # --debug is read back from the root context by AuditGroup.invoke; nothing global is changed.
+    # --debug and --verbose are read back from the root context by AuditGroup.invoke; nothing global is changed.
+
+
+def _show_notes(ctx: click.Context, notes: list[str]) -> None:
+    """With --verbose: the captured library warnings, one ``ckptaudit: note:`` line each, on stderr."""
+    if ctx.find_root().params.get("verbose"):
+        for note in notes:
+            click.echo(f"ckptaudit: note: {note}", err=True)
 
 
 def _register() -> None:

@@ -5,6 +5,7 @@ The import order is the order of `ckptaudit --help` and of the man pages: look f
 
 # ruff: noqa: F401, I001
 from ckptaudit.cli import inspect_cmd
+from ckptaudit.cli import architectures_cmd
 from ckptaudit.cli import backbone_cmd
 from ckptaudit.cli import fisher_cmd
 from ckptaudit.cli import resume_cmd
@@ -13,4 +14,5 @@ from ckptaudit.cli import embeddings_cmd
 from ckptaudit.cli import finetune_cmd
 from ckptaudit.cli import trajectory_cmd
 from ckptaudit.cli import gate_cmd
+from ckptaudit.cli import compare_cmd
 from ckptaudit.cli import report_cmd

@@ -58,9 +58,12 @@ def save_report(
     """Write the HDF5 report for one command run (atomic) and tell the user where it went."""
     if no_report:
         return None
+    from ckptaudit.cli.capture import current_notes
+
     path = out if out is not None else default_report_path(command)
     records = input_records(checkpoints, hash_files=hash_files)
-    write_report(path, command=command, argv=sys.argv, tree=tree, inputs=records, device=device, group=group)
+    write_report(path, command=command, argv=sys.argv, tree=tree, inputs=records, device=device, group=group,
+                 notes=current_notes())
     output.note(f"report written to [bold]{path}[/bold]")
     return path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -50,12 +49,19 @@ def excluded_token_ids(spec: str, path: Path, vocab_size: int) -> set[int]:
     f = Path(spec)
     if not f.exists():
         raise InputNotFoundError(f"--tokens-from {spec}: no such file", "pass 'tokenizer' or a file of token ids to keep")
+    from ckptaudit.io.jsonio import loads_bounded
+    from ckptaudit.io.numbers import is_int_text
+
+    bad = DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None)
     try:
-        text = f.read_text().strip()
-        keep = json.loads(text) if text.startswith("[") else text.split()
-        keep_set = {int(i) for i in keep}
-    except (ValueError, TypeError):
-        raise DataError(f"{f}: expected a JSON list or whitespace-separated integer token ids", None) from None
+        text = f.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise bad from None
+    keep = loads_bounded(text, str(f), error=DataError) if text.startswith("[") else text.split()
+    if not isinstance(keep, list) or not all(
+            (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, str) and is_int_text(i)) for i in keep):
+        raise bad
+    keep_set = {int(i) for i in keep}
     return set(range(vocab_size)) - keep_set
 
 
@@ -77,6 +83,11 @@ def classify_embeddings(
         ),
     ] = None,
     tile: Annotated[int, typer.Option("--tile", min=64, help="Rows per tile in --exact mode (memory ~ tile^2).")] = 4096,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", min=0,
+                     help="Bootstrap replicates over the sampled pairs for the intervals of every statistic (0: standard errors only; seeded by --seed)."),
+    ] = 200,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -107,7 +118,7 @@ def classify_embeddings(
         with Progress(output, f"{role}: overlaps", total) as hook:
             results[role] = overlap_stats(
                 M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
-                lora_lr=lora_lr, tied_head=tied,
+                lora_lr=lora_lr, tied_head=tied, bootstrap=bootstrap,
             )
     summary = results["embed"].to_json()
     if "head" in results:
@@ -127,12 +138,30 @@ def classify_embeddings(
             rows,
             caption="class A = dense Gaussian bulk (KS_gauss < KS_exp), B = sparse exponential bulk; bulk index = KS_exp - KS_gauss",
         )
+        for role, r in results.items():
+            output.print(f"{role}: {uncertainty_line(r.uncertainty)}")
         j = results["embed"].to_json()
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
             f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
         )
+
+
+def uncertainty_line(u: dict | None) -> str:
+    """One line: the sampling error of the headline numbers (or why there is none)."""
+    from ckptaudit.report.console import fmt
+
+    if not u or not u.get("standard_error"):
+        return (u or {}).get("method", "no uncertainty")
+    se = u["standard_error"]
+    parts = [f"mean c² ± {fmt(se['mean_c2'])}", f"|c|>0.3 ± {fmt(se['frac_abs_c_gt_0_3'])}"]
+    b = u.get("bootstrap")
+    if b:
+        pct = f"{100 * b['level']:g}%"
+        parts += [f"{k} {pct} {fmt(b[k]['ci'][0])}–{fmt(b[k]['ci'][1])}" for k in ("ks_gauss", "ks_exp", "bulk_index")]
+        parts.append(f"class agreement {fmt(b['class_agreement'])} ({b['n_boot']} bootstrap replicates, seed {b['seed']})")
+    return f"{u['method']}: " + ", ".join(parts)
 
 
 @app.command("born-gap")

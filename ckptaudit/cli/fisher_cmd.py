@@ -40,13 +40,17 @@ def parse_bytes(spec: str) -> int:
     """'2G', '512M', '1.5GB', '100000' -> bytes (powers of 1024)."""
     s = spec.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    from ckptaudit.io.numbers import INT64_MAX, parse_float
+
+    bad = UsageError(f"--memory-budget {spec}: expected a positive size like 2G, 512M or a number of bytes")
+    number, unit = (s[:-1], units[s[-1]]) if s and s[-1] in units else (s, 1)
     try:
-        value = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s)
-        if not 0 < value < float("inf"):
-            raise ValueError(spec)
-        return int(value)
-    except (ValueError, OverflowError):
-        raise UsageError(f"--memory-budget {spec}: expected a positive size like 2G, 512M or a number of bytes") from None
+        value = parse_float(number, "--memory-budget") * unit
+    except UsageError:
+        raise bad from None
+    if not 0 < value <= INT64_MAX:
+        raise bad
+    return int(value)
 
 
 @app.command()

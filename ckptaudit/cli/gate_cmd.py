@@ -81,6 +81,7 @@ def gate(
         raise UsageError("missing PATH: the run directory or checkpoint to gate", "ckptaudit gate PATH --policy FILE")
     if policy is None:
         raise UsageError("--policy is required", "write one with `ckptaudit gate --init ckptaudit-policy.toml`")
+    _check_outputs(json_path, junit, sarif, None if no_report else out)  # before any work, like --out
     pol = load_policy(policy)  # before touching the run: a bad policy is exit 2 whatever the input
     to_stdout = json_path == "-"
     session = LocalSession("gate", device, to_stdout, quiet, out=out, no_report=no_report, no_hash=no_hash)
@@ -104,6 +105,23 @@ def gate(
     if not result.passed:
         # Raised only after every output is written: CI needs the reports most when the gate fails.
         raise GateFailedError(result.summary())
+
+
+def _check_outputs(json_path: str | None, junit: Path | None, sarif: Path | None, out: Path | None) -> None:
+    """Every output path writable, and no two the same file (one would overwrite the other)."""
+    from ckptaudit.cli.options import check_output_path
+
+    named = [("--json", None if json_path in (None, "-") else Path(json_path)), ("--junit", junit),
+             ("--sarif", sarif), ("--out", out)]
+    seen: dict[Path, str] = {}
+    for option, p in named:
+        if p is None:
+            continue
+        check_output_path(p, option)
+        key = p.resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {option} both name {p}", "give each output its own file")
+        seen[key] = option
 
 
 def _write_init(path: Path | None, text: str, force: bool) -> None:

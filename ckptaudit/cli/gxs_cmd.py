@@ -11,6 +11,7 @@ import typer
 from ckptaudit.cli.app import AuditGroup, app
 from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run, render_facts
 from ckptaudit.cli.options import (
+    AllowPartialTrunkOpt,
     CheckpointArg,
     DataOpt,
     DeviceOpt,
@@ -205,6 +206,7 @@ def velocity_cmd(
     anchor: Annotated[int | None, typer.Option("--anchor", help="Step of the anchor checkpoint (default: the first); velocities start after it.")] = None,
     include_bias: Annotated[bool, typer.Option("--include-bias", help="Include the q/k (G) and v/o/MLP (S) biases.")] = False,
     role_map: RoleMapOpt = None,
+    allow_partial_trunk: AllowPartialTrunkOpt = False,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -230,7 +232,7 @@ def velocity_cmd(
     rmap = load_role_map(role_map) if role_map is not None else None
     with Progress(output, "gxs velocity: reading checkpoints", None) as hook:
         result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
-                              progress=hook)
+                              progress=hook, allow_partial_trunk=allow_partial_trunk)
     session.save_report({"velocity": result.to_hdf5_tree()}, run.checkpoints, group="gxs")
     summary = result.to_json()
     output.json(summary)

@@ -65,6 +65,8 @@ def inspect(
 
 def render_inspect(output, result) -> None:
     """Terminal view of an InspectResult."""
+    from rich.markup import escape
+
     yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"  # noqa: E731
     rows = []
     for c in result.checkpoints:
@@ -83,7 +85,7 @@ def render_inspect(output, result) -> None:
             ]
         )
     output.table(
-        f"{result.run} — {len(result.checkpoints)} checkpoint(s), architecture: {result.architecture}",
+        escape(f"{result.run} — {len(result.checkpoints)} checkpoint(s), architecture: {result.architecture}"),
         ["step", "layout", "params", "bytes", "dtypes", "optimizer", "scheduler", "trainer state", "rng", "safe files"],
         rows,
     )
@@ -94,20 +96,26 @@ def render_inspect(output, result) -> None:
             ["role", "params"],
             [[r, f"{n:,}"] for r, n in last.params_by_role.items()],
         )
+    if result.architecture_recognised_by:
+        output.print(f"architecture {result.architecture}: recognised by {result.architecture_recognised_by}")
     if result.hyperparameters:
         output.table(
             f"training hyper-parameters (step {result.checkpoints[-1].step})",
             ["hyper-parameter", "value", "from"],
-            [[k, v["value"], v["source"]] for k, v in result.hyperparameters.items()],
+            [[escape(k), escape(v["value"]) if isinstance(v["value"], str) else v["value"], v["source"]]
+             for k, v in result.hyperparameters.items()],
         )
     for note in result.hyperparameter_notes:
-        output.print(f"[yellow]note:[/yellow] {note}")
+        output.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.architecture_note:
-        output.print(f"[yellow]roles not resolved:[/yellow] {result.architecture_note}")
+        output.print(f"[yellow]roles not resolved:[/yellow] {escape(result.architecture_note)}")
+    from rich.markup import escape
+
     for c in result.checkpoints:
         for f in c.files:
             if not f.safe:
-                output.print(f"[red]unsafe file[/red] {f.path}: {f.detail}")
+                what = "unreadable file" if not f.loadable else f"unsafe file ({f.verdict})"
+                output.print(f"[red]{what}[/red] {escape(f.path)}: {escape(f.detail)}")
     if result.provenance_complete:
         output.print("[green]provenance complete[/green]: every checkpoint carries optimizer, scheduler, trainer state and RNG state")
     else:

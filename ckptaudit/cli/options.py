@@ -10,11 +10,31 @@ import typer
 
 
 def check_output_file(value: Path | None) -> Path | None:
-    """Reject an output file path that is an existing directory before any work is done."""
-    if value is not None and value.is_dir():
-        from ckptaudit.errors import UsageError
+    """Typer callback of output-file options: :func:`check_output_path` before any work is done."""
+    return check_output_path(value, "output file")
 
-        raise UsageError(f"{value}: is a directory, expected a file to write", "give a file name, e.g. out/report.h5")
+
+def check_output_path(value: Path | None, option: str) -> Path | None:
+    """Reject, before any work is done, an output file path that cannot be written: an existing directory, a path
+    below an existing file, or one whose nearest existing folder is not writable. ``option`` names it in messages."""
+    import os
+
+    from ckptaudit.errors import UsageError
+
+    if value is None:
+        return value
+    value = Path(value)
+    if value.is_dir():
+        raise UsageError(f"{option} {value}: is a directory, expected a file to write", "give a file name, e.g. out/report.h5")
+    parent = value.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{option} {value}: {parent} is a file, so no folder can be made there", "give another path")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {value}: the folder {parent} is not writable", "give a path you can write to")
+    if value.exists() and not os.access(value, os.W_OK) and not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {value}: exists and cannot be replaced", "give a path you can write to")
     return value
 
 
@@ -36,9 +56,13 @@ ModelArg = Annotated[
     typer.Argument(help="A local model directory, a weight file (safetensors, GGUF...), or a hub id already in the local cache."),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="A checkpoint directory or file.")]
+def _check_out(value: Path | None) -> Path | None:
+    return check_output_path(value, "--out")
+
+
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", callback=check_output_file, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
+    typer.Option("--out", "-o", callback=_check_out, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
 ]
 NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Do not write an HDF5 report.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary with stable keys instead of tables.")]
@@ -103,7 +127,15 @@ PlotOpt = Annotated[
 ]
 RoleMapOpt = Annotated[
     Path | None,
-    typer.Option("--role-map", help="TOML/JSON file mapping tensor-name regexes to roles, for architectures ckptaudit does not know."),
+    typer.Option("--role-map", metavar="FILE",
+                 help="Architecture file (TOML/JSON, the schema of the shipped families, see `ckptaudit architectures`): "
+                      "a family of its own (name / extends) or rules mapping tensor-name regexes to roles, tried first."),
+]
+AllowPartialTrunkOpt = Annotated[
+    bool,
+    typer.Option("--allow-partial-trunk",
+                 help="Analyse a trunk that lacks a role its architecture has (e.g. MLP weights no rule places) "
+                      "instead of stopping with an error."),
 ]
 
 
@@ -131,15 +163,13 @@ def resolve_device(spec: str) -> str:
 def parse_floats(spec: str, option: str, example: str = "1,0.5", positive: bool = False) -> tuple[float, ...]:
     """'1,0.8,0.6' -> (1.0, 0.8, 0.6), in the given order; UsageError naming ``option`` and the bad entry."""
     from ckptaudit.errors import UsageError
+    from ckptaudit.io.numbers import parse_float
 
     values = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise UsageError(f"{option}: {part!r} is not a number", f"give comma-separated numbers, e.g. {option} {example}") from None
+        value = parse_float(part, option, hint=f"give comma-separated numbers, e.g. {option} {example}")
         if positive and not value > 0:
             raise UsageError(f"{option}: {part} must be positive", f"e.g. {option} {example}")
         values.append(value)
@@ -151,12 +181,12 @@ def parse_floats(spec: str, option: str, example: str = "1,0.5", positive: bool 
 def parse_switch(spec: str) -> tuple[int, int]:
     """'PEAK:TROUGH' -> (peak_step, trough_step)."""
     from ckptaudit.errors import UsageError
+    from ckptaudit.io.numbers import is_int_text, parse_int
 
-    try:
-        a, b = spec.split(":")
-        return int(a), int(b)
-    except ValueError:
-        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500") from None
+    parts = [p.strip() for p in spec.split(":")]
+    if len(parts) != 2 or not all(map(is_int_text, parts)):
+        raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500")
+    return parse_int(parts[0], "--switch"), parse_int(parts[1], "--switch")
 
 
 def window_spec(seq_len: int | None, pack: bool, eval_tokens: int | None, train_tokens: int | None = None,

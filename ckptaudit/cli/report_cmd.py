@@ -41,25 +41,39 @@ def show(
     if not output.human:
         return
     attrs = tree["@attrs"]
+    a = {k: escape(str(attrs.get(k))) for k in ("ckptaudit_version", "command", "created", "device", "schema_version",
+                                                 "torch_version")}
     output.print(
-        f"[bold]{path}[/bold]: ckptaudit {attrs.get('ckptaudit_version')} [bold]{attrs.get('command')}[/bold], "
-        f"created {attrs.get('created')} on {attrs.get('device')} (schema {attrs.get('schema_version')}, torch {attrs.get('torch_version')})"
+        f"[bold]{escape(str(path))}[/bold]: ckptaudit {a['ckptaudit_version']} [bold]{a['command']}[/bold], "
+        f"created {a['created']} on {a['device']} (schema {a['schema_version']}, torch {a['torch_version']})"
     )
-    output.print(f"argv: {' '.join(json.loads(attrs.get('argv', '[]')))}")
+    output.print(f"argv: {escape(_argv(attrs.get('argv', '[]')))}")
     inputs = tree.get("inputs", {})
-    if "step" in inputs and len(inputs["step"]):
+    cols = [inputs.get(k) for k in ("step", "path", "bytes", "sha256")]
+    if all(isinstance(c, np.ndarray) for c in cols) and len(cols[0]):
         output.table(
             "inputs",
             ["step", "path", "bytes", "sha256"],
             [
-                [int(s), escape(str(p)), int(b), (h[:16] + "…") if h else "—"]
-                for s, p, b, h in zip(inputs["step"], inputs["path"], inputs["bytes"], inputs["sha256"])
+                [escape(_fmt(s)), escape(str(p)), escape(_fmt(b)), escape(str(h)[:16] + "…") if h else "—"]
+                for s, p, b, h in zip(*cols)
             ],
         )
     for key, val in tree.items():
         if key in ("@attrs", "inputs"):
             continue
         _render_group(output, key, val, brief)
+
+
+def _argv(raw: Any) -> str:
+    """The command line stored in a report: a JSON list of arguments, shown as is when it is anything else."""
+    try:
+        argv = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return str(raw)
+    if isinstance(argv, list):
+        return " ".join(map(str, argv))
+    return str(raw)
 
 
 def _render_group(output: Any, name: str, g: dict, brief: bool) -> None:
@@ -71,9 +85,10 @@ def _render_group(output: Any, name: str, g: dict, brief: bool) -> None:
     for k, v in g.items():
         if k == "@attrs" or isinstance(v, dict):
             continue
-        rows.append([k, f"{v.dtype} {list(v.shape)}", _short(v, brief)])
+        kind = f"{v.dtype} {list(v.shape)}" if isinstance(v, np.ndarray) else "link"
+        rows.append([escape(k), escape(kind), _short(v, brief)])
     if rows:
-        output.table(f"/{name}", ["name", "kind", "value"], rows)
+        output.table(escape(f"/{name}"), ["name", "kind", "value"], rows)
     for k, v in g.items():
         if k != "@attrs" and isinstance(v, dict):
             _render_group(output, f"{name}/{k}", v, brief)
@@ -99,7 +114,7 @@ def _fmt(x: Any) -> str:
     from ckptaudit.report.console import fmt
 
     if isinstance(x, (bytes,)):
-        return x.decode()
+        return x.decode("utf-8", errors="replace")
     return fmt(x)
 
 

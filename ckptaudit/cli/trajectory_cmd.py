@@ -31,6 +31,7 @@ from ckptaudit.cli.options import (
     window_spec,
 )
 from ckptaudit.errors import LayoutError, UsageError
+from ckptaudit.report.console import fmt
 
 ProbesOpt = Annotated[
     Path | None,
@@ -85,11 +86,13 @@ def _run(path: Path, steps: str | None = None) -> Any:
 
 
 def _int_list(spec: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise UsageError(f"{option} {spec}: expected comma-separated integers", f"e.g. {option} 5,10,25") from None
-    if not values or min(values) < 1:
+    from ckptaudit.io.numbers import is_int_text, parse_int
+
+    parts = [x.strip() for x in spec.split(",") if x.strip()]
+    if not parts or not all(is_int_text(x) for x in parts):
+        raise UsageError(f"{option} {spec}: expected comma-separated integers", f"e.g. {option} 5,10,25")
+    values = tuple(parse_int(x, option, hint=f"e.g. {option} 5,10,25") for x in parts)
+    if min(values) < 1:
         raise UsageError(f"{option} {spec}: give positive integers", f"e.g. {option} 5,10,25")
     return values
 
@@ -97,11 +100,12 @@ def _int_list(spec: str, option: str) -> tuple[int, ...]:
 def _cascades(specs: list[str]) -> tuple[tuple[int, int], ...]:
     out = []
     for spec in specs:
-        d, _, k = spec.partition(":")
-        try:
-            out.append((int(d), int(k)))
-        except ValueError:
-            raise UsageError(f"--cascade {spec}: expected D:K", "e.g. --cascade 4:25") from None
+        from ckptaudit.io.numbers import is_int_text, parse_int
+
+        d, _, k = (x.strip() for x in spec.partition(":"))
+        if not (is_int_text(d) and is_int_text(k)):
+            raise UsageError(f"--cascade {spec}: expected D:K", "e.g. --cascade 4:25")
+        out.append((parse_int(d, "--cascade"), parse_int(k, "--cascade")))
         if out[-1][0] < 1 or out[-1][1] < 1:
             raise UsageError(f"--cascade {spec}: D and K must be positive", "e.g. --cascade 4:25")
     return tuple(out)
@@ -115,7 +119,20 @@ def regimes(
     run_dir: RunDirArg,
     probes: ProbesOpt = None,
     thresholds: ThresholdsOpt = None,
+    variance_window: Annotated[
+        int, typer.Option("--variance-window", min=2, help="Checkpoints in the sliding window of the activation variance.")
+    ] = 5,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates over probes for the uncertainty of s_t and the regimes (0: none; seeded by --seed).")
+    ] = 200,
+    no_loss: Annotated[
+        bool, typer.Option("--no-loss", help="Do not evaluate the validation loss at each checkpoint (no loss curvature).")
+    ] = False,
     task: TaskOpt = None,
+    data: DataOpt = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
@@ -128,7 +145,9 @@ def regimes(
     quiet: QuietOpt = False,
 ) -> None:
     """Training regimes from activation fingerprints: cosine s_t of consecutive checkpoints' mean-pooled final
-    hidden states over a fixed probe set; stable if s_t > HIGH, chaotic if s_t < LOW, transition otherwise.
+    hidden states over a fixed probe set; stable if s_t > HIGH, chaotic if s_t < LOW, transition otherwise. Also
+    the windowed activation variance, the loss curvature along the trajectory (validation loss from --task /
+    --data, else eval_loss logged in trainer_state.json), and a seeded bootstrap over probes of s_t.
 
     Example: ckptaudit regimes runs/seeds/seed0 --json
     """
@@ -140,16 +159,44 @@ def regimes(
     t0 = time.perf_counter()
     fixed = parse_thresholds(thresholds)
     run = _run(run_dir, steps)
-    probe_set = _probes(run[0], probes, _data(run[0], task, None, required=False), seed)
+    held_out = _data(run[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
+    probe_set = _probes(run[0], probes, held_out, seed)
+    evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
     torch_dtype, precision = _precision(dtype, run[0], dev)
     with Progress(output, "fingerprints", len(run)) as hook:
-        result = run_regimes(run, probe_set, fixed, dev, progress=hook, dtype=torch_dtype)
+        result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
+                             loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
+                             dtype=torch_dtype)
     tree, summary = result.to_hdf5_tree(), result.to_json()
-    _extra(tree, summary, precision=precision, threads=n_threads, timing_seconds={"total": time.perf_counter() - t0})
+    selection = held_out.selection() if hasattr(held_out, "selection") else None
+    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
+           timing_seconds={"total": time.perf_counter() - t0})
     session.save_report(tree, list(run))
     output.json(summary)
     if output.human:
         render_regimes(output, summary, str(run_dir))
+
+
+def _regime_losses(run: Any, held_out: Any, data: Path | None, no_loss: bool) -> tuple[Any, Any, str]:
+    """(evaluate, logged losses, source): the held-out validation loss evaluated per checkpoint when data is at hand,
+    else the eval_loss that trainer_state.json logged at each checkpoint's step, else nothing."""
+    from ckptaudit.analyses.regimes_signals import losses_from_log_history
+
+    if no_loss:
+        return None, None, "no loss: --no-loss"
+    if held_out is not None:
+        name = f"--data {data}" if data is not None else f"task {getattr(held_out, 'name', 'of the checkpoint')}"
+        return (lambda m: float(held_out.evaluate(m, "validation")[0])), None, f"validation loss on {name}, evaluated at every checkpoint"
+    for ckpt in reversed(list(run)):
+        state = ckpt.trainer_state() if hasattr(ckpt, "trainer_state") else None
+        if state and state.get("log_history"):
+            logged = losses_from_log_history(state["log_history"], [c.step for c in run])
+            if any(v is not None for v in logged):
+                missing = sum(v is None for v in logged)
+                return None, logged, ("eval_loss logged in trainer_state.json" +
+                                      (f" ({missing} checkpoint(s) without one)" if missing else ""))
+            break
+    return None, None, ""
 
 
 def _threshold_line(th: dict) -> str:
@@ -160,11 +207,38 @@ def _threshold_line(th: dict) -> str:
 
 
 def render_regimes(output: Any, s: dict, label: str) -> None:
-    """Terminal view: one row per checkpoint, then thresholds and first entries."""
+    """Terminal view: one row per checkpoint (s_t with its bootstrap interval, regime and how often the bootstrap
+    agrees, activation variance, loss and its curvature), then thresholds and first entries."""
     colour = {"stable": "green", "transition": "yellow", "chaotic": "red", "unknown": "dim"}
-    rows = [[t, sim, f"[{colour[r]}]{r}[/{colour[r]}]"] for t, sim, r in zip(s["steps"], s["similarity"], s["regime"], strict=True)]
-    output.table(f"regimes — {label}", ["step", "s_t", "regime"], rows, caption=f"probes: {s['probes']}")
+    n = len(s["steps"])
+    boot = s.get("bootstrap") or {}
+    none = [None] * n
+
+    def ci(i: int) -> str | None:
+        lo, hi = (boot.get("similarity_ci_low") or none)[i], (boot.get("similarity_ci_high") or none)[i]
+        return None if lo is None else f"{fmt(lo)}–{fmt(hi)}"
+
+    rows = [[t, sim, (boot.get("similarity_se") or none)[i], ci(i), f"[{colour[r]}]{r}[/{colour[r]}]",
+             (boot.get("regime_agreement") or none)[i], (s.get("activation_variance") or none)[i],
+             (s.get("activation_variance_se") or none)[i], (s.get("loss") or none)[i],
+             (s.get("loss_curvature") or none)[i]]
+            for i, (t, sim, r) in enumerate(zip(s["steps"], s["similarity"], s["regime"], strict=True))]
+    level = f"{100 * boot['level']:g}%" if boot else "—"
+    output.table(
+        f"regimes — {label}",
+        ["step", "s_t", "± se", f"{level} interval", "regime", "agreement", f"act. var (W={s.get('variance_window')})",
+         "± se", "loss", "curvature"],
+        rows,
+        caption=f"probes: {s['probes']}; se / interval / agreement: bootstrap over probes "
+                f"({boot.get('n_boot', 0)} replicates, seed {boot.get('seed', '—')}; agreement = share of replicates with "
+                "the same regime); act. var ± se over probes; curvature = L_t - 2 L_t-1 + L_t-2 "
+                f"(loss: {s.get('loss_source') or '—'})",
+    )
     output.print(_threshold_line(s["thresholds"]))
+    th_ci = boot.get("thresholds_ci")
+    if th_ci:
+        output.print(f"bootstrap {level} intervals of the thresholds: low [{fmt(th_ci['low'][0])}, {fmt(th_ci['low'][1])}], "
+                     f"high [{fmt(th_ci['high'][0])}, {fmt(th_ci['high'][1])}]")
     output.print("first entry: " + ", ".join(f"{r} {'—' if v is None else v}" for r, v in s["first_entry"].items()))
     render_facts(output, s)
     for note in s["notes"]:

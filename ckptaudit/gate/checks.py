@@ -2,9 +2,12 @@
 
 A check reports ``pass``, ``fail`` or ``skipped``. Skipped means the check could not run here (its analysis is not
 available in this version, or the input does not allow it, e.g. a backbone needs >= 3 checkpoints) and is never
-counted as passed. Problems with the checkpoint's own files (a corrupt weight file, an optimizer state that cannot
-be mapped to names) fail the check that needed them: a gate exists to stop such artifacts. Nothing here prints,
-and no pickle is ever executed (weights-only loading and content inspection only).
+counted as passed. The exit-code rule (docs/gate.md): a *well-formed* input that breaks a check fails it (exit 1:
+a pickle that needs unsafe globals, a NaN, a missing artifact, optimizer state that does not fit the weights);
+*bad input* (a file that cannot be parsed: a truncated weight file, an unreadable or malformed optimizer state, a
+0-byte scheduler.pt, a missing shard) is raised as the CkptAuditError it is (exit 2, one line, nothing written),
+as by every other command. Nothing here prints, and no pickle is ever executed (weights-only loading and content
+inspection only).
 """
 
 from __future__ import annotations
@@ -18,10 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptaudit.errors import CkptAuditError, UsageError
+from ckptaudit.errors import (
+    CkptAuditError,
+    CorruptFileError,
+    InputNotFoundError,
+    OptimizerStateError,
+    UnsafePickleError,
+    UsageError,
+)
 from ckptaudit.gate.policy import Policy
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
+
+# Errors of well-formed input that a check fails on (exit 1); every other CkptAuditError is bad input (exit 2).
+CHECK_FAILURES = (UnsafePickleError, OptimizerStateError)
+# Bad input that the analysis-based checks pass on instead of reporting their check as skipped.
+BAD_INPUT = (CorruptFileError, InputNotFoundError)
 
 DESCRIPTIONS = {
     "provenance": "Level-2 training state (optimizer moments, scheduler, trainer state, RNG state) is present "
@@ -220,11 +235,8 @@ def check_provenance(ctx: GateContext, settings: dict) -> CheckResult:
     threshold = {"require": require, "check_shapes": settings["check_shapes"]}
     problems: list[tuple[str, str]] = []  # (message, file)
     for ckpt in ctx.targets:
-        try:
-            info = ctx.info(ckpt)
-        except CkptAuditError as e:
-            problems.append((f"{_label(ckpt)}: cannot be inspected: {e.message}", str(ckpt.path)))
-            continue
+        info = ctx.info(ckpt)  # a file that cannot be parsed is bad input: raised, exit 2
+        _refuse_unreadable_artifacts(ckpt, info)
         missing = [a for a in require if not info.artifacts.get(a, False)]
         if missing:
             problems.append((f"{_label(ckpt)}: missing {', '.join(missing)}", _weight_file(ckpt)))
@@ -243,6 +255,21 @@ def check_provenance(ctx: GateContext, settings: dict) -> CheckResult:
                        _weight_file(ctx.targets[-1]))  # fmt: skip
 
 
+def _refuse_unreadable_artifacts(ckpt: Any, info: Any) -> None:
+    """A Level-2 file that is there but cannot be read (0 bytes, truncated, not the pickle its name says) is bad
+    input, not a missing artifact: CorruptFileError naming it."""
+    wanted = [getattr(ckpt, "optimizer_file", None), getattr(ckpt, "scheduler_file", None),
+              *getattr(ckpt, "rng_files", ())]
+    by_path = {Path(f.path): f for f in info.files}
+    for f in wanted:
+        if f is None or Path(f).is_dir():
+            continue
+        verdict = by_path.get(Path(f))
+        if verdict is not None and not verdict.loadable:
+            raise CorruptFileError(f"{f}: unreadable ({verdict.detail})",
+                                   "restore the file from the training run, or remove it and gate without it")
+
+
 def _optimizer_fits_weights(ctx: GateContext, ckpt: Any) -> tuple[str, str] | None:
     """(problem, file) when the optimizer state cannot be named exactly or does not match the weights' shapes.
 
@@ -253,7 +280,7 @@ def _optimizer_fits_weights(ctx: GateContext, ckpt: Any) -> tuple[str, str] | No
     opt_file = str(getattr(ckpt, "optimizer_file", None) or ckpt.path)
     try:
         opt = ctx.optimizer(ckpt)
-    except CkptAuditError as e:
+    except CHECK_FAILURES as e:
         return f"optimizer state does not fit: {e.message}", opt_file
     try:
         with ckpt.tensors() as src:
@@ -266,8 +293,8 @@ def _optimizer_fits_weights(ctx: GateContext, ckpt: Any) -> tuple[str, str] | No
                     t = getattr(ps, key)
                     if t is not None and tuple(t.shape) != shape:
                         return (f"{name}: optimizer {key} shape {tuple(t.shape)} != weight shape {shape}", opt_file)
-    except CkptAuditError as e:
-        return f"weights cannot be read: {e.message}", _weight_file(ckpt)
+    except UnsafePickleError as e:
+        return f"weights cannot be loaded weights-only: {e.message}", _weight_file(ckpt)
     return None
 
 
@@ -288,16 +315,16 @@ def check_safe_serialization(ctx: GateContext, settings: dict) -> CheckResult:
     exempted: list[str] = []
     n_files = 0
     for ckpt in ctx.targets:
-        try:
-            info = ctx.info(ckpt)
-        except CkptAuditError as e:
-            return CheckResult("safe_serialization", FAIL, None, threshold, f"{_label(ckpt)}: {e.message}", str(ckpt.path))
+        info = ctx.info(ckpt)
         for f in info.files:
             n_files += 1
             if f.safe:
                 continue
             if _exempt(f.path, ckpt.path, allow):
                 exempted.append(Path(f.path).name)
+            elif not f.loadable:  # cannot be judged: bad input, not a failed check
+                raise CorruptFileError(f"{f.path}: unreadable ({f.detail})",
+                                       "restore or remove the file, or exempt it with allow_files in the policy")
             else:
                 unsafe.append(f)
     note = f" ({len(exempted)} exempted by allow_files: {', '.join(sorted(set(exempted)))})" if exempted else ""
@@ -362,7 +389,7 @@ def _scan_moments(ctx: GateContext, ckpt: Any) -> tuple[list[tuple[str, str, int
             for name, ps in ctx.optimizer(ckpt).state.items()
             for key in ("exp_avg", "exp_avg_sq")
         ]
-    except CkptAuditError:
+    except OptimizerStateError:
         # Names unknown (provenance reports why): still scan, naming moments by their index in the file.
         from ckptaudit.io.tensors import safe_torch_load
 
@@ -398,7 +425,7 @@ def check_finite(ctx: GateContext, settings: dict) -> CheckResult:
                     found, k = _scan_moments(ctx, ckpt)
                     n_moments += k
                     bad += [(*b, ckpt) for b in found]
-        except CkptAuditError as e:
+        except UnsafePickleError as e:  # well-formed but not loadable weights-only: the check fails
             return CheckResult("finite", FAIL, None, threshold, f"{_label(ckpt)}: cannot be read: {e.message}", str(ckpt.path))
     if bad:
         name, where, n_nan, n_inf, ckpt = bad[0]
@@ -464,6 +491,8 @@ def check_embedding_class(ctx: GateContext, settings: dict) -> CheckResult:
             mats = matrices(ckpt.path)  # the LM head is read only to tell whether it is tied; it is not classified
             res = stats(mats["embed"], pairs=settings["pairs"], seed=ctx.seed, device=ctx.device,
                         tied_head="head" not in mats)  # fmt: skip
+        except BAD_INPUT:
+            raise
         except CkptAuditError as e:
             return CheckResult("embedding_class", SKIPPED, None, threshold, f"{_label(ckpt)}: {e.message}", str(ckpt.path))
         bulk = float(res.bulk_index)
@@ -493,6 +522,8 @@ def check_fisher_anisotropy(ctx: GateContext, settings: dict) -> CheckResult:
     try:
         _, vectors = ctx.backbone(run_backbone)
         value = float(fn(ctx.run, device=ctx.device, seed=ctx.seed, vectors=vectors))
+    except BAD_INPUT:
+        raise
     except CkptAuditError as e:
         return CheckResult("fisher_anisotropy", SKIPPED, None, threshold, e.message)
     out = _bounds(value, settings["min"], settings["max"])
@@ -518,6 +549,8 @@ def check_backbone(ctx: GateContext, settings: dict) -> CheckResult:
         return CheckResult("backbone", SKIPPED, None, threshold, reason)
     try:
         report, _ = ctx.backbone(run_backbone)
+    except BAD_INPUT:
+        raise
     except CkptAuditError as e:
         return CheckResult("backbone", SKIPPED, None, threshold, f"backbone analysis cannot run: {e.message}", str(ctx.run.path))
     if len(report.trunk.rho) == 0:
@@ -553,6 +586,8 @@ def check_resume_probe(ctx: GateContext, settings: dict) -> CheckResult:
         try:
             inputs = load_inputs(ckpt.path, task=settings["task"], device=ctx.device)
             report = run_probe(inputs, settings_cls(**probe_kwargs))
+        except BAD_INPUT:
+            raise
         except CkptAuditError as e:
             return CheckResult("resume_probe", SKIPPED, None, threshold, f"{_label(ckpt)}: probe cannot run: {e.message}",
                                str(ckpt.path))  # fmt: skip

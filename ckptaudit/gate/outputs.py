@@ -29,13 +29,21 @@ def _write(path: Path | str, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
+    from ckptaudit.errors import UsageError
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot be written ({exc.strerror or exc})", "give a path you can write to") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, p)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"{p}: cannot be written ({exc.strerror or exc})", "give a path you can write to") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

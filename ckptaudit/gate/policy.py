@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptaudit.analyses.embeddings import MAX_PAIRS
 from ckptaudit.errors import PolicyError
+from ckptaudit.io.numbers import fits_int64
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -45,7 +47,7 @@ class Key:
     """One allowed key: its type ("bool", "int", "float", "str", "list[str]"), default, and constraints.
 
     ``default=None`` with ``optional=True`` means "no bound": the key may be left out. ``choices`` restricts a str
-    or the items of a list[str]; ``minimum``/``positive`` bound numbers.
+    or the items of a list[str]; ``minimum``/``maximum``/``positive`` bound numbers. Every integer must fit int64.
     """
 
     type: str
@@ -53,6 +55,7 @@ class Key:
     help: str = ""
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
+    maximum: float | None = None
     positive: bool = False
     optional: bool = False
 
@@ -98,7 +101,7 @@ CHECK_KEYS: dict[str, dict[str, Key]] = {
         "expected": Key("str", None, "class the input embedding must have", choices=("A", "B"), optional=True),
         "bulk_index_min": Key("float", None, "lowest allowed bulk_index (ks_exp - ks_gauss)", optional=True),
         "bulk_index_max": Key("float", None, "highest allowed bulk_index", optional=True),
-        "pairs": Key("int", 200_000, "sampled pairs for the overlap statistics", minimum=2),
+        "pairs": Key("int", 200_000, "sampled pairs for the overlap statistics", minimum=2, maximum=MAX_PAIRS),
     },
     "fisher_anisotropy": {
         "enabled": _ENABLED,
@@ -215,6 +218,8 @@ def _coerce(spec: Key, value: Any) -> tuple[Any, str | None]:
     if t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             return None, f"expected an integer, got {_type_name(value)} {value!r}"
+        if not fits_int64(value):
+            return None, f"{value} does not fit in 64 bits"
     elif t == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None, f"expected a number, got {_type_name(value)} {value!r}"
@@ -239,6 +244,8 @@ def _coerce(spec: Key, value: Any) -> tuple[Any, str | None]:
         return None, f"must be > 0, got {value!r}"
     if spec.minimum is not None and value < spec.minimum:
         return None, f"must be >= {spec.minimum:g}, got {value!r}"
+    if spec.maximum is not None and value > spec.maximum:
+        return None, f"must be <= {spec.maximum:g}, got {value!r}"
     return value, None
 
 
@@ -340,10 +347,12 @@ require = ["optimizer", "scheduler", "trainer_state", "rng_state"]
 check_shapes = true
 
 [checks.safe_serialization]
-# Every file must be safetensors/GGUF/text or a pickle that loads weights-only (judged by content, never run).
+# Every file must be safe to load (judged by content, never run; docs/security.md has the rule): data formats,
+# or pickles that load weights-only, with at most numpy's array globals allow-listed.
 enabled = true
-# Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickle of
-# TrainingArguments that needs arbitrary globals; ckptaudit never loads it. Remove it to insist on none.
+# Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickled TrainingArguments
+# that needs transformers' classes (needs-allow-listed-globals): ckptaudit reads it only as plain data, through
+# stand-ins, but torch.load would have to trust those classes. Remove it to insist on none.
 allow_files = ["training_args.bin"]
 
 [checks.finite]

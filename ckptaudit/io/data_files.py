@@ -22,14 +22,14 @@ Empty texts and empty id lists are skipped. Nothing is downloaded and no pickle 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ckptaudit.errors import DataError, InputNotFoundError
+from ckptaudit.errors import CkptAuditError, DataError, InputNotFoundError
+from ckptaudit.io.jsonio import loads_bounded
 
 __all__ = ["DATA_KINDS", "RawDocuments", "read_documents", "read_token_ids"]
 
@@ -83,11 +83,8 @@ def _jsonl(file: Path, lines: list[str]) -> RawDocuments:
     texts: list[str] = []
     ids: list[np.ndarray] = []
     for n, line in enumerate(lines, 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}: line {n} is not valid JSON ({exc.msg})",
-                            hint="each line of a JSONL file must be one JSON object or list") from None
+        obj = loads_bounded(line, f"{file}: line {n}", error=DataError,
+                            hint="each line of a JSONL file must be one JSON object or list")
         if isinstance(obj, dict) and "input_ids" in obj:
             ids.append(_id_array(obj["input_ids"], f"{file}: line {n}"))
         elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
@@ -105,6 +102,14 @@ def _jsonl(file: Path, lines: list[str]) -> RawDocuments:
     return RawDocuments(str(file), "jsonl-text", texts=tuple(t for t in texts if t.strip()))
 
 
+def _json_or_none(text: str, file: Path) -> Any:
+    """The parsed document (bounded: io.jsonio), or None when ``text`` is not one JSON document."""
+    try:
+        return loads_bounded(text, str(file), error=DataError)
+    except CkptAuditError:
+        return None
+
+
 def _text_file(file: Path) -> RawDocuments:
     try:
         text = file.read_text(encoding="utf-8")
@@ -114,18 +119,13 @@ def _text_file(file: Path) -> RawDocuments:
     if not stripped:
         raise DataError(f"{file}: the file is empty", hint="give a file with text or token ids")
     if stripped.startswith("["):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None
+        whole = _json_or_none(text, file)
         if isinstance(whole, list) and whole and all(isinstance(x, list) for x in whole):
             return RawDocuments(str(file), "json-ids",
                                 ids=tuple(a for i, x in enumerate(whole) if (a := _id_array(x, f"{file}: list {i}")).size))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if stripped.startswith(("{", "[")):
-        try:
-            json.loads(lines[0])
-        except json.JSONDecodeError:
+        if _json_or_none(lines[0], file) is None:
             return RawDocuments(str(file), "text", texts=(text,))
         return _jsonl(file, lines)
     return RawDocuments(str(file), "text", texts=(text,))

@@ -25,7 +25,6 @@ errors that name the paths and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError, UsageError
+from ckptaudit.io.numbers import parse_int
 from ckptaudit.io.tensors import (
     TensorSource,
     detect_format,
@@ -214,9 +214,9 @@ def parse_steps(spec: str) -> StepFilter:
         raise bad
     if ":" in s:
         parts = s.split(":")
-        if len(parts) > 3 or not all(p == "" or p.isdigit() for p in parts):
+        if len(parts) > 3 or not all(p == "" or (p.isascii() and p.isdigit()) for p in parts):
             raise bad
-        nums = [int(p) if p else None for p in parts] + [None] * (3 - len(parts))
+        nums = [parse_int(p, "--steps") if p else None for p in parts] + [None] * (3 - len(parts))
         start, stop, every = nums
         if every == 0:
             raise UsageError(f"--steps {spec!r}: the stride must be at least 1")
@@ -232,8 +232,8 @@ def parse_steps(spec: str) -> StepFilter:
         low = it.lower()
         if low in ("first", "last"):
             items.append(low)
-        elif re.fullmatch(r"-?\d+", it):
-            items.append(int(it))
+        elif re.fullmatch(r"-?[0-9]+", it):
+            items.append(parse_int(it, "--steps"))
         else:
             raise bad
     return StepFilter(spec, "list", items=tuple(items))
@@ -380,8 +380,12 @@ def _dir_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate | None:
         parts["rng_files"] = tuple(sorted(p for p in d.glob("rng_state*.pth")))
         if parts["trainer_state_file"] is not None:
             state = _read_json(parts["trainer_state_file"])
-            if isinstance(state.get("global_step"), int):
-                step = state["global_step"]
+            global_step = state.get("global_step")
+            if isinstance(global_step, int) and not isinstance(global_step, bool):
+                if global_step < 0:
+                    raise CorruptFileError(f"{parts['trainer_state_file']}: global_step {global_step} is negative",
+                                           hint="re-save or restore the file")
+                step = global_step
     elif layout == "accelerate":
         parts["optimizer_file"] = _first_file(d / "optimizer.bin")
         parts["scheduler_file"] = _first_file(d / "scheduler.bin")
@@ -467,15 +471,10 @@ def _first_dir(*paths: Path) -> Path | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: no such file", hint="check the checkpoint folder") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})", hint="re-save or restore the file") from None
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    """A JSON object of the checkpoint (config.json, trainer_state.json), read with io.jsonio's limits."""
+    from ckptaudit.io.jsonio import read_json
+
+    return read_json(path)
 
 
 def _fmt_steps(steps: Sequence[int], limit: int = 20) -> str:

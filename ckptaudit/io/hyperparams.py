@@ -21,13 +21,13 @@ need the value say what is missing and how to give it).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptaudit.errors import CkptAuditError
+from ckptaudit.io.jsonio import read_json
 
 __all__ = ["TRAINING_ARGS_FILE", "HyperValue", "RunHyperparameters", "read_training_args", "recorded_eval_losses",
            "run_hyperparameters"]
@@ -135,8 +135,8 @@ def run_hyperparameters(ckpt: Any) -> RunHyperparameters:
     task_file = directory / "ckptaudit_task.json"
     if task_file.is_file():
         try:
-            train = json.loads(task_file.read_text(encoding="utf-8")).get("train") or {}
-        except (ValueError, AttributeError, OSError):
+            train = read_json(task_file).get("train") or {}
+        except (CkptAuditError, AttributeError):
             train = {}
         if isinstance(train, dict):
             for key, name in _TASK_KEYS.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -39,12 +38,9 @@ def _config_dict(ckpt: Any) -> dict:
     method = getattr(ckpt, "config", None)
     config = method() if callable(method) else None
     if config is None and getattr(ckpt, "config_file", None) is not None:
-        try:
-            config = json.loads(Path(ckpt.config_file).read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptFileError(f"{ckpt.config_file}: not UTF-8 text", hint=_CONFIG_HINT) from None
-        except json.JSONDecodeError as exc:
-            raise CorruptFileError(f"{ckpt.config_file}: invalid JSON ({exc})") from None
+        from ckptaudit.io.jsonio import read_json
+
+        config = read_json(ckpt.config_file, expect=None, hint=_CONFIG_HINT)
     if config is None:
         raise LayoutError(
             f"{ckpt.path}: no config.json, so the model cannot be built",

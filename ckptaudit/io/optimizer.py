@@ -13,7 +13,6 @@ moment's shape equals its parameter's shape; several accepted candidates that di
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +126,9 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
     loaded = safe_torch_load(path)
     if isinstance(loaded, dict) and "optimizer_states" in loaded:  # Lightning: one entry per optimizer
         states = loaded["optimizer_states"]
+        if not isinstance(states, (list, tuple)):
+            raise CorruptFileError(f"{path}: 'optimizer_states' must be a list, got {type(states).__name__}",
+                                   hint="re-save the checkpoint with Lightning")
         if not states:
             raise OptimizerStateError(f"{path}: 'optimizer_states' is empty (saved without the optimizer)")
         loaded = states[0]
@@ -141,6 +143,9 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
             f"{path}: not a torch optimizer state dict (expected 'state' and 'param_groups', found {keys})",
             hint="DeepSpeed/FSDP sharded optimizer states are not supported",
         )
+    from ckptaudit.io.optimizer_schema import validate_optimizer_state
+
+    validate_optimizer_state(loaded, path)  # the one place a state dict is read: its structure is checked here
     return loaded, path
 
 
@@ -399,10 +404,9 @@ def _trainer_state(ckpt: Any) -> dict | None:
     path = getattr(ckpt, "trainer_state_file", None)
     if path is None:
         return None
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: invalid JSON ({exc})") from None
+    from ckptaudit.io.jsonio import read_json
+
+    return read_json(path)
 
 
 def lr_history(ckpt: Any) -> list[tuple[int, float]]:

@@ -1,12 +1,13 @@
 """Parameter roles (SPEC §0): every tensor of a checkpoint split into (block, role) pieces, per-head slices.
 
-A :class:`Piece` is a part of one stored tensor that has one (block, role): a whole tensor, or one of Q/K/V of
-a fused projection, or one attention head of a projection. It only describes *where* the values lie (an
+A :class:`Piece` is a part of one stored tensor that has one (block, role): a whole tensor, one part of a fused
+projection (Q/K/V, gate/up), one expert of a stacked mixture-of-experts tensor, or one attention head. It only describes *where* the values lie (an
 optional reshape ``view`` of the stored tensor, then basic indexing), so ``take`` returns a view and nothing
 is copied. Pieces are frozen, hashable and picklable, so they travel to worker processes.
 
-:func:`resolve_architecture` maps tensor names (and shapes) to pieces using the registry in
-``architectures.py``, the checkpoint's ``config.json`` (head counts), and an optional user role map.
+:func:`resolve_architecture` maps tensor names (and shapes) to pieces using the family files read by
+``architectures.py`` (the family is looked up from ``config.json``, or from tensor names when there is none),
+the head counts of ``config.json``, and an optional user role map of the same schema.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 
-from ckptaudit.errors import CorruptFileError, InputNotFoundError, UnknownArchitectureError, UsageError
-from ckptaudit.io.architectures import KNOWN_NAMES, Rule, match_rule, recognise
+from ckptaudit.errors import CorruptFileError, UnknownArchitectureError, UsageError
+from ckptaudit.io import architectures as fam
+from ckptaudit.io.architectures import ROLES, TRUNK_ROLES, Family, Rule
+from ckptaudit.io.layouts import split
 
-ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out", "embed", "pos", "norm", "head", "other")
-TRUNK_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 GROUPS: dict[str, tuple[str, ...]] = {"G": ("q", "k"), "S": ("v", "o", "mlp_in", "mlp_out")}
 ATTENTION_ROLES: tuple[str, ...] = ("q", "k", "v", "o")
 
@@ -42,7 +43,9 @@ class Piece:
     one per axis of the viewed tensor. ``head``: the attention head of a per-head piece (for k/v under
     grouped-query attention, the kv head), None otherwise. ``head_axis`` / ``head_per_entry``: where heads lie
     in the viewed tensor, as runs of ``head_dim`` entries (False) or one entry per head (True); None when the
-    piece cannot be split per head.
+    piece cannot be split per head. ``head_group``: for the query part of a grouped fused tensor (Falcon), the
+    heads per key/value group: head h is entry h // head_group of ``head_axis`` and entry h % head_group of the
+    axis after it. ``expert``: the expert of a mixture-of-experts weight (None elsewhere).
     """
 
     tensor: str
@@ -56,6 +59,8 @@ class Piece:
     head: int | None = None
     head_axis: int | None = None
     head_per_entry: bool = False
+    head_group: int | None = None
+    expert: int | None = None
 
     @property
     def numel(self) -> int:
@@ -96,7 +101,8 @@ class Piece:
 
 def _piece(tensor: str, block: int | None, role: str, is_bias: bool, tensor_shape: tuple[int, ...],
            view: tuple[int, ...] | None = None, index: tuple[Selection, ...] = (), head: int | None = None,
-           head_axis: int | None = None, head_per_entry: bool = False) -> Piece:
+           head_axis: int | None = None, head_per_entry: bool = False, head_group: int | None = None,
+           expert: int | None = None) -> Piece:
     """Build a Piece, deriving its shape from the view and the selections (checked against the bounds)."""
     if view is not None and math.prod(view) != math.prod(tensor_shape):
         raise ValueError(f"{tensor}: cannot view {tensor_shape} as {view}")
@@ -112,7 +118,7 @@ def _piece(tensor: str, block: int | None, role: str, is_bias: bool, tensor_shap
                 raise ValueError(f"{tensor}: range {sel[1:]} out of bounds on axis {axis} of size {dims[axis]}")
             dims[axis] = sel[2] - sel[1]
     return Piece(tensor, block, role, is_bias, tuple(dims), tuple(tensor_shape), view, tuple(index), head,
-                 head_axis, head_per_entry)
+                 head_axis, head_per_entry, head_group, expert)
 
 
 # ---------------------------------------------------------------------------------------------------- role map
@@ -121,103 +127,32 @@ def _piece(tensor: str, block: int | None, role: str, is_bias: bool, tensor_shap
 _LAYER_INDEX_RE = re.compile(r"\.\d+\.")
 
 
-@dataclass(frozen=True)
-class RoleRule:
-    """One user rule: tensor names matching ``pattern`` (re.search) get ``role``; a named group ``block``
-    gives the block index. ``head_axis``: axis of the weight along which heads lie in runs of head_dim
-    (enables per-head slicing; q/k/v biases then use axis 0)."""
+def load_role_map(path: str | Path) -> Family:
+    """Read a user role map (TOML, or JSON when it starts with '{') by the family-file schema.
 
-    pattern: str
-    role: str
-    head_axis: int | None = None
-
-
-@dataclass(frozen=True)
-class RoleMap:
-    """A user role map: rules tried in order before the registry, and optional head counts."""
-
-    rules: tuple[RoleRule, ...]
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    source: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping, source: str | None = None) -> RoleMap:
-        """Validate ``{"roles": [{"pattern": ..., "role": ...}, ...], "n_heads": ...}`` into a RoleMap.
-
-        The plain form ``{regex: role, ...}`` (at the top level, or as the ``roles`` table) is accepted too; its
-        rules keep the file's order."""
-        where = source or "role map"
-        entries = data.get("roles") if isinstance(data, Mapping) else None
-        if isinstance(data, Mapping) and entries is None and data and all(isinstance(v, str) for v in data.values()):
-            entries = dict(data)  # the whole document is {regex: role}
-        if isinstance(entries, Mapping) and all(isinstance(v, str) for v in entries.values()):
-            entries = [{"pattern": k, "role": v} for k, v in entries.items()]
-        if not isinstance(entries, list) or not entries:
-            raise UsageError(f"{where}: expected a non-empty list 'roles' of {{pattern, role}} entries",
-                             hint=_ROLE_MAP_EXAMPLE)
-        rules = []
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, Mapping) or "pattern" not in entry or "role" not in entry:
-                raise UsageError(f"{where}: roles[{i}] needs 'pattern' and 'role'", hint=_ROLE_MAP_EXAMPLE)
-            pattern, role = str(entry["pattern"]), str(entry["role"])
-            if role not in ROLES:
-                raise UsageError(f"{where}: roles[{i}] has unknown role {role!r}", hint=f"use one of {ROLES}")
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise UsageError(f"{where}: roles[{i}] pattern {pattern!r} is not a valid regex ({e})") from None
-            head_axis = _user_int(entry.get("head_axis"), f"{where}: roles[{i}].head_axis", minimum=None)
-            rules.append(RoleRule(pattern, role, head_axis))
-        extra = [_user_int(data.get(k), f"{where}: {k}", minimum=1) for k in ("n_heads", "n_kv_heads", "head_dim")]
-        return cls(tuple(rules), *extra, source=source)
-
-
-def _user_int(value: Any, what: str, minimum: int | None) -> int | None:
-    """``value`` as an int (None stays None); UsageError naming ``what`` when it is not one, or below ``minimum``."""
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UsageError(f"{what} must be an integer, got {value!r}", hint=_ROLE_MAP_EXAMPLE) from None
-    if minimum is not None and number < minimum:
-        raise UsageError(f"{what} must be at least {minimum}, got {number}", hint=_ROLE_MAP_EXAMPLE)
-    return number
-
-
-_ROLE_MAP_EXAMPLE = ('e.g. a TOML file with lines [[roles]] pattern = \'blocks\\.(?P<block>\\d+)\\.attn\\.wq\\.weight$\' '
-                     'role = "q"; or JSON {"roles": [{"pattern": "...", "role": "q"}]}')
-
-
-def load_role_map(path: str | Path) -> RoleMap:
-    """Read a role map from a TOML or JSON file (recognised by content: JSON starts with '{').
-
-    Format: ``{"roles": [{"pattern": regex, "role": one of ROLES, "head_axis": optional int}, ...],
-    "n_heads": optional, "n_kv_heads": optional, "head_dim": optional}``. Rules are tried in order.
+    A file with ``name`` or ``extends`` is a family of its own (used as given); a file of rules alone is an
+    overlay, tried before the recognised family. The older forms are accepted: ``{"roles": [{"pattern",
+    "role", "head_axis"}], "n_heads": ...}`` and ``{regex: role}``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"role map {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"role map {path} is not UTF-8 text", hint=_ROLE_MAP_EXAMPLE) from None
-    except OSError as e:
-        raise UsageError(f"role map {path} cannot be read ({e.strerror or e})", hint=_ROLE_MAP_EXAMPLE) from None
-    try:
-        if text.lstrip().startswith("{"):
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        raise UsageError(f"role map {path} is neither valid JSON nor valid TOML: {e}", hint=_ROLE_MAP_EXAMPLE) from None
-    return RoleMap.from_dict(data, source=str(path))
+    text = fam.read_text(path, "role map")
+    return fam.family_from_dict(fam.parse_text(text, f"role map {path}"), str(path), fam.shipped_families(),
+                                require_name=False)
+
+
+def _coerce_role_map(role_map: Any) -> Family | None:
+    if role_map is None or isinstance(role_map, Family):
+        return role_map
+    if isinstance(role_map, (str, Path)):
+        return load_role_map(role_map)
+    if isinstance(role_map, Mapping):
+        return fam.family_from_dict(role_map, "role map", fam.shipped_families(), require_name=False)
+    raise TypeError(f"role_map must be a Family, a path or a dict, not {type(role_map).__name__}")
+
+
+def _is_overlay(user: Family | None) -> bool:
+    """A role map of rules alone: tried before the recognised family rather than replacing it."""
+    return user is not None and user.name == "custom" and user.extends is None
 
 
 # ---------------------------------------------------------------------------------------------- architecture
@@ -228,7 +163,10 @@ class Architecture:
     """Every tensor of a checkpoint split into (block, role) pieces, plus the attention head layout.
 
     ``pieces`` cover each stored tensor exactly once. ``kv_group`` = n_heads // n_kv_heads (1 without
-    grouped-query attention), known from shapes even when the head counts are not.
+    grouped-query attention), known from shapes even when the head counts are not. ``name``: the family used
+    (``custom`` for a role map of its own); ``recognised_by``: how it was chosen (which config.json value, or
+    tensor names); ``family``: the family's definition (None for ``custom``). ``missing_trunk``: trunk roles
+    the family expects that some block lacks, as "block N: role, role" (empty when the trunk is whole).
     """
 
     name: str
@@ -238,19 +176,30 @@ class Architecture:
     head_dim: int | None
     pieces: tuple[Piece, ...]
     kv_group: int | None = None
+    recognised_by: str = ""
+    family: Family | None = None
+    missing_trunk: tuple[str, ...] = ()
+    unplaced: tuple[str, ...] = ()
 
     @property
     def unplaced_block_weights(self) -> tuple[str, ...]:
-        """Matrices (2-D or more) that sit in a numbered layer (``.<n>.`` in the name) but got no role: in a
-        recognised architecture these are modules the registry does not know (e.g. mixture-of-experts MLPs), left
-        out of the trunk unless a --role-map places them."""
+        """Matrices (2-D or more) that sit in a numbered layer (``.<n>.`` in the name) but got no role: modules
+        the family file does not know, left out of the trunk unless a --role-map places them."""
+        names = set(self.unplaced)
         return tuple(p.tensor for p in self.pieces
-                     if p.role == "other" and len(p.tensor_shape) >= 2 and _LAYER_INDEX_RE.search(p.tensor))
+                     if p.tensor in names and len(p.tensor_shape) >= 2 and _LAYER_INDEX_RE.search(p.tensor))
+
+    @property
+    def n_experts(self) -> int:
+        """Experts per block of a mixture-of-experts model (0 for a dense model)."""
+        experts = {p.expert for p in self.pieces if p.expert is not None}
+        return max(experts) + 1 if experts else 0
 
     def select(self, roles: Iterable[str] | str = TRUNK_ROLES, blocks: Iterable[int] | None = None,
-               include_bias: bool = False) -> list[Piece]:
+               include_bias: bool = False, experts: Iterable[int] | None = None) -> list[Piece]:
         """Pieces with a role in ``roles`` (a role, a group name "G"/"S", or several roles) and a block in
-        ``blocks`` (None = every block, and pieces without a block), biases only with ``include_bias``."""
+        ``blocks`` (None = every block, and pieces without a block), biases only with ``include_bias``;
+        ``experts`` keeps only the pieces of those experts (None = every piece, dense ones included)."""
         if isinstance(roles, str):
             roles = GROUPS.get(roles, (roles,))
         roles = set(roles)
@@ -258,19 +207,14 @@ class Architecture:
         if unknown:
             raise UsageError(f"unknown role(s) {sorted(unknown)}", hint=f"use roles from {ROLES}")
         wanted = None if blocks is None else set(blocks)
+        chosen = None if experts is None else set(experts)
         return [p for p in self.pieces
-                if p.role in roles and (include_bias or not p.is_bias) and (wanted is None or p.block in wanted)]
+                if p.role in roles and (include_bias or not p.is_bias) and (wanted is None or p.block in wanted)
+                and (chosen is None or p.expert in chosen)]
 
     def tensor_pieces(self, tensor: str) -> list[Piece]:
         """The pieces of one stored tensor, in order."""
         return [p for p in self.pieces if p.tensor == tensor]
-
-    def numel_by_role(self) -> dict[str, int]:
-        """Scalars per role (every role of ROLES, zero when absent)."""
-        out = dict.fromkeys(ROLES, 0)
-        for p in self.pieces:
-            out[p.role] += p.numel
-        return out
 
     def kv_head(self, q_head: int) -> int:
         """The key/value head that query head ``q_head`` reads under grouped-query attention."""
@@ -305,7 +249,7 @@ class Architecture:
                 if p.is_bias and role == "o":
                     continue
                 raise UsageError(f"{p.tensor}: no head layout known for role {role!r}",
-                                 hint="give head_axis for this pattern in the role map")
+                                 hint="give heads (or head_axis) for this pattern in the role map")
             out.append(_head_slice(p, head, count, self.head_dim))
         return sorted(out, key=lambda p: p.is_bias)
 
@@ -314,7 +258,10 @@ def _head_slice(p: Piece, head: int, count: int, head_dim: int) -> Piece:
     """The part of piece ``p`` that belongs to ``head`` (one of ``count`` heads of ``head_dim`` features)."""
     axis = p.head_axis
     sels = {s[0]: s for s in p.index}
-    if p.head_per_entry:
+    if p.head_group is not None:  # grouped Q: [n_kv, g (+2), dh]; head h is (h // g, h % g)
+        sels[axis] = (axis, head // p.head_group)
+        sels[axis + 1] = (axis + 1, head % p.head_group)
+    elif p.head_per_entry:
         sels[axis] = (axis, head)
     else:
         sel = sels.get(axis)
@@ -325,7 +272,7 @@ def _head_slice(p: Piece, head: int, count: int, head_dim: int) -> Piece:
                 hint="check num_attention_heads / num_key_value_heads / head_dim in config.json")
         sels[axis] = (axis, start + head * head_dim, start + (head + 1) * head_dim)
     return _piece(p.tensor, p.block, p.role, p.is_bias, p.tensor_shape, p.view,
-                  tuple(sels[a] for a in sorted(sels)), head=head)
+                  tuple(sels[a] for a in sorted(sels)), head=head, expert=p.expert)
 
 
 def _heads_unknown(arch: str, what: str) -> UnknownArchitectureError:
@@ -337,95 +284,104 @@ def _heads_unknown(arch: str, what: str) -> UnknownArchitectureError:
 # --------------------------------------------------------------------------------------------------- resolve
 
 
-def _config_dims(config: Any) -> dict[str, int | None]:
-    """n_heads, n_kv_heads, head_dim, hidden from a config.json dict (or a transformers config object)."""
+def _as_dict(config: Any) -> Mapping | None:
+    if config is None or isinstance(config, Mapping):
+        return config
+    if not callable(getattr(config, "to_dict", None)):
+        raise CorruptFileError(f"config.json must hold a JSON object, got {type(config).__name__}",
+                               hint="re-save the config (model.config.save_pretrained(dir))")
+    return config.to_dict()
+
+
+def _config_dims(config: Mapping | None, family: Family | None) -> dict[str, int | None]:
+    """n_heads, n_kv_heads, head_dim, hidden from a config.json dict, by the family's config keys."""
+    out: dict[str, int | None] = dict.fromkeys(("n_heads", "n_kv_heads", "head_dim", "hidden"))
     if config is None:
-        return {"n_heads": None, "n_kv_heads": None, "head_dim": None, "hidden": None}
-    if not isinstance(config, Mapping):
-        if not callable(getattr(config, "to_dict", None)):
-            raise CorruptFileError(f"config.json must hold a JSON object, got {type(config).__name__}",
-                                   hint="re-save the config (model.config.save_pretrained(dir))")
-        config = config.to_dict()
-    if not any(k in config for k in ("num_attention_heads", "n_head")) and isinstance(config.get("text_config"),
-                                                                                      Mapping):
+        return out
+    keys = family.keys_for if family is not None else (lambda what: fam.DEFAULT_CONFIG_KEYS[what])
+    if not any(k in config for k in keys("n_heads")) and isinstance(config.get("text_config"), Mapping):
         config = config["text_config"]  # multimodal wrappers keep the language model's dims here
-
-    def first(*keys, positive=False):
-        for k in keys:
+    for what in out:
+        for k in keys(what):
             value = config.get(k)
-            if value is not None:
-                try:
-                    number = int(value)
-                except (TypeError, ValueError, OverflowError):
-                    raise CorruptFileError(f"config.json: {k!r} must be an integer, got {value!r}",
-                                           hint="fix config.json, or re-save it (model.config.save_pretrained(dir))"
-                                           ) from None
-                if positive and number < 1:
-                    raise CorruptFileError(f"config.json: {k!r} must be at least 1, got {number}",
-                                           hint="fix the head count in config.json")
-                return number
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise CorruptFileError(f"config.json: {k!r} must be an integer, got {value!r}",
+                                       hint="fix config.json, or re-save it (model.config.save_pretrained(dir))")
+            try:
+                number = int(value)
+            except (TypeError, ValueError, OverflowError):
+                raise CorruptFileError(f"config.json: {k!r} must be an integer, got {value!r}",
+                                       hint="fix config.json, or re-save it (model.config.save_pretrained(dir))"
+                                       ) from None
+            if what in ("n_heads", "n_kv_heads") and number < 1:
+                raise CorruptFileError(f"config.json: {k!r} must be at least 1, got {number}",
+                                       hint="fix the head count in config.json")
+            out[what] = number
+            break
+    return out
+
+
+def _axes(rule: Rule, shape: tuple[int, ...], orientation: str | None) -> tuple[int, int | None]:
+    """(output axis, input axis) of a stored tensor: the matrix axes are those left after the experts axis;
+    Linear stores [out, in], Conv1D [in, out]; a vector (bias) has only the output axis."""
+    mat = [i for i in range(len(shape)) if i != rule.experts]
+    if not mat:
+        return 0, None
+    if len(mat) == 1:
+        return mat[0], None
+    if orientation == "conv1d":
+        return mat[1], mat[0]
+    return mat[0], mat[1]
+
+
+def _plain_head_axis(rule: Rule, role: str, is_bias: bool, out_axis: int, in_axis: int | None,
+                     orientation: str | None) -> int | None:
+    """Where the heads of a plain (unfused) q/k/v/o tensor lie, or None."""
+    if role not in ATTENTION_ROLES or rule.heads == "none":
         return None
+    if is_bias:  # q/k/v biases are one run per head; the output bias of o is shared by every head
+        return None if role == "o" or (rule.heads is None and orientation is None) else out_axis
+    if isinstance(rule.heads, int):
+        return rule.heads
+    side = rule.heads or (None if orientation is None else ("in" if role == "o" else "out"))
+    return None if side is None else (out_axis if side == "out" else in_axis)
 
-    return {"n_heads": first("num_attention_heads", "n_head", "n_heads", "num_heads", positive=True),
-            "n_kv_heads": first("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
-                                positive=True),
-            "head_dim": first("head_dim", "attention_head_size"),
-            "hidden": first("hidden_size", "n_embd", "d_model", "dim")}
 
-
-def _pieces_of_rule(name: str, shape: tuple[int, ...], rule: Rule, m: re.Match,
-                    dims: dict[str, int | None]) -> list[Piece]:
-    """Pieces of one stored tensor matched by a registry rule."""
-    block = int(m.group("block")) if "block" in m.re.groupindex and m.group("block") is not None else None
-    kind = m.group("kind") if "kind" in m.re.groupindex else None
+def _pieces_of_rule(name: str, shape: tuple[int, ...], rule: Rule, m: re.Match, dims: dict[str, int | None],
+                    orientation: str | None, found: dict) -> list[Piece]:
+    """Pieces of one stored tensor matched by ``rule``. ``found`` collects dimensions a layout determined."""
+    groups = m.groupdict()
+    block = int(groups["block"]) if groups.get("block") is not None else None
+    named_expert = int(groups["expert"]) if groups.get("expert") is not None else None
+    kind = rule.kind or groups.get("kind")
     is_bias = kind == "bias" if kind is not None else (name.endswith("bias") and len(shape) == 1)
-    if rule.fused == "gpt2_qkv":
-        # Conv1D: Q | K | V along the last axis for both weight [d, 3d] and bias [3d].
-        axis = len(shape) - 1
-        if shape[axis] % 3:
-            raise UnknownArchitectureError(f"{name}: fused Q|K|V axis of size {shape[axis]} is not divisible by 3")
-        d = shape[axis] // 3
-        return [_piece(name, block, role, is_bias, shape, index=((axis, i * d, (i + 1) * d),), head_axis=axis)
-                for i, role in enumerate(("q", "k", "v"))]
-    if rule.fused == "neox_qkv":
-        n = dims["n_heads"]
-        if n is None:
-            raise UnknownArchitectureError(
-                f"{name}: the fused GPT-NeoX query_key_value interleaves heads, so splitting it into Q/K/V needs "
-                f"the number of attention heads", hint="give the checkpoint's config.json (num_attention_heads)")
-        if shape[0] % (3 * n):
-            raise UnknownArchitectureError(f"{name}: {shape[0]} rows do not hold Q/K/V of {n} heads",
-                                           hint="check num_attention_heads in config.json")
-        view = (n, 3, shape[0] // (3 * n), *shape[1:])
-        return [_piece(name, block, role, is_bias, shape, view=view, index=((1, i),), head_axis=0,
-                       head_per_entry=True) for i, role in enumerate(("q", "k", "v"))]
-    head_axis = rule.bias_head_axis if is_bias else rule.weight_head_axis
-    return [_piece(name, block, rule.role, is_bias, shape, head_axis=head_axis)]
-
-
-def _pieces_of_user_rule(name: str, shape: tuple[int, ...], rule: RoleRule, m: re.Match) -> list[Piece]:
-    block = m.groupdict().get("block")
-    is_bias = name.endswith("bias") and len(shape) == 1
-    head_axis = None
-    if rule.head_axis is not None and rule.role in ATTENTION_ROLES:
-        # Biases of q/k/v are one run per head; the output bias of o is shared by all heads.
-        head_axis = (0 if rule.role != "o" else None) if is_bias else rule.head_axis
-    return [_piece(name, None if block is None else int(block), rule.role, is_bias, shape, head_axis=head_axis)]
-
-
-def _coerce_role_map(role_map: Any) -> RoleMap | None:
-    if role_map is None or isinstance(role_map, RoleMap):
-        return role_map
-    if isinstance(role_map, (str, Path)):
-        return load_role_map(role_map)
-    if isinstance(role_map, Mapping):
-        return RoleMap.from_dict(role_map)
-    raise TypeError(f"role_map must be a RoleMap, a path or a dict, not {type(role_map).__name__}")
+    out_axis, in_axis = _axes(rule, shape, orientation)
+    if rule.experts is not None and rule.experts >= len(shape):
+        raise UnknownArchitectureError(f"{name}: no experts axis {rule.experts} in a tensor of shape {shape}",
+                                       hint="check 'experts' in the architecture file or --role-map")
+    experts = range(shape[rule.experts]) if rule.experts is not None else [named_expert]
+    pieces = []
+    for e in experts:
+        base = ((rule.experts, e),) if rule.experts is not None else ()
+        if rule.fused is None:
+            head_axis = _plain_head_axis(rule, rule.role, is_bias, out_axis, in_axis, orientation)
+            pieces.append(_piece(name, block, rule.role, is_bias, shape, index=base, head_axis=head_axis,
+                                 expert=e))
+            continue
+        parts, more = split(rule.fused, name, shape, out_axis, base, dims)
+        found.update(more)
+        for part in parts:
+            pieces.append(_piece(name, block, rule.parts[part.index], is_bias, shape, view=part.view,
+                                 index=part.selections, head_axis=part.head_axis,
+                                 head_per_entry=part.head_per_entry, head_group=part.head_group, expert=e))
+    return pieces
 
 
 def _head_extent(p: Piece) -> int | None:
     """Features along the head axis of a run-laid-out piece (None for other layouts)."""
-    if p.head_axis is None or p.head_per_entry:
+    if p.head_axis is None or p.head_per_entry or p.head_group is not None:
         return None
     for sel in p.index:
         if sel[0] == p.head_axis:
@@ -440,55 +396,158 @@ def _unknown_error(unplaced: list[str], total: int) -> UnknownArchitectureError:
     first = re.sub(r"\\\.\d+\\\.", r"\\.(?P<block>\\d+)\\.", re.escape(sample))
     example = json.dumps({"roles": [{"pattern": first + "$", "role": "q"}, {"pattern": ".*", "role": "other"}]})
     return UnknownArchitectureError(
-        f"cannot place {len(unplaced)} of {total} tensors in any known architecture ({KNOWN_NAMES}): {shown}",
+        f"cannot place {len(unplaced)} of {total} tensors in any known architecture ({fam.known_names()}): {shown}",
         hint=f"pass --role-map FILE mapping tensor names to roles {list(ROLES)}, e.g. {example}")
 
 
-def resolve_architecture(shapes: Mapping[str, tuple[int, ...]], config: Any = None,
-                         role_map: RoleMap | str | Path | Mapping | None = None) -> Architecture:
-    """Split every tensor of a checkpoint into (block, role) pieces.
-
-    ``shapes``: tensor name -> stored shape (e.g. from TensorSource.shape, or a state dict's shapes).
-    ``config``: the checkpoint's config.json as a dict (head counts: needed for per-head slicing, and to
-    split GPT-NeoX's fused Q/K/V). ``role_map``: user rules (a RoleMap, a path, or a dict), tried before the
-    registry. Tensors inside a recognised architecture that no rule names get role "other"; when no
-    architecture is recognised, tensors that no user rule names raise UnknownArchitectureError.
-    """
-    shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
-    user = _coerce_role_map(role_map)
-    dims = _config_dims(config)
-    if user is not None:  # explicit user values win over config.json
-        for key in ("n_heads", "n_kv_heads", "head_dim"):
-            if getattr(user, key) is not None:
-                dims[key] = getattr(user, key)
-
-    user_rules = [(re.compile(r.pattern), r) for r in (user.rules if user else ())]
+def _place(family: Family, names: list[str], shapes: Mapping[str, tuple[int, ...]], config: Mapping | None,
+           explicit: dict[str, int | None]) -> tuple[dict[str, list[Piece]], dict[str, int | None]]:
+    """Pieces of ``names`` under ``family`` (tensors no rule names get role "other"), and the dimensions used."""
+    dims = _config_dims(config, family)
+    for key in ("n_heads", "n_kv_heads", "head_dim"):
+        value = explicit.get(key) or getattr(family, key)
+        if value is not None:
+            dims[key] = value
+    orientation = family.orientation_for(shapes)
+    found: dict = {}
     by_name: dict[str, list[Piece]] = {}
-    rest = []
-    for name, shape in shapes.items():
-        for pattern, rule in user_rules:
-            m = pattern.search(name)
-            if m is not None:
-                by_name[name] = _pieces_of_user_rule(name, shape, rule, m)
-                break
-        else:
-            rest.append(name)
-
-    spec = recognise(rest)
-    if spec is None and rest:
-        raise _unknown_error(rest, len(shapes))
-    for name in rest:
-        hit = match_rule(spec, name)
+    for name in names:
+        hit = family.match(name)
         if hit is None:  # a buffer or extra module inside a known architecture
             by_name[name] = [_piece(name, None, "other", False, shapes[name])]
         else:
-            by_name[name] = _pieces_of_rule(name, shapes[name], hit[0], hit[1], dims)
+            by_name[name] = _pieces_of_rule(name, shapes[name], hit[0], hit[1], dims, orientation, found)
+    for key, value in found.items():
+        dims[key] = dims.get(key) or value
+    return by_name, dims
+
+
+def _fits(family: Family, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """False when the family's orientation probe contradicts the shapes (e.g. GPT-2 Conv1D vs nanoGPT Linear)."""
+    try:
+        family.orientation_for(shapes)
+    except UnknownArchitectureError:
+        return False
+    return True
+
+
+def recognise(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None = None,
+              families: Mapping[str, Family] | None = None) -> tuple[Family | None, str]:
+    """The family of a checkpoint and how it was found: from config.json (``architectures``, then
+    ``model_type``) when a family lists the value, else from tensor-name signatures. Families whose orientation
+    probe contradicts the shapes are passed over. Several families matching the names equally well are fine
+    when they place every tensor alike (the ``generic`` one, e.g. llama, is named); otherwise an
+    UnknownArchitectureError names the candidates. (None, "") when nothing matches."""
+    families = fam.shipped_families() if families is None else families
+    names = list(shapes)
+    hits, how = fam.by_config(config, families)
+    fitting = [f for f in hits if _fits(f, shapes)]
+    if len(fitting) == 1:
+        return fitting[0], how
+    note = ""
+    if hits and not fitting:
+        note = f"; {how} names {', '.join(f.name for f in hits)}, whose layout does not fit"
+    elif not hits and config is not None:
+        archs, model_type = fam.config_names(config)
+        named = ", ".join([*archs, *([model_type] if model_type else [])])
+        note = f"; config.json names {named}, which no family file lists" if named else ""
+    pool = fitting or [f for f in families.values() if _fits(f, shapes)]
+    scores = {f.name: fam.signature_score(f, names) for f in pool}
+    best = max(scores.values(), default=0)
+    if best == 0:
+        return None, ""
+    top = sorted((f for f in pool if scores[f.name] == best), key=lambda f: (not f.generic, f.name))
+    if len(top) == 1:
+        return top[0], f"tensor names{note}"
+    layouts = [_place(f, names, shapes, config, {})[0] for f in top]
+    if all(layout == layouts[0] for layout in layouts[1:]):
+        return top[0], f"tensor names (the same layout as {', '.join(f.name for f in top[1:])}){note}"
+    raise UnknownArchitectureError(
+        f"the tensor names fit several architecture families that place them differently: "
+        f"{', '.join(f.name for f in top)}{note}",
+        hint="put the model's config.json beside the weights, or pass --role-map with extends = \"FAMILY\"")
+
+
+def resolve_architecture(shapes: Mapping[str, tuple[int, ...]], config: Any = None,
+                         role_map: Family | str | Path | Mapping | None = None,
+                         allow_partial_trunk: bool = True) -> Architecture:
+    """Split every tensor of a checkpoint into (block, role) pieces.
+
+    ``shapes``: tensor name -> stored shape. ``config``: the checkpoint's config.json (which family, head
+    counts). ``role_map``: a user family or overlay (a Family, a path, or a dict; see ``load_role_map``).
+    Tensors inside a recognised family that no rule names get role "other"; when no family is recognised,
+    tensors that no user rule names raise UnknownArchitectureError. ``allow_partial_trunk=False`` makes a trunk
+    that lacks a role the family expects in some block (e.g. experts no rule places) an error.
+    """
+    shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+    config = _as_dict(config)
+    user = _coerce_role_map(role_map)
+    explicit = {k: getattr(user, k) for k in ("n_heads", "n_kv_heads", "head_dim")} if user else {}
+    by_name: dict[str, list[Piece]] = {}
+    rest = list(shapes)
+    if _is_overlay(user):
+        rest = []
+        for name, shape in shapes.items():
+            hit = user.match(name)
+            if hit is None:
+                rest.append(name)
+            else:
+                by_name[name] = _pieces_of_rule(name, shape, hit[0], hit[1], _overlay_dims(config, explicit),
+                                                user.orientation, {})
+    if user is not None and not _is_overlay(user):
+        family, how = user, f"role map {user.source}"
+    else:
+        family, how = recognise({n: shapes[n] for n in rest}, config) if rest else (None, "")
+    if family is None and rest:
+        raise _unknown_error(rest, len(shapes))
+    dims = _overlay_dims(config, explicit)
+    if family is not None:
+        placed, dims = _place(family, rest, shapes, config, explicit)
+        by_name.update(placed)
     pieces = tuple(p for name in shapes for p in by_name[name])
-    name = spec.name if spec is not None else "custom"
-    return _finish(name, pieces, dims)
+    name = family.name if family is not None else "custom"
+    if _is_overlay(user):
+        how = f"role map {user.source}" + (f", then {family.name} ({how})" if family is not None else "")
+    unplaced = tuple(n for n in rest if family is None or family.match(n) is None)
+    arch = _finish(name, pieces, dims, how, family, unplaced)
+    if not allow_partial_trunk and arch.missing_trunk:
+        raise partial_trunk_error(arch)
+    return arch
 
 
-def _finish(name: str, pieces: tuple[Piece, ...], dims: dict[str, int | None]) -> Architecture:
+def _overlay_dims(config: Mapping | None, explicit: dict[str, int | None]) -> dict[str, int | None]:
+    dims = _config_dims(config, None)
+    dims.update({k: v for k, v in explicit.items() if v is not None})
+    return dims
+
+
+def partial_trunk_error(arch: Architecture) -> UnknownArchitectureError:
+    """The error for a trunk missing roles its family expects (see ``Architecture.missing_trunk``)."""
+    unplaced = arch.unplaced_block_weights
+    extra = f"; weights no rule places: {', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''}" if unplaced else ""
+    return UnknownArchitectureError(
+        f"the {arch.name} trunk is incomplete ({'; '.join(arch.missing_trunk[:3])}"
+        f"{' ...' if len(arch.missing_trunk) > 3 else ''}){extra}",
+        hint="pass --role-map to place those weights, or --allow-partial-trunk to analyse what is placed")
+
+
+def _missing_trunk(family: Family | None, pieces: tuple[Piece, ...], n_layers: int) -> tuple[str, ...]:
+    if family is None:
+        return ()
+    have: dict[int, set[str]] = {}
+    for p in pieces:
+        if p.block is not None and not p.is_bias:
+            have.setdefault(p.block, set()).add(p.role)
+    out = []
+    for block in range(n_layers):
+        lacking = [r for r in family.trunk_roles if r not in have.get(block, set())]
+        if lacking:
+            out.append(f"block {block}: no {', '.join(lacking)}")
+    return tuple(out)
+
+
+def _finish(name: str, pieces: tuple[Piece, ...], dims: dict[str, int | None], how: str,
+            family: Family | None, unplaced: tuple[str, ...] = ()) -> Architecture:
     """Derive head_dim / n_kv_heads / kv_group from the config and the shapes, checking they agree."""
     blocks = [p.block for p in pieces if p.block is not None]
     n_layers = max(blocks) + 1 if blocks else 0
@@ -498,8 +557,8 @@ def _finish(name: str, pieces: tuple[Piece, ...], dims: dict[str, int | None]) -
         return next((p for p in pieces if p.role == role and not p.is_bias and p.head_axis is not None), None)
 
     q, k = first_weight("q"), first_weight("k")
-    if q is not None and q.head_per_entry:  # GPT-NeoX: the view is [n_heads, 3, head_dim, ...]
-        head_dim = head_dim or q.view[2]
+    if q is not None and (q.head_per_entry or q.head_group is not None):  # the view holds [.., dh, ...]
+        head_dim = head_dim or q.view[q.head_axis + 2]
     q_ext, k_ext = (_head_extent(q) if q else None), (_head_extent(k) if k else None)
     if head_dim is None and n_heads is not None:
         if q_ext is not None:
@@ -510,6 +569,8 @@ def _finish(name: str, pieces: tuple[Piece, ...], dims: dict[str, int | None]) -
     kv_group = None
     if q_ext is not None and k_ext is not None and k_ext and q_ext % k_ext == 0:
         kv_group = q_ext // k_ext  # the q/k width ratio, known even without config.json
+    elif q is not None and q.head_group is not None:
+        kv_group = q.head_group
     elif q is not None and q.head_per_entry:
         kv_group = 1
     if n_heads is not None:
@@ -527,4 +588,19 @@ def _finish(name: str, pieces: tuple[Piece, ...], dims: dict[str, int | None]) -
                         f"{p.tensor}: {ext} features do not hold {count} heads of dimension {head_dim}",
                         hint="config.json does not match the checkpoint: check num_attention_heads, "
                              "num_key_value_heads, head_dim")
-    return Architecture(name, n_layers, n_heads, n_kv, head_dim, pieces, kv_group)
+    return Architecture(name, n_layers, n_heads, n_kv, head_dim, pieces, kv_group, how, family,
+                        _missing_trunk(family, pieces, n_layers), unplaced)
+
+
+def family_of_model(model: torch.nn.Module) -> Family | None:
+    """The family of a live model (its config's class / model_type, else its parameter names); None when no
+    family fits. Used to find LoRA targets and the final norm of a model that is already built."""
+    config = getattr(model, "config", None)
+    config = config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+    if config is not None:
+        config = {**config, "architectures": [type(model).__name__]}
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    try:
+        return recognise(shapes, config)[0]
+    except UnknownArchitectureError:
+        return None

@@ -20,7 +20,6 @@ tensor until another is asked for.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -92,15 +91,20 @@ def detect_format(path: Path | str) -> str:
         if _is_torch_zip(p):
             return "torch-zip"
         raise LayoutError(f"{p}: a zip archive that torch.save did not write (no data.pkl inside)")
-    # safetensors before pickles: a header length whose low byte is 0x80 also starts with the pickle opcode PROTO
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+    # safetensors before pickles: a header length whose low byte is 0x80 also starts with the pickle opcode PROTO.
+    # The header is JSON and may start with JSON whitespace (the library accepts it); its length must fit the file.
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if n > 0 and (head[8:9] == b"{" or (head[8:9] in (b" ", b"\t", b"\n", b"\r") and n <= p.stat().st_size - 8)):
         return "safetensors"
     if head[:1] == b"\x80":
         return "torch-legacy"
     if head.lstrip()[:1] == b"{" and p.stat().st_size <= _MAX_INDEX_BYTES:
+        from ckptaudit.errors import CkptAuditError
+        from ckptaudit.io.jsonio import read_json
+
         try:
-            index = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            index = read_json(p, max_bytes=_MAX_INDEX_BYTES)
+        except CkptAuditError:
             index = None
         if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
             return "safetensors-index"
@@ -347,48 +351,15 @@ class SafetensorsSource(TensorSource):
         return CorruptFileError(f"{self.path}: not a valid safetensors file ({why})", hint=_RESAVE_HINT)
 
     def _parse_header(self, fd: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise self._bad(f"{size} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > _MAX_INDEX_BYTES:
-            raise self._bad(f"the header claims {n} bytes, the file has {size - 8} after the length")
-        raw = os.pread(fd, n, 8)
+        from ckptaudit.io.safetensors_header import HeaderError, read_header
+
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise self._bad(f"header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
-        data_len = size - 8 - n
-        meta = header.get("__metadata__")
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-        entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                code = str(e["dtype"])
-                shape = tuple(int(x) for x in e["shape"])
-                begin, end = (int(x) for x in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._bad(f"tensor {name!r}: malformed header entry {e!r}") from None
-            numel = 1
-            for x in shape:
-                if x < 0:
-                    raise self._bad(f"tensor {name!r}: negative dimension in {shape}")
-                numel *= x
-            if not 0 <= begin <= end:
-                raise self._bad(f"tensor {name!r}: data offsets [{begin}, {end}]")
-            width = _SAFETENSORS_ITEMSIZE.get(code)
-            if width is not None and end - begin != numel * width:
-                raise self._bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} of {code}")
-            if end > data_len:
-                raise self._bad(f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section "
-                                "(truncated file?)")
-            entries[str(name)] = (code, shape, begin, end)
-        return entries, 8 + n
+            header = read_header(fd)
+        except HeaderError as exc:
+            raise self._bad(str(exc)) from None
+        self.metadata: dict[str, str] = dict(header.metadata or {})
+        entries = {name: (e.dtype, e.shape, e.begin, e.end) for name, e in header.tensors.items()}
+        return entries, header.data_start
 
     def _entry(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
         try:
@@ -451,20 +422,48 @@ class SafetensorsSource(TensorSource):
             pass
 
 
+def read_index(index_path: Path | str) -> dict[str, Path]:
+    """The weight map of a sharded-checkpoint index (``*.index.json``): tensor name -> shard path.
+
+    The index is read with io.jsonio's limits. Refused with CorruptFileError naming the index: a missing or empty
+    ``weight_map``, one that is not an object of name -> file name, a shard path that is absolute or leaves the
+    index's folder (``..``), or one that names the index itself.
+    """
+    from ckptaudit.io.jsonio import read_json
+
+    p = Path(index_path)
+    index = read_json(p, max_bytes=_MAX_INDEX_BYTES, hint=_RESAVE_HINT)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        got = "none" if weight_map is None else type(weight_map).__name__
+        raise CorruptFileError(f"{p}: 'weight_map' must be an object of tensor name -> shard file, got {got}",
+                               hint=_RESAVE_HINT)
+    if not weight_map:
+        raise CorruptFileError(f"{p}: 'weight_map' is empty: the index names no tensor", hint=_RESAVE_HINT)
+    root = p.parent
+    out: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptFileError(f"{p}: weight_map[{name[:60]!r}] must be a shard file name, got {shard!r}"[:200],
+                                   hint=_RESAVE_HINT)
+        rel = Path(shard)
+        if rel.is_absolute() or ".." in rel.parts or "\x00" in shard:
+            raise CorruptFileError(f"{p}: weight_map[{name[:60]!r}] = {shard[:80]!r} leaves the index's folder",
+                                   hint="shard paths must be file names beside the index")
+        target = root / rel
+        if target.name == p.name and target.parent.resolve() == root.resolve():
+            raise CorruptFileError(f"{p}: weight_map[{name[:60]!r}] names the index itself",
+                                   hint="the weight_map must name weight files (an index naming itself loops)")
+        out[name] = target
+    return out
+
+
 class ShardedSource(TensorSource):
     """A checkpoint split over several files by a ``*.index.json`` weight map; each shard opened on first use."""
 
     def __init__(self, index_path: Path):
         super().__init__(index_path, "safetensors-index")
-        try:
-            index = json.loads(Path(index_path).read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptFileError(f"{index_path}: not a valid sharded-checkpoint index ({exc})", hint=_RESAVE_HINT) from None
-        root = Path(index_path).parent
-        self._map: dict[str, Path] = {str(k): root / str(v) for k, v in weight_map.items()}
+        self._map: dict[str, Path] = read_index(index_path)
         self._files = list(dict.fromkeys(self._map.values()))
         missing = [f.name for f in self._files if not f.is_file()]
         if missing:
@@ -473,6 +472,38 @@ class ShardedSource(TensorSource):
                 hint="copy every shard next to the index (an interrupted download or copy?)",
             )
         self._open: dict[Path, TensorSource] = {}
+        self._checked: set[Path] = set()
+        for f in self._files:  # safetensors shards: headers only, so every command sees a consistent index
+            if detect_format(f) == "safetensors":
+                self._check_shard(f, SafetensorsSource(f))
+
+    def _check_shard(self, f: Path, src: TensorSource, keep_open: bool = False) -> None:
+        """The index and shard ``f`` agree: every tensor the map places in ``f`` is there, and every tensor of ``f``
+        is in the map, placed in ``f`` (a shard's tensor that the map omits or sends elsewhere is refused, not
+        silently dropped)."""
+        try:
+            if src.format in ("safetensors-index", "dcp"):
+                raise CorruptFileError(f"{self.path}: shard {f.name} is itself a {src.format}, not a weight file",
+                                       hint="the weight_map must name weight files (an index naming an index loops)")
+            have = set(src.keys())
+            want = {k for k, v in self._map.items() if v == f}
+            absent = sorted(want - have)
+            if absent:
+                raise CorruptFileError(
+                    f"{self.path}: the weight_map places {len(absent)} tensor(s) in {f.name} that it does not hold "
+                    f"({', '.join(absent[:3])})", hint=_RESAVE_HINT)
+            stray = sorted(have - want)
+            if stray:
+                what = "places in another shard" if any(k in self._map for k in stray) else "omits"
+                raise CorruptFileError(
+                    f"{self.path}: shard {f.name} holds {len(stray)} tensor(s) that the weight_map {what} "
+                    f"({', '.join(stray[:3])})", hint=_RESAVE_HINT)
+        except BaseException:
+            src.close()
+            raise
+        self._checked.add(f)
+        if not keep_open:
+            src.close()
 
     def _shard(self, name: str) -> TensorSource:
         try:
@@ -480,7 +511,13 @@ class ShardedSource(TensorSource):
         except KeyError:
             raise self._missing(name) from None
         if f not in self._open:
-            self._open[f] = _open_file(f)
+            if detect_format(f) == "safetensors-index":
+                raise CorruptFileError(f"{self.path}: shard {f.name} is itself an index, not a weight file",
+                                       hint="the weight_map must name weight files (an index naming an index loops)")
+            src = _open_file(f)
+            if f not in self._checked:
+                self._check_shard(f, src, keep_open=True)
+            self._open[f] = src
         return self._open[f]
 
     def keys(self) -> list[str]:
@@ -545,17 +582,7 @@ def find_weights(directory: Path | str) -> tuple[Path, tuple[Path, ...]] | None:
     for name in WEIGHT_INDEX_NAMES:
         idx = d / name
         if idx.is_file():
-            try:
-                weight_map = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
-            except (ValueError, AttributeError, UnicodeDecodeError) as exc:
-                raise CorruptFileError(f"{idx}: not a valid sharded-checkpoint index ({exc})", hint=_RESAVE_HINT) from None
-            if not isinstance(weight_map, dict):
-                raise CorruptFileError(
-                    f"{idx}: 'weight_map' must be an object of tensor name -> shard file, "
-                    f"got {type(weight_map).__name__}",
-                    hint=_RESAVE_HINT,
-                )
-            return idx, tuple(d / f for f in dict.fromkeys(map(str, weight_map.values())))
+            return idx, tuple(dict.fromkeys(read_index(idx).values()))
     for name in WEIGHT_FILE_NAMES:
         if (d / name).is_file():
             return d / name, (d / name,)

@@ -3,7 +3,7 @@
 Layout (schema_version 1)::
 
     /                 attrs: schema_version, ckptaudit_version, command, argv (JSON), created (UTC ISO 8601),
-                             device, torch_version
+                             device, torch_version, notes (JSON list of the warnings the libraries gave)
     /inputs           datasets: step (int64), path (str), bytes (int64), sha256 (str; "" with --no-hash)
     /<command>/...    the result tree of the command
 
@@ -84,10 +84,12 @@ def write_report(
     inputs: Sequence[InputRecord] = (),
     device: str = "cpu",
     group: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a complete report to ``path`` atomically; nothing is left behind on failure.
 
-    ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_').
+    ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_'); ``notes`` the
+    warnings the libraries gave while the command ran (root attribute ``notes``, a JSON list).
     """
     import torch  # local: keep `ckptaudit --help` fast
 
@@ -98,15 +100,16 @@ def write_report(
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["ckptaudit_version"] = __version__
-            f.attrs["command"] = command
+            f.attrs["command"] = h5_text(command)
             f.attrs["argv"] = json.dumps(list(argv))
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             f.attrs["device"] = str(device)
             f.attrs["torch_version"] = str(torch.__version__)
+            f.attrs["notes"] = json.dumps([h5_text(n) for n in notes])
             g = f.create_group("inputs")
             str_dt = h5py.string_dtype()
             g.create_dataset("step", data=np.array([r.step for r in inputs], dtype=np.int64))
-            g.create_dataset("path", data=np.array([r.path for r in inputs], dtype=object), dtype=str_dt)
+            g.create_dataset("path", data=np.array([h5_text(r.path) for r in inputs], dtype=object), dtype=str_dt)
             g.create_dataset("bytes", data=np.array([r.bytes for r in inputs], dtype=np.int64))
             g.create_dataset("sha256", data=np.array([r.sha256 for r in inputs], dtype=object), dtype=str_dt)
             top = f.create_group(group or command.replace("-", "_").replace(" ", "_"))
@@ -118,17 +121,30 @@ def write_report(
     return path
 
 
+def h5_text(s: object) -> str:
+    """``s`` as text HDF5 can store: its strings cannot hold NUL and must be valid UTF-8, so a NUL becomes the
+    four characters ``\\x00`` and a lone surrogate (an undecodable file name) its backslash escape."""
+    text = str(s)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def write_tree(g: h5py.Group, tree: dict) -> None:
     """Write a nested result tree into group ``g`` (see the module docstring for the mapping)."""
     nones = []
     for key, val in tree.items():
-        key = str(key)
+        key = h5_text(key)
         if isinstance(val, dict):
             write_tree(g.create_group(key), val)
         elif val is None:
             nones.append(key)
         elif isinstance(val, str):
-            g.attrs[key] = str(val)  # plain str: h5py has no conversion for str subclasses such as TorchVersion
+            g.attrs[key] = h5_text(val)  # plain str: h5py has no conversion for str subclasses such as TorchVersion
         elif isinstance(val, (bool, int, float, np.integer, np.floating, np.bool_)):
             g.attrs[key] = val
         elif isinstance(val, (list, tuple)) and val and all(isinstance(v, dict) for v in val):
@@ -137,7 +153,7 @@ def write_tree(g: h5py.Group, tree: dict) -> None:
             for i, v in enumerate(val):
                 write_tree(sub.create_group(str(i)), v)
         elif isinstance(val, (list, tuple)) and val and all(isinstance(v, str) for v in val):
-            g.create_dataset(key, data=np.array(val, dtype=object), dtype=h5py.string_dtype())
+            g.create_dataset(key, data=np.array([h5_text(v) for v in val], dtype=object), dtype=h5py.string_dtype())
         else:
             arr = np.asarray(val.detach().cpu().numpy() if hasattr(val, "detach") else val)
             if arr.dtype == object:
@@ -158,27 +174,60 @@ def read_report(path: Path) -> dict:
         with h5py.File(path, "r") as f:
             if "schema_version" not in f.attrs:
                 raise CorruptFileError(f"{path}: not a ckptaudit report (no schema_version)", "pass a file written by ckptaudit --out")
-            return _read_group(f)
-    except OSError as e:
-        raise CorruptFileError(f"{path}: not a readable HDF5 file ({e})", "pass a file written by ckptaudit --out") from None
+            return _read_group(f, depth=0)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"{path}: not a readable HDF5 file ({first})", "pass a file written by ckptaudit --out") from None
 
 
-def _read_group(g: h5py.Group) -> dict:
-    out: dict[str, Any] = {"@attrs": {k: _attr(v) for k, v in g.attrs.items()}}
-    for k, v in g.items():
+# A report is untrusted input too: its text is decoded leniently (invalid UTF-8 becomes U+FFFD), a link that
+# leads nowhere is read as a note of where it pointed, and groups nest at most this deep.
+_MAX_GROUP_DEPTH = 64
+
+
+def _read_group(g: h5py.Group, depth: int) -> dict:
+    if depth > _MAX_GROUP_DEPTH:
+        raise ValueError(f"groups nested more than {_MAX_GROUP_DEPTH} deep")
+    out: dict[str, Any] = {"@attrs": {}}
+    for k in g.attrs.keys():
+        try:
+            out["@attrs"][k] = _attr(g.attrs[k])
+        except (OSError, UnicodeDecodeError, TypeError, ValueError) as e:
+            out["@attrs"][k] = f"<unreadable attribute: {type(e).__name__}>"
+    for k in g.keys():
+        link = g.get(k, getlink=True)
+        try:
+            v = g[k]
+        except (KeyError, OSError, ValueError):
+            target = getattr(link, "path", None)
+            where = f" to {getattr(link, 'filename', '')}:{target}" if isinstance(link, h5py.ExternalLink) else (
+                f" to {target}" if target else "")
+            out[k] = f"<dangling link{where}>"
+            continue
         if isinstance(v, h5py.Group):
-            out[k] = _read_group(v)
-        else:
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                out[k] = f"<link to {getattr(link, 'path', '?')}>"  # not followed: a link may loop back to a parent
+                continue
+            out[k] = _read_group(v, depth + 1)
+        elif isinstance(v, h5py.Dataset):
             data = v[()]
-            if v.dtype.kind == "O" or h5py.check_string_dtype(v.dtype) is not None:
-                data = np.array([x.decode() if isinstance(x, bytes) else x for x in np.atleast_1d(data)], dtype=object)
+            if v.dtype.kind in "OS" or h5py.check_string_dtype(v.dtype) is not None:
+                data = np.array([_text(x) for x in np.atleast_1d(data)], dtype=object)
             out[k] = data
+        else:
+            out[k] = f"<{type(v).__name__}>"
     return out
 
 
+def _text(x: Any) -> Any:
+    return x.decode("utf-8", errors="replace") if isinstance(x, (bytes, np.bytes_)) else x
+
+
 def _attr(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
+    if isinstance(v, (bytes, np.bytes_)):
+        return _text(v)
     if isinstance(v, np.generic):
         return v.item()
+    if isinstance(v, np.ndarray) and v.dtype.kind in "OS":
+        return np.array([_text(x) for x in v.ravel()], dtype=object).reshape(v.shape)
     return v

@@ -60,6 +60,53 @@ def plot_backbone(summary: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("C(t)")
     ax.set_title("update-direction alignment with the backbone")
     written.append(_save(plt, fig, out_dir / "backbone_update_alignment.png"))
+    written += _plot_backbone_dynamics(plt, summary, out_dir)
+    return written
+
+
+def _plot_backbone_dynamics(plt, summary: dict, out_dir: Path) -> list[Path]:
+    """Window stability vs rotation, a(t) on the raw and row-normalised backbones, and the log-log fits (trunk)."""
+    import math
+
+    t, steps, written = summary["trunk"], summary["steps"], []
+    W = summary["settings"]["window"]
+    if t.get("window_alignment"):
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        ax.plot(steps[: len(t["window_alignment"])], t["window_alignment"], marker=".", label="c(w) vs global backbone")
+        rot = t.get("window_rotation") or []
+        ax.plot(t["window_rotation_start_step"], rot, marker=".", label="rotation |cos| window w vs w+1")
+        ax.plot(t["window_rotation_start_step"], t.get("local_window_rotation") or [], marker=".", ls="--",
+                label="local rotation (re-anchored, unit rows)")
+        ax.set_xlabel(f"first step of window w ({W} rows)")
+        ax.set_title("trunk: window PC1 stability")
+        ax.legend(fontsize=7)
+        written.append(_save(plt, fig, out_dir / "backbone_window_rotation.png"))
+    if t.get("a_rownorm"):
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        ax.plot(steps, t["a"], label="a(t), raw backbone")
+        ax.plot(steps, t["a_rownorm"], ls="--", label="a(t), row-normalised backbone")
+        ax.plot(steps, t["r_norm"], label="||r(t)||, raw backbone")
+        ax.plot(steps, t["r_norm_rownorm"], ls="--", label="||r(t)||, row-normalised backbone")
+        ax.set_xlabel("step")
+        ax.set_title("trunk: raw vs row-normalised backbone")
+        ax.legend(fontsize=7)
+        written.append(_save(plt, fig, out_dir / "backbone_a_raw_rownorm.png"))
+    fits = [(k, t.get(f"loglog_{k}")) for k in ("a", "r_norm")]
+    if any(f for _, f in fits):
+        anchor = summary["anchor_step"]
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        for key, fit in fits:
+            pts = [(s - anchor, abs(v)) for s, v in zip(steps, t[key]) if v and s > anchor]
+            if not pts or not fit:
+                continue
+            line = ax.loglog(*zip(*pts), marker=".", ls="", label=f"|{key}| ~ τ^{fit['slope']:.3g}")[0]
+            lo, hi = fit["first_step"] - anchor, fit["last_step"] - anchor
+            ax.loglog([lo, hi], [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in (lo, hi)],
+                      color=line.get_color())
+        ax.set_xlabel("τ = steps since the anchor")
+        ax.set_title("trunk: power-law fits")
+        ax.legend(fontsize=7)
+        written.append(_save(plt, fig, out_dir / "backbone_loglog.png"))
     return written
 
 

@@ -11,7 +11,6 @@ A task is named and parameterised in a small JSON dict (its *spec*) written into
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -166,12 +165,9 @@ def load_task_spec(path: Path | str) -> dict:
             f"{file} not found: this checkpoint does not name its built-in task",
             hint="give the evaluation data explicitly, or use a run written by fixtures/make_fixtures.py",
         )
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{file} is not UTF-8 text", hint="regenerate the checkpoint") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{file} is not valid JSON ({exc})", hint="regenerate the checkpoint") from None
+    from ckptaudit.io.jsonio import read_json
+
+    spec = read_json(file, expect=None, error=DataError, hint="regenerate the checkpoint")
     if not isinstance(spec, dict):
         raise DataError(
             f"{file} must hold a JSON object (e.g. {{\"task\": \"modadd\", \"p\": 23}}), "
