@@ -323,17 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     say(f"### bench_models.py, {date.today().isoformat()}\n")
     say(f"Machine: {machine()} (shared with other work while it ran).\n")
-    if args.only in (None, "lm"):
-        run = trainer_lm_run()
-        say("| measurement | work | ckptaudit s | bare torch s | ratio |")
-        say("|---|---|---:|---:|---:|")
-        bench_resume(run)
-        bench_fisher(run)
-        bench_regimes(CACHE / "regimes-run20")
-    if args.only in (None, "smollm2"):
-        bench_pretrained()
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(LINES) + "\n")
+    try:
+        if args.only in (None, "lm"):
+            run = trainer_lm_run()
+            say("| measurement | work | ckptaudit s | bare torch s | ratio |")
+            say("|---|---|---:|---:|---:|")
+            bench_resume(run)
+            bench_fisher(run)
+            bench_regimes(CACHE / "regimes-run20")
+        if args.only in (None, "smollm2"):
+            bench_pretrained()
+    finally:  # what was measured is kept even when a later step fails
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write("\n" + "\n".join(LINES) + "\n")
     print(json.dumps({"appended_to": str(args.results)}))
     return 0
 
