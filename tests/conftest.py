@@ -82,6 +82,17 @@ def tiny_run() -> Path:
 
 
 @pytest.fixture(scope="session")
+def trainer_lm() -> Path:
+    """The ``trainer_lm`` fixture: two seeds (``seed0``, ``seed1``) of a real transformers.Trainer language-model run
+    with SmolLM2's 49,152-token vocabulary; each ``seedN/run/checkpoint-{10,20,30}`` and ``seedN/data/train.jsonl``
+    (the training set as the Trainer indexed it). Read-only."""
+    return fixture_run("trainer_lm")
+
+
+CORPUS = REPO_ROOT / "fixtures" / "data" / "corpus.txt"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_run: Path) -> Path:
     """The last checkpoint of the ``tiny`` run (``checkpoint-60``), a complete Trainer checkpoint directory."""
     return tiny_run / "checkpoint-60"

@@ -294,3 +294,18 @@ def test_window_mean_skips_windows_without_a_pc1():
     assert np.isnan(res.window_alignment[0])
     np.testing.assert_allclose(res.window_alignment[1:], want, rtol=1e-9)
     assert res.window_alignment_mean == pytest.approx(np.mean(want), rel=1e-9)
+
+
+def test_run_shorter_than_the_window_gets_one_window_and_a_note(tiny_run):
+    """tiny has 6 drift rows after its anchor, fewer than the default window of 10: c(w) is one window over all the
+    rows (its PC1 is v_b itself, so c = 1), and the settings say so instead of leaving c(w) empty."""
+    from ckptaudit.io.discover import discover_run
+
+    report = run_backbone(discover_run(tiny_run))
+    assert len(report.steps) == 6
+    assert report.settings["window"] == 10 and report.settings["window_used"] == 6
+    assert "6 drift rows" in report.settings["window_note"]
+    assert report.trunk.window_alignment.shape == (1,)
+    assert report.trunk.window_alignment[0] == pytest.approx(1.0, abs=1e-9)
+    longer = run_backbone(discover_run(tiny_run), window=3)
+    assert longer.settings["window_note"] is None and longer.trunk.window_alignment.shape == (4,)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_lm_dir
 
 from ckptaudit.errors import DataError
-from ckptaudit.io.data import TokenData, check_enough, load_data
+from ckptaudit.io.data import TokenData, WindowSpec, check_enough, load_data
 
 WORDS = [f"w{i}" for i in range(20)]
 VOCAB = {w: i for i, w in enumerate(WORDS)} | {"[UNK]": 20, "[EOS]": 21}
@@ -40,41 +40,51 @@ def _ids(words: list[str]) -> list[int]:
     return [VOCAB[w] for w in words]
 
 
-def test_plain_text_is_tokenised_and_chunked(ckpt, tmp_path):
+def _window_ids(d: TokenData) -> list[list[int]]:
+    return [d.windows.ids(w).tolist() for w in range(len(d.windows))]
+
+
+def test_plain_text_is_one_document_cut_into_windows(ckpt, tmp_path):
     words = [WORDS[(3 * i) % 20] for i in range(100)]
     f = tmp_path / "a.txt"
     f.write_text(" ".join(words[:50]) + "\n" + " ".join(words[50:]) + "\n")
     d = load_data(ckpt, data=f, seq_len=8)
-    assert isinstance(d, TokenData) and d.seq_len == 8 and d.n_tokens == 100
-    expected = torch.tensor(_ids(words[:96])).view(12, 8)
-    assert torch.equal(d.sequences, expected)
-    assert d.split_size("train") == 11 and d.split_size("validation") == 1  # the last 10% (at least one)
-    assert load_data(ckpt, data=f).seq_len == 16  # default: min(model positions, 128)
+    assert isinstance(d, TokenData) and d.seq_len == 8 and d.n_tokens == 100 and d.kind == "text"
+    ids = _ids(words)
+    # 12 full windows and the document's last 4 tokens as a 13th, shorter one
+    assert _window_ids(d) == [ids[i : i + 8] for i in range(0, 100, 8)]
+    assert d.split_size("train") == 12 and d.split_size("validation") == 1  # the last 10% (at least one)
+    assert load_data(ckpt, data=f).seq_len == 16  # default: the model's context (16), at most 512
 
 
-def test_jsonl_documents_are_joined_with_eos(ckpt, tmp_path):
+def test_jsonl_documents_never_share_a_window_unless_packed(ckpt, tmp_path):
     f = tmp_path / "a.jsonl"
     docs = [" ".join(WORDS[i : i + 5]) for i in range(0, 15, 5)]
     f.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(docs)) + "\n")
-    d = load_data(ckpt, data=f, seq_len=3)
-    stream = []
-    for t in docs:
-        stream += _ids(t.split()) + [VOCAB["[EOS]"]]
-    assert d.n_tokens == 18
-    assert torch.equal(d.sequences.reshape(-1), torch.tensor(stream))
+    eos = VOCAB["[EOS]"]
+    per_doc = [_ids(t.split()) + [eos] for t in docs]  # 6 tokens each, EOS-terminated
+    d = load_data(ckpt, data=f, seq_len=4)
+    assert d.n_tokens == 18 and d.kind == "jsonl-text"
+    assert _window_ids(d) == [w for doc in per_doc for w in (doc[:4], doc[4:])]
+    assert list(d.windows.doc) == [0, 0, 1, 1, 2, 2]
+    packed = load_data(ckpt, data=f, windows=WindowSpec(seq_len=4, pack=True))
+    stream = [t for doc in per_doc for t in doc]
+    assert _window_ids(packed) == [stream[i : i + 4] for i in range(0, 16, 4)]  # 18 // 4 windows, tail dropped
 
 
-def test_npy_token_ids_1d_and_2d(ckpt, tmp_path):
+def test_token_id_files_of_every_kind_give_the_same_windows(ckpt, tmp_path):
+    docs = [list(range(1, 10)), list(range(10, 14))]
+    np.save(tmp_path / "rows.npy", np.array([docs[0][:4], docs[1]]))
+    (tmp_path / "ids.json").write_text(json.dumps(docs))
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"input_ids": docs[0]}) + "\n" + json.dumps(docs[1]) + "\n")
+    want = [docs[0][0:4], docs[0][4:8], docs[1]]  # the single token 9 makes no window
+    for name in ("ids.json", "ids.jsonl"):
+        assert _window_ids(load_data(ckpt, data=tmp_path / name, seq_len=4)) == want, name
+    assert _window_ids(load_data(ckpt, data=tmp_path / "rows.npy", seq_len=4)) == [docs[0][:4], docs[1]]
     f1 = tmp_path / "ids.npy"
     np.save(f1, np.arange(40, dtype=np.int32) % 20)
     d = load_data(ckpt, data=f1, seq_len=10)
-    assert d.sequences.dtype == torch.int64 and d.sequences.shape == (4, 10)
-    assert torch.equal(d.sequences.reshape(-1), torch.arange(40) % 20)
-    f2 = tmp_path / "rows.npy"
-    rows = np.arange(3 * 9).reshape(3, 9) % 20
-    np.save(f2, rows)
-    d2 = load_data(ckpt, data=f2, seq_len=4)  # each row split alone: 2 sequences per row, tail dropped
-    assert torch.equal(d2.sequences, torch.from_numpy(rows[:, :8].reshape(6, 4)))
+    assert _window_ids(d) == np.arange(40).reshape(4, 10).__mod__(20).tolist()
     bad = tmp_path / "bad.npy"
     np.save(bad, np.array([1, 2, 99] * 10))
     with pytest.raises(DataError, match="vocabulary"):
@@ -85,11 +95,11 @@ def test_batches_are_deterministic_and_loss_is_next_token_ce(ckpt, tmp_path):
     from ckptaudit.io.models import load_model
 
     f = tmp_path / "ids.npy"
-    np.save(f, np.random.default_rng(0).integers(0, 20, 16 * 40))  # 40 distinct sequences
+    np.save(f, np.random.default_rng(0).integers(0, 20, 16 * 40))  # 40 distinct windows
     d = load_data(ckpt, data=f, seq_len=16)
     a, b = d.batch("train", 1, 4, seed=5), d.batch("train", 1, 4, seed=5)
     assert torch.equal(a["input_ids"], b["input_ids"])
-    epoch = torch.cat([d.batch("train", i, 4, seed=5)["input_ids"] for i in range(9)])  # 36 train sequences
+    epoch = torch.cat([d.batch("train", i, 4, seed=5)["input_ids"] for i in range(9)])  # 36 train windows
     assert len({tuple(r.tolist()) for r in epoch}) == 36
     model = load_model(ckpt)
     loss, acc = d.loss_and_accuracy(model, a)
@@ -97,10 +107,55 @@ def test_batches_are_deterministic_and_loss_is_next_token_ce(ckpt, tmp_path):
         logits = model(input_ids=a["input_ids"]).logits.double()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         ref = -logp.gather(-1, a["input_ids"][:, 1:, None]).mean()
+        hits = (logits[:, :-1].argmax(-1) == a["input_ids"][:, 1:]).double().mean()
     assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-5)
-    assert 0.0 <= acc <= 1.0
+    assert acc == pytest.approx(float(hits))
     vloss, vacc = d.evaluate(model, "validation")
-    assert np.isfinite(vloss) and 0.0 <= vacc <= 1.0
+    with torch.no_grad():
+        rows = torch.stack([torch.from_numpy(d.windows.ids(int(w))) for w in d.validation])
+        lg = model(input_ids=rows).logits.double()
+        vref = -torch.log_softmax(lg[:, :-1], -1).gather(-1, rows[:, 1:, None]).mean()
+    assert vloss == pytest.approx(float(vref), rel=1e-6)
+
+
+def test_padded_windows_count_only_real_predictions(ckpt, tmp_path):
+    """Windows of unequal length share a batch right-padded; the loss is the mean over real next-token predictions,
+    the same as evaluating each window alone."""
+    from ckptaudit.io.models import load_model
+
+    f = tmp_path / "ids.jsonl"
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13], [3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5], [8, 9, 7, 9]] * 2
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = load_data(ckpt, data=f, seq_len=8)
+    model = load_model(ckpt)
+    batch = d.collate(list(range(5)))
+    assert batch["input_ids"].shape == (5, 8) and int((batch["labels"] == -100).sum()) == 5 * 8 - sum(map(len, rows[:5]))
+    loss, _ = d.loss_and_accuracy(model, batch)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows[:5]:
+            ids = torch.tensor([r])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            total -= float(lp.gather(-1, ids[0, 1:, None]).sum())
+            count += len(r) - 1
+    assert float(loss.detach()) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_cap_selects_seeded_windows_and_says_so(ckpt, tmp_path):
+    f = tmp_path / "ids.npy"
+    np.save(f, np.random.default_rng(1).integers(0, 20, 8 * 400))  # 400 windows of 8, 40 in validation
+    full = load_data(ckpt, data=f, windows=WindowSpec(seq_len=8, eval_tokens=None))
+    capped = load_data(ckpt, data=f, windows=WindowSpec(seq_len=8, eval_tokens=100, seed=3))
+    assert full.split_size("validation") == 40 and capped.split_size("validation") == 12  # 12 * 8 <= 100 < 13 * 8
+    sel = capped.selection()["validation"]
+    assert sel["capped"] and sel["windows_used"] == 12 and sel["windows_in_split"] == 40 and sel["tokens_used"] == 96
+    assert set(sel["windows"]) <= set(range(360, 400)) and sel["windows"] == sorted(sel["windows"])
+    again = load_data(ckpt, data=f, windows=WindowSpec(seq_len=8, eval_tokens=100, seed=3))
+    other = load_data(ckpt, data=f, windows=WindowSpec(seq_len=8, eval_tokens=100, seed=4))
+    assert again.selection() == capped.selection() and other.selection()["validation"]["windows"] != sel["windows"]
+    assert not full.selection()["validation"]["capped"]
+    train = load_data(ckpt, data=f, windows=WindowSpec(seq_len=8, train_tokens=80))
+    assert train.split_size("train") == 10 and train.selection()["train"]["capped"]
 
 
 def test_empty_file_and_too_few_tokens(ckpt, tmp_path):
@@ -110,12 +165,12 @@ def test_empty_file_and_too_few_tokens(ckpt, tmp_path):
         load_data(ckpt, data=empty)
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
-    with pytest.raises(DataError, match="short.txt.*32 tokens"):
+    with pytest.raises(DataError, match="short.txt.*1 window"):
         load_data(ckpt, data=short, seq_len=16)
     f = tmp_path / "some.npy"
     np.save(f, np.arange(16 * 20) % 20)
     d = load_data(ckpt, data=f, seq_len=16)
-    with pytest.raises(DataError, match=r"some.npy.*need 64 train sequences") as err:
+    with pytest.raises(DataError, match=r"some.npy.*need 64 train windows") as err:
         check_enough(d, n_batches=8, batch_size=8)
     assert "tokens" in str(err.value)
     check_enough(d, n_batches=2, batch_size=8)  # 18 train sequences are enough for 16
@@ -180,7 +235,7 @@ def test_sequences_bad_input_names_the_file(ckpt, bare_ckpt, tmp_path):
     with pytest.raises(InputNotFoundError, match="nope.json"):
         load_sequences(ckpt, tmp_path / "nope.json")
     (tmp_path / "bin.dat").write_bytes(bytes(range(256)))
-    with pytest.raises(DataError, match="binary content"):
+    with pytest.raises(DataError, match="not UTF-8 text"):
         load_sequences(ckpt, tmp_path / "bin.dat")
     (tmp_path / "short.json").write_text("[[1], [2]]")
     with pytest.raises(DataError, match="at least 2 tokens"):

@@ -69,6 +69,25 @@ def test_exact_matches_brute_force_over_all_pairs():
     assert int(r.hist_c.sum()) == c.size
 
 
+def test_exact_sums_are_float64_over_the_float32_overlaps():
+    """--exact sums c, c^2 and c^4 in float64: against math.fsum over the same float32 overlaps (one torch.mm of the
+    normalised rows, as the tiles compute them), to 1e-9 relative, which float32 sums of 180k values cannot reach."""
+    import math
+
+    from ckptaudit.analyses.embeddings import normalised_rows
+
+    E = _randn(600, 16, seed=11)
+    r = overlap_stats(E, exact=True, tile=128, bins=4096)
+    rows, _, _ = normalised_rows(E)
+    iu = np.triu_indices(rows.shape[0], k=1)
+    c = (rows @ rows.T).numpy()[iu].astype(np.float64)
+    n = c.size
+    mean_s = math.fsum(c * c) / n
+    assert r.mean_c == pytest.approx(math.fsum(c) / n, rel=1e-9, abs=1e-15)
+    assert r.mean_c2 == pytest.approx(mean_s, rel=1e-9)
+    assert r.std_c2 == pytest.approx(math.sqrt(math.fsum(c**4) / n - mean_s**2), rel=1e-8)
+
+
 def test_exact_handles_zero_rows_and_excluded_ids():
     E = _randn(120, 8, seed=2)
     E[5] = 0

@@ -25,7 +25,8 @@ from ckptaudit.tasks import get_task
 
 M, B, SEED = 6, 8, 3
 CHECKPOINT_KEYS = {"step", "q", "anisotropy", "top_eigenvalues", "top_overlap_backbone", "effective_rank",
-                   "grad_backbone_cos_mean", "grad_backbone_cos_std", "noise_floor", "block_signed_projection"}
+                   "grad_backbone_cos_mean", "grad_backbone_cos_std", "noise_floor", "block_signed_projection",
+                   "anisotropy_se", "anisotropy_exact", "random_expected", "trace"}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,23 @@ def test_rayleigh_quotients_equal_dense_fisher(analysed, tiny):
     assert res.q["random_mean"] == pytest.approx(expected.mean(), rel=1e-10)
     assert res.anisotropy == pytest.approx(dirs["backbone"].numpy() @ F @ dirs["backbone"].numpy() / expected.mean(),
                                            rel=1e-10)
+
+
+def test_exact_random_expectation_and_standard_error(analysed):
+    """E q(w) over unit w orthogonal to v_b = tr(P F P) / (D - 1) with the projector P = I - v v^T, from the dense
+    Fisher; the standard error of alpha from the K sampled quotients by the delta method, computed here with numpy."""
+    res, dirs, G = analysed
+    F = G.T @ G / M
+    v = dirs["backbone"].numpy()
+    P = np.eye(F.shape[0]) - np.outer(v, v)
+    expected = np.trace(P @ F @ P) / (F.shape[0] - 1)
+    assert res.trace == pytest.approx(np.trace(F), rel=1e-10)
+    assert res.random_expected == pytest.approx(expected, rel=1e-9)
+    assert res.anisotropy_exact == pytest.approx(v @ F @ v / expected, rel=1e-9)
+    W = random_directions(dirs["backbone"], 5, SEED).numpy()
+    q = np.einsum("kd,de,ke->k", W, F, W)
+    se = (v @ F @ v / q.mean()) * (q.std(ddof=1) / np.sqrt(q.size)) / q.mean()
+    assert res.anisotropy_se == pytest.approx(se, rel=1e-8)
 
 
 def test_gram_eigenpairs_equal_dense_eigh(analysed):

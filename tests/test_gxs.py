@@ -306,27 +306,62 @@ def test_cli_velocity_and_slack_json(tiny_run):
 
 @pytest.mark.parametrize("command", ["transplant", "slack"])
 def test_bad_token_data_is_one_line_error_in_both_commands(tiny_run, tmp_path, command):
-    """--data that does not fit the model (an id past its vocabulary, a sequence past its positions, a binary file)
-    is a one-line error with exit 2 in transplant as in slack, never an index crash."""
+    """--data that does not fit the model (an id past its vocabulary; with --as-given a sequence past its positions;
+    a binary file) is a one-line error with exit 2 in transplant as in slack, never an index crash. Without
+    --as-given a long sequence is cut into windows and evaluated."""
     ckpt = tiny_run / "checkpoint-60"
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     n_pos = json.loads((ckpt / "config.json").read_text())["n_positions"]
-    cases = {
-        "ids.json": (json.dumps([[0, 1, vocab + 5]]), f"token id {vocab + 5}"),
-        "long.json": (json.dumps([[1] * (n_pos + 3)]), f"{n_pos + 3} tokens"),
-    }
+    (tmp_path / "ids.json").write_text(json.dumps([[0, 1, vocab + 5]]))
+    (tmp_path / "long.json").write_text(json.dumps([[1] * (n_pos + 3), [2] * (n_pos + 3)]))
     (tmp_path / "ids.npy").write_bytes(bytes(range(256)))
     args = ["gxs", command, str(ckpt)] + ([str(tiny_run / "checkpoint-30")] if command == "transplant" else [])
-    for name, (text, needle) in cases.items():
-        (tmp_path / name).write_text(text)
-        r = runner.invoke(app, [*args, "--data", str(tmp_path / name), "--no-report", "--device", "cpu"])
+    cases = [("ids.json", [], "outside the model's vocabulary"), ("ids.json", ["--as-given"], f"token id {vocab + 5}"),
+             ("long.json", ["--as-given"], f"{n_pos + 3} tokens"), ("ids.npy", [], "not UTF-8 text")]
+    for name, extra, needle in cases:
+        r = runner.invoke(app, [*args, "--data", str(tmp_path / name), *extra, "--no-report", "--device", "cpu"])
         assert r.exit_code == 2, r.output
-        assert needle in r.stderr and "\n" not in r.stderr.strip() and "Traceback" not in r.output
-    # Bytes that are neither text nor a .npy array.
-    r = runner.invoke(app, [*args, "--data", str(tmp_path / "ids.npy"), "--no-report", "--device", "cpu"])
-    assert r.exit_code == 2, r.output
-    assert r.stderr.startswith("ckptaudit: error:") and "\n" not in r.stderr.strip() and "Traceback" not in r.output
-    assert "binary content" in r.stderr
+        assert r.stderr.startswith("ckptaudit: error:") and needle in r.stderr, (name, extra, r.stderr)
+        assert "\n" not in r.stderr.strip() and "Traceback" not in r.output
+    r = runner.invoke(app, [*args, "--data", str(tmp_path / "long.json"), "--no-report", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+
+
+def test_as_given_evaluates_each_sequence_whole_windows_cut_them(tiny_run, tmp_path):
+    """--as-given: every sequence evaluated as it is (next-token prediction at each of its positions); the default
+    cuts the same file into --seq-len windows. Both against a brute-force next-token count over the model's own
+    logits, sequence by sequence."""
+    ckpt_dir = tiny_run / "checkpoint-60"
+    ckpt = discover_run(ckpt_dir).checkpoints[-1]
+    model = load_model(ckpt)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, 20, size=n).tolist() for n in (4, 3, 4, 2, 4, 3, 4, 4, 3, 4, 2, 4) * 2]  # the model takes 4
+    (tmp_path / "s.json").write_text(json.dumps(seqs))
+
+    def brute(rows):
+        hits = count = 0
+        with torch.no_grad():
+            for r in rows:
+                ids = torch.tensor([r])
+                hits += int((model(input_ids=ids).logits[0, :-1].argmax(-1) == ids[0, 1:]).sum())
+                count += len(r) - 1
+        return hits / count, count
+
+    base = ["gxs", "slack", str(ckpt_dir), "--alpha", "1", "--sigma", "0", "--data", str(tmp_path / "s.json"),
+            "--json", "--no-report", "--device", "cpu"]
+    r = runner.invoke(app, [*base, "--as-given"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    acc, n = brute(seqs)
+    assert doc["n"] == n and doc["accuracy"][0][0] == pytest.approx(acc)
+    r = runner.invoke(app, [*base, "--seq-len", "3"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    windows = [s[i : i + 3] for s in seqs for i in range(0, len(s), 3) if len(s[i : i + 3]) >= 2]
+    validation = windows[len(windows) - max(1, len(windows) // 10):]  # the last 10% of the windows
+    acc, n = brute(validation)
+    assert doc["n"] == n and doc["accuracy"][0][0] == pytest.approx(acc)
+    assert doc["eval_data"]["validation"]["windows_used"] == len(validation)
 
 
 def test_npy_and_json_token_data_give_the_same_slack(tiny_run, tmp_path):

@@ -283,8 +283,14 @@ def run_backbone(
     if ctx is not None:
         gs = distributed.allreduce_gramset(gs, ctx, tuple(names))
 
+    # A run with fewer drift rows than the window gets one window over all of its rows (stated in the settings)
+    # rather than an empty c(w).
+    used_window = min(int(window), len(steps)) if len(steps) >= 2 else int(window)
+    window_note = (f"the run has {len(steps)} drift rows, fewer than the window of {window}: c(w) uses one window of "
+                   f"{used_window} rows" if used_window < window else None)
+
     def analyse(name: str, normalize: bool) -> BackboneResult:
-        return backbone_from_gram(gs.grams[name], steps, window=window, normalize_rows=normalize, switches=pairs,
+        return backbone_from_gram(gs.grams[name], steps, window=used_window, normalize_rows=normalize, switches=pairs,
                                   anchor_step=a_step, dim=gs.dims[name], fit_range=fit_range)
 
     block_ids = sorted(int(k.split("_", 1)[1]) for k in groups if k.startswith("block_"))
@@ -304,7 +310,8 @@ def run_backbone(
         if not writes_vectors:  # other ranks: the same sigma as rank 0 writes, no file
             rank = int(np.sum(trunk.sigma > (trunk.sigma[0] * 1e-12 if trunk.sigma.size else 0)))
             vec_sigma = tuple(float(x) for x in trunk.sigma[: max(1, min(int(top_k_vectors), rank))])
-    settings = {"window": window, "normalize_rows": normalize_rows, "include_bias": include_bias,
+    settings = {"window": window, "window_used": used_window, "window_note": window_note,
+                "normalize_rows": normalize_rows, "include_bias": include_bias,
                 "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
                 "architecture": arch.name, "architecture_recognised_by": arch.recognised_by,
                 "top_k_vectors": top_k_vectors, "n_experts": arch.n_experts,

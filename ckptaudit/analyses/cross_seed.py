@@ -1,6 +1,8 @@
 """Cross-seed comparison of several runs of the same training recipe (SPEC §7, paper 004 section 2.4).
 
-- ``loss_cv``: coefficient of variation (population std / mean) of the final validation loss across seeds.
+- ``loss_cv``: coefficient of variation (population std / mean) of the final validation loss across seeds: measured
+  on the given data when there is some, else the last ``eval_loss`` each run recorded in its trainer_state.json (the
+  report says which, per seed: ``final_loss_source``).
 - ``first_entry`` / ``first_entry_std``: first step each seed enters each regime, and its population std across
   the seeds that entered it (None when fewer than two did).
 - ``regime_agreement``: fraction of matched steps (present in every run, with a defined regime in every run)
@@ -64,6 +66,7 @@ class SeedRegimes:
     regime: tuple[str, ...]
     first_entry: dict[str, int | None]
     final_loss: float | None
+    final_loss_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class CrossSeedResult:
             "cka": self.cka_json(),
             "thresholds": self.thresholds.to_json(),
             "seeds": [
-                {"label": s.label, "final_loss": s.final_loss, "first_entry": s.first_entry, "steps": list(s.steps),
+                {"label": s.label, "final_loss": s.final_loss, "final_loss_source": s.final_loss_source,
+                 "first_entry": s.first_entry, "steps": list(s.steps),
                  "similarity": list(s.similarity), "regime": list(s.regime)}
                 for s in self.seeds
             ],  # fmt: skip
@@ -113,7 +117,7 @@ class CrossSeedResult:
             s.label: {
                 "steps": np.asarray(s.steps, dtype=np.int64), "similarity": np.asarray(s.similarity),
                 "regime": list(s.regime), "first_entry": {k: (-1 if v is None else v) for k, v in s.first_entry.items()},
-                "final_loss": s.final_loss,
+                "final_loss": s.final_loss, "final_loss_source": s.final_loss_source,
             }
             for s in self.seeds
         }  # fmt: skip
@@ -162,31 +166,48 @@ def run_cross_seed(
     evaluators: Sequence[Callable[[torch.nn.Module], float] | None] | None = None,
     device: str = "cpu",
     progress: Callable[[float], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CrossSeedResult:
     """Cross-seed statistics of ``runs`` (``(label, checkpoints)`` pairs, at least two).
 
-    ``evaluators[i]`` gives the validation loss of run i's model (None: no loss for that run). Representations
+    ``evaluators[i]`` gives the validation loss of run i's model; None: the last eval_loss run i recorded in its
+    trainer_state.json (io.hyperparams.recorded_eval_losses), else no loss for that run. Representations
     ``[n_probes, d]`` of every checkpoint are held for CKA (n_checkpoints x n_probes x d floats per run).
     """
+    from ckptaudit.io.hyperparams import recorded_eval_losses
+
     evaluators = list(evaluators or [None] * len(runs))
     notes: list[str] = []
     raw = []
+    sources: dict[str, str | None] = {}
     for (label, ckpts), evaluate in zip(runs, evaluators, strict=True):
-        sim, reps, _ = run_fingerprints(ckpts, probes, device, keep=True, progress=progress)
-        final_loss = None
+        sim, reps, _ = run_fingerprints(ckpts, probes, device, keep=True, progress=progress, dtype=dtype)
+        final_loss, sources[label] = None, None
         if evaluate is not None and len(ckpts):
             from ckptaudit.io.models import load_model
 
-            final_loss = float(evaluate(load_model(ckpts[-1], device)))
+            final_loss = float(evaluate(load_model(ckpts[-1], device, dtype=dtype)))
+            sources[label] = "measured on the given data"
+        elif len(ckpts) and (logged := recorded_eval_losses(ckpts[-1])):
+            step, final_loss = logged[-1]
+            sources[label] = f"eval_loss recorded in trainer_state.json at step {step}"
         raw.append((label, [int(c.step) for c in ckpts], sim, reps, final_loss))
-    if any(e is None for e in evaluators):
-        notes.append("no validation data for some runs: loss_cv uses the runs that have it")
+    recorded = [k for k, v in sources.items() if v and v.startswith("eval_loss")]
+    if recorded:
+        notes.append(f"final loss of {', '.join(recorded)} from the eval_loss each run recorded in trainer_state.json "
+                     "(not measured: give --data FILE to measure every run on the same data)")
+    missing = [k for k, v in sources.items() if v is None]
+    if missing:
+        notes.append(f"no final loss for {', '.join(missing)} (no data and no eval_loss in trainer_state.json): "
+                     "give --data FILE to measure it" + ("; loss_cv uses the others" if len(runs) - len(missing) >= 2
+                                                          else "; loss_cv needs two runs with a loss"))
     pooled = [s for _, _, sim, _, _ in raw for s in sim]
     th = regime_thresholds(pooled, fixed)
     seeds = []
     for label, steps, sim, _, loss in raw:
         reg = classify(sim, th)
-        seeds.append(SeedRegimes(label, tuple(steps), tuple(sim), tuple(reg), first_entries(steps, reg), loss))
+        seeds.append(SeedRegimes(label, tuple(steps), tuple(sim), tuple(reg), first_entries(steps, reg), loss,
+                                 sources[label]))
     matched = sorted(set.intersection(*(set(s.steps) for s in seeds)))
     if len(matched) < max(len(s.steps) for s in seeds):
         notes.append(f"{len(matched)} steps are present in every run; agreement and CKA use those only")

@@ -283,6 +283,9 @@ def _sampled_stats(rows: torch.Tensor, pairs: int, seed: int, progress) -> dict:
     }
 
 
+_SUM_CHUNK = 1 << 20
+
+
 def _exact_stats(rows: torch.Tensor, tile: int, bins: int, progress) -> dict:
     n = rows.shape[0]
     dev = rows.device
@@ -314,14 +317,16 @@ def _exact_stats(rows: torch.Tensor, tile: int, bins: int, progress) -> dict:
             m = vals.numel()
             if m == 0:
                 continue
-            # float32 partial sums per tile (pairwise/BLAS summation), accumulated in float64 across tiles.
-            sum_c += float(vals.sum(dtype=torch.float64) if dev.type != "cpu" else vals.sum())
-            sq = vals.square()
-            sum_s += float(torch.dot(vals, vals))
-            sum_s2 += float(torch.dot(sq, sq))
-            cnt[0] += int(torch.count_nonzero(sq > thr2[0]))
-            cnt[1] += int(torch.count_nonzero(sq > thr2[1]))
-            del sq
+            # c, c^2 and c^4 summed in float64, in pieces of _SUM_CHUNK values (no float64 copy of the tile).
+            for lo in range(0, m, _SUM_CHUNK):
+                c64 = vals[lo : lo + _SUM_CHUNK].to(torch.float64)
+                s64 = c64 * c64
+                sum_c += float(c64.sum())
+                sum_s += float(s64.sum())
+                sum_s2 += float(torch.dot(s64, s64))
+                cnt[0] += int(torch.count_nonzero(s64 > thr2[0]))
+                cnt[1] += int(torch.count_nonzero(s64 > thr2[1]))
+                del c64, s64
             # Bin index floor((c + 1) * bins / 2) computed in place (vals is dead after this).
             idx = vals.add_(1.0).mul_(half).to(torch.int32).clamp_(0, bins - 1)
             hist += torch.bincount(idx, minlength=bins)

@@ -41,6 +41,7 @@ class ExtrapolateSettings:
     skip_chaotic: bool = False  # the paper evaluates non-chaotic checkpoints only
     thresholds: tuple[float, float] | None = None  # fixed regime thresholds; None = adaptive percentiles
     device: str = "cpu"
+    dtype: Any = None  # torch dtype of the model (None: float32)
 
 
 @dataclass(frozen=True)
@@ -296,13 +297,14 @@ def run_extrapolate(
     steps = [int(c.step) for c in ckpts]
     by_step = {s: c for s, c in zip(steps, ckpts, strict=True)}
     notes: list[str] = []
-    similarity, _, losses = run_fingerprints(ckpts, probes, settings.device, evaluate=evaluate, progress=progress)
+    similarity, _, losses = run_fingerprints(ckpts, probes, settings.device, evaluate=evaluate, progress=progress,
+                                             dtype=settings.dtype)
     regimes = RegimesResult.from_similarity(steps, similarity, settings.thresholds, probes.source)
     spacings = sorted({b - a for a, b in zip(steps, steps[1:])})
     if len(spacings) > 1:
         notes.append(f"checkpoint spacing varies ({spacings}): Delta is the spacing before each t")
 
-    model = load_model(ckpts[-1], settings.device)
+    model = load_model(ckpts[-1], settings.device, dtype=settings.dtype)
     needs_opt = any(p in ("momentum", "adam-step") for p in settings.predictors)
     rows: list[PredictionRow] = []
     cascade_rows: list[PredictionRow] = []

@@ -427,6 +427,9 @@ def finetune_probe(
     runs = []
     for lr in lrs:
         for ctx, y, c, ids in prepared:
+            stage = getattr(progress, "stage", None)
+            if stage is not None:  # one bar per context (and learning rate), with its own ETA
+                stage(f"finetune-probe {ctx.target.strip()!r} lr {float(lr):g}", steps)
             series, comp, _, deltas = finetune_trajectory(model, ids, y, c, mode, float(lr), steps, nucleus,
                                                           targets, seed, device, progress)
             comp_text = ctx.competitor if ctx.competitor is not None else tokenizer.decode([comp])

@@ -8,7 +8,10 @@ G G^T, whose eigenpairs (s_j, a_j) give the Fisher's nonzero eigenvalues s_j / M
 u_1 = G^T a_1 / ||G^T a_1||.
 
 Definitions (reported by :class:`FisherCheckpoint`):
-- anisotropy alpha = q(v_b) / mean_k q(w_k), w_k random unit directions orthogonal to v_b and to each other;
+- anisotropy alpha = q(v_b) / mean_k q(w_k), w_k random unit directions orthogonal to v_b and to each other, with its
+  standard error from the spread of the K quotients (delta method), and beside it the exact expectation
+  E q(w) = (tr F - q(v_b)) / (D - 1) over unit w uniform on the sphere orthogonal to v_b (tr F = (1/M) sum ||g_i||^2)
+  and alpha_exact = q(v_b) / E q(w), free of the sampling noise of the K directions;
 - effective rank = (sum_j s_j)^2 / sum_j s_j^2 over all M Gram eigenvalues (participation ratio; between 1 and M);
 - gradient-backbone cosine: mean and std (population) over batches of |<g_i, v_b>| / ||g_i||, beside the noise floor
   sqrt(2 / (pi D)) = E|cos| between a fixed vector and a random direction for large D;
@@ -31,6 +34,7 @@ G_r^T a_1, chunk by chunk. Every rank then holds the same result; the CLI writes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -121,6 +125,32 @@ class FisherCheckpoint:
     hessian: dict[str, float] | None = None
     hessian_random: np.ndarray | None = None
     u1: np.ndarray | None = field(default=None, repr=False)
+    seconds: float | None = None
+
+    @property
+    def trace(self) -> float:
+        """tr F = (1/M) sum_i ||g_i||^2 (gradient units squared)."""
+        return float(np.mean(np.asarray(self.grad_norms, dtype=np.float64) ** 2))
+
+    @property
+    def random_expected(self) -> float:
+        """E q(w) over unit w uniform on the sphere orthogonal to v_b: (tr F - q(v_b)) / (D - 1), exact."""
+        return (self.trace - self.q["backbone"]) / (self.dim - 1) if self.dim > 1 else float("nan")
+
+    @property
+    def anisotropy_exact(self) -> float:
+        """q(v_b) / E q(w): the anisotropy without the sampling noise of the K random directions."""
+        e = self.random_expected
+        return self.q["backbone"] / e if e > 0 else float("nan")
+
+    @property
+    def anisotropy_se(self) -> float:
+        """Standard error of ``anisotropy`` from the K random quotients (delta method: alpha * se(mean) / mean,
+        se(mean) = sample std / sqrt(K)); NaN for K < 2."""
+        qr = np.asarray(self.q_random, dtype=np.float64)
+        if qr.size < 2 or not qr.mean() > 0:
+            return float("nan")
+        return float(self.anisotropy) * float(qr.std(ddof=1) / math.sqrt(qr.size)) / float(qr.mean())
 
     @property
     def noise_floor(self) -> float:
@@ -139,6 +169,10 @@ class FisherCheckpoint:
             "step": int(self.step),
             "q": {k: float(v) for k, v in self.q.items()},
             "anisotropy": float(self.anisotropy),
+            "anisotropy_se": self.anisotropy_se,
+            "anisotropy_exact": self.anisotropy_exact,
+            "random_expected": self.random_expected,
+            "trace": self.trace,
             "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
             "top_overlap_backbone": float(self.top_overlap_backbone),
             "effective_rank": float(self.effective_rank),
@@ -157,6 +191,11 @@ class FisherCheckpoint:
             "q": {k: float(v) for k, v in self.q.items()},
             "q_random": np.asarray(self.q_random, dtype=np.float64),
             "anisotropy": float(self.anisotropy),
+            "anisotropy_se": self.anisotropy_se,
+            "anisotropy_exact": self.anisotropy_exact,
+            "random_expected": self.random_expected,
+            "trace": self.trace,
+            "seconds": self.seconds,
             "eigenvalues": np.asarray(self.eigenvalues, dtype=np.float64),
             "top_eigenvalues": np.asarray(self.top_eigenvalues, dtype=np.float64),
             "top_overlap_backbone": float(self.top_overlap_backbone),
@@ -506,16 +545,22 @@ def run_fisher(
     switch: tuple[int, int] | None = None,
     switch_run: Any = None,
     progress: Callable[[int], None] | None = None,
+    windows: Any = None,
+    dtype: str | None = None,
 ) -> FisherReport:
     """Fisher analysis at each of ``checkpoints`` (Checkpoint objects, any order; reported by ascending step).
 
     vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
     ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
-    :func:`ckptaudit.io.data.load_data`. The layout, directions and random directions are fixed by the first
-    checkpoint and reused, so q(t) is measured along the same vectors at every step.
+    :func:`ckptaudit.io.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
+    (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
+    directions are fixed by the first checkpoint and reused, so q(t) is measured along the same vectors at every step.
     """
+    import time
+
     from ckptaudit.io.data import check_enough, load_data
     from ckptaudit.io.models import load_model
+    from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import resolve_architecture
 
     ckpts = sorted(checkpoints, key=lambda c: int(c.step))
@@ -533,15 +578,24 @@ def run_fisher(
         directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
     random = random_directions(directions["backbone"], settings.n_random, settings.seed)
     probes = prepare_probes(layout, directions, random, settings.device, block_backbone=block_backbone)
-    dataset = load_data(first, task=task, data=data, seq_len=seq_len)
+    dataset = load_data(first, task=task, data=data, seq_len=seq_len, windows=windows)
     batch_size = int(settings.batch_size or _default_batch_size(first))
     check_enough(dataset, settings.batches, batch_size)
+    torch_dtype, precision = resolve_dtype(dtype, first, settings.device)
     results = []
     for c in ckpts:
-        model = load_model(c, device=settings.device)
-        results.append(fisher_at_model(model, dataset, layout, directions, settings, step=int(c.step),
-                                       batch_size=batch_size, random=random, progress=progress,
-                                       probes=probes))
+        stage = getattr(progress, "stage", None)
+        if stage is not None:
+            from ckptaudit.analyses import distributed
+
+            ctx = distributed.active()
+            share = settings.batches if ctx is None else len(range(ctx.rank, settings.batches, ctx.world_size))
+            stage(f"fisher step {c.step}", share)
+        t0 = time.perf_counter()
+        model = load_model(c, device=settings.device, dtype=torch_dtype)
+        r = fisher_at_model(model, dataset, layout, directions, settings, step=int(c.step),
+                            batch_size=batch_size, random=random, progress=progress, probes=probes)
+        results.append(dataclasses.replace(r, seconds=time.perf_counter() - t0))
         del model
     blocks = sorted(layout.block_ranges)
     running = {b: np.cumsum([r.block_signed_projection[b] for r in results]) for b in blocks}
@@ -554,6 +608,7 @@ def run_fisher(
         "architecture": arch.name, "data": spec,
         "block_directions": "own block backbones" if block_backbone is not None else "trunk v_b restricted to each block",
         "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
+        "precision": precision.to_json(),
     }
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
 

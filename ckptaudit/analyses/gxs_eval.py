@@ -4,7 +4,13 @@ An *evaluator* says which logits are answers and which class is correct:
 
 - :class:`TaskEval`: a built-in task's split (modular addition: the ``p`` number logits at the last position,
   through the task's own ``answer_logits``, so loss, accuracy and margin follow ``loss_and_accuracy``);
-- :class:`TokenEval`: token-id sequences, next-token prediction at every position (any causal LM).
+- :class:`WindowEval`: the windows of a ``--data`` file (:class:`ckptaudit.io.data.TokenData`, one split, capped by
+  ``--eval-tokens``), next-token prediction at every real position (padding excluded);
+- :class:`TokenEval`: token-id sequences as given (``--as-given``), next-token prediction at every position.
+
+Logits are reduced in row chunks in float64 (at most ``ROW_CHUNK`` rows at a time), and batches hold at most
+``LOGIT_CHUNK_BYTES`` of float32 logits (at least one sequence), so memory does not grow with the vocabulary
+times the evaluation set.
 
 Margin of one example: m = z_correct - max_{j != correct} z_j over the answer logits (positive iff correct,
 up to ties). The slack probe intervenes on the final residual stream h (after the final norm, before the
@@ -31,6 +37,15 @@ from ckptaudit.errors import DataError, UsageError
 ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
 SIGMAS: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0)
 
+ROW_CHUNK = 1024
+
+
+def _rows_per_batch(seq_len: int, vocab: int) -> int:
+    from ckptaudit.tasks.lm import LOGIT_CHUNK_BYTES
+
+    return max(1, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1) * max(seq_len - 1, 1)))
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -51,6 +66,10 @@ class TaskEval:
         """Label used in reports."""
         return f"{getattr(self.task, 'name', 'task')}:{self.split}"
 
+    def n_batches(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        return -(-int(self.task.split_size(self.split)) // self.batch_size)
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [B, T], labels [B]) in a fixed order."""
         for b in self.task.eval_batches(self.split, self.batch_size):
@@ -59,6 +78,36 @@ class TaskEval:
     def answer_logits(self, model: Callable, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, C], row index into the batch's labels) — for a task one answer per sequence."""
         logits = self.task.answer_logits(model, input_ids)
+        return logits, torch.arange(logits.shape[0])
+
+
+@dataclass(frozen=True)
+class WindowEval:
+    """The used windows of one split of file data; next-token prediction at every real (unpadded) position."""
+
+    data: Any
+    split: str = "validation"
+
+    @property
+    def name(self) -> str:
+        """Label used in reports."""
+        return f"{Path(self.data.source).name}:{self.split} ({self.data.split_size(self.split)} windows)"
+
+    def n_batches(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        return -(-self.data.split_size(self.split) // _rows_per_batch(self.data.seq_len, self.data.vocab_size))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids [B, T], labels [B * (T - 1)], -100 on padding) in file order."""
+        rows = _rows_per_batch(self.data.seq_len, self.data.vocab_size)
+        for b in self.data.eval_batches(self.split, rows):
+            yield b["input_ids"], b["labels"][:, 1:].reshape(-1)
+
+    def answer_logits(self, model: Callable, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B * (T - 1), V], row index)."""
+        out = model(input_ids=input_ids)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
         return logits, torch.arange(logits.shape[0])
 
 
@@ -75,15 +124,21 @@ class TokenEval:
         """Label used in reports."""
         return self.label
 
+    def n_batches(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        return sum(1 for _ in self.batches())
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [B, T], labels [B * (T - 1)]); sequences of equal length are batched together."""
         by_len: dict[int, list[tuple[int, ...]]] = {}
         for s in self.sequences:
             by_len.setdefault(len(s), []).append(s)
+        vocab = max(max(s) for s in self.sequences) + 1
         for n in sorted(by_len):
             group = by_len[n]
-            for i in range(0, len(group), self.batch_size):
-                ids = torch.tensor(group[i : i + self.batch_size], dtype=torch.long)
+            size = min(self.batch_size, _rows_per_batch(n, vocab))
+            for i in range(0, len(group), size):
+                ids = torch.tensor(group[i : i + size], dtype=torch.long)
                 yield ids, ids[:, 1:].reshape(-1)
 
     def answer_logits(self, model: Callable, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +158,8 @@ def load_token_data(path: Path, ckpt: Any, max_sequences: int | None = None) -> 
 
 
 def check_vocab(model: nn.Module, evaluator: Any) -> None:
-    """Token ids beyond the model's embedding table are a user error, not an index crash."""
+    """Token ids beyond the model's embedding table (or sequences beyond its context) are a user error, not an
+    index crash. Window data is checked when it is read."""
     if not isinstance(evaluator, TokenEval):
         return
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -116,7 +172,7 @@ def check_vocab(model: nn.Module, evaluator: Any) -> None:
     longest = max(len(s) for s in evaluator.sequences)
     if limit is not None and longest > limit:
         raise DataError(f"--data holds a sequence of {longest} tokens, the model takes at most {limit}",
-                        "split the data into shorter sequences (or use --max-sequences on shorter files)")
+                        "drop --as-given to cut the data into --seq-len windows, or give shorter sequences")
 
 
 def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,23 +193,36 @@ class EvalStats:
     n: int
 
 
+def _reduce(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, float, int]:
+    """(sum of cross-entropies, correct, sum of margins, answers) over the rows whose label is not -100, in row
+    chunks of ROW_CHUNK taken to float64."""
+    keep = y != -100
+    if not bool(keep.all()):
+        logits, y = logits[keep], y[keep]
+    total, correct, msum = 0.0, 0, 0.0
+    for lo in range(0, int(y.numel()), ROW_CHUNK):
+        z, t = logits[lo : lo + ROW_CHUNK].double(), y[lo : lo + ROW_CHUNK]
+        total += F.cross_entropy(z, t, reduction="sum").item()
+        correct += int((z.argmax(dim=1) == t).sum().item())
+        msum += float(margins_of(z, t).sum().item())
+    return total, correct, msum, int(y.numel())
+
+
 def evaluate(model: nn.Module, evaluator: Any) -> EvalStats:
-    """Loss, accuracy and mean margin of ``model`` on ``evaluator`` (no grad, float64 accumulation)."""
+    """Loss, accuracy and mean margin of ``model`` on ``evaluator`` (inference mode, float64 accumulation)."""
     check_vocab(model, evaluator)
     device = _device_of(model)
     total, correct, msum, count = 0.0, 0, 0.0, 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for ids, labels in evaluator.batches():
-            logits, rows = evaluator.answer_logits(model, ids.to(device))
-            y = labels.to(device)[rows.to(device)]
-            z = logits.double()
-            total += F.cross_entropy(z, y, reduction="sum").item()
-            correct += int((z.argmax(dim=1) == y).sum().item())
-            msum += float(margins_of(z, y).sum().item())
-            count += int(y.numel())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for ids, labels in evaluator.batches():
+                logits, rows = evaluator.answer_logits(model, ids.to(device))
+                t, c, m, n = _reduce(logits, labels.to(device)[rows.to(device)])
+                total, correct, msum, count = total + t, correct + c, msum + m, count + n
+    finally:
+        model.train(was_training)
     if count == 0:
         raise DataError(f"evaluation set {evaluator.name} is empty", None)
     return EvalStats(total / count, correct / count, msum / count, count)
@@ -263,7 +332,7 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for b, (ids, labels) in enumerate(evaluator.batches()):
                 ids = ids.to(device)
                 state["capture"] = []
@@ -278,14 +347,13 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
                     for j, s in enumerate(sigmas):
                         state["alpha"], state["sigma"] = a, s
                         logits, rows = evaluator.answer_logits(model, ids)
-                        y = labels.to(device)[rows.to(device)]
-                        z = logits.double()
-                        loss[i, j] += F.cross_entropy(z, y, reduction="sum").item()
-                        correct[i, j] += int((z.argmax(dim=1) == y).sum().item())
-                        msum[i, j] += float(margins_of(z, y).sum().item())
+                        t, c, m, k = _reduce(logits, labels.to(device)[rows.to(device)])
+                        loss[i, j] += t
+                        correct[i, j] += c
+                        msum[i, j] += m
                         if progress is not None:
                             progress(1)
-                n += int(y.numel())
+                n += k
     finally:
         handle.remove()
         model.train(was_training)

@@ -73,6 +73,9 @@ class InspectResult:
     checkpoints: tuple[CheckpointInfo, ...]
     lr_history_points: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The run's hyper-parameters at its last checkpoint (io.hyperparams): name -> {"value", "source"}.
+    hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hyperparameter_notes: tuple[str, ...] = ()
     architecture_recognised_by: str = ""  # which config.json value (or the tensor names) chose the family
 
     @property
@@ -106,11 +109,15 @@ class InspectResult:
             "unsafe_files": [f.path for c in self.checkpoints for f in c.files if not f.safe],
             "unreadable_files": [f.path for c in self.checkpoints for f in c.files if not f.loadable],
             "lr_history_points": self.lr_history_points,
+            "hyperparameters": self.hyperparameters,
+            "hyperparameters_step": self.checkpoints[-1].step if self.checkpoints else None,
+            "hyperparameter_notes": list(self.hyperparameter_notes),
         }
 
     def to_hdf5_tree(self) -> dict:
         cks = self.checkpoints
         return {
+            "hyperparameters_json": json.dumps(self.hyperparameters, sort_keys=True),
             "run": self.run,
             "architecture": self.architecture,
             "architecture_recognised_by": self.architecture_recognised_by,
@@ -245,11 +252,14 @@ def inspect_run(run: Any, role_map: Any = None, check_files: bool = True, progre
         infos.append(info)
         if progress is not None:
             progress(1)
+    from ckptaudit.io.hyperparams import run_hyperparameters
     from ckptaudit.io.optimizer import lr_history
 
+    hp = run_hyperparameters(run.checkpoints[-1])
     known = arch_name != "unknown"
     return InspectResult(
         run=str(run.path), architecture=arch_name, architecture_note="" if known else note,
         checkpoints=tuple(infos), lr_history_points=len(lr_history(run.checkpoints[-1])),
-        architecture_recognised_by=note if known else "",
+        architecture_recognised_by=note if known else "", hyperparameters=hp.to_json(),
+        hyperparameter_notes=hp.notes,
     )

@@ -165,18 +165,26 @@ def build_probes(
 @torch.no_grad()
 def probe_representations(model: torch.nn.Module, probes: ProbeSet, batch_size: int = 64) -> torch.Tensor:
     """``[n_probes, d]`` float64: per probe, the final hidden state averaged over its real positions."""
+    from ckptaudit.tasks.lm import split_model
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # The final hidden states need the trunk only: the LM head (a vocabulary of logits per position) is skipped.
+    split = split_model(model)
+    runner = split[0] if split is not None else model
     out = []
-    for start in range(0, len(probes), batch_size):
-        ids = probes.input_ids[start : start + batch_size].to(device)
-        mask = probes.attention_mask[start : start + batch_size].to(device)
-        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = res.hidden_states[-1].double()  # [B, L, d]
-        weights = mask.double().unsqueeze(-1)
-        out.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).cpu())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(probes), batch_size):
+                ids = probes.input_ids[start : start + batch_size].to(device)
+                mask = probes.attention_mask[start : start + batch_size].to(device)
+                res = runner(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                hidden = res.hidden_states[-1].double()  # [B, L, d]
+                weights = mask.double().unsqueeze(-1)
+                out.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 
@@ -321,13 +329,15 @@ def run_fingerprints(
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     progress: Callable[[float], None] | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[float], list[torch.Tensor] | None, list[float] | None]:
     """One pass over the checkpoints of ``run``: similarity s_t (NaN first), optionally the representations
     ``[n_probes, d]`` of every checkpoint (``keep``) and the validation loss of each (``evaluate``).
     ``observe(rep, previous)`` sees each representation and its predecessor (None first) as they are made.
 
     One model is built and refilled tensor by tensor (``fill_model``: a checkpoint whose tensor names or shapes
-    differ from the first one's is an error); only the previous fingerprint is held unless ``keep``.
+    differ from the first one's is an error); only the previous fingerprint is held unless ``keep``. ``dtype``: the
+    model's precision (None: float32).
     """
     from ckptaudit.io.models import load_model
 
@@ -338,7 +348,7 @@ def run_fingerprints(
     previous = None
     for ckpt in run:
         if model is None:
-            model = load_model(ckpt, device)
+            model = load_model(ckpt, device, dtype=dtype)
         else:  # the same model refilled: names and shapes must match the first checkpoint's
             with (ckpt.model_tensors(model) if hasattr(ckpt, "model_tensors") else ckpt.tensors()) as source:
                 fill_model(model, source, ckpt.path)
@@ -369,6 +379,7 @@ def run_regimes(
     bootstrap: int = 200,
     seed: int = 0,
     signals: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> RegimesResult:
     """Fingerprints of every checkpoint of ``run``, s_t, thresholds, regimes and first entries, and (``signals``)
     the activation variance over ``variance_window`` checkpoints, the loss curvature and a seeded bootstrap over
@@ -382,7 +393,7 @@ def run_regimes(
     steps = [int(c.step) for c in run]
     collector = SignalCollector(variance_window) if signals else None
     similarity, _, evaluated = run_fingerprints(run, probes, device, evaluate=evaluate, progress=progress,
-                                                observe=collector)
+                                                observe=collector, dtype=dtype)
     notes = []
     if len(steps) < 3:
         notes.append(f"only {len(steps)} checkpoints: {max(len(steps) - 1, 0)} similarity value(s)")

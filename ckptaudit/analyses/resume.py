@@ -20,8 +20,10 @@ collapse_ratio x start loss (or not finite); "stable" otherwise. Level-2 sensiti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,7 @@ class ConditionResult:
     collapse_lr_mult: float | None = None
     backbone_coord: tuple[float, ...] | None = None
     transverse_residual: tuple[float, ...] | None = None
+    seconds: float | None = None
 
     def to_json(self) -> dict:
         """The condition's entry of the JSON summary (keys of issue 5, plus schedule details)."""
@@ -127,7 +130,7 @@ class ConditionResult:
             "eval_loss": list(self.eval_loss), "eval_acc": list(self.eval_acc),
             "displacement": list(self.displacement), "verdict": self.verdict, "collapse_step": self.collapse_step,
             "collapse_lr_mult": self.collapse_lr_mult, "start_sha256": self.start_sha256,
-            "train_loss": list(self.train_loss), "lr": list(self.lr),
+            "train_loss": list(self.train_loss), "lr": list(self.lr), "seconds": self.seconds,
         }  # fmt: skip
         if self.backbone_coord is not None:
             out["backbone_coord"] = list(self.backbone_coord)
@@ -331,7 +334,6 @@ def run_condition(
     )
     model = copy.deepcopy(inputs.model).to(settings.device)
     sha = weights_sha256(model)
-    torch.manual_seed(settings.seed)
     base = [float(h["lr"]) for h in inputs.group_hyper]
     steps, losses, accs, disps, coords, resids, train_loss, lrs = [], [], [], [], [], [], [], []
 
@@ -345,23 +347,37 @@ def run_condition(
         coords.append(coord)
         resids.append(resid)
 
+    t0 = time.perf_counter()
+    _restore_rng(inputs, settings)
     with deterministic():
-        if spec.optimizer == "preserved":
-            optimizer, scheduler = restored_optimizer(model, inputs)
-        else:
-            optimizer, scheduler = fresh_optimizer(model, inputs), None
         record(0)
-        for k in range(n):
-            if spec.optimizer == "reset":
-                _set_lr(optimizer, base, spec.multiplier(k, n))
-            lrs.append(float(optimizer.param_groups[0]["lr"]))
-            train_loss.append(float(inputs.train_step(model, optimizer, k)))
-            if scheduler is not None:
-                scheduler.step()
-            if k + 1 in evals:
-                record(k + 1)
-            if progress is not None:
-                progress(1)
+        if inputs.loop is not None:
+            def on_step(k: int) -> None:
+                if k in evals:
+                    record(k)
+                if progress is not None:
+                    progress(1)
+
+            fresh = (lambda m: fresh_optimizer(m, inputs)) if spec.optimizer == "reset" else None
+            train_loss, lrs = inputs.loop(spec.optimizer == "preserved", model, fresh,
+                                          lambda k: spec.multiplier(k, n), n, on_step)
+        else:
+            if spec.optimizer == "preserved":
+                optimizer, scheduler = restored_optimizer(model, inputs)
+            else:
+                optimizer, scheduler = fresh_optimizer(model, inputs), None
+            for k in range(n):
+                if spec.optimizer == "reset":
+                    _set_lr(optimizer, base, spec.multiplier(k, n))
+                lrs.append(float(optimizer.param_groups[0]["lr"]))
+                train_loss.append(float(inputs.train_step(model, optimizer, k)))
+                if scheduler is not None:
+                    scheduler.step()
+                if k + 1 in evals:
+                    record(k + 1)
+                if progress is not None:
+                    progress(1)
+    seconds = time.perf_counter() - t0
     hit = _first_collapse(steps, losses, accs, settings.collapse_drop, settings.collapse_ratio)
     collapse_step = steps[hit] if hit is not None else None
     # The update that made eval step s unstable is resumed step s-1; its multiplier marks the boundary.
@@ -377,9 +393,22 @@ def run_condition(
         verdict="stable" if hit is None else "collapse", collapse_step=collapse_step, start_sha256=sha,
         collapse_lr_mult=collapse_mult,
         backbone_coord=tuple(coords) if vector is not None else None,
-        transverse_residual=tuple(resids) if vector is not None else None,
+        transverse_residual=tuple(resids) if vector is not None else None, seconds=seconds,
     )  # fmt: skip
     return result, model
+
+
+def _restore_rng(inputs: ProbeInputs, settings: ResumeSettings) -> None:
+    """The RNG state every condition starts from: the checkpoint's rng_state.pth when it has one (dropout then
+    draws what the run drew), else torch seeded with the probe's seed."""
+    state = inputs.rng_state
+    if state is None:
+        torch.manual_seed(settings.seed)
+        return
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state.get("cuda") is not None and str(settings.device).startswith("cuda"):
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, (list, tuple)) else torch.cuda.set_rng_state(cuda)
 
 
 def run_resume_probe(
@@ -397,10 +426,25 @@ def run_resume_probe(
     settings = settings or ResumeSettings()
     if settings.steps < 1:
         raise UsageError(f"--steps {settings.steps}: must be >= 1")
+    notes = list(inputs.notes)
+    if inputs.max_steps is not None and settings.steps > inputs.max_steps:
+        if inputs.max_steps < 1:
+            raise UsageError(f"{inputs.source}: the run ended at this checkpoint (max_steps reached); nothing to resume",
+                             "pick an earlier checkpoint")
+        notes.append(f"--steps {settings.steps} cut to {inputs.max_steps}: the run's max_steps ends there")
+        settings = dataclasses.replace(settings, steps=inputs.max_steps)
     specs = plan_conditions(settings, inputs.optimizer_state is not None)
+    if inputs.scheduler_factory is None and inputs.loop is None:  # CONTROL keeps the lr: say so, not "saved"
+        specs = [dataclasses.replace(s, schedule="held") if s.optimizer == "preserved" else s for s in specs]
     start_cpu = _start_copy(inputs.model)
     vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
-    results = tuple(run_condition(s, inputs, settings, vector, progress, start_cpu)[0] for s in specs)
+    results = []
+    for s in specs:
+        stage = getattr(progress, "stage", None)
+        if stage is not None:
+            stage(f"resume-probe {s.name}", settings.steps)
+        results.append(run_condition(s, inputs, settings, vector, progress, start_cpu)[0])
+    results = tuple(results)
     hashes = {r.start_sha256 for r in results}
     if len(hashes) != 1:
         raise RuntimeError(f"conditions started from different weights: {sorted(hashes)}")
@@ -414,7 +458,6 @@ def run_resume_probe(
     )
     safe = [r.lr_mult for r in results if r.schedule == "constant" and r.verdict == "stable"]
     boundary = by_name.get("warmup_boundary")
-    notes = list(inputs.notes)
     if boundary is not None and boundary.verdict == "stable":
         notes.append(
             "warm-up boundary probe stayed stable up to 1x the lr: no boundary below the checkpoint's lr"
@@ -425,6 +468,8 @@ def run_resume_probe(
         "collapse_ratio": settings.collapse_ratio, "seed": settings.seed, "mode": settings.mode,
         "device": settings.device, "base_lr": [float(h["lr"]) for h in inputs.group_hyper],
         "optimizer_class": inputs.optimizer_cls.__name__, "vectors": None if vectors is None else str(vectors),
+        "control": inputs.control_mode, "run_values": dict(inputs.run_values),
+        "timing_seconds": {r.name: r.seconds for r in results}, **inputs.report,
     }  # fmt: skip
     return ResumeProbeResult(
         checkpoint=inputs.source, start_step=inputs.start_step, task=inputs.task, conditions=results,

@@ -55,6 +55,9 @@ class ProbeInputs:
     train_step(model, optimizer, k): resumed step k (0-based; global step start_step + k): zero grads, forward,
     backward, clip, ``optimizer.step()``; returns the training loss. It must not step a scheduler.
     evaluate(model) -> (loss in nats, accuracy in [0, 1]) on the held-out split.
+    loop: when set, it trains instead of ``train_step`` (the Trainer's own resume). rng_state: restored before
+    every condition (else torch is seeded with the probe's seed). run_values: each value that makes CONTROL the
+    run (batch size, schedule, ...) with the file it came from.
     """
 
     model: nn.Module
@@ -71,6 +74,12 @@ class ProbeInputs:
     task: str = ""
     notes: list[str] = field(default_factory=list)
     checkpoint: Any = None  # the io Checkpoint it came from (for the report's /inputs), when read from files
+    loop: Any = None  # a TrainerLoop: every condition runs inside transformers.Trainer (analyses.resume_trainer)
+    rng_state: dict | None = None  # {"cpu": ByteTensor, "cuda": [...]} of rng_state.pth, restored per condition
+    run_values: dict = field(default_factory=dict)  # name -> {"value", "source"}: how CONTROL repeats the run
+    control_mode: str = "ckptaudit loop"
+    max_steps: int | None = None  # resumed steps the run's schedule allows (Trainer: max_steps - start)
+    report: dict = field(default_factory=dict)  # precision, data selection, ... (copied into the report)
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -169,16 +178,6 @@ def _checkpoint(path: Path) -> Any:
     return run.checkpoints[0]
 
 
-def _task_and_spec(ckpt: Any, ckpt_dir: Path, task: str | None, data: str | Path | None) -> tuple[Any, dict]:
-    """The data to train and evaluate on (io.data.load_data: --task, --data or ckptaudit_task.json) and the
-    checkpoint's recorded spec (may be {}; it carries the run's training hyper-parameters when present)."""
-    from ckptaudit.io.data import load_data
-    from ckptaudit.tasks import TASK_FILE, load_task_spec
-
-    spec = load_task_spec(ckpt_dir) if (ckpt_dir / TASK_FILE).is_file() else {}
-    return load_data(ckpt, task=task, data=data), spec
-
-
 def _last_lrs(
     ckpt: Any, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int, lr: float | None = None
 ) -> tuple[list, str]:
@@ -203,93 +202,8 @@ def _last_lrs(
     )
 
 
-def probe_inputs_from_checkpoint(
-    path: Path | str,
-    task: str | None = None,
-    seed: int | None = None,
-    device: str = "cpu",
-    data: str | Path | None = None,
-    lr: float | None = None,
-) -> ProbeInputs:
-    """Read checkpoint directory ``path`` into ProbeInputs (built-in task data, Trainer-layout files).
+def probe_inputs_from_checkpoint(*args: Any, **kwargs: Any) -> ProbeInputs:
+    """Read a checkpoint directory into ProbeInputs: :func:`ckptaudit.analyses.resume_inputs.probe_inputs_from_checkpoint`."""
+    from ckptaudit.analyses.resume_inputs import probe_inputs_from_checkpoint as read
 
-    Training batches continue the checkpoint's own data order (ckptaudit_task.json: batch size and data seed,
-    batch of resumed step k = the run's batch of global step start + k), so CONTROL repeats the original run;
-    ``seed`` replaces the data seed. Optimizer state is mapped to parameter names by io.optimizer (refused, naming
-    the parameter, when it does not fit the model). A checkpoint without optimizer.pt yields inputs without
-    optimizer state and a note; its fresh optimizer uses the run's recorded hyper-parameters.
-    """
-    from ckptaudit.io.models import load_model
-    from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state
-    from ckptaudit.tasks.train import build_scheduler, parameter_groups, train_step
-
-    path = Path(path)
-    ckpt = _checkpoint(path)
-    task_obj, spec = _task_and_spec(ckpt, ckpt.directory, task, data)
-    hp = dict(spec.get("train") or {})
-    model = load_model(ckpt, device=device)
-    params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
-    notes: list[str] = []
-
-    opt_state = None
-    if getattr(ckpt, "optimizer_file", None) is not None:
-        opt_state = load_optimizer_state(ckpt, params)
-    sched_state = load_scheduler_state(ckpt) if getattr(ckpt, "scheduler_file", None) is not None else None
-
-    if opt_state is not None:
-        names = opt_state.names
-        raw_groups = opt_state.raw["param_groups"]
-        cls = optimizer_class(raw_groups, hp.get("optimizer"))
-        hyper = tuple({k: v for k, v in g.items() if k not in _NOT_HYPER} for g in opt_state.groups)
-    else:
-        notes.append(
-            "provenance incomplete: the checkpoint has no optimizer state, so only RESET conditions can run "
-            "and the training state it came from cannot be reproduced"
-        )
-        if "lr" not in hp and sched_state is None:
-            notes.append("hyper-parameters are not recorded; torch defaults are used for the fresh optimizer")
-        decay, no_decay = parameter_groups(model)
-        names = (tuple(decay), tuple(no_decay))
-        cls = optimizer_class([], hp.get("optimizer") or "AdamW")
-        base = {"betas": tuple(hp.get("betas", (0.9, 0.999))), "eps": hp.get("eps", 1e-8)}
-        hyper = ({**base, "weight_decay": hp.get("weight_decay", 0.0)}, {**base, "weight_decay": 0.0})
-        raw_groups = None
-    lrs, lr_source = _last_lrs(ckpt, raw_groups, sched_state, hp, len(names), lr)
-    hyper = tuple({**h, "lr": lr} for h, lr in zip(hyper, lrs, strict=True))
-    if opt_state is None:
-        notes.append(f"RESET learning rate taken from {lr_source}")
-    if all(lr == 0 for lr in lrs):
-        notes.append(
-            "the lr in effect at the checkpoint is 0 (end of a decaying schedule): RESET conditions do not move"
-        )
-
-    factory = None
-    if opt_state is not None and sched_state is None:
-        notes.append("no saved scheduler state: CONTROL holds the checkpoint's lr")
-    elif hp.get("scheduler") in ("constant", "linear"):
-
-        def factory(optimizer: torch.optim.Optimizer) -> Any:
-            return build_scheduler(optimizer, int(hp["warmup_steps"]), int(hp["max_steps"]), hp["scheduler"])
-
-    elif opt_state is not None:
-        notes.append("the saved LR schedule is not recorded: CONTROL holds the checkpoint's lr")
-
-    batch_size = int(hp.get("batch_size") or spec.get("batch_size") or 64)
-    data_seed = int(seed if seed is not None else spec.get("data_seed", hp.get("seed", 0)))
-    max_grad_norm = hp.get("max_grad_norm", 1.0)
-    start = int(ckpt.step)
-
-    def step_fn(m: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> float:
-        # The run's own step function, scheduler left to the probe: identical arithmetic to the original run.
-        return train_step(m, optimizer, None, task_obj, start + k, batch_size, data_seed, max_grad_norm).loss
-
-    def evaluate(m: nn.Module) -> tuple[float, float]:
-        return task_obj.evaluate(m, "validation")
-
-    return ProbeInputs(
-        model=model, group_names=tuple(tuple(n) for n in names), group_hyper=hyper, optimizer_cls=cls,
-        train_step=step_fn, evaluate=evaluate, start_step=start,
-        optimizer_state=opt_state.raw if opt_state is not None else None, scheduler_state=sched_state,
-        scheduler_factory=factory, source=str(ckpt.path), task=getattr(task_obj, "name", str(task)), notes=notes,
-        checkpoint=ckpt,
-    )  # fmt: skip
+    return read(*args, **kwargs)

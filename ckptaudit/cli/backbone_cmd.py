@@ -172,6 +172,8 @@ def backbone(
     if unplaced:
         output.note(f"{len(unplaced)} weight(s) inside the blocks have no role and are not in the trunk "
                     f"(e.g. {unplaced[0]}); place them with --role-map")
+    if summary["settings"].get("window_note"):
+        output.note(f"note: {summary['settings']['window_note']} (--window sets it)")
     if output.human:
         render_backbone(output, summary)
 

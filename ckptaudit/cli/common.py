@@ -195,3 +195,21 @@ class LocalSession(_Setup):
         self.main = True
         self.output = make_output(json_mode, quiet)
         _CURRENT_OUTPUT[:] = [self.output]
+
+
+def render_facts(output: Output, record: dict) -> None:
+    """The lines every model-running command prints under its tables: which windows were evaluated (and the cap),
+    the precision, and the wall time per phase (``record``: a summary or its settings)."""
+    for split, label in (("validation", "evaluation"), ("train", "training")):
+        sel = (record.get("eval_data" if split == "validation" else "train_data") or {}).get(split)
+        if not sel or (split == "train" and not sel.get("capped")):
+            continue
+        capped = f", capped at {sel['token_cap']:,} tokens (seeded selection)" if sel["capped"] else ""
+        output.print(f"{label}: {sel['windows_used']} of {sel['windows_in_split']} {split} windows, "
+                     f"{sel['tokens_used']:,} tokens{capped}")
+    prec = record.get("precision")
+    if prec:
+        output.print(f"precision: {prec['dtype']} ({prec['source']}; checkpoint {prec['checkpoint_dtype'] or 'unknown'})")
+    timing = record.get("timing_seconds") or {}
+    if timing:
+        output.print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items() if v is not None))

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run
+from ckptaudit.cli.common import Progress, Session, load_run, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PackOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
     SeedOpt,
+    SeqLenOpt,
     StepsOpt,
     TaskOpt,
+    ThreadsOpt,
+    TrainTokensOpt,
+    apply_threads,
     parse_switch,
+    window_spec,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import sparkline
@@ -85,9 +93,11 @@ def fisher(
     top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
     task: TaskOpt = None,
     data: DataOpt = None,
-    seq_len: Annotated[
-        int | None, typer.Option("--seq-len", min=2, help="Tokens per sequence for --data (default: min(model positions, 128)).")
-    ] = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    train_tokens: TrainTokensOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -111,6 +121,8 @@ def fisher(
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
     with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
         ctx, output, dev, main = session.ctx, session.output, session.device, session.main
+        n_threads = apply_threads(threads)
+        t_start = time.perf_counter()
         targets = load_run(run_dir, steps, revisions)
         source_run = load_run(run) if run is not None else None
         if source_run is None and (vectors is None or switch is not None):
@@ -140,7 +152,11 @@ def fisher(
                 output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
             with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
                 report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
-                                    switch=pair, switch_run=source_run, progress=hook if main else None)
+                                    switch=pair, switch_run=source_run, progress=hook if main else None,
+                                    windows=window_spec(seq_len, pack, None, train_tokens, seed), dtype=dtype)
+            report.settings["threads"] = n_threads
+            report.settings["timing_seconds"] = {"total": time.perf_counter() - t_start,
+                                                 **{f"step_{c.step}": c.seconds for c in report.checkpoints}}
             if vectors is None:  # name the run the directions came from, not the temporary file
                 report.settings["vectors"] = f"backbone of {source_run.path}"
     if not main:
@@ -181,6 +197,12 @@ def render_fisher(output: Any, s: dict) -> None:
         caption="q(v) = (1/M) sum_i <g_i, v>^2; random = mean over the random directions; alpha = q(v_b) / q(random)",
     )
     output.table(
+        "anisotropy: sampled against exact",
+        ["step", "alpha", "std. error", "E q(w) = (tr F - q(v_b))/(D-1)", "alpha exact"],
+        [[c["step"], c["anisotropy"], c["anisotropy_se"], c["random_expected"], c["anisotropy_exact"]] for c in cks],
+        caption="std. error from the spread of the K random quotients; alpha exact = q(v_b) / E q(w) over all unit w orthogonal to v_b",
+    )
+    output.table(
         "Fisher spectrum (M x M Gram) and gradient-backbone alignment",
         ["step", "lambda_1", "lambda_2", "eff. rank", "|<u_1,v_b>|", "mean |cos(g,v_b)|", "std", "noise floor"],
         [[c["step"], *(c["top_eigenvalues"] + [None, None])[:2], c["effective_rank"], c["top_overlap_backbone"],
@@ -199,3 +221,4 @@ def render_fisher(output: Any, s: dict) -> None:
             output.print(f"alpha(t)   {sparkline(al)}  {al[0]:.3g} → {al[-1]:.3g}")
     runs = ", ".join(f"{b}: {v[-1]:+.3g}" for b, v in s["block_running_sum"].items())
     output.print(f"block signed projection, running sum B_l at the last step: {runs}")
+    render_facts(output, {**settings, "train_data": (settings.get("data") or {}).get("selection")})

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import AuditGroup, app
-from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run
+from ckptaudit.cli.common import LocalSession, Progress, load_drift_run, load_run, render_facts
 from ckptaudit.cli.options import (
     AllowPartialTrunkOpt,
     CheckpointArg,
+    DataOpt,
     DeviceOpt,
+    DtypeOpt,
+    EvalTokensOpt,
     JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PackOpt,
     QuietOpt,
     RoleMapOpt,
     RunDirArg,
     SeedOpt,
+    SeqLenOpt,
     StepsOpt,
     TaskOpt,
+    ThreadsOpt,
+    apply_threads,
     parse_floats,
+    window_spec,
 )
 from ckptaudit.errors import UsageError
 
@@ -35,12 +44,11 @@ gxs_app = typer.Typer(
 )
 app.add_typer(gxs_app, name="gxs")
 
-TokenDataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", help="Evaluate next-token prediction on these sequences, one per entry: token ids (.npy rows, JSON [[ids]...], JSONL) or text (lines, or JSONL with 'text'; the model's tokenizer)."),
-]
-SplitOpt = Annotated[str, typer.Option("--split", help="Split of the built-in task to evaluate on.")]
-MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequences", min=1, help="Use at most this many --data sequences.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split to evaluate on: validation or train (of the task, or of --data's windows).")]
+MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequences", min=1, help="With --as-given: use at most this many --data sequences.")]
+AsGivenOpt = Annotated[bool, typer.Option(
+    "--as-given", help="Evaluate --data sequence by sequence as given (one per line of text, per JSONL entry, per "
+    ".npy row; nothing cut or joined) instead of cutting it into --seq-len windows.")]
 
 
 def _last_checkpoint(path: Path) -> Any:
@@ -48,19 +56,35 @@ def _last_checkpoint(path: Path) -> Any:
     return load_run(path).checkpoints[-1]
 
 
-def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_sequences: int | None) -> Any:
+def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_sequences: int | None,
+               as_given: bool = False, windows: Any = None) -> Any:
     from ckptaudit.analyses.gxs import TaskEval, load_token_data
+    from ckptaudit.analyses.gxs_eval import WindowEval
+    from ckptaudit.io.data import load_data
 
     if task is not None and data is not None:
         raise UsageError("--task and --data exclude each other", "give one of them")
-    if data is not None:
-        return load_token_data(data, ckpt, max_sequences)
-    from ckptaudit.io.data import load_data
-
-    t = load_data(ckpt, task=task)  # --task NAME[:k=v], else the checkpoint's ckptaudit_task.json
     if split not in ("train", "validation"):
         raise UsageError(f"--split {split}: unknown split", "use validation or train")
+    if as_given and data is None:
+        raise UsageError("--as-given applies to --data", "give --data FILE, or drop --as-given")
+    if max_sequences is not None and not as_given:
+        raise UsageError("--max-sequences applies to --as-given", "use --eval-tokens to bound window data")
+    if data is not None:
+        if as_given:
+            return load_token_data(data, ckpt, max_sequences)
+        return WindowEval(load_data(ckpt, data=data, windows=windows), split)
+    t = load_data(ckpt, task=task)  # --task NAME[:k=v], else the checkpoint's ckptaudit_task.json
     return TaskEval(t, split)
+
+
+def _data_record(evaluator: Any, precision: Any) -> dict:
+    """What the report says about the evaluation set and the precision."""
+    record = {"precision": precision.to_json()}
+    data = getattr(evaluator, "data", None)
+    if data is not None and hasattr(data, "selection"):
+        record["eval_data"] = data.selection()
+    return record
 
 
 def _pct(x: float | None) -> float | None:
@@ -80,9 +104,15 @@ def transplant_cmd(
     ] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Skip the reverse control (S = v, o, MLP of B into A).")] = False,
     task: TaskOpt = None,
-    data: TokenDataOpt = None,
+    data: DataOpt = None,
     split: SplitOpt = "validation",
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
+    as_given: AsGivenOpt = False,
     max_sequences: MaxSeqOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     role_map: RoleMapOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -106,11 +136,15 @@ def transplant_cmd(
         run_transplant,
     )
     from ckptaudit.io.models import load_model
+    from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import load_role_map, resolve_architecture
 
     session = LocalSession("gxs transplant", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     ckpt_a, ckpt_b = _last_checkpoint(a), _last_checkpoint(b)
+    torch_dtype, precision = resolve_dtype(dtype, ckpt_a, dev)
     rmap = load_role_map(role_map) if role_map is not None else None
     with ckpt_a.tensors() as src_a, ckpt_b.tensors() as src_b:
         shapes_a = {n: tuple(src_a.shape(n)) for n in src_a.keys()}
@@ -120,17 +154,20 @@ def transplant_cmd(
         check_compatible(shapes_a, shapes_b, arch_a, arch_b, f"A ({a})", f"B ({b})")
         chosen = parse_heads(heads, arch_a) if heads is not None else None
         conditions = default_conditions(arch_a, chosen, control=not no_control)
-        evaluator = _evaluator(task, data, split, ckpt_a, max_sequences)
+        evaluator = _evaluator(task, data, split, ckpt_a, max_sequences, as_given, window_spec(seq_len, pack, eval_tokens))
         # B on its own first, then A: one model in memory at a time.
-        model_b = load_model(ckpt_b, device=dev)
+        model_b = load_model(ckpt_b, device=dev, dtype=torch_dtype)
         donor = evaluate(model_b, evaluator)
         del model_b
-        model_a = load_model(ckpt_a, device=dev)
+        model_a = load_model(ckpt_a, device=dev, dtype=torch_dtype)
+        t1 = time.perf_counter()
         with Progress(output, "gxs transplant", len(conditions)) as hook:
             result = run_transplant(model_a, src_a, src_b, arch_a, evaluator, conditions, donor, progress=hook,
                                     a=str(ckpt_a.path), b=str(ckpt_b.path))
-    session.save_report({"transplant": result.to_hdf5_tree()}, [ckpt_a, ckpt_b], group="gxs")
-    summary = result.to_json()
+    extra = {**_data_record(evaluator, precision), "threads": n_threads,
+             "timing_seconds": {"load_and_baselines": t1 - t0, "conditions": time.perf_counter() - t1}}
+    session.save_report({"transplant": {**result.to_hdf5_tree(), **extra}}, [ckpt_a, ckpt_b], group="gxs")
+    summary = {**result.to_json(), **extra}
     output.json(summary)
     if output.human:
         render_transplant(output, summary)
@@ -154,6 +191,7 @@ def render_transplant(output: Any, s: dict) -> None:
     )
     output.print(f"B on its own: accuracy {100 * s['donor_accuracy']:.2f}%, loss {s['donor_loss']:.4g}; "
                  f"exact copy: {'yes' if s['exact_copy'] else '[red]no[/red]'}")
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -231,9 +269,15 @@ def slack_cmd(
     alpha: Annotated[str, typer.Option("--alpha", help="Residual scales alpha, comma-separated.")] = "1,0.8,0.6,0.4,0.2",
     sigma: Annotated[str, typer.Option("--sigma", help="Noise levels sigma (x the residual's RMS), comma-separated.")] = "0,0.3,1,2,3",
     task: TaskOpt = None,
-    data: TokenDataOpt = None,
+    data: DataOpt = None,
     split: SplitOpt = "validation",
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
+    as_given: AsGivenOpt = False,
     max_sequences: MaxSeqOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -256,13 +300,21 @@ def slack_cmd(
     alphas, sigmas = parse_floats(alpha, "--alpha", "1,0.5"), parse_floats(sigma, "--sigma", "0,1,3")
     if any(s < 0 for s in sigmas):
         raise UsageError("--sigma: noise levels must be >= 0", None)
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     checkpoint = _last_checkpoint(ckpt)
-    evaluator = _evaluator(task, data, split, checkpoint, max_sequences)
-    model = load_model(checkpoint, device=dev)
-    with Progress(output, "gxs slack", None) as hook:
+    evaluator = _evaluator(task, data, split, checkpoint, max_sequences, as_given, window_spec(seq_len, pack, eval_tokens))
+    from ckptaudit.io.precision import resolve_dtype
+
+    torch_dtype, precision = resolve_dtype(dtype, checkpoint, dev)
+    model = load_model(checkpoint, device=dev, dtype=torch_dtype)
+    t1 = time.perf_counter()
+    with Progress(output, "gxs slack", len(alphas) * len(sigmas) * evaluator.n_batches()) as hook:
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
-    session.save_report({"slack": result.to_hdf5_tree()}, [checkpoint], group="gxs")
-    summary = result.to_json()
+    extra = {**_data_record(evaluator, precision), "threads": n_threads,
+             "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}
+    session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs")
+    summary = {**result.to_json(), **extra}
     output.json(summary)
     if output.human:
         render_slack(output, summary)
@@ -276,3 +328,4 @@ def render_slack(output: Any, s: dict) -> None:
     output.table("gxs slack — mean margin z_correct - max other", [*cols, "no gain reflex"],
                  [[f"{a:g}", *row, ok] for a, row, ok in zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True)],
                  caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed buffer)")
+    render_facts(output, s)

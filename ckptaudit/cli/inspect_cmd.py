@@ -104,6 +104,15 @@ def render_inspect(output, result) -> None:
                      + (f" (+{len(last.shared) - 4} more)" if len(last.shared) > 4 else ""))
     if result.architecture_recognised_by:
         output.print(f"architecture {result.architecture}: recognised by {result.architecture_recognised_by}")
+    if result.hyperparameters:
+        output.table(
+            f"training hyper-parameters (step {result.checkpoints[-1].step})",
+            ["hyper-parameter", "value", "from"],
+            [[escape(k), escape(v["value"]) if isinstance(v["value"], str) else v["value"], v["source"]]
+             for k, v in result.hyperparameters.items()],
+        )
+    for note in result.hyperparameter_notes:
+        output.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.architecture_note:
         output.print(f"[yellow]roles not resolved:[/yellow] {escape(result.architecture_note)}")
     from rich.markup import escape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -94,9 +94,39 @@ DataOpt = Annotated[
     Path | None,
     typer.Option(
         "--data",
-        help="Data file instead of the task: plain text, JSONL with a 'text' field, or .npy token ids "
-        "(tokenised with the checkpoint's tokenizer; next-token loss; the last 10% of sequences = validation).",
+        help="Data instead of the task: plain text, JSONL ('text' or 'input_ids'), .npy / JSON token ids, or a "
+        "datasets folder / parquet file; text goes through the checkpoint's tokenizer and is cut into --seq-len "
+        "windows (next-token loss; the last 10% of windows = validation).",
     ),
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option("--seq-len", min=2, help="Tokens per window of --data (default: the model's context, at most 512)."),
+]
+PackOpt = Annotated[
+    bool,
+    typer.Option("--pack", help="Join the documents of --data into one stream before cutting windows (windows may "
+                 "then cross document boundaries; default: every document is cut on its own)."),
+]
+EvalTokensOpt = Annotated[
+    int,
+    typer.Option("--eval-tokens", min=1, help="Evaluate at most this many tokens of --data's validation windows "
+                 "(a seeded selection, recorded in the report)."),
+]
+TrainTokensOpt = Annotated[
+    int | None,
+    typer.Option("--train-tokens", min=1, help="Train on at most this many tokens of --data's train windows "
+                 "(a seeded selection, recorded in the report; default: all of them)."),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="Precision of the model: auto (the checkpoint's dtype on a GPU, float32 on the "
+                 "CPU), float32, bfloat16 or float16."),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads for torch (torch.set_num_threads; default: torch's own "
+                 "choice, OMP_NUM_THREADS when set)."),
 ]
 PlotOpt = Annotated[
     Path | None,
@@ -164,3 +194,20 @@ def parse_switch(spec: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(map(is_int_text, parts)):
         raise UsageError(f"--switch {spec}: expected PEAK:TROUGH as two step numbers", "e.g. --switch 1200:1500")
     return parse_int(parts[0], "--switch"), parse_int(parts[1], "--switch")
+
+
+def window_spec(seq_len: int | None, pack: bool, eval_tokens: int | None, train_tokens: int | None = None,
+                seed: int = 0) -> Any:
+    """The io.data.WindowSpec of the --seq-len / --pack / --eval-tokens / --train-tokens options."""
+    from ckptaudit.io.data import WindowSpec
+
+    return WindowSpec(seq_len=seq_len, pack=pack, eval_tokens=eval_tokens, train_tokens=train_tokens, seed=seed)
+
+
+def apply_threads(threads: int | None) -> int:
+    """torch.set_num_threads(threads) when given; returns the thread count torch now uses."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return int(torch.get_num_threads())

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress
+from ckptaudit.cli.common import LocalSession, Progress, render_facts
 from ckptaudit.cli.options import (
     CheckpointArg,
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
+    EvalTokensOpt,
     JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PackOpt,
     PlotOpt,
     QuietOpt,
+    SeqLenOpt,
     TaskOpt,
+    ThreadsOpt,
+    TrainTokensOpt,
+    apply_threads,
     parse_floats,
+    window_spec,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.plots import plot_resume
@@ -93,6 +102,26 @@ def resume_probe(
     ] = None,
     task: TaskOpt = None,
     data: DataOpt = None,
+    train_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--train-data",
+            help="The run's training set as its trainer indexed it (token-id rows used as they are, one example per "
+            "row; text cut into --seq-len windows). With a Trainer checkpoint, CONTROL is then "
+            "Trainer.train(resume_from_checkpoint=CKPT) itself.",
+        ),
+    ] = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
+    train_tokens: TrainTokensOpt = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, help="Sequences per training step (default: the run's, from "
+                     "trainer_state.json / training_args.bin / ckptaudit_task.json)."),
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -116,8 +145,9 @@ def resume_probe(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Resume training from one checkpoint under CONTROL (saved optimizer state and scheduler restored exactly) and
-    RESET conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
+    """Resume training from one checkpoint under CONTROL (the run continued: saved optimizer state, schedule, batch
+    size and RNG state; a Trainer checkpoint with --train-data resumes through the Trainer itself) and RESET
+    conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
     bit-identical weights on identical batches; report eval loss/accuracy, displacement, and collapse verdicts.
 
     Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --steps 50
@@ -130,14 +160,22 @@ def resume_probe(
     mode = "reset" if reset_optimizer else "preserve" if preserve_optimizer else "both"
     session = LocalSession("resume-probe", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     settings = ResumeSettings(
         steps=steps, eval_every=eval_every, lr_mults=parse_floats(lr_mult, "--lr-mult", "1,0.1,0.01"), warmup_steps=warmup_steps,
         boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
         seed=seed if seed is not None else 0, mode=mode, device=dev,
     )  # fmt: skip
-    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr)
-    with Progress(output, "resume-probe", None) as hook:
+    spec = window_spec(seq_len, pack, eval_tokens, train_tokens, seed if seed is not None else 0)
+    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr, windows=spec,
+                                          batch_size=batch_size, dtype=dtype, train_data=train_data)
+    t1 = time.perf_counter()
+    with Progress(output, "resume-probe", steps) as hook:
         result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
+    result.settings["timing_seconds"] = {"load": t1 - t0, **result.settings["timing_seconds"],
+                                         "total": time.perf_counter() - t0}
+    result.settings["threads"] = n_threads
     checkpoints = [inputs.checkpoint] if inputs.checkpoint is not None else []
     session.save_report(result.to_hdf5_tree(), checkpoints)
     summary = result.to_json()
@@ -193,6 +231,11 @@ def render_resume(output: Any, s: dict) -> None:
         text = f"instability begins at {b:.3g} x lr" if b is not None else "stable up to 1x lr"
         output.print(f"warm-up boundary: {text}")
     output.print(f"start weights SHA-256 (equal for every condition): {s['start_weights_sha256']}")
+    st = s["settings"]
+    if st.get("run_values"):
+        output.table(f"CONTROL: {st.get('control')} — the run's values and where they came from", ["value", "", "source"],
+                     [[k, v["value"], v["source"]] for k, v in st["run_values"].items()])
+    render_facts(output, st)
     if not s["provenance_complete"]:
         output.print(
             "[red]provenance incomplete[/red]: no optimizer state in the checkpoint, only RESET could be probed"

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress, load_run
+from ckptaudit.cli.common import LocalSession, Progress, load_run, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
+    EvalTokensOpt,
     JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PackOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
     SeedOpt,
+    SeqLenOpt,
     StepsOpt,
     TaskOpt,
+    ThreadsOpt,
+    apply_threads,
+    window_spec,
 )
 from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.report.console import fmt
@@ -41,14 +49,28 @@ ThresholdsOpt = Annotated[
         help="Fixed regime thresholds LOW,HIGH on s_t (e.g. 0.997,0.9995). Default: adaptive, the 30th/70th percentiles of s_t.",
     ),
 ]
-def _data(ckpt: Any, task: str | None, data: Path | None, required: bool) -> Any:
+def _data(ckpt: Any, task: str | None, data: Path | None, required: bool, windows: Any = None) -> Any:
     """The Task-protocol data of ``ckpt`` (None when not required and the checkpoint names none)."""
     from ckptaudit.io.data import load_data
     from ckptaudit.tasks import TASK_FILE
 
     if not required and task is None and data is None and not (ckpt.directory / TASK_FILE).is_file():
         return None
-    return load_data(ckpt, task=task, data=data)
+    return load_data(ckpt, task=task, data=data, windows=windows)
+
+
+def _precision(dtype: str, ckpt: Any, device: str) -> tuple[Any, dict]:
+    from ckptaudit.io.precision import resolve_dtype
+
+    torch_dtype, record = resolve_dtype(dtype, ckpt, device)
+    return torch_dtype, record.to_json()
+
+
+def _extra(tree: dict, summary: dict, **values: Any) -> None:
+    """Report entries every model-running command adds (precision, data selection, threads, wall time)."""
+    clean = {k: v for k, v in values.items() if v is not None}
+    tree.update(clean)
+    summary.update(clean)
 
 
 def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
@@ -109,9 +131,14 @@ def regimes(
     ] = False,
     task: TaskOpt = None,
     data: DataOpt = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -130,16 +157,23 @@ def regimes(
 
     session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     fixed = parse_thresholds(thresholds)
     run = _run(run_dir, steps, revisions)
-    held_out = _data(run[0], task, data, required=False)
+    held_out = _data(run[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
     probe_set = _probes(run[0], probes, held_out, seed)
     evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
+    torch_dtype, precision = _precision(dtype, run[0], dev)
     with Progress(output, "fingerprints", len(run)) as hook:
         result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
-                             loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed)
-    session.save_report(result.to_hdf5_tree(), list(run))
-    summary = result.to_json()
+                             loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
+                             dtype=torch_dtype)
+    tree, summary = result.to_hdf5_tree(), result.to_json()
+    selection = held_out.selection() if hasattr(held_out, "selection") else None
+    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
+           timing_seconds={"total": time.perf_counter() - t0})
+    session.save_report(tree, list(run))
     output.json(summary)
     if output.human:
         render_regimes(output, summary, str(run_dir))
@@ -208,6 +242,7 @@ def render_regimes(output: Any, s: dict, label: str) -> None:
         output.print(f"bootstrap {level} intervals of the thresholds: low [{fmt(th_ci['low'][0])}, {fmt(th_ci['low'][1])}], "
                      f"high [{fmt(th_ci['high'][0])}, {fmt(th_ci['high'][1])}]")
     output.print("first entry: " + ", ".join(f"{r} {'—' if v is None else v}" for r, v in s["first_entry"].items()))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -242,11 +277,16 @@ def extrapolate(
     ] = False,
     data: DataOpt = None,
     task: TaskOpt = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
     probes: ProbesOpt = None,
     thresholds: ThresholdsOpt = None,
     steps: StepsOpt = None,
     revisions: RevisionsOpt = None,
     seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -266,16 +306,20 @@ def extrapolate(
 
     session = LocalSession("extrapolate", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     predictors = tuple(p.strip() for p in predictor.split(",") if p.strip())
     unknown = [p for p in predictors if p not in PREDICTORS]
     if unknown or not predictors:
         raise UsageError(f"--predictor {predictor}: unknown {', '.join(unknown) or 'empty list'}", f"choose from {', '.join(PREDICTORS)}")
+    run = _run(run_dir, steps, revisions)
+    torch_dtype, precision = _precision(dtype, run[-1], dev)
     settings = ExtrapolateSettings(
         predictors=predictors, ks=_int_list(k, "--K"), cascades=_cascades(cascade or []), tolerance=tolerance,
         sigma_window=sigma_window, skip_chaotic=skip_chaotic, thresholds=parse_thresholds(thresholds), device=dev,
+        dtype=torch_dtype,
     )  # fmt: skip
-    run = _run(run_dir, steps, revisions)
-    held_out = _data(run[-1], task, data, required=True)
+    held_out = _data(run[-1], task, data, required=True, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
     probe_set = _probes(run[0], probes, held_out, seed)
 
     def evaluate(model: Any) -> float:
@@ -284,8 +328,11 @@ def extrapolate(
     timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
     with Progress(output, "extrapolate", 2 * len(run)) as hook:
         result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
-    session.save_report(result.to_hdf5_tree(), list(run))
-    summary = result.to_json()
+    tree, summary = result.to_hdf5_tree(), result.to_json()
+    selection = held_out.selection() if hasattr(held_out, "selection") else None
+    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
+           timing_seconds={"total": time.perf_counter() - t0})
+    session.save_report(tree, list(run))
     output.json(summary)
     if output.human:
         render_extrapolate(output, summary, str(run_dir))
@@ -318,6 +365,7 @@ def render_extrapolate(output: Any, s: dict, label: str) -> None:
                      ["predictor", "K", "predict+validate s", "K steps s", "ratio"], t_rows,
                      caption="ratio < 1: predicting and validating is cheaper than training K steps")  # fmt: skip
     output.print(_threshold_line(s["regimes"]["thresholds"]))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")
 
@@ -332,8 +380,13 @@ def cross_seed(
     thresholds: ThresholdsOpt = None,
     task: TaskOpt = None,
     data: DataOpt = None,
+    seq_len: SeqLenOpt = None,
+    pack: PackOpt = False,
+    eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -353,19 +406,27 @@ def cross_seed(
         raise UsageError("cross-seed needs at least two runs", "e.g. ckptaudit cross-seed runs/seed0 runs/seed1")
     session = LocalSession("cross-seed", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
+    n_threads = apply_threads(threads)
+    t0 = time.perf_counter()
     fixed = parse_thresholds(thresholds)
     runs = [_run(p, steps) for p in run_dirs]
     names = [p.name for p in run_dirs]
     labels = names if len(set(names)) == len(names) else [str(p) for p in run_dirs]
-    datas = [_data(r[-1], task, data, required=False) for r in runs]
+    spec = window_spec(seq_len, pack, eval_tokens, None, seed)
+    datas = [_data(r[-1], task, data, required=False, windows=spec) for r in runs]
+    torch_dtype, precision = _precision(dtype, runs[0][-1], dev)
     # One probe set for every seed (CKA compares the same inputs): built from the first run.
     probe_set = _probes(runs[0][0], probes, datas[0], seed)
     evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
     with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
-        result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook)
+        result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook,
+                                dtype=torch_dtype)
     checkpoints = [c for r in runs for c in r]
-    session.save_report(result.to_hdf5_tree(), checkpoints)
-    summary = result.to_json()
+    tree, summary = result.to_hdf5_tree(), result.to_json()
+    selection = datas[0].selection() if datas[0] is not None and hasattr(datas[0], "selection") else None
+    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
+           timing_seconds={"total": time.perf_counter() - t0})
+    session.save_report(tree, checkpoints)
     output.json(summary)
     if output.human:
         render_cross_seed(output, summary)
@@ -375,9 +436,11 @@ def render_cross_seed(output: Any, s: dict) -> None:
     """Terminal view: per-seed first entries and final loss, then the cross-seed statistics and CKA."""
     from ckptaudit.analyses.regimes import REGIMES
 
-    rows = [[x["label"], x["final_loss"], *(x["first_entry"][r] for r in REGIMES)] for x in s["seeds"]]
-    rows.append(["std across seeds", None, *(s["first_entry_std"][r] for r in REGIMES)])
-    output.table("cross-seed — first entry step per regime", ["seed", "final loss", *REGIMES], rows, caption=f"probes: {s['probes']}")
+    rows = [[x["label"], x["final_loss"], x.get("final_loss_source"), *(x["first_entry"][r] for r in REGIMES)]
+            for x in s["seeds"]]
+    rows.append(["std across seeds", None, None, *(s["first_entry_std"][r] for r in REGIMES)])
+    output.table("cross-seed — first entry step per regime", ["seed", "final loss", "loss from", *REGIMES], rows,
+                 caption=f"probes: {s['probes']}")
     cka = s["cka"]
     output.table("linear CKA of probe representations at matched steps", ["step", "mean CKA over seed pairs"],
                  list(zip(cka["steps"], cka["mean"], strict=True)))  # fmt: skip
@@ -386,5 +449,6 @@ def render_cross_seed(output: Any, s: dict) -> None:
     agree = s["regime_agreement"]
     output.print(f"regime agreement (all seeds, matched steps): {'—' if agree is None else f'{100 * agree:.3g}%'}")
     output.print(_threshold_line(s["thresholds"]) + " (pooled over seeds)" * (s["thresholds"]["rule"] == "adaptive"))
+    render_facts(output, s)
     for note in s["notes"]:
         output.print(f"note: {note}")

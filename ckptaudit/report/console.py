@@ -113,12 +113,20 @@ class _Bar:
     def set_total(self, total: float) -> None:
         self._p.update(self._t, total=total)
 
+    def stage(self, description: str, total: float | None) -> None:
+        """Close the current bar and start a new one (one bar per condition / checkpoint / context)."""
+        self._p.update(self._t, visible=False)
+        self._t = self._p.add_task(description, total=total)
+
 
 class _NullBar:
     def advance(self, n: float = 1) -> None:
         pass
 
     def set_total(self, total: float) -> None:
+        pass
+
+    def stage(self, description: str, total: float | None) -> None:
         pass
 
 
@@ -154,6 +162,11 @@ class ProgressHook:
         """Give the bar its end once the amount of work is known (a no-op without a bar)."""
         if self._bar is not None:
             self._bar.set_total(total)
+
+    def stage(self, description: str, total: float | None) -> None:
+        """Start the bar of the next unit of work (a condition, a checkpoint, a context) with its own total and ETA."""
+        if self._bar is not None:
+            self._bar.stage(description, total)
 
 
 SPARK = "▁▂▃▄▅▆▇█"
