@@ -247,3 +247,25 @@ def test_resolve_cached_hub_id(tmp_path, monkeypatch):
     assert resolve_model_path(f"tiny-org/tiny-gpt2@{older}") == repo / "snapshots" / older
     with pytest.raises(HubNotCachedError):
         resolve_model_path("tiny-org/tiny-gpt2@v9")
+
+
+def test_buffers_the_model_rebuilds_are_skipped_and_unknown_tensors_still_refused():
+    """Older transformers saved BERT's position_ids buffer (all-MiniLM-L6-v2's model.safetensors holds it); the
+    model keeps it out of its state dict (persistent=False) and rebuilds it, so a stored copy is skipped. A tensor
+    the model has no place for is still an error."""
+    import transformers
+
+    from ckptaudit.errors import LayoutError
+    from ckptaudit.io.models import fill_model
+
+    cfg = transformers.BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
+                                  vocab_size=40, max_position_embeddings=16)
+    src = transformers.BertModel(cfg)
+    stored = {k: v.clone() + 1.0 if v.is_floating_point() else v.clone() for k, v in src.state_dict().items()}
+    assert "embeddings.position_ids" not in stored
+    stored["embeddings.position_ids"] = torch.arange(16)[None]
+    dst = fill_model(transformers.BertModel(cfg), stored, "minilm")
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, stored[k]), k
+    with pytest.raises(LayoutError, match="no place"):
+        fill_model(transformers.BertModel(cfg), {**stored, "embeddings.extra": torch.zeros(2)}, "minilm")

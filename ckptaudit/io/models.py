@@ -208,10 +208,14 @@ def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> 
         aliases.setdefault(id(tensor), []).append(name)
     ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
     ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+    # Buffers the model keeps out of its state dict (persistent=False, e.g. BERT's position_ids) but older
+    # transformers saved: the model rebuilds them itself, so a stored copy is skipped, not an error.
+    rebuilt = {n for n, _ in model.named_buffers()} - set(targets)
     kind = type(model).__name__
 
     def check_unexpected(names: list[str]) -> None:
-        unexpected = [k for k in names if k not in targets and not _matches(k, ignore_unexpected)]
+        unexpected = [k for k in names if k not in targets and k not in rebuilt
+                      and not _matches(k, ignore_unexpected)]
         if unexpected:
             raise LayoutError(
                 f"{where}: tensors with no place in {kind}: {_preview(unexpected)}",
