@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ckptaudit.analyses.resume import (
     ConditionSpec,
     ResumeSettings,
-    _first_collapse,
+    first_collapse,
     default_eval_steps,
     plan_conditions,
     run_condition,
@@ -63,10 +63,16 @@ def test_eval_steps_and_collapse_rule():
     assert default_eval_steps(7, every=3) == [0, 3, 6, 7]
     steps = [0, 1, 2, 5]
     # accuracy drop of exactly 0.2 is not "more than" 0.2; 0.21 is
-    assert _first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.7, 0.9, 0.9], 0.2, 2.0) is None
-    assert _first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.9, 0.69, 0.9], 0.2, 2.0) == 2
-    assert _first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0) == 2
-    assert _first_collapse(steps, [0.1, math.nan, 0.1, 0.1], [0.9] * 4, 0.2, 2.0) == 1
+    assert first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.7, 0.9, 0.9], 0.2, 2.0, 0.1) is None
+    assert first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.9, 0.69, 0.9], 0.2, 2.0, 0.1)[:2] == (2, "accuracy")
+    # 0.21 is above 2x 0.1 and 0.11 nats above it: a collapse with a 0.1 floor, not with a 0.2 floor
+    assert first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0, 0.1)[:2] == (2, "loss")
+    assert first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0, 0.2) is None
+    assert first_collapse(steps, [0.1, math.nan, 0.1, 0.1], [0.9] * 4, 0.2, 2.0, 0.1)[:2] == (1, "non-finite")
+    # A converged model: 8.5e-5 -> 2.8e-4 is 3.3x the start but 2e-4 nats: not a collapse under the 0.1 floor.
+    assert first_collapse(steps, [8.5e-5, 2.8e-4, 2.8e-4, 2.8e-4], [0.98] * 4, 0.2, 2.0, 0.1) is None
+    hit = first_collapse(steps, [0.01, 0.5, 0.5, 0.5], [0.98] * 4, 0.2, 2.0, 0.1)
+    assert hit[:2] == (1, "loss") and "0.01 -> 0.5" in hit[2]
 
 
 def test_plan_and_schedules():
@@ -316,3 +322,22 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
                                                             reduction="sum").item())
             counts.append(target.numel())
     assert abs(doc["conditions"][0]["eval_loss"][0] - sum(losses) / sum(counts)) < 1e-4
+
+
+def test_a_task_of_another_vocabulary_is_refused_and_chance_accuracy_is_said(tiny_checkpoint):
+    """The tiny run is modadd with p = 23 (25 tokens): --task modadd:p=53 is another task (55 tokens) and is
+    refused with the fix; the run's own task starts at chance accuracy (1/23), which the report says."""
+    import json
+
+    from cli_helpers import assert_one_line_error, invoke
+
+    spec = json.loads((tiny_checkpoint / "ckptaudit_task.json").read_text())
+    assert spec["p"] == 23
+    line = assert_one_line_error(invoke("resume-probe", tiny_checkpoint, "--task", "modadd:p=53", "--steps", 1,
+                                        "--no-report"), "55", "25", "modadd:p=23")
+    assert "vocabulary" in line
+    r = invoke("resume-probe", tiny_checkpoint, "--steps", 1, "--no-report", "--json", "--preserve-optimizer")
+    doc = json.loads(r.stdout)
+    start = doc["conditions"][0]["eval_acc"][0]
+    assert start <= 1.5 / 23
+    assert any("at chance" in n and f"{1 / 23:.4g}" in n for n in doc["notes"])
