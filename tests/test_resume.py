@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from ckptaudit.analyses.resume import (
     ConditionSpec,
     ResumeSettings,
-    first_collapse,
     default_eval_steps,
+    first_collapse,
     plan_conditions,
     run_condition,
     run_resume_probe,
