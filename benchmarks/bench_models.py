@@ -279,7 +279,7 @@ def bench_pretrained() -> None:
     timed("classify-embeddings (defaults: 200,000 sampled pairs)", ["classify-embeddings", smol])
     timed("classify-embeddings --exact", ["classify-embeddings", smol, "--exact"])
     timed("born-gap (defaults, the 10 contexts of the fixture)", ["born-gap", smol, "--contexts",
-                                                                   ROOT / "fixtures/contexts/near_synonyms.jsonl"])
+                                                                   ROOT / "ckptaudit/data/near_synonyms.jsonl"])
     timed("gxs slack (defaults, --data corpus.txt)", ["gxs", "slack", smol, "--data", CORPUS])
     run3 = perturbed_run(smol, CACHE / "smollm2-run3")
     timed("regimes (defaults, 3 checkpoints)", ["regimes", run3])

@@ -30,7 +30,7 @@ from ckptaudit.report.plots import plot_finetune
 def finetune_probe_cmd(
     model: ModelArg,
     contexts: Annotated[
-        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line; "near-synonyms" names the ten pairs shipped with ckptaudit.')
     ],
     mode: Annotated[
         str, typer.Option("--mode", help="lora (peft adapter, rank 8, alpha 16, on attention query/value) or full (all parameters).")
@@ -64,7 +64,7 @@ def finetune_probe_cmd(
     (catapult / intermediate / drift), failure type (kinematic / structural), Phi-saturation vs CE stop step, and
     under LoRA the bit-for-bit proof that the embedding matrix (and LM head) did not change.
 
-    Example: ckptaudit finetune-probe models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl --mode full --lr 2e-5
+    Example: ckptaudit finetune-probe models/smollm-135m --contexts near-synonyms --mode full --lr 2e-5
     """
     from ckptaudit.analyses.finetune import DEFAULT_LR, OPTIMIZER, finetune_probe
     from ckptaudit.analyses.synonyms import load_contexts
