@@ -60,6 +60,7 @@ class Output:
         # Human text goes to stdout unless JSON owns stdout; then it goes to stderr (and only when asked).
         self.console = Console(file=self.stream, highlight=False, soft_wrap=False, width=120 if not self.stream.isatty() else None)
         self.err = Console(file=sys.stderr, highlight=False)
+        self._end: list[str] = []
 
     @property
     def human(self) -> bool:
@@ -100,6 +101,16 @@ class Output:
         if self.json_mode:
             self.stream.write(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
             self.stream.flush()
+
+    def at_end(self, message: str) -> None:
+        """A note printed after the command's results (see ``flush_end``)."""
+        self._end.append(message)
+
+    def flush_end(self) -> None:
+        """Print the notes kept by ``at_end``, once."""
+        pending, self._end = self._end, []
+        for message in pending:
+            self.note(message)
 
     def note(self, message: str) -> None:
         """A one-line remark for humans (written to stderr when stdout carries JSON)."""
