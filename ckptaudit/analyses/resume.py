@@ -440,13 +440,13 @@ def run_resume_probe(
     """
     settings = settings or ResumeSettings()
     if settings.steps < 1:
-        raise UsageError(f"--steps {settings.steps}: must be >= 1")
+        raise UsageError(f"--train-steps {settings.steps}: must be >= 1")
     notes = list(inputs.notes)
     if inputs.max_steps is not None and settings.steps > inputs.max_steps:
         if inputs.max_steps < 1:
             raise UsageError(f"{inputs.source}: the run ended at this checkpoint (max_steps reached); nothing to resume",
                              "pick an earlier checkpoint")
-        notes.append(f"--steps {settings.steps} cut to {inputs.max_steps}: the run's max_steps ends there")
+        notes.append(f"--train-steps {settings.steps} cut to {inputs.max_steps}: the run's max_steps ends there")
         settings = dataclasses.replace(settings, steps=inputs.max_steps)
     specs = plan_conditions(settings, inputs.optimizer_state is not None)
     if inputs.scheduler_factory is None and inputs.loop is None:  # CONTROL keeps the lr: say so, not "saved"

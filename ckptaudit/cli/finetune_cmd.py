@@ -38,7 +38,7 @@ def finetune_probe_cmd(
     lr: Annotated[
         float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-4 for lora, 2e-5 for full).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps per context; Phi etc. are recorded after each.")] = 50,
+    steps: Annotated[int, typer.Option("--train-steps", min=1, help="Optimizer steps per context; Phi etc. are recorded after each.")] = 50,
     lr_sweep: Annotated[
         str | None,
         typer.Option("--lr-sweep", help="Comma-separated learning rates to run each context at; reports the empirical critical rate."),

@@ -39,7 +39,7 @@ from ckptaudit.report.plots import plot_resume
 def resume_probe(
     ckpt: CheckpointArg,
     steps: Annotated[
-        int, typer.Option("--steps", min=1, help="Optimizer steps to resume for, per condition.")
+        int, typer.Option("--train-steps", min=1, help="Optimizer steps to resume for, per condition (--steps selects checkpoints elsewhere).")
     ] = 50,
     eval_every: Annotated[
         int | None,
@@ -159,7 +159,7 @@ def resume_probe(
     conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
     bit-identical weights on identical batches; report eval loss/accuracy, displacement, and collapse verdicts.
 
-    Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --steps 50
+    Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --train-steps 50
     """
     from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
     from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
