@@ -12,9 +12,8 @@ from pathlib import Path
 
 from typer.main import get_command
 
-from ckptaudit.cli.paramtypes import metavar_of
-
 from ckptaudit import __version__
+from ckptaudit.cli.paramtypes import metavar_of
 
 # typer >= 0.2x ships its own copy of click, so isinstance checks against the `click` package do not match its
 # objects; these predicates rely on the attributes both copies share.
