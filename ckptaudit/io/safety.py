@@ -385,7 +385,7 @@ def _classify_other(p: Path, size: int, out: _Result) -> tuple[str, _Result]:
 
             if size <= MAX_TEXT_CHECK:
                 try:
-                    loads_bounded(text, p.name)
+                    loads_bounded(text, p.name, wide_ints=True)
                     return "json", out
                 except CkptAuditError as exc:
                     if p.suffix.lower() == ".json":
