@@ -144,7 +144,7 @@ def classify_embeddings(
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
-            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
+            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
         )
 
 

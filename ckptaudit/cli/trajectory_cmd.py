@@ -255,7 +255,7 @@ def extrapolate(
     run_dir: RunDirArg,
     predictor: Annotated[
         str,
-        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (the paper's printed coefficient), quadratic-fit (exact parabola), momentum (the paper's m/sqrt(v+eps)), adam-step."),
+        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (paper 004's printed coefficient), quadratic-fit (exact parabola), momentum (paper 004's m/sqrt(v+eps)), adam-step."),
     ] = "linear,quadratic,quadratic-fit,momentum,adam-step",
     k: Annotated[str, typer.Option("--K", "-K", help="Prediction horizons in training steps, comma-separated.")] = "5,10,25,50,75,100",
     cascade: Annotated[
@@ -273,7 +273,7 @@ def extrapolate(
         int, typer.Option("--sigma-window", min=1, help="Adaptive criterion: sigma_L = std of the losses of the last N checkpoints.")
     ] = 5,
     skip_chaotic: Annotated[
-        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (the paper's protocol).")
+        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (paper 004's protocol).")
     ] = False,
     data: DataOpt = None,
     task: TaskOpt = None,
