@@ -298,7 +298,7 @@ def extrapolate(
     adam-step), validate its held-out loss, accept by strict / adaptive / proximity criteria, report rates per
     predictor, K and regime, and the error against theta(t+K) where the run has it.
 
-    Example: ckptaudit extrapolate runs/demo --K 5,10,25 --cascade 4:25 --time
+    Example: ckptaudit extrapolate fixtures/runs/demo --K 30,60,150 --cascade 4:30 --time
     """
     from ckptaudit.analyses.extrapolate import PREDICTORS, time_training_steps
     from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
