@@ -133,7 +133,7 @@ def backbone(
             )
         switches = [parse_switch(s) for s in (switch or [])]
         rmap = load_role_map(role_map) if role_map is not None else None
-        with Progress(output, "backbone: reading checkpoints", None) as hook:
+        with Progress(output, "backbone: reading checkpoints", None, "tensor reads") as hook:
             report = run_backbone(
                 run,
                 anchor_step=anchor,

@@ -115,7 +115,7 @@ def classify_embeddings(
     results = {}
     for role, M in mats.items():
         total = M.shape[0] * (M.shape[0] - 1) // 2 if exact else pairs
-        with Progress(output, f"{role}: overlaps", total) as hook:
+        with Progress(output, f"{role}: overlaps", total, "pairs") as hook:
             results[role] = overlap_stats(
                 M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
                 lora_lr=lora_lr, tied_head=tied, bootstrap=bootstrap,
@@ -192,7 +192,7 @@ def born_gap_cmd(
     output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, "born-gap", len(ctxs)) as hook:
+    with Progress(output, "born-gap", len(ctxs), "contexts") as hook:
         result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
     session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()

@@ -85,7 +85,7 @@ def finetune_probe_cmd(
     output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
+    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps, "steps") as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
     session.save_report(result.to_hdf5_tree(), [ckpt])

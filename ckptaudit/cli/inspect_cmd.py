@@ -57,7 +57,7 @@ def inspect(
     output = session.output
     run = load_run(path, steps, revisions)
     rmap = load_role_map(role_map) if role_map is not None else None
-    with Progress(output, "inspecting", len(run.checkpoints)) as hook:
+    with Progress(output, "inspecting", len(run.checkpoints), "checkpoints") as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
     session.save_report(result.to_hdf5_tree(), run.checkpoints)
     output.json({**result.to_json(), "left_out": [{"path": p, "why": why} for p, why in run.left_out]})

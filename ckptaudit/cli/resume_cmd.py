@@ -181,7 +181,7 @@ def resume_probe(
     inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr, windows=spec,
                                           batch_size=batch_size, dtype=dtype, train_data=train_data)
     t1 = time.perf_counter()
-    with Progress(output, "resume-probe", steps) as hook:
+    with Progress(output, "resume-probe", steps, "steps") as hook:
         result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
     result.settings["timing_seconds"] = {"load": t1 - t0, **result.settings["timing_seconds"],
                                          "total": time.perf_counter() - t0}

@@ -165,7 +165,7 @@ def regimes(
     probe_set = _probes(run[0], probes, held_out, seed)
     evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
     torch_dtype, precision = _precision(dtype, run[0], dev)
-    with Progress(output, "fingerprints", len(run)) as hook:
+    with Progress(output, "fingerprints", len(run), "checkpoints") as hook:
         result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
                              loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
                              dtype=torch_dtype)
@@ -326,7 +326,7 @@ def extrapolate(
         return float(held_out.evaluate(model, "validation")[0])
 
     timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
-    with Progress(output, "extrapolate", 2 * len(run)) as hook:
+    with Progress(output, "extrapolate", 2 * len(run), "passes") as hook:
         result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
     tree, summary = result.to_hdf5_tree(), result.to_json()
     selection = held_out.selection() if hasattr(held_out, "selection") else None
@@ -418,7 +418,7 @@ def cross_seed(
     # One probe set for every seed (CKA compares the same inputs): built from the first run.
     probe_set = _probes(runs[0][0], probes, datas[0], seed)
     evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
-    with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
+    with Progress(output, "fingerprints", sum(len(r) for r in runs), "checkpoints") as hook:
         result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook,
                                 dtype=torch_dtype)
     checkpoints = [c for r in runs for c in r]

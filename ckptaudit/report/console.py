@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -119,17 +119,68 @@ class Output:
         (self.err if self.json_mode else self.console).print(message, soft_wrap=True)
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Any]:
-        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json)."""
+    def progress(self, description: str, total: int | None, unit: str = "") -> Iterator[Any]:
+        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json). ``unit`` names
+        what is counted ("steps", "pairs"); counts of 10,000 and more show in k / M / G."""
         if self.quiet or not sys.stderr.isatty():
             yield _NullBar()
             return
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=self.err, transient=True,
-        ) as p:
+        with Progress(*progress_columns(unit), console=self.err, transient=True) as p:
             task = p.add_task(description, total=total)
             yield _Bar(p, task)
+
+
+def human_count(n: float) -> str:
+    """A count for a progress bar: exact below 10,000 (``9,999``), else three significant digits with k / M / G
+    (``12.3k``, ``1.21G``)."""
+    n = float(n)
+    if abs(n) < 10_000:
+        return f"{n:,.0f}"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:,.0f}"  # pragma: no cover - unreachable
+
+
+def clock(seconds: float | None) -> str:
+    """``H:MM:SS`` for a duration in seconds, ``-:--:--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class CountColumn(ProgressColumn):
+    """``done/total unit`` in human units (``1.21G/4.83G pairs``); ``done unit`` while the total is unknown."""
+
+    def __init__(self, unit: str = ""):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        done = human_count(task.completed)
+        text = done if task.total is None else f"{done}/{human_count(task.total)}"
+        return Text(f"{text} {self.unit}".rstrip(), style="progress.download")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left from the average rate since the bar started: elapsed x (total - done) / done. rich's own column
+    estimates from the last 30 s only, so its ETA vanishes when one unit of work takes longer than that."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Any) -> Text:
+        if task.finished:
+            return Text("eta 0:00:00", style="progress.remaining")
+        left = None
+        if task.total is not None and task.completed > 0 and task.elapsed:
+            left = task.elapsed * (task.total - task.completed) / task.completed
+        return Text(f"eta {clock(left)}", style="progress.remaining")
+
+
+def progress_columns(unit: str = "") -> tuple:
+    """The columns of every progress bar: description, bar, count, elapsed time, time left."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), CountColumn(unit), TimeElapsedColumn(), EtaColumn())
 
 
 class _Bar:
