@@ -318,6 +318,29 @@ def test_backbone_plots_mark_anchor_switch_and_t_star(tiny_run, tmp_path):
         assert _vline(shown[name]["axes"][0], "t* sign flip") == [30.0]
 
 
+def test_finetune_probe_plots_phi_s_d_and_loss_with_the_flip_step(tmp_path):
+    from conftest import make_tiny_lm_dir
+    from test_finetune import CTX, WORDS
+
+    model = make_tiny_lm_dir(tmp_path / "tiny-lm", {w: i for i, w in enumerate(WORDS)}, unk="<unk>")
+    ctx = tmp_path / "c.jsonl"
+    ctx.write_text(json.dumps({"context": CTX, "target": "yearning", "competitor": "longing"}) + "\n")
+    doc, figs = run_cli("finetune-probe", model, "--contexts", ctx, "--mode", "full", "--train-steps", "4", "--lr", "0.05",
+                        "--plot", tmp_path / "f")
+    (c,) = doc["contexts"]
+    (fig,) = figs.values()
+    ax, twin = fig["axes"]
+    np.testing.assert_allclose(_line(ax, "Φ")["y"], c["phi"], rtol=1e-12)
+    np.testing.assert_allclose(_line(ax, "signal S")["y"], c["signal"], rtol=1e-12)
+    np.testing.assert_allclose(_line(ax, "drag D")["y"], c["drag"], rtol=1e-12)
+    np.testing.assert_allclose(_line(twin, "cross-entropy")["y"], c["loss"], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(c["phi"]), np.asarray(c["signal"]) + np.asarray(c["drag"]), atol=1e-9)
+    assert _vline(ax, "flip") == ([] if c["flip_step"] is None else [float(c["flip_step"])])
+    assert ax["xlabel"] == "fine-tuning step" and twin["ylabel"] == "cross-entropy loss (nats)"
+    assert ax["title"].startswith("tiny-lm") or "/tiny-lm" in ax["title"]
+    _assert_integer_ticks(ax)
+
+
 def test_run_label_names_the_run_briefly():
     assert run_label("/data/runs/seed42") == "seed42"
     assert run_label("/data/runs/seed42/checkpoint-3000", checkpoint=True) == "seed42/checkpoint-3000"
