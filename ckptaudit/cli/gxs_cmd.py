@@ -22,6 +22,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RoleMapOpt,
     RunDirArg,
@@ -278,6 +279,7 @@ def slack_cmd(
     max_sequences: MaxSeqOpt = None,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -316,6 +318,11 @@ def slack_cmd(
     session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs")
     summary = {**result.to_json(), **extra}
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_slack, run_label
+
+        label = f"{run_label(checkpoint.path, checkpoint=True)} (step {checkpoint.step})"
+        output.note(f"figure written to [bold]{plot_slack(summary, plot, label=label)}[/bold]")
     if output.human:
         render_slack(output, summary)
 

@@ -20,6 +20,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
@@ -136,6 +137,7 @@ def regimes(
     eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     revisions: RevisionsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -175,6 +177,10 @@ def regimes(
            timing_seconds={"total": time.perf_counter() - t0})
     session.save_report(tree, list(run))
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_regimes, run_label
+
+        output.note(f"figure written to [bold]{plot_regimes(summary, plot, label=run_label(run_dir))}[/bold]")
     if output.human:
         render_regimes(output, summary, str(run_dir))
 
