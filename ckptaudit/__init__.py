@@ -7,16 +7,17 @@ The analyses are also Python functions (``ckptaudit.backbone(run)``, ``ckptaudit
 __version__ = "0.1.0"
 
 _API = ("inspect", "backbone", "fisher", "resume_probe", "classify_embeddings", "born_gap", "regimes", "extrapolate",
-        "cross_seed", "Report", "EmbeddingsReport")
+        "cross_seed", "run_gate", "Report", "EmbeddingsReport")
 
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
-    if name in _API:
-        from ckptaudit import api
+    if name in _API or name == "api":
+        import importlib
 
-        return getattr(api, name)
+        api = importlib.import_module("ckptaudit.api")
+        return api if name == "api" else getattr(api, name)
     raise AttributeError(f"module 'ckptaudit' has no attribute {name!r}")
 
 

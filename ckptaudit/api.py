@@ -38,6 +38,7 @@ __all__ = [
     "regimes",
     "extrapolate",
     "cross_seed",
+    "run_gate",
 ]
 
 Steps = str | int | Iterable[int] | None
@@ -579,3 +580,30 @@ def cross_seed(runs: Sequence[str | Path], *, probes: str | Path | None = None,
         result = run_cross_seed(list(zip(labels, loaded, strict=True)), probe_set, fixed, evaluators, dev,
                                 progress=hook, dtype=torch_dtype)
     return _trajectory_report(result, [c for r in loaded for c in r], precision, datas[0], n_threads, t0)
+
+
+# ------------------------------------------------------------------------------------------- gate
+
+
+def run_gate(path: str | Path, policy: Any, *, steps: Steps = None, device: str = "auto", seed: int = 0,
+         progress: Any = None, _note: Note = None) -> Report:
+    """``ckptaudit gate PATH --policy FILE``: run the checks ``policy`` (a policy TOML file, or a Policy from
+    :func:`ckptaudit.gate.parse_policy`) enables on the run or checkpoint at ``path``. (Not ``ckptaudit.gate``:
+    that name is the package of the checks.)
+
+    Returns a :class:`Report` of the GateResult, whose ``to_json()`` is ``gate --json -``; a failed gate is
+    ``report.passed == False`` (the command exits 1), not an exception. A bad policy raises PolicyError.
+    """
+    from ckptaudit.cli.common import load_run
+    from ckptaudit.gate import Policy, load_policy
+    from ckptaudit.gate import run_gate as gate_run
+
+    pol = policy if isinstance(policy, Policy) else load_policy(Path(policy))
+    dev = _device(device)
+    with _notes(_note):
+        run = load_run(Path(path), _steps(steps))
+        hook = _hook(progress)
+        if hook is not None:
+            hook.set_total(len(pol.checks))
+        result = gate_run(run, pol, device=dev, seed=seed, progress=hook)
+    return Report(result, inputs=run.checkpoints if pol.target == "all" else run.checkpoints[-1:])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import invoke
+from cli_helpers import MINIMAL_POLICY, invoke
 from conftest import make_tiny_lm_dir
 from safetensors import safe_open
 
@@ -47,7 +47,9 @@ def inputs(tiny_run: Path, tmp_path_factory) -> dict[str, Path]:
     lm = make_tiny_lm_dir(root / "tiny-lm", {w: i for i, w in enumerate(WORDS)}, unk="<unk>")
     contexts = root / "contexts.jsonl"
     contexts.write_text(json.dumps({"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"}) + "\n")
-    return {"run": tiny_run, "other": other, "lm": lm, "contexts": contexts}
+    policy = root / "policy.toml"
+    policy.write_text(MINIMAL_POLICY)
+    return {"run": tiny_run, "other": other, "lm": lm, "contexts": contexts, "policy": policy}
 
 
 def _ckpt(p: dict, step: int) -> Path:
@@ -79,6 +81,8 @@ CASES = {
                                "--device", "cpu"]),
     "cross_seed": (lambda p: ckptaudit.cross_seed([p["run"], p["other"]], steps="50:60", device="cpu"),
                    lambda p: ["cross-seed", p["run"], p["other"], "--steps", "50:60", "--device", "cpu"]),
+    "run_gate": (lambda p: ckptaudit.run_gate(p["run"], p["policy"], device="cpu"),
+             lambda p: ["gate", p["run"], "--policy", p["policy"], "--device", "cpu", "--json", "-"]),
 }
 
 
@@ -91,7 +95,7 @@ def _without_wall_time(x):
 
 
 def _cli_json(args: list) -> dict:
-    r = invoke(*args, "--json")
+    r = invoke(*args) if "--json" in args else invoke(*args, "--json")
     assert r.exit_code == 0, (r.output, r.stderr)
     return json.loads(r.stdout)
 
@@ -234,7 +238,61 @@ def test_cross_seed_of_a_run_and_its_copy_agrees_exactly(inputs, results):
     np.testing.assert_allclose(doc["cka"]["mean"], [1.0, 1.0], rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------- errors, import, README
+def test_gate_fails_on_a_planted_nan_without_raising(inputs, results, tmp_path):
+    from safetensors.numpy import save_file
+
+    assert _result("run_gate", inputs, results).passed is True
+    ckpt = tmp_path / "checkpoint-60"
+    shutil.copytree(_ckpt(inputs, 60), ckpt)
+    with safe_open(str(ckpt / "model.safetensors"), framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    doc = ckptaudit.run_gate(ckpt, inputs["policy"], device="cpu").to_json()
+    status = {c["name"]: c["status"] for c in doc["checks"]}
+    assert doc["passed"] is False and status["finite"] == "fail" and status["provenance"] == "pass"
+
+
+# ------------------------------------------------------------------------------------- defaults, errors, import, README
+
+COMMAND_OF = {"inspect": "inspect", "backbone": "backbone", "fisher": "fisher", "resume_probe": "resume-probe",
+              "classify_embeddings": "classify-embeddings", "born_gap": "born-gap", "regimes": "regimes",
+              "extrapolate": "extrapolate", "cross_seed": "cross-seed", "run_gate": "gate"}
+# command parameter -> (API keyword, whether the flag is the keyword's negation), where the names differ
+RENAMED = {"no_file_check": ("file_check", True), "lr_mult": ("lr_mults", False), "no_boundary": ("boundary_probe", True),
+           "no_loss": ("loss", True), "predictor": ("predictors", False), "k": ("K", False),
+           "cascade": ("cascades", False)}
+RENAMED_IN = {("backbone", "switch"): "switches", ("fisher", "run"): "backbone_run", ("resume_probe", "steps"): "train_steps"}
+OUTPUT_ONLY = {"out", "no_report", "no_hash", "json_out", "quiet", "plot", "init", "force", "json_path", "junit", "sarif"}
+
+
+@pytest.mark.parametrize("function", list(COMMAND_OF))
+def test_every_option_is_a_keyword_with_the_commands_default(function):
+    import inspect as pyinspect
+
+    import typer.main
+
+    import ckptaudit.cli.commands  # noqa: F401 - registers every command
+    from ckptaudit.cli.app import app
+
+    command = typer.main.get_command(app).commands[COMMAND_OF[function]]
+    sig = pyinspect.signature(getattr(ckptaudit.api, function)).parameters
+    for p in command.params:
+        if p.name in OUTPUT_ONLY or type(p).__name__.endswith("Argument"):
+            continue
+        name, negated = RENAMED.get(p.name, (p.name, False))
+        name = RENAMED_IN.get((function, p.name), name)
+        assert name in sig, f"{COMMAND_OF[function]} {p.opts[0]} has no keyword in ckptaudit.{function}"
+        got = sig[name].default
+        if got is sig[name].empty:  # a required option (born-gap --contexts, gate --policy, which the command checks itself) is positional here
+            assert p.required or p.default is None, p.opts[0]
+            continue
+        want = (not p.default) if negated else p.default
+        assert got == want or (want is None and got == ()), (p.opts[0], got, want)
+
+
 
 
 @pytest.mark.parametrize("call,args", [
