@@ -134,6 +134,25 @@ def test_inspect_counts_the_parameters_safetensors_holds(inputs, results):
     assert [c["step"] for c in result.to_json()["checkpoints"]] == [50, 60]
 
 
+def test_progress_is_told_the_work_done_and_its_total(inputs):
+    class Bar:
+        def __init__(self):
+            self.done, self.totals = 0, []
+
+        def __call__(self, n=1):
+            self.done += n
+
+        def set_total(self, total):
+            self.totals.append(total)
+
+    bar = Bar()
+    ckptaudit.inspect(inputs["run"], steps=range(0, 61, 20), file_check=False, progress=bar)
+    assert bar.totals == [4] and bar.done == 4  # checkpoints 0, 20, 40, 60
+    done = []
+    ckptaudit.inspect(inputs["run"], steps=[10, 30], file_check=False, progress=done.append)  # a plain callable
+    assert sum(done) == 2
+
+
 def _trunk_vector(ckpt: Path, d: int = 32, n_layers: int = 2) -> np.ndarray:
     """The GPT-2 trunk (attention and MLP weights of every block, SPEC section 0) as one float64 vector, read with
     safetensors itself."""
