@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_drift_run
+from ckptaudit.cli.common import Progress, Session
 from ckptaudit.cli.options import (
     AllowPartialTrunkOpt,
     DeviceOpt,
@@ -23,7 +23,6 @@ from ckptaudit.cli.options import (
     RunDirArg,
     StepsOpt,
     check_output_file,
-    parse_switch,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt, sparkline
@@ -120,41 +119,21 @@ def backbone(
 
     Example: ckptaudit backbone runs/seed42/ --save-vectors backbone.safetensors
     """
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.io.roles import load_role_map
+    from ckptaudit import api
 
     with Session("backbone", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
-        output, dev, main = session.output, session.device, session.main
-        run = load_drift_run(run_dir, steps, anchor, revisions)
-        if len(run.checkpoints) < 3:
-            raise UsageError(
-                f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",
-                "point it at a run directory with more checkpoints, or widen --steps",
-            )
-        switches = [parse_switch(s) for s in (switch or [])]
-        rmap = load_role_map(role_map) if role_map is not None else None
+        output, main = session.output, session.main
         with Progress(output, "backbone: reading checkpoints", None, "tensor reads") as hook:
-            report = run_backbone(
-                run,
-                anchor_step=anchor,
-                blocks=parse_blocks(blocks),
-                include_bias=include_bias,
-                window=window,
-                normalize_rows=normalize_rows,
-                switches=switches,
-                metric=metric,
-                device=dev,
-                role_map=rmap,
-                save_vectors=save_vectors,
-                top_k_vectors=top_k,
-                progress=hook if main else None,
-                progress_total=hook.set_total if main else None,
-                allow_partial_trunk=allow_partial_trunk,
-                fit_range=parse_fit_range(fit_range),
-            )
+            report = api.backbone(
+                run_dir, steps=steps, revisions=revisions, anchor=anchor, blocks=blocks, include_bias=include_bias,
+                window=window, normalize_rows=normalize_rows, switches=switch or [], metric=metric,
+                save_vectors=save_vectors, top_k=top_k, fit_range=fit_range, role_map=role_map,
+                allow_partial_trunk=allow_partial_trunk, device=session.device, progress=hook if main else None,
+                _note=output.note,
+            )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), run.checkpoints)
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     summary = report.to_json()
     output.json(summary)
     if plot is not None:

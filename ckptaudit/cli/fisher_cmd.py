@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run, render_facts
+from ckptaudit.cli.common import Progress, Session, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -29,9 +27,6 @@ from ckptaudit.cli.options import (
     TaskOpt,
     ThreadsOpt,
     TrainTokensOpt,
-    apply_threads,
-    parse_switch,
-    window_spec,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import sparkline
@@ -113,55 +108,22 @@ def fisher(
 
     Example: ckptaudit fisher runs/seed42/ --steps 1000,5000,9000 --vectors backbone.safetensors
     """
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.analyses.fisher import FisherSettings, run_fisher
+    from ckptaudit import api
 
-    if vectors is not None and run is not None:
-        raise UsageError("give either --vectors or --run, not both")
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
     with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
-        ctx, output, dev, main = session.ctx, session.output, session.device, session.main
-        n_threads = apply_threads(threads)
-        t_start = time.perf_counter()
-        targets = load_run(run_dir, steps, revisions)
-        source_run = load_run(run) if run is not None else None
-        if source_run is None and (vectors is None or switch is not None):
-            whole = load_run(run_dir, revisions=revisions)
-            if len(whole.checkpoints) >= 3:
-                source_run = whole
-        if vectors is None and source_run is None:
-            raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
-                             "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
-        settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
-                                  include_bias=include_bias,
-                                  hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
-                                  device=dev)
-        pair = parse_switch(switch) if switch is not None else None
-        share = batches if ctx is None else len(range(ctx.rank, batches, ctx.world_size))  # this rank's batches
-        with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
-            vec_path = vectors
-            if vec_path is None:
-                vec_path = Path(tmp) / "backbone.safetensors"
-                # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
-                # vectors; the file then goes to every rank (temporary directories need not be shared).
-                with Progress(output, "fisher: backbone from the run", None, "tensor reads") as hook:
-                    run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, include_bias=include_bias,
-                                 progress=hook if main else None)
-                if ctx is not None:
-                    broadcast_file(ctx, vec_path)
-                output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
-            with Progress(output, "fisher: gradients", share * len(targets.checkpoints), "gradients") as hook:
-                report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
-                                    switch=pair, switch_run=source_run, progress=hook if main else None,
-                                    windows=window_spec(seq_len, pack, None, train_tokens, seed), dtype=dtype)
-            report.settings["threads"] = n_threads
-            report.settings["timing_seconds"] = {"total": time.perf_counter() - t_start,
-                                                 **{f"step_{c.step}": c.seconds for c in report.checkpoints}}
-            if vectors is None:  # name the run the directions came from, not the temporary file
-                report.settings["vectors"] = f"backbone of {source_run.path}"
+        output, main = session.output, session.main
+        with Progress(output, "fisher: backbone from the run", None, "tensor reads") as hook:
+            report = api.fisher(
+                run_dir, steps=steps, revisions=revisions, vectors=vectors, backbone_run=run, switch=switch,
+                batches=batches, batch_size=batch_size, n_random=n_random, block=block, include_bias=include_bias,
+                hessian=hessian, memory_budget=memory_budget, top=top, task=task, data=data, seq_len=seq_len, pack=pack,
+                train_tokens=train_tokens, dtype=dtype, threads=threads, seed=seed, device=session.device,
+                progress=hook if main else None, _note=output.note,
+            )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), targets.checkpoints)
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     summary = report.to_json()
     output.json(summary)
     if output.human:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress, load_run
+from ckptaudit.cli.common import LocalSession, Progress
 from ckptaudit.cli.options import (
     JsonOpt,
     NoHashOpt,
@@ -43,20 +43,18 @@ def inspect(
 
     Example: ckptaudit inspect runs/seed42/
     """
-    from ckptaudit.analyses.provenance import inspect_run
-    from ckptaudit.io.roles import load_role_map
+    from ckptaudit import api
 
     session = LocalSession("inspect", None, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output = session.output
-    run = load_run(path, steps, revisions)
-    rmap = load_role_map(role_map) if role_map is not None else None
-    with Progress(output, "inspecting", len(run.checkpoints), "checkpoints") as hook:
-        result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
-    session.save_report(result.to_hdf5_tree(), run.checkpoints)
-    output.json({**result.to_json(), "left_out": [{"path": p, "why": why} for p, why in run.left_out]})
+    with Progress(output, "inspecting", None, "checkpoints") as hook:
+        result = api.inspect(path, steps=steps, revisions=revisions, role_map=role_map, file_check=not no_file_check,
+                             progress=hook, _note=output.note)
+    session.save_report(result.to_hdf5_tree(), result.inputs)
+    output.json(result.to_json())
     if not output.human:
         return
-    render_inspect(output, result)
+    render_inspect(output, result.result)
 
 
 def _exempt(f) -> bool:

@@ -155,27 +155,19 @@ def regimes(
 
     Example: ckptaudit regimes runs/seeds/seed0 --json
     """
-    from ckptaudit.analyses.regimes import parse_thresholds, run_regimes
+    from ckptaudit import api
 
     session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    fixed = parse_thresholds(thresholds)
-    run = _run(run_dir, steps, revisions)
-    held_out = _data(run[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
-    probe_set = _probes(run[0], probes, held_out, seed)
-    evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
-    torch_dtype, precision = _precision(dtype, run[0], dev)
-    with Progress(output, "fingerprints", len(run), "checkpoints") as hook:
-        result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
-                             loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
-                             dtype=torch_dtype)
-    tree, summary = result.to_hdf5_tree(), result.to_json()
-    selection = held_out.selection() if hasattr(held_out, "selection") else None
-    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
-           timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, list(run))
+    output = session.output
+    with Progress(output, "fingerprints", None, "checkpoints") as hook:
+        report = api.regimes(
+            run_dir, probes=probes, thresholds=thresholds, variance_window=variance_window, bootstrap=bootstrap,
+            loss=not no_loss, task=task, data=data, seq_len=seq_len, pack=pack, eval_tokens=eval_tokens, steps=steps,
+            revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
+            _note=output.note,
+        )  # fmt: skip
+    summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     output.json(summary)
     if plot is not None:
         from ckptaudit.report.plots import plot_regimes, run_label
@@ -405,34 +397,20 @@ def cross_seed(
 
     Example: ckptaudit cross-seed runs/seeds/seed0 runs/seeds/seed1 runs/seeds/seed2
     """
-    from ckptaudit.analyses.cross_seed import run_cross_seed
-    from ckptaudit.analyses.regimes import parse_thresholds
+    from ckptaudit import api
 
     if len(run_dirs) < 2:
         raise UsageError("cross-seed needs at least two runs", "e.g. ckptaudit cross-seed runs/seed0 runs/seed1")
     session = LocalSession("cross-seed", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    fixed = parse_thresholds(thresholds)
-    runs = [_run(p, steps) for p in run_dirs]
-    names = [p.name for p in run_dirs]
-    labels = names if len(set(names)) == len(names) else [str(p) for p in run_dirs]
-    spec = window_spec(seq_len, pack, eval_tokens, None, seed)
-    datas = [_data(r[-1], task, data, required=False, windows=spec) for r in runs]
-    torch_dtype, precision = _precision(dtype, runs[0][-1], dev)
-    # One probe set for every seed (CKA compares the same inputs): built from the first run.
-    probe_set = _probes(runs[0][0], probes, datas[0], seed)
-    evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
-    with Progress(output, "fingerprints", sum(len(r) for r in runs), "checkpoints") as hook:
-        result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook,
-                                dtype=torch_dtype)
-    checkpoints = [c for r in runs for c in r]
-    tree, summary = result.to_hdf5_tree(), result.to_json()
-    selection = datas[0].selection() if datas[0] is not None and hasattr(datas[0], "selection") else None
-    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
-           timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, checkpoints)
+    output = session.output
+    with Progress(output, "fingerprints", None, "checkpoints") as hook:
+        report = api.cross_seed(
+            run_dirs, probes=probes, thresholds=thresholds, task=task, data=data, seq_len=seq_len, pack=pack,
+            eval_tokens=eval_tokens, steps=steps, seed=seed, dtype=dtype, threads=threads, device=session.device,
+            progress=hook, _note=output.note,
+        )  # fmt: skip
+    summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     output.json(summary)
     if output.human:
         render_cross_seed(output, summary)
