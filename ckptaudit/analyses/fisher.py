@@ -16,7 +16,10 @@ Definitions (reported by :class:`FisherCheckpoint`):
 - gradient-backbone cosine: mean and std (population) over batches of |<g_i, v_b>| / ||g_i||, beside the noise floor
   sqrt(2 / (pi D)) = E|cos| between a fixed vector and a random direction for large D;
 - block signed projection b_l = mean_i <g_{i,l}, v_b^(l)> / ||g_{i,l}||, v_b^(l) = block l's part of v_b, unit;
-- with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches.
+- with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches;
+- the Fisher trace tr F, the signed projections <g_i, v_b> (mean, std), the raw block projections
+  <g_{i,l}, v_b^(l)>, the spread of the random quotients with its exact counterpart, the standard errors over
+  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher_uncertainty`.
 
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
@@ -27,7 +30,7 @@ Several processes: when a torch.distributed process group with more than one ran
 rank. The per-batch scalars (dot products, norms, block cosines, losses, curvatures) are summed over ranks into the
 full ``[M, ...]`` arrays, which is exact (every row comes from one rank, the others add zeros). For the Gram, rank 0
 gathers the rows of every rank one column chunk at a time, in batch order, so each chunk and its float64 product
-are the single-process ones; its eigenpairs go to every rank, and u_1 = G^T a_1 is the sum of each rank's partial
+are the single-process ones; its eigenpairs and the Gram go to every rank, and u_1 = G^T a_1 is the sum of each rank's partial
 G_r^T a_1, chunk by chunk. Every rank then holds the same result; the CLI writes rank 0's.
 """
 
@@ -53,6 +56,7 @@ from ckptaudit.analyses.fisher_directions import (
 )
 from ckptaudit.analyses.fisher_results import FisherCheckpoint, FisherReport, noise_floor
 from ckptaudit.analyses.fisher_store import GradientStore
+from ckptaudit.analyses.fisher_uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
@@ -68,7 +72,7 @@ class FisherSettings:
 
     memory_budget: bytes the M stored gradients may take in RAM before they go to a memmap in ``spill_dir``
     (None -> the system temp dir). top: how many Fisher eigenvalues to report. keep_eigenvector: keep u_1 (D
-    float64) in the result.
+    float64) in the result. bootstrap: replicates of the seeded bootstrap over batches (0 or 1: none).
     """
 
     batches: int = DEFAULT_BATCHES
@@ -84,6 +88,7 @@ class FisherSettings:
     spill_dir: str | None = None
     keep_eigenvector: bool = False
     chunk_elems: int = 1 << 24
+    bootstrap: int = DEFAULT_BOOTSTRAP
 
 
 # ------------------------------------------------------------------------------------------- one checkpoint
@@ -226,6 +231,8 @@ def fisher_at_model(
     proj = np.zeros((M, W.shape[0]), dtype=np.float64)
     norms = np.zeros(M, dtype=np.float64)
     block_cos = np.zeros((M, len(ranges)), dtype=np.float64)
+    block_dot = np.zeros((M, len(ranges)), dtype=np.float64)
+    block_norm = np.zeros((M, len(ranges)), dtype=np.float64)
     losses = np.zeros(M, dtype=np.float64)
     curv = np.zeros((M, W.shape[0]), dtype=np.float64) if settings.hessian else None
     # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
@@ -281,6 +288,8 @@ def fisher_at_model(
             norms[idx] = np.sqrt(pairs[:, :, 1].sum(axis=1))  # the blocks partition the layout
             with np.errstate(invalid="ignore", divide="ignore"):
                 block_cos[idx] = pairs[:, :, 0] / np.sqrt(pairs[:, :, 1])
+            block_dot[idx] = pairs[:, :, 0]
+            block_norm[idx] = np.sqrt(pairs[:, :, 1])
             losses[idx] = packed[:, -1]
             if curv is not None:
                 curv[idx] = torch.stack(curv_rows).cpu().numpy()
@@ -288,15 +297,18 @@ def fisher_at_model(
             gram = store.gram(str(dev), settings.chunk_elems)
             s, a = _eig_desc(gram)
         else:
-            proj, norms, block_cos, losses, curv = _sum_over_ranks(ctx, proj, norms, block_cos, losses, curv)
+            proj, norms, block_cos, block_dot, block_norm, losses, curv = _sum_over_ranks(
+                ctx, proj, norms, block_cos, block_dot, block_norm, losses, curv)
             gram = store.gram_gathered(ctx, M, str(dev), settings.chunk_elems)
-            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere.
-            eig = np.zeros(M + M * M, dtype=np.float64)
+            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere; the
+            # Gram goes with it (the bootstrap over batches needs it on every rank).
+            eig = np.zeros(M + 2 * M * M, dtype=np.float64)
             if gram is not None:
                 s0, a0 = _eig_desc(gram)
-                eig = np.concatenate([s0, a0.reshape(-1)])
+                eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
             eig = ctx.broadcast(eig)
-            s, a = eig[:M].copy(), eig[M:].reshape(M, M).copy()
+            s, a = eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
+            gram = eig[M + M * M :].reshape(M, M).copy()
         u1 = None
         if s[0] > 0:
             if ctx is None:
@@ -327,6 +339,8 @@ def fisher_at_model(
         hessian = {n: float(c_all[j]) for j, n in enumerate(named)}
         hess_rand = c_all[n_named:]
         hessian["random_mean"] = float(hess_rand.mean()) if K else float("nan")
+    boot = batch_bootstrap(proj, n_named, named, norms, gram, block_cos, block_dot, list(ranges), D,
+                           n_boot=settings.bootstrap, seed=settings.seed)
     return FisherCheckpoint(
         step=int(step), dim=D, q=q, q_random=q_rand,
         anisotropy=q["backbone"] / q["random_mean"] if K and q["random_mean"] > 0 else float("nan"),
@@ -336,7 +350,8 @@ def fisher_at_model(
         block_signed_projection={b: float(np.mean(block_cos[:, j])) for j, b in enumerate(ranges)},
         projections=proj, direction_names=(*named, *[f"random_{k}" for k in range(K)]), grad_norms=norms,
         losses=losses, gradient_storage=where, hessian=hessian, hessian_random=hess_rand,
-        u1=u1 if settings.keep_eigenvector else None,
+        u1=u1 if settings.keep_eigenvector else None, block_projections=block_dot, block_grad_norms=block_norm,
+        gram=gram, bootstrap=boot,
     )
 
 
@@ -425,13 +440,17 @@ def run_fisher(
         "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
         "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
         "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
+        "bootstrap": settings.bootstrap,
         "switch": list(switch) if switch else None, "directions": list(directions),
         "architecture": arch.name, "data": spec,
         "block_directions": "own block backbones" if block_backbone is not None else "trunk v_b restricted to each block",
         "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
         "precision": precision.to_json(),
     }
-    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
+    vb = directions["backbone"].to(torch.float64)
+    cosines = {n: float(vb @ v.to(torch.float64)) for n, v in directions.items() if n != "backbone"}
+    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running,
+                        direction_cosines=cosines)
 
 
 def fisher_anisotropy(run: Any, vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:

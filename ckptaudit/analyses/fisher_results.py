@@ -10,6 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from ckptaudit.analyses.fisher_uncertainty import (
+    bootstrap_hdf5,
+    bootstrap_json,
+    mean_se,
+    random_direction_stats,
+)
+
 
 def noise_floor(dim: int) -> float:
     """sqrt(2 / (pi D)): E|<x, v>| for x uniform on the unit sphere in dimension D and a fixed unit v (large D)."""
@@ -27,6 +34,9 @@ class FisherCheckpoint:
     eigenvalues: all M Gram eigenvalues s_j / M, descending (the Fisher's nonzero spectrum). projections:
     ``[M, n_dir]`` <g_i, v> per batch and direction (``direction_names`` order). block_signed_projection: block ->
     b_l. hessian: direction name -> (1/M) sum_i v^T H_i v plus "random_mean" (None without --hessian).
+    block_projections / block_grad_norms: ``[M, n_blocks]`` raw <g_{i,l}, v_b^(l)> and ||g_{i,l}|| (blocks in
+    ascending order, as ``block_signed_projection``). gram: the M x M Gram G G^T (float64). bootstrap: the seeded
+    bootstrap over batches (:func:`ckptaudit.analyses.fisher_uncertainty.batch_bootstrap`) or None.
     """
 
     step: int
@@ -50,6 +60,10 @@ class FisherCheckpoint:
     hessian_random: np.ndarray | None = None
     u1: np.ndarray | None = field(default=None, repr=False)
     seconds: float | None = None
+    block_projections: np.ndarray | None = None
+    block_grad_norms: np.ndarray | None = None
+    gram: np.ndarray | None = field(default=None, repr=False)
+    bootstrap: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def trace(self) -> float:
@@ -77,6 +91,43 @@ class FisherCheckpoint:
         return float(self.anisotropy) * float(qr.std(ddof=1) / math.sqrt(qr.size)) / float(qr.mean())
 
     @property
+    def trace_se(self) -> float:
+        """Standard error of ``trace`` over batches: std(||g_i||^2, ddof 1) / sqrt(M)."""
+        return mean_se(np.asarray(self.grad_norms, dtype=np.float64) ** 2)
+
+    def random_stats(self) -> dict[str, float]:
+        """q_random_std, q_random_se, q_random_std_exact, q_random_se_exact (see fisher_uncertainty)."""
+        return random_direction_stats(self.q_random, self.trace, self.q["backbone"], self.gram,
+                                      np.asarray(self.projections)[:, 0], self.dim)
+
+    def q_se(self) -> dict[str, float]:
+        """Standard error over batches of q(v) for each named direction: std(<g_i, v>^2, ddof 1) / sqrt(M)."""
+        proj = np.asarray(self.projections, dtype=np.float64)
+        return {n: mean_se(proj[:, j] ** 2) for j, n in enumerate(self.direction_names) if not n.startswith("random_")}
+
+    def gradient_projection(self) -> dict[str, float]:
+        """Signed <g_i, v_b> over batches (gradient units): mean, std (population), standard error; and the signed
+        cosine <g_i, v_b> / ||g_i||: mean, std; the standard error of the mean |cos|."""
+        p = np.asarray(self.projections, dtype=np.float64)[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = p / np.asarray(self.grad_norms, dtype=np.float64)
+        return {"grad_backbone_projection_mean": float(p.mean()), "grad_backbone_projection_std": float(p.std()),
+                "grad_backbone_projection_se": mean_se(p), "grad_backbone_cos_signed_mean": float(np.mean(cos)),
+                "grad_backbone_cos_signed_std": float(np.std(cos)), "grad_backbone_cos_se": mean_se(np.abs(cos))}
+
+    def block_projection(self) -> dict[str, dict[int, float]]:
+        """Per block: mean and std (population) over batches of the raw <g_{i,l}, v_b^(l)> (the paper's code's
+        signed projection), and the mean block gradient norm; empty dicts when not recorded."""
+        blocks = sorted(self.block_signed_projection)
+        if self.block_projections is None:
+            return {"block_projection_mean": {}, "block_projection_std": {}, "block_grad_norm_mean": {}}
+        bp = np.asarray(self.block_projections, dtype=np.float64)
+        bn = np.asarray(self.block_grad_norms, dtype=np.float64)
+        return {"block_projection_mean": {b: float(bp[:, j].mean()) for j, b in enumerate(blocks)},
+                "block_projection_std": {b: float(bp[:, j].std()) for j, b in enumerate(blocks)},
+                "block_grad_norm_mean": {b: float(bn[:, j].mean()) for j, b in enumerate(blocks)}}
+
+    @property
     def noise_floor(self) -> float:
         """sqrt(2 / (pi D))."""
         return noise_floor(self.dim)
@@ -88,7 +139,9 @@ class FisherCheckpoint:
 
     def to_json(self) -> dict[str, Any]:
         """{step, q, anisotropy, top_eigenvalues, top_overlap_backbone, effective_rank, grad_backbone_cos_mean,
-        grad_backbone_cos_std, noise_floor, block_signed_projection {"<l>": b_l}}."""
+        grad_backbone_cos_std, noise_floor, block_signed_projection {"<l>": b_l}, the signed projections, the
+        random-direction statistics, the standard errors and the bootstrap (without its replicates)}."""
+        blocks = {k: {str(b): v for b, v in d.items()} for k, d in self.block_projection().items()}
         return {
             "step": int(self.step),
             "q": {k: float(v) for k, v in self.q.items()},
@@ -104,6 +157,8 @@ class FisherCheckpoint:
             "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
             "noise_floor": float(self.noise_floor),
             "block_signed_projection": {str(b): float(v) for b, v in self.block_signed_projection.items()},
+            "q_se": self.q_se(), "trace_se": self.trace_se, **self.random_stats(), **self.gradient_projection(),
+            **blocks, "bootstrap": bootstrap_json(self.bootstrap),
         }
 
     def to_hdf5_tree(self) -> dict[str, Any]:
@@ -134,7 +189,18 @@ class FisherCheckpoint:
             "grad_norms": np.asarray(self.grad_norms, dtype=np.float64),
             "losses": np.asarray(self.losses, dtype=np.float64),
             "gradient_storage": self.gradient_storage.split(":", 1)[0],
+            "q_se": self.q_se(), "trace_se": self.trace_se, **self.random_stats(), **self.gradient_projection(),
         }
+        for key, per_block in self.block_projection().items():
+            if per_block:
+                tree[key] = np.asarray([per_block[b] for b in blocks], dtype=np.float64)
+        if self.block_projections is not None:
+            tree["block_projections"] = np.asarray(self.block_projections, dtype=np.float64)
+            tree["block_grad_norms"] = np.asarray(self.block_grad_norms, dtype=np.float64)
+        if self.gram is not None:
+            tree["gram"] = np.asarray(self.gram, dtype=np.float64)
+        if self.bootstrap is not None:
+            tree["bootstrap"] = bootstrap_hdf5(self.bootstrap)
         if self.hessian is not None:
             tree["hessian"] = {k: float(v) for k, v in self.hessian.items()}
             tree["hessian_random"] = np.asarray(self.hessian_random, dtype=np.float64)
@@ -146,25 +212,69 @@ class FisherReport:
     """Fisher analysis over checkpoints (ascending step) with the backbone stiffening curve and running sums.
 
     block_running_sum: block -> B_l(t) = sum of b_l over the checkpoints up to t (one value per checkpoint).
+    direction_cosines: direction name -> <v_b, v> (signed; the probe directions against the backbone, e.g. the
+    paper's |<v_b, v_sw>|).
     """
 
     checkpoints: tuple[FisherCheckpoint, ...]
     dim: int
     settings: dict[str, Any]
     block_running_sum: dict[int, np.ndarray]
+    direction_cosines: dict[str, float] = field(default_factory=dict)
 
     @property
     def steps(self) -> list[int]:
         return [c.step for c in self.checkpoints]
 
+    def block_projection_running_sum(self) -> dict[int, np.ndarray]:
+        """block -> running sum over checkpoints of the mean raw <g_{i,l}, v_b^(l)> (the paper's code's cumulative
+        signed bias; B_l of the normalised b_l is ``block_running_sum``)."""
+        per = [c.block_projection()["block_projection_mean"] for c in self.checkpoints]
+        if not per or not per[0]:
+            return {}
+        return {b: np.cumsum([d[b] for d in per]) for b in sorted(per[0])}
+
     def stiffening(self) -> dict[str, list]:
-        """{"steps", "q_backbone", "anisotropy"} over the checkpoints."""
-        return {"steps": self.steps, "q_backbone": [c.q["backbone"] for c in self.checkpoints],
-                "anisotropy": [c.anisotropy for c in self.checkpoints]}
+        """{"steps", "q_backbone", "anisotropy", ...} over the checkpoints, with the standard errors and, when the
+        bootstrap ran, its intervals (NaN where absent)."""
+        cks = self.checkpoints
+
+        def boot(c: FisherCheckpoint, part: str, key: str) -> float:
+            return float("nan") if c.bootstrap is None else c.bootstrap[part].get(key, float("nan"))
+
+        out: dict[str, list] = {
+            "steps": self.steps, "q_backbone": [c.q["backbone"] for c in cks],
+            "anisotropy": [c.anisotropy for c in cks], "anisotropy_se": [c.anisotropy_se for c in cks],
+            "anisotropy_exact": [c.anisotropy_exact for c in cks],
+            "q_backbone_se": [c.q_se()["backbone"] for c in cks],
+            "lambda_1": [float(c.eigenvalues[0]) if len(c.eigenvalues) else float("nan") for c in cks],
+            "trace": [c.trace for c in cks],
+        }
+        for key, name in (("q_backbone", "q_backbone"), ("anisotropy", "anisotropy"),
+                          ("anisotropy_exact", "anisotropy_exact"), ("lambda_1", "lambda_1")):
+            out[f"{key}_ci_low"] = [boot(c, "ci_low", name) for c in cks]
+            out[f"{key}_ci_high"] = [boot(c, "ci_high", name) for c in cks]
+        return out
+
+    def switch_pair(self) -> dict[str, Any] | None:
+        """With ``--switch PEAK:TROUGH`` and both steps analysed: lambda_1, tr F and q(v_b) at the peak and the
+        trough and their peak / trough ratios (what the paper's code compares), else None."""
+        pair = self.settings.get("switch")
+        at = {c.step: c for c in self.checkpoints}
+        if not pair or int(pair[0]) not in at or int(pair[1]) not in at:
+            return None
+        peak, trough = at[int(pair[0])], at[int(pair[1])]
+        out: dict[str, Any] = {"peak": peak.step, "trough": trough.step}
+        for name, get in (("lambda_1", lambda c: float(c.eigenvalues[0])), ("trace", lambda c: c.trace),
+                          ("q_backbone", lambda c: c.q["backbone"])):
+            a, b = get(peak), get(trough)
+            out[name] = {"peak": a, "trough": b, "ratio": a / b if b > 0 else float("nan")}
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        """{checkpoints: [FisherCheckpoint.to_json()], stiffening, block_running_sum {"<l>": [B_l(t)]}, hessian
-        (list of {step, <direction>: v^T H v, random_mean} or None), dim, settings}."""
+        """{checkpoints: [FisherCheckpoint.to_json()], stiffening, block_running_sum {"<l>": [B_l(t)]},
+        block_projection_running_sum, direction_cosines, switch_pair, hessian (list of {step, <direction>: v^T H v,
+        random_mean} or None), dim, settings}."""
         hess = None
         if any(c.hessian is not None for c in self.checkpoints):
             hess = [{"step": c.step, **(c.hessian or {})} for c in self.checkpoints]
@@ -172,18 +282,29 @@ class FisherReport:
             "checkpoints": [c.to_json() for c in self.checkpoints],
             "stiffening": self.stiffening(),
             "block_running_sum": {str(b): [float(x) for x in v] for b, v in self.block_running_sum.items()},
+            "block_projection_running_sum": {str(b): [float(x) for x in v]
+                                             for b, v in self.block_projection_running_sum().items()},
+            "direction_cosines": {k: float(v) for k, v in self.direction_cosines.items()},
+            "switch_pair": self.switch_pair(),
             "hessian": hess,
             "dim": int(self.dim),
             "settings": dict(self.settings),
         }
 
     def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree for /fisher: step_<t>/ per checkpoint, stiffening/ (steps, q_backbone, anisotropy),
-        block_running_sum/ (datasets "<l>"), attrs dim and settings_json."""
+        """Tree for /fisher: step_<t>/ per checkpoint, stiffening/ (steps, q_backbone, anisotropy, their errors and
+        intervals), block_running_sum/ and block_projection_running_sum/ (datasets "<l>"), direction_cosines/,
+        switch_pair/ (when analysed), attrs dim and settings_json."""
         tree: dict[str, Any] = {f"step_{c.step}": c.to_hdf5_tree() for c in self.checkpoints}
         s = self.stiffening()
         tree["stiffening"] = {k: np.asarray(v, dtype=np.float64 if k != "steps" else np.int64) for k, v in s.items()}
         tree["block_running_sum"] = {str(b): np.asarray(v, dtype=np.float64) for b, v in self.block_running_sum.items()}
+        tree["block_projection_running_sum"] = {str(b): np.asarray(v, dtype=np.float64)
+                                                for b, v in self.block_projection_running_sum().items()}
+        tree["direction_cosines"] = {k: float(v) for k, v in self.direction_cosines.items()}
+        pair = self.switch_pair()
+        if pair is not None:
+            tree["switch_pair"] = pair
         tree["dim"] = int(self.dim)
         tree["settings_json"] = json.dumps(self.settings, sort_keys=True, default=str)
         return tree

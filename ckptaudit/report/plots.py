@@ -151,3 +151,80 @@ def plot_resume(summary: dict, out_dir: Path) -> Path:
     ax.set_title("resume-probe: preserved vs reset optimizer state")
     ax.legend(fontsize=7)
     return _save(plt, fig, out_dir / "resume_probe_accuracy.png")
+
+
+def _num(x) -> float:
+    """None -> NaN, for series with gaps."""
+    return float("nan") if x is None else float(x)
+
+
+def _yerr(values: list, low: list, high: list) -> list[list[float]]:
+    """Asymmetric error bars from an interval (NaN where there is none)."""
+    v = [_num(x) for x in values]
+    return [[max(0.0, a - _num(lo)) for a, lo in zip(v, low)], [max(0.0, _num(hi) - a) for a, hi in zip(v, high)]]
+
+
+def plot_fisher(summary: dict, out_dir: Path) -> list[Path]:
+    """fisher_rayleigh.png (q(v) per direction over the steps, q(v_b) with its bootstrap interval),
+    fisher_anisotropy.png (alpha with its interval, alpha exact), fisher_spectrum.png (eigenvalues by rank) and
+    fisher_signed_projection.png (per-block raw <g_l, v_b^l> mean ± std and its running sum). Returns the files."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cks, st = summary["checkpoints"], summary["stiffening"]
+    steps = st["steps"]
+    written = []
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name in cks[0]["q"]:
+        vals = [_num(c["q"].get(name)) for c in cks]
+        if name == "backbone":
+            ax.errorbar(steps, vals, yerr=_yerr(vals, st["q_backbone_ci_low"], st["q_backbone_ci_high"]),
+                        marker="o", capsize=3, lw=2, label="q(v_b)")
+        elif name == "random_mean":
+            sd = [_num(c.get("q_random_std")) for c in cks]
+            ax.errorbar(steps, vals, yerr=sd, marker=".", color="grey", capsize=2, label="q(random), ± std over K")
+        else:
+            ax.plot(steps, vals, marker=".", label=f"q({name})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Rayleigh quotient v^T F v")
+    ax.set_title("fisher: quotients along the trajectory directions")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_rayleigh.png"))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    al = [_num(a) for a in st["anisotropy"]]
+    ax.errorbar(steps, al, yerr=_yerr(al, st["anisotropy_ci_low"], st["anisotropy_ci_high"]), marker="o", capsize=3,
+                label="alpha (K random directions), bootstrap interval")
+    ax.plot(steps, [_num(a) for a in st["anisotropy_exact"]], marker="s", ls="--", label="alpha exact")
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("q(v_b) / q(random)")
+    ax.set_title("fisher: anisotropy")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_anisotropy.png"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for c in cks:
+        ev = [max(_num(x), 1e-300) for x in c["top_eigenvalues"]]
+        ax.semilogy(range(1, len(ev) + 1), ev, marker=".", label=f"step {c['step']}")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("Fisher eigenvalue s_j / M")
+    ax.set_title("fisher: spectrum")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_spectrum.png"))
+    blocks = list(cks[0].get("block_projection_mean") or {})
+    if blocks:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+        for b in blocks:
+            m = [_num(c["block_projection_mean"][b]) for c in cks]
+            top.errorbar(steps, m, yerr=[_num(c["block_projection_std"][b]) for c in cks], marker=".", capsize=2,
+                         label=f"block {b}")
+            bottom.plot(steps, summary["block_projection_running_sum"][b], marker=".", label=f"block {b}")
+        for ax in (top, bottom):
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.legend(fontsize=7, ncol=4)
+        top.set_ylabel("<g_l, v_b^l>, mean ± std")
+        bottom.set_ylabel("running sum")
+        bottom.set_xlabel("step")
+        top.set_title("fisher: signed gradient projection on the block backbones")
+        written.append(_save(plt, fig, out_dir / "fisher_signed_projection.png"))
+    return written
