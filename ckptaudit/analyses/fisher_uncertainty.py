@@ -1,4 +1,4 @@
-"""Sampling uncertainty of the fisher quantities (SPEC §2; formulas in docs/fisher.md).
+"""Sampling uncertainty of the fisher quantities (SPEC §2; formulas in docs/uncertainty.md).
 
 Two random draws enter every fisher number: the K random unit directions w_k (seeded Gaussians, Gram-Schmidt
 against v_b and each other) and the M mini-batches (seeded draws from the training split). Everything here is a
