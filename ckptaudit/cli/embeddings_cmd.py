@@ -144,7 +144,7 @@ def classify_embeddings(
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
-            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
+            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
         )
 
 
@@ -168,7 +168,7 @@ def uncertainty_line(u: dict | None) -> str:
 def born_gap_cmd(
     model: ModelArg,
     contexts: Annotated[
-        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line; "near-synonyms" names the ten pairs shipped with ckptaudit.')
     ],
     nucleus: Annotated[
         float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
@@ -184,7 +184,7 @@ def born_gap_cmd(
     throttle, logit gap, purity, participation ratio, localisation length, burial depth, geometric efficiency,
     Born and softmax ranks, and the competitor ablation.
 
-    Example: ckptaudit born-gap models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl
+    Example: ckptaudit born-gap models/smollm-135m --contexts near-synonyms
     """
     from ckptaudit.analyses.synonyms import born_gap, load_contexts
 

@@ -40,7 +40,7 @@ ProbesOpt = Annotated[
     typer.Option(
         "--probes",
         help="Probe file, one probe per line (text when the checkpoint has a tokenizer, else token ids). "
-        "Default: fixtures/probes/default.txt with a tokenizer; the task's own fixed inputs without one.",
+        "Default: the package's 100 probe texts (ckptaudit/data/probes.txt) with a tokenizer; the task's own fixed inputs without one.",
     ),
 ]
 ThresholdsOpt = Annotated[
@@ -256,7 +256,7 @@ def extrapolate(
     run_dir: RunDirArg,
     predictor: Annotated[
         str,
-        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (the paper's printed coefficient), quadratic-fit (exact parabola), momentum (the paper's m/sqrt(v+eps)), adam-step."),
+        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (paper 004's printed coefficient), quadratic-fit (exact parabola), momentum (paper 004's m/sqrt(v+eps)), adam-step."),
     ] = "linear,quadratic,quadratic-fit,momentum,adam-step",
     k: Annotated[str, typer.Option("--K", "-K", help="Prediction horizons in training steps, comma-separated.")] = "5,10,25,50,75,100",
     cascade: Annotated[
@@ -274,7 +274,7 @@ def extrapolate(
         int, typer.Option("--sigma-window", min=1, help="Adaptive criterion: sigma_L = std of the losses of the last N checkpoints.")
     ] = 5,
     skip_chaotic: Annotated[
-        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (the paper's protocol).")
+        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (paper 004's protocol).")
     ] = False,
     landscape: Annotated[
         bool, typer.Option("--landscape", help="Probe the loss at 0.25, 0.5, 1, 1.5 and 2 times each predicted step, "
@@ -319,7 +319,7 @@ def extrapolate(
     has it; optionally the loss landscape along each prediction, the K-consecutive-stable gate and the moments
     stored at a lower precision.
 
-    Example: ckptaudit extrapolate runs/demo --K 5,10,25 --cascade 4:25 --time
+    Example: ckptaudit extrapolate fixtures/runs/demo --K 30,60,150 --cascade 4:30 --time
     """
     from ckptaudit.analyses.extrapolate import MOMENT_DTYPES, PREDICTORS, time_training_steps
     from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
