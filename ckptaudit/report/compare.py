@@ -259,13 +259,18 @@ def _common(lists: list[list[str]]) -> list[str]:
 
 def default_specs(reports: Sequence[Report], include_all: bool = False) -> tuple[list[Spec], list[Spec], int]:
     """(scalars, series, omitted) to compare: the command's headlines present in some report (plus every common
-    numeric attribute with ``include_all``), or for other commands the first MAX_GENERIC_ROWS common numeric
+    numeric attribute with ``include_all``; the first MAX_SERIES common series when none of its headline series is
+    there), or for other commands the first MAX_GENERIC_ROWS common numeric
     attributes (all with ``include_all``; ``omitted`` counts the rest) and the first MAX_SERIES common series."""
     command = reports[0].command
     if command in HEADLINES:
         scalars, series = HEADLINES[command]
         scalars = [s for s in scalars if any(resolve(r.tree, s.path) is not _MISSING for r in reports)]
         series = [s for s in series if all(isinstance(resolve(r.tree, s.path), np.ndarray) for r in reports)]
+        if not series and HEADLINES[command][1]:  # reports without the headline series (older, partial): theirs
+            found = _common([[p for g in _result_groups(r.tree) for p in _walk_series(r.tree[g], f"{g}/")]
+                             for r in reports])
+            series = [Spec(p, p) for p in found[:MAX_SERIES]]
         if not include_all:
             return scalars, series, 0
     else:
