@@ -276,7 +276,7 @@ def fisher(run: str | Path, *, steps: Steps = None, revisions: str | None = None
            hessian: bool = False, memory_budget: str | int = "2G", top: int = 10, settings: Any = None,
            task: str | None = None, data: str | Path | None = None, seq_len: int | None = None, pack: bool = False,
            train_tokens: int | None = None, dtype: str = "auto", threads: int | None = None, seed: int = 0,
-           device: str = "auto", progress: Any = None, _note: Note = None) -> Report:
+           bootstrap: int = 200, device: str = "auto", progress: Any = None, _note: Note = None) -> Report:
     """``ckptaudit fisher RUN_OR_CKPT``: empirical-Fisher Rayleigh quotients along the backbone, the switching
     direction, PC2..PC6 and random directions, at the checkpoints ``steps`` selects.
 
@@ -315,7 +315,7 @@ def fisher(run: str | Path, *, steps: Steps = None, revisions: str | None = None
             budget = memory_budget if isinstance(memory_budget, int) else parse_bytes(memory_budget)
             settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
                                       include_bias=include_bias, hessian=hessian, memory_budget=budget, seed=seed,
-                                      top=top, device=dev)
+                                      top=top, device=dev, bootstrap=bootstrap)
         pair = _pair(switch, parse_switch) if switch is not None else None
         share = settings.batches if ctx is None else len(range(ctx.rank, settings.batches, ctx.world_size))
         hook = _hook(progress)
@@ -496,15 +496,19 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
                 sigma_window: int = 5, skip_chaotic: bool = False, data: str | Path | None = None,
                 task: str | None = None, seq_len: int | None = None, pack: bool = False, eval_tokens: int = 65536,
                 probes: str | Path | None = None, thresholds: str | tuple[float, float] | None = None,
-                steps: Steps = None, revisions: str | None = None, seed: int = 0, dtype: str = "auto",
-                threads: int | None = None, device: str = "auto", progress: Any = None, _note: Note = None) -> Report:
+                landscape: bool = False, confirm_stable: int | None = None, moment_dtype: str | None = None,
+                bootstrap: int = 200, steps: Steps = None, revisions: str | None = None, seed: int = 0,
+                dtype: str = "auto", threads: int | None = None, device: str = "auto", progress: Any = None,
+                _note: Note = None) -> Report:
     """``ckptaudit extrapolate RUN``: predict theta(t+K) from each checkpoint, validate its held-out loss, accept by
-    the strict / adaptive / proximity criteria, rates per predictor, K and regime.
+    the strict / adaptive / proximity criteria, rates per predictor, K and regime with Wilson and bootstrap
+    intervals; ``landscape`` probes the loss along each prediction, ``confirm_stable`` trusts a prediction only
+    after K consecutive stable checkpoints, ``moment_dtype`` rounds the stored moments first.
 
     ``K``: "5,10,25" or ints; ``cascades``: "D:K" strings or (D, K) pairs; ``time_steps`` is ``--time``.
     Returns a :class:`Report` of the ExtrapolateResult.
     """
-    from ckptaudit.analyses.extrapolate import PREDICTORS, time_training_steps
+    from ckptaudit.analyses.extrapolate import MOMENT_DTYPES, PREDICTORS, time_training_steps
     from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
     from ckptaudit.cli.options import apply_threads, window_spec
     from ckptaudit.cli.trajectory_cmd import _cascades, _data, _int_list, _precision, _probes, _run
@@ -518,6 +522,8 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
     unknown = [p for p in chosen if p not in PREDICTORS]
     if unknown or not chosen:
         raise UsageError(f"--predictor {spec}: unknown {', '.join(unknown) or 'empty list'}", f"choose from {', '.join(PREDICTORS)}")
+    if moment_dtype is not None and moment_dtype not in MOMENT_DTYPES:
+        raise UsageError(f"--moment-dtype {moment_dtype}: unknown", f"choose from {', '.join(MOMENT_DTYPES)}")
     ks = K if isinstance(K, str) else str(K) if isinstance(K, int) else ",".join(str(int(k)) for k in K)
     with _notes(_note):
         r = _run(Path(run), _steps(steps), revisions)
@@ -526,7 +532,8 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
             predictors=chosen, ks=_int_list(ks, "--K"),
             cascades=_cascades([c if isinstance(c, str) else ":".join(str(int(x)) for x in c) for c in cascades]),
             tolerance=tolerance, sigma_window=sigma_window, skip_chaotic=skip_chaotic,
-            thresholds=_thresholds(thresholds), device=dev, dtype=torch_dtype,
+            thresholds=_thresholds(thresholds), device=dev, dtype=torch_dtype, landscape=landscape,
+            confirm_stable=confirm_stable, moment_dtype=moment_dtype, bootstrap=bootstrap, seed=seed,
         )  # fmt: skip
         held_out = _data(r[-1], task, _path(data), required=True, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
         probe_set = _probes(r[0], _path(probes), held_out, seed)

@@ -187,7 +187,7 @@ def test_extrapolate_cli_on_tiny_run(extrapolate_report, tiny_run):
     assert {"results", "acceptance", "mean_rel_weight_error"} <= set(s)
     row = s["results"][0]
     assert set(row) == {"step", "predictor", "K", "loss_pred", "loss_now", "loss_true", "rel_weight_error",
-                        "strict", "adaptive", "proximity", "regime"}  # fmt: skip
+                        "strict", "adaptive", "proximity", "regime", "stable_run"}  # fmt: skip
     assert set(s["acceptance"]) == {"linear", "quadratic-fit", "adam-step"}
     assert set(s["acceptance"]["linear"]["10"]) == {"strict", "adaptive", "proximity"}
     # checkpoints 30..60: linear needs one earlier checkpoint, quadratic-fit two (Delta = 10)

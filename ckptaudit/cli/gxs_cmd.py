@@ -36,6 +36,7 @@ from ckptaudit.cli.options import (
     window_spec,
 )
 from ckptaudit.errors import UsageError
+from ckptaudit.report.console import fmt
 
 gxs_app = typer.Typer(
     cls=AuditGroup,
@@ -327,12 +328,26 @@ def slack_cmd(
         render_slack(output, summary)
 
 
+def _with_se(values: list, errors: list | None, scale: float = 1.0) -> list:
+    """Grid row cells as "v ± se" (v alone without standard errors)."""
+    if errors is None:
+        return [scale * v for v in values]
+    return [f"{fmt(scale * v)} ± {fmt(scale * e)}" for v, e in zip(values, errors, strict=True)]
+
+
 def render_slack(output: Any, s: dict) -> None:
-    """Terminal view: accuracy and mean margin grids (rows alpha, columns sigma)."""
+    """Terminal view: accuracy and mean margin grids (rows alpha, columns sigma), each cell ± its standard error
+    over the input sequences."""
     cols = ["alpha \\ sigma", *(f"{x:g}" for x in s["sigma"])]
+    acc_se, m_se = s.get("accuracy_se"), s.get("margin_se")
+    se_note = (f"± standard error over the {s['n_units']} input sequences (each with its own noise)"
+               if acc_se is not None else "one input sequence: no standard error")
     output.table(f"gxs slack — accuracy % ({s['eval']}, n = {s['n']}, hook: {s['site']} {s['site_kind']})", cols,
-                 [[f"{a:g}", *(_pct(v) for v in row)] for a, row in zip(s["alpha"], s["accuracy"], strict=True)])
+                 [[f"{a:g}", *_with_se(row, None if acc_se is None else acc_se[i], 100.0)]
+                  for i, (a, row) in enumerate(zip(s["alpha"], s["accuracy"], strict=True))], caption=se_note)
     output.table("gxs slack — mean margin z_correct - max other", [*cols, "no gain reflex"],
-                 [[f"{a:g}", *row, ok] for a, row, ok in zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True)],
-                 caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed buffer)")
+                 [[f"{a:g}", *_with_se(row, None if m_se is None else m_se[i]), ok]
+                  for i, (a, row, ok) in enumerate(zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True))],
+                 caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed "
+                         "buffer); " + se_note)
     render_facts(output, s)

@@ -422,3 +422,176 @@ def _backbone_marks(summary: dict, r: dict) -> list[tuple]:
     if r.get("sign_flip_step") is not None:
         marks.append((r["sign_flip_step"], f"t* sign flip of C (step {r['sign_flip_step']})", "tab:purple", "-."))
     return marks
+
+
+def _num(x) -> float:
+    """None -> NaN, for series with gaps."""
+    return float("nan") if x is None else float(x)
+
+
+def _yerr(values: list, low: list, high: list) -> list[list[float]]:
+    """Asymmetric error bars from an interval (NaN where there is none)."""
+    v = [_num(x) for x in values]
+    return [[max(0.0, a - _num(lo)) for a, lo in zip(v, low)], [max(0.0, _num(hi) - a) for a, hi in zip(v, high)]]
+
+
+def plot_fisher(summary: dict, out_dir: Path) -> list[Path]:
+    """fisher_rayleigh.png (q(v) per direction over the steps, q(v_b) with its bootstrap interval),
+    fisher_anisotropy.png (alpha with its interval, alpha exact), fisher_spectrum.png (eigenvalues by rank) and
+    fisher_signed_projection.png (per-block raw <g_l, v_b^l> mean ± std and its running sum). Returns the files."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cks, st = summary["checkpoints"], summary["stiffening"]
+    steps = st["steps"]
+    written = []
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name in cks[0]["q"]:
+        vals = [_num(c["q"].get(name)) for c in cks]
+        if name == "backbone":
+            ax.errorbar(steps, vals, yerr=_yerr(vals, st["q_backbone_ci_low"], st["q_backbone_ci_high"]),
+                        marker="o", capsize=3, lw=2, label="q(v_b)")
+        elif name == "random_mean":
+            sd = [_num(c.get("q_random_std")) for c in cks]
+            ax.errorbar(steps, vals, yerr=sd, marker=".", color="grey", capsize=2, label="q(random), ± std over K")
+        else:
+            ax.plot(steps, vals, marker=".", label=f"q({name})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Rayleigh quotient v^T F v")
+    ax.set_title("fisher: quotients along the trajectory directions")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_rayleigh.png"))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    al = [_num(a) for a in st["anisotropy"]]
+    ax.errorbar(steps, al, yerr=_yerr(al, st["anisotropy_ci_low"], st["anisotropy_ci_high"]), marker="o", capsize=3,
+                label="alpha (K random directions), bootstrap interval")
+    ax.plot(steps, [_num(a) for a in st["anisotropy_exact"]], marker="s", ls="--", label="alpha exact")
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("q(v_b) / q(random)")
+    ax.set_title("fisher: anisotropy")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_anisotropy.png"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for c in cks:
+        ev = [max(_num(x), 1e-300) for x in c["top_eigenvalues"]]
+        ax.semilogy(range(1, len(ev) + 1), ev, marker=".", label=f"step {c['step']}")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("Fisher eigenvalue s_j / M")
+    ax.set_title("fisher: spectrum")
+    ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir / "fisher_spectrum.png"))
+    blocks = list(cks[0].get("block_projection_mean") or {})
+    if blocks:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+        for b in blocks:
+            m = [_num(c["block_projection_mean"][b]) for c in cks]
+            top.errorbar(steps, m, yerr=[_num(c["block_projection_std"][b]) for c in cks], marker=".", capsize=2,
+                         label=f"block {b}")
+            bottom.plot(steps, summary["block_projection_running_sum"][b], marker=".", label=f"block {b}")
+        for ax in (top, bottom):
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.legend(fontsize=7, ncol=4)
+        top.set_ylabel("<g_l, v_b^l>, mean ± std")
+        bottom.set_ylabel("running sum")
+        bottom.set_xlabel("step")
+        top.set_title("fisher: signed gradient projection on the block backbones")
+        written.append(_save(plt, fig, out_dir / "fisher_signed_projection.png"))
+    return written
+
+
+def acceptance_series(summary: dict, criterion: str, gated: bool = False) -> dict[str, dict[str, list]]:
+    """predictor -> {"K", "rate", "low", "high", "n"} of ``criterion``'s acceptance rate by K with its Wilson
+    interval, from an extrapolate summary (``gated``: among the predictions the K-consecutive gate trusts)."""
+    src = summary.get("gate") if gated else summary
+    if not src:
+        return {}
+    unc = src["uncertainty"] if gated else (summary.get("acceptance_uncertainty") or {}).get("rates", {})
+    out: dict[str, dict[str, list]] = {}
+    for pred, by_k in src["acceptance"].items():
+        ks = sorted(by_k, key=int)
+        wil = [((unc.get(pred, {}).get(k, {}).get(criterion) or {}).get("wilson") or [None, None]) for k in ks]
+        out[pred] = {"K": [int(k) for k in ks], "rate": [_num(by_k[k][criterion]) for k in ks],
+                     "low": [_num(w[0]) for w in wil], "high": [_num(w[1]) for w in wil],
+                     "n": [int(src["counts"].get(pred, {}).get(k, 0)) for k in ks]}
+    return out
+
+
+def extrapolate_acceptance_figure(plt, summary: dict, label: str):
+    """One panel per acceptance criterion: rate by K per predictor with 95% Wilson error bars; with a gate, the
+    rates among trusted predictions dashed beside them. Returns the figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    crits = ("strict", "adaptive", "proximity")
+    fig, axes = plt.subplots(1, len(crits), figsize=(13, 4), sharey=True)
+    ks = sorted({int(k) for by_k in summary["acceptance"].values() for k in by_k})
+    gate = summary.get("gate")
+    preds = list(summary["acceptance"])
+    series = len(preds) * (2 if gate else 1)
+    width = 0.025 * (ks[-1] - ks[0]) if len(ks) > 1 else 0.1  # dodge so that the error bars do not overlap
+
+    def dodge(j: int, xs: list[int]) -> list[float]:
+        return [x + width * (j - (series - 1) / 2) for x in xs]
+
+    for ax, crit in zip(axes, crits):
+        gated = acceptance_series(summary, crit, gated=True)
+        for j, (pred, s) in enumerate(acceptance_series(summary, crit).items()):
+            slot = 2 * j if gate else j
+            line = ax.errorbar(dodge(slot, s["K"]), s["rate"], yerr=_yerr(s["rate"], s["low"], s["high"]),
+                               marker="o", capsize=3, label=pred)
+            g = gated.get(pred)
+            if g:
+                ax.errorbar(dodge(slot + 1, g["K"]), g["rate"], yerr=_yerr(g["rate"], g["low"], g["high"]),
+                            marker="s", ls="--", capsize=2, color=line[0].get_color(), alpha=0.7,
+                            label=f"{pred}, trusted after {gate['K']} stable")
+        if len(ks) > 10:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.set_xticks(ks)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("K (training steps predicted ahead)")
+        ax.set_title(crit)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("acceptance rate (fraction of predictions)")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"extrapolate — {label}: acceptance by K, 95% Wilson intervals")
+    return fig
+
+
+def extrapolate_landscape_figure(plt, summary: dict, label: str):
+    """One panel per predictor: the mean over starting checkpoints of L(f) - L(0) against the fraction f of the
+    predicted step, one line per K (None without landscape probes). Returns the figure."""
+    rows = [r for r in summary["results"] if r.get("landscape")]
+    if not rows:
+        return None
+    preds = [p for p in summary["acceptance"] if any(r["predictor"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(preds), figsize=(4 * len(preds) + 1, 3.8), squeeze=False)
+    for ax, pred in zip(axes[0], preds):
+        for k in sorted({r["K"] for r in rows if r["predictor"] == pred}):
+            mine = [r["landscape"] for r in rows if r["predictor"] == pred and r["K"] == k]
+            fr = [0.0, *mine[0]["fractions"]]
+            mean = [sum(_num(x) for x in col) / len(mine) for col in
+                    zip(*([0.0, *(v - p["loss_at_0"] for v in p["losses"])] for p in mine))]
+            ax.plot(fr, mean, marker=".", label=f"K={k} (n={len(mine)})")
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.axvline(1.0, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("fraction f of the predicted step")
+        ax.set_title(pred)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("L(f) - L(0), nats (mean)")
+    fig.suptitle(f"extrapolate — {label}: held-out loss along the predictions")
+    return fig
+
+
+def plot_extrapolate(summary: dict, out_dir: Path, label: str = "run") -> list[Path]:
+    """extrapolate_acceptance.png (rates by K with Wilson intervals, gated rates beside them) and, with the
+    landscape probe, extrapolate_landscape.png. ``label`` names the run in the titles. Returns the files."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_save(plt, extrapolate_acceptance_figure(plt, summary, label), out_dir / "extrapolate_acceptance.png")]
+    fig = extrapolate_landscape_figure(plt, summary, label)
+    if fig is not None:
+        written.append(_save(plt, fig, out_dir / "extrapolate_landscape.png"))
+    return written
