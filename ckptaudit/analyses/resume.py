@@ -325,7 +325,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, base: Sequence[float], mult: float
 
 
 def _start_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters()}
+    # The trainable parameters only: a frozen base model (an adapter run) does not move, and copying it would
+    # double its memory.
+    return {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_condition(
