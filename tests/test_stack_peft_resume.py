@@ -186,6 +186,13 @@ def test_cli_resume_probe_on_an_adapter_checkpoint(root, tmp_path):
     assert st["control"] == "Trainer resume" and st["steps"] == 2  # max_steps 6 from step 4
     assert st["adapter"]["trainable_parameters"] == sum(v.numel() for v in _adapter(root, 4).values())
     assert any("LoRA adapter run" in n for n in doc["notes"])
+    # backbone vectors of an adapter run are over the merged weights, not the adapter parameters the probe moves
+    from safetensors.torch import save_file
+
+    save_file({"transformer.h.0.attn.c_attn.weight": torch.ones(32, 96)}, str(tmp_path / "v.safetensors"))
+    r = invoke("resume-probe", root / "run" / "checkpoint-4", "--task", TASK, "--vectors", tmp_path / "v.safetensors",
+               "--preserve-optimizer", "--no-report", "--device", "cpu")
+    assert_one_line_error(r, "backbone vectors of an adapter run are over the merged weights", "drop --vectors")
     alone = tmp_path / "run"
     shutil.copytree(root / "run", alone)  # without the base model beside it
     r = invoke("resume-probe", alone / "checkpoint-4", "--task", TASK, "--no-report")
