@@ -12,6 +12,9 @@ Which loop CONTROL runs in (``ProbeInputs.control_mode``):
   says so).
 
 Every value and where it came from is listed in ``ProbeInputs.run_values``; ``batch_size`` given by the user wins.
+The model is the one the run trained (``io.models.load_training_model``): for a PEFT LoRA checkpoint the base model
+wrapped by PEFT with the checkpoint's adapter, only the adapter parameters trainable (``run_values`` /
+``report["adapter"]`` say so), in either loop.
 """
 
 from __future__ import annotations
