@@ -325,7 +325,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, base: Sequence[float], mult: float
 
 
 def _start_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters()}
+    # The trainable parameters only: a frozen base model (an adapter run) does not move, and copying it would
+    # double its memory.
+    return {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_condition(
@@ -451,6 +453,10 @@ def run_resume_probe(
     specs = plan_conditions(settings, inputs.optimizer_state is not None)
     if inputs.scheduler_factory is None and inputs.loop is None:  # CONTROL keeps the lr: say so, not "saved"
         specs = [dataclasses.replace(s, schedule="held") if s.optimizer == "preserved" else s for s in specs]
+    if vectors is not None and "adapter" in inputs.report:
+        raise UsageError(f"--vectors {vectors}: backbone vectors of an adapter run are over the merged weights, while "
+                         "resume-probe moves the adapter parameters (lora_A, lora_B)",
+                         "drop --vectors for adapter checkpoints; backbone reads the run's merged trajectory")
     start_cpu = _start_copy(inputs.model)
     vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
     results = []

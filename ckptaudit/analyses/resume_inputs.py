@@ -12,10 +12,14 @@ Which loop CONTROL runs in (``ProbeInputs.control_mode``):
   says so).
 
 Every value and where it came from is listed in ``ProbeInputs.run_values``; ``batch_size`` given by the user wins.
+The model is the one the run trained (``io.models.load_training_model``): for a PEFT LoRA checkpoint the base model
+wrapped by PEFT with the checkpoint's adapter, only the adapter parameters trainable (``run_values`` /
+``report["adapter"]`` say so), in either loop.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +115,9 @@ def probe_inputs_from_checkpoint(
     from ckptaudit.analyses.resume_trainer import TrainerLoop, passed_fields
     from ckptaudit.io.data import load_data, load_rows
     from ckptaudit.io.hyperparams import run_hyperparameters
-    from ckptaudit.io.models import load_model
+    from ckptaudit.io.models import load_training_model
     from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state
+    from ckptaudit.io.peft import base_model_path
     from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.tasks import TASK_FILE, load_task_spec
     from ckptaudit.tasks.train import build_scheduler, parameter_groups, train_step
@@ -131,9 +136,19 @@ def probe_inputs_from_checkpoint(
         eval_data = load_data(ckpt, task=task, data=data, windows=windows)
     train_obj = rows if rows is not None else eval_data
     torch_dtype, precision = resolve_dtype(dtype, ckpt, device)
-    model = load_model(ckpt, device=device, dtype=torch_dtype)
+    model = load_training_model(ckpt, device=device, dtype=torch_dtype)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     values: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    if ckpt.layout == "peft":  # the adapter trains, the base stays frozen: as the run did
+        trained = sum(math.prod(s) for _, s in params)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        values["parameters_trained"] = _value(f"{trained:,} in {len(params)} LoRA adapter tensors (base model "
+                                              f"frozen: {frozen:,})", "adapter_config.json (PEFT)")
+        report["adapter"] = {"kind": "lora", "base_model": str(base_model_path(ckpt)), "trainable_tensors": len(params),
+                             "trainable_parameters": trained, "frozen_parameters": frozen}
+        notes.append(f"a LoRA adapter run: resumed as the PeftModel it trained, {trained:,} adapter parameters train, "
+                     "the base model is frozen; displacement and the start-weight hash cover the adapter parameters")
 
     opt_state = load_optimizer_state(ckpt, params) if getattr(ckpt, "optimizer_file", None) is not None else None
     sched_state = load_scheduler_state(ckpt) if getattr(ckpt, "scheduler_file", None) is not None else None
@@ -232,7 +247,7 @@ def probe_inputs_from_checkpoint(
     def evaluate(m: nn.Module) -> tuple[float, float]:
         return eval_data.evaluate(m, "validation")
 
-    report: dict[str, Any] = {"precision": precision.to_json()}
+    report["precision"] = precision.to_json()
     if precision.note():
         notes.append(precision.note())
     if hasattr(eval_data, "selection"):

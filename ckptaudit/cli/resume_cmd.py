@@ -153,6 +153,7 @@ def resume_probe(
     size and RNG state; a Trainer checkpoint with --train-data resumes through the Trainer itself) and RESET
     conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
     bit-identical weights on identical batches; report eval loss/accuracy, displacement, and collapse verdicts.
+    A PEFT LoRA checkpoint resumes its adapter: the base model wrapped by PEFT, only the adapter parameters train.
 
     Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --train-steps 50
     """

@@ -30,7 +30,7 @@ from ckptaudit.errors import (
 from ckptaudit.io.keys import model_key_renamer
 from ckptaudit.io.tensors import TensorSource
 
-__all__ = ["param_shapes", "load_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
+__all__ = ["param_shapes", "load_model", "load_training_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
            "resolve_model_path", "hub_cache_dir"]
 
 
@@ -180,6 +180,20 @@ def load_model(
     with (opener(model) if callable(opener) else ckpt.tensors()) as source:
         fill_model(model, source, ckpt.path)
     return model.eval()
+
+
+def load_training_model(
+    ckpt: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The model as the run trained it, in eval mode: for a stack whose reader builds it (a PEFT adapter run:
+    the base model wrapped by PEFT with the checkpoint's adapter, only the adapter parameters requiring grad),
+    that model; else ``load_model`` (every parameter trainable)."""
+    from ckptaudit.io.discover import stack_reader
+
+    reader = stack_reader(getattr(ckpt, "layout", "") or "")
+    if reader is not None and hasattr(reader, "training_model"):
+        return reader.training_model(ckpt, device=_resolve_device(device), dtype=dtype or torch.float32)
+    return load_model(ckpt, device=device, dtype=dtype)
 
 
 def fill_model(model: torch.nn.Module, tensors: Any, where: Any = "tensors") -> torch.nn.Module:

@@ -11,12 +11,17 @@ fan_in_fan_out, base_model_name_or_path), beside the Trainer's optimizer.pt over
   a local path, or a hub id in the local cache), filled with W0 + s B A; a missing base is one clear error.
 - Optimizer state: the Trainer's optimizer.pt, keyed by the adapter parameter names in the order PEFT's model
   lists them (built with PEFT on the meta device, no weights read).
+- Training model (resume-probe): the base model with its own weights W0, wrapped by PEFT's ``get_peft_model``
+  with the checkpoint's adapter_config.json and the adapter weights loaded by PEFT's
+  ``set_peft_model_state_dict``: the PeftModel the run trained, only the adapter parameters trainable; the
+  optimizer state is re-keyed to its parameter names (``...lora_A.default.weight``).
 
 DoRA, embedding LoRA and adapters other than LoRA are refused with one line naming the tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -273,39 +278,122 @@ def model_source(source: TensorSource, ckpt: Any, model: torch.nn.Module) -> Ten
     return _MergedView(_open_file(base_model_path(ckpt)), source)
 
 
-def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """The adapter parameters in the order PEFT's model lists them (requires_grad), under the file's names."""
-    import warnings
-
-    from peft import PeftConfig, get_peft_model
-
-    from ckptaudit.io.models import _build
-
-    folder = _dir(ckpt)
-    peft_config = PeftConfig.from_pretrained(str(folder))
-    peft_config.inference_mode = False  # as it was trained: the adapter parameters require grad
+@contextlib.contextmanager
+def _offline() -> Any:
+    """HF_HUB_OFFLINE=1 while PEFT runs: it would otherwise look base model names up on the hub."""
     offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT would otherwise look base model names up on the hub
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PEFT notes that the meta model has no name_or_path
-            model = get_peft_model(_build(config(ckpt), folder), peft_config)
+        yield
     finally:
         if offline is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = offline
-    out = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out.append((re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name), tuple(p.shape)))
-    return out
+
+
+def _peft_config(folder: Path) -> Any:
+    """PEFT's own config object of the adapter folder, as it was trained (the adapter parameters require grad)."""
+    from peft import PeftConfig
+
+    with _offline():
+        peft_config = PeftConfig.from_pretrained(str(folder))
+    peft_config.inference_mode = False
+    return peft_config
+
+
+def _file_name(name: str) -> str:
+    """A PeftModel parameter name under the adapter file's naming (the adapter's name dropped)."""
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+
+
+def param_shapes(ckpt: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """The adapter parameters in the order PEFT's model lists them (requires_grad), under the file's names."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from ckptaudit.io.models import _build
+
+    folder = _dir(ckpt)
+    peft_config = _peft_config(folder)
+    with _offline(), torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes that the meta model has no name_or_path
+        model = get_peft_model(_build(config(ckpt), folder), peft_config)
+    return [(_file_name(n), tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class _Base:
+    """The base model folder as ``io.models.load_model`` takes a checkpoint: its config and its tensors."""
+
+    layout = None
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def config(self) -> dict:
+        from ckptaudit.io.jsonio import read_json
+
+        return read_json(self.path / "config.json", expect=None, hint="re-save the base model")
+
+    def tensors(self) -> TensorSource:
+        return _open_file(self.path)
+
+
+def training_model(ckpt: Any, device: Any = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model the adapter run trained, in eval mode: the base model (``base_model_name_or_path``) filled with
+    its own weights, wrapped by PEFT's ``get_peft_model`` with the checkpoint's adapter_config.json, and the
+    checkpoint's adapter weights (read weights-only by ckptaudit) loaded by PEFT's ``set_peft_model_state_dict``.
+    Only the adapter parameters require grad. A base model whose modules the adapter does not find, or an adapter
+    file with tensors the model has no place for, is a LayoutError naming them."""
+    import warnings
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from ckptaudit.io.models import load_model
+
+    folder = _dir(ckpt)
+    adapter_config(ckpt)  # refuses DoRA and non-LoRA adapters with one line
+    base = load_model(_Base(base_model_path(ckpt)), device=device, dtype=dtype)
+    try:
+        with _offline(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(base, _peft_config(folder))
+    except ValueError as exc:  # "Target modules ... not found in the base model"
+        raise LayoutError(f"{folder / ADAPTER_CONFIG}: PEFT cannot wrap the base model ({str(exc).splitlines()[0]})",
+                          hint="base_model_name_or_path names another model than the adapter was trained on") from None
+    file = adapter_file(folder)
+    with _open_file(file) as src:
+        weights = {k: src.get(k) for k in src.keys()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        what = (f"tensor {result.unexpected_keys[0]!r} has no place in the adapter" if result.unexpected_keys
+                else f"the adapter parameter {missing[0]!r} is not in the file")
+        raise LayoutError(f"{file}: {what}", hint="the adapter file and adapter_config.json do not belong together")
+    return model.eval()
 
 
 def optimizer_to_model(state: Any, params: Any) -> Any:
-    """resume-probe would continue a full fine-tune of the merged model: refused (the adapter's optimizer state
-    belongs to the adapter parameters, which the merged model does not have)."""
-    raise OptimizerStateError(
-        f"{state.source}: a LoRA adapter run: the optimizer state belongs to the adapter parameters, and resuming "
-        "the merged model would be a full fine-tune",
-        hint="inspect, backbone, fisher and extrapolate read adapter runs; resume-probe needs a full-weight run")
+    """The adapter's OptimizerState (keyed by the file's names) re-keyed for ``params``, the named_parameters of
+    the PeftModel that ``training_model`` builds (``...lora_A.default.weight``); order and tensors unchanged.
+    The merged model (no adapter parameters) cannot take it: resuming it would be a full fine-tune."""
+    import dataclasses
+
+    names = {_file_name(n): n for n, _ in params}
+    have = [n for group in state.names for n in group]
+    if not any(".lora_" in n for n, _ in params):
+        raise OptimizerStateError(
+            f"{state.source}: a LoRA adapter run: the optimizer state belongs to the adapter parameters, and resuming "
+            "the merged model would be a full fine-tune",
+            hint="resume-probe resumes the adapter (the base wrapped by PEFT); give it the checkpoint folder")
+    if sorted(names) != sorted(have) or len(names) != len(params):
+        odd = sorted(set(names) ^ set(have))
+        raise OptimizerStateError(
+            f"{state.source}: the optimizer state's adapter parameters differ from the model's ({', '.join(odd[:4])})",
+            hint="the optimizer state does not belong to this adapter")
+    new_state = {names[n]: dataclasses.replace(st, name=names[n]) for n, st in state.state.items()}
+    return dataclasses.replace(state, names=tuple(tuple(names[n] for n in group) for group in state.names),
+                               state=new_state, mapping=state.mapping + " (adapter parameters of the PeftModel)")
