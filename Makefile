@@ -44,7 +44,7 @@ demo: $(STAMP)
 	mkdir -p demo-out
 	$(CLI) inspect $(FIXTURES)/demo --no-hash --out demo-out/inspect.h5
 	$(CLI) backbone $(FIXTURES)/demo --out demo-out/backbone.h5 --save-vectors demo-out/backbone-vectors.safetensors
-	$(CLI) resume-probe $(FIXTURES)/demo/checkpoint-900 --steps 20 --vectors demo-out/backbone-vectors.safetensors --out demo-out/resume-probe.h5
+	$(CLI) resume-probe $(FIXTURES)/demo/checkpoint-900 --train-steps 20 --vectors demo-out/backbone-vectors.safetensors --out demo-out/resume-probe.h5
 	$(CLI) gate --init demo-out/policy.toml --force
 	$(CLI) gate $(FIXTURES)/demo --policy demo-out/policy.toml --junit demo-out/gate.xml --out demo-out/gate.h5
 	$(CLI) report show demo-out/backbone.h5 --brief

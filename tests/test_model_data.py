@@ -111,7 +111,7 @@ def test_every_command_reads_the_same_text_file(trainer_lm):
     --data, and each evaluates the same validation windows (same count, same SHA-256 of the token ids)."""
     run0, run1 = _run(trainer_lm, 0), _run(trainer_lm, 1)
     docs = {
-        "resume-probe": _json("resume-probe", run0 / "checkpoint-30", "--data", CORPUS, "--steps", 1,
+        "resume-probe": _json("resume-probe", run0 / "checkpoint-30", "--data", CORPUS, "--train-steps", 1,
                               "--preserve-optimizer")["settings"]["eval_data"],
         "extrapolate": _json("extrapolate", run0, "--data", CORPUS, "--K", 5, "--predictor", "linear",
                              "--steps", "25:30")["eval_data"],

@@ -75,3 +75,25 @@ def test_read_report_rejects_foreign_files(tmp_path):
     q.write_text("not hdf5")
     with pytest.raises(CorruptFileError):
         read_report(q)
+
+
+def test_tables_never_break_a_number_or_a_word():
+    """At 80 columns a wide table keeps every number and every word whole (born-gap's ' yearning', 403,584): the
+    table is printed at its own minimum width rather than folding cells."""
+    import io
+
+    from ckptaudit.report.console import Output
+
+    buf = io.StringIO()
+    out = Output(stream=buf)
+    out.console.width = 80
+    words = ["yearning", "warmup_boundary", "suspicion"]
+    numbers = [403584.0, 0.000623312, 12345678, -1.873]
+    out.table("a wide table", [f"column {i}" for i in range(12)],
+              [[w, *numbers, *numbers, "x", w, w] for w in words])
+    text = buf.getvalue()
+    for w in words:
+        assert w in text
+    for n in ("4.036e+05", "6.233e-04", "12345678", "-1.873"):
+        assert n in text
+    assert out.console.width == 80  # restored after the table

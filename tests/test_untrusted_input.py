@@ -137,7 +137,7 @@ def test_cli_numbers_one_line(tiny_run, args, needle):
 @pytest.mark.parametrize("args, needle", [
     (("backbone", "x", "--steps"), "--steps"),           # option without its value
     (("born-gap", "m", "--contexts", "c", "--nucleus", "1.5"), "--nucleus"),   # out of range
-    (("finetune-probe", "m", "--contexts", "c", "--steps", "0"), "--steps"),
+    (("finetune-probe", "m", "--contexts", "c", "--train-steps", "0"), "--train-steps"),
     (("inspect", "x", "--no-such-option"), "--no-such-option"),
     (("no-such-command",), "no-such-command"),
     (("inspect",), "path"),                                 # missing argument

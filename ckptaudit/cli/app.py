@@ -73,6 +73,9 @@ class AuditGroup(TyperGroup):
             click.echo("ckptaudit: interrupted", err=True)
             ctx.exit(130)
         _show_notes(ctx, notes)
+        from ckptaudit.cli.common import finish_output
+
+        finish_output()
         return rv
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,

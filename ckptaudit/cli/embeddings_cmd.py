@@ -168,7 +168,7 @@ def uncertainty_line(u: dict | None) -> str:
 def born_gap_cmd(
     model: ModelArg,
     contexts: Annotated[
-        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line; "near-synonyms" names the ten pairs shipped with ckptaudit.')
     ],
     nucleus: Annotated[
         float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
@@ -184,7 +184,7 @@ def born_gap_cmd(
     throttle, logit gap, purity, participation ratio, localisation length, burial depth, geometric efficiency,
     Born and softmax ranks, and the competitor ablation.
 
-    Example: ckptaudit born-gap models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl
+    Example: ckptaudit born-gap models/smollm-135m --contexts near-synonyms
     """
     from ckptaudit.analyses.synonyms import born_gap, load_contexts
 

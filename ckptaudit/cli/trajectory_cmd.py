@@ -39,7 +39,7 @@ ProbesOpt = Annotated[
     typer.Option(
         "--probes",
         help="Probe file, one probe per line (text when the checkpoint has a tokenizer, else token ids). "
-        "Default: fixtures/probes/default.txt with a tokenizer; the task's own fixed inputs without one.",
+        "Default: the package's 100 probe texts (ckptaudit/data/probes.txt) with a tokenizer; the task's own fixed inputs without one.",
     ),
 ]
 ThresholdsOpt = Annotated[

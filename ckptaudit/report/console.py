@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -58,6 +60,7 @@ class Output:
         # Human text goes to stdout unless JSON owns stdout; then it goes to stderr (and only when asked).
         self.console = Console(file=self.stream, highlight=False, soft_wrap=False, width=120 if not self.stream.isatty() else None)
         self.err = Console(file=sys.stderr, highlight=False)
+        self._end: list[str] = []
 
     @property
     def human(self) -> bool:
@@ -72,16 +75,42 @@ class Output:
         if not self.human:
             return
         t = Table(title=title, caption=caption, title_justify="left", show_lines=False)
-        for c in columns:
-            t.add_column(c, overflow="fold")
-        for r in rows:
-            t.add_row(*[fmt(x) for x in r])
-        self.console.print(t)
+        cells = [[fmt(x) for x in r] for r in rows]
+        for i, c in enumerate(columns):
+            column = [r[i] for r in cells if i < len(r)]
+            if column and all(_NUMBER_RE.fullmatch(_plain_text(v)) for v in column):
+                # a number is never broken across lines
+                t.add_column(c, no_wrap=True, justify="right", min_width=max(len(_plain_text(v)) for v in column))
+            else:
+                # text wraps between words, never inside one (a long path folds only past 40 characters)
+                longest = max((len(w) for v in column for w in _plain_text(v).split()), default=1)
+                t.add_column(c, overflow="fold", min_width=min(max(longest, len(c.split()[0]) if c else 1), 40))
+        for r in cells:
+            t.add_row(*r)
+        # A table whose columns cannot shrink to the console is printed at its own minimum width: a long line
+        # beats a cropped column.
+        need = Measurement.get(self.console, self.console.options.update_width(10_000), t).minimum
+        width = self.console.width
+        try:
+            self.console.width = max(need, width)
+            self.console.print(t)
+        finally:
+            self.console.width = width
 
     def json(self, payload: dict) -> None:
         if self.json_mode:
             self.stream.write(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
             self.stream.flush()
+
+    def at_end(self, message: str) -> None:
+        """A note printed after the command's results (see ``flush_end``)."""
+        self._end.append(message)
+
+    def flush_end(self) -> None:
+        """Print the notes kept by ``at_end``, once."""
+        pending, self._end = self._end, []
+        for message in pending:
+            self.note(message)
 
     def note(self, message: str) -> None:
         """A one-line remark for humans (written to stderr when stdout carries JSON)."""
@@ -128,6 +157,15 @@ class _NullBar:
 
     def stage(self, description: str, total: float | None) -> None:
         pass
+
+
+_NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?(?:e[-+]?\d+)?%?|nan|inf|-inf|—)", re.I)
+_MARKUP_RE = re.compile(r"\[/?[a-z #0-9]*\]")
+
+
+def _plain_text(cell: str) -> str:
+    """A cell without its rich colour markup ([green]...[/green])."""
+    return _MARKUP_RE.sub("", cell)
 
 
 def fmt(x: Any) -> str:
