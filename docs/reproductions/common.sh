@@ -5,6 +5,7 @@
 #   PY, CLI  the Python and the ckptaudit of the checkout's .venv (make install creates them)
 #   THREADS  torch threads per command (default 1); NICE the command prefix (default "nice -n 19")
 #   FORCE=1  rerun a command whose JSON already exists (by default a finished command is not rerun)
+#   TRAIN=0  train nothing, resume nothing: measure the cached runs with the checkpoints they have
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -14,15 +15,31 @@ RUNS=${RUNS:-$ROOT/.cache/reproductions}
 THREADS=${THREADS:-1}
 NICE=${NICE:-nice -n 19}
 FORCE=${FORCE:-0}
+TRAIN=${TRAIN:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 [ -x "$CLI" ] || { echo "no $CLI: run 'make install' first" >&2; exit 2; }
 
-# train NAME ARGS...: docs/reproductions/train_lm.py into $RUNS/NAME (skipped when the run is finished)
+# train NAME ARGS...: docs/reproductions/train_lm.py into $RUNS/NAME (skipped when the run is finished; resumed from
+# its newest checkpoint when it was interrupted)
 train() {
   local name=$1; shift
   if [ -f "$RUNS/$name/DONE" ]; then echo "$name: trained ($(cat "$RUNS/$name/DONE"))"; return; fi
-  echo "$name: training (log: $RUNS/$name.log)"
-  $NICE "$PY" docs/reproductions/train_lm.py "$RUNS/$name" --threads "$THREADS" "$@" > "$RUNS/$name.log" 2>&1
+  if [ "$TRAIN" = 0 ]; then
+    echo "$name: not trained further (TRAIN=0): $(find "$RUNS/$name" -maxdepth 1 -name 'checkpoint-*' | wc -l) checkpoints"
+    return
+  fi
+  if [ -n "$(find "$RUNS/$name.log" -mmin -10 2>/dev/null)" ]; then
+    echo "$name: a training is in progress (its log changed in the last 10 minutes); rerun when it has finished" >&2
+    exit 3
+  fi
+  local resume=()
+  if [ -n "$(find "$RUNS/$name" -name trainer_state.json 2>/dev/null | head -1)" ]; then
+    resume=(--resume)  # an interrupted run continues from its newest checkpoint (the Trainer's own resume)
+    [ -f "$RUNS/$name.log" ] && cat "$RUNS/$name.log" >> "$RUNS/$name.log.interrupted"
+  fi
+  echo "$name: training ${resume[*]} (log: $RUNS/$name.log)"
+  $NICE "$PY" docs/reproductions/train_lm.py "$RUNS/$name" --threads "$THREADS" "${resume[@]}" "$@" \
+    > "$RUNS/$name.log" 2>&1
 }
 
 # Each script sets PAPER (001, ...): the JSON of every command goes to RESULTS=$RUNS/results/$PAPER, the HDF5 reports
@@ -55,7 +72,7 @@ measure() {
   printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$RESULTS/wall_seconds.tsv"
 }
 
-# figures NAME DIR [FILE...]: copy the PNGs a --plot DIR wrote (the FILEs named, default all) into $FIGURES as
+# figures NAME DIR [PATTERN...]: copy the PNGs a --plot DIR wrote (those matching a PATTERN, default all) into $FIGURES as
 # NAME-<file>.png, at most 900 px wide and in a 64-colour palette (tens of KB each)
 figures() {
   local name=$1 dir=$2; shift 2
@@ -64,7 +81,7 @@ import sys
 from pathlib import Path
 from PIL import Image
 name, src, dst, wanted = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
-for f in [src / w for w in wanted] if wanted else sorted(src.glob("*.png")):
+for f in sorted({p for w in wanted or ["*.png"] for p in src.glob(w)}):
     im = Image.open(f).convert("RGB")
     if im.width > 900:
         im = im.resize((900, round(im.height * 900 / im.width)), Image.LANCZOS)
@@ -72,3 +89,12 @@ for f in [src / w for w in wanted] if wanted else sorted(src.glob("*.png")):
     im.save(dst / f"{name}-{f.name}", optimize=True)
 EOF
 }
+
+# compare_plot NAME LABELS REPORT...: `ckptaudit compare REPORT... --plot` into $REPORTS/plots-NAME (its JSON to
+# $RESULTS/NAME.json), then the figure into $FIGURES
+compare_plot() {
+  local name=$1 labels=$2; shift 2
+  $NICE "$CLI" compare "$@" --labels "$labels" --plot "$REPORTS/plots-$name" --json > "$RESULTS/$name.json"
+  figures "$name" "$REPORTS/plots-$name"
+}
+

@@ -72,7 +72,8 @@ def _pc1_rows(doc: dict, label: str) -> list[list]:
 
 def paper_001(results: Path) -> list[dict]:
     tables = []
-    bb = {run: load(results, f"backbone-{run}") for run in ("adamw", "sgd")}
+    runs = ["adamw", *sorted(p.stem[len("backbone-"):] for p in results.glob("backbone-adamw-to*.json")), "sgd"]
+    bb = {run: load(results, f"backbone-{run}") for run in runs}
     cols = ["run", "group", "rows", "PC1 % (tool, full trace)", "PC1 % (top 10 only, derived)", "difference (points)",
             "k95", "k99", "f_b(last)", "mean c(w), W = 10"]
     rows = []
@@ -280,6 +281,13 @@ def paper_004(results: Path) -> list[dict]:
                                     ["cascades"], [[json.dumps(d["cascades"])]]))
             tables.append(table(f"extrapolate, seed {s}, {label}: timing and notes", [f"extrapolate{variant}-seed{s}.json"],
                                 ["timing", "notes"], [[json.dumps(d.get("timing")), " / ".join(d.get("notes", []))]]))
+    cas = load(results, "cascades-seed42")
+    if cas is not None and cas.get("cascades"):
+        crows = [[spec, pred, crit, r(v["full_chain"], 3), r(v["mean_depth"], 2)]
+                 for spec, by_pred in cas["cascades"]["summary"].items() for pred, by_crit in by_pred.items()
+                 for crit, v in by_crit.items()]
+        tables.append(table("Cascades, seed 42 (D links of K steps, validated at each link)", ["cascades-seed42.json"],
+                            ["D:K", "predictor", "criterion", "full chains accepted", "mean accepted depth"], crows))
     for rule in ("adaptive", "fixed"):
         d = load(results, f"cross-seed-{rule}")
         if d is None:
