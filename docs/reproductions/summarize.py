@@ -240,7 +240,8 @@ def paper_004(results: Path) -> list[dict]:
                             ["seed", "thresholds", "low", "high", "chaotic", "transition", "stable", "unknown",
                              "first entry", "min s_t", "max s_t"], reg_rows))
     for s in seeds:
-        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments")):
+        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments"),
+                               ("-quick", "K = 5, 15, 45, 1,024 tokens")):
             d = load(results, f"extrapolate{variant}-seed{s}")
             if d is None:
                 continue
