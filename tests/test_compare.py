@@ -152,3 +152,38 @@ def test_reports_of_different_checkpoints_line_up_through_their_step_group(tmp_p
 
     assert resolve(read_report(two), "fisher/step_*/a") is _MISSING  # ambiguous: name the checkpoint
     assert resolve(read_report(two), "fisher/step_2/a") == 2.0
+
+
+def test_fisher_headlines_carry_their_standard_errors(tiny_run, tmp_path):
+    """Two real fisher reports of one checkpoint (two seeds: other random directions and batches): every headline
+    and its standard error equal the attributes read here with h5py."""
+    vec = tmp_path / "v.safetensors"
+    assert invoke("backbone", tiny_run, "--save-vectors", vec, "--quiet").exit_code == 0
+    paths = []
+    for seed in (1, 2):
+        out = tmp_path / f"seed{seed}.h5"
+        r = invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--batches", 4, "--batch-size", 8,
+                   "--random", 3, "--bootstrap", 20, "--seed", seed, "--out", out, "--no-hash", "--quiet")
+        assert r.exit_code == 0, r.output
+        paths.append(out)
+    r = invoke("compare", *paths, "--json")
+    assert r.exit_code == 0, r.output
+    rows = {q["path"]: q for q in json.loads(r.stdout)["quantities"]}
+    files = [h5py.File(p) for p in paths]
+    try:
+        g = [f["fisher/step_60"] for f in files]
+        for name, se in (("anisotropy", "anisotropy_se"), ("random_expected", "q_random_se_exact"),
+                         ("trace", "trace_se"), ("grad_backbone_projection_mean", "grad_backbone_projection_se")):
+            row = rows[f"fisher/step_*/{name}"]
+            assert row["values"] == pytest.approx([x.attrs[name] for x in g], rel=1e-12)
+            assert row["se"] == pytest.approx([x.attrs[se] for x in g], rel=1e-12)
+        q = rows["fisher/step_*/q/backbone"]
+        assert q["values"] == pytest.approx([x["q"].attrs["backbone"] for x in g], rel=1e-12)
+        assert q["se"] == pytest.approx([x["q_se"].attrs["backbone"] for x in g], rel=1e-12)
+        lam = rows["fisher/step_*/top_eigenvalues[0]"]
+        assert lam["values"] == pytest.approx([float(x["top_eigenvalues"][0]) for x in g], rel=1e-12)
+        assert lam["se"] == pytest.approx([x["bootstrap/se"].attrs["lambda_1"] for x in g], rel=1e-12)
+        assert rows["fisher/step_*/q/random_mean"]["values"][0] != rows["fisher/step_*/q/random_mean"]["values"][1]
+    finally:
+        for f in files:
+            f.close()

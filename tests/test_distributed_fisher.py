@@ -52,7 +52,8 @@ def test_two_process_gloo_fisher_equals_single_process(tiny_run, tmp_path, batch
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["report.h5"]
     import h5py
 
-    keys = ["projections", "eigenvalues", "grad_norms", "losses", "q_random", "block_signed_projection"]
+    keys = ["projections", "eigenvalues", "grad_norms", "losses", "q_random", "block_signed_projection", "gram",
+            "block_projections", "block_grad_norms", "bootstrap/replicates/anisotropy", "bootstrap/replicates/lambda_1"]
     if "--hessian" in extra:
         keys.append("hessian_random")
     with h5py.File(tmp_path / "single" / "report.h5") as f1, h5py.File(tmp_path / "dist" / "report.h5") as f2:

@@ -26,7 +26,11 @@ from ckptaudit.tasks import get_task
 M, B, SEED = 6, 8, 3
 CHECKPOINT_KEYS = {"step", "q", "anisotropy", "top_eigenvalues", "top_overlap_backbone", "effective_rank",
                    "grad_backbone_cos_mean", "grad_backbone_cos_std", "noise_floor", "block_signed_projection",
-                   "anisotropy_se", "anisotropy_exact", "random_expected", "trace"}
+                   "anisotropy_se", "anisotropy_exact", "random_expected", "trace", "trace_se", "q_se",
+                   "q_random_std", "q_random_se", "q_random_std_exact", "q_random_se_exact",
+                   "grad_backbone_projection_mean", "grad_backbone_projection_std", "grad_backbone_projection_se",
+                   "grad_backbone_cos_signed_mean", "grad_backbone_cos_signed_std", "grad_backbone_cos_se",
+                   "block_projection_mean", "block_projection_std", "block_grad_norm_mean", "bootstrap"}
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +209,12 @@ class Float64Loss:
     def batch(self, *args):
         return self.task.batch(*args)
 
-    def loss_and_accuracy(self, model, batch):
+    def loss(self, model, batch):
         logits = self.task.answer_logits(model, batch["input_ids"])
-        return torch.nn.functional.cross_entropy(logits, batch["labels"]), 0.0
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    def loss_and_accuracy(self, model, batch):
+        return self.loss(model, batch), 0.0
 
 
 def test_hessian_matches_finite_difference(tiny):

@@ -226,6 +226,46 @@ def test_slack_clean_cell_equals_plain_model(tiny_run):
     assert task.evaluate(model, "validation")[1] == plain_acc
 
 
+@pytest.mark.parametrize("batch_size", [53, 4096])  # one batch or five: the unit is the sequence either way
+def test_slack_standard_errors_over_sequences_by_hand(tiny_run, batch_size):
+    """accuracy_se / margin_se / loss_se of the clean cell against per-answer correctness, margins and
+    cross-entropies of the plain model computed here (the task has one answer per sequence, so the error is the
+    std (ddof 1) of those over sqrt(n)); the noised cell has an error of its own."""
+    ckpt = discover_run(tiny_run / "checkpoint-60").checkpoints[-1]
+    model = load_model(ckpt)
+    task = task_from_checkpoint_dir(tiny_run / "checkpoint-60")
+    cols = [[], [], []]  # correct, margin, cross-entropy per answer
+    with torch.no_grad():
+        for batch in task.eval_batches("validation"):
+            z = model(input_ids=batch["input_ids"]).logits[:, -1, : task.p].double()
+            y = batch["labels"]
+            cols[0] += (z.argmax(1) == y).double().tolist()
+            cols[1] += margins_of(z, y).tolist()
+            cols[2] += torch.nn.functional.cross_entropy(z, y, reduction="none").tolist()
+    n = len(cols[0])
+    result = run_slack(model, TaskEval(task, batch_size=batch_size), alphas=(1.0,), sigmas=(0.0, 2.0), seed=3)
+    assert result.n_units == n == result.n
+    for col, se in zip(cols, (result.accuracy_se, result.margin_se, result.loss_se), strict=True):
+        assert se.shape == (1, 2)
+        assert se[0, 0] == pytest.approx(np.std(col, ddof=1) / np.sqrt(n), rel=1e-6)
+        assert np.isfinite(se[0, 1]) and se[0, 1] > 0 and se[0, 1] != se[0, 0]
+    doc = result.to_json()
+    assert doc["accuracy_se"] == result.accuracy_se.tolist() and doc["n_units"] == n
+
+
+def test_ratio_se_over_unequal_units_by_hand():
+    """Sequences with several answers each (text data): the linearised ratio error written out here."""
+    from ckptaudit.analyses.gxs_eval import ratio_se
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(1, 9, size=12).astype(float)
+    y = np.stack([rng.binomial(k.astype(int), 0.4), rng.normal(size=12) * k], axis=1)  # [12, 2]
+    R = y.sum(0) / k.sum()
+    want = np.sqrt(12 / 11 * ((y - R * k[:, None]) ** 2).sum(0)) / k.sum()
+    np.testing.assert_allclose(ratio_se(y, k), want, rtol=1e-12)
+    assert ratio_se(y[:1], k[:1]) is None
+
+
 def test_margins_of_matches_definition():
     z = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 4.5]])
     assert margins_of(z, torch.tensor([1, 2])).tolist() == [1.0, -0.5]

@@ -17,7 +17,9 @@ Delta is the spacing before t (``t - t_prev``); quadratic and quadratic-fit need
 skipped (with a note) where they are not. adam-step reuses the moments stored at t for all K steps (the coming
 gradients are unknown); for K = 1 it is exactly torch.optim.AdamW's update with those moments. With Adam's
 coupled weight decay (``decoupled_weight_decay`` False) the decay is already inside the moments and the wd term
-is dropped. Parameters without optimizer state (never got a gradient) stay at theta_t.
+is dropped. Parameters without optimizer state (never got a gradient) stay at theta_t. With a moment dtype
+(``--moment-dtype``) m and v are first stored at that precision (torch's round-to-nearest ``Tensor.to``), as the
+paper's code keeps them in float16, and then used in float64: what the storage precision does to the predictors.
 
 Predictions are built one tensor at a time from the (at most three) checkpoints and the optimizer state a
 predictor needs, written straight into the one model that is then validated (``PredictionStream`` fed to
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 PREDICTORS = ("linear", "quadratic", "quadratic-fit", "momentum", "adam-step")
+MOMENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINITE_DIFFERENCE = ("linear", "quadratic", "quadratic-fit")
 DEFAULT_K = (5, 10, 25, 50, 75, 100)
 CRITERIA = ("strict", "adaptive", "proximity")
@@ -138,7 +141,8 @@ class PredictionPlan:
     """One prediction: ``predictor`` from checkpoint ``current`` (step t) to t + k * links.
 
     ``previous`` / ``previous2`` are the checkpoints at t - delta and t - 2 delta (finite differences);
-    ``optimizer`` the OptimizerState of ``current`` (momentum, adam-step).
+    ``optimizer`` the OptimizerState of ``current`` (momentum, adam-step); ``moment_dtype`` the precision the
+    moments are stored at before use (None: as loaded).
     """
 
     predictor: str
@@ -149,6 +153,7 @@ class PredictionPlan:
     previous: Any = None
     previous2: Any = None
     optimizer: Any = None
+    moment_dtype: torch.dtype | None = None
 
     @property
     def horizon(self) -> int:
@@ -175,7 +180,7 @@ def _predict_tensor(plan: PredictionPlan, name: str, theta: torch.Tensor, source
     if entry is None or entry[0].exp_avg is None or entry[0].exp_avg_sq is None:
         return theta  # no optimizer moments for this tensor: it has not moved by the optimizer's account
     state, hyper = entry
-    m, v = state.exp_avg.double().cpu(), state.exp_avg_sq.double().cpu()
+    m, v = stored_moments(state, plan.moment_dtype)
     eps = float(hyper.get("eps", 1e-8))
     if p == "momentum":
         return momentum_prediction(theta, m, v, plan.horizon, eps)
@@ -185,6 +190,14 @@ def _predict_tensor(plan: PredictionPlan, name: str, theta: torch.Tensor, source
         theta, m, v, float(state.step or 1.0), plan.k, float(hyper["lr"]),
         tuple(hyper.get("betas", (0.9, 0.999))), eps, wd, links=plan.links,
     )  # fmt: skip
+
+
+def stored_moments(state: Any, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) of a ParamState as float64 CPU tensors, rounded to ``dtype`` first (None: as loaded)."""
+    m, v = state.exp_avg, state.exp_avg_sq
+    if dtype is not None:
+        m, v = m.to(dtype), v.to(dtype)
+    return m.double().cpu(), v.double().cpu()
 
 
 def predicted_tensors(plan: PredictionPlan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

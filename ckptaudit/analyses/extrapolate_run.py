@@ -1,7 +1,11 @@
 """The `extrapolate` analysis over a run: losses and regimes per checkpoint, every predictor at every K,
-acceptance rates per predictor, K and regime, cascades and the predict+validate vs real-steps timing.
+acceptance rates per predictor, K and regime with their uncertainty, cascades, the predict+validate vs real-steps
+timing, and on request the landscape along each prediction, the K-consecutive-stable gate and the moments rounded
+to a storage precision.
 
-Formulas and streaming are in ``ckptaudit.analyses.extrapolate``; regimes in ``ckptaudit.analyses.regimes``.
+Formulas and streaming are in ``ckptaudit.analyses.extrapolate``; regimes in ``ckptaudit.analyses.regimes``; the
+landscape probe in ``extrapolate_landscape``, the gate and the intervals in ``extrapolate_stats``, the moment
+rounding in ``extrapolate_moments``.
 """
 
 from __future__ import annotations
@@ -19,11 +23,20 @@ from ckptaudit.analyses.extrapolate import (
     CRITERIA,
     DEFAULT_K,
     FINITE_DIFFERENCE,
+    MOMENT_DTYPES,
     PREDICTORS,
     PredictionPlan,
     PredictionStream,
     acceptance,
     recent_sigma,
+)
+from ckptaudit.analyses.extrapolate_landscape import FRACTIONS, LandscapeProbe, probe_landscape
+from ckptaudit.analyses.extrapolate_stats import (
+    DEFAULT_BOOTSTRAP,
+    RateBootstrap,
+    error_uncertainty,
+    rate_uncertainty,
+    stable_runs,
 )
 from ckptaudit.analyses.regimes import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
 from ckptaudit.errors import CkptAuditError
@@ -42,12 +55,19 @@ class ExtrapolateSettings:
     thresholds: tuple[float, float] | None = None  # fixed regime thresholds; None = adaptive percentiles
     device: str = "cpu"
     dtype: Any = None  # torch dtype of the model (None: float32)
+    landscape: bool = False  # loss at FRACTIONS of each prediction: 5 more evaluations per prediction
+    confirm_stable: int | None = None  # trust a prediction after this many consecutive stable checkpoints
+    moment_dtype: str | None = None  # store m, v at this precision before momentum / adam-step (None: as loaded)
+    bootstrap: int = DEFAULT_BOOTSTRAP  # replicates over the starting checkpoints for the rates (0: none)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class PredictionRow:
     """One validated prediction. Losses in nats; ``loss_true`` / ``rel_weight_error`` None when theta(t+K) is
-    not in the run; ``link`` is 1 outside cascades; ``seconds`` = predict + validate wall time."""
+    not in the run; ``link`` is 1 outside cascades; ``seconds`` = predict + validate wall time (without the
+    landscape probe); ``stable_run``: consecutive stable checkpoints ending at t; ``trusted``: whether it passes the
+    K-consecutive gate (None without one); ``landscape``: the probe along the prediction (None without one)."""
 
     step: int
     predictor: str
@@ -63,6 +83,9 @@ class PredictionRow:
     seconds: float
     link: int = 1
     D: int = 1
+    stable_run: int = 0
+    trusted: bool | None = None
+    landscape: LandscapeProbe | None = None
 
     def to_json(self, cascade: bool = False) -> dict:
         d = asdict(self)
@@ -70,6 +93,11 @@ class PredictionRow:
         if not cascade:
             d.pop("link")
             d.pop("D")
+        for key in ("trusted", "landscape"):
+            if d[key] is None:
+                d.pop(key)
+        if self.landscape is not None:
+            d["landscape"] = self.landscape.to_json()
         return d
 
 
@@ -88,6 +116,7 @@ class ExtrapolateResult:
     settings: ExtrapolateSettings
     timing: dict | None
     notes: tuple[str, ...] = field(default=())
+    moment_rounding: tuple[dict, ...] = field(default=())
     mean_rel_weight_error: dict[str, dict[str, float | None]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +155,55 @@ class ExtrapolateResult:
             out.setdefault(spec, {})[pred] = entry
         return out
 
+    def uncertainty(self) -> dict:
+        """Wilson intervals and the seeded bootstrap over starting checkpoints (``extrapolate_stats``) of every
+        rate, overall and per regime, and of the mean relative weight errors."""
+        st = self.settings
+        boot = RateBootstrap([r.step for r in self.rows], st.bootstrap, st.seed) if self.rows else None
+        present = [g for g in (*REGIMES, UNKNOWN) if any(r.regime == g for r in self.rows)]
+        return {
+            "bootstrap": boot.describe() if boot is not None and boot.active else None,
+            "rates": rate_uncertainty(self.rows, boot),
+            "by_regime": {g: rate_uncertainty([r for r in self.rows if r.regime == g], boot) for g in present},
+            "mean_rel_weight_error": error_uncertainty(self.rows, boot),
+        }
+
+    def gate(self) -> dict | None:
+        """With ``confirm_stable`` K: the trusted starting steps, the rates among trusted predictions (with their
+        uncertainty) and "applied", the share of all predictions of each predictor and K that are trusted and
+        accepted (what a predict-then-verify loop that obeys the gate would take); None without a gate."""
+        k = self.settings.confirm_stable
+        if k is None:
+            return None
+        ok = [r for r in self.rows if r.trusted]
+        boot = RateBootstrap([r.step for r in self.rows], self.settings.bootstrap, self.settings.seed) if self.rows else None
+        applied: dict[str, dict[str, dict[str, float]]] = {}
+        for pred, kk, rs in _by_predictor_and_k(self.rows):
+            applied.setdefault(pred, {})[str(kk)] = {c: sum(bool(r.trusted and getattr(r, c)) for r in rs) / len(rs)
+                                                     for c in CRITERIA}
+        counts: dict[str, dict[str, int]] = {}
+        for pred, kk, rs in _by_predictor_and_k(ok):
+            counts.setdefault(pred, {})[str(kk)] = len(rs)
+        return {"K": int(k), "rule": f"trusted after {k} consecutive stable checkpoints (ending at t)",
+                "trusted_steps": sorted({r.step for r in ok}), "acceptance": _rates(ok), "counts": counts,
+                "uncertainty": rate_uncertainty(ok, boot), "applied": applied}
+
+    def landscape_summary(self) -> dict | None:
+        """With the landscape probe: its fractions and cost, and predictor -> str(K) -> reading -> number of
+        predictions, over all predictions and over those the strict criterion rejected."""
+        probed = [r for r in self.rows if r.landscape is not None]
+        if not self.settings.landscape:
+            return None
+        out: dict[str, Any] = {"fractions": list(FRACTIONS), "evaluations": len(FRACTIONS) * len(probed),
+                               "cost": f"{len(FRACTIONS)} weight builds and held-out evaluations per prediction"}
+        for key, subset in (("readings", probed), ("rejected_readings", [r for r in probed if not r.strict])):
+            table: dict[str, dict[str, dict[str, int]]] = {}
+            for r in subset:
+                cell = table.setdefault(r.predictor, {}).setdefault(str(r.K), {})
+                cell[r.landscape.reading] = cell.get(r.landscape.reading, 0) + 1
+            out[key] = table
+        return out
+
     def to_json(self) -> dict:
         present_regimes = [g for g in (*REGIMES, UNKNOWN) if any(r.regime == g for r in self.rows)]
         return {
@@ -141,7 +219,14 @@ class ExtrapolateResult:
             "regimes": self.regimes.to_json(),
             "settings": {"predictors": list(self.settings.predictors), "K": list(self.settings.ks),
                          "tolerance": self.settings.tolerance, "sigma_window": self.settings.sigma_window,
-                         "skip_chaotic": self.settings.skip_chaotic},  # fmt: skip
+                         "skip_chaotic": self.settings.skip_chaotic, "landscape": self.settings.landscape,
+                         "confirm_stable": self.settings.confirm_stable, "moment_dtype": self.settings.moment_dtype,
+                         "bootstrap": self.settings.bootstrap, "seed": self.settings.seed},  # fmt: skip
+            "acceptance_uncertainty": self.uncertainty(),
+            "stable_run": stable_runs(self.regimes.regime),
+            "gate": self.gate(),
+            "landscape": self.landscape_summary(),
+            "moment_rounding": list(self.moment_rounding) or None,
             "notes": list(self.notes),
         }
 
@@ -162,7 +247,50 @@ class ExtrapolateResult:
             tree["cascades"] = {"results": _columns(self.cascade_rows, cascade=True), "summary": self.cascade_summary()}
         if self.timing is not None:
             tree["timing"] = self.timing
+        tree["acceptance_uncertainty"] = _hdf5_uncertainty(self.uncertainty())
+        tree["stable_run"] = np.asarray(stable_runs(self.regimes.regime), dtype=np.int64)
+        gate = self.gate()
+        if gate is not None:
+            gate["trusted_steps"] = np.asarray(gate["trusted_steps"], dtype=np.int64)
+            gate["uncertainty"] = _hdf5_uncertainty({"rates": gate["uncertainty"]})["rates"]
+            tree["gate"] = gate
+        land = self.landscape_summary()
+        if land is not None:
+            tree["landscape"] = {**land, "results": _landscape_columns(self.rows)}
+        if self.moment_rounding:
+            tree["moment_rounding"] = {f"step_{m['step']}": m for m in self.moment_rounding}
         return tree
+
+
+def _hdf5_uncertainty(u: dict) -> dict:
+    """The uncertainty dict with its [lo, hi] pairs as float64 datasets (None -> NaN) for HDF5."""
+
+    def conv(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return np.asarray([math.nan if v is None else v for v in x], dtype=np.float64)
+        return x
+
+    return conv({k: v for k, v in u.items() if v is not None})
+
+
+def _landscape_columns(rows: Sequence[PredictionRow]) -> dict:
+    """One dataset per landscape field over the probed predictions (losses: [n, len(FRACTIONS)])."""
+    probed = [r for r in rows if r.landscape is not None]
+    if not probed:
+        return {}
+    out: dict[str, Any] = {"step": np.asarray([r.step for r in probed], dtype=np.int64),
+                           "predictor": [r.predictor for r in probed],
+                           "K": np.asarray([r.K for r in probed], dtype=np.int64),
+                           "fractions": np.asarray(FRACTIONS, dtype=np.float64),
+                           "losses": np.asarray([r.landscape.losses for r in probed], dtype=np.float64),
+                           "reading": [r.landscape.reading for r in probed]}
+    for key in ("loss_at_0", "norm", "derivative", "curvature", "curvature_at_prediction", "secant_slope",
+                "best_fraction", "line_minimum"):
+        out[key] = np.asarray([math.nan if getattr(r.landscape, key) is None else getattr(r.landscape, key)
+                               for r in probed], dtype=np.float64)
+    return out
 
 
 def _depth(links: Sequence[PredictionRow], criterion: str) -> int:
@@ -205,12 +333,14 @@ def _columns(rows: Sequence[PredictionRow], cascade: bool = False) -> dict:
         return {}
     out: dict[str, Any] = {}
     for key in rows[0].to_json(cascade=cascade):
+        if key == "landscape":  # its own group (``_landscape_columns``)
+            continue
         vals = [getattr(r, key) for r in rows]
         if isinstance(vals[0], str):
             out[key] = vals
         elif isinstance(vals[0], bool):
             out[key] = np.asarray(vals, dtype=bool)
-        elif key in ("step", "K", "link", "D"):
+        elif key in ("step", "K", "link", "D", "stable_run"):
             out[key] = np.asarray(vals, dtype=np.int64)
         else:
             out[key] = np.asarray([math.nan if v is None else v for v in vals], dtype=np.float64)
@@ -258,7 +388,8 @@ def _moments_problem(ckpt: Any, opt: Any) -> str | None:
 
 
 def _plans(
-    i: int, ckpts: Sequence[Any], predictor: str, k: int, links: int, opt: Any, skipped: dict[str, set]
+    i: int, ckpts: Sequence[Any], predictor: str, k: int, links: int, opt: Any, skipped: dict[str, set],
+    moment_dtype: torch.dtype | None = None,
 ) -> PredictionPlan | None:
     """The plan for ``predictor`` from checkpoint i, or None (reason recorded in ``skipped``)."""
     steps = [int(c.step) for c in ckpts]
@@ -275,7 +406,7 @@ def _plans(
     if opt is None:
         skipped.setdefault(f"{predictor}: no optimizer moments", set()).add(steps[i])
         return None
-    return PredictionPlan(predictor, ckpts[i], k, links, optimizer=opt)
+    return PredictionPlan(predictor, ckpts[i], k, links, optimizer=opt, moment_dtype=moment_dtype)
 
 
 def run_extrapolate(
@@ -300,6 +431,10 @@ def run_extrapolate(
     similarity, _, losses = run_fingerprints(ckpts, probes, settings.device, evaluate=evaluate, progress=progress,
                                              dtype=settings.dtype)
     regimes = RegimesResult.from_similarity(steps, similarity, settings.thresholds, probes.source)
+    runs = stable_runs(regimes.regime)
+    gate = settings.confirm_stable
+    moment_dtype = MOMENT_DTYPES[settings.moment_dtype] if settings.moment_dtype else None
+    rounding: list[dict] = []
     spacings = sorted({b - a for a, b in zip(steps, steps[1:])})
     if len(spacings) > 1:
         notes.append(f"checkpoint spacing varies ({spacings}): Delta is the spacing before each t")
@@ -310,34 +445,45 @@ def run_extrapolate(
     cascade_rows: list[PredictionRow] = []
     skipped: dict[str, set] = {}
 
+    def fill(plan: PredictionPlan, stream: Any) -> None:
+        mapped = plan.current.model_stream(model, stream) if hasattr(plan.current, "model_stream") else stream
+        fill_model(model, mapped, f"{plan.current.path} ({plan.predictor} prediction)")
+
     def validate(plan: PredictionPlan, i: int, ref: float, link: int = 1, d: int = 1) -> PredictionRow:
         t0 = time.perf_counter()
         target = by_step.get(steps[i] + plan.horizon)
         stream = PredictionStream(plan, target)
-        mapped = plan.current.model_stream(model, stream) if hasattr(plan.current, "model_stream") else stream
-        fill_model(model, mapped, f"{plan.current.path} ({plan.predictor} prediction)")
+        fill(plan, stream)
         rel = stream.rel_error
         loss = float(evaluate(model))
         seconds = time.perf_counter() - t0
         ok = acceptance(loss, ref, recent_sigma(losses, i, settings.sigma_window), settings.tolerance)
         loss_true = losses[steps.index(target.step)] if target is not None else None
+        land = None
+        if settings.landscape and link == 1 and d == 1:  # cascades are not probed
+            land = probe_landscape(plan, lambda st: fill(plan, st), lambda: float(evaluate(model)), losses[i])
         return PredictionRow(steps[i], plan.predictor, plan.k, loss, ref, loss_true, rel, ok["strict"],
-                             ok["adaptive"], ok["proximity"], regimes.regime[i], seconds, link, d)  # fmt: skip
+                             ok["adaptive"], ok["proximity"], regimes.regime[i], seconds, link, d, runs[i],
+                             None if gate is None else runs[i] >= gate, land)  # fmt: skip
 
     for i in range(len(ckpts)):
         if settings.skip_chaotic and regimes.regime[i] == "chaotic":
             continue
         opt = _load_optimizer(ckpts[i], notes) if needs_opt else None
+        if opt is not None and moment_dtype is not None:
+            from ckptaudit.analyses.extrapolate_moments import moment_rounding
+
+            rounding.append({"step": steps[i], **moment_rounding(opt, moment_dtype)})
         for predictor in settings.predictors:
             for k in settings.ks:
-                plan = _plans(i, ckpts, predictor, k, 1, opt, skipped)
+                plan = _plans(i, ckpts, predictor, k, 1, opt, skipped, moment_dtype)
                 if plan is None:
                     break  # the reason does not depend on K
                 rows.append(validate(plan, i, losses[i]))
             for d_links, k in settings.cascades:
                 ref = losses[i]
                 for link in range(1, d_links + 1):
-                    plan = _plans(i, ckpts, predictor, k, link, opt, skipped)
+                    plan = _plans(i, ckpts, predictor, k, link, opt, skipped, moment_dtype)
                     if plan is None:
                         break
                     row = validate(plan, i, ref, link, d_links)
@@ -348,11 +494,24 @@ def run_extrapolate(
             progress(1)
     for reason, where in skipped.items():
         notes.append(f"{reason} at step(s) {sorted(where)}")
+    notes.extend(_untargeted_horizons(rows, spacings))
 
     timing = None
     if timer is not None and rows:
         timing = _timing(rows, ckpts, by_step, timer, settings, notes)
-    return ExtrapolateResult(tuple(rows), tuple(cascade_rows), regimes, tuple(losses), settings, timing, tuple(notes))
+    return ExtrapolateResult(tuple(rows), tuple(cascade_rows), regimes, tuple(losses), settings, timing, tuple(notes),
+                             tuple(rounding))
+
+
+def _untargeted_horizons(rows: Sequence[PredictionRow], spacings: Sequence[int]) -> list[str]:
+    """One note per K for which no start had a saved checkpoint at t + K (so no weight error exists for it)."""
+    ks = sorted({r.K for r in rows})
+    missing = [k for k in ks if all(r.rel_weight_error is None for r in rows if r.K == k)]
+    if not missing:
+        return []
+    every = f"every {spacings[0]} steps" if len(spacings) == 1 else f"at spacings {list(spacings)}"
+    return [f"K={', '.join(map(str, missing))}: no saved checkpoint at t+K for any start, so no weight error; the run "
+            f"is saved {every}: choose K on saved checkpoints"]
 
 
 def _timing(rows, ckpts, by_step, timer, settings, notes) -> dict | None:

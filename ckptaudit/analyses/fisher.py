@@ -16,7 +16,10 @@ Definitions (reported by :class:`FisherCheckpoint`):
 - gradient-backbone cosine: mean and std (population) over batches of |<g_i, v_b>| / ||g_i||, beside the noise floor
   sqrt(2 / (pi D)) = E|cos| between a fixed vector and a random direction for large D;
 - block signed projection b_l = mean_i <g_{i,l}, v_b^(l)> / ||g_{i,l}||, v_b^(l) = block l's part of v_b, unit;
-- with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches.
+- with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches;
+- the Fisher trace tr F, the signed projections <g_i, v_b> (mean, std), the raw block projections
+  <g_{i,l}, v_b^(l)>, the spread of the random quotients with its exact counterpart, the standard errors over
+  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher_uncertainty`.
 
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
@@ -27,7 +30,7 @@ Several processes: when a torch.distributed process group with more than one ran
 rank. The per-batch scalars (dot products, norms, block cosines, losses, curvatures) are summed over ranks into the
 full ``[M, ...]`` arrays, which is exact (every row comes from one rank, the others add zeros). For the Gram, rank 0
 gathers the rows of every rank one column chunk at a time, in batch order, so each chunk and its float64 product
-are the single-process ones; its eigenpairs go to every rank, and u_1 = G^T a_1 is the sum of each rank's partial
+are the single-process ones; its eigenpairs and the Gram go to every rank, and u_1 = G^T a_1 is the sum of each rank's partial
 G_r^T a_1, chunk by chunk. Every rank then holds the same result; the CLI writes rank 0's.
 """
 
@@ -35,10 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ from ckptaudit.analyses.fisher_directions import (
     switch_direction,
     trunk_layout,
 )
+from ckptaudit.analyses.fisher_results import FisherCheckpoint, FisherReport, noise_floor
 from ckptaudit.analyses.fisher_store import GradientStore
+from ckptaudit.analyses.fisher_uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
@@ -69,7 +72,7 @@ class FisherSettings:
 
     memory_budget: bytes the M stored gradients may take in RAM before they go to a memmap in ``spill_dir``
     (None -> the system temp dir). top: how many Fisher eigenvalues to report. keep_eigenvector: keep u_1 (D
-    float64) in the result.
+    float64) in the result. bootstrap: replicates of the seeded bootstrap over batches (0 or 1: none).
     """
 
     batches: int = DEFAULT_BATCHES
@@ -85,184 +88,7 @@ class FisherSettings:
     spill_dir: str | None = None
     keep_eigenvector: bool = False
     chunk_elems: int = 1 << 24
-
-
-def noise_floor(dim: int) -> float:
-    """sqrt(2 / (pi D)): E|<x, v>| for x uniform on the unit sphere in dimension D and a fixed unit v (large D)."""
-    return math.sqrt(2.0 / (math.pi * dim))
-
-
-# ------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, eq=False)
-class FisherCheckpoint:
-    """Fisher analysis at one checkpoint.
-
-    q: direction name -> q(v) (gradient units squared), plus "random_mean". q_random: q(w_k), ``[K]``.
-    eigenvalues: all M Gram eigenvalues s_j / M, descending (the Fisher's nonzero spectrum). projections:
-    ``[M, n_dir]`` <g_i, v> per batch and direction (``direction_names`` order). block_signed_projection: block ->
-    b_l. hessian: direction name -> (1/M) sum_i v^T H_i v plus "random_mean" (None without --hessian).
-    """
-
-    step: int
-    dim: int
-    q: dict[str, float]
-    q_random: np.ndarray
-    anisotropy: float
-    eigenvalues: np.ndarray
-    top: int
-    top_overlap_backbone: float
-    effective_rank: float
-    grad_backbone_cos_mean: float
-    grad_backbone_cos_std: float
-    block_signed_projection: dict[int, float]
-    projections: np.ndarray
-    direction_names: tuple[str, ...]
-    grad_norms: np.ndarray
-    losses: np.ndarray
-    gradient_storage: str
-    hessian: dict[str, float] | None = None
-    hessian_random: np.ndarray | None = None
-    u1: np.ndarray | None = field(default=None, repr=False)
-    seconds: float | None = None
-
-    @property
-    def trace(self) -> float:
-        """tr F = (1/M) sum_i ||g_i||^2 (gradient units squared)."""
-        return float(np.mean(np.asarray(self.grad_norms, dtype=np.float64) ** 2))
-
-    @property
-    def random_expected(self) -> float:
-        """E q(w) over unit w uniform on the sphere orthogonal to v_b: (tr F - q(v_b)) / (D - 1), exact."""
-        return (self.trace - self.q["backbone"]) / (self.dim - 1) if self.dim > 1 else float("nan")
-
-    @property
-    def anisotropy_exact(self) -> float:
-        """q(v_b) / E q(w): the anisotropy without the sampling noise of the K random directions."""
-        e = self.random_expected
-        return self.q["backbone"] / e if e > 0 else float("nan")
-
-    @property
-    def anisotropy_se(self) -> float:
-        """Standard error of ``anisotropy`` from the K random quotients (delta method: alpha * se(mean) / mean,
-        se(mean) = sample std / sqrt(K)); NaN for K < 2."""
-        qr = np.asarray(self.q_random, dtype=np.float64)
-        if qr.size < 2 or not qr.mean() > 0:
-            return float("nan")
-        return float(self.anisotropy) * float(qr.std(ddof=1) / math.sqrt(qr.size)) / float(qr.mean())
-
-    @property
-    def noise_floor(self) -> float:
-        """sqrt(2 / (pi D))."""
-        return noise_floor(self.dim)
-
-    @property
-    def top_eigenvalues(self) -> np.ndarray:
-        """The ``top`` largest Fisher eigenvalues s_j / M."""
-        return self.eigenvalues[: self.top]
-
-    def to_json(self) -> dict[str, Any]:
-        """{step, q, anisotropy, top_eigenvalues, top_overlap_backbone, effective_rank, grad_backbone_cos_mean,
-        grad_backbone_cos_std, noise_floor, block_signed_projection {"<l>": b_l}}."""
-        return {
-            "step": int(self.step),
-            "q": {k: float(v) for k, v in self.q.items()},
-            "anisotropy": float(self.anisotropy),
-            "anisotropy_se": self.anisotropy_se,
-            "anisotropy_exact": self.anisotropy_exact,
-            "random_expected": self.random_expected,
-            "trace": self.trace,
-            "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
-            "top_overlap_backbone": float(self.top_overlap_backbone),
-            "effective_rank": float(self.effective_rank),
-            "grad_backbone_cos_mean": float(self.grad_backbone_cos_mean),
-            "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
-            "noise_floor": float(self.noise_floor),
-            "block_signed_projection": {str(b): float(v) for b, v in self.block_signed_projection.items()},
-        }
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """/fisher/step_<t>/: q/ (attrs per direction), datasets q_random, eigenvalues, projections, grad_norms,
-        losses, blocks, block_signed_projection; attrs anisotropy, effective_rank, ...; hessian/ when computed."""
-        blocks = sorted(self.block_signed_projection)
-        tree: dict[str, Any] = {
-            "step": int(self.step), "dim": int(self.dim),
-            "q": {k: float(v) for k, v in self.q.items()},
-            "q_random": np.asarray(self.q_random, dtype=np.float64),
-            "anisotropy": float(self.anisotropy),
-            "anisotropy_se": self.anisotropy_se,
-            "anisotropy_exact": self.anisotropy_exact,
-            "random_expected": self.random_expected,
-            "trace": self.trace,
-            "seconds": self.seconds,
-            "eigenvalues": np.asarray(self.eigenvalues, dtype=np.float64),
-            "top_eigenvalues": np.asarray(self.top_eigenvalues, dtype=np.float64),
-            "top_overlap_backbone": float(self.top_overlap_backbone),
-            "effective_rank": float(self.effective_rank),
-            "grad_backbone_cos_mean": float(self.grad_backbone_cos_mean),
-            "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
-            "noise_floor": float(self.noise_floor),
-            "blocks": np.asarray(blocks, dtype=np.int64),
-            "block_signed_projection": np.asarray([self.block_signed_projection[b] for b in blocks], dtype=np.float64),
-            "projections": np.asarray(self.projections, dtype=np.float64),
-            "direction_names": list(self.direction_names),
-            "grad_norms": np.asarray(self.grad_norms, dtype=np.float64),
-            "losses": np.asarray(self.losses, dtype=np.float64),
-            "gradient_storage": self.gradient_storage.split(":", 1)[0],
-        }
-        if self.hessian is not None:
-            tree["hessian"] = {k: float(v) for k, v in self.hessian.items()}
-            tree["hessian_random"] = np.asarray(self.hessian_random, dtype=np.float64)
-        return tree
-
-
-@dataclass(frozen=True, eq=False)
-class FisherReport:
-    """Fisher analysis over checkpoints (ascending step) with the backbone stiffening curve and running sums.
-
-    block_running_sum: block -> B_l(t) = sum of b_l over the checkpoints up to t (one value per checkpoint).
-    """
-
-    checkpoints: tuple[FisherCheckpoint, ...]
-    dim: int
-    settings: dict[str, Any]
-    block_running_sum: dict[int, np.ndarray]
-
-    @property
-    def steps(self) -> list[int]:
-        return [c.step for c in self.checkpoints]
-
-    def stiffening(self) -> dict[str, list]:
-        """{"steps", "q_backbone", "anisotropy"} over the checkpoints."""
-        return {"steps": self.steps, "q_backbone": [c.q["backbone"] for c in self.checkpoints],
-                "anisotropy": [c.anisotropy for c in self.checkpoints]}
-
-    def to_json(self) -> dict[str, Any]:
-        """{checkpoints: [FisherCheckpoint.to_json()], stiffening, block_running_sum {"<l>": [B_l(t)]}, hessian
-        (list of {step, <direction>: v^T H v, random_mean} or None), dim, settings}."""
-        hess = None
-        if any(c.hessian is not None for c in self.checkpoints):
-            hess = [{"step": c.step, **(c.hessian or {})} for c in self.checkpoints]
-        return {
-            "checkpoints": [c.to_json() for c in self.checkpoints],
-            "stiffening": self.stiffening(),
-            "block_running_sum": {str(b): [float(x) for x in v] for b, v in self.block_running_sum.items()},
-            "hessian": hess,
-            "dim": int(self.dim),
-            "settings": dict(self.settings),
-        }
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree for /fisher: step_<t>/ per checkpoint, stiffening/ (steps, q_backbone, anisotropy),
-        block_running_sum/ (datasets "<l>"), attrs dim and settings_json."""
-        tree: dict[str, Any] = {f"step_{c.step}": c.to_hdf5_tree() for c in self.checkpoints}
-        s = self.stiffening()
-        tree["stiffening"] = {k: np.asarray(v, dtype=np.float64 if k != "steps" else np.int64) for k, v in s.items()}
-        tree["block_running_sum"] = {str(b): np.asarray(v, dtype=np.float64) for b, v in self.block_running_sum.items()}
-        tree["dim"] = int(self.dim)
-        tree["settings_json"] = json.dumps(self.settings, sort_keys=True, default=str)
-        return tree
+    bootstrap: int = DEFAULT_BOOTSTRAP
 
 
 # ------------------------------------------------------------------------------------------- one checkpoint
@@ -279,13 +105,13 @@ def _params_of(model: torch.nn.Module, layout: TrunkLayout) -> dict[str, torch.n
 
 def flat_gradient(model: torch.nn.Module, data: Any, batch: Mapping[str, torch.Tensor], layout: TrunkLayout,
                   create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss_and_accuracy`` on ``batch``.
+    """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss`` on ``batch``.
 
     Only the trunk tensors are differentiated (autograd.grad, so ``.grad`` fields are untouched); with
     ``create_graph`` the gradients stay differentiable for Hessian-vector products.
     """
     params = _params_of(model, layout)
-    loss, _ = data.loss_and_accuracy(model, batch)
+    loss = data.loss(model, batch)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
     by_name = dict(zip(params, grads, strict=True))
     g = layout.flatten({n: (t if create_graph else t.detach()) for n, t in by_name.items()})
@@ -405,6 +231,8 @@ def fisher_at_model(
     proj = np.zeros((M, W.shape[0]), dtype=np.float64)
     norms = np.zeros(M, dtype=np.float64)
     block_cos = np.zeros((M, len(ranges)), dtype=np.float64)
+    block_dot = np.zeros((M, len(ranges)), dtype=np.float64)
+    block_norm = np.zeros((M, len(ranges)), dtype=np.float64)
     losses = np.zeros(M, dtype=np.float64)
     curv = np.zeros((M, W.shape[0]), dtype=np.float64) if settings.hessian else None
     # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
@@ -460,6 +288,8 @@ def fisher_at_model(
             norms[idx] = np.sqrt(pairs[:, :, 1].sum(axis=1))  # the blocks partition the layout
             with np.errstate(invalid="ignore", divide="ignore"):
                 block_cos[idx] = pairs[:, :, 0] / np.sqrt(pairs[:, :, 1])
+            block_dot[idx] = pairs[:, :, 0]
+            block_norm[idx] = np.sqrt(pairs[:, :, 1])
             losses[idx] = packed[:, -1]
             if curv is not None:
                 curv[idx] = torch.stack(curv_rows).cpu().numpy()
@@ -467,15 +297,18 @@ def fisher_at_model(
             gram = store.gram(str(dev), settings.chunk_elems)
             s, a = _eig_desc(gram)
         else:
-            proj, norms, block_cos, losses, curv = _sum_over_ranks(ctx, proj, norms, block_cos, losses, curv)
+            proj, norms, block_cos, block_dot, block_norm, losses, curv = _sum_over_ranks(
+                ctx, proj, norms, block_cos, block_dot, block_norm, losses, curv)
             gram = store.gram_gathered(ctx, M, str(dev), settings.chunk_elems)
-            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere.
-            eig = np.zeros(M + M * M, dtype=np.float64)
+            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere; the
+            # Gram goes with it (the bootstrap over batches needs it on every rank).
+            eig = np.zeros(M + 2 * M * M, dtype=np.float64)
             if gram is not None:
                 s0, a0 = _eig_desc(gram)
-                eig = np.concatenate([s0, a0.reshape(-1)])
+                eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
             eig = ctx.broadcast(eig)
-            s, a = eig[:M].copy(), eig[M:].reshape(M, M).copy()
+            s, a = eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
+            gram = eig[M + M * M :].reshape(M, M).copy()
         u1 = None
         if s[0] > 0:
             if ctx is None:
@@ -506,6 +339,8 @@ def fisher_at_model(
         hessian = {n: float(c_all[j]) for j, n in enumerate(named)}
         hess_rand = c_all[n_named:]
         hessian["random_mean"] = float(hess_rand.mean()) if K else float("nan")
+    boot = batch_bootstrap(proj, n_named, named, norms, gram, block_cos, block_dot, list(ranges), D,
+                           n_boot=settings.bootstrap, seed=settings.seed)
     return FisherCheckpoint(
         step=int(step), dim=D, q=q, q_random=q_rand,
         anisotropy=q["backbone"] / q["random_mean"] if K and q["random_mean"] > 0 else float("nan"),
@@ -515,7 +350,8 @@ def fisher_at_model(
         block_signed_projection={b: float(np.mean(block_cos[:, j])) for j, b in enumerate(ranges)},
         projections=proj, direction_names=(*named, *[f"random_{k}" for k in range(K)]), grad_norms=norms,
         losses=losses, gradient_storage=where, hessian=hessian, hessian_random=hess_rand,
-        u1=u1 if settings.keep_eigenvector else None,
+        u1=u1 if settings.keep_eigenvector else None, block_projections=block_dot, block_grad_norms=block_norm,
+        gram=gram, bootstrap=boot,
     )
 
 
@@ -604,13 +440,17 @@ def run_fisher(
         "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
         "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
         "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
+        "bootstrap": settings.bootstrap,
         "switch": list(switch) if switch else None, "directions": list(directions),
         "architecture": arch.name, "data": spec,
         "block_directions": "own block backbones" if block_backbone is not None else "trunk v_b restricted to each block",
         "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
         "precision": precision.to_json(),
     }
-    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
+    vb = directions["backbone"].to(torch.float64)
+    cosines = {n: float(vb @ v.to(torch.float64)) for n, v in directions.items() if n != "backbone"}
+    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running,
+                        direction_cosines=cosines)
 
 
 def fisher_anisotropy(run: Any, vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:

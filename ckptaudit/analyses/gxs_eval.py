@@ -208,6 +208,25 @@ def _reduce(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, float, i
     return total, correct, msum, int(y.numel())
 
 
+def _reduce_by_sequence(logits: torch.Tensor, y: torch.Tensor, n_seq: int) -> np.ndarray:
+    """[4, n_seq]: per input sequence the sums of cross-entropies, correct answers and margins, and the number of
+    answers (rows whose label is not -100). The answer rows are sequence-major, as every evaluator lays them out
+    (row r belongs to sequence r * n_seq // rows), and are taken to float64 in chunks of ROW_CHUNK."""
+    rows = int(y.numel())
+    seq = torch.arange(rows, device=y.device) * n_seq // max(rows, 1)
+    out = torch.zeros((4, n_seq), dtype=torch.float64, device=y.device)
+    for lo in range(0, rows, ROW_CHUNK):
+        z, t, g = logits[lo : lo + ROW_CHUNK].double(), y[lo : lo + ROW_CHUNK], seq[lo : lo + ROW_CHUNK]
+        keep = t != -100
+        z, t, g = z[keep], t[keep], g[keep]
+        if not t.numel():
+            continue
+        for q, v in enumerate((F.cross_entropy(z, t, reduction="none"), (z.argmax(dim=1) == t).double(),
+                               margins_of(z, t), torch.ones_like(t, dtype=torch.float64))):
+            out[q].index_add_(0, g, v)
+    return out.cpu().numpy()
+
+
 def evaluate(model: nn.Module, evaluator: Any) -> EvalStats:
     """Loss, accuracy and mean margin of ``model`` on ``evaluator`` (inference mode, float64 accumulation)."""
     check_vocab(model, evaluator)
@@ -261,7 +280,9 @@ def _noise_seed(seed: int, batch: int) -> int:
 @dataclass(frozen=True, eq=False)
 class SlackResult:
     """The slack grid. accuracy / margin: arrays [len(alpha), len(sigma)]; margin = mean margin (logit units).
-    no_gain_reflex[i]: margin does not increase with sigma at alpha[i] (non-increasing along the row)."""
+    no_gain_reflex[i]: margin does not increase with sigma at alpha[i] (non-increasing along the row).
+    accuracy_se / margin_se / loss_se: standard errors of the cells over the n_units input sequences
+    (:func:`ratio_se`), None with a single sequence."""
 
     alpha: tuple[float, ...]
     sigma: tuple[float, ...]
@@ -275,22 +296,47 @@ class SlackResult:
     n: int
     seed: int
     checkpoint: str = ""
+    accuracy_se: np.ndarray | None = None
+    margin_se: np.ndarray | None = None
+    loss_se: np.ndarray | None = None
+    n_units: int = 0
+
+    def _errors(self) -> dict[str, Any]:
+        return {f"{k}_se": getattr(self, f"{k}_se") for k in ("accuracy", "margin", "loss")}
 
     def to_json(self) -> dict[str, Any]:
-        """--json keys: alpha, sigma, accuracy (grid), margin (grid), loss (grid), no_gain_reflex (per alpha),
-        site, site_kind, eval, n, seed, checkpoint."""
+        """--json keys: alpha, sigma, accuracy (grid), margin (grid), loss (grid), their standard errors
+        accuracy_se, margin_se, loss_se (grids or null), no_gain_reflex (per alpha), site, site_kind, eval, n,
+        n_units (input sequences), seed, checkpoint."""
+        errors = {k: (None if v is None else v.tolist()) for k, v in self._errors().items()}
         return {"checkpoint": self.checkpoint, "alpha": list(self.alpha), "sigma": list(self.sigma),
                 "accuracy": self.accuracy.tolist(), "margin": self.margin.tolist(), "loss": self.loss.tolist(),
-                "no_gain_reflex": list(self.no_gain_reflex), "site": self.site, "site_kind": self.site_kind,
-                "eval": self.evaluator, "n": self.n, "seed": self.seed}
+                **errors, "no_gain_reflex": list(self.no_gain_reflex), "site": self.site, "site_kind": self.site_kind,
+                "eval": self.evaluator, "n": self.n, "n_units": self.n_units, "seed": self.seed}
 
     def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/slack: datasets alpha, sigma, accuracy, margin, loss, no_gain_reflex; attributes."""
+        """Tree under /gxs/slack: datasets alpha, sigma, accuracy, margin, loss, their *_se (when there are two or
+        more sequences), no_gain_reflex; attributes."""
+        errors = {k: v for k, v in self._errors().items() if v is not None}
         return {"alpha": np.asarray(self.alpha), "sigma": np.asarray(self.sigma), "accuracy": self.accuracy,
-                "margin": self.margin, "loss": self.loss,
+                "margin": self.margin, "loss": self.loss, **errors,
                 "no_gain_reflex": np.asarray(self.no_gain_reflex, dtype=bool), "site": self.site,
-                "site_kind": self.site_kind, "eval": self.evaluator, "n": self.n, "seed": self.seed,
-                "checkpoint": self.checkpoint}
+                "site_kind": self.site_kind, "eval": self.evaluator, "n": self.n, "n_units": self.n_units,
+                "seed": self.seed, "checkpoint": self.checkpoint}
+
+
+def ratio_se(totals: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """Standard error of the ratio R = sum_b y_b / sum_b k_b over B units (``totals`` [B, ...] the per-unit sums
+    y_b, ``counts`` [B] the answers k_b): sqrt(B / (B - 1) * sum_b (y_b - R k_b)^2) / sum_b k_b, the linearised
+    (cluster) standard error. The slack probe's unit is the input sequence: each has its own rows of the noise, and
+    the answers within one sequence are not independent. None for B < 2."""
+    totals, counts = np.asarray(totals, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    B = counts.shape[0]
+    if B < 2 or counts.sum() <= 0:
+        return None
+    k = counts.reshape((B,) + (1,) * (totals.ndim - 1))
+    ratio = totals.sum(axis=0) / counts.sum()
+    return np.sqrt(B / (B - 1) * ((totals - ratio * k) ** 2).sum(axis=0)) / counts.sum()
 
 
 def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS, sigmas: Sequence[float] = SIGMAS,
@@ -327,8 +373,8 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
 
         handle = module.register_forward_pre_hook(pre_hook)
     shape = (len(alphas), len(sigmas))
-    loss, correct, msum = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    n = 0
+    per_seq: list[np.ndarray] = []  # [n_seq, 3, A, S] per batch: per sequence sums of losses, correct, margins
+    answers: list[np.ndarray] = []  # [n_seq] answers per sequence
     was_training = model.training
     model.eval()
     try:
@@ -343,23 +389,30 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
                                      "the final-norm site must run once per forward pass")
                 gen = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, b))
                 state["eps"] = torch.randn(shapes[0], generator=gen, dtype=torch.float32).to(device)
+                n_seq = int(ids.shape[0])
+                sums = np.zeros((n_seq, 3, *shape))
                 for i, a in enumerate(alphas):
                     for j, s in enumerate(sigmas):
                         state["alpha"], state["sigma"] = a, s
                         logits, rows = evaluator.answer_logits(model, ids)
-                        t, c, m, k = _reduce(logits, labels.to(device)[rows.to(device)])
-                        loss[i, j] += t
-                        correct[i, j] += c
-                        msum[i, j] += m
+                        red = _reduce_by_sequence(logits, labels.to(device)[rows.to(device)], n_seq)
+                        sums[:, :, i, j] = red[:3].T
                         if progress is not None:
                             progress(1)
-                n += k
+                per_seq.append(sums)
+                answers.append(red[3])
     finally:
         handle.remove()
         model.train(was_training)
+    counts = np.concatenate(answers) if answers else np.zeros(0)
+    n = int(counts.sum())
     if n == 0:
         raise DataError(f"evaluation set {evaluator.name} is empty", None)
+    used = counts > 0  # sequences without an answer (all padding) are not units
+    stacked, counts = np.concatenate(per_seq)[used], counts[used]  # [U, 3, A, S], [U]
+    loss, correct, msum = stacked.sum(axis=0)
     margin = msum / n
     reflex = tuple(bool(np.all(np.diff(margin[i]) <= 0)) for i in range(len(alphas)))
+    loss_se, acc_se, margin_se = (ratio_se(stacked[:, q], counts) for q in range(3))
     return SlackResult(alphas, sigmas, correct / n, margin, loss / n, reflex, site, kind, evaluator.name, n, seed,
-                       checkpoint)
+                       checkpoint, acc_se, margin_se, loss_se, len(counts))

@@ -454,10 +454,10 @@ def run_resume_probe(
     start_cpu = _start_copy(inputs.model)
     vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
     results = []
-    for s in specs:
+    for i, s in enumerate(specs, 1):
         stage = getattr(progress, "stage", None)
         if stage is not None:
-            stage(f"resume-probe {s.name}", settings.steps)
+            stage(f"resume-probe {s.name} ({i}/{len(specs)})", settings.steps)
         results.append(run_condition(s, inputs, settings, vector, progress, start_cpu)[0])
     results = tuple(results)
     hashes = {r.start_sha256 for r in results}

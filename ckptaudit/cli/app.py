@@ -80,6 +80,9 @@ class AuditGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        from ckptaudit.cli.paramtypes import harden
+
+        harden(self)  # the root's own options (--debug, --version) read like every command's
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_drift_run
+from ckptaudit.cli.common import Progress, Session
 from ckptaudit.cli.options import (
     AllowPartialTrunkOpt,
     DeviceOpt,
@@ -23,7 +23,6 @@ from ckptaudit.cli.options import (
     RunDirArg,
     StepsOpt,
     check_output_file,
-    parse_switch,
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt, sparkline
@@ -120,47 +119,27 @@ def backbone(
 
     Example: ckptaudit backbone runs/seed42/ --save-vectors backbone.safetensors
     """
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.io.roles import load_role_map
+    from ckptaudit import api
 
     with Session("backbone", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
-        output, dev, main = session.output, session.device, session.main
-        run = load_drift_run(run_dir, steps, anchor, revisions)
-        if len(run.checkpoints) < 3:
-            raise UsageError(
-                f"{run_dir}: backbone needs at least 3 checkpoints (an anchor and 2 drift rows), found {len(run.checkpoints)}",
-                "point it at a run directory with more checkpoints, or widen --steps",
-            )
-        switches = [parse_switch(s) for s in (switch or [])]
-        rmap = load_role_map(role_map) if role_map is not None else None
-        with Progress(output, "backbone: reading checkpoints", None) as hook:
-            report = run_backbone(
-                run,
-                anchor_step=anchor,
-                blocks=parse_blocks(blocks),
-                include_bias=include_bias,
-                window=window,
-                normalize_rows=normalize_rows,
-                switches=switches,
-                metric=metric,
-                device=dev,
-                role_map=rmap,
-                save_vectors=save_vectors,
-                top_k_vectors=top_k,
-                progress=hook if main else None,
-                progress_total=hook.set_total if main else None,
-                allow_partial_trunk=allow_partial_trunk,
-                fit_range=parse_fit_range(fit_range),
-            )
+        output, main = session.output, session.main
+        with Progress(output, "backbone: reading checkpoints", None, "tensor reads") as hook:
+            report = api.backbone(
+                run_dir, steps=steps, revisions=revisions, anchor=anchor, blocks=blocks, include_bias=include_bias,
+                window=window, normalize_rows=normalize_rows, switches=switch or [], metric=metric,
+                save_vectors=save_vectors, top_k=top_k, fit_range=fit_range, role_map=role_map,
+                allow_partial_trunk=allow_partial_trunk, device=session.device, progress=hook if main else None,
+                _note=output.note,
+            )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), run.checkpoints)
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     summary = report.to_json()
     output.json(summary)
     if plot is not None:
-        from ckptaudit.report.plots import plot_backbone
+        from ckptaudit.report.plots import plot_backbone, run_label
 
-        written = plot_backbone(summary, plot)
+        written = plot_backbone(summary, plot, label=run_label(run_dir))
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if save_vectors is not None:
         output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")
@@ -263,7 +242,7 @@ def render_dynamics(output: Any, s: dict, rows_of: list[tuple[str, dict]]) -> No
         rows,
         caption=f"c(w) = |<PC1 of window w, global backbone>|; rotation = |<PC1 of window w, PC1 of window w+1>| (same "
                 f"windows); local = windows of {s['settings']['window']} checkpoints re-anchored at their first, unit rows "
-                f"(the paper's code); p = slope of log10|a|, log10||r|| on log10 τ, τ = steps since the anchor, "
+                f"(paper 001's code); p = slope of log10|a|, log10||r|| on log10 τ, τ = steps since the anchor, "
                 f"± its standard error, trunk fit over {span}",
     )
     t = s["trunk"]

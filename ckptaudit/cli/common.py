@@ -108,8 +108,8 @@ def load_model_input(model: str, device: str) -> tuple[Any, Any, Any]:
 class Progress:
     """Context manager yielding a ProgressHook bound to the output's progress bar."""
 
-    def __init__(self, output: Output, description: str, total: int | None):
-        self._cm = output.progress(description, total)
+    def __init__(self, output: Output, description: str, total: int | None, unit: str = ""):
+        self._cm = output.progress(description, total, unit)
 
     def __enter__(self) -> ProgressHook:
         return ProgressHook(self._cm.__enter__())

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import LocalSession, Progress, load_model_input
+from ckptaudit.cli.common import LocalSession, Progress
 from ckptaudit.cli.options import (
     DeviceOpt,
     JsonOpt,
@@ -16,6 +16,7 @@ from ckptaudit.cli.options import (
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PlotOpt,
     QuietOpt,
     SeedOpt,
 )
@@ -88,6 +89,7 @@ def classify_embeddings(
         typer.Option("--bootstrap", min=0,
                      help="Bootstrap replicates over the sampled pairs for the intervals of every statistic (0: standard errors only; seeded by --seed)."),
     ] = 200,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -102,30 +104,22 @@ def classify_embeddings(
 
     Example: ckptaudit classify-embeddings models/smollm-135m --exact
     """
-    from ckptaudit.analyses.embeddings import embedding_matrices, overlap_stats
-    from ckptaudit.io.models import resolve_model_path
+    from ckptaudit import api
 
     session = LocalSession("classify-embeddings", device, json_out, quiet, out=out, no_report=no_report,
                            no_hash=no_hash)
-    output, dev = session.output, session.device
-    path = Path(resolve_model_path(model))
-    mats = embedding_matrices(path)
-    tied = "head" not in mats
-    exclude = excluded_token_ids(tokens_from, path, mats["embed"].shape[0]) if tokens_from else None
-    results = {}
-    for role, M in mats.items():
-        total = M.shape[0] * (M.shape[0] - 1) // 2 if exact else pairs
-        with Progress(output, f"{role}: overlaps", total) as hook:
-            results[role] = overlap_stats(
-                M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
-                lora_lr=lora_lr, tied_head=tied, bootstrap=bootstrap,
-            )
-    summary = results["embed"].to_json()
-    if "head" in results:
-        summary["head"] = results["head"].to_json()
-    tree = {role: r.to_hdf5_tree() for role, r in results.items()}
-    session.save_report(tree, [_ModelInput(path)], group="embeddings")
+    output = session.output
+    with Progress(output, "embed: overlaps", None, "pairs") as hook:
+        report = api.classify_embeddings(model, pairs=pairs, exact=exact, lora_lr=lora_lr, tokens_from=tokens_from,
+                                         tile=tile, bootstrap=bootstrap, seed=seed, device=session.device, progress=hook)
+    path, results, summary = report.path, report.results, report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings")
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_embeddings, run_label
+
+        written = plot_embeddings(summary, plot, label=run_label(path, checkpoint=True))
+        output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if output.human:
         rows = []
         for role, r in results.items():
@@ -144,7 +138,7 @@ def classify_embeddings(
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
-            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
+            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
         )
 
 
@@ -186,14 +180,13 @@ def born_gap_cmd(
 
     Example: ckptaudit born-gap models/smollm-135m --contexts near-synonyms
     """
-    from ckptaudit.analyses.synonyms import born_gap, load_contexts
+    from ckptaudit import api
 
     session = LocalSession("born-gap", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    ctxs = load_contexts(contexts)
-    ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, "born-gap", len(ctxs)) as hook:
-        result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
+    output = session.output
+    with Progress(output, "born-gap", None, "contexts") as hook:
+        result = api.born_gap(model, contexts, nucleus=nucleus, device=session.device, progress=hook)
+    ckpt = result.inputs[0]
     session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
     output.json(summary)

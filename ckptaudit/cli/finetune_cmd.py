@@ -23,7 +23,7 @@ from ckptaudit.cli.options import (
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt
-from ckptaudit.report.plots import plot_finetune
+from ckptaudit.report.plots import plot_finetune, run_label
 
 
 @app.command("finetune-probe")
@@ -85,13 +85,13 @@ def finetune_probe_cmd(
     output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
+    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps, "steps") as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
     session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
     if plot is not None:
-        for p in plot_finetune(summary, plot):
+        for p in plot_finetune(summary, plot, label=run_label(ckpt.path, checkpoint=True)):
             output.note(f"figure written to {p}")
     output.json(summary)
     if not output.human:

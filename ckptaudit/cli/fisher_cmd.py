@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ckptaudit.cli.app import app
-from ckptaudit.cli.common import Progress, Session, load_run, render_facts
+from ckptaudit.cli.common import Progress, Session, render_facts
 from ckptaudit.cli.options import (
     DataOpt,
     DeviceOpt,
@@ -20,6 +18,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
@@ -29,12 +28,9 @@ from ckptaudit.cli.options import (
     TaskOpt,
     ThreadsOpt,
     TrainTokensOpt,
-    apply_threads,
-    parse_switch,
-    window_spec,
 )
 from ckptaudit.errors import UsageError
-from ckptaudit.report.console import sparkline
+from ckptaudit.report.console import fmt, sparkline
 
 
 def parse_bytes(spec: str) -> int:
@@ -91,6 +87,11 @@ def fisher(
         str, typer.Option("--memory-budget", help="RAM for the M stored gradients (e.g. 2G); beyond it they go to a disk memmap.")
     ] = "2G",
     top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates over the M mini-batches for the standard "
+                          "errors and 95% intervals of q, alpha, lambda_1, the effective rank, the overlap and the "
+                          "cosines (0: none; seeded by --seed).")
+    ] = 200,
     task: TaskOpt = None,
     data: DataOpt = None,
     seq_len: SeqLenOpt = None,
@@ -105,67 +106,41 @@ def fisher(
     no_hash: NoHashOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    plot: PlotOpt = None,
 ) -> None:
     """Empirical-Fisher Rayleigh quotients q(v) = (1/M) sum_i <g_i, v>^2 of the trunk gradients along the backbone,
-    the switching direction, PC2..PC6 and random directions; anisotropy, top Fisher eigenvalues (M x M Gram),
-    gradient-backbone cosines, per-block signed projections, the stiffening curve over checkpoints, and with
-    --hessian the true curvature. Never forms the D x D Fisher.
+    the switching direction, PC2..PC6 and random directions; anisotropy with its exact expectation, the Fisher
+    trace, top Fisher eigenvalues (M x M Gram), gradient-backbone cosines and signed projections, per-block signed
+    projections, the stiffening curve over checkpoints, and with --hessian the true curvature; standard errors
+    and a seeded bootstrap over batches beside the numbers. Never forms the D x D Fisher.
 
     Example: ckptaudit fisher runs/seed42/ --steps 1000,5000,9000 --vectors backbone.safetensors
     """
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.analyses.fisher import FisherSettings, run_fisher
+    from ckptaudit import api
 
-    if vectors is not None and run is not None:
-        raise UsageError("give either --vectors or --run, not both")
     # Under torchrun rank i % WORLD_SIZE takes mini-batch i; rank 0 alone prints and writes.
     with Session("fisher", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash) as session:
-        ctx, output, dev, main = session.ctx, session.output, session.device, session.main
-        n_threads = apply_threads(threads)
-        t_start = time.perf_counter()
-        targets = load_run(run_dir, steps, revisions)
-        source_run = load_run(run) if run is not None else None
-        if source_run is None and (vectors is None or switch is not None):
-            whole = load_run(run_dir, revisions=revisions)
-            if len(whole.checkpoints) >= 3:
-                source_run = whole
-        if vectors is None and source_run is None:
-            raise UsageError(f"{run_dir}: no backbone direction: a single checkpoint needs --vectors or --run",
-                             "e.g. --vectors backbone.safetensors (from `ckptaudit backbone --save-vectors`)")
-        settings = FisherSettings(batches=batches, batch_size=batch_size, n_random=n_random, block=block,
-                                  include_bias=include_bias,
-                                  hessian=hessian, memory_budget=parse_bytes(memory_budget), seed=seed, top=top,
-                                  device=dev)
-        pair = parse_switch(switch) if switch is not None else None
-        share = batches if ctx is None else len(range(ctx.rank, batches, ctx.world_size))  # this rank's batches
-        with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
-            vec_path = vectors
-            if vec_path is None:
-                vec_path = Path(tmp) / "backbone.safetensors"
-                # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
-                # vectors; the file then goes to every rank (temporary directories need not be shared).
-                with Progress(output, "fisher: backbone from the run", None) as hook:
-                    run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, include_bias=include_bias,
-                                 progress=hook if main else None)
-                if ctx is not None:
-                    broadcast_file(ctx, vec_path)
-                output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
-            with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
-                report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
-                                    switch=pair, switch_run=source_run, progress=hook if main else None,
-                                    windows=window_spec(seq_len, pack, None, train_tokens, seed), dtype=dtype)
-            report.settings["threads"] = n_threads
-            report.settings["timing_seconds"] = {"total": time.perf_counter() - t_start,
-                                                 **{f"step_{c.step}": c.seconds for c in report.checkpoints}}
-            if vectors is None:  # name the run the directions came from, not the temporary file
-                report.settings["vectors"] = f"backbone of {source_run.path}"
+        output, main = session.output, session.main
+        with Progress(output, "fisher: backbone from the run", None, "tensor reads") as hook:
+            report = api.fisher(
+                run_dir, steps=steps, revisions=revisions, vectors=vectors, backbone_run=run, switch=switch,
+                batches=batches, batch_size=batch_size, n_random=n_random, block=block, include_bias=include_bias,
+                hessian=hessian, memory_budget=memory_budget, top=top, task=task, data=data, seq_len=seq_len, pack=pack,
+                train_tokens=train_tokens, dtype=dtype, threads=threads, seed=seed, bootstrap=bootstrap, device=session.device,
+                progress=hook if main else None, _note=output.note,
+            )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), targets.checkpoints)
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     summary = report.to_json()
     output.json(summary)
     if output.human:
         render_fisher(output, summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_fisher
+
+        written = plot_fisher(summary, plot)
+        output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
 
 
 def broadcast_file(ctx: Any, path: Path, chunk: int = 1 << 26) -> None:
@@ -183,31 +158,66 @@ def broadcast_file(ctx: Any, path: Path, chunk: int = 1 << 26) -> None:
                 f.write(buf.tobytes())
 
 
+def _interval(c: dict, key: str) -> str | None:
+    """The bootstrap interval of ``key`` at checkpoint ``c`` as "lo–hi" (None without a bootstrap)."""
+    b = c.get("bootstrap")
+    if not b or b["ci_low"].get(key) is None:
+        return None
+    return f"{fmt(b['ci_low'][key])}–{fmt(b['ci_high'][key])}"
+
+
 def render_fisher(output: Any, s: dict) -> None:
-    """Terminal view: quotients per checkpoint, the spectrum per checkpoint, the stiffening curve, running sums."""
+    """Terminal view: quotients per checkpoint, the anisotropy against its exact value and its errors, the spectrum,
+    the gradient projections on the backbone, the stiffening curve, running sums."""
     cks = s["checkpoints"]
     names = [k for k in cks[0]["q"] if k != "random_mean"] + ["random_mean"]
     short = {"backbone": "v_b", "switch": "v_sw", "random_mean": "random"}
     settings = s["settings"]
     what = "trunk" if settings.get("block") is None else f"block {settings['block']}"
+    boot = next((c["bootstrap"] for c in cks if c.get("bootstrap")), None)
+    level = f"{100 * boot['level']:g}%" if boot else "95%"
+    how = (f"bootstrap over the {settings['batches']} batches ({boot['n_boot']} replicates, seed {boot['seed']})"
+           if boot else "no bootstrap (--bootstrap 0)")
     output.table(
         f"fisher — {what}, D = {s['dim']}, M = {settings['batches']} batches of {settings['batch_size']}",
-        ["step", *[f"q({short.get(n, n)})" for n in names], "alpha"],
-        [[c["step"], *[c["q"].get(n) for n in names], c["anisotropy"]] for c in cks],
-        caption="q(v) = (1/M) sum_i <g_i, v>^2; random = mean over the random directions; alpha = q(v_b) / q(random)",
+        ["step", *[f"q({short.get(n, n)})" for n in names], "± se q(v_b)", f"{level} q(v_b)"],
+        [[c["step"], *[c["q"].get(n) for n in names], c["q_se"].get("backbone"), _interval(c, "q_backbone")]
+         for c in cks],
+        caption="q(v) = (1/M) sum_i <g_i, v>^2; random = mean over the K random directions; ± se over batches "
+                f"(std / sqrt(M)); intervals here and below: {how}",
     )
     output.table(
-        "anisotropy: sampled against exact",
-        ["step", "alpha", "std. error", "E q(w) = (tr F - q(v_b))/(D-1)", "alpha exact"],
-        [[c["step"], c["anisotropy"], c["anisotropy_se"], c["random_expected"], c["anisotropy_exact"]] for c in cks],
-        caption="std. error from the spread of the K random quotients; alpha exact = q(v_b) / E q(w) over all unit w orthogonal to v_b",
+        "anisotropy alpha = q(v_b) / q(random): sampled against exact",
+        ["step", "alpha", "± se (K dirs)", f"{level} (batches)", "std q(w_k)", "se mean", "se exact",
+         "E q(w)", "std exact", "alpha exact", f"{level} (batches)"],
+        [[c["step"], c["anisotropy"], c["anisotropy_se"], _interval(c, "anisotropy"), c["q_random_std"],
+          c["q_random_se"], c["q_random_se_exact"], c["random_expected"], c["q_random_std_exact"],
+          c["anisotropy_exact"], _interval(c, "anisotropy_exact")] for c in cks],
+        caption="± se (K dirs) = alpha · se mean / q(random), se mean = std(q(w_k), ddof 1)/sqrt(K); exact: w uniform "
+                "on the unit sphere orthogonal to v_b, E q(w) = (tr F - q(v_b))/(D-1), its std, and se exact of the "
+                "mean of K orthonormal directions; alpha exact = q(v_b) / E q(w)",
     )
     output.table(
         "Fisher spectrum (M x M Gram) and gradient-backbone alignment",
-        ["step", "lambda_1", "lambda_2", "eff. rank", "|<u_1,v_b>|", "mean |cos(g,v_b)|", "std", "noise floor"],
-        [[c["step"], *(c["top_eigenvalues"] + [None, None])[:2], c["effective_rank"], c["top_overlap_backbone"],
-          c["grad_backbone_cos_mean"], c["grad_backbone_cos_std"], c["noise_floor"]] for c in cks],
-        caption="eff. rank = (sum s)^2 / sum s^2 over the Gram eigenvalues; noise floor = sqrt(2/(pi D))",
+        ["step", "tr F ± se", "lambda_1", f"{level}", "lambda_2", "eff. rank", f"{level}", "|<u_1,v_b>|", f"{level}",
+         "mean |cos(g,v_b)| ± se", "std", "noise floor"],
+        [[c["step"], _pm(c["trace"], c["trace_se"]), (c["top_eigenvalues"] + [None])[0], _interval(c, "lambda_1"),
+          (c["top_eigenvalues"] + [None, None])[1], c["effective_rank"], _interval(c, "effective_rank"),
+          c["top_overlap_backbone"], _interval(c, "top_overlap_backbone"),
+          _pm(c["grad_backbone_cos_mean"], c["grad_backbone_cos_se"]), c["grad_backbone_cos_std"], c["noise_floor"]]
+         for c in cks],
+        caption="tr F = (1/M) sum_i ||g_i||^2 = the sum of the eigenvalues; eff. rank = (sum s)^2 / sum s^2 over the "
+                "Gram eigenvalues; noise floor = sqrt(2/(pi D))",
+    )
+    blocks = list(cks[0]["block_signed_projection"])
+    output.table(
+        "signed gradient projection on the backbone",
+        ["step", "mean <g,v_b> ± se", "std", "mean cos", "std", *[f"blk {b} <g_l,v_b^l>" for b in blocks]],
+        [[c["step"], _pm(c["grad_backbone_projection_mean"], c["grad_backbone_projection_se"]),
+          c["grad_backbone_projection_std"], c["grad_backbone_cos_signed_mean"], c["grad_backbone_cos_signed_std"],
+          *[_pm(c["block_projection_mean"].get(b), c["block_projection_std"].get(b)) for b in blocks]] for c in cks],
+        caption="signed, over batches (std: population); per block: mean ± std of the raw <g_{i,l}, v_b^(l)> "
+                "(gradient units); b_l below is the same divided by ||g_{i,l}||",
     )
     if s.get("hessian"):
         hn = [k for k in s["hessian"][0] if k != "step"]
@@ -220,5 +230,20 @@ def render_fisher(output: Any, s: dict) -> None:
         if all(a is not None for a in al):
             output.print(f"alpha(t)   {sparkline(al)}  {al[0]:.3g} → {al[-1]:.3g}")
     runs = ", ".join(f"{b}: {v[-1]:+.3g}" for b, v in s["block_running_sum"].items())
-    output.print(f"block signed projection, running sum B_l at the last step: {runs}")
+    output.print(f"block signed projection b_l, running sum B_l at the last step: {runs}")
+    raw = s.get("block_projection_running_sum") or {}
+    if raw:
+        output.print("raw block projection <g_l, v_b^l>, running sum at the last step: "
+                     + ", ".join(f"{b}: {v[-1]:+.3g}" for b, v in raw.items()))
+    if s.get("direction_cosines"):
+        output.print("<v_b, v> of the probe directions: "
+                     + ", ".join(f"{short.get(n, n)} {fmt(v)}" for n, v in s["direction_cosines"].items()))
+    pair = s.get("switch_pair")
+    if pair:
+        output.print(f"switch pair peak {pair['peak']} / trough {pair['trough']}: "
+                     + ", ".join(f"{k} ratio {fmt(pair[k]['ratio'])}" for k in ("lambda_1", "trace", "q_backbone")))
     render_facts(output, {**settings, "train_data": (settings.get("data") or {}).get("selection")})
+
+
+def _pm(mean: float | None, std: float | None) -> str | None:
+    return None if mean is None else f"{fmt(mean)} ± {fmt(std)}"

@@ -22,6 +22,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RoleMapOpt,
     RunDirArg,
@@ -35,6 +36,7 @@ from ckptaudit.cli.options import (
     window_spec,
 )
 from ckptaudit.errors import UsageError
+from ckptaudit.report.console import fmt
 
 gxs_app = typer.Typer(
     cls=AuditGroup,
@@ -161,7 +163,7 @@ def transplant_cmd(
         del model_b
         model_a = load_model(ckpt_a, device=dev, dtype=torch_dtype)
         t1 = time.perf_counter()
-        with Progress(output, "gxs transplant", len(conditions)) as hook:
+        with Progress(output, "gxs transplant", len(conditions), "conditions") as hook:
             result = run_transplant(model_a, src_a, src_b, arch_a, evaluator, conditions, donor, progress=hook,
                                     a=str(ckpt_a.path), b=str(ckpt_b.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
@@ -230,7 +232,7 @@ def velocity_cmd(
         raise UsageError(f"{run_dir}: velocity needs at least 3 checkpoints, found {len(run.checkpoints)}",
                          "point it at a run directory, or widen --steps")
     rmap = load_role_map(role_map) if role_map is not None else None
-    with Progress(output, "gxs velocity: reading checkpoints", None) as hook:
+    with Progress(output, "gxs velocity: reading checkpoints", None, "tensor reads") as hook:
         result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
                               progress=hook, allow_partial_trunk=allow_partial_trunk)
     session.save_report({"velocity": result.to_hdf5_tree()}, run.checkpoints, group="gxs")
@@ -278,6 +280,7 @@ def slack_cmd(
     max_sequences: MaxSeqOpt = None,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -309,23 +312,42 @@ def slack_cmd(
     torch_dtype, precision = resolve_dtype(dtype, checkpoint, dev)
     model = load_model(checkpoint, device=dev, dtype=torch_dtype)
     t1 = time.perf_counter()
-    with Progress(output, "gxs slack", len(alphas) * len(sigmas) * evaluator.n_batches()) as hook:
+    with Progress(output, "gxs slack", len(alphas) * len(sigmas) * evaluator.n_batches(), "batches") as hook:
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}
     session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs")
     summary = {**result.to_json(), **extra}
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_slack, run_label
+
+        label = f"{run_label(checkpoint.path, checkpoint=True)} (step {checkpoint.step})"
+        output.note(f"figure written to [bold]{plot_slack(summary, plot, label=label)}[/bold]")
     if output.human:
         render_slack(output, summary)
 
 
+def _with_se(values: list, errors: list | None, scale: float = 1.0) -> list:
+    """Grid row cells as "v ± se" (v alone without standard errors)."""
+    if errors is None:
+        return [scale * v for v in values]
+    return [f"{fmt(scale * v)} ± {fmt(scale * e)}" for v, e in zip(values, errors, strict=True)]
+
+
 def render_slack(output: Any, s: dict) -> None:
-    """Terminal view: accuracy and mean margin grids (rows alpha, columns sigma)."""
+    """Terminal view: accuracy and mean margin grids (rows alpha, columns sigma), each cell ± its standard error
+    over the input sequences."""
     cols = ["alpha \\ sigma", *(f"{x:g}" for x in s["sigma"])]
+    acc_se, m_se = s.get("accuracy_se"), s.get("margin_se")
+    se_note = (f"± standard error over the {s['n_units']} input sequences (each with its own noise)"
+               if acc_se is not None else "one input sequence: no standard error")
     output.table(f"gxs slack — accuracy % ({s['eval']}, n = {s['n']}, hook: {s['site']} {s['site_kind']})", cols,
-                 [[f"{a:g}", *(_pct(v) for v in row)] for a, row in zip(s["alpha"], s["accuracy"], strict=True)])
+                 [[f"{a:g}", *_with_se(row, None if acc_se is None else acc_se[i], 100.0)]
+                  for i, (a, row) in enumerate(zip(s["alpha"], s["accuracy"], strict=True))], caption=se_note)
     output.table("gxs slack — mean margin z_correct - max other", [*cols, "no gain reflex"],
-                 [[f"{a:g}", *row, ok] for a, row, ok in zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True)],
-                 caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed buffer)")
+                 [[f"{a:g}", *_with_se(row, None if m_se is None else m_se[i]), ok]
+                  for i, (a, row, ok) in enumerate(zip(s["alpha"], s["margin"], s["no_gain_reflex"], strict=True))],
+                 caption="no gain reflex: margin does not rise with sigma at that alpha (the model draws down a fixed "
+                         "buffer); " + se_note)
     render_facts(output, s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,11 +26,7 @@ from ckptaudit.cli.options import (
     TaskOpt,
     ThreadsOpt,
     TrainTokensOpt,
-    apply_threads,
-    parse_floats,
-    window_spec,
 )
-from ckptaudit.errors import UsageError
 from ckptaudit.report.plots import plot_resume
 
 
@@ -161,33 +156,20 @@ def resume_probe(
 
     Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --train-steps 50
     """
-    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit import api
 
-    if reset_optimizer and preserve_optimizer:
-        raise UsageError("--reset-optimizer and --preserve-optimizer exclude each other", "give at most one")
-    mode = "reset" if reset_optimizer else "preserve" if preserve_optimizer else "both"
     session = LocalSession("resume-probe", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    settings = ResumeSettings(
-        steps=steps, eval_every=eval_every, lr_mults=parse_floats(lr_mult, "--lr-mult", "1,0.1,0.01"), warmup_steps=warmup_steps,
-        boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
-        collapse_loss_floor=collapse_loss_floor,
-        seed=seed if seed is not None else 0, mode=mode, device=dev,
-    )  # fmt: skip
-    spec = window_spec(seq_len, pack, eval_tokens, train_tokens, seed if seed is not None else 0)
-    inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr, windows=spec,
-                                          batch_size=batch_size, dtype=dtype, train_data=train_data)
-    t1 = time.perf_counter()
-    with Progress(output, "resume-probe", steps) as hook:
-        result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
-    result.settings["timing_seconds"] = {"load": t1 - t0, **result.settings["timing_seconds"],
-                                         "total": time.perf_counter() - t0}
-    result.settings["threads"] = n_threads
-    checkpoints = [inputs.checkpoint] if inputs.checkpoint is not None else []
-    session.save_report(result.to_hdf5_tree(), checkpoints)
+    output = session.output
+    with Progress(output, "resume-probe", steps, "steps") as hook:
+        result = api.resume_probe(
+            ckpt, train_steps=steps, eval_every=eval_every, lr_mults=lr_mult, warmup_steps=warmup_steps,
+            boundary_probe=not no_boundary, reset_optimizer=reset_optimizer, preserve_optimizer=preserve_optimizer,
+            collapse_drop=collapse_drop, collapse_ratio=collapse_ratio, collapse_loss_floor=collapse_loss_floor,
+            seed=seed, task=task, data=data, train_data=train_data, seq_len=seq_len, pack=pack, eval_tokens=eval_tokens,
+            train_tokens=train_tokens, batch_size=batch_size, dtype=dtype, threads=threads, lr=lr, vectors=vectors,
+            device=session.device, progress=hook,
+        )  # fmt: skip
+    session.save_report(result.to_hdf5_tree(), result.inputs)
     summary = result.to_json()
     output.json(summary)
     if plot is not None:

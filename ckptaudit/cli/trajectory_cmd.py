@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
@@ -28,8 +28,6 @@ from ckptaudit.cli.options import (
     StepsOpt,
     TaskOpt,
     ThreadsOpt,
-    apply_threads,
-    window_spec,
 )
 from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.report.console import fmt
@@ -64,13 +62,6 @@ def _precision(dtype: str, ckpt: Any, device: str) -> tuple[Any, dict]:
 
     torch_dtype, record = resolve_dtype(dtype, ckpt, device)
     return torch_dtype, record.to_json()
-
-
-def _extra(tree: dict, summary: dict, **values: Any) -> None:
-    """Report entries every model-running command adds (precision, data selection, threads, wall time)."""
-    clean = {k: v for k, v in values.items() if v is not None}
-    tree.update(clean)
-    summary.update(clean)
 
 
 def _probes(ckpt: Any, probes: Path | None, data: Any, seed: int) -> Any:
@@ -136,6 +127,7 @@ def regimes(
     eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     revisions: RevisionsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -153,28 +145,24 @@ def regimes(
 
     Example: ckptaudit regimes runs/seeds/seed0 --json
     """
-    from ckptaudit.analyses.regimes import parse_thresholds, run_regimes
+    from ckptaudit import api
 
     session = LocalSession("regimes", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    fixed = parse_thresholds(thresholds)
-    run = _run(run_dir, steps, revisions)
-    held_out = _data(run[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
-    probe_set = _probes(run[0], probes, held_out, seed)
-    evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
-    torch_dtype, precision = _precision(dtype, run[0], dev)
-    with Progress(output, "fingerprints", len(run)) as hook:
-        result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
-                             loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
-                             dtype=torch_dtype)
-    tree, summary = result.to_hdf5_tree(), result.to_json()
-    selection = held_out.selection() if hasattr(held_out, "selection") else None
-    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
-           timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, list(run))
+    output = session.output
+    with Progress(output, "fingerprints", None, "checkpoints") as hook:
+        report = api.regimes(
+            run_dir, probes=probes, thresholds=thresholds, variance_window=variance_window, bootstrap=bootstrap,
+            loss=not no_loss, task=task, data=data, seq_len=seq_len, pack=pack, eval_tokens=eval_tokens, steps=steps,
+            revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
+            _note=output.note,
+        )  # fmt: skip
+    summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_regimes, run_label
+
+        output.note(f"figure written to [bold]{plot_regimes(summary, plot, label=run_label(run_dir))}[/bold]")
     if output.human:
         render_regimes(output, summary, str(run_dir))
 
@@ -255,7 +243,7 @@ def extrapolate(
     run_dir: RunDirArg,
     predictor: Annotated[
         str,
-        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (the paper's printed coefficient), quadratic-fit (exact parabola), momentum (the paper's m/sqrt(v+eps)), adam-step."),
+        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (paper 004's printed coefficient), quadratic-fit (exact parabola), momentum (paper 004's m/sqrt(v+eps)), adam-step."),
     ] = "linear,quadratic,quadratic-fit,momentum,adam-step",
     k: Annotated[str, typer.Option("--K", "-K", help="Prediction horizons in training steps, comma-separated.")] = "5,10,25,50,75,100",
     cascade: Annotated[
@@ -273,8 +261,26 @@ def extrapolate(
         int, typer.Option("--sigma-window", min=1, help="Adaptive criterion: sigma_L = std of the losses of the last N checkpoints.")
     ] = 5,
     skip_chaotic: Annotated[
-        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (the paper's protocol).")
+        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (paper 004's protocol).")
     ] = False,
+    landscape: Annotated[
+        bool, typer.Option("--landscape", help="Probe the loss at 0.25, 0.5, 1, 1.5 and 2 times each predicted step, "
+                           "with the directional derivative and curvature: 5 more held-out evaluations per prediction.")
+    ] = False,
+    confirm_stable: Annotated[
+        int | None, typer.Option("--confirm-stable", min=1, metavar="K",
+                                 help="Trust a prediction only after K consecutive stable checkpoints (the paper's "
+                                      "code uses 2); reports the rates among trusted predictions beside all.")
+    ] = None,
+    moment_dtype: Annotated[
+        str | None, typer.Option("--moment-dtype", help="Store the optimizer moments as float16, bfloat16 or float32 "
+                                 "before momentum / adam-step use them (the paper's code keeps them in float16).")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap replicates over the starting checkpoints for the "
+                          "standard errors and 95% intervals of the acceptance rates (0: none; seeded by --seed).")
+    ] = 200,
+    plot: PlotOpt = None,
     data: DataOpt = None,
     task: TaskOpt = None,
     seq_len: SeqLenOpt = None,
@@ -296,63 +302,100 @@ def extrapolate(
 ) -> None:
     """Speculative weight prediction: predict theta(t+K) from each checkpoint (linear, quadratic, momentum,
     adam-step), validate its held-out loss, accept by strict / adaptive / proximity criteria, report rates per
-    predictor, K and regime, and the error against theta(t+K) where the run has it.
+    predictor, K and regime with Wilson and bootstrap intervals, and the error against theta(t+K) where the run
+    has it; optionally the loss landscape along each prediction, the K-consecutive-stable gate and the moments
+    stored at a lower precision.
 
-    Example: ckptaudit extrapolate runs/demo --K 5,10,25 --cascade 4:25 --time
+    Example: ckptaudit extrapolate fixtures/runs/demo --K 30,60,150 --cascade 4:30 --time
     """
-    from ckptaudit.analyses.extrapolate import PREDICTORS, time_training_steps
-    from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
-    from ckptaudit.analyses.regimes import parse_thresholds
+    from ckptaudit import api
 
     session = LocalSession("extrapolate", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    predictors = tuple(p.strip() for p in predictor.split(",") if p.strip())
-    unknown = [p for p in predictors if p not in PREDICTORS]
-    if unknown or not predictors:
-        raise UsageError(f"--predictor {predictor}: unknown {', '.join(unknown) or 'empty list'}", f"choose from {', '.join(PREDICTORS)}")
-    run = _run(run_dir, steps, revisions)
-    torch_dtype, precision = _precision(dtype, run[-1], dev)
-    settings = ExtrapolateSettings(
-        predictors=predictors, ks=_int_list(k, "--K"), cascades=_cascades(cascade or []), tolerance=tolerance,
-        sigma_window=sigma_window, skip_chaotic=skip_chaotic, thresholds=parse_thresholds(thresholds), device=dev,
-        dtype=torch_dtype,
-    )  # fmt: skip
-    held_out = _data(run[-1], task, data, required=True, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
-    probe_set = _probes(run[0], probes, held_out, seed)
-
-    def evaluate(model: Any) -> float:
-        return float(held_out.evaluate(model, "validation")[0])
-
-    timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
-    with Progress(output, "extrapolate", 2 * len(run)) as hook:
-        result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
-    tree, summary = result.to_hdf5_tree(), result.to_json()
-    selection = held_out.selection() if hasattr(held_out, "selection") else None
-    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
-           timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, list(run))
+    output = session.output
+    with Progress(output, "extrapolate", None, "passes") as hook:
+        report = api.extrapolate(
+            run_dir, predictors=predictor, K=k, cascades=cascade or [], time_steps=time_steps, tolerance=tolerance,
+            sigma_window=sigma_window, skip_chaotic=skip_chaotic, data=data, task=task, seq_len=seq_len, pack=pack,
+            eval_tokens=eval_tokens, probes=probes, thresholds=thresholds, landscape=landscape,
+            confirm_stable=confirm_stable, moment_dtype=moment_dtype, bootstrap=bootstrap, steps=steps,
+            revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
+            _note=output.note,
+        )  # fmt: skip
+    summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     output.json(summary)
     if output.human:
         render_extrapolate(output, summary, str(run_dir))
+    if plot is not None:
+        from ckptaudit.report.plots import plot_extrapolate
+
+        written = plot_extrapolate(summary, plot, str(run_dir))
+        output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
+
+
+def _rate_cell(rate: float | None, unc: dict | None) -> str | None:
+    """"rate (lo–hi)" with the Wilson interval."""
+    if rate is None:
+        return None
+    w = (unc or {}).get("wilson") or [None, None]
+    return fmt(rate) if w[0] is None else f"{fmt(rate)} ({fmt(w[0])}–{fmt(w[1])})"
 
 
 def render_extrapolate(output: Any, s: dict, label: str) -> None:
-    """Terminal view: acceptance per predictor and K, per regime, cascades, timing."""
+    """Terminal view: acceptance per predictor and K with intervals, per regime, the gate, the landscape probes,
+    the moment rounding, cascades, timing."""
+    unc = s.get("acceptance_uncertainty") or {}
+    rates_u = unc.get("rates") or {}
+    err_u = unc.get("mean_rel_weight_error") or {}
     rows = []
     for pred, by_k in s["acceptance"].items():
         for k, rates in by_k.items():
-            rows.append([pred, int(k), s["counts"][pred][k], rates["strict"], rates["adaptive"], rates["proximity"],
-                         s["mean_rel_weight_error"][pred][k]])  # fmt: skip
-    output.table(f"extrapolate — {label}", ["predictor", "K", "n", "strict", "adaptive", "proximity", "mean rel. weight error"],
-                 rows, caption="acceptance rates; rel. weight error = ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||")  # fmt: skip
+            cu = rates_u.get(pred, {}).get(k, {})
+            eu = err_u.get(pred, {}).get(k) or {}
+            rows.append([pred, int(k), s["counts"][pred][k], *(_rate_cell(rates[c], cu.get(c)) for c in
+                         ("strict", "adaptive", "proximity")), (cu.get("strict") or {}).get("se"),
+                         s["mean_rel_weight_error"][pred][k], eu.get("se")])  # fmt: skip
+    boot = unc.get("bootstrap")
+    how = (f"bootstrap over the {boot['resampled']} ({boot['n_boot']} replicates, seed {boot['seed']})" if boot
+           else "no bootstrap")
+    output.table(f"extrapolate — {label}", ["predictor", "K", "n", "strict", "adaptive", "proximity", "± se strict",
+                                             "mean rel. weight error", "± se"], rows,
+                 caption="acceptance rates (95% Wilson interval); ± se: " + how + "; rel. weight error = "
+                         "||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||")  # fmt: skip
     reg_rows = []
     for regime, acc in s["acceptance_by_regime"].items():
         for pred, by_k in acc.items():
             reg_rows.append([regime, pred, *(f"{by_k[k]['strict']:.2f}/{by_k[k]['proximity']:.2f}" if k in by_k else None
                                              for k in map(str, s["settings"]["K"]))])  # fmt: skip
     output.table("strict / proximity acceptance by regime", ["regime", "predictor", *(f"K={k}" for k in s["settings"]["K"])], reg_rows)
+    gate = s.get("gate")
+    if gate:
+        g_rows = [[pred, int(k), gate["counts"].get(pred, {}).get(k, 0),
+                   *(_rate_cell(r[c], gate["uncertainty"].get(pred, {}).get(k, {}).get(c)) for c in
+                     ("strict", "adaptive", "proximity")), gate["applied"][pred][k]["strict"]]
+                  for pred, by_k in gate["acceptance"].items() for k, r in by_k.items()]  # fmt: skip
+        output.table(f"gate: {gate['rule']}", ["predictor", "K", "trusted n", "strict", "adaptive", "proximity",
+                                                "applied (trusted and strict)"], g_rows,
+                     caption="trusted from steps: " + (", ".join(map(str, gate["trusted_steps"])) or "none"))  # fmt: skip
+    land = s.get("landscape")
+    if land:
+        fr = land["fractions"]
+        l_rows = [[r["step"], r["predictor"], r["K"], "yes" if r["strict"] else "no", r["landscape"]["loss_at_0"],
+                   *r["landscape"]["losses"], r["landscape"]["derivative"], r["landscape"]["curvature"],
+                   r["landscape"]["reading"]] for r in s["results"] if r.get("landscape")]  # fmt: skip
+        output.table("landscape along each prediction", ["step", "predictor", "K", "strict", "L(0)",
+                                                          *(f"L({f:g})" for f in fr), "dL/ds", "d2L/ds2", "reading"],
+                     l_rows, caption=f"L(f) = loss at theta_t + f (theta_hat - theta_t); s = distance along the step; "
+                                     f"{land['cost']} ({land['evaluations']} in all)")  # fmt: skip
+    mr = s.get("moment_rounding")
+    if mr:
+        output.table(f"optimizer moments stored as {mr[0]['dtype']}",
+                     ["step", "m flushed to 0", "v flushed to 0", "overflow", "change of m/sqrt(v+eps)",
+                      "change of mhat/(sqrt(vhat)+eps)"],
+                     [[m["step"], m["m_flushed"], m["v_flushed"], m["nonfinite"], m["momentum_rel_change"],
+                       m["adam_rel_change"]] for m in mr],
+                     caption="flushed: share of the nonzero entries that round to zero; change: relative, over all "
+                             "parameters, of the update direction each moment predictor extrapolates")  # fmt: skip
     if s["cascades"]:
         c_rows = [[spec, pred, c, v["full_chain"], v["mean_depth"]]
                   for spec, preds in s["cascades"]["summary"].items() for pred, crit in preds.items() for c, v in crit.items()]  # fmt: skip
@@ -399,34 +442,20 @@ def cross_seed(
 
     Example: ckptaudit cross-seed runs/seeds/seed0 runs/seeds/seed1 runs/seeds/seed2
     """
-    from ckptaudit.analyses.cross_seed import run_cross_seed
-    from ckptaudit.analyses.regimes import parse_thresholds
+    from ckptaudit import api
 
     if len(run_dirs) < 2:
         raise UsageError("cross-seed needs at least two runs", "e.g. ckptaudit cross-seed runs/seed0 runs/seed1")
     session = LocalSession("cross-seed", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
-    output, dev = session.output, session.device
-    n_threads = apply_threads(threads)
-    t0 = time.perf_counter()
-    fixed = parse_thresholds(thresholds)
-    runs = [_run(p, steps) for p in run_dirs]
-    names = [p.name for p in run_dirs]
-    labels = names if len(set(names)) == len(names) else [str(p) for p in run_dirs]
-    spec = window_spec(seq_len, pack, eval_tokens, None, seed)
-    datas = [_data(r[-1], task, data, required=False, windows=spec) for r in runs]
-    torch_dtype, precision = _precision(dtype, runs[0][-1], dev)
-    # One probe set for every seed (CKA compares the same inputs): built from the first run.
-    probe_set = _probes(runs[0][0], probes, datas[0], seed)
-    evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
-    with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
-        result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook,
-                                dtype=torch_dtype)
-    checkpoints = [c for r in runs for c in r]
-    tree, summary = result.to_hdf5_tree(), result.to_json()
-    selection = datas[0].selection() if datas[0] is not None and hasattr(datas[0], "selection") else None
-    _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
-           timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, checkpoints)
+    output = session.output
+    with Progress(output, "fingerprints", None, "checkpoints") as hook:
+        report = api.cross_seed(
+            run_dirs, probes=probes, thresholds=thresholds, task=task, data=data, seq_len=seq_len, pack=pack,
+            eval_tokens=eval_tokens, steps=steps, seed=seed, dtype=dtype, threads=threads, device=session.device,
+            progress=hook, _note=output.note,
+        )  # fmt: skip
+    summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs)
     output.json(summary)
     if output.human:
         render_cross_seed(output, summary)

@@ -353,7 +353,7 @@ enabled = true
 # Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickled TrainingArguments
 # that needs transformers' classes (needs-allow-listed-globals): ckptaudit reads it only as plain data, through
 # stand-ins, but torch.load would have to trust those classes. Remove it to insist on none.
-allow_files = ["training_args.bin"]
+allow_files = {_exempt}
 
 [checks.finite]
 # No NaN/Inf in any weight tensor or optimizer moment (streamed tensor by tensor).
@@ -396,4 +396,8 @@ k95_max = 10
 
 def default_policy_text() -> str:
     """The commented default policy ``ckptaudit gate --init`` writes (it parses with :func:`parse_policy`)."""
-    return DEFAULT_POLICY
+    import json
+
+    from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
+
+    return DEFAULT_POLICY.replace("{_exempt}", json.dumps(list(DEFAULT_EXEMPT_FILES)))

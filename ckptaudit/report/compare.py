@@ -7,7 +7,7 @@ negative indices count from the end), ``regimes/similarity`` (a whole 1-D datase
 automatic lists use ``step_*`` wherever a report has a single per-checkpoint group. A series is plotted
 against the ``steps`` dataset of its own group when their lengths match (``x`` overrides), else against its index.
 
-Which quantities: for ``backbone``, ``regimes`` and ``classify-embeddings`` a list of headline quantities (with the
+Which quantities: for ``backbone``, ``regimes``, ``fisher`` and ``classify-embeddings`` a list of headline quantities (with the
 path of each one's standard error where the report has one); for every other command, all numeric attributes and
 all series that every report holds. ``--quantity PATH`` (repeatable) chooses them instead; ``--all`` adds every
 common numeric attribute to the headline list.
@@ -80,6 +80,26 @@ HEADLINES: dict[str, tuple[list[Spec], list[Spec]]] = {
         Spec("activation variance", "regimes/activation_variance"),
         Spec("loss", "regimes/loss"),
         Spec("loss curvature", "regimes/loss_curvature"),
+    ]),
+    "fisher": ([
+        Spec("anisotropy alpha (K random directions)", "fisher/step_*/anisotropy", se="fisher/step_*/anisotropy_se"),
+        Spec("anisotropy alpha exact", "fisher/step_*/anisotropy_exact"),
+        Spec("q(v_b)", "fisher/step_*/q/backbone", se="fisher/step_*/q_se/backbone"),
+        Spec("mean q(random)", "fisher/step_*/q/random_mean", se="fisher/step_*/q_random_se"),
+        Spec("E q(random) exact", "fisher/step_*/random_expected", se="fisher/step_*/q_random_se_exact"),
+        Spec("std q(random)", "fisher/step_*/q_random_std"),
+        Spec("std q(random) exact", "fisher/step_*/q_random_std_exact"),
+        Spec("Fisher trace tr F", "fisher/step_*/trace", se="fisher/step_*/trace_se"),
+        Spec("top eigenvalue lambda_1", "fisher/step_*/top_eigenvalues[0]", se="fisher/step_*/bootstrap/se/lambda_1"),
+        Spec("effective rank", "fisher/step_*/effective_rank", se="fisher/step_*/bootstrap/se/effective_rank"),
+        Spec("mean <g_i, v_b>", "fisher/step_*/grad_backbone_projection_mean",
+             se="fisher/step_*/grad_backbone_projection_se"),
+        Spec("mean |cos(g_i, v_b)|", "fisher/step_*/grad_backbone_cos_mean", se="fisher/step_*/grad_backbone_cos_se"),
+    ], [
+        Spec("q(v_b)", "fisher/stiffening/q_backbone", x="fisher/stiffening/steps"),
+        Spec("anisotropy alpha", "fisher/stiffening/anisotropy", x="fisher/stiffening/steps"),
+        Spec("anisotropy alpha exact", "fisher/stiffening/anisotropy_exact", x="fisher/stiffening/steps"),
+        Spec("Fisher trace", "fisher/stiffening/trace", x="fisher/stiffening/steps"),
     ]),
     "classify-embeddings": ([
         Spec("mean c^2", "embeddings/embed/c2/mean", se="embeddings/embed/uncertainty/standard_error/mean_c2"),
@@ -239,13 +259,18 @@ def _common(lists: list[list[str]]) -> list[str]:
 
 def default_specs(reports: Sequence[Report], include_all: bool = False) -> tuple[list[Spec], list[Spec], int]:
     """(scalars, series, omitted) to compare: the command's headlines present in some report (plus every common
-    numeric attribute with ``include_all``), or for other commands the first MAX_GENERIC_ROWS common numeric
+    numeric attribute with ``include_all``; the first MAX_SERIES common series when none of its headline series is
+    there), or for other commands the first MAX_GENERIC_ROWS common numeric
     attributes (all with ``include_all``; ``omitted`` counts the rest) and the first MAX_SERIES common series."""
     command = reports[0].command
     if command in HEADLINES:
         scalars, series = HEADLINES[command]
         scalars = [s for s in scalars if any(resolve(r.tree, s.path) is not _MISSING for r in reports)]
         series = [s for s in series if all(isinstance(resolve(r.tree, s.path), np.ndarray) for r in reports)]
+        if not series and HEADLINES[command][1]:  # reports without the headline series (older, partial): theirs
+            found = _common([[p for g in _result_groups(r.tree) for p in _walk_series(r.tree[g], f"{g}/")]
+                             for r in reports])
+            series = [Spec(p, p) for p in found[:MAX_SERIES]]
         if not include_all:
             return scalars, series, 0
     else:
@@ -333,7 +358,7 @@ def compare(reports: Sequence[Report], scalars: Sequence[Spec], series: Sequence
 def plot_comparison(comp: Comparison, out_dir: Path) -> Path:
     """One PNG, ``compare_<command>.png``: a panel per series (one line per report) and per numeric scalar (one
     point per report, with its standard error as an error bar where known). Returns the file."""
-    from ckptaudit.report.plots import _pyplot
+    from ckptaudit.report.plots import _pyplot, _step_axis
 
     plt = _pyplot()
     out_dir = Path(out_dir)
@@ -351,8 +376,11 @@ def plot_comparison(comp: Comparison, out_dir: Path) -> Path:
         for line in s["lines"]:
             ax.plot(line["x"], line["y"], marker=".", ms=3, label=line["label"])
         ax.set_title(s["name"], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=6)
+        if "steps" in s["x_path"]:
+            _step_axis(ax)  # "training step", integer ticks
+        else:
+            ax.set_xlabel(s["x_path"].rsplit("/", 1)[-1])
+        ax.legend(fontsize=7)
     for ax, r in zip(flat[len(comp.series):], numeric, strict=False):
         xs = [i for i, v in enumerate(r["values"]) if _number(v) is not None]
         ys = [float(r["values"][i]) for i in xs]

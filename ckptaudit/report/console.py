@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -74,8 +74,11 @@ class Output:
         """Print a table of already-formatted cells (numbers are formatted with :func:`fmt`)."""
         if not self.human:
             return
-        t = Table(title=title, caption=caption, title_justify="left", show_lines=False)
-        cells = [[fmt(x) for x in r] for r in rows]
+        t = Table(title=shorten_paths(title), caption=caption, title_justify="left", show_lines=False)
+        raw = [list(r) for r in rows]
+        n_cols = max([len(columns)] + [len(r) for r in raw])
+        by_column = [format_column([r[i] for r in raw if i < len(r)]) for i in range(n_cols)]
+        cells = [[by_column[i][j] for i in range(len(r))] for j, r in enumerate(raw)]
         for i, c in enumerate(columns):
             column = [r[i] for r in cells if i < len(r)]
             if column and all(_NUMBER_RE.fullmatch(_plain_text(v)) for v in column):
@@ -119,17 +122,68 @@ class Output:
         (self.err if self.json_mode else self.console).print(message, soft_wrap=True)
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Any]:
-        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json)."""
+    def progress(self, description: str, total: int | None, unit: str = "") -> Iterator[Any]:
+        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json). ``unit`` names
+        what is counted ("steps", "pairs"); counts of 10,000 and more show in k / M / G."""
         if self.quiet or not sys.stderr.isatty():
             yield _NullBar()
             return
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=self.err, transient=True,
-        ) as p:
+        with Progress(*progress_columns(unit), console=self.err, transient=True) as p:
             task = p.add_task(description, total=total)
             yield _Bar(p, task)
+
+
+def human_count(n: float) -> str:
+    """A count for a progress bar: exact below 10,000 (``9,999``), else three significant digits with k / M / G
+    (``12.3k``, ``1.21G``)."""
+    n = float(n)
+    if abs(n) < 10_000:
+        return f"{n:,.0f}"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:,.0f}"  # pragma: no cover - unreachable
+
+
+def clock(seconds: float | None) -> str:
+    """``H:MM:SS`` for a duration in seconds, ``-:--:--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class CountColumn(ProgressColumn):
+    """``done/total unit`` in human units (``1.21G/4.83G pairs``); ``done unit`` while the total is unknown."""
+
+    def __init__(self, unit: str = ""):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        done = human_count(task.completed)
+        text = done if task.total is None else f"{done}/{human_count(task.total)}"
+        return Text(f"{text} {self.unit}".rstrip(), style="progress.download")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left from the average rate since the bar started: elapsed x (total - done) / done. rich's own column
+    estimates from the last 30 s only, so its ETA vanishes when one unit of work takes longer than that."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Any) -> Text:
+        if task.finished:
+            return Text("eta 0:00:00", style="progress.remaining")
+        left = None
+        if task.total is not None and task.completed > 0 and task.elapsed:
+            left = task.elapsed * (task.total - task.completed) / task.completed
+        return Text(f"eta {clock(left)}", style="progress.remaining")
+
+
+def progress_columns(unit: str = "") -> tuple:
+    """The columns of every progress bar: description, bar, count, elapsed time, time left."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), CountColumn(unit), TimeElapsedColumn(), EtaColumn())
 
 
 class _Bar:
@@ -166,6 +220,48 @@ _MARKUP_RE = re.compile(r"\[/?[a-z #0-9]*\]")
 def _plain_text(cell: str) -> str:
     """A cell without its rich colour markup ([green]...[/green])."""
     return _MARKUP_RE.sub("", cell)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (float, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def format_column(values: list[Any]) -> list[str]:
+    """The cells of one table column, the reals of a column in one format: fixed point with the decimals that give
+    the smallest nonzero value 4 significant digits (at most 6), or, when a nonzero value is >= 1e5 or < 1e-3,
+    scientific with 4 significant digits for all. Integers, None, booleans and text as :func:`fmt`."""
+    reals = [abs(float(x)) for x in values if _is_real(x)]
+    nonzero = [x for x in reals if x != 0]
+    if not nonzero:
+        return [fmt(x) for x in values]
+    if any(x >= 1e5 or x < 1e-3 for x in nonzero):
+        return [f"{float(x):.3e}" if _is_real(x) else fmt(x) for x in values]
+    decimals = max(0, min(6, 3 - math.floor(math.log10(min(nonzero)))))
+    return [f"{float(x):.{decimals}f}" if _is_real(x) else fmt(x) for x in values]
+
+
+_PATH_RE = re.compile(r"(?:[\w.~-]*/)+[\w.-]+/?")
+
+
+def shorten_paths(text: str, keep: int = 2, limit: int = 40) -> str:
+    """``text`` with every path longer than ``limit`` characters cut to its last ``keep`` components
+    (``…/seed0/run``), so a table title does not wrap on a long path."""
+    def cut(m: re.Match) -> str:
+        path = m.group(0)
+        parts = [p for p in path.rstrip("/").split("/") if p]
+        return path if len(path) <= limit or len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+
+    return _PATH_RE.sub(cut, text)
+
+
+def human_bytes(n: float) -> str:
+    """A size in bytes with binary units: ``512 B``, ``12.4 MiB``, ``1.21 GiB``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - unreachable
 
 
 def fmt(x: Any) -> str:

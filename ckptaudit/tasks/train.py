@@ -3,7 +3,8 @@
 Each ``output_dir/checkpoint-{step}/`` holds what ``transformers.Trainer`` 5.x writes (FORMATS.md):
 config.json, generation_config.json, model.safetensors (tied ``lm_head.weight`` absent), optimizer.pt,
 scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin, plus ``ckptaudit_task.json`` naming the
-task, its data order and the training hyper-parameters, so analyses never need to unpickle training_args.bin.
+task, its data order and the training hyper-parameters, so the analyses of these runs need nothing from
+training_args.bin (which ckptaudit reads only as plain data, never with torch.load).
 
 The optimizer is built as ``Trainer.create_optimizer`` builds it (two AdamW groups, decay then no-decay, no
 ``param_names``), so optimizer.pt exercises the Trainer index -> name mapping. Unlike the Trainer a checkpoint
@@ -192,7 +193,7 @@ def train_step(
     model.train()
     batch = task.batch("train", step, batch_size, seed)
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = task.loss_and_accuracy(model, batch)
+    loss = task.loss(model, batch)
     loss.backward()
     clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
