@@ -79,6 +79,23 @@ def test_saturation_stop_step_on_planted_series():
     assert ft.saturation_stop_step([2.0, 2.0, 2.0]) == 0  # constant: saturated from the start
 
 
+def test_phi_stop_of_a_context_resolved_before_training_is_after_its_rise():
+    # Phi > 0 from step 0 (flip step 0) but nearly still for four steps, then a rise to a plateau: the slow start is
+    # a literal plateau at step 0 (changes 0.0004 < 1% of the 0.2 range), the real one begins at step 7.
+    phi = [0.006, 0.0064, 0.0068, 0.0072, 0.0076, 0.05, 0.15, 0.2, 0.2, 0.2, 0.2, 0.2]
+    assert ft.saturation_stop_step(phi) == 0
+    assert ft.largest_move_step(phi) == 6  # the change 0.05 -> 0.15 arrives at step 6
+    series = {"phi": np.asarray(phi), "drag": np.zeros(len(phi)), "loss": np.linspace(3.0, 0.1, len(phi))}
+    tr = ft.summarise(Context(CTX, " longing", " yearning"), " longing", " yearning", 7, 8, "lora", 2e-4,
+                      len(phi) - 1, series, {"embedding": 0.0, "head": None, "unchanged": 1.0})
+    assert tr.flip_step == 0
+    assert tr.phi_stop_step == 7
+    # A catapult from below zero still stops where its plateau starts (the flip and the largest move coincide).
+    jump = [-1, -1, -1, -1, -1, 1, 1, 1, 1]
+    assert ft.largest_move_step(jump) == 5 == ft.flip_step(jump)
+    assert ft.largest_move_step([1.0]) == 0
+
+
 def test_critical_lr_is_smallest_flipping_rate():
     assert ft.critical_lr([1e-4, 1e-3, 1e-2], [None, 12, 3]) == 1e-3
     assert ft.critical_lr([1e-2, 1e-4, 1e-3], [3, None, 12]) == 1e-3

@@ -99,6 +99,15 @@ def failure_type(phi: Sequence[float], drag: Sequence[float]) -> str | None:
     return "structural" if float(drag[-1]) < float(drag[0]) else "kinematic"
 
 
+def largest_move_step(series: Sequence[float]) -> int:
+    """Step ``t >= 1`` at which ``|x[t] - x[t-1]|`` is largest (the first such step); 0 for fewer than two values
+    or a series with a non-finite change."""
+    d = np.abs(np.diff(np.asarray(series, dtype=np.float64)))
+    if d.size == 0 or not np.all(np.isfinite(d)):
+        return 0
+    return int(np.argmax(d)) + 1
+
+
 def saturation_stop_step(
     series: Sequence[float], rel: float = SATURATION_REL, window: int = SATURATION_WINDOW, start: int = 0
 ) -> int | None:
@@ -319,8 +328,10 @@ def summarise(context: Context, target_text: str, competitor_text: str, target_i
     phi = series["phi"]
     flip = flip_step(phi)
     ratio = jump_ratio(phi)
-    # A quiet stretch before a catapult is not saturation: Phi's plateau is searched from the flip on.
-    phi_stop = saturation_stop_step(phi, start=flip or 0)
+    # A quiet stretch before a catapult is not saturation: Phi's plateau is searched from the flip on, and not
+    # before the step at which Phi made its largest move (a context resolved before training flips at step 0,
+    # and its slow start would otherwise pass for a plateau).
+    phi_stop = saturation_stop_step(phi, start=max(flip or 0, largest_move_step(phi)))
     return Trajectory(
         context=context.context, target=target_text, competitor=competitor_text, target_id=target_id,
         competitor_id=competitor_id, mode=mode, lr=float(lr), steps=steps, series=series, flip_step=flip,

@@ -8,11 +8,13 @@ saved in every checkpoint. Every tenth document is the validation split (``val.t
 of the ckptaudit commands); training reads the rest (``train.txt``) in fixed windows.
 
     python docs/reproductions/train_lm.py OUT [--optimizer adamw|sgd] [--seed 42] [--steps 3000]
-        [--save-every 60] [--layers 4] [--d-model 256] [--heads 8] [--threads 1]
+        [--save-every 60] [--layers 4] [--d-model 256] [--heads 8] [--threads 1] [--resume]
 
 Writes OUT/checkpoint-N/ every --save-every steps (checkpoint-0 is the initialisation), each with model,
 optimizer, scheduler, RNG and trainer state and the tokenizer; OUT/train.txt and OUT/val.txt; OUT/DONE at the end
-(a finished run is not retrained).
+(a finished run is not retrained). --resume continues an interrupted run from its newest checkpoint (the
+Trainer's resume_from_checkpoint: weights, optimizer, scheduler, RNG and data position), with the tokenizer saved in
+that checkpoint.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ def corpus() -> list[str]:
     library (tests excluded), numpy and scipy, in sorted file order (identical for the same versions)."""
     import ast
     import importlib.util
-    import sysconfig
-
     import pydoc_data.topics as topics
+    import sysconfig
 
     parts = [topics.topics[k] for k in sorted(topics.topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in OUT")
     args = ap.parse_args()
     if (args.out / "DONE").exists():
         print(f"{args.out}: already trained")
@@ -107,7 +109,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.txt").write_text(train_text, encoding="utf-8")
     (args.out / "val.txt").write_text(val_text, encoding="utf-8")
-    tok = train_tokenizer(train_text, args.vocab)
+    resume = None
+    if args.resume:
+        done = [c for c in args.out.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+        if not done:
+            raise SystemExit(f"{args.out}: no checkpoint with a trainer_state.json to resume from")
+        resume = max(done, key=lambda c: int(c.name.split("-")[1]))
+    if resume is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(resume)
+    else:
+        tok = train_tokenizer(train_text, args.vocab)
     train = Windows(tok(train_text)["input_ids"], args.seq)
     val = torch.utils.data.Subset(Windows(tok(val_text)["input_ids"], args.seq), range(64))  # the periodic eval_loss
     transformers.set_seed(args.seed)
@@ -131,12 +144,16 @@ def main() -> None:
     )
 
     # checkpoint-0: the initialisation (weights, config, tokenizer), so that drift is measured from theta(0).
-    model.save_pretrained(args.out / "checkpoint-0")
-    tok.save_pretrained(args.out / "checkpoint-0")
+    if resume is None:
+        model.save_pretrained(args.out / "checkpoint-0")
+        tok.save_pretrained(args.out / "checkpoint-0")
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val, processing_class=tok)
     start = time.time()
-    trainer.train()
-    (args.out / "DONE").write_text(f"{time.time() - start:.0f} s\n")
+    if resume is not None:
+        print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    note = f" (resumed from {resume.name})" if resume is not None else ""
+    (args.out / "DONE").write_text(f"{time.time() - start:.0f} s{note}\n")
     print(f"{args.out}: {args.steps} steps in {time.time() - start:.0f} s")
 
 
