@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, OptimizerStateError
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _RANK_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")

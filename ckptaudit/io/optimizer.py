@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, OptimizerStateError
-from ckptaudit.io.tensors import safe_torch_load
+from ckptaudit.io.torchload import safe_torch_load
 from ckptaudit.tasks.train import NO_DECAY_PATTERNS
 
 __all__ = [

@@ -34,7 +34,7 @@ from ckptaudit.errors import (
     LayoutError,
     OptimizerStateError,
 )
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
 from ckptaudit.io.tensors import open_tensors as _open_file
 
 ADAPTER_CONFIG = "adapter_config.json"
