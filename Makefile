@@ -51,6 +51,7 @@ demo: $(STAMP)
 
 man: $(STAMP)
 	$(PY) -m ckptaudit.cli.manpages man
+	$(PY) -m ckptaudit.gate.reference docs/gate.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
@@ -61,6 +62,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ckptaudit tests fixtures benchmarks
 	$(PY) -m ckptaudit.cli.manpages man --check
+	$(PY) -m ckptaudit.gate.reference docs/gate.md --check
 
 clean:
 	rm -rf $(VENV) $(FIXTURES) demo-out .pytest_cache

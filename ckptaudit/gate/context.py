@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptaudit.errors import (
     CkptAuditError,
@@ -15,8 +15,10 @@ from ckptaudit.errors import (
     UnsafePickleError,
     UsageError,
 )
-from ckptaudit.gate.policy import Policy
 from ckptaudit.gate.result import GateResult
+
+if TYPE_CHECKING:
+    from ckptaudit.gate.policy import Policy
 
 # Errors of well-formed input that a check fails on (exit 1); every other CkptAuditError is bad input (exit 2).
 CHECK_FAILURES = (UnsafePickleError, OptimizerStateError)
@@ -122,7 +124,7 @@ def run_gate(run: Any, policy: Policy, device: str = "cpu", seed: int = 0,
     results = []
     try:
         for name, settings in policy.checks.items():
-            results.append(CHECKS[name](ctx, settings))
+            results.append(CHECKS[name].run(ctx, settings))
             if progress is not None:
                 progress(1)
     finally:
