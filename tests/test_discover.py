@@ -80,6 +80,38 @@ def test_hf_trainer_run_sorted_numerically(tmp_path: Path) -> None:
         run.by_step(11)
 
 
+def test_discovered_runs_and_checkpoints_satisfy_the_protocols_analyses_take(tmp_path: Path) -> None:
+    """io.types' Protocols are what analyses and the gate may ask of a run and a checkpoint: a discovered Run and
+    Checkpoint have every member; an object that lacks one (here the optimizer file) is not a StoredCheckpoint."""
+    from dataclasses import dataclass
+
+    from ckptaudit.io.types import CheckpointLike, RunLike, StoredCheckpoint, checkpoint_path
+
+    for n in (1, 2):
+        _hf_checkpoint(tmp_path / "out", n)
+    run = discover_run(tmp_path / "out")
+    assert isinstance(run, RunLike)
+    assert all(isinstance(c, StoredCheckpoint) and isinstance(c, CheckpointLike) for c in run.checkpoints)
+
+    @dataclass(frozen=True)
+    class WeightsOnly:  # what a test of a weights-only analysis builds
+        step: int
+        path: Path
+
+        def tensors(self):
+            return run.checkpoints[0].tensors()
+
+        def config(self):
+            return None
+
+        def trainer_state(self):
+            return None
+
+    w = WeightsOnly(1, tmp_path)
+    assert isinstance(w, CheckpointLike) and not isinstance(w, StoredCheckpoint)
+    assert checkpoint_path(w) == tmp_path and checkpoint_path(str(tmp_path)) == tmp_path
+
+
 def test_trainer_state_step_wins_over_folder_name(tmp_path: Path) -> None:
     _hf_checkpoint(tmp_path, 5, global_step=500)
     _hf_checkpoint(tmp_path, 6, global_step=600)

@@ -35,6 +35,7 @@ from ckptaudit.analyses.gram import (
     tensor_names_of,
 )
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.types import CheckpointLike, RunLike
 from ckptaudit.io.vectors import BLOCK_PREFIX
 from ckptaudit.io.writer import SafetensorsStreamWriter
 
@@ -178,16 +179,16 @@ def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias
     return groups
 
 
-def _trainer_log_history(checkpoints: Sequence[Any]) -> list[dict]:
+def _trainer_log_history(checkpoints: Sequence[CheckpointLike]) -> list[dict]:
     for c in reversed(list(checkpoints)):
-        state = c.trainer_state() if hasattr(c, "trainer_state") else None
+        state = c.trainer_state()
         if state and state.get("log_history"):
             return list(state["log_history"])
     return []
 
 
 def run_backbone(
-    run: Any,
+    run: RunLike,
     anchor_step: int | None = None,
     blocks: Sequence[int] | None = None,
     include_bias: bool = False,
@@ -247,7 +248,7 @@ def run_backbone(
 
     with _as_source(anchor) as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
-    config = anchor.config() if hasattr(anchor, "config") else None
+    config = anchor.config()
     arch = resolve_architecture(shapes, config, role_map=role_map, allow_partial_trunk=allow_partial_trunk)
     groups = backbone_groups(arch, blocks, include_bias)
 
@@ -340,8 +341,8 @@ def _steps_str(steps: Sequence[int]) -> str:
 
 def save_backbone_vectors(
     path: str | Path,
-    rows: Sequence[Any],
-    anchor: Any,
+    rows: Sequence[CheckpointLike],
+    anchor: CheckpointLike,
     pieces: Sequence[Any],
     result: BackboneResult,
     k: int = 6,

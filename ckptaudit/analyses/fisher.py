@@ -55,6 +55,7 @@ from ckptaudit.analyses.fisher_directions import (
 )
 from ckptaudit.analyses.fisher_store import GradientStore
 from ckptaudit.errors import LayoutError, UsageError
+from ckptaudit.io.types import RunLike, StoredCheckpoint
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
            "flat_gradient", "noise_floor", "prepare_probes", "run_fisher", "trunk_layout"]
@@ -522,7 +523,7 @@ def fisher_at_model(
 # ------------------------------------------------------------------------------------------- over a run
 
 
-def _default_batch_size(ckpt: Any) -> int:
+def _default_batch_size(ckpt: StoredCheckpoint) -> int:
     """The training batch size recorded in the checkpoint's ckptaudit_task.json, else 32."""
     from ckptaudit.errors import DataError
     from ckptaudit.tasks import TASK_FILE, load_task_spec
@@ -536,14 +537,14 @@ def _default_batch_size(ckpt: Any) -> int:
 
 
 def run_fisher(
-    checkpoints: Sequence[Any],
+    checkpoints: Sequence[StoredCheckpoint],
     settings: FisherSettings,
     vectors: str | Path,
     task: str | None = None,
     data: str | Path | None = None,
     seq_len: int | None = None,
     switch: tuple[int, int] | None = None,
-    switch_run: Any = None,
+    switch_run: RunLike | None = None,
     progress: Callable[[int], None] | None = None,
     windows: Any = None,
     dtype: str | None = None,
@@ -569,7 +570,7 @@ def run_fisher(
     first = ckpts[0]
     with first.tensors() as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
-    arch = resolve_architecture(shapes, first.config() if hasattr(first, "config") else None)
+    arch = resolve_architecture(shapes, first.config())
     layout = trunk_layout(arch, settings.block, settings.include_bias)
     directions, block_backbone = read_directions(vectors, layout)
     if switch is not None:
@@ -613,7 +614,7 @@ def run_fisher(
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running)
 
 
-def fisher_anisotropy(run: Any, vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
     """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``: what ``ckptaudit gate`` checks.
 
     ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``; the gate computes them

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import LayoutError, NonFiniteWeightsError
+from ckptaudit.io.source import TensorSource
+from ckptaudit.io.types import CheckpointLike
 
 DEFAULT_CHUNK_ELEMS = 1 << 17  # 128 Ki scalars: a [T, chunk] float64 buffer is 1 MiB per checkpoint
 
@@ -154,9 +156,9 @@ def _unique_pieces(groups: Mapping[str, Sequence[Any]]) -> dict[str, list[tuple[
     return out
 
 
-def _as_source(item: Any) -> Any:
-    """A Checkpoint (has ``tensors()``) or an already-open TensorSource."""
-    return item.tensors() if hasattr(item, "tensors") and not hasattr(item, "get") else item
+def _as_source(item: CheckpointLike | TensorSource) -> TensorSource:
+    """A Checkpoint's tensors, or an already-open TensorSource."""
+    return item if isinstance(item, TensorSource) else item.tensors()
 
 
 def _label(item: Any) -> str:
@@ -270,8 +272,8 @@ class _Slot:
 
 
 def drift_grams(
-    checkpoints: Sequence[Any],
-    anchor: Any,
+    checkpoints: Sequence[CheckpointLike | TensorSource],
+    anchor: CheckpointLike | TensorSource,
     groups: Mapping[str, Sequence[Any]],
     device: str | torch.device = "cpu",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,

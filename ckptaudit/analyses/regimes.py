@@ -35,6 +35,7 @@ import torch
 
 from ckptaudit.errors import CorruptFileError, DataError, UsageError
 from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
+from ckptaudit.io.types import StoredCheckpoint
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
@@ -322,7 +323,7 @@ class RegimesResult:
 
 
 def run_fingerprints(
-    run: Sequence[Any],
+    run: Sequence[StoredCheckpoint],
     probes: ProbeSet,
     device: str = "cpu",
     keep: bool = False,
@@ -350,7 +351,7 @@ def run_fingerprints(
         if model is None:
             model = load_model(ckpt, device, dtype=dtype)
         else:  # the same model refilled: names and shapes must match the first checkpoint's
-            with (ckpt.model_tensors(model) if hasattr(ckpt, "model_tensors") else ckpt.tensors()) as source:
+            with ckpt.model_tensors(model) as source:
                 fill_model(model, source, ckpt.path)
         rep = probe_representations(model, probes)
         similarity.append(math.nan if previous is None else cosine(rep, previous))
@@ -367,7 +368,7 @@ def run_fingerprints(
 
 
 def run_regimes(
-    run: Sequence[Any],
+    run: Sequence[StoredCheckpoint],
     probes: ProbeSet,
     fixed: tuple[float, float] | None = None,
     device: str = "cpu",

@@ -30,6 +30,7 @@ from ckptaudit.analyses.resume_conditions import (
     _last_lrs,
     optimizer_class,
 )
+from ckptaudit.io.types import StoredCheckpoint
 
 __all__ = ["probe_inputs_from_checkpoint"]
 
@@ -40,12 +41,12 @@ def _value(value: Any, source: str) -> dict[str, Any]:
     return {"value": value, "source": source}
 
 
-def _read_rng_state(ckpt: Any) -> dict | None:
+def _read_rng_state(ckpt: StoredCheckpoint) -> dict | None:
     """rng_state.pth (the single-process file, else rank 0's) read weights-only with the numpy pieces the Trainer
     allow-lists; None when absent. Only the torch states are kept."""
     from ckptaudit.io.tensors import safe_torch_load
 
-    files = sorted(getattr(ckpt, "rng_files", ()) or ())
+    files = sorted(ckpt.rng_files)
     if not files:
         return None
     chosen = next((f for f in files if Path(f).name == "rng_state.pth"), files[0])
@@ -135,8 +136,8 @@ def probe_inputs_from_checkpoint(
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     values: dict[str, Any] = {}
 
-    opt_state = load_optimizer_state(ckpt, params) if getattr(ckpt, "optimizer_file", None) is not None else None
-    sched_state = load_scheduler_state(ckpt) if getattr(ckpt, "scheduler_file", None) is not None else None
+    opt_state = load_optimizer_state(ckpt, params) if ckpt.optimizer_file is not None else None
+    sched_state = load_scheduler_state(ckpt) if ckpt.scheduler_file is not None else None
     own = dict(spec.get("train") or {})
     if opt_state is not None:
         names = opt_state.names

@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptaudit.report.console import Output, ProgressHook
 from ckptaudit.report.hdf5 import default_report_path, input_records, write_report
+
+if TYPE_CHECKING:
+    from ckptaudit.io.discover import Run
 
 
 def make_output(json_mode: bool, quiet: bool) -> Output:
@@ -19,7 +22,7 @@ def make_output(json_mode: bool, quiet: bool) -> Output:
 _CURRENT_OUTPUT: list[Output] = []  # the running command's output sink, for the notes of load_run
 
 
-def load_run(path: Path, steps: str | None = None, revisions: str | None = None) -> Any:
+def load_run(path: Path, steps: str | None = None, revisions: str | None = None) -> Run:
     """Discover a run (a directory of checkpoints, one checkpoint directory, or one file; with ``revisions``, the
     cached hub revisions of repo id ``path`` matching that glob). What was found but left out of the trajectory
     (model files without a step, byte-identical revisions) is noted, one line each, with the reason."""
@@ -32,14 +35,14 @@ def load_run(path: Path, steps: str | None = None, revisions: str | None = None)
     return run
 
 
-def discover_run_quiet(path: Path, steps: str | None, revisions: str | None) -> Any:
+def discover_run_quiet(path: Path, steps: str | None, revisions: str | None) -> Run:
     """``discover_run`` without the left-out notes (for a second look at a run already loaded)."""
     from ckptaudit.io.discover import discover_run
 
     return discover_run(path, steps=steps, revisions=revisions)
 
 
-def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revisions: str | None = None) -> Any:
+def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revisions: str | None = None) -> Run:
     """The run for a drift analysis (backbone, gxs velocity): the checkpoints ``--steps`` selects, with the anchor
     taken from the whole run (its first checkpoint, or ``--anchor``) even when ``--steps`` leaves it out, so that a
     step subset keeps rows theta(t) - theta(anchor) of the same run. The anchor step is checked here."""

@@ -190,7 +190,7 @@ def _regime_losses(run: Any, held_out: Any, data: Path | None, no_loss: bool) ->
         name = f"--data {data}" if data is not None else f"task {getattr(held_out, 'name', 'of the checkpoint')}"
         return (lambda m: float(held_out.evaluate(m, "validation")[0])), None, f"validation loss on {name}, evaluated at every checkpoint"
     for ckpt in reversed(list(run)):
-        state = ckpt.trainer_state() if hasattr(ckpt, "trainer_state") else None
+        state = ckpt.trainer_state()
         if state and state.get("log_history"):
             logged = losses_from_log_history(state["log_history"], [c.step for c in run])
             if any(v is not None for v in logged):

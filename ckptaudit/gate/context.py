@@ -16,6 +16,7 @@ from ckptaudit.errors import (
     UsageError,
 )
 from ckptaudit.gate.result import GateResult
+from ckptaudit.io.types import RunLike, StoredCheckpoint
 
 if TYPE_CHECKING:
     from ckptaudit.gate.policy import Policy
@@ -29,7 +30,7 @@ BAD_INPUT = (CorruptFileError, InputNotFoundError)
 class GateContext:
     """What the checks share: the run, the checkpoints to gate, and per-checkpoint caches (inspection, optimizer)."""
 
-    def __init__(self, run: Any, policy: Policy, device: str = "cpu", seed: int = 0):
+    def __init__(self, run: RunLike[StoredCheckpoint], policy: Policy, device: str = "cpu", seed: int = 0):
         self.run = run
         self.policy = policy
         self.device = device
@@ -41,7 +42,7 @@ class GateContext:
         self._backbone: Any = None
         self._tmp: tempfile.TemporaryDirectory | None = None
 
-    def info(self, ckpt: Any) -> Any:
+    def info(self, ckpt: StoredCheckpoint) -> Any:
         """provenance.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
         key = str(ckpt.path)
         if key not in self._info:
@@ -50,7 +51,7 @@ class GateContext:
             self._info[key] = inspect_checkpoint(ckpt, check_files=True)[0]
         return self._info[key]
 
-    def optimizer(self, ckpt: Any) -> Any:
+    def optimizer(self, ckpt: StoredCheckpoint) -> Any:
         """io.optimizer.load_optimizer_state(ckpt), loaded once for provenance and finite (a refusal is re-raised)."""
         key = str(ckpt.path)
         if key not in self._opt:
@@ -106,16 +107,16 @@ def _rel(path: Any, base: Any) -> str:
         return str(path)
 
 
-def _weight_file(ckpt: Any) -> str:
-    files = tuple(getattr(ckpt, "weight_files", ()) or ())
+def _weight_file(ckpt: StoredCheckpoint) -> str:
+    files = ckpt.weight_files
     return str(files[0]) if files else str(ckpt.path)
 
 
-def _label(ckpt: Any) -> str:
+def _label(ckpt: StoredCheckpoint) -> str:
     return f"step {ckpt.step}"
 
 
-def run_gate(run: Any, policy: Policy, device: str = "cpu", seed: int = 0,
+def run_gate(run: RunLike[StoredCheckpoint], policy: Policy, device: str = "cpu", seed: int = 0,
              progress: Callable[[float], None] | None = None) -> GateResult:  # fmt: skip
     """Run every enabled check of ``policy`` on ``run`` (a discovered Run), in policy order."""
     from ckptaudit.gate.checks import CHECKS

@@ -11,6 +11,7 @@ from ckptaudit.errors import CorruptFileError, OptimizerStateError, UnsafePickle
 from ckptaudit.gate.context import CHECK_FAILURES, GateContext, _label, _rel, _weight_file
 from ckptaudit.gate.registry import Key, gate_check
 from ckptaudit.gate.result import FAIL, PASS, CheckResult
+from ckptaudit.io.types import StoredCheckpoint
 
 ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "lr_history", "rng_state")
 
@@ -60,11 +61,10 @@ def check_provenance(ctx: GateContext, settings: dict) -> CheckResult:
                        _weight_file(ctx.targets[-1]))  # fmt: skip
 
 
-def _refuse_unreadable_artifacts(ckpt: Any, info: Any) -> None:
+def _refuse_unreadable_artifacts(ckpt: StoredCheckpoint, info: Any) -> None:
     """A Level-2 file that is there but cannot be read (0 bytes, truncated, not the pickle its name says) is bad
     input, not a missing artifact: CorruptFileError naming it."""
-    wanted = [getattr(ckpt, "optimizer_file", None), getattr(ckpt, "scheduler_file", None),
-              *getattr(ckpt, "rng_files", ())]
+    wanted = [ckpt.optimizer_file, ckpt.scheduler_file, *ckpt.rng_files]
     by_path = {Path(f.path): f for f in info.files}
     for f in wanted:
         if f is None or Path(f).is_dir():
@@ -75,14 +75,14 @@ def _refuse_unreadable_artifacts(ckpt: Any, info: Any) -> None:
                                    "restore the file from the training run, or remove it and gate without it")
 
 
-def _optimizer_fits_weights(ctx: GateContext, ckpt: Any) -> tuple[str, str] | None:
+def _optimizer_fits_weights(ctx: GateContext, ckpt: StoredCheckpoint) -> tuple[str, str] | None:
     """(problem, file) when the optimizer state cannot be named exactly or does not match the weights' shapes.
 
     load_optimizer_state refuses (naming the parameter) when its index -> name mapping does not fit the model the
     config describes; the weights themselves are then compared name by name, so weights that disagree with both
     the config and the optimizer are caught too.
     """
-    opt_file = str(getattr(ckpt, "optimizer_file", None) or ckpt.path)
+    opt_file = str(ckpt.optimizer_file or ckpt.path)
     try:
         opt = ctx.optimizer(ckpt)
     except CHECK_FAILURES as e:
@@ -106,7 +106,7 @@ def _optimizer_fits_weights(ctx: GateContext, ckpt: Any) -> tuple[str, str] | No
 # ------------------------------------------------------------------------------------------ safe formats
 
 
-def _exempt(path: str, ckpt_path: Any, patterns: Sequence[str]) -> bool:
+def _exempt(path: str, ckpt_path: Path, patterns: Sequence[str]) -> bool:
     p = Path(path)
     rel = _rel(p, ckpt_path)
     return any(fnmatch.fnmatch(p.name, pat) or fnmatch.fnmatch(rel, pat) for pat in patterns)
@@ -182,7 +182,7 @@ def _nonfinite(t: Any) -> tuple[int, int]:
     return n_nan, int((~finite).sum()) - n_nan
 
 
-def _scan_weights(ckpt: Any) -> tuple[list[tuple[str, str, int, int]], int]:
+def _scan_weights(ckpt: StoredCheckpoint) -> tuple[list[tuple[str, str, int, int]], int]:
     """Non-finite weight tensors of ``ckpt`` as (tensor, file, n_nan, n_inf), and the number of tensors read."""
     bad = []
     with ckpt.tensors() as src:
@@ -206,11 +206,11 @@ def _file_of(src: Any, name: str, files: list[str]) -> str:
     return files[0] if files else str(src.path)
 
 
-def _scan_moments(ctx: GateContext, ckpt: Any) -> tuple[list[tuple[str, str, int, int]], int]:
+def _scan_moments(ctx: GateContext, ckpt: StoredCheckpoint) -> tuple[list[tuple[str, str, int, int]], int]:
     """Non-finite optimizer moments of ``ckpt`` named by parameter (by index when names cannot be mapped)."""
     import torch
 
-    path = str(getattr(ckpt, "optimizer_file", None) or ckpt.path)
+    path = str(ckpt.optimizer_file or ckpt.path)
     try:
         entries = [
             (f"{name}.{key}", getattr(ps, key))
@@ -258,7 +258,7 @@ def check_finite(ctx: GateContext, settings: dict) -> CheckResult:
                 n_tensors += k
                 bad += [(*b, ckpt) for b in found]
             if settings["moments"]:
-                if getattr(ckpt, "optimizer_file", None) is None and getattr(ckpt, "layout", "") != "lightning":
+                if ckpt.optimizer_file is None and ckpt.layout != "lightning":
                     no_moments.append(ckpt.step)
                 else:
                     found, k = _scan_moments(ctx, ckpt)

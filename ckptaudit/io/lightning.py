@@ -25,10 +25,11 @@ import torch
 from ckptaudit.io.keys import prefix_matching, strip_prefix
 from ckptaudit.io.source import TensorSource
 from ckptaudit.io.torchload import safe_torch_load
+from ckptaudit.io.types import StoredCheckpoint, checkpoint_path
 
 
-def _file(ckpt: Any) -> Path:
-    return Path(getattr(ckpt, "path", ckpt))
+def _file(ckpt: StoredCheckpoint | Path) -> Path:
+    return checkpoint_path(ckpt)
 
 
 @functools.lru_cache(maxsize=4)
