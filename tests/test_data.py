@@ -191,7 +191,9 @@ def test_tasks_recorded_named_and_unknown(tiny_checkpoint, bare_ckpt, tmp_path):
 
     ckpt = discover_run(tiny_checkpoint)[0]
     assert load_data(ckpt).p == 23  # ckptaudit_task.json
-    assert load_data(ckpt, task="modadd:p=7").p == 7
+    assert load_data(ckpt, task="modadd:p=23,train_frac=0.3").train_frac == 0.3
+    with pytest.raises(DataError, match="vocabulary has 9 tokens.*25.*modadd:p=23"):
+        load_data(ckpt, task="modadd:p=7")  # another task than the model's
     with pytest.raises(DataError, match="unknown built-in task 'nope'"):
         load_data(ckpt, task="nope")
     with pytest.raises(DataError, match="ckptaudit_task.json"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ckptaudit.cli.manpages import generate, is_argument, is_option, iter_commands, root_command
@@ -36,3 +37,26 @@ def test_readme_documents_every_command():
     undocumented = [" ".join(p) for p, _ in iter_commands(root_command()) if f"ckptaudit {' '.join(p)}" not in readme]
     assert not undocumented, f"README lacks: {undocumented}"
     assert "make test" in readme and "make demo" in readme
+
+
+def test_help_shows_metavars_not_type_names():
+    """`--help` of every command: no typer type labels (<str>, <bool>) and no {braced} argument names; a flag shows
+    no value, an integer option N, a path option PATH."""
+    from typer.testing import CliRunner
+
+    from ckptaudit.cli.app import app
+
+    runner = CliRunner()
+    texts = {}
+    for path, _ in iter_commands(root_command()):
+        texts[path] = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+    texts[()] = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    for path, text in texts.items():
+        assert "Usage:" in text, path
+        for label in ("<str>", "<bool>", "<int>", "<float>", "<path>"):
+            assert label not in text, f"ckptaudit {' '.join(path)} --help shows {label}"
+        assert not re.search(r"\{[a-z_]+\}", text), f"ckptaudit {' '.join(path)} --help shows a braced name"
+    rows = {ln.split()[1]: ln.split() for ln in texts[("backbone",)].splitlines() if ln.startswith("│ --")}
+    assert rows["--anchor"][2] == "N" and rows["--out"][3] == "PATH"  # --out has the short alias -o before it
+    assert rows["--include-bias"][2] == "Include"  # a flag: its help follows the name directly
+    assert "Usage: ckptaudit backbone [OPTIONS] RUN_DIR" in texts[("backbone",)]

@@ -204,6 +204,11 @@ def test_extrapolate_cli_on_tiny_run(extrapolate_report, tiny_run):
     eval_loss = [e["eval_loss"] for e in logged if e.get("step") == 30 and "eval_loss" in e][0]
     assert [r["loss_now"] for r in s["results"] if r["step"] == 30][0] == pytest.approx(eval_loss, rel=1e-6)
     assert set(s["timing"]["ratio"]["linear"]) == {"5", "10"}
+    # K=5 never lands on a checkpoint of a run saved every 10 steps: no weight error, and a note says why
+    assert all(r["rel_weight_error"] is None for r in s["results"] if r["K"] == 5)
+    untargeted = [n for n in s["notes"] if "no saved checkpoint at t+K" in n]
+    assert untargeted == ["K=5: no saved checkpoint at t+K for any start, so no weight error; the run is saved every 10 "
+                          "steps: choose K on saved checkpoints"]
     with h5py.File(out) as f:
         assert "extrapolate/results/loss_pred" in f and "extrapolate/acceptance/linear/10" in f
 
@@ -314,3 +319,25 @@ def test_extrapolate_rejects_unknown_predictor(tiny_run):
     res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report"])
     assert res.exit_code == 2
     assert "cubic" in res.output
+
+
+def test_readme_extrapolate_example_lands_on_saved_checkpoints():
+    """The README's extrapolate example on the make-demo run: every K (and cascade K) is a multiple of the demo's
+    save interval and within its training, so every K gets a weight error."""
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "fixtures"))
+    try:
+        from make_fixtures import RUNS
+    finally:
+        sys.path.pop(0)
+    train = RUNS["demo"][""]["train"]
+    lines = [ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith("ckptaudit extrapolate fixtures/runs/demo")]
+    assert lines
+    for line in lines:
+        ks = [int(k) for k in re.search(r"--K ([\d,]+)", line).group(1).split(",")]
+        ks += [int(m.split(":")[1]) for m in re.findall(r"--cascade (\d+:\d+)", line)]
+        assert all(k % train["save_steps"] == 0 and k < train["steps"] for k in ks), (line, train)

@@ -228,7 +228,7 @@ def _contexts(tmp_path: Path, rows: list[dict]) -> Path:
 def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "yearning", "competitor": "longing"}])
     out = tmp_path / "f.h5"
-    args = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--steps", "4",
+    args = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--train-steps", "4",
             "--lr-sweep", "1e-5,1e-2", "--device", "cpu", "--seed", "1", "--json", "--out", str(out)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -252,7 +252,7 @@ def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
         assert g.attrs["mode"] == "full"
         np.testing.assert_allclose(g["contexts/0/phi"][()], doc["contexts"][0]["phi"])
     # Deterministic given --seed (LoRA draws its adapter at random).
-    lora = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--steps", "3", "--lr", "1e-2", "--seed", "3",
+    lora = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--train-steps", "3", "--lr", "1e-2", "--seed", "3",
             "--device", "cpu", "--json", "--no-report"]
     a, b = runner.invoke(app, lora), runner.invoke(app, lora)
     assert a.exit_code == 0, a.output
@@ -264,7 +264,7 @@ def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
 
 def test_cli_multi_token_target_exits_2_naming_it(tiny_dir, tmp_path):
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "ice cream"}])
-    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--steps", "2", "--device", "cpu",
+    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--train-steps", "2", "--device", "cpu",
                             "--no-report"])
     assert r.exit_code == 2
     assert "ice cream" in r.stderr and "Traceback" not in r.output
@@ -283,7 +283,7 @@ def test_cli_usage_errors(tiny_dir, tmp_path):
 def test_cli_plot_writes_one_png_per_run(tiny_dir, tmp_path):
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "yearning", "competitor": "longing"}])
     figs = tmp_path / "figs"
-    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--steps", "2",
+    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--train-steps", "2",
                             "--lr-sweep", "1e-3,1e-2", "--device", "cpu", "--no-report", "--plot", str(figs), "--quiet"])
     assert r.exit_code == 0, r.output
     pngs = sorted(figs.glob("*.png"))

@@ -305,7 +305,7 @@ def test_finetune_probe_cli_on_gguf(tiny_gguf, tmp_path, mode):
             str(ctx),
             "--mode",
             mode,
-            "--steps",
+            "--train-steps",
             "2",
             "--lr",
             "1e-2",
@@ -349,3 +349,47 @@ def test_llama_cpp_tensor_names_get_their_roles(tiny_gguf):
     trunk = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
     assert sum(p.numel for p in arch.select()) == trunk
     assert (arch.n_kv_heads, arch.kv_group) == (KV_HEADS, HEADS // KV_HEADS)
+
+
+def test_a_quantisation_tag_is_never_a_step_and_full_precision_weights_are_preferred(tmp_path, tiny_gguf):
+    """A model folder holding model.safetensors and a .gguf export is one checkpoint read from the safetensors
+    (the GGUF is listed as left out); "Q4_1" in a GGUF's name is not step 1."""
+    import shutil
+
+    path, model, _ = tiny_gguf
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    shutil.copy(path, folder / "tiny-llama.Q4_1.gguf")
+    run = discover_run(folder)
+    assert [(c.layout, c.step) for c in run] == [("model-dir", 0)]
+    assert run[0].weight_files == (folder / "model.safetensors",)
+    assert [p for p, _ in run.left_out] == [str(folder / "tiny-llama.Q4_1.gguf")]
+    alone = discover_run(folder / "tiny-llama.Q4_1.gguf")
+    assert [(c.layout, c.step) for c in alone] == [("gguf", 0)]
+    # A run of GGUF exports is ordered by an explicit step in the name, the tag ignored.
+    runs = tmp_path / "run"
+    runs.mkdir()
+    for s in (100, 20):
+        shutil.copy(path, runs / f"tiny-step{s}.Q8_0.gguf")
+    assert discover_run(runs).steps == [20, 100]
+
+
+def test_gguf_metadata_gives_the_head_counts(tiny_gguf, tmp_path):
+    """The GGUF's own metadata (not a config.json that happens to sit beside it) gives per-head slicing."""
+    import shutil
+
+    from ckptaudit.io.roles import resolve_architecture
+
+    path, model, _ = tiny_gguf
+    folder = tmp_path / "beside"
+    folder.mkdir()
+    shutil.copy(path, folder / "tiny.gguf")
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "num_attention_heads": 2}))
+    ckpt = discover_run(folder / "tiny.gguf")[0]
+    assert ckpt.config() == {"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "hidden_size": HIDDEN,
+                             "num_hidden_layers": LAYERS}
+    with ckpt.tensors() as src:
+        arch = resolve_architecture({n: tuple(src.shape(n)) for n in src.keys()}, ckpt.config())
+    assert (arch.name, arch.n_heads, arch.n_kv_heads, arch.head_dim) == ("llama_cpp", HEADS, KV_HEADS, HIDDEN // HEADS)
+    (w,) = arch.head_pieces(1, "k", 1)
+    assert w.tensor == "blk.1.attn_k.weight" and w.index == ((0, 8, 16),)

@@ -111,7 +111,7 @@ def test_every_command_reads_the_same_text_file(trainer_lm):
     --data, and each evaluates the same validation windows (same count, same SHA-256 of the token ids)."""
     run0, run1 = _run(trainer_lm, 0), _run(trainer_lm, 1)
     docs = {
-        "resume-probe": _json("resume-probe", run0 / "checkpoint-30", "--data", CORPUS, "--steps", 1,
+        "resume-probe": _json("resume-probe", run0 / "checkpoint-30", "--data", CORPUS, "--train-steps", 1,
                               "--preserve-optimizer")["settings"]["eval_data"],
         "extrapolate": _json("extrapolate", run0, "--data", CORPUS, "--K", 5, "--predictor", "linear",
                              "--steps", "25:30")["eval_data"],
@@ -209,6 +209,32 @@ def test_inspect_shows_the_runs_hyperparameters_and_their_files(trainer_lm):
     assert hp["max_steps"] == {"value": 30, "source": "trainer_state.json"} and doc["hyperparameters_step"] == 30
     r = invoke("inspect", _run(trainer_lm), "--no-hash", "--no-report")
     assert "training hyper-parameters" in r.stdout and "training_args.bin" in r.stdout
+
+
+def test_inspect_states_the_training_args_rule_once_as_the_gate_applies_it(trainer_lm, tmp_path):
+    """Every Trainer checkpoint holds training_args.bin: inspect says so in one line for the run (not once per
+    checkpoint), names it exempt as the default gate policy does, and the gate with that policy passes the file."""
+    run = _run(trainer_lm)
+    n_ckpts = len(list(run.glob("checkpoint-*/training_args.bin")))
+    assert n_ckpts > 1
+    r = invoke("inspect", run, "--no-hash")
+    text = " ".join(r.stdout.split())  # the console wraps long lines
+    assert text.count("training_args.bin in") == 1 and f"training_args.bin in {n_ckpts} checkpoints" in text, text
+    note = text.split(f"training_args.bin in {n_ckpts} checkpoints")[1].split("provenance")[0]
+    assert "the default gate policy exempts it" in note and "unsafe file" not in text
+    assert r.stdout.count("yes (1 exempt)") == n_ckpts
+    policy = tmp_path / "policy.toml"
+    assert invoke("gate", "--init", policy).exit_code == 0
+    import tomllib
+
+    from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
+
+    assert tomllib.loads(policy.read_text())["checks"]["safe_serialization"]["allow_files"] == list(DEFAULT_EXEMPT_FILES)
+    exempt = tomllib.loads(policy.read_text())["checks"]["safe_serialization"]["allow_files"]
+    policy.write_text(f"[checks.safe_serialization]\nallow_files = {json.dumps(exempt)}\n")
+    g = invoke("gate", run, "--policy", policy, "--junit", tmp_path / "g.xml")
+    assert g.exit_code == 0, g.output
+    assert "exempted by allow_files: training_args.bin" in (tmp_path / "g.xml").read_text()
 
 
 def test_precision_default_override_and_report(tmp_path):

@@ -93,7 +93,7 @@ def test_cli_refuses_each_with_one_line(tiny_checkpoint, tmp_path, change):
     sd = torch.load(ck / "optimizer.pt", weights_only=True)
     _edit(sd, change)
     torch.save(sd, ck / "optimizer.pt")
-    assert_one_line_error(invoke("resume-probe", ck, "--steps", 1, "--no-report", "--device", "cpu"), "optimizer.pt")
+    assert_one_line_error(invoke("resume-probe", ck, "--train-steps", 1, "--no-report", "--device", "cpu"), "optimizer.pt")
     policy = tmp_path / "policy.toml"
     policy.write_text(MINIMAL_POLICY)
     out = tmp_path / "gate.json"

@@ -75,3 +75,55 @@ def test_read_report_rejects_foreign_files(tmp_path):
     q.write_text("not hdf5")
     with pytest.raises(CorruptFileError):
         read_report(q)
+
+
+def test_tables_never_break_a_number_or_a_word():
+    """At 80 columns a wide table keeps every number and every word whole (born-gap's ' yearning', 403,584): the
+    table is printed at its own minimum width rather than folding cells."""
+    import io
+
+    from ckptaudit.report.console import Output
+
+    buf = io.StringIO()
+    out = Output(stream=buf)
+    out.console.width = 80
+    words = ["yearning", "warmup_boundary", "suspicion"]
+    numbers = [403584.0, 0.000623312, 12345678, -1.873]
+    out.table("a wide table", [f"column {i}" for i in range(12)],
+              [[w, *numbers, *numbers, "x", w, w] for w in words])
+    text = buf.getvalue()
+    for w in words:
+        assert w in text
+    for n in ("4.036e+05", "6.233e-04", "12345678", "-1.873"):
+        assert n in text
+    assert out.console.width == 80  # restored after the table
+
+
+def test_progress_counts_in_human_units_and_eta_from_the_average_rate():
+    """The bar's count and time left, rendered from a rich task driven by a planted clock: exact counts below
+    10,000, k/M/G above; the ETA is elapsed x (total - done) / done and stays shown when one unit takes minutes
+    (rich's own column averages over the last 30 s only and shows -:--:-- then)."""
+    from rich.progress import Progress
+
+    from ckptaudit.report.console import CountColumn, EtaColumn, clock, human_count
+
+    assert [human_count(n) for n in (0, 173, 9_999, 12_345, 1_207_959_552)] == ["0", "173", "9,999", "12.3k", "1.21G"]
+    assert clock(100) == "0:01:40" and clock(3725) == "1:02:05" and clock(None) == "-:--:--"
+    now = [0.0]
+    p = Progress(get_time=lambda: now[0], auto_refresh=False, disable=True)
+    task_id = p.add_task("pairs", total=2_415_919_104)
+    task = p.tasks[0]
+    count, eta = CountColumn("pairs"), EtaColumn()
+    assert count.render(task).plain == "0/2.42G pairs" and eta.render(task).plain == "eta -:--:--"
+    now[0] = 100.0
+    p.update(task_id, completed=1_207_959_552)  # half done in 100 s
+    assert count.render(task).plain == "1.21G/2.42G pairs" and eta.render(task).plain == "eta 0:01:40"
+    steps = p.add_task("steps", total=4)  # started at t = 100 s
+    task2 = p.tasks[1]
+    now[0] = 190.0
+    p.update(steps, completed=1)  # one 90-second step, then nothing for two minutes
+    now[0] = 310.0
+    assert eta.render(task2).plain == f"eta {clock(210 * 3 / 1)}"  # 210 s elapsed x 3 left / 1 done
+    p.update(steps, completed=4)
+    assert eta.render(task2).plain == "eta 0:00:00"
+    assert CountColumn().render(p.tasks[1]).plain == "4/4"

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from ckptaudit.analyses.resume import (
     ConditionSpec,
     ResumeSettings,
-    _first_collapse,
     default_eval_steps,
+    first_collapse,
     plan_conditions,
     run_condition,
     run_resume_probe,
@@ -63,10 +63,16 @@ def test_eval_steps_and_collapse_rule():
     assert default_eval_steps(7, every=3) == [0, 3, 6, 7]
     steps = [0, 1, 2, 5]
     # accuracy drop of exactly 0.2 is not "more than" 0.2; 0.21 is
-    assert _first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.7, 0.9, 0.9], 0.2, 2.0) is None
-    assert _first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.9, 0.69, 0.9], 0.2, 2.0) == 2
-    assert _first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0) == 2
-    assert _first_collapse(steps, [0.1, math.nan, 0.1, 0.1], [0.9] * 4, 0.2, 2.0) == 1
+    assert first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.7, 0.9, 0.9], 0.2, 2.0, 0.1) is None
+    assert first_collapse(steps, [1.0, 1.0, 1.0, 1.0], [0.9, 0.9, 0.69, 0.9], 0.2, 2.0, 0.1)[:2] == (2, "accuracy")
+    # 0.21 is above 2x 0.1 and 0.11 nats above it: a collapse with a 0.1 floor, not with a 0.2 floor
+    assert first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0, 0.1)[:2] == (2, "loss")
+    assert first_collapse(steps, [0.1, 0.15, 0.21, 0.1], [0.9] * 4, 0.2, 2.0, 0.2) is None
+    assert first_collapse(steps, [0.1, math.nan, 0.1, 0.1], [0.9] * 4, 0.2, 2.0, 0.1)[:2] == (1, "non-finite")
+    # A converged model: 8.5e-5 -> 2.8e-4 is 3.3x the start but 2e-4 nats: not a collapse under the 0.1 floor.
+    assert first_collapse(steps, [8.5e-5, 2.8e-4, 2.8e-4, 2.8e-4], [0.98] * 4, 0.2, 2.0, 0.1) is None
+    hit = first_collapse(steps, [0.01, 0.5, 0.5, 0.5], [0.98] * 4, 0.2, 2.0, 0.1)
+    assert hit[:2] == (1, "loss") and "0.01 -> 0.5" in hit[2]
 
 
 def test_plan_and_schedules():
@@ -227,7 +233,7 @@ def _copy_checkpoint(tiny_run: Path, tmp_path: Path, step: int = 20) -> Path:
 
 def test_cli_json_keys_report_and_plot(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "r.h5"
-    r = invoke("resume-probe", tiny_run / "checkpoint-30", "--steps", 2, "--lr-mult", "1,0.1", "--warmup-steps", 2,
+    r = invoke("resume-probe", tiny_run / "checkpoint-30", "--train-steps", 2, "--lr-mult", "1,0.1", "--warmup-steps", 2,
                "--device", "cpu", "--json", "--out", out, "--plot", tmp_path / "fig")  # fmt: skip
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -254,7 +260,7 @@ def test_cli_mismatched_optimizer_state_names_the_parameter(tiny_run: Path, tmp_
     first = sd["state"][0]["exp_avg"]  # index 0 = first decay parameter = transformer.wte.weight
     sd["state"][0]["exp_avg"] = torch.zeros(first.shape[0] + 1, first.shape[1])
     torch.save(sd, ckpt / "optimizer.pt")
-    r = invoke("resume-probe", ckpt, "--steps", 1, "--no-report", "--device", "cpu")
+    r = invoke("resume-probe", ckpt, "--train-steps", 1, "--no-report", "--device", "cpu")
     assert r.exit_code == 2, r.output
     err = r.stderr.strip()
     assert err.startswith("ckptaudit: error:") and "transformer.wte.weight" in err and "Traceback" not in r.output
@@ -263,21 +269,21 @@ def test_cli_mismatched_optimizer_state_names_the_parameter(tiny_run: Path, tmp_
 def test_cli_without_optimizer_state_runs_reset_only(tiny_run: Path, tmp_path: Path):
     ckpt = _copy_checkpoint(tiny_run, tmp_path)
     (ckpt / "optimizer.pt").unlink()
-    r = invoke("resume-probe", ckpt, "--steps", 2, "--lr-mult", "1", "--warmup-steps", 0, "--no-boundary-probe",
+    r = invoke("resume-probe", ckpt, "--train-steps", 2, "--lr-mult", "1", "--warmup-steps", 0, "--no-boundary-probe",
                "--no-report", "--device", "cpu", "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert [c["optimizer"] for c in doc["conditions"]] == ["reset"]
     assert doc["provenance_complete"] is False and doc["level2_sensitive"] is None
     assert any("provenance incomplete" in n for n in doc["notes"])
-    r = invoke("resume-probe", ckpt, "--preserve-optimizer", "--steps", 1, "--no-report", "--device", "cpu")
+    r = invoke("resume-probe", ckpt, "--preserve-optimizer", "--train-steps", 1, "--no-report", "--device", "cpu")
     assert r.exit_code == 2 and "no optimizer state" in r.stderr
 
 
 def test_cli_checkpoint_without_task_is_a_clear_error(tiny_run: Path, tmp_path: Path):
     ckpt = _copy_checkpoint(tiny_run, tmp_path)
     (ckpt / "ckptaudit_task.json").unlink()
-    r = invoke("resume-probe", ckpt, "--steps", 1, "--no-report", "--device", "cpu")
+    r = invoke("resume-probe", ckpt, "--train-steps", 1, "--no-report", "--device", "cpu")
     assert r.exit_code == 2 and "--task" in r.stderr and "Traceback" not in r.output
     r = invoke("resume-probe", ckpt, "--reset-optimizer", "--preserve-optimizer", "--no-report")
     assert r.exit_code == 2 and "exclude each other" in r.stderr
@@ -298,7 +304,7 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
     rng = np.random.default_rng(0)
     text = tmp_path / "train.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, size=15)) for _ in range(400)) + "\n")
-    r = runner.invoke(app, ["resume-probe", str(model_dir), "--data", str(text), "--steps", "5", "--lr-mult", "1",
+    r = runner.invoke(app, ["resume-probe", str(model_dir), "--data", str(text), "--train-steps", "5", "--lr-mult", "1",
                             "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -316,3 +322,22 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
                                                             reduction="sum").item())
             counts.append(target.numel())
     assert abs(doc["conditions"][0]["eval_loss"][0] - sum(losses) / sum(counts)) < 1e-4
+
+
+def test_a_task_of_another_vocabulary_is_refused_and_chance_accuracy_is_said(tiny_checkpoint):
+    """The tiny run is modadd with p = 23 (25 tokens): --task modadd:p=53 is another task (55 tokens) and is
+    refused with the fix; the run's own task starts at chance accuracy (1/23), which the report says."""
+    import json
+
+    from cli_helpers import assert_one_line_error, invoke
+
+    spec = json.loads((tiny_checkpoint / "ckptaudit_task.json").read_text())
+    assert spec["p"] == 23
+    line = assert_one_line_error(invoke("resume-probe", tiny_checkpoint, "--task", "modadd:p=53", "--train-steps", 1,
+                                        "--no-report"), "55", "25", "modadd:p=23")
+    assert "vocabulary" in line
+    r = invoke("resume-probe", tiny_checkpoint, "--train-steps", 1, "--no-report", "--json", "--preserve-optimizer")
+    doc = json.loads(r.stdout)
+    start = doc["conditions"][0]["eval_acc"][0]
+    assert start <= 1.5 / 23
+    assert any("at chance" in n and f"{1 / 23:.4g}" in n for n in doc["notes"])

@@ -95,9 +95,9 @@ def test_torchtitan_scheduler_and_control(root):
 
 
 def test_resume_probe_and_extrapolate_from_the_cli(root):
-    doc = cli_ok("resume-probe", _folder(root, "titan", 10), "--steps", 2, "--preserve-optimizer", "--device", "cpu")
+    doc = cli_ok("resume-probe", _folder(root, "titan", 10), "--train-steps", 2, "--preserve-optimizer", "--device", "cpu")
     assert doc["start_step"] == 10 and doc["conditions"][0]["name"] == "control"
-    plain = cli_ok("resume-probe", _folder(root, "plain", 10), "--steps", 2, "--preserve-optimizer", "--device", "cpu")
+    plain = cli_ok("resume-probe", _folder(root, "plain", 10), "--train-steps", 2, "--preserve-optimizer", "--device", "cpu")
     assert any("no saved scheduler state" in n for n in plain["notes"])
     ext = cli_ok("extrapolate", root / "titan", "--K", 10, "--predictor", "linear,adam-step", "--device", "cpu")
     assert {r["step"] for r in ext["results"]} <= {0, 10, 20} and any(r["loss_true"] for r in ext["results"])

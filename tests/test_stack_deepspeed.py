@@ -108,9 +108,9 @@ def test_control_resumed_reproduces_the_later_checkpoint(root, name):
 
 
 def test_resume_probe_and_extrapolate_from_the_cli(root):
-    doc = cli_ok("resume-probe", root / "zero2" / "global_step10", "--steps", 2, "--preserve-optimizer", "--device", "cpu")
+    doc = cli_ok("resume-probe", root / "zero2" / "global_step10", "--train-steps", 2, "--preserve-optimizer", "--device", "cpu")
     assert doc["start_step"] == 10 and doc["conditions"][0]["name"] == "control"
-    doc = cli_ok("resume-probe", root / "hf_ds" / "checkpoint-10", "--steps", 2, "--preserve-optimizer", "--device", "cpu")
+    doc = cli_ok("resume-probe", root / "hf_ds" / "checkpoint-10", "--train-steps", 2, "--preserve-optimizer", "--device", "cpu")
     assert doc["conditions"][0]["name"] == "control"
     ext = cli_ok("extrapolate", root / "zero3", "--K", 10, "--predictor", "linear,adam-step", "--device", "cpu")
     assert any(r["loss_true"] is not None for r in ext["results"])

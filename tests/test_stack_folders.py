@@ -73,7 +73,7 @@ def test_accelerate_control_reproduces_the_next_save(accelerate_run):
     got = control_weights(ckpts / "checkpoint_1", 10)
     assert_close_weights(got, load_file(ckpts / "checkpoint_2" / "model.safetensors"),
                          rename=lambda n: "transformer.wte.weight" if n == "lm_head.weight" else n)
-    doc = cli_ok("resume-probe", ckpts / "checkpoint_1", "--steps", 2, "--device", "cpu")
+    doc = cli_ok("resume-probe", ckpts / "checkpoint_1", "--train-steps", 2, "--device", "cpu")
     assert doc["start_step"] == 10 and doc["conditions"][0]["name"] == "control"
     ext = cli_ok("extrapolate", accelerate_run, "--K", 10, "--device", "cpu")
     assert {r["step"] for r in ext["results"]} == {10, 20}

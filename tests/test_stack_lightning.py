@@ -88,7 +88,7 @@ def test_control_resumed_reproduces_the_later_checkpoint(root):
 
 
 def test_resume_probe_and_extrapolate_from_the_cli(root):
-    doc = cli_ok("resume-probe", _ckpt_dir(root, "configjson") / "epoch=0-step=10.ckpt", "--steps", 2, "--device", "cpu")
+    doc = cli_ok("resume-probe", _ckpt_dir(root, "configjson") / "epoch=0-step=10.ckpt", "--train-steps", 2, "--device", "cpu")
     assert doc["start_step"] == 10 and doc["conditions"][0]["name"] == "control"
     ext = cli_ok("extrapolate", root / "configjson", "--K", 5, "--predictor", "linear,adam-step", "--device", "cpu")
     assert {r["step"] for r in ext["results"]} == {5, 10, 15, 20}

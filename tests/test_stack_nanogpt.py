@@ -86,7 +86,7 @@ def test_control_resumed_reproduces_the_later_checkpoint(root):
 
 
 def test_resume_probe_and_extrapolate_from_the_cli(root):
-    doc = cli_ok("resume-probe", root / "out" / "ckpt_10.pt", "--steps", 2, "--device", "cpu")
+    doc = cli_ok("resume-probe", root / "out" / "ckpt_10.pt", "--train-steps", 2, "--device", "cpu")
     assert doc["start_step"] == 10 and doc["conditions"][0]["name"] == "control"
     ext = cli_ok("extrapolate", root / "out", "--K", 10, "--device", "cpu")
     assert {r["step"] for r in ext["results"]} == {10, 20}

@@ -80,7 +80,7 @@ def test_control_resumed_reproduces_the_later_checkpoint(run):
 
 
 def test_resume_probe_and_extrapolate_run_from_the_cli(run):
-    doc = cli_ok("resume-probe", run / "checkpoint-10", "--steps", 2, "--device", "cpu")
+    doc = cli_ok("resume-probe", run / "checkpoint-10", "--train-steps", 2, "--device", "cpu")
     assert [c["name"] for c in doc["conditions"]][0] == "control"
     ext = cli_ok("extrapolate", run, "--K", 10, "--device", "cpu")
     # the true loss at step 20 is the held-out loss of the model transformers itself loads from checkpoint-20

@@ -19,7 +19,7 @@ from ckptaudit.analyses.synonyms import (
 )
 from ckptaudit.errors import DataError
 
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "contexts" / "near_synonyms.jsonl"
+FIXTURE = Path(__file__).resolve().parent.parent / "ckptaudit" / "data" / "near_synonyms.jsonl"
 PAPER_PAIRS = [("skepticism", "suspicion"), ("shame", "guilt"), ("ashes", "rubble"), ("longing", "yearning"),
                ("remorse", "guilt"), ("relief", "joy"), ("awe", "wonder"), ("purpose", "meaning"),
                ("terror", "fear"), ("shock", "horror")]

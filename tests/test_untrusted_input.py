@@ -67,6 +67,27 @@ def test_json_int64_edges_and_nan_pass():
     assert doc["a"] == 2**63 - 1 and doc["b"] == -(2**63) and doc["c"] != doc["c"]
 
 
+def test_wide_integers_are_floats_only_when_asked():
+    big = 10**30  # transformers' VERY_LARGE_INTEGER, the model_max_length of many tokenizer_config.json files
+    assert loads_bounded(f'{{"n": {big}}}', "f.json", wide_ints=True)["n"] == float(big)
+    assert loads_bounded(f'{{"n": {INT64_MAX}}}', "f.json", wide_ints=True)["n"] == INT64_MAX  # still an int
+    with pytest.raises(CorruptFileError, match="64 bits"):
+        loads_bounded(f'{{"n": {big}}}', "f.json")
+    with pytest.raises(CorruptFileError, match="more than 64 digits"):
+        loads_bounded('{"n": 1' + "0" * 5000 + "}", "f.json", wide_ints=True)
+
+
+def test_tokenizer_config_saved_by_transformers_is_a_safe_json_file(trainer_lm):
+    from ckptaudit.io.safety import file_safety
+
+    files = sorted((trainer_lm / "seed0" / "run").glob("checkpoint-*/tokenizer_config.json"))
+    assert files
+    wide = [k for k, v in json.loads(files[0].read_text()).items() if isinstance(v, int) and v > INT64_MAX]
+    assert wide, "the fixture's tokenizer_config.json no longer holds an integer beyond int64"
+    v = file_safety(files[0])
+    assert (v.kind, v.verdict, v.safe) == ("json", "data", True), v
+
+
 def test_deep_role_map_json_is_one_line(tiny_run, tmp_path):
     f = tmp_path / "roles.json"
     f.write_text('{"roles": ' + "[" * 50_000 + "]" * 50_000 + "}")
@@ -137,7 +158,7 @@ def test_cli_numbers_one_line(tiny_run, args, needle):
 @pytest.mark.parametrize("args, needle", [
     (("backbone", "x", "--steps"), "--steps"),           # option without its value
     (("born-gap", "m", "--contexts", "c", "--nucleus", "1.5"), "--nucleus"),   # out of range
-    (("finetune-probe", "m", "--contexts", "c", "--steps", "0"), "--steps"),
+    (("finetune-probe", "m", "--contexts", "c", "--train-steps", "0"), "--train-steps"),
     (("inspect", "x", "--no-such-option"), "--no-such-option"),
     (("no-such-command",), "no-such-command"),
     (("inspect",), "path"),                                 # missing argument

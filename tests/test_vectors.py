@@ -387,9 +387,9 @@ def test_cli_resume_probe_bad_vectors_is_one_line_exit_2(tiny_run, tmp_path):
     name = "transformer.h.0.attn.c_attn.weight"
     shape = tuple(w[name].shape)
     bad = save(tmp_path / "bad.safetensors", {name: np.ones((2, shape[0] + 1, shape[1]), np.float32)})
-    r = invoke("resume-probe", ckpt, "--vectors", bad, "--steps", 1, "--no-report", "--device", "cpu")
+    r = invoke("resume-probe", ckpt, "--vectors", bad, "--train-steps", 1, "--no-report", "--device", "cpu")
     assert_one_line_error(r, "bad.safetensors", name, "another model size")
-    r = invoke("resume-probe", ckpt, "--vectors", tmp_path / "absent.safetensors", "--steps", 1, "--no-report",
+    r = invoke("resume-probe", ckpt, "--vectors", tmp_path / "absent.safetensors", "--train-steps", 1, "--no-report",
              "--device", "cpu")
     assert_one_line_error(r, "absent.safetensors", "ckptaudit backbone --save-vectors")
 
@@ -401,7 +401,7 @@ def test_cli_resume_probe_reads_a_file_with_switch_entries(tiny_run, tmp_path):
     arrays = {n: torch.stack([w20[n] - w0[n], torch.zeros_like(w0[n])]).numpy() for n in names}
     arrays |= {SWITCH_PREFIX + n: np.ones(tuple(w0[n].shape), np.float32) for n in names}
     vec = save(tmp_path / "v.safetensors", arrays)
-    r = invoke("resume-probe", ckpt, "--vectors", vec, "--steps", 1, "--lr-mult", "1", "--warmup-steps", 0,
+    r = invoke("resume-probe", ckpt, "--vectors", vec, "--train-steps", 1, "--lr-mult", "1", "--warmup-steps", 0,
              "--no-boundary-probe", "--no-report", "--device", "cpu", "--json")
     assert r.exit_code == 0, (r.output, r.stderr)
     s = json.loads(r.stdout)

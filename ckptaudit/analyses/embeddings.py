@@ -451,13 +451,15 @@ def embedding_matrices(model_path: str | Path) -> dict[str, torch.Tensor]:
     ``{"embed": E}`` or ``{"embed": E, "head": H}``; the head counts as tied (and is left out) when it is absent
     or bit-identical to the embedding. Tensors are in their stored dtype (GGUF dequantised), on the CPU.
     """
+    from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import resolve_model_path
-    from ckptaudit.io.tensors import open_tensors
 
     path = Path(resolve_model_path(str(model_path)))
-    with open_tensors(path) as src:
+    # The checkpoint every model command reads from this path (full-precision weights over a GGUF export).
+    ckpt = discover_run(path).checkpoints[-1]
+    with ckpt.tensors() as src:
         shapes = {k: tuple(src.shape(k)) for k in src.keys()}
-        config = _read_config(path)
+        config = ckpt.config()
         names = embedding_tensor_names(shapes, config)
         out = {"embed": src.get(names["embed"])}
         if "head" in names and names["head"] != names["embed"]:
@@ -476,13 +478,3 @@ def classify_model(model_path: str | Path, **kwargs) -> dict[str, EmbeddingClass
     tied = "head" not in mats
     return {role: overlap_stats(M, tied_head=tied, **kwargs) for role, M in mats.items()}
 
-
-def _read_config(path: Path) -> dict | None:
-    from ckptaudit.errors import CkptAuditError
-    from ckptaudit.io.jsonio import read_json
-
-    cfg = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        return read_json(cfg) if cfg.is_file() else None
-    except CkptAuditError:
-        return None

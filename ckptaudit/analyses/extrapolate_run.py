@@ -349,11 +349,23 @@ def run_extrapolate(
             progress(1)
     for reason, where in skipped.items():
         notes.append(f"{reason} at step(s) {sorted(where)}")
+    notes.extend(_untargeted_horizons(rows, spacings))
 
     timing = None
     if timer is not None and rows:
         timing = _timing(rows, ckpts, by_step, timer, settings, notes)
     return ExtrapolateResult(tuple(rows), tuple(cascade_rows), regimes, tuple(losses), settings, timing, tuple(notes))
+
+
+def _untargeted_horizons(rows: Sequence[PredictionRow], spacings: Sequence[int]) -> list[str]:
+    """One note per K for which no start had a saved checkpoint at t + K (so no weight error exists for it)."""
+    ks = sorted({r.K for r in rows})
+    missing = [k for k in ks if all(r.rel_weight_error is None for r in rows if r.K == k)]
+    if not missing:
+        return []
+    every = f"every {spacings[0]} steps" if len(spacings) == 1 else f"at spacings {list(spacings)}"
+    return [f"K={', '.join(map(str, missing))}: no saved checkpoint at t+K for any start, so no weight error; the run "
+            f"is saved {every}: choose K on saved checkpoints"]
 
 
 def _timing(rows, ckpts, by_step, timer, settings, notes) -> dict | None:

@@ -12,7 +12,7 @@ between consecutive checkpoints, and
 thresholds can be given instead.
 
 Probe inputs (``build_probes``), in order of preference:
-- a tokenizer saved with the checkpoint: the probe texts (``fixtures/probes/default.txt``, 100 lines spanning
+- a tokenizer saved with the checkpoint: the probe texts (``ckptaudit/data/probes.txt``, shipped in the package, 100 lines spanning
   arithmetic, linguistic, factual and random-token inputs, or ``--probes FILE``), tokenised and padded;
 - no tokenizer but ``--probes FILE``: each line must be whitespace-separated integer token ids;
 - no tokenizer, a built-in task (the fixture runs): the task cannot read text, so its own fixed inputs stand in:
@@ -34,13 +34,15 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import CorruptFileError, DataError, UsageError
+from ckptaudit.io.bundled import DEFAULT_PROBES as DEFAULT_PROBES_NAME
+from ckptaudit.io.bundled import bundled_file
 from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
 from ckptaudit.io.types import StoredCheckpoint
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
 DEFAULT_PERCENTILES = (30.0, 70.0)
-DEFAULT_PROBES = Path(__file__).resolve().parents[2] / "fixtures" / "probes" / "default.txt"
+DEFAULT_PROBES = bundled_file(DEFAULT_PROBES_NAME)
 
 
 # ----------------------------------------------------------------------------------------------- probes

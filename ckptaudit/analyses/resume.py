@@ -69,6 +69,7 @@ class ResumeSettings:
     boundary_probe: bool = True
     collapse_drop: float = 0.2
     collapse_ratio: float = 2.0
+    collapse_loss_floor: float = 0.1
     seed: int = 0
     mode: str = "both"
     device: str = "cpu"
@@ -121,6 +122,8 @@ class ConditionResult:
     backbone_coord: tuple[float, ...] | None = None
     transverse_residual: tuple[float, ...] | None = None
     seconds: float | None = None
+    collapse_rule: str | None = None  # "accuracy" | "loss" | "non-finite" (see first_collapse)
+    collapse_reason: str | None = None
 
     def to_json(self) -> dict:
         """The condition's entry of the JSON summary (keys of issue 5, plus schedule details)."""
@@ -129,6 +132,7 @@ class ConditionResult:
             "warmup_steps": self.warmup_steps, "schedule": self.schedule, "steps": list(self.steps),
             "eval_loss": list(self.eval_loss), "eval_acc": list(self.eval_acc),
             "displacement": list(self.displacement), "verdict": self.verdict, "collapse_step": self.collapse_step,
+            "collapse_rule": self.collapse_rule, "collapse_reason": self.collapse_reason,
             "collapse_lr_mult": self.collapse_lr_mult, "start_sha256": self.start_sha256,
             "train_loss": list(self.train_loss), "lr": list(self.lr), "seconds": self.seconds,
         }  # fmt: skip
@@ -293,16 +297,25 @@ def _displacement(
     return math.sqrt(total), coord, math.sqrt(max(on_v - coord * coord, 0.0))
 
 
-def _first_collapse(
-    steps: Sequence[int], loss: Sequence[float], acc: Sequence[float], drop: float, ratio: float
-) -> int | None:
-    """Index of the first eval where accuracy fell more than ``drop`` or loss rose above ``ratio`` x start."""
+def first_collapse(
+    steps: Sequence[int], loss: Sequence[float], acc: Sequence[float], drop: float, ratio: float, floor: float
+) -> tuple[int, str, str] | None:
+    """(index, rule, reason) of the first eval that collapses, or None.
+
+    Rules, in order: ``non-finite`` (loss or accuracy NaN/inf); ``accuracy`` (more than ``drop`` below the
+    start); ``loss`` (above ``ratio`` x the start loss *and* more than ``floor`` nats above it: the floor keeps a
+    converged model whose loss goes from 8.5e-5 to 2.8e-4 from counting as collapsed). ``reason`` says the values.
+    """
     acc0, loss0 = acc[0], loss[0]
     for i in range(1, len(steps)):
+        at = f"at step {steps[i]}"
         if not (math.isfinite(loss[i]) and math.isfinite(acc[i])):
-            return i
-        if acc[i] < acc0 - drop or loss[i] > ratio * loss0:
-            return i
+            return i, "non-finite", f"loss {loss[i]} / accuracy {acc[i]} {at}"
+        if acc[i] < acc0 - drop:
+            return i, "accuracy", f"accuracy {acc0:.4g} -> {acc[i]:.4g} {at} (fell more than {drop:g})"
+        if loss[i] > ratio * loss0 and loss[i] - loss0 > floor:
+            return i, "loss", (f"loss {loss0:.4g} -> {loss[i]:.4g} {at} (above {ratio:g}x the start and more "
+                               f"than {floor:g} nats higher)")
     return None
 
 
@@ -378,8 +391,9 @@ def run_condition(
                 if progress is not None:
                     progress(1)
     seconds = time.perf_counter() - t0
-    hit = _first_collapse(steps, losses, accs, settings.collapse_drop, settings.collapse_ratio)
-    collapse_step = steps[hit] if hit is not None else None
+    hit = first_collapse(steps, losses, accs, settings.collapse_drop, settings.collapse_ratio,
+                         settings.collapse_loss_floor)
+    collapse_step = steps[hit[0]] if hit is not None else None
     # The update that made eval step s unstable is resumed step s-1; its multiplier marks the boundary.
     collapse_mult = (
         spec.multiplier(collapse_step - 1, n)
@@ -391,7 +405,8 @@ def run_condition(
         schedule=spec.schedule, steps=tuple(steps), eval_loss=tuple(losses), eval_acc=tuple(accs),
         displacement=tuple(disps), train_loss=tuple(train_loss), lr=tuple(lrs),
         verdict="stable" if hit is None else "collapse", collapse_step=collapse_step, start_sha256=sha,
-        collapse_lr_mult=collapse_mult,
+        collapse_lr_mult=collapse_mult, collapse_rule=hit[1] if hit else None,
+        collapse_reason=hit[2] if hit else None,
         backbone_coord=tuple(coords) if vector is not None else None,
         transverse_residual=tuple(resids) if vector is not None else None, seconds=seconds,
     )  # fmt: skip
@@ -425,13 +440,13 @@ def run_resume_probe(
     """
     settings = settings or ResumeSettings()
     if settings.steps < 1:
-        raise UsageError(f"--steps {settings.steps}: must be >= 1")
+        raise UsageError(f"--train-steps {settings.steps}: must be >= 1")
     notes = list(inputs.notes)
     if inputs.max_steps is not None and settings.steps > inputs.max_steps:
         if inputs.max_steps < 1:
             raise UsageError(f"{inputs.source}: the run ended at this checkpoint (max_steps reached); nothing to resume",
                              "pick an earlier checkpoint")
-        notes.append(f"--steps {settings.steps} cut to {inputs.max_steps}: the run's max_steps ends there")
+        notes.append(f"--train-steps {settings.steps} cut to {inputs.max_steps}: the run's max_steps ends there")
         settings = dataclasses.replace(settings, steps=inputs.max_steps)
     specs = plan_conditions(settings, inputs.optimizer_state is not None)
     if inputs.scheduler_factory is None and inputs.loop is None:  # CONTROL keeps the lr: say so, not "saved"
@@ -439,10 +454,10 @@ def run_resume_probe(
     start_cpu = _start_copy(inputs.model)
     vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
     results = []
-    for s in specs:
+    for i, s in enumerate(specs, 1):
         stage = getattr(progress, "stage", None)
         if stage is not None:
-            stage(f"resume-probe {s.name}", settings.steps)
+            stage(f"resume-probe {s.name} ({i}/{len(specs)})", settings.steps)
         results.append(run_condition(s, inputs, settings, vector, progress, start_cpu)[0])
     results = tuple(results)
     hashes = {r.start_sha256 for r in results}
@@ -457,6 +472,12 @@ def run_resume_probe(
         else (control.verdict == "stable" and reset.verdict == "collapse")
     )
     safe = [r.lr_mult for r in results if r.schedule == "constant" and r.verdict == "stable"]
+    chance = inputs.chance_accuracy
+    start_acc = results[0].eval_acc[0] if results and results[0].eval_acc else None
+    if chance and start_acc is not None and start_acc <= 1.5 * chance:
+        notes.append(f"the start accuracy {start_acc:.4g} is at chance ({chance:.4g}): the model has not learnt the "
+                     "task, or the data is not what it was trained on (check --task / --data); accuracy verdicts "
+                     "mean little here")
     boundary = by_name.get("warmup_boundary")
     if boundary is not None and boundary.verdict == "stable":
         notes.append(
@@ -465,7 +486,8 @@ def run_resume_probe(
     plain = {
         "steps": settings.steps, "eval_every": settings.eval_every, "lr_mults": list(settings.lr_mults),
         "warmup_steps": settings.warmup_steps, "collapse_drop": settings.collapse_drop,
-        "collapse_ratio": settings.collapse_ratio, "seed": settings.seed, "mode": settings.mode,
+        "collapse_ratio": settings.collapse_ratio, "collapse_loss_floor": settings.collapse_loss_floor,
+        "seed": settings.seed, "mode": settings.mode,
         "device": settings.device, "base_lr": [float(h["lr"]) for h in inputs.group_hyper],
         "optimizer_class": inputs.optimizer_cls.__name__, "vectors": None if vectors is None else str(vectors),
         "control": inputs.control_mode, "run_values": dict(inputs.run_values),

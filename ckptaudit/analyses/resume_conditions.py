@@ -81,6 +81,7 @@ class ProbeInputs:
     control_mode: str = "ckptaudit loop"
     max_steps: int | None = None  # resumed steps the run's schedule allows (Trainer: max_steps - start)
     report: dict = field(default_factory=dict)  # precision, data selection, ... (copied into the report)
+    chance_accuracy: float | None = None  # accuracy of guessing (1 / classes of a built-in task), when known
 
 
 # ------------------------------------------------------------------------------------------ optimizers

@@ -248,5 +248,5 @@ def probe_inputs_from_checkpoint(
         optimizer_state=opt_state.raw if opt_state is not None else None, scheduler_state=sched_state,
         scheduler_factory=factory, source=str(ckpt.path), task=getattr(eval_data, "name", str(task)), notes=notes,
         checkpoint=ckpt, loop=loop, rng_state=rng, run_values=values, control_mode=mode, max_steps=max_steps,
-        report=report,
+        report=report, chance_accuracy=(1.0 / eval_data.num_classes) if getattr(eval_data, "num_classes", 0) else None,
     )  # fmt: skip

@@ -277,9 +277,13 @@ def load_contexts(path: str | Path) -> list[Context]:
 
     Blank lines are skipped. Any malformed line raises ``DataError`` naming the file and line number.
     """
-    path = Path(path)
+    from ckptaudit.io.bundled import contexts_file
+
+    path = contexts_file(path)
     if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such contexts file", "pass a JSONL file of {context, target, competitor}")
+        raise InputNotFoundError(f"{path}: no such contexts file",
+                                 "pass a JSONL file of {context, target, competitor}, or --contexts near-synonyms "
+                                 "(the ten pairs shipped with ckptaudit)")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

@@ -73,10 +73,16 @@ class AuditGroup(TyperGroup):
             click.echo("ckptaudit: interrupted", err=True)
             ctx.exit(130)
         _show_notes(ctx, notes)
+        from ckptaudit.cli.common import finish_output
+
+        finish_output()
         return rv
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        from ckptaudit.cli.paramtypes import harden
+
+        harden(self)  # the root's own options (--debug, --version) read like every command's
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

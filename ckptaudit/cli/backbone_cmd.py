@@ -133,7 +133,7 @@ def backbone(
             )
         switches = [parse_switch(s) for s in (switch or [])]
         rmap = load_role_map(role_map) if role_map is not None else None
-        with Progress(output, "backbone: reading checkpoints", None) as hook:
+        with Progress(output, "backbone: reading checkpoints", None, "tensor reads") as hook:
             report = run_backbone(
                 run,
                 anchor_step=anchor,
@@ -263,7 +263,7 @@ def render_dynamics(output: Any, s: dict, rows_of: list[tuple[str, dict]]) -> No
         rows,
         caption=f"c(w) = |<PC1 of window w, global backbone>|; rotation = |<PC1 of window w, PC1 of window w+1>| (same "
                 f"windows); local = windows of {s['settings']['window']} checkpoints re-anchored at their first, unit rows "
-                f"(the paper's code); p = slope of log10|a|, log10||r|| on log10 τ, τ = steps since the anchor, "
+                f"(paper 001's code); p = slope of log10|a|, log10||r|| on log10 τ, τ = steps since the anchor, "
                 f"± its standard error, trunk fit over {span}",
     )
     t = s["trunk"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptaudit.report.console import Output, ProgressHook
-from ckptaudit.report.hdf5 import default_report_path, input_records, write_report
+from ckptaudit.report.hdf5 import input_records, write_report
 
 if TYPE_CHECKING:
     from ckptaudit.io.discover import Run
@@ -74,17 +74,24 @@ def save_report(
     device: str = "cpu",
     group: str | None = None,
 ) -> Path | None:
-    """Write the HDF5 report for one command run (atomic) and tell the user where it went."""
-    if no_report:
+    """Write the HDF5 report for one command run (atomic) when ``--out`` asks for one, and tell the user where
+    it went after the results."""
+    if no_report or out is None:
         return None
     from ckptaudit.cli.capture import current_notes
 
-    path = out if out is not None else default_report_path(command)
+    path = Path(out)
     records = input_records(checkpoints, hash_files=hash_files)
     write_report(path, command=command, argv=sys.argv, tree=tree, inputs=records, device=device, group=group,
                  notes=current_notes())
-    output.note(f"report written to [bold]{path}[/bold]")
+    output.at_end(f"report written to [bold]{path}[/bold]")
     return path
+
+
+def finish_output() -> None:
+    """Print what the running command left for the end (where its report went), after its results."""
+    if _CURRENT_OUTPUT:
+        _CURRENT_OUTPUT[-1].flush_end()
 
 
 def load_model_input(model: str, device: str) -> tuple[Any, Any, Any]:
@@ -104,8 +111,8 @@ def load_model_input(model: str, device: str) -> tuple[Any, Any, Any]:
 class Progress:
     """Context manager yielding a ProgressHook bound to the output's progress bar."""
 
-    def __init__(self, output: Output, description: str, total: int | None):
-        self._cm = output.progress(description, total)
+    def __init__(self, output: Output, description: str, total: int | None, unit: str = ""):
+        self._cm = output.progress(description, total, unit)
 
     def __enter__(self) -> ProgressHook:
         return ProgressHook(self._cm.__enter__())

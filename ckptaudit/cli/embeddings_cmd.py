@@ -115,7 +115,7 @@ def classify_embeddings(
     results = {}
     for role, M in mats.items():
         total = M.shape[0] * (M.shape[0] - 1) // 2 if exact else pairs
-        with Progress(output, f"{role}: overlaps", total) as hook:
+        with Progress(output, f"{role}: overlaps", total, "pairs") as hook:
             results[role] = overlap_stats(
                 M, pairs=pairs, exact=exact, seed=seed, device=dev, tile=tile, exclude=exclude, progress=hook,
                 lora_lr=lora_lr, tied_head=tied, bootstrap=bootstrap,
@@ -144,7 +144,7 @@ def classify_embeddings(
         verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
         output.print(
             f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
-            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants from the paper)"
+            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
         )
 
 
@@ -168,7 +168,7 @@ def uncertainty_line(u: dict | None) -> str:
 def born_gap_cmd(
     model: ModelArg,
     contexts: Annotated[
-        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line; "near-synonyms" names the ten pairs shipped with ckptaudit.')
     ],
     nucleus: Annotated[
         float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
@@ -184,7 +184,7 @@ def born_gap_cmd(
     throttle, logit gap, purity, participation ratio, localisation length, burial depth, geometric efficiency,
     Born and softmax ranks, and the competitor ablation.
 
-    Example: ckptaudit born-gap models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl
+    Example: ckptaudit born-gap models/smollm-135m --contexts near-synonyms
     """
     from ckptaudit.analyses.synonyms import born_gap, load_contexts
 
@@ -192,7 +192,7 @@ def born_gap_cmd(
     output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, "born-gap", len(ctxs)) as hook:
+    with Progress(output, "born-gap", len(ctxs), "contexts") as hook:
         result = born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
     session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()

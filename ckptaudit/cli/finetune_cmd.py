@@ -30,7 +30,7 @@ from ckptaudit.report.plots import plot_finetune
 def finetune_probe_cmd(
     model: ModelArg,
     contexts: Annotated[
-        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line.')
+        Path, typer.Option("--contexts", help='JSONL: {"context": ..., "target": " word", "competitor": " word"} per line; "near-synonyms" names the ten pairs shipped with ckptaudit.')
     ],
     mode: Annotated[
         str, typer.Option("--mode", help="lora (peft adapter, rank 8, alpha 16, on attention query/value) or full (all parameters).")
@@ -38,7 +38,7 @@ def finetune_probe_cmd(
     lr: Annotated[
         float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-4 for lora, 2e-5 for full).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps per context; Phi etc. are recorded after each.")] = 50,
+    steps: Annotated[int, typer.Option("--train-steps", min=1, help="Optimizer steps per context; Phi etc. are recorded after each.")] = 50,
     lr_sweep: Annotated[
         str | None,
         typer.Option("--lr-sweep", help="Comma-separated learning rates to run each context at; reports the empirical critical rate."),
@@ -64,7 +64,7 @@ def finetune_probe_cmd(
     (catapult / intermediate / drift), failure type (kinematic / structural), Phi-saturation vs CE stop step, and
     under LoRA the bit-for-bit proof that the embedding matrix (and LM head) did not change.
 
-    Example: ckptaudit finetune-probe models/smollm-135m --contexts fixtures/contexts/near_synonyms.jsonl --mode full --lr 2e-5
+    Example: ckptaudit finetune-probe models/smollm-135m --contexts near-synonyms --mode full --lr 2e-5
     """
     from ckptaudit.analyses.finetune import DEFAULT_LR, OPTIMIZER, finetune_probe
     from ckptaudit.analyses.synonyms import load_contexts
@@ -85,7 +85,7 @@ def finetune_probe_cmd(
     output, dev = session.output, session.device
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
-    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps) as hook:
+    with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps, "steps") as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
     session.save_report(result.to_hdf5_tree(), [ckpt])

@@ -144,13 +144,13 @@ def fisher(
                 vec_path = Path(tmp) / "backbone.safetensors"
                 # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
                 # vectors; the file then goes to every rank (temporary directories need not be shared).
-                with Progress(output, "fisher: backbone from the run", None) as hook:
+                with Progress(output, "fisher: backbone from the run", None, "tensor reads") as hook:
                     run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6, include_bias=include_bias,
                                  progress=hook if main else None)
                 if ctx is not None:
                     broadcast_file(ctx, vec_path)
                 output.note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
-            with Progress(output, "fisher: gradients", share * len(targets.checkpoints)) as hook:
+            with Progress(output, "fisher: gradients", share * len(targets.checkpoints), "gradients") as hook:
                 report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=data, seq_len=seq_len,
                                     switch=pair, switch_run=source_run, progress=hook if main else None,
                                     windows=window_spec(seq_len, pack, None, train_tokens, seed), dtype=dtype)

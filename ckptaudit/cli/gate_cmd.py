@@ -91,7 +91,7 @@ def gate(
     session = LocalSession("gate", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
     run = load_run(path, steps)
-    with Progress(output, "gating", len(pol.checks)) as hook:
+    with Progress(output, "gating", len(pol.checks), "checks") as hook:
         result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
 
     render_gate(output, result)

@@ -161,7 +161,7 @@ def transplant_cmd(
         del model_b
         model_a = load_model(ckpt_a, device=dev, dtype=torch_dtype)
         t1 = time.perf_counter()
-        with Progress(output, "gxs transplant", len(conditions)) as hook:
+        with Progress(output, "gxs transplant", len(conditions), "conditions") as hook:
             result = run_transplant(model_a, src_a, src_b, arch_a, evaluator, conditions, donor, progress=hook,
                                     a=str(ckpt_a.path), b=str(ckpt_b.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
@@ -230,7 +230,7 @@ def velocity_cmd(
         raise UsageError(f"{run_dir}: velocity needs at least 3 checkpoints, found {len(run.checkpoints)}",
                          "point it at a run directory, or widen --steps")
     rmap = load_role_map(role_map) if role_map is not None else None
-    with Progress(output, "gxs velocity: reading checkpoints", None) as hook:
+    with Progress(output, "gxs velocity: reading checkpoints", None, "tensor reads") as hook:
         result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
                               progress=hook, allow_partial_trunk=allow_partial_trunk)
     session.save_report({"velocity": result.to_hdf5_tree()}, run.checkpoints, group="gxs")
@@ -309,7 +309,7 @@ def slack_cmd(
     torch_dtype, precision = resolve_dtype(dtype, checkpoint, dev)
     model = load_model(checkpoint, device=dev, dtype=torch_dtype)
     t1 = time.perf_counter()
-    with Progress(output, "gxs slack", len(alphas) * len(sigmas) * evaluator.n_batches()) as hook:
+    with Progress(output, "gxs slack", len(alphas) * len(sigmas) * evaluator.n_batches(), "batches") as hook:
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -56,13 +57,64 @@ def inspect(
     output = session.output
     run = load_run(path, steps, revisions)
     rmap = load_role_map(role_map) if role_map is not None else None
-    with Progress(output, "inspecting", len(run.checkpoints)) as hook:
+    with Progress(output, "inspecting", len(run.checkpoints), "checkpoints") as hook:
         result = inspect_run(run, role_map=rmap, check_files=not no_file_check, progress=hook)
     session.save_report(result.to_hdf5_tree(), run.checkpoints)
     output.json({**result.to_json(), "left_out": [{"path": p, "why": why} for p, why in run.left_out]})
     if not output.human:
         return
     render_inspect(output, result)
+
+
+def _exempt(f) -> bool:
+    from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
+
+    return f.loadable and Path(f.path).name in DEFAULT_EXEMPT_FILES
+
+
+def _safe_cell(files) -> str:
+    """"yes", "no", or "yes (n exempt)" when the only unsafe files are those the default gate policy exempts."""
+    unsafe = [f for f in files if not f.safe]
+    if not unsafe:
+        return "[green]yes[/green]"
+    if all(_exempt(f) for f in unsafe):
+        return f"[green]yes[/green] ({len(unsafe)} exempt)"
+    return "[red]no[/red]"
+
+
+def _folder(path: str) -> str:
+    """The checkpoint folder of a file (``checkpoint-30``), or the file for single-file checkpoints."""
+    p = Path(path)
+    return p.parent.name or p.name
+
+
+def file_findings(checkpoints) -> list[str]:
+    """One line per kind of unsafe or unreadable file, however many checkpoints hold it: the file name, the
+    verdict, in how many checkpoints (first and last), the reason; for the files the default gate policy exempts,
+    why they are exempt."""
+    from rich.markup import escape
+
+    from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES, EXEMPT_REASON
+
+    groups: dict[tuple[str, str, str], list] = {}
+    for c in checkpoints:
+        for f in c.files:
+            if not f.safe:
+                groups.setdefault((Path(f.path).name, f.verdict, f.detail), []).append(f)
+    lines = []
+    for (name, verdict, detail), files in groups.items():
+        paths = [f.path for f in files]
+        what = "unreadable file" if verdict == "unreadable" else f"unsafe file ({verdict})"
+        where = (escape(paths[0]) if len(paths) == 1 else
+                 f"{escape(name)} in {len(paths)} checkpoints ({escape(_folder(paths[0]))} … {escape(_folder(paths[-1]))})")
+        if verdict != "unreadable" and name in DEFAULT_EXEMPT_FILES:
+            names = [g.rsplit(".", 1)[-1] for g in files[0].globals]
+            shown = ", ".join(names[:2]) + (f" +{len(names) - 2} more" if len(names) > 2 else "")
+            lines.append(f"[yellow]note:[/yellow] {where} is a pickle that torch.load could read only by trusting "
+                         f"named classes ({verdict}: {escape(shown)}); {EXEMPT_REASON}")
+        else:
+            lines.append(f"[red]{what}[/red] {where}: {escape(detail)}")
+    return lines
 
 
 def render_inspect(output, result) -> None:
@@ -83,7 +135,7 @@ def render_inspect(output, result) -> None:
                 yes(c.artifacts.get("scheduler")),
                 yes(c.artifacts.get("trainer_state")),
                 yes(c.artifacts.get("rng_state")),
-                yes(all(f.safe for f in c.files)) if c.files else "—",
+                _safe_cell(c.files) if c.files else "—",
             ]
         )
     output.table(
@@ -115,13 +167,8 @@ def render_inspect(output, result) -> None:
         output.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.architecture_note:
         output.print(f"[yellow]roles not resolved:[/yellow] {escape(result.architecture_note)}")
-    from rich.markup import escape
-
-    for c in result.checkpoints:
-        for f in c.files:
-            if not f.safe:
-                what = "unreadable file" if not f.loadable else f"unsafe file ({f.verdict})"
-                output.print(f"[red]{what}[/red] {escape(f.path)}: {escape(f.detail)}")
+    for line in file_findings(result.checkpoints):
+        output.print(line)
     if result.provenance_complete:
         output.print("[green]provenance complete[/green]: every checkpoint carries optimizer, scheduler, trainer state and RNG state")
     else:

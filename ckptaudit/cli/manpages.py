@@ -13,6 +13,7 @@ from pathlib import Path
 from typer.main import get_command
 
 from ckptaudit import __version__
+from ckptaudit.cli.paramtypes import metavar_of
 
 # typer >= 0.2x ships its own copy of click, so isinstance checks against the `click` package do not match its
 # objects; these predicates rely on the attributes both copies share.
@@ -75,8 +76,7 @@ def _param_synopsis(p) -> str:
     opt = p.opts[0]
     if getattr(p, "is_flag", False):
         return f"[{opt}]"
-    metavar = getattr(p, "metavar", None) or (p.name or "value").upper()
-    return f"[{opt} {metavar}]"
+    return f"[{opt} {metavar_of(p)}]"
 
 
 def _options_section(cmd) -> list[str]:
@@ -88,6 +88,8 @@ def _options_section(cmd) -> list[str]:
     for p in cmd.params:
         if is_option(p) and not p.hidden:
             names = ", ".join(p.opts + p.secondary_opts)
+            if metavar_of(p):
+                names += f" {metavar_of(p)}"
             default = ""
             if not p.is_flag and p.default not in (None, (), []) and not callable(p.default):
                 default = f" [default: {p.default}]"

@@ -62,9 +62,9 @@ def _check_out(value: Path | None) -> Path | None:
 
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", callback=_check_out, help="HDF5 report to write (default: ckptaudit-<command>-<UTC time>.h5)."),
+    typer.Option("--out", "-o", callback=_check_out, help="Write the HDF5 report to this file; none is written without --out."),
 ]
-NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Do not write an HDF5 report.")]
+NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Write no HDF5 report even with --out (kept for scripts; no report is the default).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary with stable keys instead of tables.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors; no progress bars.")]
 DeviceOpt = Annotated[

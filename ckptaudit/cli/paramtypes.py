@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older typer on the click package
     import click as click_api  # type: ignore[no-redef]
     from click.exceptions import Abort, Exit  # type: ignore[no-redef]
 
-__all__ = ["harden", "click_api", "Abort", "Exit"]
+__all__ = ["harden", "metavar_of", "click_api", "Abort", "Exit"]
 
 
 def _kind(p: Any) -> str | None:
@@ -58,12 +58,14 @@ def _check(value: Any, kind: str, what: str) -> Any:
 
 
 def harden(command: Any) -> Any:
-    """Check the raw value of every int/float parameter of ``command`` before typer/click converts it (once)."""
+    """Check the raw value of every int/float parameter of ``command`` before typer/click converts it, and give
+    every parameter a readable help metavar (:func:`metavar_of`); once per command."""
     if getattr(command, "_ckptaudit_hardened", False):
         return command
     for p in getattr(command, "params", ()):
         kind = _kind(p)
         if kind is None:
+            _tidy_help(p)
             continue
         what = (p.opts[0] if getattr(p, "opts", None) else p.name) or "value"
         original = p.process_value
@@ -72,5 +74,55 @@ def harden(command: Any) -> Any:
             return _orig(ctx, _check(value, _kind, _what))
 
         p.process_value = process_value
+        _tidy_help(p)
+    get_help_option = command.get_help_option
+
+    def tidy_help_option(ctx: Any) -> Any:
+        option = get_help_option(ctx)
+        if option is not None:
+            _tidy_help(option)
+        return option
+
+    command.get_help_option = tidy_help_option
     command._ckptaudit_hardened = True
     return command
+
+
+def metavar_of(p: Any) -> str | None:
+    """What ``--help`` shows after an option or for an argument: the declared metavar; nothing for a flag;
+    the choices ``a|b``; ``N`` for an integer, ``X`` for a real number, ``PATH`` for a path; otherwise the
+    parameter's name in capitals (``--lr-mult LR_MULT``, ``RUN_DIR``)."""
+    if getattr(p, "metavar", None):
+        return p.metavar
+    if getattr(p, "is_flag", False) and not getattr(p, "count", False):
+        return None
+    desc = getattr(p, "type_descriptor", None)
+    choices = getattr(desc, "choices", None) if getattr(desc, "is_choice", False) else getattr(getattr(p, "type", None), "choices", None)
+    if choices:
+        return "|".join(str(getattr(c, "value", c)) for c in choices)
+    if not _is_argument(p):
+        kind = _kind(p)
+        if kind == "int":
+            return "N"
+        if kind == "float":
+            return "X"
+        if getattr(desc, "is_path", False) or getattr(getattr(p, "type", None), "name", "") == "path":
+            return "PATH"
+    return (p.name or "value").upper()
+
+
+def _is_argument(p: Any) -> bool:
+    return type(p).__name__.endswith("Argument")
+
+
+def _tidy_help(p: Any) -> None:
+    """Replace typer's ``<str>`` / ``<bool>`` type column and ``{name}`` usage names by :func:`metavar_of`."""
+    shown = metavar_of(p)
+    if _is_argument(p):
+        name = shown or (p.name or "value").upper()
+        multiple = getattr(p, "nargs", 1) != 1
+        p._usage_display_name = lambda: (name if p.required else f"[{name}]") + ("..." if multiple else "")
+        p._rich_display_name = lambda: name + ("..." if multiple else "")
+        p.display_type_rich = lambda ctx: None
+    else:
+        p.display_type_rich = lambda ctx: shown

@@ -29,7 +29,7 @@ def show(
 ) -> None:
     """Render a saved report: its provenance (command, argv, inputs) and every group of results.
 
-    Example: ckptaudit report show ckptaudit-backbone-20261122T101500Z.h5
+    Example: ckptaudit backbone runs/seed42/ --out backbone.h5 && ckptaudit report show backbone.h5
     """
     from rich.markup import escape
 

@@ -39,7 +39,7 @@ from ckptaudit.report.plots import plot_resume
 def resume_probe(
     ckpt: CheckpointArg,
     steps: Annotated[
-        int, typer.Option("--steps", min=1, help="Optimizer steps to resume for, per condition.")
+        int, typer.Option("--train-steps", min=1, help="Optimizer steps to resume for, per condition (--steps selects checkpoints elsewhere).")
     ] = 50,
     eval_every: Annotated[
         int | None,
@@ -90,9 +90,18 @@ def resume_probe(
         typer.Option(
             "--collapse-ratio",
             min=1.0,
-            help="Collapse when eval loss rises above this multiple of the start loss.",
+            help="Collapse when eval loss rises above this multiple of the start loss (and --collapse-loss-floor above it).",
         ),
     ] = 2.0,
+    collapse_loss_floor: Annotated[
+        float,
+        typer.Option(
+            "--collapse-loss-floor",
+            min=0.0,
+            help="The loss rule also needs the loss this many nats above the start (a converged model's 1e-4 -> 3e-4 "
+                 "is no collapse).",
+        ),
+    ] = 0.1,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -150,7 +159,7 @@ def resume_probe(
     conditions (fresh optimizer; lr multipliers, linear warm-up, geometric warm-up boundary probe), all from
     bit-identical weights on identical batches; report eval loss/accuracy, displacement, and collapse verdicts.
 
-    Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --steps 50
+    Example: ckptaudit resume-probe runs/grok4/checkpoint-20000 --train-steps 50
     """
     from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
     from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
@@ -165,13 +174,14 @@ def resume_probe(
     settings = ResumeSettings(
         steps=steps, eval_every=eval_every, lr_mults=parse_floats(lr_mult, "--lr-mult", "1,0.1,0.01"), warmup_steps=warmup_steps,
         boundary_probe=not no_boundary, collapse_drop=collapse_drop, collapse_ratio=collapse_ratio,
+        collapse_loss_floor=collapse_loss_floor,
         seed=seed if seed is not None else 0, mode=mode, device=dev,
     )  # fmt: skip
     spec = window_spec(seq_len, pack, eval_tokens, train_tokens, seed if seed is not None else 0)
     inputs = probe_inputs_from_checkpoint(ckpt, task=task, seed=seed, device=dev, data=data, lr=lr, windows=spec,
                                           batch_size=batch_size, dtype=dtype, train_data=train_data)
     t1 = time.perf_counter()
-    with Progress(output, "resume-probe", steps) as hook:
+    with Progress(output, "resume-probe", steps, "steps") as hook:
         result = run_resume_probe(inputs, settings, vectors=vectors, progress=hook)
     result.settings["timing_seconds"] = {"load": t1 - t0, **result.settings["timing_seconds"],
                                          "total": time.perf_counter() - t0}
@@ -195,7 +205,7 @@ def render_resume(output: Any, s: dict) -> None:
     for c in s["conditions"]:
         verdict = "[green]stable[/green]" if c["verdict"] == "stable" else "[red]collapse[/red]"
         rows.append([c["name"], c["optimizer"], c["lr_mult"], c["eval_acc"][0], c["eval_acc"][-1], min(c["eval_acc"]),
-                     verdict, c["collapse_step"]])  # fmt: skip
+                     c["eval_loss"][0], max(c["eval_loss"]), verdict, c.get("collapse_reason") or "—"])  # fmt: skip
     output.table(
         f"resume-probe — {s['checkpoint']} (step {s['start_step']}, task {s['task']})",
         [
@@ -205,11 +215,15 @@ def render_resume(output: Any, s: dict) -> None:
             "start acc",
             "final acc",
             "min acc",
+            "start loss",
+            "max loss",
             "verdict",
-            "collapse step",
+            "rule that fired",
         ],
         rows,
-        caption="collapse: accuracy below start - collapse-drop, or loss above collapse-ratio x start",
+        caption=(f"collapse: accuracy more than {s['settings'].get('collapse_drop')} below the start, or loss above "
+                 f"{s['settings'].get('collapse_ratio')}x the start and {s['settings'].get('collapse_loss_floor')} "
+                 "nats above it, or a non-finite value"),
     )
     with_vec = [c for c in s["conditions"] if "backbone_coord" in c]
     if with_vec:

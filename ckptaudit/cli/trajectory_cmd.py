@@ -39,7 +39,7 @@ ProbesOpt = Annotated[
     typer.Option(
         "--probes",
         help="Probe file, one probe per line (text when the checkpoint has a tokenizer, else token ids). "
-        "Default: fixtures/probes/default.txt with a tokenizer; the task's own fixed inputs without one.",
+        "Default: the package's 100 probe texts (ckptaudit/data/probes.txt) with a tokenizer; the task's own fixed inputs without one.",
     ),
 ]
 ThresholdsOpt = Annotated[
@@ -165,7 +165,7 @@ def regimes(
     probe_set = _probes(run[0], probes, held_out, seed)
     evaluate, logged, source = _regime_losses(run, held_out, data, no_loss)
     torch_dtype, precision = _precision(dtype, run[0], dev)
-    with Progress(output, "fingerprints", len(run)) as hook:
+    with Progress(output, "fingerprints", len(run), "checkpoints") as hook:
         result = run_regimes(run, probe_set, fixed, dev, progress=hook, evaluate=evaluate, losses=logged,
                              loss_source=source, variance_window=variance_window, bootstrap=bootstrap, seed=seed,
                              dtype=torch_dtype)
@@ -255,7 +255,7 @@ def extrapolate(
     run_dir: RunDirArg,
     predictor: Annotated[
         str,
-        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (the paper's printed coefficient), quadratic-fit (exact parabola), momentum (the paper's m/sqrt(v+eps)), adam-step."),
+        typer.Option("--predictor", help="Predictors, comma-separated: linear, quadratic (paper 004's printed coefficient), quadratic-fit (exact parabola), momentum (paper 004's m/sqrt(v+eps)), adam-step."),
     ] = "linear,quadratic,quadratic-fit,momentum,adam-step",
     k: Annotated[str, typer.Option("--K", "-K", help="Prediction horizons in training steps, comma-separated.")] = "5,10,25,50,75,100",
     cascade: Annotated[
@@ -273,7 +273,7 @@ def extrapolate(
         int, typer.Option("--sigma-window", min=1, help="Adaptive criterion: sigma_L = std of the losses of the last N checkpoints.")
     ] = 5,
     skip_chaotic: Annotated[
-        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (the paper's protocol).")
+        bool, typer.Option("--skip-chaotic", help="Predict only from non-chaotic checkpoints (paper 004's protocol).")
     ] = False,
     data: DataOpt = None,
     task: TaskOpt = None,
@@ -298,7 +298,7 @@ def extrapolate(
     adam-step), validate its held-out loss, accept by strict / adaptive / proximity criteria, report rates per
     predictor, K and regime, and the error against theta(t+K) where the run has it.
 
-    Example: ckptaudit extrapolate runs/demo --K 5,10,25 --cascade 4:25 --time
+    Example: ckptaudit extrapolate fixtures/runs/demo --K 30,60,150 --cascade 4:30 --time
     """
     from ckptaudit.analyses.extrapolate import PREDICTORS, time_training_steps
     from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
@@ -326,7 +326,7 @@ def extrapolate(
         return float(held_out.evaluate(model, "validation")[0])
 
     timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
-    with Progress(output, "extrapolate", 2 * len(run)) as hook:
+    with Progress(output, "extrapolate", 2 * len(run), "passes") as hook:
         result = run_extrapolate(run, evaluate, probe_set, settings, timer=timer, progress=hook)
     tree, summary = result.to_hdf5_tree(), result.to_json()
     selection = held_out.selection() if hasattr(held_out, "selection") else None
@@ -418,7 +418,7 @@ def cross_seed(
     # One probe set for every seed (CKA compares the same inputs): built from the first run.
     probe_set = _probes(runs[0][0], probes, datas[0], seed)
     evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
-    with Progress(output, "fingerprints", sum(len(r) for r in runs)) as hook:
+    with Progress(output, "fingerprints", sum(len(r) for r in runs), "checkpoints") as hook:
         result = run_cross_seed(list(zip(labels, runs, strict=True)), probe_set, fixed, evaluators, dev, progress=hook,
                                 dtype=torch_dtype)
     checkpoints = [c for r in runs for c in r]

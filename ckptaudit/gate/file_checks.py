@@ -11,6 +11,7 @@ from ckptaudit.errors import CorruptFileError, OptimizerStateError, UnsafePickle
 from ckptaudit.gate.context import CHECK_FAILURES, GateContext, _label, _rel, _weight_file
 from ckptaudit.gate.registry import Key, gate_check
 from ckptaudit.gate.result import FAIL, PASS, CheckResult
+from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
 from ckptaudit.io.types import StoredCheckpoint
 
 ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "lr_history", "rng_state")
@@ -133,7 +134,7 @@ def _exempt(path: str, ckpt_path: Path, patterns: Sequence[str]) -> bool:
     "check, naming them. A file that cannot be read at all (0 bytes, truncated, binary content of no known kind) is "
     "bad input: exit 2, unless `allow_files` exempts it.",
     value="the number of unsafe files; the file of the first is the SARIF location.",
-    init={"allow_files": ["training_args.bin"]},
+    init={"allow_files": list(DEFAULT_EXEMPT_FILES)},  # io.safety: the one list inspect speaks of too
 )  # fmt: skip
 def check_safe_serialization(ctx: GateContext, settings: dict) -> CheckResult:
     """Every file of the gated checkpoints safe per provenance.file_safety (content-based, nothing executed)."""

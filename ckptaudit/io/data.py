@@ -475,7 +475,26 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
         merged = {k: v for k, v in spec.items() if k not in ("task", "batch_size", "data_seed", "train")}
         merged.update(params)
         params = merged
-    return get_task(name, **params)
+    built = get_task(name, **params)
+    _check_task_fits(built, ckpt, task)
+    return built
+
+
+def _check_task_fits(built: Any, ckpt: Any, spec: str) -> None:
+    """A built-in task whose vocabulary is not the model's is another task (e.g. modadd with another p): refused,
+    rather than probed at chance accuracy with the opposite verdict."""
+    try:
+        config = ckpt.config() or {}
+    except DataError:
+        return
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab == built.vocab_size:
+        return
+    fix = built.params_for_vocab(vocab) if hasattr(built, "params_for_vocab") else None
+    hint = (f"give the task as the model was trained: --task {built.name}:" + ",".join(f"{k}={v}" for k, v in fix.items())
+            if fix else "give the task's parameters as the model was trained")
+    raise DataError(f"--task {spec}: the task's vocabulary has {built.vocab_size} tokens, the model's ({ckpt.path}) "
+                    f"{vocab}", hint=hint)
 
 
 def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train") -> None:

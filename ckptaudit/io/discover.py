@@ -84,6 +84,8 @@ _DIR_STEP_RES = (
     re.compile(r"(?:^|[^a-z])step[-_=]?(\d+)(?:$|[^0-9])", re.I),
 )
 _TRAILING_INT_RE = re.compile(r"(\d+)$")
+# A quantisation or precision tag at the end of a file name (model.Q4_1.gguf, model-q8_0, model.f16): never a step.
+_QUANT_SUFFIX_RE = re.compile(r"[._-](?:I?Q\d[A-Z0-9_]*|F16|F32|BF16|FP16|FP32)$", re.I)
 _LIGHTNING_STEP_RE = re.compile(r"(?:^|[^a-z])step=(\d+)", re.I)
 _ACCELERATE_AUTO_RE = re.compile(r"^checkpoint_\d+$")
 
@@ -157,6 +159,10 @@ class Checkpoint:
         Lightning's hyper_parameters), or None when the checkpoint has none."""
         if self.config_file:
             return _read_json(self.config_file)
+        if self.layout == "gguf":  # its own metadata; a config.json beside it may belong to another model
+            from ckptaudit.io.formats import gguf_dims
+
+            return gguf_dims(self.path) or None
         reader = stack_reader(self.layout)
         return reader.config(self) if reader is not None and hasattr(reader, "config") else None
 
@@ -310,7 +316,11 @@ def _scan(d: Path, depth: int) -> tuple[list[_Candidate], list[tuple[str, str]]]
     if self_weights is not None or (d / "trainer_state.json").is_file():
         cand = _dir_candidate(d, run_dir=d.parent, single=True)
         if cand is not None:
-            return [cand], []
+            # Model files beside the folder's own weights with no step of their own (a GGUF export, say) are
+            # other copies of the same model: the folder's full-precision weights are the checkpoint.
+            return [cand], [(str(c.path), f"another copy of the model in {d.name}/ ({c.layout}); its own weights "
+                             f"({self_weights[0].name if self_weights else 'the folder'}) are read; pass the file "
+                             "itself to audit it") for c in children]
     for sub in ("checkpoints", "checkpoint"):  # Lightning, Accelerate automatic naming; torchtitan
         if depth == 0 and (d / sub).is_dir():
             return _scan(d / sub, depth + 1)
@@ -460,10 +470,11 @@ def _file_candidate(f: Path, run_dir: Path, single: bool) -> _Candidate | None:
             return _Candidate(f, "nanogpt", nanogpt.step(f), {
                 "weight_files": (f,), "config_file": config,
                 "optimizer_file": f if nanogpt.optimizer_dict(f) is not None else None})
-    step = _step_from_name(f.stem, trailing=True)
+    step = _step_from_name(_QUANT_SUFFIX_RE.sub("", f.stem), trailing=True)
     if step is None and single:
         step = 0
-    return _Candidate(f, "gguf" if fmt == "gguf" else "state-dict", step, {"weight_files": (f,), "config_file": config})
+    return _Candidate(f, "gguf" if fmt == "gguf" else "state-dict", step,
+                      {"weight_files": (f,), "config_file": None if fmt == "gguf" else config})
 
 
 def _deepspeed_candidate(d: Path, run_dir: Path, single: bool) -> _Candidate:

@@ -119,6 +119,36 @@ def _holds_tensors(d: Mapping, depth: int = 3) -> bool:
     return False
 
 
+# GGUF metadata keys ({architecture}.<key>) -> the config.json names the architecture files read.
+_GGUF_DIMS = {"attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+              "embedding_length": "hidden_size", "block_count": "num_hidden_layers",
+              "attention.key_length": "head_dim"}
+
+
+def gguf_dims(path: Path) -> dict[str, int]:
+    """The model dimensions a GGUF file records in its metadata (head counts, hidden size, layers), under the
+    config.json names, for per-head slicing. No ``model_type``: the tensors carry llama.cpp's names, which the
+    llama_cpp architecture file places whatever the model. Empty when the file records none."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path), "r").fields
+        arch = fields.get("general.architecture")
+        prefix = str(arch.contents()) if arch is not None else None
+    except Exception as exc:  # noqa: BLE001 - an untrusted file: any failure means it is damaged
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})", hint=_RESAVE_HINT) from None
+    out: dict[str, int] = {}
+    for key, name in _GGUF_DIMS.items():
+        field = fields.get(f"{prefix}.{key}") if prefix else None
+        try:
+            value = field.contents() if field is not None else None
+        except Exception:  # noqa: BLE001 - a malformed field is simply not used
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
+            out[name] = value
+    return out
+
+
 class GGUFSource(TensorSource):
     """A GGUF file via ``gguf.GGUFReader`` (memory-mapped). GGUF stores dimensions innermost-first; shapes here
     are in torch order. F32/F16/BF16/F64 and integer tensors keep their dtype; quantised ones become float32."""

@@ -10,7 +10,10 @@ the caller names) naming the file and what is wrong:
 - size: at most ``max_bytes`` (default :data:`MAX_JSON_BYTES`);
 - nesting: at most ``max_depth`` levels of arrays/objects (default :data:`MAX_JSON_DEPTH`), checked without
   recursion;
-- integers must fit int64 (every step, count and size the tool stores is an int64 in its reports);
+- integers must fit int64 (every step, count and size the tool stores is an int64 in its reports); with
+  ``wide_ints=True`` an integer of up to :data:`MAX_WIDE_INT_DIGITS` digits is read as a float instead (the file
+  check of a folder, where a tokenizer_config.json holds transformers' ``model_max_length`` of 10**30 and is a
+  well-formed file);
 - object keys are unique.
 
 ``NaN`` and ``Infinity`` are accepted as Python's ``json`` writes them (the Trainer logs a NaN loss that way).
@@ -27,6 +30,7 @@ from ckptaudit.io.numbers import INT64_MAX, INT64_MIN
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 100
+MAX_WIDE_INT_DIGITS = 64
 
 _FIX = "re-save or restore the file"
 
@@ -42,6 +46,13 @@ def _int(text: str) -> int:
     if not INT64_MIN <= value <= INT64_MAX:
         raise _Refused(f"integer {text} does not fit in 64 bits")
     return value
+
+
+def _wide_int(text: str) -> int | float:
+    if len(text.lstrip("-")) > MAX_WIDE_INT_DIGITS:
+        raise _Refused(f"integer {text[:24]}... has more than {MAX_WIDE_INT_DIGITS} digits")
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else float(value)
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -71,16 +82,17 @@ def _depth_ok(obj: Any, limit: int) -> bool:
 
 
 def loads_bounded(text: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH,
-                  error: type[CkptAuditError] = CorruptFileError, hint: str = _FIX) -> Any:
+                  error: type[CkptAuditError] = CorruptFileError, hint: str = _FIX, wide_ints: bool = False) -> Any:
     """Parse the JSON document ``text`` under the limits of the module docstring. ``where`` names the file (and
-    line) in messages; ``error`` is the class raised (CorruptFileError by default), with ``hint`` as its fix."""
+    line) in messages; ``error`` is the class raised (CorruptFileError by default), with ``hint`` as its fix;
+    ``wide_ints``: integers beyond int64 become floats instead of an error."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{where}: not UTF-8 text (byte {exc.start})", hint) from None
     try:
-        obj = json.loads(text, parse_int=_int, object_pairs_hook=_pairs)
+        obj = json.loads(text, parse_int=_wide_int if wide_ints else _int, object_pairs_hook=_pairs)
     except _Refused as exc:
         raise error(f"{where}: {exc}", hint) from None
     except RecursionError:

@@ -48,6 +48,13 @@ MAX_ZIP_DEPTH = 3
 MAX_TEXT_CHECK = 8 * 1024 * 1024
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
+# The files the default gate policy exempts from ``safe_serialization`` (its ``allow_files``), and what inspect
+# says of them: one rule, in one place. The Trainer writes training_args.bin into every checkpoint; ckptaudit reads
+# it only through io/plainpickle.py's stand-ins.
+DEFAULT_EXEMPT_FILES = ("training_args.bin",)
+EXEMPT_REASON = ("ckptaudit reads it only as plain data through stand-ins, never with torch.load; the default gate "
+                 "policy exempts it (safe_serialization.allow_files)")
+
 
 @dataclass(frozen=True)
 class AllowList:
@@ -385,7 +392,7 @@ def _classify_other(p: Path, size: int, out: _Result) -> tuple[str, _Result]:
 
             if size <= MAX_TEXT_CHECK:
                 try:
-                    loads_bounded(text, p.name)
+                    loads_bounded(text, p.name, wide_ints=True)
                     return "json", out
                 except CkptAuditError as exc:
                     if p.suffix.lower() == ".json":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,15 +15,16 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -58,6 +60,7 @@ class Output:
         # Human text goes to stdout unless JSON owns stdout; then it goes to stderr (and only when asked).
         self.console = Console(file=self.stream, highlight=False, soft_wrap=False, width=120 if not self.stream.isatty() else None)
         self.err = Console(file=sys.stderr, highlight=False)
+        self._end: list[str] = []
 
     @property
     def human(self) -> bool:
@@ -72,16 +75,42 @@ class Output:
         if not self.human:
             return
         t = Table(title=title, caption=caption, title_justify="left", show_lines=False)
-        for c in columns:
-            t.add_column(c, overflow="fold")
-        for r in rows:
-            t.add_row(*[fmt(x) for x in r])
-        self.console.print(t)
+        cells = [[fmt(x) for x in r] for r in rows]
+        for i, c in enumerate(columns):
+            column = [r[i] for r in cells if i < len(r)]
+            if column and all(_NUMBER_RE.fullmatch(_plain_text(v)) for v in column):
+                # a number is never broken across lines
+                t.add_column(c, no_wrap=True, justify="right", min_width=max(len(_plain_text(v)) for v in column))
+            else:
+                # text wraps between words, never inside one (a long path folds only past 40 characters)
+                longest = max((len(w) for v in column for w in _plain_text(v).split()), default=1)
+                t.add_column(c, overflow="fold", min_width=min(max(longest, len(c.split()[0]) if c else 1), 40))
+        for r in cells:
+            t.add_row(*r)
+        # A table whose columns cannot shrink to the console is printed at its own minimum width: a long line
+        # beats a cropped column.
+        need = Measurement.get(self.console, self.console.options.update_width(10_000), t).minimum
+        width = self.console.width
+        try:
+            self.console.width = max(need, width)
+            self.console.print(t)
+        finally:
+            self.console.width = width
 
     def json(self, payload: dict) -> None:
         if self.json_mode:
             self.stream.write(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
             self.stream.flush()
+
+    def at_end(self, message: str) -> None:
+        """A note printed after the command's results (see ``flush_end``)."""
+        self._end.append(message)
+
+    def flush_end(self) -> None:
+        """Print the notes kept by ``at_end``, once."""
+        pending, self._end = self._end, []
+        for message in pending:
+            self.note(message)
 
     def note(self, message: str) -> None:
         """A one-line remark for humans (written to stderr when stdout carries JSON)."""
@@ -90,17 +119,68 @@ class Output:
         (self.err if self.json_mode else self.console).print(message, soft_wrap=True)
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Any]:
-        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json)."""
+    def progress(self, description: str, total: int | None, unit: str = "") -> Iterator[Any]:
+        """A rich progress bar on a TTY; a no-op advancer otherwise (CI, pipes, --quiet, --json). ``unit`` names
+        what is counted ("steps", "pairs"); counts of 10,000 and more show in k / M / G."""
         if self.quiet or not sys.stderr.isatty():
             yield _NullBar()
             return
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=self.err, transient=True,
-        ) as p:
+        with Progress(*progress_columns(unit), console=self.err, transient=True) as p:
             task = p.add_task(description, total=total)
             yield _Bar(p, task)
+
+
+def human_count(n: float) -> str:
+    """A count for a progress bar: exact below 10,000 (``9,999``), else three significant digits with k / M / G
+    (``12.3k``, ``1.21G``)."""
+    n = float(n)
+    if abs(n) < 10_000:
+        return f"{n:,.0f}"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:,.0f}"  # pragma: no cover - unreachable
+
+
+def clock(seconds: float | None) -> str:
+    """``H:MM:SS`` for a duration in seconds, ``-:--:--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class CountColumn(ProgressColumn):
+    """``done/total unit`` in human units (``1.21G/4.83G pairs``); ``done unit`` while the total is unknown."""
+
+    def __init__(self, unit: str = ""):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        done = human_count(task.completed)
+        text = done if task.total is None else f"{done}/{human_count(task.total)}"
+        return Text(f"{text} {self.unit}".rstrip(), style="progress.download")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left from the average rate since the bar started: elapsed x (total - done) / done. rich's own column
+    estimates from the last 30 s only, so its ETA vanishes when one unit of work takes longer than that."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Any) -> Text:
+        if task.finished:
+            return Text("eta 0:00:00", style="progress.remaining")
+        left = None
+        if task.total is not None and task.completed > 0 and task.elapsed:
+            left = task.elapsed * (task.total - task.completed) / task.completed
+        return Text(f"eta {clock(left)}", style="progress.remaining")
+
+
+def progress_columns(unit: str = "") -> tuple:
+    """The columns of every progress bar: description, bar, count, elapsed time, time left."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), CountColumn(unit), TimeElapsedColumn(), EtaColumn())
 
 
 class _Bar:
@@ -128,6 +208,15 @@ class _NullBar:
 
     def stage(self, description: str, total: float | None) -> None:
         pass
+
+
+_NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?(?:e[-+]?\d+)?%?|nan|inf|-inf|—)", re.I)
+_MARKUP_RE = re.compile(r"\[/?[a-z #0-9]*\]")
+
+
+def _plain_text(cell: str) -> str:
+    """A cell without its rich colour markup ([green]...[/green])."""
+    return _MARKUP_RE.sub("", cell)
 
 
 def fmt(x: Any) -> str:

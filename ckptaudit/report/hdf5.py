@@ -70,12 +70,6 @@ def input_records(checkpoints: Sequence[Any], hash_files: bool = True) -> list[I
     return out
 
 
-def default_report_path(command: str) -> Path:
-    """``ckptaudit-<command>-<UTC time>.h5`` in the working directory."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path(f"ckptaudit-{command.replace(' ', '-')}-{stamp}.h5")
-
-
 def write_report(
     path: Path,
     command: str,

@@ -76,8 +76,13 @@ class ModAdd:
 
     @property
     def num_classes(self) -> int:
-        """The answer is one of the ``p`` number tokens."""
+        """The answer is one of the ``p`` number tokens (chance accuracy is 1 / p)."""
         return self.p
+
+    @staticmethod
+    def params_for_vocab(vocab: int) -> dict[str, int] | None:
+        """The task parameters that give a vocabulary of ``vocab`` tokens (p = vocab - 2), None when none do."""
+        return {"p": vocab - 2} if vocab > 3 else None
 
     # -- data ------------------------------------------------------------------------------------------
     def split_indices(self, split: str) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Each ``output_dir/checkpoint-{step}/`` holds what ``transformers.Trainer`` 5.x writes (FORMATS.md):
 config.json, generation_config.json, model.safetensors (tied ``lm_head.weight`` absent), optimizer.pt,
 scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin, plus ``ckptaudit_task.json`` naming the
-task, its data order and the training hyper-parameters, so analyses never need to unpickle training_args.bin.
+task, its data order and the training hyper-parameters, so the analyses of these runs need nothing from
+training_args.bin (which ckptaudit reads only as plain data, never with torch.load).
 
 The optimizer is built as ``Trainer.create_optimizer`` builds it (two AdamW groups, decay then no-decay, no
 ``param_names``), so optimizer.pt exercises the Trainer index -> name mapping. Unlike the Trainer a checkpoint
