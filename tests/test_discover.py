@@ -333,6 +333,23 @@ def test_malformed_steps_spec(spec: str) -> None:
         parse_steps(spec)
 
 
+def test_one_step_list_format_and_one_anchor_check() -> None:
+    """Every message that lists steps uses io.steps.format_steps; --anchor is checked by io.steps.anchor_index for
+    both the backbone analysis and the drift-run loader."""
+    from ckptaudit.io.steps import anchor_index, format_steps
+
+    assert format_steps([]) == "none"
+    assert format_steps([0, 10, 20]) == "0, 10, 20"
+    many = list(range(0, 250, 10))  # 25 steps: the first and last 10 around "..."
+    assert format_steps(many) == ", ".join(map(str, many[:10])) + ", ..., " + ", ".join(map(str, many[-10:]))
+    assert format_steps(many, limit=4) == "0, 10, ..., 230, 240"
+    steps = [0, 100, 200]
+    assert anchor_index(steps, None) == 0 and anchor_index(steps, 200) == 2
+    with pytest.raises(UsageError, match=r"--anchor 150: no checkpoint at that step") as e:
+        anchor_index(steps, 150)
+    assert e.value.hint == "steps in the run: 0, 100, 200"
+
+
 def test_file_safety_says_when_a_pickle_needs_allow_listed_globals(tmp_path):
     """A plain tensor pickle loads with weights_only as is; a numpy RNG state (as the Trainer saves) is safe but
     needs numpy globals allow-listed; torch.load itself is the reference for both."""

@@ -35,6 +35,7 @@ from ckptaudit.analyses.gram import (
     tensor_names_of,
 )
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.steps import anchor_index, format_steps
 from ckptaudit.io.types import CheckpointLike, RunLike
 from ckptaudit.io.vectors import BLOCK_PREFIX
 from ckptaudit.io.writer import SafetensorsStreamWriter
@@ -232,12 +233,7 @@ def run_backbone(
     if not ckpts:
         raise UsageError("the run has no checkpoints", None)
     all_steps = [int(c.step) for c in ckpts]
-    if anchor_step is None:
-        anchor_idx = 0
-    elif int(anchor_step) in all_steps:
-        anchor_idx = all_steps.index(int(anchor_step))
-    else:
-        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {_steps_str(all_steps)}")
+    anchor_idx = anchor_index(all_steps, anchor_step)
     anchor = ckpts[anchor_idx]
     rows = ckpts[anchor_idx + 1 :]
     if len(rows) < 2:
@@ -264,7 +260,7 @@ def run_backbone(
         for s in (p, q):
             if s not in valid:
                 raise UsageError(f"--switch {p}:{q}: step {s} is not a checkpoint at or after the anchor",
-                                 f"steps: {_steps_str(sorted(valid))}")
+                                 f"steps: {format_steps(sorted(valid))}")
 
     from ckptaudit.analyses import distributed
 
@@ -332,11 +328,6 @@ def run_backbone(
         vector_sigma=tuple(vec_sigma),
         experts={k[len("expert_"):].replace("_", "."): analyse(k, False) for k in groups if k.startswith("expert_")},
     )
-
-
-def _steps_str(steps: Sequence[int]) -> str:
-    s = list(steps)
-    return ", ".join(map(str, s)) if len(s) <= 12 else f"{', '.join(map(str, s[:5]))}, …, {', '.join(map(str, s[-3:]))}"
 
 
 def save_backbone_vectors(

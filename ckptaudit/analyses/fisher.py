@@ -553,16 +553,16 @@ def run_fisher(
 
     vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
     ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
-    :func:`ckptaudit.io.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
+    :func:`ckptaudit.tasks.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
     directions are fixed by the first checkpoint and reused, so q(t) is measured along the same vectors at every step.
     """
     import time
 
-    from ckptaudit.io.data import check_enough, load_data
     from ckptaudit.io.models import load_model
     from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks.data import check_enough, load_data
 
     ckpts = sorted(checkpoints, key=lambda c: int(c.step))
     if not ckpts:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
+from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import RunLike
 from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
 
@@ -138,7 +139,7 @@ def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) 
     for s in (peak, trough):
         if s not in ckpts:
             raise UsageError(f"--switch {peak}:{trough}: no checkpoint at step {s}",
-                             f"steps: {', '.join(map(str, sorted(ckpts)))}")
+                             f"steps: {format_steps(sorted(ckpts))}")
     flats = []
     for s in (peak, trough):
         with ckpts[s].tensors() as src:

@@ -38,6 +38,7 @@ from ckptaudit.io.bundled import DEFAULT_PROBES as DEFAULT_PROBES_NAME
 from ckptaudit.io.bundled import bundled_file
 from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
 from ckptaudit.io.types import StoredCheckpoint
+from ckptaudit.sampling import stable_seed
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
@@ -104,7 +105,7 @@ def _token_id_probes(path: Path, vocab_size: int, max_len: int) -> ProbeSet:
 
 
 def _random_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(10_007 * seed + 17)
+    gen = torch.Generator().manual_seed(stable_seed("regimes-probes", seed))
     return torch.randint(0, vocab_size, (n, length), generator=gen)
 
 

@@ -103,19 +103,19 @@ def probe_inputs_from_checkpoint(
 ) -> ProbeInputs:
     """Read checkpoint directory ``path`` into ProbeInputs (see the module docstring for how CONTROL is made).
 
-    ``task`` / ``data`` / ``windows``: the data (io.data.load_data); ``train_data``: the run's training set as its
-    trainer indexed it (io.data.load_rows). ``seed`` replaces the data seed; ``batch_size`` the run's batch size;
+    ``task`` / ``data`` / ``windows``: the data (tasks.data.load_data); ``train_data``: the run's training set as its
+    trainer indexed it (tasks.data.load_rows). ``seed`` replaces the data seed; ``batch_size`` the run's batch size;
     ``dtype`` the precision (io.precision). Optimizer state is mapped to parameter names by io.optimizer (refused,
     naming the parameter, when it does not fit the model). A checkpoint without optimizer state yields inputs
     without it (RESET only) and a note.
     """
     from ckptaudit.analyses.resume_trainer import TrainerLoop, passed_fields
-    from ckptaudit.io.data import load_data, load_rows
     from ckptaudit.io.hyperparams import run_hyperparameters
     from ckptaudit.io.models import load_model
     from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state
     from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.tasks import TASK_FILE, load_task_spec
+    from ckptaudit.tasks.data import load_data, load_rows
     from ckptaudit.tasks.train import build_scheduler, parameter_groups, train_step
 
     ckpt = _checkpoint(Path(path))

@@ -46,18 +46,13 @@ def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revis
     """The run for a drift analysis (backbone, gxs velocity): the checkpoints ``--steps`` selects, with the anchor
     taken from the whole run (its first checkpoint, or ``--anchor``) even when ``--steps`` leaves it out, so that a
     step subset keeps rows theta(t) - theta(anchor) of the same run. The anchor step is checked here."""
-    from ckptaudit.errors import UsageError
     from ckptaudit.io.discover import Run
+    from ckptaudit.io.steps import anchor_index
 
     whole = load_run(path, revisions=revisions)
     if steps is None:
         return whole
-    if anchor_step is None:
-        anchor = whole.checkpoints[0]
-    elif int(anchor_step) in whole.steps:
-        anchor = whole.by_step(int(anchor_step))
-    else:
-        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {', '.join(map(str, whole.steps[:12]))}{' ...' if len(whole.steps) > 12 else ''}")
+    anchor = whole.checkpoints[anchor_index(whole.steps, anchor_step)]
     chosen = {c.step: c for c in discover_run_quiet(path, steps, revisions).checkpoints}
     chosen[anchor.step] = anchor
     return Run(whole.path, tuple(chosen[s] for s in sorted(chosen)))

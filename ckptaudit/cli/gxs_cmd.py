@@ -60,7 +60,7 @@ def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_s
                as_given: bool = False, windows: Any = None) -> Any:
     from ckptaudit.analyses.gxs import TaskEval, load_token_data
     from ckptaudit.analyses.gxs_eval import WindowEval
-    from ckptaudit.io.data import load_data
+    from ckptaudit.tasks.data import load_data
 
     if task is not None and data is not None:
         raise UsageError("--task and --data exclude each other", "give one of them")

@@ -51,8 +51,8 @@ ThresholdsOpt = Annotated[
 ]
 def _data(ckpt: Any, task: str | None, data: Path | None, required: bool, windows: Any = None) -> Any:
     """The Task-protocol data of ``ckpt`` (None when not required and the checkpoint names none)."""
-    from ckptaudit.io.data import load_data
     from ckptaudit.tasks import TASK_FILE
+    from ckptaudit.tasks.data import load_data
 
     if not required and task is None and data is None and not (ckpt.directory / TASK_FILE).is_file():
         return None

@@ -12,6 +12,7 @@ from ckptaudit.gate.context import CHECK_FAILURES, GateContext, _label, _rel, _w
 from ckptaudit.gate.registry import Key, gate_check
 from ckptaudit.gate.result import FAIL, PASS, CheckResult
 from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
+from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import StoredCheckpoint
 
 ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "lr_history", "rng_state")
@@ -275,5 +276,5 @@ def check_finite(ctx: GateContext, settings: dict) -> CheckResult:
                            where, {"tensors": [b[0] for b in bad]})  # fmt: skip
     msg = f"{n_tensors} weight tensor(s) and {n_moments} moment tensor(s) finite"
     if no_moments:
-        msg += f"; no optimizer state to scan at step(s) {', '.join(map(str, no_moments))}"
+        msg += f"; no optimizer state to scan at step(s) {format_steps(no_moments)}"
     return CheckResult("finite", PASS, 0, threshold, msg, _weight_file(ctx.targets[-1]))
