@@ -120,11 +120,6 @@ def tensor_names_of(groups: Mapping[str, Sequence[Any]]) -> list[str]:
     return list(seen)
 
 
-def shard_tensor_names(names: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The subset of ``names`` that process ``rank`` of ``world_size`` handles (round robin)."""
-    return list(names[rank::world_size])
-
-
 def balanced_shards(names: Sequence[str], sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
     """Split ``names`` into ``world_size`` disjoint subsets of nearly equal total size (greedy: largest tensor
     first, each to the least-loaded rank; ties to the lowest rank). Deterministic, so every rank computes the same
