@@ -4,7 +4,7 @@ writing the report."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +136,16 @@ class _Setup:
             return None
         return save_report(self.output, self.command, tree, checkpoints, self.out, self.no_report,
                            hash_files=self.hash_files, device=self.device, group=group)
+
+    def finish(self, tree: dict, checkpoints: Sequence[Any], summary: dict,
+               render: Callable[[Output, dict], None] | None = None, group: str | None = None) -> dict:
+        """The tail every computing command shares: the HDF5 report of ``tree`` (with --out), the ``summary`` as the
+        --json document, then ``render(output, summary)`` for the human view. Returns ``summary``."""
+        self.save_report(tree, checkpoints, group=group)
+        self.output.json(summary)
+        if render is not None and self.output.human:
+            render(self.output, summary)
+        return summary
 
     def __enter__(self) -> Any:
         return self

@@ -161,11 +161,7 @@ def fisher(
                 report.settings["vectors"] = f"backbone of {source_run.path}"
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), targets.checkpoints)
-    summary = report.to_json()
-    output.json(summary)
-    if output.human:
-        render_fisher(output, summary)
+    session.finish(report.to_hdf5_tree(), targets.checkpoints, report.to_json(), render_fisher)
 
 
 def broadcast_file(ctx: Any, path: Path, chunk: int = 1 << 26) -> None:

@@ -173,10 +173,7 @@ def regimes(
     selection = held_out.selection() if hasattr(held_out, "selection") else None
     _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
            timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, list(run))
-    output.json(summary)
-    if output.human:
-        render_regimes(output, summary, str(run_dir))
+    session.finish(tree, list(run), summary, lambda out, s: render_regimes(out, s, str(run_dir)))
 
 
 def _regime_losses(run: Any, held_out: Any, data: Path | None, no_loss: bool) -> tuple[Any, Any, str]:
@@ -332,10 +329,7 @@ def extrapolate(
     selection = held_out.selection() if hasattr(held_out, "selection") else None
     _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
            timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, list(run))
-    output.json(summary)
-    if output.human:
-        render_extrapolate(output, summary, str(run_dir))
+    session.finish(tree, list(run), summary, lambda out, s: render_extrapolate(out, s, str(run_dir)))
 
 
 def render_extrapolate(output: Any, s: dict, label: str) -> None:
@@ -426,10 +420,7 @@ def cross_seed(
     selection = datas[0].selection() if datas[0] is not None and hasattr(datas[0], "selection") else None
     _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
            timing_seconds={"total": time.perf_counter() - t0})
-    session.save_report(tree, checkpoints)
-    output.json(summary)
-    if output.human:
-        render_cross_seed(output, summary)
+    session.finish(tree, checkpoints, summary, render_cross_seed)
 
 
 def render_cross_seed(output: Any, s: dict) -> None:
