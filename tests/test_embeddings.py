@@ -276,7 +276,7 @@ def test_json_keys_and_hdf5_tree(tmp_path):
     j = r.to_json()
     assert list(j) == ["vocab_size", "dim", "pairs", "exact", "mean_c2", "std_c2", "quantiles_c2",
                        "frac_abs_c_gt_0_3", "frac_abs_c_gt_0_5", "ks_gauss", "ks_exp", "bulk_index", "class",
-                       "lora_sufficient", "predicted_critical_lora_lr", "tied_head", "uncertainty"]
+                       "lora_sufficient", "predicted_critical_lora_lr", "tied_head", "uncertainty", "histogram_c2"]
     assert j["class"] in ("A", "B") and j["tied_head"] is True and len(j["quantiles_c2"]) == 7
     with h5py.File(tmp_path / "r.h5", "w") as f:
         write_tree(f.create_group("embeddings"), r.to_hdf5_tree())
@@ -285,3 +285,19 @@ def test_json_keys_and_hdf5_tree(tmp_path):
         assert g.attrs["class"] == r.bulk_class and g.attrs["pairs"] == r.pairs
         assert int(g["histogram/c_counts"][()].sum()) == r.pairs == int(g["histogram/c2_counts"][()].sum())
         assert np.allclose(g["c2/quantiles"][()], r.quantiles_c2)
+
+
+def test_figure_histogram_of_s_counts_every_pair_exactly_and_every_sampled_draw():
+    """histogram_c2 (the --plot histogram): in exact mode it is np.histogram of all V(V-1)/2 squared overlaps
+    computed here, on its own edges; in sampled mode 100 uniform bins whose counts plus ``above`` are every draw."""
+    E = _randn(150, 12, seed=21)
+    R = E.double().numpy()
+    R = R / np.linalg.norm(R, axis=1, keepdims=True)
+    s = (R @ R.T)[np.triu_indices(R.shape[0], k=1)] ** 2
+    h = overlap_stats(E, exact=True, tile=64).to_json()["histogram_c2"]
+    np.testing.assert_array_equal(h["counts"], np.histogram(s, bins=np.asarray(h["edges"]))[0])
+    assert h["above"] == int(np.count_nonzero(s >= h["edges"][-1])) and sum(h["counts"]) + h["above"] == s.size
+    assert h["range_quantile"] == 0.995 and abs(h["edges"][-1] - np.quantile(s, 0.995)) < 0.01
+    sampled = overlap_stats(E, pairs=50_000, seed=2, bootstrap=0).to_json()["histogram_c2"]
+    assert sum(sampled["counts"]) + sampled["above"] == 50_000
+    np.testing.assert_allclose(np.diff(sampled["edges"]), sampled["edges"][-1] / 100, rtol=1e-9)

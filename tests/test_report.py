@@ -127,3 +127,25 @@ def test_progress_counts_in_human_units_and_eta_from_the_average_rate():
     p.update(steps, completed=4)
     assert eta.render(task2).plain == "eta 0:00:00"
     assert CountColumn().render(p.tasks[1]).plain == "4/4"
+
+
+def test_a_column_of_reals_has_one_format_and_titles_shorten_long_paths():
+    import io
+
+    from ckptaudit.report.console import Output, format_column, human_bytes, shorten_paths
+
+    # fixed point with the decimals giving the smallest value 4 significant digits, for every real of the column
+    assert format_column([0.98, 0.98333, 12.5, None, 3]) == ["0.9800", "0.9833", "12.5000", "—", "3"]
+    assert format_column([0.5, 403584.0]) == ["5.000e-01", "4.036e+05"]  # one value out of range: all scientific
+    assert format_column([1.5, float("nan")]) == ["1.500", "nan"]
+    long = "/very/long/prefix/of/folders/fixtures/runs/trainer_lm/seed0/run"
+    assert shorten_paths(f"extrapolate — {long}, 6 checkpoints") == "extrapolate — …/seed0/run, 6 checkpoints"
+    assert shorten_paths("gate: runs/seed0 (policy p.toml)") == "gate: runs/seed0 (policy p.toml)"
+    assert (human_bytes(512), human_bytes(13_000_000), human_bytes(3 * 2**30)) == ("512 B", "12.4 MiB", "3.0 GiB")
+    buf = io.StringIO()
+    out = Output(stream=buf)
+    out.console.width = 80
+    out.table(f"backbone — {long}", ["set", "PC1 %"], [["trunk", 98.0], ["block 0", 71.23456]])
+    text = buf.getvalue()
+    assert "…/seed0/run" in text and "prefix" not in text
+    assert "98.00" in text and "71.23" in text  # one format: 4 significant digits of the smallest

@@ -251,7 +251,7 @@ def test_cli_json_keys_report_and_plot(tiny_run: Path, tmp_path: Path):
     with h5py.File(out) as f:
         assert f["resume_probe"].attrs["start_weights_sha256"] == doc["start_weights_sha256"]
         assert list(f["resume_probe/control/eval_acc"][()]) == pytest.approx(doc["conditions"][0]["eval_acc"])
-    assert (tmp_path / "fig" / "resume_probe_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "resume_probe_loss_accuracy.png").stat().st_size > 0
 
 
 def test_cli_mismatched_optimizer_state_names_the_parameter(tiny_run: Path, tmp_path: Path):

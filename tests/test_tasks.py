@@ -342,3 +342,32 @@ def test_reset_optimizer_does_not_reproduce(tiny_run: Path):
     gap = _rel_diff({"all": torch.cat([_weights(model)[k].flatten() for k in target])},
                     {"all": torch.cat([v.flatten() for v in target.values()])})  # fmt: skip
     assert gap > 1e-3 and gap > 0.05 * moved
+
+
+def test_loss_is_the_cross_entropy_of_loss_and_accuracy_without_the_argmax(trainer_lm):
+    """task.loss (what training steps and gradients use) equals F.cross_entropy over the model's own logits, for
+    the built-in task and for windows of a text file, with the gradient of the same value."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import load_data
+    from ckptaudit.tasks.modadd import ModAdd
+
+    task = ModAdd(p=23)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(task.model_config(n_layer=1, n_embd=16, n_head=2))
+    batch = task.batch("train", 0, 16, 0)
+    logits = model(input_ids=batch["input_ids"]).logits[:, -1, :23]
+    assert torch.equal(task.loss(model, batch), F.cross_entropy(logits, batch["labels"]))
+    ckpt = discover_run(trainer_lm / "seed0" / "run").checkpoints[-1]
+    data = load_data(ckpt, data=trainer_lm / "seed0" / "data" / "train.jsonl")
+    lm = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in ckpt.config().items() if k in ("vocab_size", "n_positions")},
+                                    n_layer=1, n_embd=16, n_head=2)).eval()  # no dropout: one forward = another
+    b = data.batch("train", 0, 2, 0)
+    ids = b["input_ids"]
+    kwargs = {"attention_mask": b["attention_mask"]} if "attention_mask" in b else {}
+    want = F.cross_entropy(lm(input_ids=ids, **kwargs).logits[:, :-1].reshape(-1, lm.config.vocab_size).float(),
+                           b.get("labels", ids)[:, 1:].reshape(-1), ignore_index=-100)
+    got = data.loss(lm, b)
+    assert torch.allclose(got, want, rtol=1e-6) and got.requires_grad
+    assert float(got) == float(data.loss_and_accuracy(lm, b)[0])

@@ -49,6 +49,9 @@ QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 DEFAULT_BINS = 1 << 16
 DEFAULT_LORA_LR = 2e-4
 _THRESHOLDS = (0.3, 0.5)
+#: Bins of the histogram of s in the JSON (the figure of ``--plot``) and the quantile of s its range ends at.
+DISPLAY_BINS = 100
+DISPLAY_QUANTILE = 0.995
 MAX_PAIRS = 100_000_000  # sampled overlaps take ~24 bytes a pair: far beyond this no machine holds them
 
 
@@ -94,6 +97,8 @@ class EmbeddingClassResult:
     hist_c: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: standard errors and bootstrap intervals of the sampled statistics (:mod:`.embeddings_uncertainty`)
     uncertainty: dict | None = field(default=None, compare=False, repr=False)
+    #: coarse histogram of s (:func:`display_histogram`): edges, counts, above, range_quantile
+    histogram_c2: dict | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         """The ``--json`` payload (keys fixed by issue 7)."""
@@ -115,6 +120,7 @@ class EmbeddingClassResult:
             "predicted_critical_lora_lr": self.predicted_critical_lora_lr,
             "tied_head": self.tied_head,
             "uncertainty": self.uncertainty,
+            "histogram_c2": self.histogram_c2,
         }
 
     def to_hdf5_tree(self) -> dict:
@@ -236,6 +242,8 @@ def overlap_stats(
     from ckptaudit.analyses.embeddings_uncertainty import EXACT, sampled_uncertainty
 
     sample = stats.pop("_c", None)
+    stats["histogram_c2"] = (display_histogram_folded(stats["hist_c"]) if exact
+                             else display_histogram(sample * sample))
     stats["uncertainty"] = dict(EXACT) if exact else sampled_uncertainty(sample, bulk_class, QUANTILE_LEVELS,
                                                                           n_boot=bootstrap, seed=seed)
     h = H_CLASS[bulk_class]
@@ -354,6 +362,35 @@ def _exact_stats(rows: torch.Tensor, tile: int, bins: int, progress) -> dict:
         "ks_gauss": ks_gauss, "ks_exp": ks_exp,
         "bins": bins, "ks_resolution": max(res_g, res_e), "hist_c": h,
     }
+
+
+def display_histogram(s: np.ndarray, bins: int = DISPLAY_BINS, q: float = DISPLAY_QUANTILE) -> dict:
+    """Histogram of squared overlaps ``s`` (sampled values, dimensionless): ``bins`` uniform bins on [0, the ``q``
+    quantile of s] (numpy's rule: the last bin holds its right edge), and ``above``, the count beyond that range.
+    ``counts`` plus ``above`` is the number of values."""
+    s = np.asarray(s, dtype=np.float64)
+    hi = float(np.quantile(s, q))
+    if not hi > 0.0:
+        hi = float(s.max()) if s.max() > 0 else 1.0
+    edges = np.linspace(0.0, hi, bins + 1)
+    counts = np.histogram(s, edges)[0]
+    return {"edges": edges.tolist(), "counts": counts.astype(np.int64).tolist(),
+            "above": int(s.size - counts.sum()), "range_quantile": q}
+
+
+def display_histogram_folded(hist_c: np.ndarray, bins: int = DISPLAY_BINS, q: float = DISPLAY_QUANTILE) -> dict:
+    """The same histogram from the exact mode's counts per c-bin: the edges of about ``bins`` uniform bins on
+    [0, the ``q`` quantile of s] are moved to the nearest edges ``(k * 2/len(hist_c))^2`` of the folded |c| bins,
+    so every count is exact (the bins are uniform to within one fine bin)."""
+    counts_abs = _fold_abs(np.asarray(hist_c, dtype=np.int64))
+    half = counts_abs.shape[0]
+    fine = (np.arange(half + 1, dtype=np.float64) / half) ** 2
+    hi = _hist_quantiles(fine, counts_abs, (q,))[0]
+    k_hi = min(half, max(1, math.ceil(math.sqrt(hi) * half)))
+    k = np.unique(np.rint(np.sqrt(np.linspace(0.0, fine[k_hi], bins + 1)) * half).astype(np.int64))
+    cum = np.concatenate([[0], np.cumsum(counts_abs)])
+    return {"edges": fine[k].tolist(), "counts": (cum[k[1:]] - cum[k[:-1]]).tolist(),
+            "above": int(cum[-1] - cum[k[-1]]), "range_quantile": q}
 
 
 def _fold_abs(hist_c: np.ndarray) -> np.ndarray:

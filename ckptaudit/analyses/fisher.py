@@ -280,13 +280,13 @@ def _params_of(model: torch.nn.Module, layout: TrunkLayout) -> dict[str, torch.n
 
 def flat_gradient(model: torch.nn.Module, data: Any, batch: Mapping[str, torch.Tensor], layout: TrunkLayout,
                   create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss_and_accuracy`` on ``batch``.
+    """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss`` on ``batch``.
 
     Only the trunk tensors are differentiated (autograd.grad, so ``.grad`` fields are untouched); with
     ``create_graph`` the gradients stay differentiable for Hessian-vector products.
     """
     params = _params_of(model, layout)
-    loss, _ = data.loss_and_accuracy(model, batch)
+    loss = data.loss(model, batch)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
     by_name = dict(zip(params, grads, strict=True))
     g = layout.flatten({n: (t if create_graph else t.detach()) for n, t in by_name.items()})

@@ -158,9 +158,9 @@ def backbone(
     summary = report.to_json()
     output.json(summary)
     if plot is not None:
-        from ckptaudit.report.plots import plot_backbone
+        from ckptaudit.report.plots import plot_backbone, run_label
 
-        written = plot_backbone(summary, plot)
+        written = plot_backbone(summary, plot, label=run_label(run_dir))
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if save_vectors is not None:
         output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")

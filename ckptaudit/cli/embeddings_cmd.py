@@ -16,6 +16,7 @@ from ckptaudit.cli.options import (
     NoHashOpt,
     NoReportOpt,
     OutOpt,
+    PlotOpt,
     QuietOpt,
     SeedOpt,
 )
@@ -88,6 +89,7 @@ def classify_embeddings(
         typer.Option("--bootstrap", min=0,
                      help="Bootstrap replicates over the sampled pairs for the intervals of every statistic (0: standard errors only; seeded by --seed)."),
     ] = 200,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -126,6 +128,11 @@ def classify_embeddings(
     tree = {role: r.to_hdf5_tree() for role, r in results.items()}
     session.save_report(tree, [_ModelInput(path)], group="embeddings")
     output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_embeddings, run_label
+
+        written = plot_embeddings(summary, plot, label=run_label(path, checkpoint=True))
+        output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if output.human:
         rows = []
         for role, r in results.items():

@@ -23,7 +23,7 @@ from ckptaudit.cli.options import (
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.report.console import fmt
-from ckptaudit.report.plots import plot_finetune
+from ckptaudit.report.plots import plot_finetune, run_label
 
 
 @app.command("finetune-probe")
@@ -91,7 +91,7 @@ def finetune_probe_cmd(
     session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
     if plot is not None:
-        for p in plot_finetune(summary, plot):
+        for p in plot_finetune(summary, plot, label=run_label(ckpt.path, checkpoint=True)):
             output.note(f"figure written to {p}")
     output.json(summary)
     if not output.human:

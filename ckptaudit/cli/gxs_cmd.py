@@ -22,6 +22,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RoleMapOpt,
     RunDirArg,
@@ -271,6 +272,7 @@ def slack_cmd(
     max_sequences: MaxSeqOpt = None,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
@@ -306,8 +308,16 @@ def slack_cmd(
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}
-    session.finish({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], {**result.to_json(), **extra}, render_slack,
-                   group="gxs")
+    session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs")
+    summary = {**result.to_json(), **extra}
+    output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_slack, run_label
+
+        label = f"{run_label(checkpoint.path, checkpoint=True)} (step {checkpoint.step})"
+        output.note(f"figure written to [bold]{plot_slack(summary, plot, label=label)}[/bold]")
+    if output.human:
+        render_slack(output, summary)
 
 
 def render_slack(output: Any, s: dict) -> None:

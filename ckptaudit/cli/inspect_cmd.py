@@ -20,14 +20,7 @@ from ckptaudit.cli.options import (
     RunDirArg,
     StepsOpt,
 )
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from ckptaudit.report.console import human_bytes
 
 
 @app.command()
@@ -129,7 +122,7 @@ def render_inspect(output, result) -> None:
                 c.step,
                 c.layout,
                 f"{c.n_params:,}",
-                _human_bytes(c.bytes),
+                human_bytes(c.bytes),
                 ", ".join(sorted(c.dtypes)),
                 yes(c.artifacts.get("optimizer")),
                 yes(c.artifacts.get("scheduler")),

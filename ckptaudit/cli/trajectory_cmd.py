@@ -20,6 +20,7 @@ from ckptaudit.cli.options import (
     NoReportOpt,
     OutOpt,
     PackOpt,
+    PlotOpt,
     QuietOpt,
     RevisionsOpt,
     RunDirArg,
@@ -136,6 +137,7 @@ def regimes(
     eval_tokens: EvalTokensOpt = 65536,
     steps: StepsOpt = None,
     revisions: RevisionsOpt = None,
+    plot: PlotOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -173,7 +175,14 @@ def regimes(
     selection = held_out.selection() if hasattr(held_out, "selection") else None
     _extra(tree, summary, precision=precision, eval_data=selection, threads=n_threads,
            timing_seconds={"total": time.perf_counter() - t0})
-    session.finish(tree, list(run), summary, lambda out, s: render_regimes(out, s, str(run_dir)))
+    session.save_report(tree, list(run))
+    output.json(summary)
+    if plot is not None:
+        from ckptaudit.report.plots import plot_regimes, run_label
+
+        output.note(f"figure written to [bold]{plot_regimes(summary, plot, label=run_label(run_dir))}[/bold]")
+    if output.human:
+        render_regimes(output, summary, str(run_dir))
 
 
 def _regime_losses(run: Any, held_out: Any, data: Path | None, no_loss: bool) -> tuple[Any, Any, str]:

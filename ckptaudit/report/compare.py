@@ -333,7 +333,7 @@ def compare(reports: Sequence[Report], scalars: Sequence[Spec], series: Sequence
 def plot_comparison(comp: Comparison, out_dir: Path) -> Path:
     """One PNG, ``compare_<command>.png``: a panel per series (one line per report) and per numeric scalar (one
     point per report, with its standard error as an error bar where known). Returns the file."""
-    from ckptaudit.report.plots import _pyplot
+    from ckptaudit.report.plots import _pyplot, _step_axis
 
     plt = _pyplot()
     out_dir = Path(out_dir)
@@ -351,8 +351,11 @@ def plot_comparison(comp: Comparison, out_dir: Path) -> Path:
         for line in s["lines"]:
             ax.plot(line["x"], line["y"], marker=".", ms=3, label=line["label"])
         ax.set_title(s["name"], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=6)
+        if "steps" in s["x_path"]:
+            _step_axis(ax)  # "training step", integer ticks
+        else:
+            ax.set_xlabel(s["x_path"].rsplit("/", 1)[-1])
+        ax.legend(fontsize=7)
     for ax, r in zip(flat[len(comp.series):], numeric, strict=False):
         xs = [i for i, v in enumerate(r["values"]) if _number(v) is not None]
         ys = [float(r["values"][i]) for i in xs]

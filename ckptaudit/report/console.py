@@ -74,8 +74,11 @@ class Output:
         """Print a table of already-formatted cells (numbers are formatted with :func:`fmt`)."""
         if not self.human:
             return
-        t = Table(title=title, caption=caption, title_justify="left", show_lines=False)
-        cells = [[fmt(x) for x in r] for r in rows]
+        t = Table(title=shorten_paths(title), caption=caption, title_justify="left", show_lines=False)
+        raw = [list(r) for r in rows]
+        n_cols = max([len(columns)] + [len(r) for r in raw])
+        by_column = [format_column([r[i] for r in raw if i < len(r)]) for i in range(n_cols)]
+        cells = [[by_column[i][j] for i in range(len(r))] for j, r in enumerate(raw)]
         for i, c in enumerate(columns):
             column = [r[i] for r in cells if i < len(r)]
             if column and all(_NUMBER_RE.fullmatch(_plain_text(v)) for v in column):
@@ -217,6 +220,48 @@ _MARKUP_RE = re.compile(r"\[/?[a-z #0-9]*\]")
 def _plain_text(cell: str) -> str:
     """A cell without its rich colour markup ([green]...[/green])."""
     return _MARKUP_RE.sub("", cell)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (float, np.floating)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def format_column(values: list[Any]) -> list[str]:
+    """The cells of one table column, the reals of a column in one format: fixed point with the decimals that give
+    the smallest nonzero value 4 significant digits (at most 6), or, when a nonzero value is >= 1e5 or < 1e-3,
+    scientific with 4 significant digits for all. Integers, None, booleans and text as :func:`fmt`."""
+    reals = [abs(float(x)) for x in values if _is_real(x)]
+    nonzero = [x for x in reals if x != 0]
+    if not nonzero:
+        return [fmt(x) for x in values]
+    if any(x >= 1e5 or x < 1e-3 for x in nonzero):
+        return [f"{float(x):.3e}" if _is_real(x) else fmt(x) for x in values]
+    decimals = max(0, min(6, 3 - math.floor(math.log10(min(nonzero)))))
+    return [f"{float(x):.{decimals}f}" if _is_real(x) else fmt(x) for x in values]
+
+
+_PATH_RE = re.compile(r"(?:[\w.~-]*/)+[\w.-]+/?")
+
+
+def shorten_paths(text: str, keep: int = 2, limit: int = 40) -> str:
+    """``text`` with every path longer than ``limit`` characters cut to its last ``keep`` components
+    (``…/seed0/run``), so a table title does not wrap on a long path."""
+    def cut(m: re.Match) -> str:
+        path = m.group(0)
+        parts = [p for p in path.rstrip("/").split("/") if p]
+        return path if len(path) <= limit or len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+
+    return _PATH_RE.sub(cut, text)
+
+
+def human_bytes(n: float) -> str:
+    """A size in bytes with binary units: ``512 B``, ``12.4 MiB``, ``1.21 GiB``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - unreachable
 
 
 def fmt(x: Any) -> str:

@@ -2,7 +2,7 @@
 gxs): one meaning of ``--data`` for all of them.
 
 :func:`load_data` returns an object with the :class:`ckptaudit.tasks.Task` data protocol (``batch``,
-``eval_batches``, ``loss_and_accuracy``, ``evaluate``, ``split_size``), from one of three sources:
+``eval_batches``, ``loss_and_accuracy``, ``loss``, ``evaluate``, ``split_size``), from one of three sources:
 
 - nothing given: the built-in task recorded in the checkpoint (``ckptaudit_task.json``);
 - ``task="NAME[:key=value,...]"``: a built-in task; parameters recorded in the checkpoint are kept when it is the
@@ -209,6 +209,16 @@ class TokenData:
         if n == 0:
             raise DataError(f"{self.source}: a batch has no next-token prediction", hint="use longer windows")
         return total / n, correct / n
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean next-token cross-entropy of :meth:`loss_and_accuracy` without the accuracy (no argmax over
+        the vocabulary: what a training step and a gradient need)."""
+        from ckptaudit.tasks.lm import next_token_stats
+
+        total, _, n = next_token_stats(model, batch, accuracy=False)
+        if n == 0:
+            raise DataError(f"{self.source}: a batch has no next-token prediction", hint="use longer windows")
+        return total / n
 
     def evaluate(self, model: torch.nn.Module, split: str = "validation") -> tuple[float, float]:
         """Loss (nats per predicted token, summed in float64) and accuracy over the used windows of ``split``, in

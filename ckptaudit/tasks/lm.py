@@ -76,14 +76,18 @@ def eval_batch_rows(model: nn.Module, seq_len: int, vocab: int) -> int:
     return max(1, tokens // max(1, seq_len))
 
 
-def _chunk_stats(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_stats(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                 accuracy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(h).float()
-    return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(dim=-1) == targets).sum()
+    correct = (logits.argmax(dim=-1) == targets).sum() if accuracy else torch.zeros((), dtype=torch.long)
+    return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
-def next_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+def next_token_stats(model: nn.Module, batch: dict[str, torch.Tensor],
+                     accuracy: bool = True) -> tuple[torch.Tensor, int, int]:
     """(sum of next-token cross-entropies in nats: a scalar tensor, float32 with grad when enabled, else float64; number of
-    correct top-1 predictions, number of predictions) over the batch (see the module docstring)."""
+    correct top-1 predictions (0 when ``accuracy`` is False: no argmax over the vocabulary), number of predictions)
+    over the batch (see the module docstring)."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     labels = batch.get("labels", batch["input_ids"]).to(device)
@@ -97,7 +101,7 @@ def next_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         logits = _logits_of(model(input_ids=ids, **kwargs))[:, :-1][keep]
         t = targets[keep]
         loss = F.cross_entropy(logits.float(), t, reduction="sum")
-        return loss, int((logits.argmax(dim=-1) == t).sum()), int(t.numel())
+        return loss, int((logits.argmax(dim=-1) == t).sum()) if accuracy else 0, int(t.numel())
     trunk, head = split
     out = trunk(input_ids=ids, **kwargs)
     h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1][keep]
@@ -115,9 +119,9 @@ def next_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         if recompute:
             from torch.utils.checkpoint import checkpoint
 
-            s, c = checkpoint(_chunk_stats, head, hc, tc, use_reentrant=False)
+            s, c = checkpoint(_chunk_stats, head, hc, tc, accuracy, use_reentrant=False)
         else:
-            s, c = _chunk_stats(head, hc, tc)
+            s, c = _chunk_stats(head, hc, tc, accuracy)
         total = total + (s if grad else s.double())
         correct += int(c)
     return total, correct, n

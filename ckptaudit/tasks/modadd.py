@@ -135,17 +135,24 @@ class ModAdd:
         logits = out.logits if hasattr(out, "logits") else out
         return logits[:, -1, : self.p]
 
+    def _logits_labels(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(model.parameters()).device
+        logits = self.answer_logits(model, batch["input_ids"].to(device))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; float64 stays
+        return logits, batch["labels"].to(device)
+
     def loss_and_accuracy(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
         """Mean cross-entropy (a tensor with grad, nats) and accuracy (float in [0, 1]) of ``batch``."""
-        device = next(model.parameters()).device
-        logits = self.answer_logits(model, batch["input_ids"].to(device))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; float64 stays
-        labels = batch["labels"].to(device)
+        logits, labels = self._logits_labels(model, batch)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(dim=-1) == labels).float().mean().item()
         return loss, acc
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean cross-entropy of :meth:`loss_and_accuracy` alone (what a training step needs)."""
+        return F.cross_entropy(*self._logits_labels(model, batch))
 
     def evaluate(self, model: torch.nn.Module, split: str = "validation") -> tuple[float, float]:
         """Loss (nats) and accuracy over the whole of ``split``, under ``no_grad`` in eval mode.

@@ -192,7 +192,7 @@ def train_step(
     model.train()
     batch = task.batch("train", step, batch_size, seed)
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = task.loss_and_accuracy(model, batch)
+    loss = task.loss(model, batch)
     loss.backward()
     clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
