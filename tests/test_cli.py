@@ -178,7 +178,8 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path, tiny_run):
 
     fifo = tmp_path / "policy.toml"
     os.mkfifo(fifo)
-    p = _cli("gate", tiny_run, "--policy", fifo)
+    # as from a shell: SIGINT at its default (a pytest-xdist worker ignores it, and children inherit that)
+    p = _cli("gate", tiny_run, "--policy", fifo, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     fd = None
     try:
