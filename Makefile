@@ -2,6 +2,7 @@
 #
 #   make demo    train the bundled fixture run (cached) and audit it
 #   make test    install, build test fixtures, run the whole suite
+#   make test-fast  the same without the tests marked slow
 #   make fuzz    the property-based fuzz suite (tests/test_fuzz.py) with twenty times its example budget
 #
 # TORCH_SPEC chooses the torch build: the default is the CPU build; for CUDA use e.g.
@@ -18,7 +19,7 @@ DEMO_THREADS ?= 1
 PYTEST_ARGS ?= -n 2
 FIXTURES    := fixtures/runs
 
-.PHONY: install test fuzz demo man bench lint fixtures clean
+.PHONY: install test test-fast fuzz demo man bench lint fixtures clean
 
 install: $(STAMP)
 
@@ -44,6 +45,9 @@ fixtures: $(STAMP)
 test: $(STAMP) fixtures
 	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) tests
 
+test-fast: $(STAMP) fixtures
+	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) $(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests
+
 fuzz: $(STAMP) fixtures
 	CKPTAUDIT_FIXTURES=$(CURDIR)/$(FIXTURES) CKPTAUDIT_FUZZ_SCALE=$${CKPTAUDIT_FUZZ_SCALE:-20} $(PY) -m pytest $(PYTEST_ARGS) tests/test_fuzz.py
 
@@ -61,6 +65,7 @@ demo: $(RUNTIME)
 
 man: $(STAMP)
 	$(PY) -m ckptaudit.cli.manpages man
+	$(PY) -m ckptaudit.gate.reference docs/gate.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
@@ -71,6 +76,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ckptaudit tests fixtures benchmarks
 	$(PY) -m ckptaudit.cli.manpages man --check
+	$(PY) -m ckptaudit.gate.reference docs/gate.md --check
 
 clean:
 	rm -rf $(VENV) $(FIXTURES) demo-out .pytest_cache

@@ -106,8 +106,8 @@ def bench_resume(run: Path) -> None:
         n = result.settings["steps"]
         counts = [len(c.steps) for c in result.conditions]
         batch = int(inputs.run_values["batch_size"]["value"])
-        from ckptaudit.io.data import load_data
         from ckptaudit.io.discover import discover_run
+        from ckptaudit.tasks.data import load_data
 
         data = load_data(discover_run(ckpt).checkpoints[0], data=CORPUS)  # the same windows as the probe
         bare = bare_resume(inputs.model, data, n, batch, float(inputs.group_hyper[0]["lr"]) or 1e-3, counts,
@@ -125,10 +125,10 @@ def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     from ckptaudit.analyses.backbone import run_backbone
     from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, prepare_probes, trunk_layout
     from ckptaudit.analyses.fisher_directions import random_directions, read_directions
-    from ckptaudit.io.data import WindowSpec, load_data
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
     from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks.data import WindowSpec, load_data
 
     whole = discover_run(run / "run")
     ckpt = whole.checkpoints[-1]

@@ -92,9 +92,9 @@ def test_task_spec_file_bad_values(tmp_path):
 
 
 def test_load_data_bad_task_parameters(tiny_checkpoint, tmp_path):
-    from ckptaudit.io.data import load_data
     from ckptaudit.io.discover import discover_run
     from ckptaudit.tasks import TASK_FILE
+    from ckptaudit.tasks.data import load_data
 
     ckpt = discover_run(tiny_checkpoint)[0]
     for spec, key in (('modadd:p="x"', "p="), ("modadd:p=null", "p="), ('modadd:train_frac="a"', "train_frac=")):
@@ -320,8 +320,8 @@ def test_has_tokenizer_and_max_positions(model_dir, tmp_path):
 
 
 def test_data_broken_tokenizer(model_dir, tmp_path):
-    from ckptaudit.io.data import load_data
     from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import load_data
 
     d = _copy(model_dir, tmp_path / "m")
     _break_tokenizer(d)

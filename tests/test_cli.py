@@ -142,6 +142,67 @@ def _no_debug_env(monkeypatch):
     monkeypatch.delenv("CKPTAUDIT_DEBUG", raising=False)
 
 
+def _cli(*args: object, env: dict | None = None, **kw):
+    """``python -m ckptaudit ARGS`` in a subprocess (a real process: real stderr, real signals)."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k != "CKPTAUDIT_DEBUG"} | (env or {})
+    return subprocess.Popen([sys.executable, "-m", "ckptaudit", *map(str, args)], env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "neither"])
+def test_debug_flag_and_env_print_the_traceback(tmp_path, how):
+    """--debug or CKPTAUDIT_DEBUG=1 let the error's traceback through (naming the error class); without either,
+    one line and exit 2."""
+    args = ["--debug"] if how == "flag" else []
+    p = _cli(*args, "inspect", tmp_path / "nope", env={"CKPTAUDIT_DEBUG": "1"} if how == "env" else None)
+    _, err = p.communicate(timeout=300)
+    if how == "neither":
+        assert p.returncode == 2 and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and "nope" in err
+    else:
+        assert p.returncode == 1
+        assert "Traceback (most recent call last)" in err and "InputNotFoundError" in err and "nope" in err
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path, tiny_run):
+    """A real SIGINT while a command runs: "ckptaudit: interrupted" on stderr, exit 130. The policy file is a FIFO,
+    so the command is known to be inside its body (blocked reading it) when the signal arrives."""
+    import errno
+    import os
+    import signal
+    import time
+
+    fifo = tmp_path / "policy.toml"
+    os.mkfifo(fifo)
+    # as from a shell: SIGINT at its default (a pytest-xdist worker ignores it, and children inherit that)
+    p = _cli("gate", tiny_run, "--policy", fifo, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    fd = None
+    try:
+        while fd is None:  # a writer can open a FIFO without blocking only once a reader has it open
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                assert e.errno == errno.ENXIO, e
+                assert p.poll() is None, p.communicate()
+                assert time.monotonic() < deadline, "the command never opened its policy file"
+                time.sleep(0.05)
+        time.sleep(0.2)  # from open to the blocking read
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "ckptaudit: interrupted" and "Traceback" not in err
+
+
 def test_backbone_cli_json_plot_and_report_agree(tiny_run, tmp_path):
     """backbone through the CLI: JSON keys of the issue, the HDF5 report holds the same numbers, --plot writes PNGs,
     and rho_1 equals sigma_1^2 / sum sigma^2 of a numpy SVD of the explicitly stacked trunk drift matrix."""

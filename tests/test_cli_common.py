@@ -145,8 +145,7 @@ def torchrun_env(monkeypatch, tmp_path) -> Path:
 @pytest.mark.parametrize("command", SINGLE_PROCESS)
 def test_single_process_command_refuses_torchrun_and_writes_nothing(command, inputs, torchrun_env):
     args, _ = COMMANDS[command]
-    extra = ["--json", "-"] if command == "gate" else ["--json"]  # gate's --json takes a path
-    r = invoke(*args(inputs), *extra, "--out", torchrun_env / "report.h5")
+    r = invoke(*args(inputs), "--json", "--out", torchrun_env / "report.h5")
     _assert_refused(r, command)
     assert list(torchrun_env.iterdir()) == []
     r = invoke(*args(inputs))  # and without --out: no default report in the working directory either

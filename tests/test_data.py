@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_lm_dir
 
 from ckptaudit.errors import DataError
-from ckptaudit.io.data import TokenData, WindowSpec, check_enough, load_data
+from ckptaudit.tasks.data import TokenData, WindowSpec, check_enough, load_data
 
 WORDS = [f"w{i}" for i in range(20)]
 VOCAB = {w: i for i, w in enumerate(WORDS)} | {"[UNK]": 20, "[EOS]": 21}
@@ -211,7 +211,7 @@ def test_tasks_recorded_named_and_unknown(tiny_checkpoint, bare_ckpt, tmp_path):
 
 def test_sequences_from_every_format_are_the_same_ids(ckpt, tmp_path):
     """load_sequences keeps one sequence per entry, whatever the format: the ids written by hand come back."""
-    from ckptaudit.io.data import load_sequences
+    from ckptaudit.tasks.data import load_sequences
 
     docs = [["w1", "w2", "w3"], ["w4", "w5"], ["w6", "w7", "w8", "w9"]]
     want = [tuple(_ids(d)) for d in docs]
@@ -232,7 +232,7 @@ def test_sequences_from_every_format_are_the_same_ids(ckpt, tmp_path):
 
 def test_sequences_bad_input_names_the_file(ckpt, bare_ckpt, tmp_path):
     from ckptaudit.errors import InputNotFoundError
-    from ckptaudit.io.data import load_sequences
+    from ckptaudit.tasks.data import load_sequences
 
     with pytest.raises(InputNotFoundError, match="nope.json"):
         load_sequences(ckpt, tmp_path / "nope.json")

@@ -80,6 +80,38 @@ def test_hf_trainer_run_sorted_numerically(tmp_path: Path) -> None:
         run.by_step(11)
 
 
+def test_discovered_runs_and_checkpoints_satisfy_the_protocols_analyses_take(tmp_path: Path) -> None:
+    """io.types' Protocols are what analyses and the gate may ask of a run and a checkpoint: a discovered Run and
+    Checkpoint have every member; an object that lacks one (here the optimizer file) is not a StoredCheckpoint."""
+    from dataclasses import dataclass
+
+    from ckptaudit.io.types import CheckpointLike, RunLike, StoredCheckpoint, checkpoint_path
+
+    for n in (1, 2):
+        _hf_checkpoint(tmp_path / "out", n)
+    run = discover_run(tmp_path / "out")
+    assert isinstance(run, RunLike)
+    assert all(isinstance(c, StoredCheckpoint) and isinstance(c, CheckpointLike) for c in run.checkpoints)
+
+    @dataclass(frozen=True)
+    class WeightsOnly:  # what a test of a weights-only analysis builds
+        step: int
+        path: Path
+
+        def tensors(self):
+            return run.checkpoints[0].tensors()
+
+        def config(self):
+            return None
+
+        def trainer_state(self):
+            return None
+
+    w = WeightsOnly(1, tmp_path)
+    assert isinstance(w, CheckpointLike) and not isinstance(w, StoredCheckpoint)
+    assert checkpoint_path(w) == tmp_path and checkpoint_path(str(tmp_path)) == tmp_path
+
+
 def test_trainer_state_step_wins_over_folder_name(tmp_path: Path) -> None:
     _hf_checkpoint(tmp_path, 5, global_step=500)
     _hf_checkpoint(tmp_path, 6, global_step=600)
@@ -299,6 +331,23 @@ def test_steps_selecting_absent_steps(run_dir: Path, spec: str) -> None:
 def test_malformed_steps_spec(spec: str) -> None:
     with pytest.raises(UsageError):
         parse_steps(spec)
+
+
+def test_one_step_list_format_and_one_anchor_check() -> None:
+    """Every message that lists steps uses io.steps.format_steps; --anchor is checked by io.steps.anchor_index for
+    both the backbone analysis and the drift-run loader."""
+    from ckptaudit.io.steps import anchor_index, format_steps
+
+    assert format_steps([]) == "none"
+    assert format_steps([0, 10, 20]) == "0, 10, 20"
+    many = list(range(0, 250, 10))  # 25 steps: the first and last 10 around "..."
+    assert format_steps(many) == ", ".join(map(str, many[:10])) + ", ..., " + ", ".join(map(str, many[-10:]))
+    assert format_steps(many, limit=4) == "0, 10, ..., 230, 240"
+    steps = [0, 100, 200]
+    assert anchor_index(steps, None) == 0 and anchor_index(steps, 200) == 2
+    with pytest.raises(UsageError, match=r"--anchor 150: no checkpoint at that step") as e:
+        anchor_index(steps, 150)
+    assert e.value.hint == "steps in the run: 0, 100, 200"
 
 
 def test_file_safety_says_when_a_pickle_needs_allow_listed_globals(tmp_path):

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from conftest import make_tiny_lm_dir
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -96,3 +98,61 @@ def test_born_gap_multi_token_target_is_named(tmp_path):
     r = runner.invoke(app, ["born-gap", str(model_dir), "--contexts", str(ctx), "--no-report", "--device", "cpu"])
     assert r.exit_code == 2
     assert "ice cream" in r.stderr
+
+
+def _first_attr(path: Path, name: str):
+    """The first attribute called ``name`` anywhere in the HDF5 file (groups in visiting order)."""
+    import h5py
+
+    found = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda _, obj: found.append(obj.attrs[name]) if name in obj.attrs and not found else None)
+        if name in f.attrs:
+            found.insert(0, f.attrs[name])
+    assert found, f"no attribute {name} in {path}"
+    return found[0]
+
+
+def test_tokens_from_tokenizer_excludes_exactly_the_special_tokens(tmp_path):
+    """--tokens-from tokenizer leaves out the special tokens the tokenizer file declares (counted here from
+    tokenizer.json with the tokenizers library) and nothing else (MiniLM has no padding rows)."""
+    from tokenizers import Tokenizer
+
+    d = minilm_dir()
+    special = {t["id"] for t in json.loads((d / "tokenizer.json").read_text())["added_tokens"] if t["special"]}
+    assert Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size() == 30522 and len(special) == 5
+    out = tmp_path / "e.h5"
+    r = runner.invoke(app, ["classify-embeddings", str(d), "--pairs", "2000", "--tokens-from", "tokenizer", "--json",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert int(_first_attr(out, "n_excluded")) == len(special)
+    assert int(_first_attr(out, "n_used")) == 30522 - len(special)
+
+
+def test_tokens_from_file_keeps_only_the_listed_rows(tmp_path):
+    """A keep-list leaves every other row out: exact statistics equal a brute force over the kept rows only, and
+    differ from the all-rows ones (the left-out rows are planted to point one way)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    E = torch.randn(120, 8, generator=gen)
+    E[60:] = torch.ones(8) + 0.01 * torch.randn(60, 8, generator=gen)  # rows 60.. nearly parallel: c ~ 1
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"wte.weight": E}, str(d / "model.safetensors"))
+    keep = list(range(60)) + [60]
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+
+    def run(*extra):
+        r = runner.invoke(app, ["classify-embeddings", str(d), "--exact", "--json", "--no-report", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    kept, every = run("--tokens-from", str(tmp_path / "keep.json")), run()
+    X = E[keep].double().numpy()
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    c = (X @ X.T)[np.triu_indices(len(keep), 1)]
+    assert kept["pairs"] == len(keep) * (len(keep) - 1) // 2 and every["pairs"] == 120 * 119 // 2
+    assert kept["mean_c2"] == pytest.approx(np.mean(c * c), rel=1e-5)
+    assert kept["frac_abs_c_gt_0_5"] == np.count_nonzero(np.abs(c) > 0.5) / c.size
+    assert every["mean_c2"] > 2 * kept["mean_c2"]  # about 0.35 against 1/8 for random directions in 8-d

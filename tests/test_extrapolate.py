@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate import (
     PredictionPlan,
+    PredictionStream,
     acceptance,
-    build_prediction,
     momentum_prediction,
     recent_sigma,
 )
@@ -38,9 +38,10 @@ def _write_trajectory(root, steps, theta_of):
 
 
 def _collect(plan, target=None):
-    out = {}
-    rel = build_prediction(plan, lambda name, t: out.__setitem__(name, t.clone()), target)
-    return out, rel
+    """The prediction as the analysis streams it into a model (PredictionStream), and its relative error."""
+    stream = PredictionStream(plan, target)
+    out = {name: t.clone() for name, t in stream}
+    return out, stream.rel_error
 
 
 def _planted(seed):

@@ -197,7 +197,7 @@ def test_cli_on_generated_safetensors(base_checkpoint, data):
         policy = Path(d) / "p.toml"
         policy.write_text(MINIMAL_POLICY)
         outs = [Path(d) / "g.json", Path(d) / "g.xml", Path(d) / "g.h5"]
-        r = invoke("gate", ck, "--policy", policy, "--json", outs[0], "--junit", outs[1], "--out", outs[2], "--no-hash")
+        r = invoke("gate", ck, "--policy", policy, "--json-out", outs[0], "--junit", outs[1], "--out", outs[2], "--no-hash")
         check_contract(r, outs, gate=True)
         if not _library_accepts(data):
             assert r.exit_code == 2  # a file the library refuses is bad input, never a passed or failed check
@@ -328,7 +328,7 @@ def test_malicious_pickles_in_a_checkpoint_through_the_cli(trick, base_checkpoin
         doc = json.loads(r.stdout)
         assert any(Path(p).name == target for p in doc["unsafe_files"]), doc["unsafe_files"]
         outs = [root / "g.json"]
-        g = invoke("gate", ck, "--policy", policy, "--json", outs[0], "--no-report")
+        g = invoke("gate", ck, "--policy", policy, "--json-out", outs[0], "--no-report")
         check_contract(g, outs, gate=True)
         assert g.exit_code in (1, 2)
         if g.exit_code == 1:
@@ -394,7 +394,7 @@ def test_cli_on_mutated_checkpoints(base_checkpoint, m):
         policy = Path(d) / "p.toml"
         policy.write_text(MINIMAL_POLICY)
         outs = [Path(d) / "g.json", Path(d) / "g.xml", Path(d) / "g.h5"]
-        g = invoke("gate", ck, "--policy", policy, "--json", outs[0], "--junit", outs[1], "--out", outs[2],
+        g = invoke("gate", ck, "--policy", policy, "--json-out", outs[0], "--junit", outs[1], "--out", outs[2],
                    "--no-hash")
         check_contract(g, outs, gate=True)
         if target in ("optimizer.pt", "scheduler.pt", "rng_state.pth") and how == "empty":
@@ -430,7 +430,7 @@ def test_gate_on_generated_policies(base_checkpoint, table, key, value, raw, jun
         policy = Path(d) / "p.toml"
         policy.write_text(text, encoding="utf-8")
         outs = [Path(d) / "g.json"]
-        check_contract(invoke("gate", base_checkpoint, "--policy", policy, "--json", outs[0], "--no-report"), outs,
+        check_contract(invoke("gate", base_checkpoint, "--policy", policy, "--json-out", outs[0], "--no-report"), outs,
                        gate=True)
 
 

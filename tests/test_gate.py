@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def gate(run: Path, policy_text: str, tmp_path: Path, *extra):
     j, x, s = tmp_path / "gate.json", tmp_path / "gate.xml", tmp_path / "gate.sarif"
     for p in (j, x, s):
         p.unlink(missing_ok=True)
-    r = invoke("gate", run, "--policy", pol, "--no-report", "--device", "cpu", "--json", j, "--junit", x, "--sarif", s, *extra)
+    r = invoke("gate", run, "--policy", pol, "--no-report", "--device", "cpu", "--json-out", j, "--junit", x, "--sarif", s, *extra)
     if r.exit_code == 1:
         assert_one_line_error(r, code=1)  # a failed gate says so on one line of stderr
     doc = json.loads(j.read_text()) if j.exists() else None
@@ -89,12 +88,20 @@ def test_init_policy_parses_and_gates_tiny_run(tiny_run, tmp_path):
 
 
 def test_json_to_stdout_replaces_the_table(tiny_run, tmp_path):
+    """--json is a flag, as for every command: the document on stdout instead of the table; --json-out PATH writes
+    the same document to a file (and `--json-out -` is --json)."""
     pol = tmp_path / "p.toml"
     pol.write_text(BASE)
-    r = invoke("gate", tiny_run, "--policy", pol, "--no-report", "--json", "-")
+    r = invoke("gate", tiny_run, "--policy", pol, "--no-report", "--json", "--json-out", tmp_path / "gate.json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["passed"] is True and len(doc["checks"]) == 3
+    assert json.loads((tmp_path / "gate.json").read_text()) == doc
+    dash = invoke("gate", tiny_run, "--policy", pol, "--no-report", "--json-out", "-")
+    assert dash.exit_code == 0 and json.loads(dash.stdout) == doc
+    table = invoke("gate", tiny_run, "--policy", pol, "--no-report", "--json-out", tmp_path / "only-file.json")
+    assert table.exit_code == 0 and "gate passed" in table.stdout
+    assert json.loads((tmp_path / "only-file.json").read_text()) == doc
 
 
 # --------------------------------------------------------------------------------------------- provenance
@@ -246,20 +253,20 @@ def test_training_args_pickle_fails_unless_allowed(tiny_run, tmp_path):
 # ---------------------------------------------------------------------------------------- skipped checks
 
 
-def test_skipped_checks_never_pass(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ckptaudit.analyses.fisher", None)  # the analysis absent: import fails
+def test_skipped_checks_never_pass(tiny_run, tmp_path):
+    # One checkpoint is no trajectory: the Fisher anisotropy along its backbone cannot be measured.
     text = BASE + "\n[checks.fisher_anisotropy]\nmax = 100.0\n"
-    r, doc, xml_path, sarif_path = gate(tiny_run, text, tmp_path)
+    r, doc, xml_path, sarif_path = gate(tiny_run / "checkpoint-60", text, tmp_path)
     assert r.exit_code == 0, r.output
     fisher = by_name(doc)["fisher_anisotropy"]
-    assert fisher["status"] == "skipped" and "not available" in fisher["message"] and fisher["value"] is None
+    assert fisher["status"] == "skipped" and ">= 3 checkpoints" in fisher["message"] and fisher["value"] is None
     assert doc["passed"] is True and "skipped" in r.stdout
     skipped = [c for c in ET.parse(xml_path).getroot().iter("testcase") if c.find("skipped") is not None]
     assert [c.get("name") for c in skipped] == ["fisher_anisotropy"]
     assert json.loads(sarif_path.read_text())["runs"][0]["results"] == []
 
     strict = text.replace('target = "last"', 'target = "last"\nfail_on_skipped = true')
-    r, doc, _, _ = gate(tiny_run, strict, tmp_path)
+    r, doc, _, _ = gate(tiny_run / "checkpoint-60", strict, tmp_path)
     err = assert_one_line_error(r, code=1)
     assert "skipped" in err and "fisher_anisotropy" in err and doc["passed"] is False
 
@@ -309,15 +316,12 @@ def test_resume_probe_without_reset_condition_is_skipped(tiny_run, tmp_path, mon
     assert r.exit_code == 0 and rp["status"] == "skipped" and "no RESET condition" in rp["message"], rp
 
 
-def test_resume_probe_without_task_or_analysis_is_skipped(tiny_run, run_copy, tmp_path, monkeypatch):
+def test_resume_probe_without_task_is_skipped(run_copy, tmp_path):
     (run_copy / "checkpoint-60" / "ckptaudit_task.json").unlink()  # the probe's data is then unknown
     r, doc, _, _ = gate(run_copy, BASE + "\n[checks.resume_probe]\nsteps = 1\n", tmp_path)
     rp = by_name(doc)["resume_probe"]
     assert r.exit_code == 0 and rp["status"] == "skipped" and "ckptaudit_task.json" in rp["message"], rp
-    monkeypatch.setitem(sys.modules, "ckptaudit.analyses.resume", None)
-    r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.resume_probe]\n", tmp_path)
-    rp = by_name(doc)["resume_probe"]
-    assert r.exit_code == 0 and rp["status"] == "skipped" and "not available" in rp["message"]
+    assert rp["value"] is None and doc["passed"] is True
 
 
 # --------------------------------------------------------------------------------- analyses-based bounds
@@ -411,15 +415,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_policy_reference_documents_every_key():
-    from ckptaudit.gate.policy import CHECK_KEYS, GATE_KEYS
+    from ckptaudit.gate.checks import CHECKS
+    from ckptaudit.gate.reference import render_into
+    from ckptaudit.gate.registry import GATE_KEYS
 
     doc = (ROOT / "docs" / "gate.md").read_text()
     missing = [k for k in GATE_KEYS if f"`{k}`" not in doc]
-    for check, keys in CHECK_KEYS.items():
-        if f"[checks.{check}]" not in doc:
-            missing.append(check)
-        missing += [f"{check}.{k}" for k in keys if k != "enabled" and f"`{k}`" not in doc]
+    for check in CHECKS.values():
+        if f"[checks.{check.name}]" not in doc:
+            missing.append(check.name)
+        missing += [f"{check.name}.{k}" for k in check.keys if k != "enabled" and f"`{k}`" not in doc]
     assert not missing, f"docs/gate.md lacks: {missing}"
+    assert render_into(doc) == doc, "docs/gate.md's policy reference is stale: run `make man`"
 
 
 def test_ci_examples_are_valid_yaml_and_run_the_gate():
@@ -486,7 +493,7 @@ def test_both_backbone_checks_share_one_backbone_pass_with_the_same_values(tiny_
 
 
 def test_non_finite_measured_value_fails():
-    from ckptaudit.gate.checks import _bounds
+    from ckptaudit.gate.analyses_checks import _bounds
 
     for value in (float("nan"), float("inf"), float("-inf")):
         for lo, hi in ((0.0, 1.0), (None, 1.0), (0.0, None)):
@@ -517,3 +524,61 @@ def test_type_error_inside_an_analysis_is_not_skipped(tiny_run, tmp_path, monkey
     monkeypatch.setattr(fisher, "fisher_anisotropy", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
         gate(tiny_run, BASE + "\n[checks.fisher_anisotropy]\nmax = 100.0\n", tmp_path)
+
+
+# ------------------------------------------------------------------------------------ one declaration per check
+
+
+@pytest.fixture()
+def weight_norm_check():
+    """The docs/architecture.md example: a check declared once, removed from the registry afterwards."""
+    import math
+
+    from ckptaudit.gate.registry import _CHECKS, Key, gate_check
+    from ckptaudit.gate.result import FAIL, PASS, CheckResult
+
+    @gate_check(
+        "weight_norm",
+        "The global L2 norm of the weights lies within the policy bounds.",
+        {"max": Key("float", None, "Highest allowed L2 norm.", positive=True, optional=True, example=1e4)},
+        needs_one_of=("max",),
+        value="the L2 norm of the last gated checkpoint.",
+        init_enabled=False,
+    )
+    def check_weight_norm(ctx, settings):
+        with ctx.targets[-1].tensors() as src:
+            norm = math.sqrt(sum(float(src.get(n).double().square().sum()) for n in src.keys()))
+        status = FAIL if norm > settings["max"] else PASS
+        return CheckResult("weight_norm", status, norm, {"max": settings["max"]}, f"L2 norm {norm:.6g}")
+
+    try:
+        yield check_weight_norm
+    finally:
+        _CHECKS.pop("weight_norm")
+
+
+def test_one_declaration_reaches_parser_template_docs_and_outputs(weight_norm_check, tiny_run, tmp_path):
+    from ckptaudit.gate.reference import policy_reference
+
+    table = "\n[checks.weight_norm]\nmax = {}\n"
+    assert parse_policy(BASE + table.format(1.0)).checks["weight_norm"] == {"max": 1.0}
+    with pytest.raises(Exception, match=r"line 12: checks\.weight_norm\.max: must be > 0"):
+        parse_policy(BASE + table.format(-1.0), "p.toml")
+    with pytest.raises(Exception, match="no threshold set"):
+        parse_policy(BASE + "\n[checks.weight_norm]\n")
+    template = default_policy_text()
+    assert "[checks.weight_norm]\n# The global L2 norm" in template and "# max = 10000.0" in template
+    assert "weight_norm" not in parse_policy(template).checks  # listed, but off
+    assert "### `[checks.weight_norm]`" in policy_reference() and "| `max` | float > 0 | — |" in policy_reference()
+
+    # The norm the test computes from the file itself, with safetensors' own reader.
+    weights = load_file(tiny_run / "checkpoint-60" / "model.safetensors")
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in weights.values())))
+    r, doc, xml_path, sarif_path = gate(tiny_run, BASE + table.format(norm * 1.01), tmp_path)
+    assert r.exit_code == 0, r.output
+    assert abs(by_name(doc)["weight_norm"]["value"] - norm) <= 1e-9 * norm
+    r, doc, xml_path, sarif_path = gate(tiny_run, BASE + table.format(norm * 0.99), tmp_path)
+    assert "weight_norm" in assert_one_line_error(r, code=1)
+    rules = {rule["id"]: rule for rule in json.loads(sarif_path.read_text())["runs"][0]["tool"]["driver"]["rules"]}
+    assert rules["weight_norm"]["shortDescription"]["text"].startswith("The global L2 norm")
+    assert [c.get("name") for c in ET.parse(xml_path).getroot().iter("testcase")][-1] == "weight_norm"

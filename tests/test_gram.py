@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptaudit.analyses.gram import (
+    balanced_shards,
     drift_grams,
-    shard_tensor_names,
     sum_grams,
     tensor_names_of,
 )
@@ -206,8 +206,12 @@ def test_partial_grams_over_disjoint_tensors_sum_to_full(small_run):
     groups = arch_groups(small_run)
     names = tensor_names_of(groups)
     full = drift_grams(small_run.checkpoints[1:], small_run.checkpoints[0], groups)
-    parts = [drift_grams(small_run.checkpoints[1:], small_run.checkpoints[0], groups,
-                         tensor_names=shard_tensor_names(names, r, 3)) for r in range(3)]
+    with small_run.checkpoints[0].tensors() as src:
+        sizes = {n: src.numel(n) for n in names}
+    shards = balanced_shards(names, sizes, 3)  # how the ranks of a distributed run split the tensors
+    assert all(shards)
+    parts = [drift_grams(small_run.checkpoints[1:], small_run.checkpoints[0], groups, tensor_names=shard)
+             for shard in shards]
     assert sorted(n for p in parts for n in p.tensor_names) == sorted(names)
     total = sum_grams(parts)
     added = parts[0] + parts[1] + parts[2]

@@ -425,3 +425,52 @@ def test_velocity_steps_subset_keeps_the_runs_anchor(tiny_run):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["anchor_step"] == 0 and doc["steps"] == [30, 40, 50, 60]
+
+
+def _planted_velocity_run(root, tiny_run, schedule: dict[str, list[float]]) -> list[int]:
+    """A run of the tiny model's first checkpoint whose G and S pieces move by ``schedule[g][i]`` (Frobenius norm,
+    over all the group's block pieces) from checkpoint i to i + 1, ten steps apart; everything else stays put."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    first = discover_run(tiny_run).checkpoints[0]
+    sd = load_file(first.weight_files[0])
+    arch = resolve_architecture({k: tuple(v.shape) for k, v in sd.items()}, first.config())
+    gen = torch.Generator().manual_seed(11)
+    pieces = {g: [p for p in arch.select(GROUPS[g]) if p.block is not None] for g in schedule}
+    dirs = {g: [torch.randn(p.take(sd[p.tensor]).shape, generator=gen, dtype=torch.float64) for p in pieces[g]]
+            for g in schedule}
+    for g in dirs:  # one unit direction over the whole group
+        norm = float(torch.sqrt(sum((d * d).sum() for d in dirs[g])))
+        dirs[g] = [d / norm for d in dirs[g]]
+    n = len(next(iter(schedule.values()))) + 1
+    steps = [10 * i for i in range(n)]
+    for i, step in enumerate(steps):
+        state = {k: v.clone() for k, v in sd.items()}
+        for g in schedule:
+            moved = sum(schedule[g][:i])
+            for p, d in zip(pieces[g], dirs[g], strict=True):
+                p.put(state[p.tensor], (p.take(sd[p.tensor]).double() + moved * d).to(sd[p.tensor].dtype))
+        out = root / f"checkpoint-{step}"
+        out.mkdir(parents=True)
+        save_file(state, str(out / "model.safetensors"))
+        shutil.copy(first.config_file, out / "config.json")
+    return steps
+
+
+@pytest.mark.parametrize(("g_moves", "s_moves", "order", "cons_g", "cons_s"), [
+    ([1, 1, 1, 0.01, 0.01, 0.01, 0.01, 0.01], [1, 1, 1, 1, 1, 0.01, 0.01, 0.01], "G first", 40, 60),
+    ([1, 1, 1, 1, 1, 1, 0.01, 0.01], [1, 1, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], "S first", 70, 30),
+    ([1, 1, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], [1, 1, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], "together", 30, 30),
+    ([1, 1, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], [1, 0.01, 1, 0.01, 0.5, 0.5, 0.5, 1], "G only", 30, None),
+])  # fmt: skip
+def test_velocity_order_of_a_constructed_series(tmp_path, tiny_run, g_moves, s_moves, order, cons_g, cons_s):
+    """G and S moved by planted amounts per ten steps: the velocities are those amounts / 10, the consolidation
+    step is the first after which every velocity stays under a tenth of the peak, and ``order`` follows."""
+    steps = _planted_velocity_run(tmp_path / "run", tiny_run, {"G": g_moves, "S": s_moves})
+    result = run_velocity(discover_run(tmp_path / "run"))
+    assert list(result.steps) == steps[1:]
+    np.testing.assert_allclose(result.velocity_G, np.array(g_moves) / 10, rtol=1e-3)
+    np.testing.assert_allclose(result.velocity_S, np.array(s_moves) / 10, rtol=1e-3)
+    assert (result.consolidation_step_G, result.consolidation_step_S, result.order) == (cons_g, cons_s, order)

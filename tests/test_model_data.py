@@ -135,7 +135,7 @@ def test_window_selection_is_identical_across_processes_and_reruns(tmp_path):
     """The capped selection is a function of the file, the options and the seed: two processes with different hash
     seeds pick the same windows; another seed picks others."""
     code = ("import json, sys; from ckptaudit.io.discover import discover_run; "
-            "from ckptaudit.io.data import WindowSpec, load_data; "
+            "from ckptaudit.tasks.data import WindowSpec, load_data; "
             "c = discover_run(sys.argv[1]).checkpoints[-1]; "
             "d = load_data(c, data=sys.argv[2], windows=WindowSpec(seq_len=8, eval_tokens=200, seed=int(sys.argv[3]))); "
             "print(json.dumps(d.selection()))")
@@ -154,8 +154,8 @@ def test_window_selection_is_identical_across_processes_and_reruns(tmp_path):
                            text=True, env=env, cwd=REPO_ROOT, check=True)
         outs.append(json.loads(r.stdout))
     assert outs[0] == outs[1]
-    from ckptaudit.io.data import WindowSpec, load_data
     from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import WindowSpec, load_data
 
     ckpt = discover_run(model).checkpoints[-1]
     assert load_data(ckpt, data=ids, windows=WindowSpec(seq_len=8, eval_tokens=200, seed=3)).selection() == outs[0]
@@ -258,8 +258,8 @@ def test_precision_default_override_and_report(tmp_path):
 def test_datasets_folder_and_parquet_give_the_text_file_windows(tmp_path, trainer_lm):
     """A datasets folder (save_to_disk) and a parquet file with a text column hold the same documents as JSONL."""
     datasets = pytest.importorskip("datasets")  # a dev dependency; optional for users
-    from ckptaudit.io.data import load_data
     from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import load_data
 
     ckpt = discover_run(_run(trainer_lm) / "checkpoint-30").checkpoints[0]
     texts = [p for p in CORPUS.read_text().split("\n\n") if p.strip()][:40]

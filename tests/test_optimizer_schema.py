@@ -97,7 +97,7 @@ def test_cli_refuses_each_with_one_line(tiny_checkpoint, tmp_path, change):
     policy = tmp_path / "policy.toml"
     policy.write_text(MINIMAL_POLICY)
     out = tmp_path / "gate.json"
-    assert_one_line_error(invoke("gate", ck, "--policy", policy, "--json", out, "--no-report"), "optimizer.pt")
+    assert_one_line_error(invoke("gate", ck, "--policy", policy, "--json-out", out, "--no-report"), "optimizer.pt")
     assert not out.exists()
 
 

@@ -294,9 +294,9 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
     and the step-0 eval loss equals the next-token loss computed independently on the same validation sequences."""
     from conftest import make_tiny_lm_dir
 
-    from ckptaudit.io.data import load_data
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
+    from ckptaudit.tasks.data import load_data
 
     words = [f"w{i}" for i in range(20)]
     vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": 20, "[EOS]": 21}

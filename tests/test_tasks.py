@@ -349,8 +349,8 @@ def test_loss_is_the_cross_entropy_of_loss_and_accuracy_without_the_argmax(train
     the built-in task and for windows of a text file, with the gradient of the same value."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ckptaudit.io.data import load_data
     from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import load_data
     from ckptaudit.tasks.modadd import ModAdd
 
     task = ModAdd(p=23)

@@ -126,12 +126,24 @@ def test_sharded_checkpoint_from_transformers(tmp_path: Path) -> None:
 
 
 def test_shapes_without_reading_data(tmp_path: Path) -> None:
-    """keys/shape/dtype come from the header: a file whose tensor bytes are garbage still answers them."""
+    """keys/shape/dtype come from the header: a file whose tensor bytes are garbage still answers them (and the
+    garbage is what a read returns, so the bytes really were overwritten)."""
+    import struct
+
     f = tmp_path / "model.safetensors"
-    save_file({"w": torch.zeros(64, 32)}, str(f))
+    save_file({"w": torch.zeros(64, 32), "b": torch.zeros(7, dtype=torch.float16)}, str(f))
+    raw = bytearray(f.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]  # the data region follows the 8-byte length and the JSON header
+    assert len(raw) - start == 64 * 32 * 4 + 7 * 2
+    garbage = torch.randint(0, 256, (len(raw) - start,), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    raw[start:] = bytes(garbage.tolist())
+    f.write_bytes(bytes(raw))
     with open_tensors(f) as src:
-        assert src.shape("w") == (64, 32)
-        assert src.dtype("w") == torch.float32
+        assert sorted(src.keys()) == ["b", "w"]
+        assert src.shape("w") == (64, 32) and src.dtype("w") == torch.float32
+        assert src.shape("b") == (7,) and src.dtype("b") == torch.float16
+        got = torch.cat([src.get(n).reshape(-1).view(torch.uint8) for n in src.keys()])
+    assert sorted(got.tolist()) == sorted(garbage.tolist())  # the tensors hold the garbage, not zeros
 
 
 # ------------------------------------------------------------------------------------------ torch pickles

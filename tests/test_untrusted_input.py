@@ -359,25 +359,25 @@ def test_gate_unreadable_weights_is_exit_2_and_writes_nothing(tiny_checkpoint, t
     with pytest.raises(Exception):  # noqa: B017 - the library's own refusal
         safetensors.deserialize((ck / "model.safetensors").read_bytes())
     outs = [tmp_path / "g.json", tmp_path / "g.xml", tmp_path / "g.sarif", tmp_path / "g.h5"]
-    r = invoke("gate", ck, "--policy", _policy(tmp_path), "--json", outs[0], "--junit", outs[1], "--sarif", outs[2],
+    r = invoke("gate", ck, "--policy", _policy(tmp_path), "--json-out", outs[0], "--junit", outs[1], "--sarif", outs[2],
                "--out", outs[3])
     assert_one_line_error(r, "model.safetensors", "not fully covered")
     assert not any(p.exists() for p in outs)
 
 
-@pytest.mark.parametrize("option", ["--junit", "--sarif", "--json", "--out"])
+@pytest.mark.parametrize("option", ["--junit", "--sarif", "--json-out", "--out"])
 def test_gate_output_paths_checked_before_any_work(tiny_checkpoint, tmp_path, option):
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("x")
     for bad, needle in ((tmp_path / "a_dir", "is a directory"), (tmp_path / "a_file" / "r.xml", "is a file")):
         other = tmp_path / "other.json"
         r = invoke("gate", tiny_checkpoint, "--policy", _policy(tmp_path), option, bad,
-                   *(["--json", other] if option != "--json" else []))
+                   *(["--json-out", other] if option != "--json-out" else []))
         assert_one_line_error(r, option, needle)
         assert not other.exists()  # nothing was written before the refusal
-    r = invoke("gate", tiny_checkpoint, "--policy", _policy(tmp_path), "--json", tmp_path / "same",
+    r = invoke("gate", tiny_checkpoint, "--policy", _policy(tmp_path), "--json-out", tmp_path / "same",
                "--junit", tmp_path / "same", "--no-report")
-    assert_one_line_error(r, "--json", "--junit")
+    assert_one_line_error(r, "--json-out", "--junit")
 
 
 def test_training_args_needs_named_transformers_globals(tiny_checkpoint):
@@ -419,7 +419,7 @@ def test_dcp_run_passes_safe_serialization(tmp_path):
     assert any(n.endswith(".distcp") for n in verdicts)
     policy = tmp_path / "p.toml"
     policy.write_text('[checks.safe_serialization]\n')
-    r = invoke("gate", tmp_path / "run", "--policy", policy, "--no-report", "--json", "-")
+    r = invoke("gate", tmp_path / "run", "--policy", policy, "--no-report", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["checks"][0]["status"] == "pass"
     evil = [file_safety(f) for f in (tmp_path / "evil").glob("*.distcp")]

@@ -35,6 +35,8 @@ from ckptaudit.analyses.gram import (
     tensor_names_of,
 )
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.io.steps import anchor_index, format_steps
+from ckptaudit.io.types import CheckpointLike, RunLike
 from ckptaudit.io.vectors import BLOCK_PREFIX
 from ckptaudit.io.writer import SafetensorsStreamWriter
 
@@ -178,16 +180,16 @@ def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias
     return groups
 
 
-def _trainer_log_history(checkpoints: Sequence[Any]) -> list[dict]:
+def _trainer_log_history(checkpoints: Sequence[CheckpointLike]) -> list[dict]:
     for c in reversed(list(checkpoints)):
-        state = c.trainer_state() if hasattr(c, "trainer_state") else None
+        state = c.trainer_state()
         if state and state.get("log_history"):
             return list(state["log_history"])
     return []
 
 
 def run_backbone(
-    run: Any,
+    run: RunLike,
     anchor_step: int | None = None,
     blocks: Sequence[int] | None = None,
     include_bias: bool = False,
@@ -231,12 +233,7 @@ def run_backbone(
     if not ckpts:
         raise UsageError("the run has no checkpoints", None)
     all_steps = [int(c.step) for c in ckpts]
-    if anchor_step is None:
-        anchor_idx = 0
-    elif int(anchor_step) in all_steps:
-        anchor_idx = all_steps.index(int(anchor_step))
-    else:
-        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {_steps_str(all_steps)}")
+    anchor_idx = anchor_index(all_steps, anchor_step)
     anchor = ckpts[anchor_idx]
     rows = ckpts[anchor_idx + 1 :]
     if len(rows) < 2:
@@ -247,7 +244,7 @@ def run_backbone(
 
     with _as_source(anchor) as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
-    config = anchor.config() if hasattr(anchor, "config") else None
+    config = anchor.config()
     arch = resolve_architecture(shapes, config, role_map=role_map, allow_partial_trunk=allow_partial_trunk)
     groups = backbone_groups(arch, blocks, include_bias)
 
@@ -263,7 +260,7 @@ def run_backbone(
         for s in (p, q):
             if s not in valid:
                 raise UsageError(f"--switch {p}:{q}: step {s} is not a checkpoint at or after the anchor",
-                                 f"steps: {_steps_str(sorted(valid))}")
+                                 f"steps: {format_steps(sorted(valid))}")
 
     from ckptaudit.analyses import distributed
 
@@ -333,15 +330,10 @@ def run_backbone(
     )
 
 
-def _steps_str(steps: Sequence[int]) -> str:
-    s = list(steps)
-    return ", ".join(map(str, s)) if len(s) <= 12 else f"{', '.join(map(str, s[:5]))}, …, {', '.join(map(str, s[-3:]))}"
-
-
 def save_backbone_vectors(
     path: str | Path,
-    rows: Sequence[Any],
-    anchor: Any,
+    rows: Sequence[CheckpointLike],
+    anchor: CheckpointLike,
     pieces: Sequence[Any],
     result: BackboneResult,
     k: int = 6,

@@ -21,7 +21,6 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from ckptaudit.analyses.regimes import (
     regime_thresholds,
     run_fingerprints,
 )
+from ckptaudit.io.types import StoredCheckpoint
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
@@ -160,7 +160,7 @@ def first_entry_std(seeds: Sequence[SeedRegimes]) -> dict[str, float | None]:
 
 
 def run_cross_seed(
-    runs: Sequence[tuple[str, Sequence[Any]]],
+    runs: Sequence[tuple[str, Sequence[StoredCheckpoint]]],
     probes: ProbeSet,
     fixed: tuple[float, float] | None = None,
     evaluators: Sequence[Callable[[torch.nn.Module], float] | None] | None = None,

@@ -504,14 +504,3 @@ def embedding_matrices(model_path: str | Path) -> dict[str, torch.Tensor]:
             if H.shape != out["embed"].shape or not torch.equal(H, out["embed"]):
                 out["head"] = H
     return out
-
-
-def classify_model(model_path: str | Path, **kwargs) -> dict[str, EmbeddingClassResult]:
-    """``overlap_stats`` for the input embedding and, when untied, the LM head of a model (keys "embed", "head").
-
-    ``kwargs`` are passed to ``overlap_stats``; ``tied_head`` is set from the model.
-    """
-    mats = embedding_matrices(model_path)
-    tied = "head" not in mats
-    return {role: overlap_stats(M, tied_head=tied, **kwargs) for role, M in mats.items()}
-

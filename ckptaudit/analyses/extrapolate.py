@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,20 +245,6 @@ class PredictionStream:
                 yield name, pred
         if self.target is not None:
             self.rel_error = math.sqrt(err2 / move2) if move2 > 0 else math.nan
-
-
-def build_prediction(
-    plan: PredictionPlan,
-    sink: Callable[[str, torch.Tensor], None],
-    target: Any = None,
-) -> float | None:
-    """Stream ``plan``'s prediction into ``sink(name, tensor)``; with ``target`` (the checkpoint at t + horizon)
-    return ||theta_hat - theta_target|| / ||theta_target - theta_t|| over all floating tensors (NaN when the
-    target equals theta_t), else None. (Into a model: ``fill_model(model, PredictionStream(plan, target))``.)"""
-    stream = PredictionStream(plan, target)
-    for name, tensor in stream:
-        sink(name, tensor)
-    return stream.rel_error
 
 
 # ------------------------------------------------------------------------------------ real-step timing

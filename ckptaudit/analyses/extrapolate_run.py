@@ -40,6 +40,7 @@ from ckptaudit.analyses.extrapolate_stats import (
 )
 from ckptaudit.analyses.regimes import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
 from ckptaudit.errors import CkptAuditError
+from ckptaudit.io.types import StoredCheckpoint
 
 
 @dataclass(frozen=True)
@@ -351,10 +352,10 @@ def _columns(rows: Sequence[PredictionRow], cascade: bool = False) -> dict:
 # ------------------------------------------------------------------------------------------- the run
 
 
-def _load_optimizer(ckpt: Any, notes: list[str]) -> Any:
+def _load_optimizer(ckpt: StoredCheckpoint, notes: list[str]) -> Any:
     from ckptaudit.io.optimizer import load_optimizer_state
 
-    if getattr(ckpt, "optimizer_file", None) is None:
+    if ckpt.optimizer_file is None:
         return None
     try:
         opt = load_optimizer_state(ckpt)
@@ -371,7 +372,7 @@ def _load_optimizer(ckpt: Any, notes: list[str]) -> Any:
     return opt if usable else None
 
 
-def _moments_problem(ckpt: Any, opt: Any) -> str | None:
+def _moments_problem(ckpt: StoredCheckpoint, opt: Any) -> str | None:
     """Why the stored moments cannot drive a prediction of ``ckpt``'s weights, or None: names that match no
     weight (the update would silently be zero), or a negative second moment (sqrt of it is NaN)."""
     with ckpt.tensors() as src:
@@ -388,7 +389,7 @@ def _moments_problem(ckpt: Any, opt: Any) -> str | None:
 
 
 def _plans(
-    i: int, ckpts: Sequence[Any], predictor: str, k: int, links: int, opt: Any, skipped: dict[str, set],
+    i: int, ckpts: Sequence[StoredCheckpoint], predictor: str, k: int, links: int, opt: Any, skipped: dict[str, set],
     moment_dtype: torch.dtype | None = None,
 ) -> PredictionPlan | None:
     """The plan for ``predictor`` from checkpoint i, or None (reason recorded in ``skipped``)."""
@@ -410,7 +411,7 @@ def _plans(
 
 
 def run_extrapolate(
-    run: Sequence[Any],
+    run: Sequence[StoredCheckpoint],
     evaluate: Callable[[torch.nn.Module], float],
     probes: ProbeSet,
     settings: ExtrapolateSettings = ExtrapolateSettings(),
@@ -446,7 +447,7 @@ def run_extrapolate(
     skipped: dict[str, set] = {}
 
     def fill(plan: PredictionPlan, stream: Any) -> None:
-        mapped = plan.current.model_stream(model, stream) if hasattr(plan.current, "model_stream") else stream
+        mapped = plan.current.model_stream(model, stream)
         fill_model(model, mapped, f"{plan.current.path} ({plan.predictor} prediction)")
 
     def validate(plan: PredictionPlan, i: int, ref: float, link: int = 1, d: int = 1) -> PredictionRow:

@@ -58,6 +58,7 @@ from ckptaudit.analyses.fisher_results import FisherCheckpoint, FisherReport, no
 from ckptaudit.analyses.fisher_store import GradientStore
 from ckptaudit.analyses.fisher_uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
+from ckptaudit.io.types import RunLike, StoredCheckpoint
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
            "flat_gradient", "noise_floor", "prepare_probes", "run_fisher", "trunk_layout"]
@@ -358,7 +359,7 @@ def fisher_at_model(
 # ------------------------------------------------------------------------------------------- over a run
 
 
-def _default_batch_size(ckpt: Any) -> int:
+def _default_batch_size(ckpt: StoredCheckpoint) -> int:
     """The training batch size recorded in the checkpoint's ckptaudit_task.json, else 32."""
     from ckptaudit.errors import DataError
     from ckptaudit.tasks import TASK_FILE, load_task_spec
@@ -372,14 +373,14 @@ def _default_batch_size(ckpt: Any) -> int:
 
 
 def run_fisher(
-    checkpoints: Sequence[Any],
+    checkpoints: Sequence[StoredCheckpoint],
     settings: FisherSettings,
     vectors: str | Path,
     task: str | None = None,
     data: str | Path | None = None,
     seq_len: int | None = None,
     switch: tuple[int, int] | None = None,
-    switch_run: Any = None,
+    switch_run: RunLike | None = None,
     progress: Callable[[int], None] | None = None,
     windows: Any = None,
     dtype: str | None = None,
@@ -388,16 +389,16 @@ def run_fisher(
 
     vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
     ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
-    :func:`ckptaudit.io.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
+    :func:`ckptaudit.tasks.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
     directions are fixed by the first checkpoint and reused, so q(t) is measured along the same vectors at every step.
     """
     import time
 
-    from ckptaudit.io.data import check_enough, load_data
     from ckptaudit.io.models import load_model
     from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks.data import check_enough, load_data
 
     ckpts = sorted(checkpoints, key=lambda c: int(c.step))
     if not ckpts:
@@ -405,7 +406,7 @@ def run_fisher(
     first = ckpts[0]
     with first.tensors() as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
-    arch = resolve_architecture(shapes, first.config() if hasattr(first, "config") else None)
+    arch = resolve_architecture(shapes, first.config())
     layout = trunk_layout(arch, settings.block, settings.include_bias)
     directions, block_backbone = read_directions(vectors, layout)
     if switch is not None:
@@ -453,7 +454,7 @@ def run_fisher(
                         direction_cosines=cosines)
 
 
-def fisher_anisotropy(run: Any, vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
     """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``: what ``ckptaudit gate`` checks.
 
     ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``; the gate computes them

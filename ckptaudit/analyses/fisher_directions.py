@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
+from ckptaudit.io.steps import format_steps
+from ckptaudit.io.types import RunLike
 from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
 
 __all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
@@ -131,13 +133,13 @@ def load_block_backbones(path: str | Path, layout: TrunkLayout) -> torch.Tensor 
     return read_directions(path, layout)[1]
 
 
-def switch_direction(run: Any, peak: int, trough: int, layout: TrunkLayout) -> torch.Tensor:
+def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) -> torch.Tensor:
     """v_sw = (theta_peak - theta_trough) / ||.|| on the layout, float64 ``[dim]`` (SPEC §1)."""
     ckpts = {int(c.step): c for c in run.checkpoints}
     for s in (peak, trough):
         if s not in ckpts:
             raise UsageError(f"--switch {peak}:{trough}: no checkpoint at step {s}",
-                             f"steps: {', '.join(map(str, sorted(ckpts)))}")
+                             f"steps: {format_steps(sorted(ckpts))}")
     flats = []
     for s in (peak, trough):
         with ckpts[s].tensors() as src:

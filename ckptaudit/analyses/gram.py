@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import LayoutError, NonFiniteWeightsError
+from ckptaudit.io.source import TensorSource
+from ckptaudit.io.types import CheckpointLike
 
 DEFAULT_CHUNK_ELEMS = 1 << 17  # 128 Ki scalars: a [T, chunk] float64 buffer is 1 MiB per checkpoint
 
@@ -118,11 +120,6 @@ def tensor_names_of(groups: Mapping[str, Sequence[Any]]) -> list[str]:
     return list(seen)
 
 
-def shard_tensor_names(names: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The subset of ``names`` that process ``rank`` of ``world_size`` handles (round robin)."""
-    return list(names[rank::world_size])
-
-
 def balanced_shards(names: Sequence[str], sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
     """Split ``names`` into ``world_size`` disjoint subsets of nearly equal total size (greedy: largest tensor
     first, each to the least-loaded rank; ties to the lowest rank). Deterministic, so every rank computes the same
@@ -154,9 +151,9 @@ def _unique_pieces(groups: Mapping[str, Sequence[Any]]) -> dict[str, list[tuple[
     return out
 
 
-def _as_source(item: Any) -> Any:
-    """A Checkpoint (has ``tensors()``) or an already-open TensorSource."""
-    return item.tensors() if hasattr(item, "tensors") and not hasattr(item, "get") else item
+def _as_source(item: CheckpointLike | TensorSource) -> TensorSource:
+    """A Checkpoint's tensors, or an already-open TensorSource."""
+    return item if isinstance(item, TensorSource) else item.tensors()
 
 
 def _label(item: Any) -> str:
@@ -270,8 +267,8 @@ class _Slot:
 
 
 def drift_grams(
-    checkpoints: Sequence[Any],
-    anchor: Any,
+    checkpoints: Sequence[CheckpointLike | TensorSource],
+    anchor: CheckpointLike | TensorSource,
     groups: Mapping[str, Sequence[Any]],
     device: str | torch.device = "cpu",
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,

@@ -33,6 +33,7 @@ from ckptaudit.analyses.gxs_eval import (
     run_slack,
 )
 from ckptaudit.errors import UsageError
+from ckptaudit.io.types import RunLike
 
 __all__ = ["ALPHAS", "SIGMAS", "Condition", "SlackResult", "TaskEval", "TokenEval", "TransplantResult",
            "VelocityResult", "check_compatible", "default_conditions", "evaluate", "head_label", "load_token_data",
@@ -367,7 +368,7 @@ def consolidation_order(step_g: int | None, step_s: int | None) -> str:
     return "G first" if step_g < step_s else "S first" if step_s < step_g else "together"
 
 
-def run_velocity(run: Any, include_bias: bool = False, device: str = "cpu", role_map: Any = None,
+def run_velocity(run: RunLike, include_bias: bool = False, device: str = "cpu", role_map: Any = None,
                  anchor_step: int | None = None, progress: Callable[[int], None] | None = None,
                  allow_partial_trunk: bool = False) -> VelocityResult:
     """Velocities and consolidation steps of G and S over ``run``, from ``run_backbone``'s role-group Grams."""

@@ -4,7 +4,7 @@ An *evaluator* says which logits are answers and which class is correct:
 
 - :class:`TaskEval`: a built-in task's split (modular addition: the ``p`` number logits at the last position,
   through the task's own ``answer_logits``, so loss, accuracy and margin follow ``loss_and_accuracy``);
-- :class:`WindowEval`: the windows of a ``--data`` file (:class:`ckptaudit.io.data.TokenData`, one split, capped by
+- :class:`WindowEval`: the windows of a ``--data`` file (:class:`ckptaudit.tasks.data.TokenData`, one split, capped by
   ``--eval-tokens``), next-token prediction at every real position (padding excluded);
 - :class:`TokenEval`: token-id sequences as given (``--as-given``), next-token prediction at every position.
 
@@ -21,7 +21,6 @@ noise directions (common random numbers make the cells comparable).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.sampling import stable_seed
 
 ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
 SIGMAS: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 3.0)
@@ -150,9 +150,9 @@ class TokenEval:
 
 
 def load_token_data(path: Path, ckpt: Any, max_sequences: int | None = None) -> TokenEval:
-    """The sequences of a --data file (:func:`ckptaudit.io.data.load_sequences`: .npy, JSON/JSONL ids, JSONL
+    """The sequences of a --data file (:func:`ckptaudit.tasks.data.load_sequences`: .npy, JSON/JSONL ids, JSONL
     text, or text lines; text through ``ckpt``'s tokenizer) as a :class:`TokenEval`."""
-    from ckptaudit.io.data import load_sequences
+    from ckptaudit.tasks.data import load_sequences
 
     return TokenEval(tuple(load_sequences(ckpt, path, max_sequences)), label=Path(path).name)
 
@@ -272,11 +272,6 @@ def final_residual_site(model: nn.Module) -> tuple[str, nn.Module, str]:
     return name, head, "input"
 
 
-def _noise_seed(seed: int, batch: int) -> int:
-    digest = hashlib.sha256(f"gxs-slack:{seed}:{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 @dataclass(frozen=True, eq=False)
 class SlackResult:
     """The slack grid. accuracy / margin: arrays [len(alpha), len(sigma)]; margin = mean margin (logit units).
@@ -387,7 +382,7 @@ def run_slack(model: nn.Module, evaluator: Any, alphas: Sequence[float] = ALPHAS
                 if len(shapes) != 1:
                     raise UsageError(f"slack probe: {site} ran {len(shapes)} times in one forward pass",
                                      "the final-norm site must run once per forward pass")
-                gen = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, b))
+                gen = torch.Generator(device="cpu").manual_seed(stable_seed("gxs-slack", seed, b))
                 state["eps"] = torch.randn(shapes[0], generator=gen, dtype=torch.float32).to(device)
                 n_seq = int(ids.shape[0])
                 sums = np.zeros((n_seq, 3, *shape))

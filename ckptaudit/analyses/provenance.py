@@ -15,6 +15,7 @@ from typing import Any
 
 from ckptaudit.errors import CkptAuditError
 from ckptaudit.io.safety import FileSafety, file_safety
+from ckptaudit.io.types import RunLike, StoredCheckpoint
 
 __all__ = ["FileSafety", "file_safety", "inspect_checkpoint", "inspect_run", "CheckpointInfo", "InspectResult"]
 
@@ -147,7 +148,7 @@ class InspectResult:
         }
 
 
-def checkpoint_files(ckpt: Any) -> list[Path]:
+def checkpoint_files(ckpt: StoredCheckpoint) -> list[Path]:
     """Every file that belongs to a checkpoint: the whole folder for directory layouts, else the file."""
     p = Path(ckpt.path)
     if p.is_dir():
@@ -155,7 +156,7 @@ def checkpoint_files(ckpt: Any) -> list[Path]:
     return [p]
 
 
-def inspect_checkpoint(ckpt: Any, role_map: Any = None, check_files: bool = True) -> tuple[CheckpointInfo, str, str]:
+def inspect_checkpoint(ckpt: StoredCheckpoint, role_map: Any = None, check_files: bool = True) -> tuple[CheckpointInfo, str, str]:
     """Inspect one checkpoint: parameter counts by role/block/dtype from tensor headers only.
 
     Returns (info, architecture name, note). The note says how the family was recognised, or why no family
@@ -243,7 +244,7 @@ def _lightning_artifacts(path: Path) -> dict[str, bool]:
     }
 
 
-def inspect_run(run: Any, role_map: Any = None, check_files: bool = True, progress: Any = None) -> InspectResult:
+def inspect_run(run: RunLike[StoredCheckpoint], role_map: Any = None, check_files: bool = True, progress: Any = None) -> InspectResult:
     """Inspect every checkpoint of a run (headers and file kinds only; no tensor data is read)."""
     infos = []
     arch_name, note = "unknown", ""

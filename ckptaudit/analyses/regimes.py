@@ -37,6 +37,8 @@ from ckptaudit.errors import CorruptFileError, DataError, UsageError
 from ckptaudit.io.bundled import DEFAULT_PROBES as DEFAULT_PROBES_NAME
 from ckptaudit.io.bundled import bundled_file
 from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
+from ckptaudit.io.types import StoredCheckpoint
+from ckptaudit.sampling import stable_seed
 
 REGIMES = ("chaotic", "transition", "stable")
 UNKNOWN = "unknown"
@@ -103,7 +105,7 @@ def _token_id_probes(path: Path, vocab_size: int, max_len: int) -> ProbeSet:
 
 
 def _random_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(10_007 * seed + 17)
+    gen = torch.Generator().manual_seed(stable_seed("regimes-probes", seed))
     return torch.randint(0, vocab_size, (n, length), generator=gen)
 
 
@@ -324,7 +326,7 @@ class RegimesResult:
 
 
 def run_fingerprints(
-    run: Sequence[Any],
+    run: Sequence[StoredCheckpoint],
     probes: ProbeSet,
     device: str = "cpu",
     keep: bool = False,
@@ -352,7 +354,7 @@ def run_fingerprints(
         if model is None:
             model = load_model(ckpt, device, dtype=dtype)
         else:  # the same model refilled: names and shapes must match the first checkpoint's
-            with (ckpt.model_tensors(model) if hasattr(ckpt, "model_tensors") else ckpt.tensors()) as source:
+            with ckpt.model_tensors(model) as source:
                 fill_model(model, source, ckpt.path)
         rep = probe_representations(model, probes)
         similarity.append(math.nan if previous is None else cosine(rep, previous))
@@ -369,7 +371,7 @@ def run_fingerprints(
 
 
 def run_regimes(
-    run: Sequence[Any],
+    run: Sequence[StoredCheckpoint],
     probes: ProbeSet,
     fixed: tuple[float, float] | None = None,
     device: str = "cpu",

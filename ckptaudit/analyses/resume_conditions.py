@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ckptaudit.errors import InputNotFoundError, LayoutError, OptimizerStateError
+from ckptaudit.io.types import StoredCheckpoint
 
 __all__ = [
     "ProbeInputs",
@@ -164,7 +165,7 @@ def fresh_optimizer(model: nn.Module, inputs: ProbeInputs) -> torch.optim.Optimi
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _checkpoint(path: Path) -> Any:
+def _checkpoint(path: Path) -> StoredCheckpoint:
     """The one Checkpoint at ``path`` (io.discover); a run of several is refused."""
     from ckptaudit.io.discover import discover_run
 
@@ -180,7 +181,7 @@ def _checkpoint(path: Path) -> Any:
 
 
 def _last_lrs(
-    ckpt: Any, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int, lr: float | None = None
+    ckpt: StoredCheckpoint, opt_groups: Sequence[dict] | None, sched: dict | None, hp: dict, n: int, lr: float | None = None
 ) -> tuple[list, str]:
     """The lr in effect at the checkpoint, per group, and where it came from (``lr`` given by the user wins)."""
     if lr is not None:

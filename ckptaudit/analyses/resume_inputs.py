@@ -34,6 +34,7 @@ from ckptaudit.analyses.resume_conditions import (
     _last_lrs,
     optimizer_class,
 )
+from ckptaudit.io.types import StoredCheckpoint
 
 __all__ = ["probe_inputs_from_checkpoint"]
 
@@ -44,12 +45,12 @@ def _value(value: Any, source: str) -> dict[str, Any]:
     return {"value": value, "source": source}
 
 
-def _read_rng_state(ckpt: Any) -> dict | None:
+def _read_rng_state(ckpt: StoredCheckpoint) -> dict | None:
     """rng_state.pth (the single-process file, else rank 0's) read weights-only with the numpy pieces the Trainer
     allow-lists; None when absent. Only the torch states are kept."""
     from ckptaudit.io.tensors import safe_torch_load
 
-    files = sorted(getattr(ckpt, "rng_files", ()) or ())
+    files = sorted(ckpt.rng_files)
     if not files:
         return None
     chosen = next((f for f in files if Path(f).name == "rng_state.pth"), files[0])
@@ -106,20 +107,20 @@ def probe_inputs_from_checkpoint(
 ) -> ProbeInputs:
     """Read checkpoint directory ``path`` into ProbeInputs (see the module docstring for how CONTROL is made).
 
-    ``task`` / ``data`` / ``windows``: the data (io.data.load_data); ``train_data``: the run's training set as its
-    trainer indexed it (io.data.load_rows). ``seed`` replaces the data seed; ``batch_size`` the run's batch size;
+    ``task`` / ``data`` / ``windows``: the data (tasks.data.load_data); ``train_data``: the run's training set as its
+    trainer indexed it (tasks.data.load_rows). ``seed`` replaces the data seed; ``batch_size`` the run's batch size;
     ``dtype`` the precision (io.precision). Optimizer state is mapped to parameter names by io.optimizer (refused,
     naming the parameter, when it does not fit the model). A checkpoint without optimizer state yields inputs
     without it (RESET only) and a note.
     """
     from ckptaudit.analyses.resume_trainer import TrainerLoop, passed_fields
-    from ckptaudit.io.data import load_data, load_rows
     from ckptaudit.io.hyperparams import run_hyperparameters
     from ckptaudit.io.models import load_training_model
     from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state
     from ckptaudit.io.peft import base_model_path
     from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.tasks import TASK_FILE, load_task_spec
+    from ckptaudit.tasks.data import load_data, load_rows
     from ckptaudit.tasks.train import build_scheduler, parameter_groups, train_step
 
     ckpt = _checkpoint(Path(path))
@@ -150,8 +151,8 @@ def probe_inputs_from_checkpoint(
         notes.append(f"a LoRA adapter run: resumed as the PeftModel it trained, {trained:,} adapter parameters train, "
                      "the base model is frozen; displacement and the start-weight hash cover the adapter parameters")
 
-    opt_state = load_optimizer_state(ckpt, params) if getattr(ckpt, "optimizer_file", None) is not None else None
-    sched_state = load_scheduler_state(ckpt) if getattr(ckpt, "scheduler_file", None) is not None else None
+    opt_state = load_optimizer_state(ckpt, params) if ckpt.optimizer_file is not None else None
+    sched_state = load_scheduler_state(ckpt) if ckpt.scheduler_file is not None else None
     own = dict(spec.get("train") or {})
     if opt_state is not None:
         names = opt_state.names

@@ -65,6 +65,7 @@ class AuditGroup(TyperGroup):
                     notes = collected.notes
         except CkptAuditError as e:
             if debug_enabled(ctx):
+                e.show_traceback = True  # for main(), which no longer sees the root context's --debug
                 raise
             _show_notes(ctx, notes)
             click.echo(f"ckptaudit: error: {one_line(e)}", err=True)
@@ -154,8 +155,8 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except CkptAuditError as e:  # raised outside a command (e.g. while parsing)
-        if debug_enabled():
+    except CkptAuditError as e:  # raised outside a command (e.g. while parsing), or passed on under --debug
+        if debug_enabled() or getattr(e, "show_traceback", False):
             raise
         print(f"ckptaudit: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -4,12 +4,15 @@ writing the report."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptaudit.report.console import Output, ProgressHook
 from ckptaudit.report.hdf5 import input_records, write_report
+
+if TYPE_CHECKING:
+    from ckptaudit.io.discover import Run
 
 
 def make_output(json_mode: bool, quiet: bool) -> Output:
@@ -19,7 +22,7 @@ def make_output(json_mode: bool, quiet: bool) -> Output:
 _CURRENT_OUTPUT: list[Output] = []  # the running command's output sink, for the notes of load_run
 
 
-def load_run(path: Path, steps: str | None = None, revisions: str | None = None) -> Any:
+def load_run(path: Path, steps: str | None = None, revisions: str | None = None) -> Run:
     """Discover a run (a directory of checkpoints, one checkpoint directory, or one file; with ``revisions``, the
     cached hub revisions of repo id ``path`` matching that glob). What was found but left out of the trajectory
     (model files without a step, byte-identical revisions) is noted, one line each, with the reason."""
@@ -32,29 +35,24 @@ def load_run(path: Path, steps: str | None = None, revisions: str | None = None)
     return run
 
 
-def discover_run_quiet(path: Path, steps: str | None, revisions: str | None) -> Any:
+def discover_run_quiet(path: Path, steps: str | None, revisions: str | None) -> Run:
     """``discover_run`` without the left-out notes (for a second look at a run already loaded)."""
     from ckptaudit.io.discover import discover_run
 
     return discover_run(path, steps=steps, revisions=revisions)
 
 
-def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revisions: str | None = None) -> Any:
+def load_drift_run(path: Path, steps: str | None, anchor_step: int | None, revisions: str | None = None) -> Run:
     """The run for a drift analysis (backbone, gxs velocity): the checkpoints ``--steps`` selects, with the anchor
     taken from the whole run (its first checkpoint, or ``--anchor``) even when ``--steps`` leaves it out, so that a
     step subset keeps rows theta(t) - theta(anchor) of the same run. The anchor step is checked here."""
-    from ckptaudit.errors import UsageError
     from ckptaudit.io.discover import Run
+    from ckptaudit.io.steps import anchor_index
 
     whole = load_run(path, revisions=revisions)
     if steps is None:
         return whole
-    if anchor_step is None:
-        anchor = whole.checkpoints[0]
-    elif int(anchor_step) in whole.steps:
-        anchor = whole.by_step(int(anchor_step))
-    else:
-        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {', '.join(map(str, whole.steps[:12]))}{' ...' if len(whole.steps) > 12 else ''}")
+    anchor = whole.checkpoints[anchor_index(whole.steps, anchor_step)]
     chosen = {c.step: c for c in discover_run_quiet(path, steps, revisions).checkpoints}
     chosen[anchor.step] = anchor
     return Run(whole.path, tuple(chosen[s] for s in sorted(chosen)))
@@ -138,6 +136,16 @@ class _Setup:
             return None
         return save_report(self.output, self.command, tree, checkpoints, self.out, self.no_report,
                            hash_files=self.hash_files, device=self.device, group=group)
+
+    def finish(self, tree: dict, checkpoints: Sequence[Any], summary: dict,
+               render: Callable[[Output, dict], None] | None = None, group: str | None = None) -> dict:
+        """The tail every computing command shares: the HDF5 report of ``tree`` (with --out), the ``summary`` as the
+        --json document, then ``render(output, summary)`` for the human view. Returns ``summary``."""
+        self.save_report(tree, checkpoints, group=group)
+        self.output.json(summary)
+        if render is not None and self.output.human:
+            render(self.output, summary)
+        return summary
 
     def __enter__(self) -> Any:
         return self

@@ -131,11 +131,7 @@ def fisher(
             )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), report.inputs)
-    summary = report.to_json()
-    output.json(summary)
-    if output.human:
-        render_fisher(output, summary)
+    summary = session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(), render_fisher)
     if plot is not None:
         from ckptaudit.report.plots import plot_fisher
 

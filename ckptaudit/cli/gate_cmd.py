@@ -12,6 +12,7 @@ from ckptaudit.cli.app import app
 from ckptaudit.cli.common import LocalSession, Progress, load_run, refuse_under_torchrun
 from ckptaudit.cli.options import (
     DeviceOpt,
+    JsonOpt,
     NoHashOpt,
     NoReportOpt,
     OutOpt,
@@ -42,9 +43,11 @@ def gate(
         bool, typer.Option("--init", help="Write a commented default policy to PATH (or stdout) and exit.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="With --init: overwrite an existing policy file.")] = False,
+    json_out: JsonOpt = False,
     json_path: Annotated[
-        str | None,
-        typer.Option("--json", metavar="PATH", help="Write the results as JSON to PATH ('-' for stdout, which replaces the table)."),
+        Path | None,
+        typer.Option("--json-out", metavar="PATH", help="Write the results as JSON to PATH (the document --json prints), "
+                     "next to the JUnit and SARIF files."),
     ] = None,
     junit: Annotated[
         Path | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML to PATH: one testcase per check.")
@@ -61,11 +64,11 @@ def gate(
     no_hash: NoHashOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Gate a checkpoint or run in CI: run the checks a policy enables (provenance, safe serialization, finite
-    values, resume probe, embedding class, fisher anisotropy, backbone bounds) and exit 0 when all pass, 1 when
-    any fails, 2 on bad input or a bad policy. A check that cannot run is reported as skipped, never as passed.
+    """Gate a checkpoint or run in CI: run the checks a policy enables (--init writes a policy that lists every
+    check with its keys) and exit 0 when all pass, 1 when any fails, 2 on bad input or a bad policy. A check that
+    cannot run is reported as skipped, never as passed.
 
-    Example: ckptaudit gate checkpoints/ --policy ckptaudit-policy.toml --junit gate.xml --sarif gate.sarif
+    Example: ckptaudit gate checkpoints/ --policy ckptaudit-policy.toml --junit gate.xml --json-out gate.json
     """
     from ckptaudit.gate import load_policy, parse_policy, run_gate
     from ckptaudit.gate.outputs import gate_json, write_json, write_junit, write_sarif
@@ -81,21 +84,21 @@ def gate(
         raise UsageError("missing PATH: the run directory or checkpoint to gate", "ckptaudit gate PATH --policy FILE")
     if policy is None:
         raise UsageError("--policy is required", "write one with `ckptaudit gate --init ckptaudit-policy.toml`")
+    if json_path is not None and str(json_path) == "-":  # the document on stdout is what --json prints
+        json_out, json_path = True, None
     _check_outputs(json_path, junit, sarif, None if no_report else out)  # before any work, like --out
     pol = load_policy(policy)  # before touching the run: a bad policy is exit 2 whatever the input
-    to_stdout = json_path == "-"
-    session = LocalSession("gate", device, to_stdout, quiet, out=out, no_report=no_report, no_hash=no_hash)
+    session = LocalSession("gate", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output, dev = session.output, session.device
     run = load_run(path, steps)
     with Progress(output, "gating", len(pol.checks), "checks") as hook:
         result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
 
     render_gate(output, result)
+    if json_out:
+        output.json(gate_json(result))
     if json_path is not None:
-        if to_stdout:
-            output.json(gate_json(result))
-        else:
-            write_json(result, json_path)
+        write_json(result, json_path)
     if junit is not None:
         write_junit(result, junit)
     if sarif is not None:
@@ -107,11 +110,11 @@ def gate(
         raise GateFailedError(result.summary())
 
 
-def _check_outputs(json_path: str | None, junit: Path | None, sarif: Path | None, out: Path | None) -> None:
+def _check_outputs(json_path: Path | None, junit: Path | None, sarif: Path | None, out: Path | None) -> None:
     """Every output path writable, and no two the same file (one would overwrite the other)."""
     from ckptaudit.cli.options import check_output_path
 
-    named = [("--json", None if json_path in (None, "-") else Path(json_path)), ("--junit", junit),
+    named = [("--json-out", json_path), ("--junit", junit),
              ("--sarif", sarif), ("--out", out)]
     seen: dict[Path, str] = {}
     for option, p in named:

@@ -62,7 +62,7 @@ def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_s
                as_given: bool = False, windows: Any = None) -> Any:
     from ckptaudit.analyses.gxs import TaskEval, load_token_data
     from ckptaudit.analyses.gxs_eval import WindowEval
-    from ckptaudit.io.data import load_data
+    from ckptaudit.tasks.data import load_data
 
     if task is not None and data is not None:
         raise UsageError("--task and --data exclude each other", "give one of them")
@@ -168,11 +168,8 @@ def transplant_cmd(
                                     a=str(ckpt_a.path), b=str(ckpt_b.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load_and_baselines": t1 - t0, "conditions": time.perf_counter() - t1}}
-    session.save_report({"transplant": {**result.to_hdf5_tree(), **extra}}, [ckpt_a, ckpt_b], group="gxs")
-    summary = {**result.to_json(), **extra}
-    output.json(summary)
-    if output.human:
-        render_transplant(output, summary)
+    session.finish({"transplant": {**result.to_hdf5_tree(), **extra}}, [ckpt_a, ckpt_b], {**result.to_json(), **extra},
+                   render_transplant, group="gxs")
 
 
 def render_transplant(output: Any, s: dict) -> None:
@@ -235,11 +232,7 @@ def velocity_cmd(
     with Progress(output, "gxs velocity: reading checkpoints", None, "tensor reads") as hook:
         result = run_velocity(run, include_bias=include_bias, device=dev, role_map=rmap, anchor_step=anchor,
                               progress=hook, allow_partial_trunk=allow_partial_trunk)
-    session.save_report({"velocity": result.to_hdf5_tree()}, run.checkpoints, group="gxs")
-    summary = result.to_json()
-    output.json(summary)
-    if output.human:
-        render_velocity(output, summary)
+    session.finish({"velocity": result.to_hdf5_tree()}, run.checkpoints, result.to_json(), render_velocity, group="gxs")
 
 
 def render_velocity(output: Any, s: dict) -> None:

@@ -198,8 +198,8 @@ def parse_switch(spec: str) -> tuple[int, int]:
 
 def window_spec(seq_len: int | None, pack: bool, eval_tokens: int | None, train_tokens: int | None = None,
                 seed: int = 0) -> Any:
-    """The io.data.WindowSpec of the --seq-len / --pack / --eval-tokens / --train-tokens options."""
-    from ckptaudit.io.data import WindowSpec
+    """The tasks.data.WindowSpec of the --seq-len / --pack / --eval-tokens / --train-tokens options."""
+    from ckptaudit.tasks.data import WindowSpec
 
     return WindowSpec(seq_len=seq_len, pack=pack, eval_tokens=eval_tokens, train_tokens=train_tokens, seed=seed)
 

@@ -49,8 +49,8 @@ ThresholdsOpt = Annotated[
 ]
 def _data(ckpt: Any, task: str | None, data: Path | None, required: bool, windows: Any = None) -> Any:
     """The Task-protocol data of ``ckpt`` (None when not required and the checkpoint names none)."""
-    from ckptaudit.io.data import load_data
     from ckptaudit.tasks import TASK_FILE
+    from ckptaudit.tasks.data import load_data
 
     if not required and task is None and data is None and not (ckpt.directory / TASK_FILE).is_file():
         return None
@@ -178,7 +178,7 @@ def _regime_losses(run: Any, held_out: Any, data: Path | None, no_loss: bool) ->
         name = f"--data {data}" if data is not None else f"task {getattr(held_out, 'name', 'of the checkpoint')}"
         return (lambda m: float(held_out.evaluate(m, "validation")[0])), None, f"validation loss on {name}, evaluated at every checkpoint"
     for ckpt in reversed(list(run)):
-        state = ckpt.trainer_state() if hasattr(ckpt, "trainer_state") else None
+        state = ckpt.trainer_state()
         if state and state.get("log_history"):
             logged = losses_from_log_history(state["log_history"], [c.step for c in run])
             if any(v is not None for v in logged):
@@ -321,11 +321,8 @@ def extrapolate(
             revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
             _note=output.note,
         )  # fmt: skip
-    summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs)
-    output.json(summary)
-    if output.human:
-        render_extrapolate(output, summary, str(run_dir))
+    summary = session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(),
+                             lambda out, s: render_extrapolate(out, s, str(run_dir)))
     if plot is not None:
         from ckptaudit.report.plots import plot_extrapolate
 
@@ -454,11 +451,7 @@ def cross_seed(
             eval_tokens=eval_tokens, steps=steps, seed=seed, dtype=dtype, threads=threads, device=session.device,
             progress=hook, _note=output.note,
         )  # fmt: skip
-    summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs)
-    output.json(summary)
-    if output.human:
-        render_cross_seed(output, summary)
+    session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(), render_cross_seed)
 
 
 def render_cross_seed(output: Any, s: dict) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from ckptaudit import __version__
-from ckptaudit.gate.checks import DESCRIPTIONS, FAIL, SKIPPED, GateResult
+from ckptaudit.gate.checks import CHECKS
+from ckptaudit.gate.result import FAIL, SKIPPED, GateResult
 from ckptaudit.report.console import to_jsonable
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -122,21 +123,23 @@ def _uri(file: str | None, fallback: str) -> str:
         return p.resolve().as_uri() if p.is_absolute() or p.exists() else PurePath(p).as_posix()
 
 
+def _rule(name: str) -> dict:
+    """The SARIF reporting descriptor of check ``name``, from its declaration."""
+    text = CHECKS[name].description if name in CHECKS else name
+    return {
+        "id": name,
+        "name": "".join(w.capitalize() for w in name.split("_")),
+        "shortDescription": {"text": text},
+        "fullDescription": {"text": text},
+        "help": {"text": f"ckptaudit gate check '{name}': {text} See docs/gate.md."},
+        "defaultConfiguration": {"level": "error"},
+    }
+
+
 def sarif(result: GateResult) -> dict:
     """A SARIF 2.1.0 log: one rule per check of the policy, one ``error`` result per failed check (located at the
     file the check concerns); skipped checks become tool notifications, never results."""
-    names = [c.name for c in result.checks]
-    rules = [
-        {
-            "id": n,
-            "name": "".join(w.capitalize() for w in n.split("_")),
-            "shortDescription": {"text": DESCRIPTIONS.get(n, n)},
-            "fullDescription": {"text": DESCRIPTIONS.get(n, n)},
-            "help": {"text": f"ckptaudit gate check '{n}': {DESCRIPTIONS.get(n, n)} See docs/gate.md."},
-            "defaultConfiguration": {"level": "error"},
-        }
-        for n in names
-    ]
+    rules = [_rule(c.name) for c in result.checks]
     results = []
     for i, c in enumerate(result.checks):
         if c.status != FAIL:

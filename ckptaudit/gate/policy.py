@@ -5,20 +5,22 @@ Only checks with a table are run; ``enabled = false`` keeps a table in the file 
 validated: an unknown key, a wrong type or an out-of-range value is a :class:`PolicyError` naming the key and the
 line of the file, because a typo that silently disables a threshold would let a bad checkpoint through CI.
 
-The schema below is the single source of truth: the parser, ``--init``'s template and docs/gate.md follow it.
+The keys of each check are declared with the check itself (``gate/registry.py``); this module validates a policy
+against those declarations, and ``gate/reference.py`` renders ``--init``'s template and docs/gate.md from them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptaudit.analyses.embeddings import MAX_PAIRS
 from ckptaudit.errors import PolicyError
+from ckptaudit.gate.checks import CHECKS
+from ckptaudit.gate.registry import GATE_KEYS, TARGETS, Key  # noqa: F401 - TARGETS re-exported
 from ckptaudit.io.numbers import fits_int64
 
 try:  # Python >= 3.11
@@ -28,106 +30,6 @@ except ImportError:  # pragma: no cover - Python 3.10
         import tomli as _toml  # type: ignore[no-redef]
     except ImportError:
         _toml = None  # type: ignore[assignment]
-
-TARGETS = ("last", "all")
-ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "lr_history", "rng_state")
-CHECK_NAMES = (
-    "provenance",
-    "safe_serialization",
-    "finite",
-    "resume_probe",
-    "embedding_class",
-    "fisher_anisotropy",
-    "backbone",
-)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One allowed key: its type ("bool", "int", "float", "str", "list[str]"), default, and constraints.
-
-    ``default=None`` with ``optional=True`` means "no bound": the key may be left out. ``choices`` restricts a str
-    or the items of a list[str]; ``minimum``/``maximum``/``positive`` bound numbers. Every integer must fit int64.
-    """
-
-    type: str
-    default: Any = None
-    help: str = ""
-    choices: tuple[str, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    positive: bool = False
-    optional: bool = False
-
-
-GATE_KEYS: dict[str, Key] = {
-    "target": Key("str", "last", "which checkpoints of a run the per-checkpoint checks look at", choices=TARGETS),
-    "fail_on_skipped": Key("bool", False, "a check that could not run fails the gate instead of being reported"),
-}
-
-_ENABLED = Key("bool", True, "run this check (a table with enabled = false is kept but not run)")
-
-CHECK_KEYS: dict[str, dict[str, Key]] = {
-    "provenance": {
-        "enabled": _ENABLED,
-        "require": Key(
-            "list[str]",
-            ["optimizer", "scheduler", "trainer_state", "rng_state"],
-            "Level-2 artifacts every gated checkpoint must carry",
-            choices=ARTIFACTS,
-        ),
-        "check_shapes": Key(
-            "bool", True, "the optimizer state must map to parameter names that exist in the weights with the same shapes"
-        ),
-    },
-    "safe_serialization": {
-        "enabled": _ENABLED,
-        "allow_files": Key("list[str]", [], "glob patterns (file name or path inside the checkpoint) exempt from the check"),
-    },
-    "finite": {
-        "enabled": _ENABLED,
-        "weights": Key("bool", True, "scan every weight tensor for NaN/Inf"),
-        "moments": Key("bool", True, "scan the optimizer moments (exp_avg, exp_avg_sq) for NaN/Inf"),
-    },
-    "resume_probe": {
-        "enabled": _ENABLED,
-        "lr_multiplier": Key("float", 1.0, "learning-rate multiplier of the probe", positive=True),
-        "steps": Key("int", None, "optimizer steps of the probe (default: the analysis' own)", minimum=1, optional=True),
-        "task": Key("str", None, "built-in task for the probe's data (default: the checkpoint's ckptaudit_task.json)",
-                    optional=True),
-    },
-    "embedding_class": {
-        "enabled": _ENABLED,
-        "expected": Key("str", None, "class the input embedding must have", choices=("A", "B"), optional=True),
-        "bulk_index_min": Key("float", None, "lowest allowed bulk_index (ks_exp - ks_gauss)", optional=True),
-        "bulk_index_max": Key("float", None, "highest allowed bulk_index", optional=True),
-        "pairs": Key("int", 200_000, "sampled pairs for the overlap statistics", minimum=2, maximum=MAX_PAIRS),
-    },
-    "fisher_anisotropy": {
-        "enabled": _ENABLED,
-        "min": Key("float", None, "lowest allowed Fisher anisotropy", optional=True),
-        "max": Key("float", None, "highest allowed Fisher anisotropy", optional=True),
-    },
-    "backbone": {
-        "enabled": _ENABLED,
-        "rho1_min": Key("float", None, "lowest allowed trunk PC1 share rho_1", minimum=0.0, optional=True),
-        "rho1_max": Key("float", None, "highest allowed trunk PC1 share rho_1", minimum=0.0, optional=True),
-        "k95_min": Key("int", None, "lowest allowed trunk k95", minimum=1, optional=True),
-        "k95_max": Key("int", None, "highest allowed trunk k95", minimum=1, optional=True),
-    },
-}
-
-# Checks whose thresholds are all optional need at least one of these, or they could never fail.
-_BOUND_KEYS = {
-    "embedding_class": ("expected", "bulk_index_min", "bulk_index_max"),
-    "fisher_anisotropy": ("min", "max"),
-    "backbone": ("rho1_min", "rho1_max", "k95_min", "k95_max"),
-}
-_PAIRS = {
-    "embedding_class": [("bulk_index_min", "bulk_index_max")],
-    "fisher_anisotropy": [("min", "max")],
-    "backbone": [("rho1_min", "rho1_max"), ("k95_min", "k95_max")],
-}
 
 
 @dataclass(frozen=True)
@@ -249,7 +151,7 @@ def _coerce(spec: Key, value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def _validate_table(path: str, text: str, where: tuple[str, ...], table: Any, keys: dict[str, Key]) -> dict[str, Any]:
+def _validate_table(path: str, text: str, where: tuple[str, ...], table: Any, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise _error(path, text, where, f"expected a table, got {_type_name(table)}")
     out: dict[str, Any] = {}
@@ -284,9 +186,9 @@ def parse_policy(text: str, path: str = "<policy>") -> Policy:
     checks: dict[str, dict[str, Any]] = {}
     disabled: list[str] = []
     for name, table in checks_doc.items():
-        if name not in CHECK_KEYS:
-            raise _error(path, text, ("checks", name), "unknown check", f"known checks: {', '.join(CHECK_NAMES)}")
-        settings = _validate_table(path, text, ("checks", name), table, CHECK_KEYS[name])
+        if name not in CHECKS:
+            raise _error(path, text, ("checks", name), "unknown check", f"known checks: {', '.join(CHECKS)}")
+        settings = _validate_table(path, text, ("checks", name), table, CHECKS[name].keys)
         if not settings.pop("enabled"):
             disabled.append(name)
             continue
@@ -303,11 +205,12 @@ def parse_policy(text: str, path: str = "<policy>") -> Policy:
 
 def _check_bounds(path: str, text: str, name: str, settings: dict[str, Any]) -> None:
     """A bounds check needs at least one bound, and a lower bound may not exceed its upper bound."""
-    needed = _BOUND_KEYS.get(name)
+    check = CHECKS[name]
+    needed = check.needs_one_of
     if needed and all(settings.get(k) is None for k in needed):
         raise _error(path, text, ("checks", name), f"no threshold set (set at least one of {', '.join(needed)})",
                      "a check without a threshold could never fail")  # fmt: skip
-    for lo, hi in _PAIRS.get(name, []):
+    for lo, hi in check.bounds:
         if settings.get(lo) is not None and settings.get(hi) is not None and settings[lo] > settings[hi]:
             raise _error(path, text, ("checks", name, lo), f"{lo} = {settings[lo]!r} exceeds {hi} = {settings[hi]!r}")
 
@@ -326,78 +229,9 @@ def load_policy(path: Path | str) -> Policy:
 
 # ------------------------------------------------------------------------------------------------ template
 
-DEFAULT_POLICY = """\
-# ckptaudit gate policy (docs/gate.md has every key).
-# `ckptaudit gate PATH --policy THIS_FILE` exits 0 when every enabled check passes, 1 when one fails,
-# 2 when the input or this file is bad. Unknown keys and wrong types are errors, never ignored.
-
-[gate]
-# Which checkpoints of a run the per-checkpoint checks look at: "last" (the release) or "all".
-target = "last"
-# A check that cannot run here (analysis not available, too few checkpoints) is reported as skipped, never
-# as passed. Set to true to make any skipped check fail the gate.
-fail_on_skipped = false
-
-[checks.provenance]
-# Paper 000 section 6: weights without their training state are not a complete artifact.
-enabled = true
-# Any of "optimizer", "scheduler", "trainer_state", "lr_history", "rng_state".
-require = ["optimizer", "scheduler", "trainer_state", "rng_state"]
-# The optimizer moments must map to parameter names that exist in the weights with the same shapes.
-check_shapes = true
-
-[checks.safe_serialization]
-# Every file must be safe to load (judged by content, never run; docs/security.md has the rule): data formats,
-# or pickles that load weights-only, with at most numpy's array globals allow-listed.
-enabled = true
-# Glob patterns exempt from the check. The Trainer always writes training_args.bin, a pickled TrainingArguments
-# that needs transformers' classes (needs-allow-listed-globals): ckptaudit reads it only as plain data, through
-# stand-ins, but torch.load would have to trust those classes. Remove it to insist on none.
-allow_files = {_exempt}
-
-[checks.finite]
-# No NaN/Inf in any weight tensor or optimizer moment (streamed tensor by tensor).
-enabled = true
-weights = true
-moments = true
-
-[checks.resume_probe]
-# Resuming from these weights with a RESET optimizer must not collapse (trains; slow on large models).
-enabled = false
-lr_multiplier = 1.0
-# Optimizer steps of the probe (default: the analysis' own, 50).
-# steps = 50
-# Built-in task whose data the probe trains on (default: the one recorded in the checkpoint).
-# task = "modadd"
-
-[checks.embedding_class]
-# Bulk class of the input-embedding overlaps: "A" (dense Gaussian) or "B" (sparse exponential).
-enabled = false
-expected = "B"
-# bulk_index_min = -1.0
-# bulk_index_max = 1.0
-pairs = 200000
-
-[checks.fisher_anisotropy]
-enabled = false
-# min = 1.0
-max = 1000.0
-
-[checks.backbone]
-# Drift-matrix SVD of the trajectory (needs >= 3 checkpoints): share of the trunk's first direction and the
-# number of directions holding 95% of the drift.
-enabled = false
-rho1_min = 0.5
-# rho1_max = 1.0
-# k95_min = 1
-k95_max = 10
-"""
-
 
 def default_policy_text() -> str:
     """The commented default policy ``ckptaudit gate --init`` writes (it parses with :func:`parse_policy`)."""
-    import json
+    from ckptaudit.gate.reference import policy_template
 
-    from ckptaudit.io.safety import DEFAULT_EXEMPT_FILES
-
-    return DEFAULT_POLICY.replace("{_exempt}", json.dumps(list(DEFAULT_EXEMPT_FILES)))
+    return policy_template()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, UnsafePickleError
-from ckptaudit.io.tensors import STATE_DICT_KEYS, TensorSource
+from ckptaudit.io.source import STATE_DICT_KEYS, TensorSource
 
 # (module, name) pairs the metadata pickle may reference. All are plain data holders or lookups: constructing
 # them with attacker-chosen arguments does nothing beyond building the object.

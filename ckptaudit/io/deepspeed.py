@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, OptimizerStateError
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
+from ckptaudit.io.types import StoredCheckpoint, checkpoint_path
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _RANK_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -210,12 +211,12 @@ class _DictSource(TensorSource):
         self._flat_cache = None
 
 
-def open_tensors(ckpt: Any) -> TensorSource:
+def open_tensors(ckpt: StoredCheckpoint | Path) -> TensorSource:
     """The model weights: ``module`` of the model states (ZeRO 0-2), or the fp32 partitions reassembled
     (ZeRO 3, with the module's buffers)."""
     from ckptaudit.io.formats import PickleSource
 
-    d = Path(getattr(ckpt, "path", ckpt))
+    d = checkpoint_path(ckpt)
     if zero_stage(d) < 3:
         return PickleSource(d / MODEL_STATES, "torch-zip")
     tensors: dict[str, torch.Tensor] = {}
@@ -267,6 +268,6 @@ def scheduler_state_dict(d: Path) -> dict | None:
     return dict(value) if isinstance(value, Mapping) else None
 
 
-def optimizer_dict(ckpt: Any) -> dict:
+def optimizer_dict(ckpt: StoredCheckpoint | Path) -> dict:
     """The stack-reader entry point of ``optimizer_state_dict``."""
-    return optimizer_state_dict(Path(getattr(ckpt, "path", ckpt)))
+    return optimizer_state_dict(checkpoint_path(ckpt))

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError
-from ckptaudit.io.steps import StepFilter, _fmt_steps, parse_steps  # noqa: F401 - re-exported
+from ckptaudit.io.steps import StepFilter, format_steps, parse_steps  # noqa: F401 - re-exported
 from ckptaudit.io.tensors import (
     TensorSource,
     detect_format,
@@ -203,7 +203,7 @@ class Run:
         for c in self.checkpoints:
             if c.step == step:
                 return c
-        raise LayoutError(f"{self.path}: no checkpoint at step {step}", hint=f"available steps: {_fmt_steps(self.steps)}")
+        raise LayoutError(f"{self.path}: no checkpoint at step {step}", hint=f"available steps: {format_steps(self.steps)}")
 
 
 # ------------------------------------------------------------------------------------------ discovery

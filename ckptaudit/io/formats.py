@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import CorruptFileError, LayoutError
-from ckptaudit.io.tensors import _RESAVE_HINT, STATE_DICT_KEYS, TensorSource, safe_torch_load
+from ckptaudit.io.source import _RESAVE_HINT, STATE_DICT_KEYS, TensorSource
+from ckptaudit.io.torchload import safe_torch_load
 
 
 class PickleSource(TensorSource):

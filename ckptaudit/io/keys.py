@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ckptaudit.errors import LayoutError
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
 
 __all__ = ["MappedSource", "model_key_renamer", "prefix_matching", "strip_prefix"]
 

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from ckptaudit.io.keys import prefix_matching, strip_prefix
-from ckptaudit.io.tensors import TensorSource, safe_torch_load
+from ckptaudit.io.source import TensorSource
+from ckptaudit.io.torchload import safe_torch_load
+from ckptaudit.io.types import StoredCheckpoint, checkpoint_path
 
 
-def _file(ckpt: Any) -> Path:
-    return Path(getattr(ckpt, "path", ckpt))
+def _file(ckpt: StoredCheckpoint | Path) -> Path:
+    return checkpoint_path(ckpt)
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,8 +75,8 @@ def _model_names(config_json: str) -> tuple[str, ...]:
 def open_tensors(ckpt: Any) -> TensorSource:
     """The state dict under the model's names when a config tells them, else as stored."""
     from ckptaudit.errors import CkptAuditError
+    from ckptaudit.io.detect import detect_format
     from ckptaudit.io.formats import PickleSource
-    from ckptaudit.io.tensors import detect_format
 
     path = _file(ckpt)
     src = PickleSource(path, detect_format(path))

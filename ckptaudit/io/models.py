@@ -28,7 +28,7 @@ from ckptaudit.errors import (
     UnknownArchitectureError,
 )
 from ckptaudit.io.keys import model_key_renamer
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
 
 __all__ = ["param_shapes", "load_model", "load_training_model", "fill_model", "load_tokenizer", "has_tokenizer", "max_positions", "TOKENIZER_FILES",
            "resolve_model_path", "hub_cache_dir"]

@@ -24,7 +24,9 @@ import torch
 
 from ckptaudit.errors import CorruptFileError
 from ckptaudit.io.keys import MappedSource
-from ckptaudit.io.tensors import TensorSource, safe_torch_load
+from ckptaudit.io.source import TensorSource
+from ckptaudit.io.torchload import safe_torch_load
+from ckptaudit.io.types import StoredCheckpoint, checkpoint_path
 
 COMPILE_PREFIX = "_orig_mod."
 # nn.Linear weights of nanoGPT whose GPT-2 counterpart is a Conv1D (transposed)
@@ -70,8 +72,8 @@ def step(path: Path) -> int:
         raise CorruptFileError(f"{path}: iter_num {value!r} is not an integer", hint="re-save the checkpoint") from None
 
 
-def _path(ckpt: Any) -> Path:
-    return Path(getattr(ckpt, "path", ckpt))
+def _path(ckpt: StoredCheckpoint | Path) -> Path:
+    return checkpoint_path(ckpt)
 
 
 def config(ckpt: Any) -> dict:
@@ -93,8 +95,8 @@ def config(ckpt: Any) -> dict:
 
 def open_tensors(ckpt: Any) -> TensorSource:
     """The model tensors under nanoGPT's names (see the module docstring)."""
+    from ckptaudit.io.detect import detect_format
     from ckptaudit.io.formats import PickleSource
-    from ckptaudit.io.tensors import detect_format
 
     path = _path(ckpt)
     src = PickleSource(path, detect_format(path))

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ckptaudit.errors import CorruptFileError, OptimizerStateError
-from ckptaudit.io.tensors import safe_torch_load
-from ckptaudit.tasks.train import NO_DECAY_PATTERNS
+from ckptaudit.io.torchload import safe_torch_load
 
 __all__ = [
     "ParamState",
@@ -32,6 +31,7 @@ __all__ = [
     "load_scheduler_state",
     "lr_history",
     "TRAINER_RULES",
+    "NO_DECAY_PATTERNS",
 ]
 
 ParamShapes = Sequence[tuple[str, tuple[int, ...]]]
@@ -171,7 +171,10 @@ def _load_optimizer_dict(ckpt: Any) -> tuple[dict, Path]:
 
 # ---------------------------------------------------------------------------------- Trainer decay rules
 
-_RE_456 = [re.compile(p) for p in NO_DECAY_PATTERNS]  # the rule the built-in training loop applies too
+# transformers 4.56 / 5.x Trainer.get_decay_parameter_names, applied to the lower-cased parameter name; the
+# built-in training loop (tasks.train) groups its parameters by the same rule.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+_RE_456 = [re.compile(p) for p in NO_DECAY_PATTERNS]
 
 
 def _modules(params: ParamShapes) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -39,8 +39,9 @@ from ckptaudit.errors import (
     LayoutError,
     OptimizerStateError,
 )
-from ckptaudit.io.tensors import TensorSource
+from ckptaudit.io.source import TensorSource
 from ckptaudit.io.tensors import open_tensors as _open_file
+from ckptaudit.io.types import StoredCheckpoint, checkpoint_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -56,8 +57,8 @@ def adapter_file(d: Path) -> Path | None:
     return next((d / n for n in ADAPTER_FILES if (d / n).is_file()), None)
 
 
-def _dir(ckpt: Any) -> Path:
-    p = Path(getattr(ckpt, "path", ckpt))
+def _dir(ckpt: StoredCheckpoint | Path) -> Path:
+    p = checkpoint_path(ckpt)
     return p if p.is_dir() else p.parent
 
 

@@ -10,11 +10,24 @@ from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.io.numbers import parse_int
 
 
-def _fmt_steps(steps: Sequence[int], limit: int = 20) -> str:
-    steps = list(steps)
+def format_steps(steps: Sequence[int], limit: int = 20) -> str:
+    """``steps`` as a comma-separated list for messages ("none" when empty); more than ``limit`` are shown as
+    the first and last ``limit // 2`` around "..."."""
+    steps = [int(s) for s in steps]
     if len(steps) <= limit:
         return ", ".join(map(str, steps)) or "none"
-    return ", ".join(map(str, steps[: limit // 2])) + ", ..., " + ", ".join(map(str, steps[-limit // 2:]))
+    return ", ".join(map(str, steps[: limit // 2])) + ", ..., " + ", ".join(map(str, steps[-(limit // 2):]))
+
+
+def anchor_index(steps: Sequence[int], anchor_step: int | None) -> int:
+    """Position in ``steps`` (a run's steps, ascending) of the anchor checkpoint: the first one when
+    ``anchor_step`` is None. UsageError naming --anchor, with the run's steps, when no checkpoint is at that step."""
+    steps = [int(s) for s in steps]
+    if anchor_step is None:
+        return 0
+    if int(anchor_step) not in steps:
+        raise UsageError(f"--anchor {anchor_step}: no checkpoint at that step", f"steps in the run: {format_steps(steps)}")
+    return steps.index(int(anchor_step))
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,7 @@ class StepFilter:
         """The selected steps of ``steps`` (ascending, unique). LayoutError when a named step does not exist or
         nothing is selected; the message lists the available steps."""
         avail = sorted(set(int(s) for s in steps))
-        hint = f"available steps: {_fmt_steps(avail)}"
+        hint = f"available steps: {format_steps(avail)}"
         if not avail:
             raise LayoutError(f"--steps {self.spec!r}: the run has no checkpoints")
         chosen: list[int] = []

@@ -6,7 +6,7 @@ direction v_b); an entry of shape ``[*tensor_shape]`` (hand-made files) counts a
 ``switch/<tensor name>`` of shape ``tensor_shape`` hold a switching direction. Metadata (str -> str): k,
 anchor_step, steps, sigma, group, normalize_rows, layout.
 
-:func:`read_vectors` opens the file once through :class:`ckptaudit.io.tensors.SafetensorsSource` (positioned
+:func:`read_vectors` opens the file once through :class:`ckptaudit.io.safetensors_source.SafetensorsSource` (positioned
 reads, nothing memory-mapped) and reads only the tensors the caller names, and of each only its first ``rows``
 rows, so memory is what the caller keeps, not the size of the file. Every problem is a
 :class:`~ckptaudit.errors.CkptAuditError` naming the file and, where there is one, the tensor.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError
-from ckptaudit.io.tensors import SafetensorsSource
+from ckptaudit.io.safetensors_source import SafetensorsSource
 
 __all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "VectorFile", "read_vectors"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ckptaudit.tasks.sampling import epoch_sample, stable_seed
+from ckptaudit.sampling import epoch_sample, stable_seed
 
 SPLITS = ("train", "validation")
 

@@ -32,10 +32,9 @@ import torch
 from torch import nn
 
 from ckptaudit.errors import LayoutError
+from ckptaudit.io.optimizer import NO_DECAY_PATTERNS  # Trainer's decay rule (io reads optimizer files by it)
 from ckptaudit.tasks import TASK_FILE, Task, load_task_spec, task_from_spec
 
-# transformers 4.56 / 5.x Trainer.get_decay_parameter_names, applied to the lower-cased parameter name.
-NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 SCHEDULER_KINDS = ("constant", "linear")
 CHECKPOINT_FILES = (
     "config.json",

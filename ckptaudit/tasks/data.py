@@ -50,7 +50,7 @@ import torch
 from ckptaudit.errors import DataError
 from ckptaudit.io.data_files import RawDocuments, read_documents, read_token_ids
 from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
-from ckptaudit.tasks.sampling import epoch_sample, stable_seed
+from ckptaudit.sampling import epoch_sample, stable_seed
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "WindowSpec", "Windows",
            "check_enough", "load_data", "load_rows", "load_sequences", "make_windows", "parse_task", "read_token_ids",
