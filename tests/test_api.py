@@ -82,7 +82,7 @@ CASES = {
     "cross_seed": (lambda p: ckptaudit.cross_seed([p["run"], p["other"]], steps="50:60", device="cpu"),
                    lambda p: ["cross-seed", p["run"], p["other"], "--steps", "50:60", "--device", "cpu"]),
     "run_gate": (lambda p: ckptaudit.run_gate(p["run"], p["policy"], device="cpu"),
-             lambda p: ["gate", p["run"], "--policy", p["policy"], "--device", "cpu", "--json", "-"]),
+             lambda p: ["gate", p["run"], "--policy", p["policy"], "--device", "cpu", "--json"]),
 }
 
 

@@ -92,10 +92,12 @@ class Output:
             t.add_row(*r)
         # A table whose columns cannot shrink to the console is printed at its own minimum width: a long line
         # beats a cropped column.
-        need = Measurement.get(self.console, self.console.options.update_width(10_000), t).minimum
+        size = Measurement.get(self.console, self.console.options.update_width(10_000), t)
         width = self.console.width
         try:
-            self.console.width = max(need, width)
+            # rich's minimum of a table can undercount columns that must not wrap; a table that does not fit is
+            # printed at its natural width instead
+            self.console.width = width if size.minimum <= width else max(size.maximum, width)
             self.console.print(t)
         finally:
             self.console.width = width
