@@ -68,8 +68,9 @@ def test_inspect_writes_report_and_report_show_renders_it(tiny_run, tmp_path):
     r = invoke("report", "show", out)
     assert r.exit_code == 0, r.output
     assert "inspect" in r.stdout and "checkpoint" in r.stdout
-    r = invoke("report", "show", out, "--json")
-    doc = json.loads(r.stdout)
+    r = invoke("report", "show", out, "--json")  # inspect's own --json document, as the report keeps it
+    assert json.loads(r.stdout) == json.loads(invoke("inspect", tiny_run, "--json").stdout)
+    doc = json.loads(invoke("report", "show", out, "--json", "--tree").stdout)  # the file's own tree
     assert doc["@attrs"]["command"] == "inspect"
     import hashlib
 

@@ -120,3 +120,47 @@ def test_human_output_shows_the_key_figures(command, inputs, monkeypatch):  # no
     numbers = _numbers(text)
     missing = [f for f in figures if (f not in text if isinstance(f, str) else not _shown(f, numbers))]
     assert not missing, (missing, text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_report_show_renders_the_commands_own_view_and_json(command, inputs, tmp_path, monkeypatch):  # noqa: F811
+    """`report show FILE` prints the tables the command printed (every line of its terminal view, in order, after
+    the report's provenance); `report show --json` prints the command's own --json document."""
+    from ckptaudit.cli.report_cmd import command_views
+
+    monkeypatch.setenv("COLUMNS", "250")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CKPTAUDIT_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    args = list(COMMANDS[command][0](inputs))
+    out = tmp_path / "r.h5"
+    j = invoke(*args, "--json", "--out", out)
+    assert j.exit_code in (0, 1), j.output
+    shown = invoke("report", "show", out, "--json")
+    assert shown.exit_code == 0, shown.output
+    assert _without_wall_time(json.loads(shown.stdout)) == _without_wall_time(json.loads(j.stdout))
+    if command not in command_views():
+        return
+    h = invoke(*args, "--out", out)
+    printed = [ln for ln in h.stdout.splitlines() if ln.strip()]
+    again = [ln for ln in invoke("report", "show", out).stdout.splitlines() if ln.strip()]
+    # the inputs table ends at the first closing border; the command's own view follows it
+    start = next(i for i, ln in enumerate(again) if ln.startswith("└")) + 1
+    view = again[start:]
+    assert view, "\n".join(again)
+    pos = 0
+    for line in view:  # everything report show renders is what the command printed, in the same order
+        if "wall time" in line:
+            continue
+        assert line in printed[pos:], (line, "\n".join(printed))
+        pos = printed.index(line, pos) + 1
+    titles = [printed[i - 1] for i, ln in enumerate(printed) if ln.startswith("┏") and i > 0]
+    assert titles and all(t in view for t in titles), (titles, view)  # and every table of the command is there
+
+
+def _without_wall_time(x):
+    if isinstance(x, dict):
+        return {k: _without_wall_time(v) for k, v in x.items() if k not in ("timing_seconds", "seconds", "timing")}
+    if isinstance(x, list):
+        return [_without_wall_time(v) for v in x]
+    return x

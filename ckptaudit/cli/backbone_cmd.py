@@ -133,8 +133,8 @@ def backbone(
             )  # fmt: skip
     if not main:
         return
-    session.save_report(report.to_hdf5_tree(), report.inputs)
     summary = report.to_json()
+    session.save_report(report.to_hdf5_tree(), report.inputs, summary=summary)
     output.json(summary)
     if plot is not None:
         from ckptaudit.report.plots import plot_backbone, run_label

@@ -68,6 +68,7 @@ def save_report(
     hash_files: bool = True,
     device: str = "cpu",
     group: str | None = None,
+    summary: dict | None = None,
 ) -> Path | None:
     """Write the HDF5 report for one command run (atomic) when ``--out`` asks for one, and tell the user where
     it went after the results."""
@@ -78,7 +79,7 @@ def save_report(
     path = Path(out)
     records = input_records(checkpoints, hash_files=hash_files)
     write_report(path, command=command, argv=sys.argv, tree=tree, inputs=records, device=device, group=group,
-                 notes=current_notes())
+                 notes=current_notes(), summary=summary)
     output.at_end(f"report written to [bold]{path}[/bold]")
     return path
 
@@ -130,18 +131,19 @@ class _Setup:
     def _report_options(self, out: Path | None, no_report: bool, no_hash: bool) -> None:
         self.out, self.no_report, self.hash_files = out, no_report, not no_hash
 
-    def save_report(self, tree: dict, checkpoints: Sequence[Any], group: str | None = None) -> Path | None:
+    def save_report(self, tree: dict, checkpoints: Sequence[Any], group: str | None = None,
+                    summary: dict | None = None) -> Path | None:
         """Write this command's HDF5 report (only on the main process), honouring --out, --no-report and --no-hash."""
         if not self.main:
             return None
         return save_report(self.output, self.command, tree, checkpoints, self.out, self.no_report,
-                           hash_files=self.hash_files, device=self.device, group=group)
+                           hash_files=self.hash_files, device=self.device, group=group, summary=summary)
 
     def finish(self, tree: dict, checkpoints: Sequence[Any], summary: dict,
                render: Callable[[Output, dict], None] | None = None, group: str | None = None) -> dict:
         """The tail every computing command shares: the HDF5 report of ``tree`` (with --out), the ``summary`` as the
         --json document, then ``render(output, summary)`` for the human view. Returns ``summary``."""
-        self.save_report(tree, checkpoints, group=group)
+        self.save_report(tree, checkpoints, group=group, summary=summary)
         self.output.json(summary)
         if render is not None and self.output.human:
             render(self.output, summary)

@@ -113,7 +113,7 @@ def classify_embeddings(
         report = api.classify_embeddings(model, pairs=pairs, exact=exact, lora_lr=lora_lr, tokens_from=tokens_from,
                                          tile=tile, bootstrap=bootstrap, seed=seed, device=session.device, progress=hook)
     path, results, summary = report.path, report.results, report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings")
+    session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings", summary=summary)
     output.json(summary)
     if plot is not None:
         from ckptaudit.report.plots import plot_embeddings, run_label
@@ -187,8 +187,8 @@ def born_gap_cmd(
     with Progress(output, "born-gap", None, "contexts") as hook:
         result = api.born_gap(model, contexts, nucleus=nucleus, device=session.device, progress=hook)
     ckpt = result.inputs[0]
-    session.save_report(result.to_hdf5_tree(), [ckpt])
     summary = result.to_json()
+    session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
     output.json(summary)
     if output.human:
         rows = [

@@ -94,7 +94,7 @@ def gate(
     with Progress(output, "gating", len(pol.checks), "checks") as hook:
         result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
 
-    render_gate(output, result)
+    render_gate(output, gate_json(result))
     if json_out:
         output.json(gate_json(result))
     if json_path is not None:
@@ -104,7 +104,7 @@ def gate(
     if sarif is not None:
         write_sarif(result, sarif)
     targets = run.checkpoints if pol.target == "all" else run.checkpoints[-1:]
-    session.save_report(result.to_hdf5_tree(), targets)
+    session.save_report(result.to_hdf5_tree(), targets, summary=gate_json(result))
     if not result.passed:
         # Raised only after every output is written: CI needs the reports most when the gate fails.
         raise GateFailedError(result.summary())
@@ -159,17 +159,16 @@ def _cell_plain(value: Any) -> str:
     return fmt(value)
 
 
-def render_gate(output: Any, result: Any) -> None:
-    """Terminal view of a GateResult: one row per check, then the verdict."""
+def render_gate(output: Any, doc: dict) -> None:
+    """Terminal view of the gate's JSON document (:func:`ckptaudit.gate.outputs.gate_json`): one row per check,
+    then the verdict."""
     from rich.markup import escape
 
     rows = [
-        [c.name, _STATUS.get(c.status, c.status), _cell(c.value), _cell(c.threshold), escape(c.message)]
-        for c in result.checks
+        [c["name"], _STATUS.get(c["status"], c["status"]), _cell(c["value"]), _cell(c["threshold"]), escape(str(c["message"]))]
+        for c in doc["checks"]
     ]
-    output.table(f"gate: {escape(result.run)} (policy {escape(result.policy)}, target {result.target})",
+    output.table(f"gate: {escape(str(doc['run']))} (policy {escape(str(doc['policy']))}, target {doc['target']})",
                  ["check", "status", "value", "threshold", "message"], rows)  # fmt: skip
-    if result.passed:
-        output.print(f"[green]gate passed[/green]: {escape(result.summary())}")
-    else:
-        output.print(f"[red]gate failed[/red]: {escape(result.summary())}")
+    verdict = "[green]gate passed[/green]" if doc["passed"] else "[red]gate failed[/red]"
+    output.print(f"{verdict}: {escape(str(doc['summary']))}")

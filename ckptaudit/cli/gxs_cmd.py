@@ -309,8 +309,8 @@ def slack_cmd(
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}
-    session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs")
     summary = {**result.to_json(), **extra}
+    session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs", summary=summary)
     output.json(summary)
     if plot is not None:
         from ckptaudit.report.plots import plot_slack, run_label

@@ -50,7 +50,7 @@ def inspect(
     with Progress(output, "inspecting", None, "checkpoints") as hook:
         result = api.inspect(path, steps=steps, revisions=revisions, role_map=role_map, file_check=not no_file_check,
                              progress=hook, _note=output.note)
-    session.save_report(result.to_hdf5_tree(), result.inputs)
+    session.save_report(result.to_hdf5_tree(), result.inputs, summary=result.to_json())
     output.json(result.to_json())
     if not output.human:
         return

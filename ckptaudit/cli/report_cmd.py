@@ -24,23 +24,30 @@ app.add_typer(report_app, name="report")
 def show(
     path: Annotated[Path, typer.Argument(help="An HDF5 report written by a ckptaudit command.")],
     brief: Annotated[bool, typer.Option("--brief", help="Only attributes and short datasets; skip long arrays.")] = False,
+    tree_view: Annotated[
+        bool, typer.Option("--tree", help="Show every group and dataset of the file instead of the command's own view.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Render a saved report: its provenance (command, argv, inputs) and every group of results.
+    """Render a saved report again: its provenance (command, argv, inputs), then the command's own tables as it
+    printed them (from the --json document the report keeps), or with --tree (and for reports of older versions)
+    every group of results. --json prints the command's own JSON document.
 
     Example: ckptaudit backbone runs/seed42/ --out backbone.h5 && ckptaudit report show backbone.h5
     """
     from rich.markup import escape
 
-    from ckptaudit.report.hdf5 import read_report
+    from ckptaudit.report.hdf5 import SUMMARY_DATASET, read_report
 
     output = LocalSession("report show", None, json_out, quiet).output
     tree = read_report(path)
-    output.json(_jsonable(tree))
+    summary = _stored_summary(tree.pop(SUMMARY_DATASET, None), path)
+    attrs = tree["@attrs"]
+    command = str(attrs.get("command"))
+    output.json(summary if summary is not None and not tree_view else _jsonable(tree))
     if not output.human:
         return
-    attrs = tree["@attrs"]
     a = {k: escape(str(attrs.get(k))) for k in ("ckptaudit_version", "command", "created", "device", "schema_version",
                                                  "torch_version")}
     output.print(
@@ -59,10 +66,64 @@ def show(
                 for s, p, b, h in zip(*cols)
             ],
         )
+    render = None if tree_view or summary is None else command_views().get(command)
+    if render is not None:
+        render(output, summary, _run_label(cols[1]))
+        return
+    if summary is None and not tree_view:
+        output.print("[yellow]note:[/yellow] this report keeps no terminal view (written before ckptaudit stored "
+                     "one); showing its groups")
     for key, val in tree.items():
         if key in ("@attrs", "inputs"):
             continue
         _render_group(output, key, val, brief)
+
+
+def command_views() -> dict[str, Any]:
+    """command name -> ``view(output, summary, label)``: the terminal view each command prints from its --json
+    document, which ``report show`` calls with the document the report keeps."""
+    from ckptaudit.cli.backbone_cmd import render_backbone
+    from ckptaudit.cli.fisher_cmd import render_fisher
+    from ckptaudit.cli.gate_cmd import render_gate
+    from ckptaudit.cli.gxs_cmd import render_slack, render_transplant, render_velocity
+    from ckptaudit.cli.resume_cmd import render_resume
+    from ckptaudit.cli.trajectory_cmd import render_cross_seed, render_extrapolate, render_regimes
+
+    def plain(view: Any) -> Any:
+        return lambda output, s, label: view(output, s)
+
+    return {
+        "backbone": plain(render_backbone), "fisher": plain(render_fisher), "resume-probe": plain(render_resume),
+        "gxs transplant": plain(render_transplant), "gxs velocity": plain(render_velocity),
+        "gxs slack": plain(render_slack), "regimes": render_regimes, "extrapolate": render_extrapolate,
+        "cross-seed": plain(render_cross_seed), "gate": plain(render_gate),
+    }  # fmt: skip
+
+
+def _stored_summary(raw: Any, path: Path) -> dict | None:
+    """The --json document a report keeps (None for reports written before it was kept)."""
+    if raw is None:
+        return None
+    from ckptaudit.errors import CorruptFileError
+    from ckptaudit.io.jsonio import loads_bounded
+
+    text = raw.item() if isinstance(raw, np.ndarray) else raw
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    doc = loads_bounded(text, f"{path}: /summary_json", error=CorruptFileError, hint="write the report again")
+    if not isinstance(doc, dict):
+        raise CorruptFileError(f"{path}: /summary_json is not a JSON object", "write the report again")
+    return doc
+
+
+def _run_label(paths: Any) -> str:
+    """The run a report's inputs came from: the folder holding their checkpoint folders."""
+    import os
+
+    if not isinstance(paths, np.ndarray) or not len(paths):
+        return "report"
+    parents = [str(Path(str(p)).parent) for p in paths]
+    common = os.path.commonpath(parents) if len(parents) > 1 else str(Path(parents[0]).parent)
+    return common or "report"
 
 
 def _argv(raw: Any) -> str:

@@ -170,8 +170,8 @@ def resume_probe(
             train_tokens=train_tokens, batch_size=batch_size, dtype=dtype, threads=threads, lr=lr, vectors=vectors,
             device=session.device, progress=hook,
         )  # fmt: skip
-    session.save_report(result.to_hdf5_tree(), result.inputs)
     summary = result.to_json()
+    session.save_report(result.to_hdf5_tree(), result.inputs, summary=summary)
     output.json(summary)
     if plot is not None:
         written = plot_resume(summary, plot)

@@ -157,7 +157,7 @@ def regimes(
             _note=output.note,
         )  # fmt: skip
     summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs)
+    session.save_report(report.to_hdf5_tree(), report.inputs, summary=summary)
     output.json(summary)
     if plot is not None:
         from ckptaudit.report.plots import plot_regimes, run_label

@@ -29,6 +29,7 @@ import numpy as np
 from ckptaudit import __version__
 
 SCHEMA_VERSION = 1
+SUMMARY_DATASET = "summary_json"  # the command's --json document, as text
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ def write_report(
     device: str = "cpu",
     group: str | None = None,
     notes: Sequence[str] = (),
+    summary: dict | None = None,
 ) -> Path:
     """Write a complete report to ``path`` atomically; nothing is left behind on failure.
 
     ``group`` is the top-level group holding ``tree`` (default: the command name with '-' -> '_'); ``notes`` the
-    warnings the libraries gave while the command ran (root attribute ``notes``, a JSON list).
+    warnings the libraries gave while the command ran (root attribute ``notes``, a JSON list); ``summary`` the
+    command's ``--json`` document, kept as the text dataset ``/summary_json`` so that ``report show`` can render
+    the command's own view again.
     """
     import torch  # local: keep `ckptaudit --help` fast
 
@@ -106,6 +110,11 @@ def write_report(
             g.create_dataset("path", data=np.array([h5_text(r.path) for r in inputs], dtype=object), dtype=str_dt)
             g.create_dataset("bytes", data=np.array([r.bytes for r in inputs], dtype=np.int64))
             g.create_dataset("sha256", data=np.array([r.sha256 for r in inputs], dtype=object), dtype=str_dt)
+            if summary is not None:
+                from ckptaudit.report.console import to_jsonable
+
+                f.create_dataset(SUMMARY_DATASET, data=h5_text(json.dumps(to_jsonable(summary))),
+                                 dtype=h5py.string_dtype())
             top = f.create_group(group or command.replace("-", "_").replace(" ", "_"))
             write_tree(top, tree)
         os.replace(tmp, path)
