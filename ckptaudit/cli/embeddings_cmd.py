@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -191,14 +191,19 @@ def born_gap_cmd(
     session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
     output.json(summary)
     if output.human:
-        rows = [
-            [c["target"], c["competitor"], c["pool_size"], c["phi"], c["signal"], c["drag"], c["throttle"], c["logit_gap"],
-             c["pr"], c["burial_depth"], c["born_rank"], c["softmax_rank"]]
-            for c in summary["contexts"]
-        ]
-        output.table(
-            f"Born gap — {ckpt.path} (unembedding: {summary.get('unembedding')})",
-            ["target", "competitor", "pool", "Phi", "S", "D", "throttle", "logit gap", "PR", "burial", "Born rank", "softmax rank"],
-            rows,
-            caption="Phi = P_B(target) - P_B(competitor) = S + D; Phi < 0: the competitor wins in Born geometry",
-        )
+        render_born_gap(output, summary, str(ckpt.path))
+
+
+def render_born_gap(output: Any, s: dict, label: str) -> None:
+    """Terminal view of born-gap's JSON document: one row per context."""
+    rows = [
+        [c["target"], c["competitor"], c["pool_size"], c["phi"], c["signal"], c["drag"], c["throttle"], c["logit_gap"],
+         c["pr"], c["burial_depth"], c["born_rank"], c["softmax_rank"]]
+        for c in s["contexts"]
+    ]
+    output.table(
+        f"Born gap — {label} (unembedding: {s.get('unembedding')})",
+        ["target", "competitor", "pool", "Phi", "S", "D", "throttle", "logit gap", "PR", "burial", "Born rank", "softmax rank"],
+        rows,
+        caption="Phi = P_B(target) - P_B(competitor) = S + D; Phi < 0: the competitor wins in Born geometry",
+    )

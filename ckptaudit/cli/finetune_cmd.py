@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -66,7 +66,7 @@ def finetune_probe_cmd(
 
     Example: ckptaudit finetune-probe models/smollm-135m --contexts near-synonyms --mode full --lr 2e-5
     """
-    from ckptaudit.analyses.finetune import DEFAULT_LR, OPTIMIZER, finetune_probe
+    from ckptaudit.analyses.finetune import DEFAULT_LR, finetune_probe
     from ckptaudit.analyses.synonyms import load_contexts
 
     mode = mode.strip().lower()
@@ -94,16 +94,21 @@ def finetune_probe_cmd(
         for p in plot_finetune(summary, plot, label=run_label(ckpt.path, checkpoint=True)):
             output.note(f"figure written to {p}")
     output.json(summary)
-    if not output.human:
-        return
+    if output.human:
+        render_finetune(output, summary, str(ckpt.path))
+
+
+def render_finetune(output: Any, s: dict, label: str) -> None:
+    """Terminal view of finetune-probe's JSON document: one row per context and learning rate, the optimizer and
+    LoRA set-up, and the empirical critical learning rate of a sweep."""
     rows = [
         [c["target"], c["competitor"], c["lr"], f"{fmt(c['phi'][0])} → {fmt(c['phi'][-1])}",
          f"{fmt(c['loss'][0])} → {fmt(c['loss'][-1])}", c["flip_step"], c["jump_ratio"], c["character"],
          c["failure_type"], f"{fmt(c['phi_stop_step'])} / {fmt(c['ce_stop_step'])}", c["embeddings_unchanged"]]
-        for c in summary["contexts"]
+        for c in s["contexts"]
     ]
     output.table(
-        f"finetune-probe — {ckpt.path} ({mode}, {steps} steps; unembedding: {result.unembedding})",
+        f"finetune-probe — {label} ({s['mode']}, {s['steps']} steps; unembedding: {s['unembedding']})",
         ["target", "competitor", "lr", "Phi start → end", "loss start → end", "flip", "jump ratio", "character",
          "failure", "stop Phi / CE", "E same"],
         rows,
@@ -111,15 +116,15 @@ def finetune_probe_cmd(
                 "turns positive (kinematic: drag improved, structural: drag worsened); stop = first step after which the "
                 "series moves < 1% of its range for 3 steps (Phi's searched from the flip on)",
     )
-    output.print(f"optimizer: {OPTIMIZER}")
-    if result.target_modules:
-        note = f" ({result.target_note})" if result.target_note else ""
-        output.print(f"LoRA rank 8, alpha 16, dropout 0 on {', '.join(result.target_modules)}{note}")
-        same = all(c["embeddings_unchanged"] for c in summary["contexts"])
+    output.print(f"optimizer: {s['optimizer']}")
+    if s.get("target_modules"):
+        note = f" ({s['target_note']})" if s.get("target_note") else ""
+        output.print(f"LoRA rank 8, alpha 16, dropout 0 on {', '.join(s['target_modules'])}{note}")
+        same = all(c["embeddings_unchanged"] for c in s["contexts"])
         output.print("embeddings (and LM head) bit-identical after every LoRA run: max |ΔE| == 0" if same
                      else "[bold red]embedding matrix changed under LoRA[/bold red]")
-    if result.swept:
-        crit = summary["critical_lr"]
+    if s.get("critical_lr"):
+        crit = s["critical_lr"]
         output.table(
             "empirical critical learning rate (smallest swept rate that flips Phi within the step budget)",
             ["context", "target", "critical lr"],

@@ -83,6 +83,8 @@ def command_views() -> dict[str, Any]:
     """command name -> ``view(output, summary, label)``: the terminal view each command prints from its --json
     document, which ``report show`` calls with the document the report keeps."""
     from ckptaudit.cli.backbone_cmd import render_backbone
+    from ckptaudit.cli.embeddings_cmd import render_born_gap
+    from ckptaudit.cli.finetune_cmd import render_finetune
     from ckptaudit.cli.fisher_cmd import render_fisher
     from ckptaudit.cli.gate_cmd import render_gate
     from ckptaudit.cli.gxs_cmd import render_slack, render_transplant, render_velocity
@@ -96,7 +98,8 @@ def command_views() -> dict[str, Any]:
         "backbone": plain(render_backbone), "fisher": plain(render_fisher), "resume-probe": plain(render_resume),
         "gxs transplant": plain(render_transplant), "gxs velocity": plain(render_velocity),
         "gxs slack": plain(render_slack), "regimes": render_regimes, "extrapolate": render_extrapolate,
-        "cross-seed": plain(render_cross_seed), "gate": plain(render_gate),
+        "cross-seed": plain(render_cross_seed), "gate": plain(render_gate), "born-gap": render_born_gap,
+        "finetune-probe": render_finetune,
     }  # fmt: skip
 
 
@@ -116,14 +119,14 @@ def _stored_summary(raw: Any, path: Path) -> dict | None:
 
 
 def _run_label(paths: Any) -> str:
-    """The run a report's inputs came from: the folder holding their checkpoint folders."""
+    """What a report's inputs were given as: the one checkpoint or model, or the run folder holding several."""
     import os
 
     if not isinstance(paths, np.ndarray) or not len(paths):
         return "report"
-    parents = [str(Path(str(p)).parent) for p in paths]
-    common = os.path.commonpath(parents) if len(parents) > 1 else str(Path(parents[0]).parent)
-    return common or "report"
+    if len(paths) == 1:
+        return str(paths[0])
+    return os.path.commonpath([str(Path(str(p)).parent) for p in paths]) or "report"
 
 
 def _argv(raw: Any) -> str:
