@@ -112,7 +112,7 @@ def classify_embeddings(
     with Progress(output, "embed: overlaps", None, "pairs") as hook:
         report = api.classify_embeddings(model, pairs=pairs, exact=exact, lora_lr=lora_lr, tokens_from=tokens_from,
                                          tile=tile, bootstrap=bootstrap, seed=seed, device=session.device, progress=hook)
-    path, results, summary = report.path, report.results, report.to_json()
+    path, summary = report.path, report.to_json()
     session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings", summary=summary)
     output.json(summary)
     if plot is not None:
@@ -121,25 +121,32 @@ def classify_embeddings(
         written = plot_embeddings(summary, plot, label=run_label(path, checkpoint=True))
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
     if output.human:
-        rows = []
-        for role, r in results.items():
-            j = r.to_json()
-            rows.append([role, j["vocab_size"], j["dim"], j["pairs"], j["mean_c2"], j["std_c2"], j["frac_abs_c_gt_0_3"],
-                         j["ks_gauss"], j["ks_exp"], j["bulk_index"], j["class"]])
-        output.table(
-            f"embedding bulk — {path}",
-            ["matrix", "V", "d", "pairs", "mean c²", "std c²", "|c|>0.3", "KS gauss", "KS exp", "bulk index", "class"],
-            rows,
-            caption="class A = dense Gaussian bulk (KS_gauss < KS_exp), B = sparse exponential bulk; bulk index = KS_exp - KS_gauss",
-        )
-        for role, r in results.items():
-            output.print(f"{role}: {uncertainty_line(r.uncertainty)}")
-        j = results["embed"].to_json()
-        verdict = "sufficient" if j["lora_sufficient"] else "predicted insufficient for high-overlap targets"
-        output.print(
-            f"LoRA: {verdict}; predicted critical LoRA lr = {j['predicted_critical_lora_lr']:.3g} "
-            f"(= {lora_lr:g} / h_{j['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
-        )
+        render_embeddings(output, summary, str(path))
+
+
+def render_embeddings(output: Any, s: dict, label: str) -> None:
+    """Terminal view of classify-embeddings' JSON document: the input embeddings (the document itself) and the
+    LM head when untied (its ``head`` entry)."""
+    from ckptaudit.analyses.embeddings import H_CLASS
+
+    embed = {k: v for k, v in s.items() if k != "head"}
+    results = {"embed": embed, **({"head": s["head"]} if s.get("head") else {})}
+    rows = [[role, j["vocab_size"], j["dim"], j["pairs"], j["mean_c2"], j["std_c2"], j["frac_abs_c_gt_0_3"],
+             j["ks_gauss"], j["ks_exp"], j["bulk_index"], j["class"]] for role, j in results.items()]
+    output.table(
+        f"embedding bulk — {label}",
+        ["matrix", "V", "d", "pairs", "mean c²", "std c²", "|c|>0.3", "KS gauss", "KS exp", "bulk index", "class"],
+        rows,
+        caption="class A = dense Gaussian bulk (KS_gauss < KS_exp), B = sparse exponential bulk; bulk index = KS_exp - KS_gauss",
+    )
+    for role, j in results.items():
+        output.print(f"{role}: {uncertainty_line(j.get('uncertainty'))}")
+    verdict = "sufficient" if embed["lora_sufficient"] else "predicted insufficient for high-overlap targets"
+    lora_lr = embed["predicted_critical_lora_lr"] * H_CLASS[embed["class"]]
+    output.print(
+        f"LoRA: {verdict}; predicted critical LoRA lr = {embed['predicted_critical_lora_lr']:.3g} "
+        f"(= {lora_lr:.4g} / h_{embed['class']}; h_A = 1.69, h_B = 10.0 are empirical constants of paper 002)"
+    )
 
 
 def uncertainty_line(u: dict | None) -> str:

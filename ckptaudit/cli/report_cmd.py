@@ -83,11 +83,12 @@ def command_views() -> dict[str, Any]:
     """command name -> ``view(output, summary, label)``: the terminal view each command prints from its --json
     document, which ``report show`` calls with the document the report keeps."""
     from ckptaudit.cli.backbone_cmd import render_backbone
-    from ckptaudit.cli.embeddings_cmd import render_born_gap
+    from ckptaudit.cli.embeddings_cmd import render_born_gap, render_embeddings
     from ckptaudit.cli.finetune_cmd import render_finetune
     from ckptaudit.cli.fisher_cmd import render_fisher
     from ckptaudit.cli.gate_cmd import render_gate
     from ckptaudit.cli.gxs_cmd import render_slack, render_transplant, render_velocity
+    from ckptaudit.cli.inspect_cmd import render_inspect
     from ckptaudit.cli.resume_cmd import render_resume
     from ckptaudit.cli.trajectory_cmd import render_cross_seed, render_extrapolate, render_regimes
 
@@ -99,7 +100,7 @@ def command_views() -> dict[str, Any]:
         "gxs transplant": plain(render_transplant), "gxs velocity": plain(render_velocity),
         "gxs slack": plain(render_slack), "regimes": render_regimes, "extrapolate": render_extrapolate,
         "cross-seed": plain(render_cross_seed), "gate": plain(render_gate), "born-gap": render_born_gap,
-        "finetune-probe": render_finetune,
+        "finetune-probe": render_finetune, "inspect": plain(render_inspect), "classify-embeddings": render_embeddings,
     }  # fmt: skip
 
 
