@@ -183,6 +183,21 @@ class TrainerLoop:
             for cb in (PrinterCallback, ProgressCallback):
                 trainer.remove_callback(cb)
             source = contextlib.nullcontext(self.ckpt_dir) if control else _shadow(self.ckpt_dir)
-            with source as folder:
+            with source as folder, _frozen_heap():
                 trainer.train(resume_from_checkpoint=str(folder))
         return losses[:n], lrs[:n]
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Any:
+    """Every object alive now left out of the garbage collector's passes while the Trainer runs: accelerate calls
+    gc.collect() at the start of each train(), which walks the whole heap (the model, the data, the other
+    conditions' results) every time; nothing created before is garbage, and what train() creates is collected
+    as usual."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
