@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import MINIMAL_POLICY, invoke
-from conftest import make_tiny_lm_dir
+from cli_helpers import invoke
 from safetensors import safe_open
+from test_cli_common import build_inputs
 
 import ckptaudit
 from ckptaudit.errors import CkptAuditError
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home"]
+from test_cli_common import WORDS  # noqa: E402 - the tiny LM's vocabulary, as the CLI tests build it
 WALL_TIME = {"timing_seconds", "seconds"}
 
 
@@ -39,17 +39,8 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def inputs(tiny_run: Path, tmp_path_factory) -> dict[str, Path]:
-    """The tiny run, a copy of it (a second seed for cross-seed), a tiny language model with a tokenizer and a
-    contexts file."""
-    root = tmp_path_factory.mktemp("api")
-    other = root / "seed-b"
-    shutil.copytree(tiny_run, other)
-    lm = make_tiny_lm_dir(root / "tiny-lm", {w: i for i, w in enumerate(WORDS)}, unk="<unk>")
-    contexts = root / "contexts.jsonl"
-    contexts.write_text(json.dumps({"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"}) + "\n")
-    policy = root / "policy.toml"
-    policy.write_text(MINIMAL_POLICY)
-    return {"run": tiny_run, "other": other, "lm": lm, "contexts": contexts, "policy": policy}
+    """The same files as the CLI tests read (test_cli_common.build_inputs)."""
+    return build_inputs(tiny_run, tmp_path_factory.mktemp("api"))
 
 
 def _ckpt(p: dict, step: int) -> Path:

@@ -28,9 +28,13 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def inputs(tiny_run: Path, tmp_path_factory) -> dict[str, Path]:
-    """Everything the commands below read: the tiny run, a second run (a copy, for cross-seed), a tiny language
-    model with a tokenizer, a contexts file and a gate policy."""
-    root = tmp_path_factory.mktemp("cli-common")
+    """Everything the commands below read (:func:`build_inputs`)."""
+    return build_inputs(tiny_run, tmp_path_factory.mktemp("cli-common"))
+
+
+def build_inputs(tiny_run: Path, root: Path) -> dict[str, Path]:
+    """The tiny run, a second run (a copy, for cross-seed), a tiny language model with a tokenizer, a contexts file
+    and a gate policy, under ``root``."""
     other = root / "seed-b"
     shutil.copytree(tiny_run, other)
     lm = make_tiny_lm_dir(root / "tiny-lm", {w: i for i, w in enumerate(WORDS)}, unk="<unk>")

@@ -457,7 +457,7 @@ def plot_fisher(summary: dict, out_dir: Path) -> list[Path]:
         else:
             ax.plot(steps, vals, marker=".", label=f"q({name})")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    _step_axis(ax)
     ax.set_ylabel("Rayleigh quotient v^T F v")
     ax.set_title("fisher: quotients along the trajectory directions")
     ax.legend(fontsize=7)
@@ -468,7 +468,7 @@ def plot_fisher(summary: dict, out_dir: Path) -> list[Path]:
                 label="alpha (K random directions), bootstrap interval")
     ax.plot(steps, [_num(a) for a in st["anisotropy_exact"]], marker="s", ls="--", label="alpha exact")
     ax.axhline(1.0, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("step")
+    _step_axis(ax)
     ax.set_ylabel("q(v_b) / q(random)")
     ax.set_title("fisher: anisotropy")
     ax.legend(fontsize=7)
@@ -495,7 +495,7 @@ def plot_fisher(summary: dict, out_dir: Path) -> list[Path]:
             ax.legend(fontsize=7, ncol=4)
         top.set_ylabel("<g_l, v_b^l>, mean ± std")
         bottom.set_ylabel("running sum")
-        bottom.set_xlabel("step")
+        _step_axis(bottom)
         top.set_title("fisher: signed gradient projection on the block backbones")
         written.append(_save(plt, fig, out_dir / "fisher_signed_projection.png"))
     return written
