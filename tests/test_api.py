@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 from cli_helpers import invoke
 from safetensors import safe_open
-from test_cli_common import build_inputs
+from test_cli_common import WORDS, build_inputs
 
 import ckptaudit
 from ckptaudit.errors import CkptAuditError
 
 REPO = Path(__file__).resolve().parents[1]
-from test_cli_common import WORDS  # noqa: E402 - the tiny LM's vocabulary, as the CLI tests build it
 WALL_TIME = {"timing_seconds", "seconds"}
 
 
