@@ -423,10 +423,11 @@ def classify_embeddings(model: str | Path, *, pairs: int = 200_000, exact: bool 
     return EmbeddingsReport(results, path)
 
 
-def born_gap(model: str | Path, contexts: str | Path, *, nucleus: float = 0.9, device: str = "auto",
-             progress: Any = None) -> Report:
+def born_gap(model: str | Path, contexts: str | Path, *, nucleus: float = 0.9, strict: bool = False,
+             device: str = "auto", progress: Any = None) -> Report:
     """``ckptaudit born-gap MODEL --contexts FILE``: near-synonym density-matrix observables at the last position of
-    each context (``contexts``: a JSONL file, or "near-synonyms" for the pairs shipped with ckptaudit).
+    each context (``contexts``: a JSONL file, or "near-synonyms" for the pairs shipped with ckptaudit); unusable
+    contexts are skipped and listed by file line (``strict``: the first is an error).
 
     Returns a :class:`Report` of the BornGapResult.
     """
@@ -440,7 +441,7 @@ def born_gap(model: str | Path, contexts: str | Path, *, nucleus: float = 0.9, d
     hook = _hook(progress)
     if hook is not None:
         hook.set_total(len(ctxs))
-    result = run_born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook)
+    result = run_born_gap(net, tok, ctxs, nucleus=nucleus, device=dev, progress=hook, strict=strict)
     return Report(result, inputs=[ckpt])
 
 

@@ -260,8 +260,12 @@ def test_context_longer_than_the_model_positions_is_refused_before_running():
     with pytest.raises(IndexError):  # what the model itself does with it
         with torch.no_grad():
             model(input_ids=torch.tensor([tok.encode(long, add_special_tokens=False)]))
+    both = [Context("She felt a", " longing"), Context(long, " longing")]
     with pytest.raises(DataError, match="33 tokens, more than the model's 32 positions"):
-        born_gap(model, tok, [Context("She felt a", " longing"), Context(long, " longing")])
+        born_gap(model, tok, both, strict=True)
+    kept = born_gap(model, tok, both)  # without strict: the long one is skipped, with its reason
+    assert [c.context for c in kept.contexts] == ["She felt a"]
+    assert "33 tokens, more than the model's 32 positions" in kept.skipped[0]["reason"]
     fits = " ".join(["She"] * 32)
     assert born_gap(model, tok, [Context(fits, " longing")]).observables[0].target == tok.convert_tokens_to_ids(
         " longing")
@@ -272,3 +276,33 @@ def test_contexts_file_not_utf8_names_the_line(tmp_path):
     f.write_bytes(b'{"context": "a", "target": " b"}\n{"context": "\xff", "target": " b"}\n')
     with pytest.raises(DataError, match=r"c\.jsonl:2: not UTF-8"):
         load_contexts(f)
+
+
+def test_unusable_contexts_are_skipped_by_line_unless_strict(tiny_run, tmp_path):
+    """A contexts file whose second line's target is two tokens for the model's tokenizer: born-gap and
+    finetune-probe run the other lines and list line 2 with the reason; --strict stops at it with one line."""
+    import json
+
+    from cli_helpers import assert_one_line_error, invoke
+    from test_cli_common import build_inputs
+
+    lm = build_inputs(tiny_run, tmp_path / "in")["lm"]
+    rows = [{"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"},
+            {"context": "the old man felt a deep", "target": "old man", "competitor": "yearning"},
+            {"context": "the old man felt", "target": "joy", "competitor": "relief"}]
+    f = tmp_path / "ctx.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for cmd in (["born-gap", lm, "--contexts", f], ["finetune-probe", lm, "--contexts", f, "--mode", "full",
+                                                    "--train-steps", "1"]):
+        r = invoke(*cmd, "--device", "cpu", "--json")
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert [c["target"] for c in doc["contexts"]] == ["longing", "joy"]
+        (skipped,) = doc["skipped_contexts"]
+        assert skipped["where"] == f"{f}:2" and skipped["target"] == "old man" and "2 tokens" in skipped["reason"]
+        human = invoke(*cmd, "--device", "cpu")
+        assert f"skipped {f}:2" in " ".join(human.stdout.split())
+        assert_one_line_error(invoke(*cmd, "--device", "cpu", "--strict"), f"{f}:2", "2 tokens")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[1]) + "\n")
+    assert_one_line_error(invoke("born-gap", lm, "--contexts", bad, "--device", "cpu"), "no usable context", f"{bad}:1")

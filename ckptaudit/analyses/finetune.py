@@ -22,6 +22,7 @@ the empirical critical learning rate of a sweep.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,9 +35,8 @@ from ckptaudit.analyses.synonyms import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
-    context_input_ids,
-    context_token_ids,
     unembedding_matrix,
+    usable_contexts,
 )
 from ckptaudit.errors import UnknownArchitectureError, UsageError
 
@@ -360,6 +360,7 @@ class FinetuneProbeResult:
     target_modules: tuple[str, ...] | None
     target_note: str | None
     trajectories: tuple[Trajectory, ...]
+    skipped: tuple[dict, ...] = ()  # the unusable contexts (synonyms.usable_contexts), by file line
 
     @property
     def swept(self) -> bool:
@@ -388,6 +389,7 @@ class FinetuneProbeResult:
                "target_note": self.target_note, "contexts": [t.to_json() for t in self.trajectories]}
         if self.swept:
             doc["critical_lr"] = self.critical()
+        doc["skipped_contexts"] = list(self.skipped)
         return doc
 
     def to_hdf5_tree(self) -> dict:
@@ -401,7 +403,8 @@ class FinetuneProbeResult:
         tree = {"mode": self.mode, "optimizer": self.optimizer, "steps": self.steps, "nucleus": self.nucleus,
                 "seed": self.seed, "unembedding": self.unembedding, "lrs": np.asarray(self.lrs, dtype=np.float64),
                 "target_modules": list(self.target_modules) if self.target_modules else None,
-                "target_note": self.target_note, "contexts": runs}
+                "target_note": self.target_note, "contexts": runs,
+                "skipped_contexts_json": json.dumps(list(self.skipped))}
         if self.swept:
             tree["critical_lr"] = self.critical()
         return tree
@@ -419,20 +422,19 @@ def finetune_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[float], None] | None = None,
+    strict: bool = False,
 ) -> FinetuneProbeResult:
     """Run ``finetune_trajectory`` for every context and learning rate, each from ``model``'s original weights.
 
-    Targets and competitors are validated as single tokens before anything trains (``DataError`` naming the
-    word otherwise). ``progress(1)`` is called per optimizer step.
+    Targets and competitors are validated as single tokens before anything trains; unusable contexts are skipped
+    and listed by file line (``strict``: a ``DataError`` naming the line; :func:`synonyms.usable_contexts`).
+    ``progress(1)`` is called per optimizer step.
     """
     if mode not in ("lora", "full"):
         raise UsageError(f"--mode {mode}: unknown mode", "use lora or full")
     if not lrs:
         raise UsageError("no learning rate given")
-    prepared = []
-    for ctx in contexts:
-        y, c = context_token_ids(tokenizer, ctx)
-        prepared.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
+    prepared, skipped = usable_contexts(tokenizer, model, contexts, strict)
     targets, note = (lora_targets(model, target_modules) if mode == "lora" else (None, None))
     _, which = unembedding_matrix(model)
     runs = []
@@ -448,4 +450,4 @@ def finetune_probe(
     return FinetuneProbeResult(mode=mode, optimizer=OPTIMIZER, steps=steps, lrs=tuple(float(x) for x in lrs),
                                nucleus=float(nucleus), seed=seed, unembedding=which,
                                target_modules=tuple(targets) if targets else None, target_note=note,
-                               trajectories=tuple(runs))
+                               trajectories=tuple(runs), skipped=tuple(skipped))

@@ -21,6 +21,7 @@ purity (through the d x d matrix rho) and O(|P|^2 d) for ``xi`` (streamed in row
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ class Context:
     context: str
     target: str
     competitor: str | None = None
+    where: str = field(default="", compare=False)  # "FILE:LINE" of the contexts file it came from
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class BornGapResult:
     target_texts: tuple[str, ...]
     competitor_texts: tuple[str, ...]
     observables: tuple[BornObservables, ...]
+    skipped: tuple[dict, ...] = ()  # the unusable contexts (usable_contexts), by file line
 
     def to_json(self) -> dict:
         """The ``--json`` payload: ``contexts`` (keys fixed by issue 7) and which rows gave the overlaps."""
@@ -259,7 +262,7 @@ class BornGapResult:
                 "burial_depth": o.burial_depth, "eta_geo": o.eta_geo, "born_rank": o.born_rank,
                 "softmax_rank": o.softmax_rank, "phi_ablated": o.phi_ablated,
             })
-        return {"unembedding": self.unembedding, "contexts": rows}
+        return {"unembedding": self.unembedding, "contexts": rows, "skipped_contexts": list(self.skipped)}
 
     def to_hdf5_tree(self) -> dict:
         """Nested dict for ``report.hdf5.write_tree``: one subgroup per context with its pool arrays."""
@@ -269,7 +272,8 @@ class BornGapResult:
             d.update(context=ctx.context, target_text=tgt, competitor_text=comp,
                      pool=np.asarray(o.pool, dtype=np.int64), p_pool=o.p_pool, born_scores=o.born_scores)
             items.append(d)
-        return {"unembedding": self.unembedding, "nucleus": self.nucleus, "contexts": items}
+        return {"unembedding": self.unembedding, "nucleus": self.nucleus, "contexts": items,
+                "skipped_contexts_json": json.dumps(list(self.skipped))}
 
 
 def load_contexts(path: str | Path) -> list[Context]:
@@ -308,7 +312,7 @@ def load_contexts(path: str | Path) -> list[Context]:
         comp = obj.get("competitor")
         if comp is not None and (not isinstance(comp, str) or not comp):
             raise DataError(f"{where}: 'competitor' must be a non-empty string when given")
-        out.append(Context(obj["context"], obj["target"], comp))
+        out.append(Context(obj["context"], obj["target"], comp, where))
     if not out:
         raise DataError(f"{path}: no contexts", "add at least one JSON line")
     return out
@@ -335,6 +339,30 @@ def context_token_ids(tokenizer, ctx: Context) -> tuple[int, int | None]:
     if c == y:
         raise DataError(f"competitor {ctx.competitor!r} is the same token as target {ctx.target!r}")
     return y, c
+
+
+def usable_contexts(tokenizer, model, contexts: Sequence[Context],
+                    strict: bool = False) -> tuple[list[tuple[Context, int, int | None, torch.Tensor]], list[dict]]:
+    """The contexts this tokenizer and model can run, each with (target id, competitor id, input ids), and the
+    others, each ``{"where": "FILE:LINE", "context", "target", "competitor", "reason"}``: a target or competitor
+    that is not one token, a context longer than the model's positions. With ``strict`` the first unusable context
+    is a ``DataError`` naming its line; without, it is skipped and reported, unless none is usable."""
+    kept, skipped = [], []
+    for ctx in contexts:
+        try:
+            y, c = context_token_ids(tokenizer, ctx)
+            kept.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
+        except DataError as e:
+            if strict:
+                raise DataError(f"{ctx.where or 'context'}: {e.message}",
+                                e.hint or "fix the line, or leave out --strict to skip it") from None
+            skipped.append({"where": ctx.where, "context": ctx.context, "target": ctx.target,
+                            "competitor": ctx.competitor, "reason": e.message})
+    if not kept:
+        first = skipped[0]
+        raise DataError(f"no usable context ({len(skipped)} skipped; first, {first['where']}: {first['reason']})",
+                        "choose targets and competitors that are single tokens for this tokenizer")
+    return kept, skipped
 
 
 def context_input_ids(tokenizer, model, ctx: Context) -> torch.Tensor:
@@ -375,15 +403,17 @@ def born_gap(
     nucleus: float = DEFAULT_NUCLEUS,
     device: str | torch.device = "cpu",
     progress: Callable[[float], None] | None = None,
+    strict: bool = False,
 ) -> BornGapResult:
-    """Run ``model`` on each context and compute ``born_observables`` at the last position.
+    """Run ``model`` on each usable context and compute ``born_observables`` at the last position.
 
-    Targets and competitors must each be one token for ``tokenizer`` (``DataError`` naming the word otherwise);
-    all are validated before the model runs. ``progress(1)`` is called per context.
+    Targets and competitors must each be one token for ``tokenizer``: every context is checked before the model
+    runs, and the unusable ones are skipped and listed in ``skipped`` by file line (``strict``: a ``DataError``
+    naming the line instead; :func:`usable_contexts`). ``progress(1)`` is called per context.
     """
-    ids = []
-    for ctx in contexts:  # every context checked before the model runs on any
-        ids.append((*context_token_ids(tokenizer, ctx), context_input_ids(tokenizer, model, ctx)))
+    prepared, skipped = usable_contexts(tokenizer, model, contexts, strict)
+    contexts = [p[0] for p in prepared]
+    ids = [p[1:] for p in prepared]
     model = model.to(device).eval()
     U, which = unembedding_matrix(model)
     obs, tgt_txt, comp_txt = [], [], []
@@ -398,4 +428,5 @@ def born_gap(
         if progress is not None:
             progress(1)
     return BornGapResult(unembedding=which, nucleus=float(nucleus), contexts=tuple(contexts),
-                         target_texts=tuple(tgt_txt), competitor_texts=tuple(comp_txt), observables=tuple(obs))
+                         target_texts=tuple(tgt_txt), competitor_texts=tuple(comp_txt), observables=tuple(obs),
+                         skipped=tuple(skipped))

@@ -19,6 +19,7 @@ from ckptaudit.cli.options import (
     PlotOpt,
     QuietOpt,
     SeedOpt,
+    StrictContextsOpt,
 )
 from ckptaudit.errors import DataError, InputNotFoundError
 from ckptaudit.io.models import load_tokenizer
@@ -174,6 +175,7 @@ def born_gap_cmd(
     nucleus: Annotated[
         float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
     ] = 0.9,
+    strict: StrictContextsOpt = False,
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     no_report: NoReportOpt = False,
@@ -192,7 +194,7 @@ def born_gap_cmd(
     session = LocalSession("born-gap", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
     output = session.output
     with Progress(output, "born-gap", None, "contexts") as hook:
-        result = api.born_gap(model, contexts, nucleus=nucleus, device=session.device, progress=hook)
+        result = api.born_gap(model, contexts, nucleus=nucleus, strict=strict, device=session.device, progress=hook)
     ckpt = result.inputs[0]
     summary = result.to_json()
     session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
@@ -214,3 +216,13 @@ def render_born_gap(output: Any, s: dict, label: str) -> None:
         rows,
         caption="Phi = P_B(target) - P_B(competitor) = S + D; Phi < 0: the competitor wins in Born geometry",
     )
+    skipped_contexts_note(output, s)
+
+
+def skipped_contexts_note(output: Any, s: dict) -> None:
+    """One line per context the command skipped (born-gap, finetune-probe), naming its file line and why."""
+    from rich.markup import escape
+
+    for k in s.get("skipped_contexts") or []:
+        output.print(f"[yellow]skipped[/yellow] {escape(str(k['where']))}: {escape(str(k['reason']))} "
+                     "(--strict stops instead)")

@@ -19,6 +19,7 @@ from ckptaudit.cli.options import (
     PlotOpt,
     QuietOpt,
     SeedOpt,
+    StrictContextsOpt,
     parse_floats,
 )
 from ckptaudit.errors import UsageError
@@ -46,6 +47,7 @@ def finetune_probe_cmd(
     nucleus: Annotated[
         float, typer.Option("--nucleus", min=0.0, max=1.0, help="Pool = smallest set of tokens reaching this probability mass.")
     ] = 0.9,
+    strict: StrictContextsOpt = False,
     target_modules: Annotated[
         str | None,
         typer.Option("--target-modules", help="LoRA target module names, comma-separated (default: the architecture's query/value projections)."),
@@ -86,7 +88,7 @@ def finetune_probe_cmd(
     ctxs = load_contexts(contexts)
     ckpt, tok, net = load_model_input(model, dev)
     with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps, "steps") as hook:
-        result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus,
+        result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus, strict=strict,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
     summary = result.to_json()
     session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
@@ -123,6 +125,9 @@ def render_finetune(output: Any, s: dict, label: str) -> None:
         same = all(c["embeddings_unchanged"] for c in s["contexts"])
         output.print("embeddings (and LM head) bit-identical after every LoRA run: max |ΔE| == 0" if same
                      else "[bold red]embedding matrix changed under LoRA[/bold red]")
+    from ckptaudit.cli.embeddings_cmd import skipped_contexts_note
+
+    skipped_contexts_note(output, s)
     if s.get("critical_lr"):
         crit = s["critical_lr"]
         output.table(

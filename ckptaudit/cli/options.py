@@ -128,6 +128,11 @@ ThreadsOpt = Annotated[
     typer.Option("--threads", min=1, help="CPU threads for torch (torch.set_num_threads; default: torch's own "
                  "choice, OMP_NUM_THREADS when set)."),
 ]
+StrictContextsOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Stop at the first unusable context (a target or competitor that is not one token, "
+                 "a context longer than the model) instead of skipping it and listing it by file line."),
+]
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", callback=check_output_dir, help="Write PNG figures to this directory (needs matplotlib: the plot extra)."),
