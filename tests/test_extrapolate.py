@@ -135,13 +135,18 @@ def test_adam_step_k1_equals_a_real_adamw_step(tmp_path):
         assert max(float((src.get(n) - after[n]).abs().max()) for n in after if n in src) > 1e-4
 
 
-def test_momentum_matches_the_papers_formula_by_hand(tmp_path):
+def _adamw_checkpoint(tmp_path):
+    """(model, its live AdamW, the Checkpoint of both saved as a Trainer checkpoint at step 3)."""
     model, opt, _ = _gpt2_with_adamw(tmp_path)
-    ckpt_dir = tmp_path / "checkpoint-3"
-    model.save_pretrained(ckpt_dir, safe_serialization=True)
-    torch.save(opt.state_dict(), ckpt_dir / "optimizer.pt")
-    (ckpt_dir / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
-    ckpt = discover_run(ckpt_dir)[0]
+    d = tmp_path / "checkpoint-3"
+    model.save_pretrained(d, safe_serialization=True)
+    torch.save(opt.state_dict(), d / "optimizer.pt")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    return model, opt, discover_run(d)[0]
+
+
+def test_momentum_matches_the_papers_formula_by_hand(tmp_path):
+    model, opt, ckpt = _adamw_checkpoint(tmp_path)
     k, eps = 25, 1e-8
     pred, _ = _collect(PredictionPlan("momentum", ckpt, k, optimizer=load_optimizer_state(ckpt)))
     for name, p in model.named_parameters():

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from test_extrapolate import _collect, _gpt2_with_adamw, _hand_loss, _stored
+from test_extrapolate import _adamw_checkpoint, _collect, _hand_loss, _stored
 from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate import PredictionPlan
@@ -26,7 +26,6 @@ from ckptaudit.analyses.extrapolate_stats import (
     wilson_interval,
 )
 from ckptaudit.cli.app import app
-from ckptaudit.io.discover import discover_run
 from ckptaudit.io.optimizer import load_optimizer_state
 
 STEPS = (30, 40, 50, 60)
@@ -142,15 +141,6 @@ def test_gate_in_the_report_follows_the_reported_regimes(probed):
     assert gate["acceptance"]["linear"]["10"]["strict"] == pytest.approx(np.mean([r["strict"] for r in ok]))
     rows = [r for r in s["results"] if r["predictor"] == "linear" and r["K"] == 10]
     assert gate["applied"]["linear"]["10"]["strict"] == pytest.approx(np.mean([r["trusted"] and r["strict"] for r in rows]))
-
-
-def _adamw_checkpoint(tmp_path):
-    model, opt, _ = _gpt2_with_adamw(tmp_path)
-    d = tmp_path / "checkpoint-3"
-    model.save_pretrained(d, safe_serialization=True)
-    torch.save(opt.state_dict(), d / "optimizer.pt")
-    (d / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
-    return model, opt, discover_run(d)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
