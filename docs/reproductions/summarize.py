@@ -138,10 +138,11 @@ def paper_001(results: Path) -> list[dict]:
         rrows = []
         for c in rh["conditions"]:
             steps = c["steps"]
-            rrows.append([c["name"], f"{c.get('lr', c['lr_mult']):.3g}" if c.get("lr") else c["lr_mult"],
+            # c["lr"] is the lr of every resumed step (group 0); these conditions hold it constant
+            rrows.append([c["name"], f"{c['lr'][0]:.3g}" if c.get("lr") else c["lr_mult"],
                           ", ".join(str(s) for s in steps), ", ".join(f"{x:.3f}" for x in c["eval_loss"]),
                           ", ".join(f"{x:.2f}" for x in c["displacement"]),
-                          ", ".join(f"{x:+.2f}" for x in c.get("backbone_coord", [])),
+                          ", ".join(f"{x:+.3f}" for x in c.get("backbone_coord", [])),
                           ", ".join(f"{x:.2f}" for x in c.get("transverse_residual", [])), c["verdict"]])
         tables.append(table("Reheating from the last checkpoint (fresh AdamW)", ["reheat-adamw.json"],
                             ["condition", "lr", "eval steps", "eval loss", "||theta - theta_0||",
