@@ -241,7 +241,8 @@ def paper_004(results: Path) -> list[dict]:
                             ["seed", "thresholds", "low", "high", "chaotic", "transition", "stable", "unknown",
                              "first entry", "min s_t", "max s_t"], reg_rows))
     for s in seeds:
-        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments"),
+        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments (--moment-dtype)"),
+                               ("-fp16copy", "float16 moments stored in optimizer.pt (fp16_moments.py)"),
                                ("-quick", "K = 5, 15, 45, 1,024 tokens")):
             d = load(results, f"extrapolate{variant}-seed{s}")
             if d is None:
@@ -278,6 +279,13 @@ def paper_004(results: Path) -> list[dict]:
                     rrows.append([g, p, *[r(acc_g.get(p, {}).get(k, {}).get("strict"), 3) for k in ks]])
             tables.append(table(f"extrapolate, seed {s}, {label}: strict acceptance by regime", [f"extrapolate{variant}-seed{s}.json"],
                                 ["regime", "predictor", *[f"K={k}" for k in ks]], rrows))
+            if d.get("moment_rounding"):
+                tables.append(table(f"extrapolate, seed {s}, {label}: moment rounding", [f"extrapolate{variant}-seed{s}.json"],
+                                    ["step", "dtype", "entries", "m flushed", "v flushed", "non-finite",
+                                     "momentum update rel. change", "adam update rel. change"],
+                                    [[m["step"], m["dtype"], m["entries"], r(m["m_flushed"], 5), r(m["v_flushed"], 4),
+                                      m["nonfinite"], r(m["momentum_rel_change"], 4), f"{m['adam_rel_change']:.4g}"]
+                                     for m in d["moment_rounding"]]))
             if d.get("cascades"):
                 tables.append(table(f"extrapolate, seed {s}, {label}: cascades", [f"extrapolate{variant}-seed{s}.json"],
                                     ["cascades"], [[json.dumps(d["cascades"])]]))
