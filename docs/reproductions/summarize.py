@@ -197,21 +197,25 @@ def paper_002(results: Path) -> list[dict]:
                              "failure", "Phi stop", "CE stop", "loss(0)", f"loss({d['steps']})", "pre-resolved",
                              "embeddings unchanged", "max |dE|"], rows,
                             f"optimizer: {d['optimizer']}; targets: {d.get('target_modules')}"))
-    sw = load(results, "lora-sweep")
-    if sw is not None:
+    for name in ("lora-sweep", "lora-sweep-low"):
+        sw = load(results, name)
+        if sw is None:
+            continue
         crit = sw["critical_lr"]
         flips: dict[str, dict] = {}
         for c in sw["contexts"]:
-            flips.setdefault(c["target"].strip(), {})[c["lr"]] = c["flip_step"]
+            flips.setdefault(c["target"].strip(), {})[c["lr"]] = f"{c['flip_step']} / {r(c['phi'][-1], 3)} / {c['character']}"
         rows = [[p["target"].strip(), *[flips[p["target"].strip()].get(lr) for lr in crit["lrs"]], p["critical_lr"],
                  r(2e-4 / p["critical_lr"], 2) if p["critical_lr"] else None] for p in crit["per_context"]]
         cl = load(results, "classify-smollm2")
         pred = cl["predicted_critical_lora_lr"] if cl else None
         med = crit["median"]
-        tables.append(table("LoRA learning-rate sweep: flip step at each rate", ["lora-sweep.json", "classify-smollm2.json"],
-                            ["target", *[f"{lr:g}" for lr in crit["lrs"]], "critical lr", "h = 2e-4 / critical (derived)"],
-                            rows, f"median critical lr {med}; class prediction eta_c = 2e-4 / h_class = {pred}; "
-                            f"ratio median / prediction = {r(med / pred, 3) if med and pred else None} (derived)"))
+        tables.append(table(f"LoRA learning-rate sweep ({name}): flip step / final Phi / character at each rate",
+                            [f"{name}.json", "classify-smollm2.json"],
+                            ["target", *[f"{lr:g}" for lr in crit["lrs"]], "critical lr (smallest swept rate that flips)",
+                             "h = 2e-4 / critical (derived)"],
+                            rows, f"{sw['steps']} steps; median critical lr {med}; class prediction eta_c = 2e-4 / h_class = "
+                            f"{pred}; ratio median / prediction = {r(med / pred, 3) if med and pred else None} (derived)"))
     return tables
 
 
