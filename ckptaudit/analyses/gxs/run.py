@@ -34,6 +34,7 @@ from ckptaudit.analyses.gxs.evaluation import (
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.io.types import RunLike
+from ckptaudit.report.tree import TreeResult
 
 __all__ = ["ALPHAS", "SIGMAS", "Condition", "SlackResult", "TaskEval", "TokenEval", "TransplantResult",
            "VelocityResult", "check_compatible", "default_conditions", "evaluate", "head_label", "load_token_data",
@@ -206,7 +207,7 @@ def default_conditions(arch: Any, heads: Sequence[Head] | None = None, control: 
 
 
 @dataclass(frozen=True, eq=False)
-class TransplantResult:
+class TransplantResult(TreeResult):
     """Per condition: name, kind, heads, touched_query_heads, params_swapped (scalars in the swapped slices),
     params_changed (of those, how many differ from A), accuracy, loss, margin, swapped_equal_B, rest_equal_A."""
 
@@ -226,21 +227,25 @@ class TransplantResult:
     b: str = ""
     notes: tuple[str, ...] = field(default=())
 
-    def to_json(self) -> dict[str, Any]:
-        """--json keys: conditions, baseline_accuracy, baseline_loss, donor_accuracy, donor_loss, exact_copy,
-        a, b, architecture, n_layers, n_heads, n_kv_heads, eval, n, notes."""
+    HDF5_LAYOUT = {"conditions": "_hdf5_conditions", "notes": "_hdf5_notes"}  # HDF5 has no empty list
+
+    def to_tree(self) -> dict[str, Any]:
+        """Keys (--json and /gxs/transplant): conditions (the report: conditions/<i>, attributes and heads string
+        datasets), baseline_accuracy, baseline_loss, donor_accuracy, donor_loss, exact_copy, a, b, architecture,
+        n_layers, n_heads, n_kv_heads, eval, n, notes."""
         return {"a": self.a, "b": self.b, "conditions": [dict(c) for c in self.conditions],
                 "baseline_accuracy": self.baseline_accuracy, "baseline_loss": self.baseline_loss,
                 "donor_accuracy": self.donor_accuracy, "donor_loss": self.donor_loss, "exact_copy": self.exact_copy,
                 "architecture": self.architecture, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "eval": self.evaluator, "n": self.n, "notes": list(self.notes)}
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/transplant: conditions/<i> (attributes + heads string datasets), scalars as attributes."""
-        tree = self.to_json()
-        tree["conditions"] = [{k: (v if v != [] else None) for k, v in c.items()} for c in tree["conditions"]]
-        tree["notes"] = list(self.notes) or None
-        return tree
+    @staticmethod
+    def _hdf5_conditions(conditions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"conditions": [{k: (v if v != [] else None) for k, v in c.items()} for c in conditions]}
+
+    @staticmethod
+    def _hdf5_notes(notes: list[str]) -> dict[str, Any]:
+        return {"notes": list(notes) or None}
 
 
 def run_transplant(model_a: torch.nn.Module, source_a: Any, source_b: Any, arch: Any, evaluator: Any,
@@ -322,7 +327,7 @@ def _prove(live: Mapping[str, torch.Tensor], names: Sequence[str], source_a: Any
 
 
 @dataclass(frozen=True, eq=False)
-class VelocityResult:
+class VelocityResult(TreeResult):
     """Velocity of G and S per drift row (parameter units per step; the first row is relative to the anchor)."""
 
     steps: tuple[int, ...]
@@ -335,21 +340,16 @@ class VelocityResult:
     dims: dict[str, int]
     include_bias: bool
 
-    def to_json(self) -> dict[str, Any]:
-        """--json keys: steps, anchor_step, velocity_G, velocity_S, consolidation_step_G, consolidation_step_S,
-        order, peak_step_G, peak_step_S, dim_G, dim_S, include_bias."""
-        return {"steps": list(self.steps), "anchor_step": self.anchor_step, "velocity_G": self.velocity_G.tolist(),
-                "velocity_S": self.velocity_S.tolist(), "consolidation_step_G": self.consolidation_step_G,
-                "consolidation_step_S": self.consolidation_step_S, "order": self.order,
-                "peak_step_G": _peak(self.steps, self.velocity_G), "peak_step_S": _peak(self.steps, self.velocity_S),
-                "dim_G": self.dims.get("G"), "dim_S": self.dims.get("S"), "include_bias": self.include_bias}
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/velocity: datasets steps, velocity_G, velocity_S; the rest as attributes."""
-        tree = self.to_json()
-        tree["steps"] = np.asarray(self.steps, dtype=np.int64)
-        tree["velocity_G"], tree["velocity_S"] = self.velocity_G, self.velocity_S
-        return tree
+    def to_tree(self) -> dict[str, Any]:
+        """Keys (--json and /gxs/velocity, where the series are datasets): steps, anchor_step, velocity_G,
+        velocity_S, consolidation_step_G, consolidation_step_S, order, peak_step_G, peak_step_S, dim_G, dim_S,
+        include_bias."""
+        return {"steps": np.asarray(self.steps, dtype=np.int64), "anchor_step": self.anchor_step,
+                "velocity_G": self.velocity_G, "velocity_S": self.velocity_S,
+                "consolidation_step_G": self.consolidation_step_G, "consolidation_step_S": self.consolidation_step_S,
+                "order": self.order, "peak_step_G": _peak(self.steps, self.velocity_G),
+                "peak_step_S": _peak(self.steps, self.velocity_S), "dim_G": self.dims.get("G"),
+                "dim_S": self.dims.get("S"), "include_bias": self.include_bias}
 
 
 def _peak(steps: Sequence[int], nu: np.ndarray) -> int | None:
