@@ -23,7 +23,7 @@ import torch
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
 from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import RunLike
-from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
+from ckptaudit.io.vectors import SWITCH_PREFIX, MemoryVectorSink, read_vectors
 
 __all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
            "read_directions", "switch_direction", "trunk_layout"]
@@ -96,8 +96,9 @@ def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
     return v / n
 
 
-def read_directions(path: str | Path, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The directions of a ``backbone --save-vectors`` file and its block backbones, in one read.
+def read_directions(path: str | Path | MemoryVectorSink, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The directions of a ``backbone --save-vectors`` file (or of a MemoryVectorSink the backbone filled) and its
+    block backbones, in one read.
 
     Directions (each a unit float64 ``[dim]`` in ``layout`` coordinates, renormalised on the layout, e.g. one
     block): "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (``switch/<tensor>``

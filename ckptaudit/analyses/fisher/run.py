@@ -59,6 +59,7 @@ from ckptaudit.analyses.fisher.store import GradientStore
 from ckptaudit.analyses.fisher.uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.io.types import RunLike, StoredCheckpoint
+from ckptaudit.io.vectors import MemoryVectorSink
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
            "flat_gradient", "noise_floor", "prepare_probes", "run_fisher", "trunk_layout"]
@@ -375,7 +376,7 @@ def _default_batch_size(ckpt: StoredCheckpoint) -> int:
 def run_fisher(
     checkpoints: Sequence[StoredCheckpoint],
     settings: FisherSettings,
-    vectors: str | Path,
+    vectors: str | Path | MemoryVectorSink,
     task: str | None = None,
     data: str | Path | None = None,
     seq_len: int | None = None,
@@ -387,7 +388,8 @@ def run_fisher(
 ) -> FisherReport:
     """Fisher analysis at each of ``checkpoints`` (Checkpoint objects, any order; reported by ascending step).
 
-    vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
+    vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch), or a completed MemoryVectorSink
+    of ``run_backbone`` (the same entries, kept in memory). switch: (peak, trough) steps of
     ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
     :func:`ckptaudit.tasks.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
@@ -454,11 +456,11 @@ def run_fisher(
                         direction_cosines=cosines)
 
 
-def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path | MemoryVectorSink, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
     """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``: what ``ckptaudit gate`` checks.
 
-    ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``; the gate computes them
-    once and shares them between its checks). The quotients are measured on the data recorded in the checkpoint.
+    ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``, a file or a
+    MemoryVectorSink; the gate computes them once, in memory, and shares them between its checks). The quotients are measured on the data recorded in the checkpoint.
     """
     settings = FisherSettings(batches=batches, seed=seed, device=device)
     return float(run_fisher([run.checkpoints[-1]], settings, vectors).checkpoints[-1].anisotropy)
