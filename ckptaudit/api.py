@@ -624,3 +624,40 @@ def run_gate(path: str | Path, policy: Any, *, steps: Steps = None, device: str 
             hook.set_total(len(pol.checks))
         result = gate_run(run, pol, device=dev, seed=seed, progress=hook)
     return Report(result, inputs=run.checkpoints if pol.target == "all" else run.checkpoints[-1:])
+
+
+# ------------------------------------------------------------------------------------------- parameter names
+
+
+def _keyword_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` whose CkptAuditErrors name parameters as its keywords (``window=5``), not as the command's options;
+    the command line re-spells them with its own options (cli/app.py). A name ``fn`` lacks that differs from one
+    of its keywords by a plural "s" (an analysis' ``switch``, the API's ``switches``) is spelled as that keyword."""
+    import functools
+    import inspect as _inspect
+
+    keywords = set(_inspect.signature(fn).parameters)
+
+    def spelling(name: str, with_value: bool) -> str:
+        for candidate in (name, name + "s", name + "es", name.removesuffix("s")):
+            if candidate in keywords:
+                return candidate + "="
+        return name + "="
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from ckptaudit.errors import CkptAuditError
+
+        try:
+            return fn(*args, **kwargs)
+        except CkptAuditError as e:
+            e.spelling = spelling
+            raise
+
+    return call
+
+
+for _name in __all__:
+    if _name not in ("Report", "EmbeddingsReport"):
+        globals()[_name] = _keyword_errors(globals()[_name])
+del _name

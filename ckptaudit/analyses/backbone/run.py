@@ -163,12 +163,12 @@ def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias
     trunk = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
     if not trunk:
         raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
-                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+                         "pass $role_map to tell ckptaudit which tensors are the transformer blocks", param="role_map")
     present = sorted({p.block for p in trunk})
     wanted = present if blocks is None else list(blocks)
     missing = [b for b in wanted if b not in present]
     if missing:
-        raise UsageError(f"--blocks {missing}: the model has blocks {present[0]}..{present[-1]}", None)
+        raise UsageError(f"$blocks={missing}: the model has blocks {present[0]}..{present[-1]}", None, param="blocks")
     groups: dict[str, list] = {"trunk": trunk}
     for b in wanted:
         groups[f"block_{b}"] = [p for p in trunk if p.block == b]
@@ -323,7 +323,7 @@ def _plan(run: RunLike, s: BackboneSettings) -> _Plan:
     rows = ckpts[anchor_idx + 1 :]
     if len(rows) < 2:
         raise UsageError(f"backbone needs at least 2 checkpoints after the anchor (step {anchor.step}), found {len(rows)}",
-                         "choose an earlier --anchor or a run with more checkpoints")
+                         "choose an earlier $anchor or a run with more checkpoints", param="anchor")
     steps = [int(c.step) for c in rows]
     a_step = int(anchor.step)
     with _as_source(anchor) as src:
@@ -342,15 +342,15 @@ def _switch_pairs(ckpts: Sequence[CheckpointLike], s: BackboneSettings, a_step: 
     if s.metric is not None:
         history = _trainer_log_history(ckpts)
         if not any(s.metric in e for e in history):
-            raise DataError(f"--metric {s.metric}: no trainer_state.json log_history entry holds {s.metric!r}",
-                            "name a metric logged by the trainer, or give --switch PEAK:TROUGH")
+            raise DataError(f"$metric={s.metric}: no trainer_state.json log_history entry holds {s.metric!r}",
+                            "name a metric logged by the trainer, or give $switch=PEAK:TROUGH", param="metric")
         pairs += [pq for pq in detect_switches(history, s.metric, [a_step, *steps]) if pq not in pairs]
     valid = {a_step, *steps}
     for p, q in pairs:
         for step in (p, q):
             if step not in valid:
-                raise UsageError(f"--switch {p}:{q}: step {step} is not a checkpoint at or after the anchor",
-                                 f"steps: {format_steps(sorted(valid))}")
+                raise UsageError(f"$switch={p}:{q}: step {step} is not a checkpoint at or after the anchor",
+                                 f"steps: {format_steps(sorted(valid))}", param="switch")
     return pairs
 
 

@@ -70,11 +70,11 @@ def trunk_layout(arch: Any, block: int | None = None, include_bias: bool = False
     pieces = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
     if not pieces:
         raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
-                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+                         "pass $role_map to tell ckptaudit which tensors are the transformer blocks", param="role_map")
     present = sorted({p.block for p in pieces})
     if block is not None:
         if block not in present:
-            raise UsageError(f"--block {block}: the model has blocks {present[0]}..{present[-1]}")
+            raise UsageError(f"$block={block}: the model has blocks {present[0]}..{present[-1]}", param="block")
         pieces = [p for p in pieces if p.block == block]
     order = sorted(range(len(pieces)), key=lambda i: (pieces[i].block, i))
     pieces = [pieces[i] for i in order]
@@ -139,8 +139,8 @@ def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) 
     ckpts = {int(c.step): c for c in run.checkpoints}
     for s in (peak, trough):
         if s not in ckpts:
-            raise UsageError(f"--switch {peak}:{trough}: no checkpoint at step {s}",
-                             f"steps: {format_steps(sorted(ckpts))}")
+            raise UsageError(f"$switch={peak}:{trough}: no checkpoint at step {s}",
+                             f"steps: {format_steps(sorted(ckpts))}", param="switch")
     flats = []
     for s in (peak, trough):
         with ckpts[s].tensors() as src:
@@ -160,7 +160,8 @@ def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """
     dim = int(v_b.numel())
     if k >= dim:
-        raise UsageError(f"--random {k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}")
+        raise UsageError(f"$n_random={k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}",
+                         param="n_random")
     gen = torch.Generator().manual_seed(int(seed))
     vb = v_b.detach().to("cpu", torch.float64)
     vb = vb / torch.linalg.vector_norm(vb)

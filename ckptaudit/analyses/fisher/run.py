@@ -208,7 +208,7 @@ def fisher_at_model(
         raise UsageError("the fisher analysis needs a backbone direction")
     M, D = int(settings.batches), layout.dim
     if M < 1:
-        raise UsageError(f"--batches {M}: need at least 1")
+        raise UsageError(f"$batches={M}: need at least 1", param="batches")
     dev = next(model.parameters()).device
     if probes is None:
         if random is None:
