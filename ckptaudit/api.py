@@ -237,7 +237,7 @@ def backbone(run: str | Path, *, steps: Steps = None, revisions: str | None = No
     ``blocks``: "0,2,5" / "0-3" or block indices; ``switches``: "PEAK:TROUGH" strings or (peak, trough) step pairs;
     ``fit_range``: "LO:HI" or (lo, hi) steps. Returns a :class:`Report` of the BackboneReport.
     """
-    from ckptaudit.analyses.backbone.run import run_backbone
+    from ckptaudit.analyses.backbone.run import BackboneSettings, run_backbone
     from ckptaudit.cli.backbone_cmd import parse_blocks, parse_fit_range
     from ckptaudit.cli.common import load_drift_run
     from ckptaudit.cli.options import check_output_path, parse_switch
@@ -256,14 +256,15 @@ def backbone(run: str | Path, *, steps: Steps = None, revisions: str | None = No
             )
         pairs = [_pair(s, parse_switch) for s in switches]
         hook = _hook(progress)
-        report = run_backbone(
-            drift, anchor_step=anchor, blocks=parse_blocks(blocks), include_bias=include_bias, window=window,
-            normalize_rows=normalize_rows, switches=pairs, metric=metric, device=dev, role_map=_role_map(role_map),
-            save_vectors=save_vectors, top_k_vectors=top_k, progress=hook,
-            progress_total=hook.set_total if hook is not None else None, allow_partial_trunk=allow_partial_trunk,
+        settings = BackboneSettings(
+            anchor_step=anchor, blocks=parse_blocks(blocks), include_bias=include_bias, window=window,
+            normalize_rows=normalize_rows, switches=tuple(pairs), metric=metric, device=dev,
+            role_map=_role_map(role_map), top_k_vectors=top_k, allow_partial_trunk=allow_partial_trunk,
             fit_range=parse_fit_range(fit_range if fit_range is None or isinstance(fit_range, str)
                                       else ":".join(str(int(x)) for x in fit_range)),
         )  # fmt: skip
+        report = run_backbone(drift, settings, save_vectors=save_vectors, progress=hook,
+                              progress_total=hook.set_total if hook is not None else None)
     return Report(report, inputs=drift.checkpoints)
 
 
@@ -284,15 +285,16 @@ def fisher(run: str | Path, *, steps: Steps = None, revisions: str | None = None
     ``backbone_run`` (default: ``run`` itself when it has at least 3 checkpoints). ``settings``: a FisherSettings
     used instead of the individual numbers. Returns a :class:`Report` of the FisherReport.
     """
-    import tempfile
+    import dataclasses
 
     from ckptaudit.analyses import distributed
-    from ckptaudit.analyses.backbone.run import run_backbone
+    from ckptaudit.analyses.backbone.run import BackboneSettings, run_backbone
     from ckptaudit.analyses.fisher.run import FisherSettings, run_fisher
     from ckptaudit.cli.common import load_run
-    from ckptaudit.cli.fisher_cmd import broadcast_file, parse_bytes
+    from ckptaudit.cli.fisher_cmd import parse_bytes
     from ckptaudit.cli.options import apply_threads, parse_switch, window_spec
     from ckptaudit.errors import UsageError
+    from ckptaudit.io.vectors import MemoryVectorSink
 
     if vectors is not None and backbone_run is not None:
         raise UsageError("give either --vectors or --run, not both")
@@ -319,28 +321,28 @@ def fisher(run: str | Path, *, steps: Steps = None, revisions: str | None = None
         pair = _pair(switch, parse_switch) if switch is not None else None
         share = settings.batches if ctx is None else len(range(ctx.rank, settings.batches, ctx.world_size))
         hook = _hook(progress)
-        with tempfile.TemporaryDirectory(prefix="ckptaudit-fisher-") as tmp:
-            vec_path = vectors
-            if vec_path is None:
-                vec_path = Path(tmp) / "backbone.safetensors"
-                # Under torchrun the backbone pass splits its tensors across the ranks and rank 0 writes the
-                # vectors; the file then goes to every rank (temporary directories need not be shared).
-                run_backbone(source_run, device=dev, save_vectors=vec_path, top_k_vectors=6,
-                             include_bias=settings.include_bias, progress=hook)
-                if ctx is not None:
-                    broadcast_file(ctx, vec_path)
-                if _note is not None:
-                    _note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
-            if hook is not None:
-                hook.stage("fisher: gradients", share * len(targets.checkpoints))
-            report = run_fisher(targets.checkpoints, settings, vec_path, task=task, data=_path(data), seq_len=seq_len,
-                                switch=pair, switch_run=source_run, progress=hook,
-                                windows=window_spec(seq_len, pack, None, train_tokens, settings.seed), dtype=dtype)
-    report.settings["threads"] = n_threads
-    report.settings["timing_seconds"] = {"total": time.perf_counter() - t_start,
-                                         **{f"step_{c.step}": c.seconds for c in report.checkpoints}}
-    if vectors is None:  # name the run the directions came from, not the temporary file
-        report.settings["vectors"] = f"backbone of {source_run.path}"
+        directions: Path | MemoryVectorSink | None = vectors
+        if directions is None:
+            # The backbone pass keeps its vectors in memory. Under torchrun it splits its tensors across the ranks
+            # and rank 0 fills the sink, which then goes to every rank.
+            directions = MemoryVectorSink(f"backbone vectors of {source_run.path}")
+            run_backbone(source_run, BackboneSettings(device=dev, top_k_vectors=6, include_bias=settings.include_bias),
+                         save_vectors=directions, progress=hook)
+            if ctx is not None:
+                directions.share(ctx)
+            if _note is not None:
+                _note(f"backbone computed from {source_run.path} ({len(source_run.checkpoints)} checkpoints)")
+        if hook is not None:
+            hook.stage("fisher: gradients", share * len(targets.checkpoints))
+        report = run_fisher(targets.checkpoints, settings, directions, task=task, data=_path(data), seq_len=seq_len,
+                            switch=pair, switch_run=source_run, progress=hook,
+                            windows=window_spec(seq_len, pack, None, train_tokens, settings.seed), dtype=dtype)
+    record = {**report.settings, "threads": n_threads,
+              "timing_seconds": {"total": time.perf_counter() - t_start,
+                                 **{f"step_{c.step}": c.seconds for c in report.checkpoints}}}
+    if vectors is None:  # name the run the directions came from
+        record["vectors"] = f"backbone of {source_run.path}"
+    report = dataclasses.replace(report, settings=record)
     return Report(report, inputs=targets.checkpoints)
 
 
@@ -622,3 +624,40 @@ def run_gate(path: str | Path, policy: Any, *, steps: Steps = None, device: str 
             hook.set_total(len(pol.checks))
         result = gate_run(run, pol, device=dev, seed=seed, progress=hook)
     return Report(result, inputs=run.checkpoints if pol.target == "all" else run.checkpoints[-1:])
+
+
+# ------------------------------------------------------------------------------------------- parameter names
+
+
+def _keyword_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` whose CkptAuditErrors name parameters as its keywords (``window=5``), not as the command's options;
+    the command line re-spells them with its own options (cli/app.py). A name ``fn`` lacks that differs from one
+    of its keywords by a plural "s" (an analysis' ``switch``, the API's ``switches``) is spelled as that keyword."""
+    import functools
+    import inspect as _inspect
+
+    keywords = set(_inspect.signature(fn).parameters)
+
+    def spelling(name: str, with_value: bool) -> str:
+        for candidate in (name, name + "s", name + "es", name.removesuffix("s")):
+            if candidate in keywords:
+                return candidate + "="
+        return name + "="
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from ckptaudit.errors import CkptAuditError
+
+        try:
+            return fn(*args, **kwargs)
+        except CkptAuditError as e:
+            e.spelling = spelling
+            raise
+
+    return call
+
+
+for _name in __all__:
+    if _name not in ("Report", "EmbeddingsReport"):
+        globals()[_name] = _keyword_errors(globals()[_name])
+del _name

@@ -267,7 +267,7 @@ def finetune_trajectory(
     "unchanged": 1.0 or 0.0}`` from bit-for-bit comparisons of the embedding (and untied head) before/after.
     """
     if mode not in ("lora", "full"):
-        raise UsageError(f"--mode {mode}: unknown mode", "use lora or full")
+        raise UsageError(f"$mode={mode}: unknown mode", "use lora or full", param="mode")
     if steps < 0 or not (lr > 0 and math.isfinite(lr)):
         raise UsageError(f"need steps >= 0 and a positive learning rate, got steps={steps}, lr={lr}")
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random; seeding per run keeps runs order-independent
@@ -431,7 +431,7 @@ def finetune_probe(
     ``progress(1)`` is called per optimizer step.
     """
     if mode not in ("lora", "full"):
-        raise UsageError(f"--mode {mode}: unknown mode", "use lora or full")
+        raise UsageError(f"$mode={mode}: unknown mode", "use lora or full", param="mode")
     if not lrs:
         raise UsageError("no learning rate given")
     prepared, skipped = usable_contexts(tokenizer, model, contexts, strict)

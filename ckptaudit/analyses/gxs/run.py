@@ -58,23 +58,25 @@ _DIGITS = re.compile(r"[0-9]{1,18}", re.ASCII)  # ASCII digits only: int() would
 def parse_heads(spec: str, arch: Any) -> list[Head]:
     """'0.1,1.3' (block.query_head) or '1.*' (every head of block 1) -> sorted unique (block, head) pairs."""
     if arch.n_heads is None:
-        raise UsageError("--heads needs the number of attention heads, unknown for this checkpoint",
-                         "keep config.json beside the weights")
+        raise UsageError("$heads needs the number of attention heads, unknown for this checkpoint",
+                         "keep config.json beside the weights", param="heads")
     out: set[Head] = set()
     for item in filter(None, (x.strip() for x in spec.split(","))):
         layer, _, head = item.partition(".")
         if not (_DIGITS.fullmatch(layer) and (head == "*" or _DIGITS.fullmatch(head))):
-            raise UsageError(f"--heads {spec}: {item!r} is not LAYER.HEAD", "e.g. --heads 0.1,1.3 or --heads 1.*")
+            raise UsageError(f"$heads={spec}: {item!r} is not LAYER.HEAD", "e.g. $heads=0.1,1.3 or $heads=1.*", param="heads")
         block = int(layer)
         heads = range(arch.n_heads) if head == "*" else [int(head)]
         if not 0 <= block < arch.n_layers:
-            raise UsageError(f"--heads {item}: block {block} out of range (the model has {arch.n_layers} blocks)", None)
+            raise UsageError(f"$heads={item}: block {block} out of range (the model has {arch.n_layers} blocks)", None,
+                             param="heads")
         for h in heads:
             if not 0 <= h < arch.n_heads:
-                raise UsageError(f"--heads {item}: head {h} out of range (blocks have {arch.n_heads} query heads)", None)
+                raise UsageError(f"$heads={item}: head {h} out of range (blocks have {arch.n_heads} query heads)",
+                                 None, param="heads")
             out.add((block, h))
     if not out:
-        raise UsageError(f"--heads {spec!r}: no head given", "e.g. --heads 0.1,1.3")
+        raise UsageError(f"$heads={spec!r}: no head given", "e.g. $heads=0.1,1.3", param="heads")
     return sorted(out)
 
 

@@ -225,9 +225,10 @@ def parse_thresholds(spec: str | None) -> tuple[float, float] | None:
     try:
         low, high = (float(x) for x in spec.split(","))
     except ValueError:
-        raise UsageError(f"--thresholds {spec}: expected LOW,HIGH", "e.g. --thresholds 0.997,0.9995") from None
+        raise UsageError(f"$thresholds={spec}: expected LOW,HIGH", "e.g. $thresholds=0.997,0.9995", param="thresholds") from None
     if low > high:
-        raise UsageError(f"--thresholds {spec}: LOW is above HIGH", "e.g. --thresholds 0.997,0.9995")
+        raise UsageError(f"$thresholds={spec}: LOW is above HIGH", "e.g. $thresholds=0.997,0.9995",
+                         param="thresholds")
     return low, high
 
 
