@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ckptaudit.analyses.regimes import (
+from ckptaudit.analyses.regimes.run import (
     REGIMES,
     UNKNOWN,
     ProbeSet,
@@ -36,6 +36,7 @@ from ckptaudit.analyses.regimes import (
     run_fingerprints,
 )
 from ckptaudit.io.types import StoredCheckpoint
+from ckptaudit.report.tree import TreeResult
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
@@ -70,7 +71,7 @@ class SeedRegimes:
 
 
 @dataclass(frozen=True)
-class CrossSeedResult:
+class CrossSeedResult(TreeResult):
     """Cross-seed statistics (see the module docstring)."""
 
     seeds: tuple[SeedRegimes, ...]
@@ -94,10 +95,16 @@ class CrossSeedResult:
         return {"steps": list(self.matched_steps), "mean": self.cka_mean,
                 "pairs": {k: list(v) for k, v in self.cka_pairs.items()}}  # fmt: skip
 
-    def to_json(self) -> dict:
+    JSON_ONLY = frozenset({"matched_steps", "notes"})
+    HDF5_LAYOUT = {"cka": "_hdf5_cka", "seeds": "_hdf5_seeds"}
+
+    def to_tree(self) -> dict:
+        """Keys (--json and /cross_seed): loss_cv, first_entry_std, regime_agreement, cka {steps, mean, pairs},
+        thresholds, seeds (the report: one group per label, first_entry -1 where never entered), matched_steps,
+        probes, notes (the last two --json only)."""
         return {
             "loss_cv": self.loss_cv,
-            "first_entry_std": self.first_entry_std,
+            "first_entry_std": dict(self.first_entry_std),
             "regime_agreement": self.regime_agreement,
             "cka": self.cka_json(),
             "thresholds": self.thresholds.to_json(),
@@ -112,25 +119,19 @@ class CrossSeedResult:
             "notes": list(self.notes),
         }
 
-    def to_hdf5_tree(self) -> dict:
-        seeds = {
+    def _hdf5_cka(self, cka: dict) -> dict:
+        return {"cka": {"steps": np.asarray(self.matched_steps, dtype=np.int64), "mean": np.asarray(self.cka_mean),
+                        "pairs": {k: np.asarray(v) for k, v in self.cka_pairs.items()}}}  # fmt: skip
+
+    def _hdf5_seeds(self, seeds: list) -> dict:
+        return {"seeds": {
             s.label: {
                 "steps": np.asarray(s.steps, dtype=np.int64), "similarity": np.asarray(s.similarity),
                 "regime": list(s.regime), "first_entry": {k: (-1 if v is None else v) for k, v in s.first_entry.items()},
                 "final_loss": s.final_loss, "final_loss_source": s.final_loss_source,
             }
             for s in self.seeds
-        }  # fmt: skip
-        return {
-            "loss_cv": self.loss_cv,
-            "first_entry_std": dict(self.first_entry_std),
-            "regime_agreement": self.regime_agreement,
-            "thresholds": self.thresholds.to_json(),
-            "cka": {"steps": np.asarray(self.matched_steps, dtype=np.int64), "mean": np.asarray(self.cka_mean),
-                    "pairs": {k: np.asarray(v) for k, v in self.cka_pairs.items()}},  # fmt: skip
-            "seeds": seeds,
-            "probes": self.probes,
-        }
+        }}  # fmt: skip
 
 
 def coefficient_of_variation(values: Sequence[float]) -> float | None:

@@ -29,6 +29,36 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return os.environ.get("CKPTAUDIT_DEBUG", "") not in ("", "0", "false")
 
 
+_COMMAND_KEY = "ckptaudit.command"
+
+
+def option_spelling(command: Any) -> Any:
+    """How ``command`` (a click command) spells a parameter an error names (``CkptAuditError.param``, ``$name``):
+    its long option (``--window``, then a space before a value), an argument's metavar. A name the command lacks
+    is matched up to a plural "s", then by its usual option (``train_steps`` -> ``--train-steps`` of the parameter
+    ``steps``), else spelled ``errors.option_spelling``."""
+    from ckptaudit.errors import option_spelling as default
+
+    opts = {}
+    for p in getattr(command, "params", None) or ():
+        if p.name is None:
+            continue
+        longs = [o for o in p.opts if o.startswith("--")]
+        opts[p.name] = longs[0] if longs else p.name.upper()
+
+    def spelling(name: str, with_value: bool) -> str:
+        flag = default(name, False)
+        for candidate in (name, name + "s", name + "es", name.removesuffix("s")):  # the option of lr_mults is lr_mult
+            if candidate in opts:
+                flag = opts[candidate]
+                break
+        else:
+            flag = next((f for f in opts.values() if f in (flag, flag + "s", flag.removesuffix("s"))), flag)
+        return flag + " " if with_value else flag
+
+    return spelling
+
+
 def one_line(text: str) -> str:
     """``text`` on one line: what an error line may hold whatever the message it wraps."""
     return " ".join(str(text).split())
@@ -49,6 +79,8 @@ class AuditGroup(TyperGroup):
         from ckptaudit.cli.paramtypes import harden
 
         name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            ctx.meta[_COMMAND_KEY] = cmd  # meta is shared by the whole context chain: the leaf command wins
         return name, (harden(cmd) if cmd is not None else cmd), rest
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -68,7 +100,8 @@ class AuditGroup(TyperGroup):
                 e.show_traceback = True  # for main(), which no longer sees the root context's --debug
                 raise
             _show_notes(ctx, notes)
-            click.echo(f"ckptaudit: error: {one_line(e)}", err=True)
+            click.echo(f"ckptaudit: error: {one_line(e.render(option_spelling(ctx.meta.get(_COMMAND_KEY))))}",
+                       err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("ckptaudit: interrupted", err=True)

@@ -139,21 +139,6 @@ def fisher(
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
 
 
-def broadcast_file(ctx: Any, path: Path, chunk: int = 1 << 26) -> None:
-    """Copy rank 0's file ``path`` to ``path`` on every other rank of ``ctx``, ``chunk`` bytes at a time."""
-    import numpy as np
-
-    size = ctx.broadcast(np.array([path.stat().st_size if ctx.is_main else 0], dtype=np.int64))
-    size = int(size[0])
-    with open(path, "rb" if ctx.is_main else "wb") as f:
-        for lo in range(0, size, chunk):
-            n = min(chunk, size - lo)
-            buf = np.frombuffer(f.read(n), dtype=np.uint8) if ctx.is_main else np.zeros(n, dtype=np.uint8)
-            buf = ctx.broadcast(buf)
-            if not ctx.is_main:
-                f.write(buf.tobytes())
-
-
 def _interval(c: dict, key: str) -> str | None:
     """The bootstrap interval of ``key`` at checkpoint ``c`` as "lo–hi" (None without a bootstrap)."""
     b = c.get("bootstrap")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from ckptaudit.errors import (
 )
 from ckptaudit.gate.result import GateResult
 from ckptaudit.io.types import RunLike, StoredCheckpoint
+from ckptaudit.io.vectors import MemoryVectorSink
 
 if TYPE_CHECKING:
     from ckptaudit.gate.policy import Policy
@@ -40,13 +40,12 @@ class GateContext:
         self._info: dict[str, Any] = {}
         self._opt: dict[str, Any] = {}
         self._backbone: Any = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
 
     def info(self, ckpt: StoredCheckpoint) -> Any:
-        """provenance.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
+        """analyses.inspect.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
         key = str(ckpt.path)
         if key not in self._info:
-            from ckptaudit.analyses.provenance import inspect_checkpoint
+            from ckptaudit.analyses.inspect import inspect_checkpoint
 
             self._info[key] = inspect_checkpoint(ckpt, check_files=True)[0]
         return self._info[key]
@@ -68,12 +67,12 @@ class GateContext:
             raise value
         return value
 
-    def backbone(self, run_backbone: Callable[..., Any]) -> tuple[Any, Path | None]:
-        """(report, trunk vectors file) of ``run_backbone`` over the whole run, computed once per gate run.
+    def backbone(self, run_backbone: Callable[..., Any]) -> tuple[Any, MemoryVectorSink | None]:
+        """(report, trunk vectors) of ``run_backbone`` over the whole run, computed once per gate run.
 
-        The backbone and fisher_anisotropy checks share it. The vectors file (v_b and PC2, what the Fisher
-        measurement reads) is written only when fisher_anisotropy is enabled, into a temporary directory that
-        :meth:`close` removes; it is None otherwise. A refusal of the analysis is cached and re-raised.
+        The backbone and fisher_anisotropy checks share it. The vectors (v_b and PC2, what the Fisher measurement
+        reads) are kept in memory only when fisher_anisotropy is enabled (a MemoryVectorSink; nothing is written
+        to disk); None otherwise. A refusal of the analysis is cached and re-raised.
         """
         if self._backbone is None:
             n = len(self.run.checkpoints)
@@ -82,8 +81,7 @@ class GateContext:
                 if n < 3:
                     raise UsageError(f"the backbone direction needs >= 3 checkpoints of a run, got {n}")
                 if "fisher_anisotropy" in self.policy.checks:
-                    self._tmp = tempfile.TemporaryDirectory(prefix="ckptaudit-gate-")
-                    vectors = Path(self._tmp.name) / "backbone.safetensors"
+                    vectors = MemoryVectorSink(f"backbone vectors of {self.run.path}")
                 report = run_backbone(self.run, device=self.device, save_vectors=vectors, top_k_vectors=2)
                 self._backbone = (report, vectors)
             except CkptAuditError as e:
@@ -93,11 +91,8 @@ class GateContext:
         return self._backbone
 
     def close(self) -> None:
-        """Remove the gate run's temporary files (the backbone vectors)."""
+        """Drop what the gate run cached (the backbone report and its vectors)."""
         self._backbone = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 def _rel(path: Any, base: Any) -> str:

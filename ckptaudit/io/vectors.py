@@ -10,6 +10,11 @@ anchor_step, steps, sigma, group, normalize_rows, layout.
 reads, nothing memory-mapped) and reads only the tensors the caller names, and of each only its first ``rows``
 rows, so memory is what the caller keeps, not the size of the file. Every problem is a
 :class:`~ckptaudit.errors.CkptAuditError` naming the file and, where there is one, the tensor.
+
+Writing: the backbone's vectors pass hands its entries, one stored tensor at a time, to a :class:`VectorSink`.
+:class:`SafetensorsVectorSink` streams them into the file above (at most one entry in memory);
+:class:`MemoryVectorSink` keeps them (the same float32 values) for an analysis in the same process, and
+:func:`read_vectors` reads either.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError
 from ckptaudit.io.safetensors_source import SafetensorsSource
+from ckptaudit.io.writer import SafetensorsStreamWriter
 
-__all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "VectorFile", "read_vectors"]
+__all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "MemoryVectorSink", "SafetensorsVectorSink", "VectorFile", "VectorSink",
+           "read_vectors", "vector_sink"]
 
 SWITCH_PREFIX = "switch/"
 BLOCK_PREFIX = "block/"  # block/<tensor>: the backbone of the tensor's own block (its PC1)
@@ -32,6 +41,154 @@ WRITE_HINT = "write one with `ckptaudit backbone --save-vectors`"
 REWRITE_HINT = "the vectors file is damaged or incomplete: write it again with `ckptaudit backbone --save-vectors`"
 SIZE_HINT = "the vectors were computed on another model size"
 ARCH_HINT = "the vectors were computed on another architecture"
+
+
+Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@runtime_checkable
+class VectorSink(Protocol):
+    """Where the entries of a vectors pass go. :meth:`begin` declares every entry (name -> (shape, dtype), in the
+    order they will be written) and the metadata (str -> str); :meth:`write` then receives each entry once, in that
+    order; :meth:`close` completes the set, :meth:`abort` drops what was written. ``location``: the file path
+    reported as the result's ``vectors``, None when nothing is written to disk."""
+
+    location: str | None
+
+    def begin(self, specs: Specs, metadata: Mapping[str, str]) -> None: ...
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class SafetensorsVectorSink:
+    """The vectors file at ``path`` (``backbone --save-vectors``), written entry by entry: at most one entry is in
+    memory, and the file appears only once complete (:class:`ckptaudit.io.writer.SafetensorsStreamWriter`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.location: str | None = str(path)
+        self._writer: SafetensorsStreamWriter | None = None
+
+    def begin(self, specs: Specs, metadata: Mapping[str, str]) -> None:
+        self._writer = SafetensorsStreamWriter(self.path, specs, metadata)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._writer is not None, "begin() first"
+        self._writer.write(name, tensor)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+class MemoryVectorSink:
+    """The entries kept in memory (CPU, in their declared dtype: the values a file would hold), for an analysis of
+    the same process (``fisher`` without ``--vectors``, the gate). ``label`` names them in error messages.
+    Holds D x k floats: for the trunk of a large model write a file instead."""
+
+    location: str | None = None
+
+    def __init__(self, label: str = "backbone vectors (in memory)"):
+        self.label = label
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.complete = False
+
+    def __str__(self) -> str:
+        return self.label
+
+    def begin(self, specs: Specs, metadata: Mapping[str, str]) -> None:
+        self._specs = {str(n): (tuple(int(x) for x in shape), dtype) for n, (shape, dtype) in specs.items()}
+        self.metadata = {str(k): str(v) for k, v in metadata.items()}
+        self.tensors = {}
+        self.complete = False
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        order = list(self._specs)
+        expect = order[len(self.tensors)] if len(self.tensors) < len(order) else None
+        shape, dtype = self._specs.get(name, ((), torch.float32))
+        if name != expect or tuple(tensor.shape) != shape:
+            raise ValueError(f"expected {expect} {self._specs.get(expect or '', ((),))[0]}, got {name} "
+                             f"{tuple(tensor.shape)}")
+        self.tensors[name] = tensor.detach().to("cpu", dtype).contiguous().clone()
+
+    def close(self) -> None:
+        if len(self.tensors) != len(self._specs):
+            n, total = len(self.tensors), len(self._specs)
+            self.abort()
+            raise ValueError(f"only {n} of {total} tensors were written")
+        self.complete = True
+
+    def abort(self) -> None:
+        self.tensors = {}
+        self.complete = False
+
+    def share(self, ctx: Any) -> None:
+        """Rank 0's entries and metadata on every rank of ``ctx`` (an object with ``is_main`` and
+        ``broadcast(ndarray) -> ndarray``, as :class:`ckptaudit.analyses.distributed.DistContext`)."""
+        import json
+
+        head = b""
+        if ctx.is_main:
+            head = json.dumps({"metadata": self.metadata,
+                               "entries": [[n, list(t.shape), str(t.dtype).replace("torch.", "")]
+                                           for n, t in self.tensors.items()]}).encode()
+        size = int(ctx.broadcast(np.array([len(head)], dtype=np.int64))[0])
+        raw = ctx.broadcast(np.frombuffer(head, dtype=np.uint8) if ctx.is_main else np.zeros(size, dtype=np.uint8))
+        doc = json.loads(raw.tobytes().decode())
+        specs = {n: (tuple(shape), getattr(torch, dt)) for n, shape, dt in doc["entries"]}
+        if not ctx.is_main:
+            self.begin(specs, doc["metadata"])
+        for n, (shape, dtype) in specs.items():
+            t = self.tensors[n] if ctx.is_main else torch.zeros(shape, dtype=dtype)
+            got = torch.from_numpy(ctx.broadcast(t.numpy()))
+            if not ctx.is_main:
+                self.write(n, got)
+        if not ctx.is_main:
+            self.close()
+
+    def source(self) -> _MemorySource:
+        """The entries through the reading interface of :class:`SafetensorsSource` (keys, shape, read_flat)."""
+        return _MemorySource(self)
+
+
+class _MemorySource:
+    def __init__(self, sink: MemoryVectorSink):
+        self._t = sink.tensors
+        self.metadata = dict(sink.metadata)
+
+    def __enter__(self) -> _MemorySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._t[name].reshape(-1)[start:stop]
+
+
+def vector_sink(target: str | Path | VectorSink | None) -> VectorSink | None:
+    """``target`` as a sink: a path -> :class:`SafetensorsVectorSink` there; a sink or None as given."""
+    if target is None or isinstance(target, VectorSink):
+        return target
+    return SafetensorsVectorSink(target)
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,7 +199,7 @@ class VectorFile:
     the file's safetensors metadata. ``block``: tensor name -> float64 ``[*tensor_shape]``, the backbone of that
     tensor's own block (files written since block backbones were added; empty otherwise or when not asked for)."""
 
-    path: Path
+    path: Path | MemoryVectorSink
     stacks: dict[str, torch.Tensor]
     switch: dict[str, torch.Tensor]
     metadata: dict[str, str]
@@ -66,7 +223,7 @@ class VectorFile:
         return {n: x / norm for n, x in v.items()}
 
 
-def _stack_rows(path: Path, name: str, stored: tuple[int, ...], shape: tuple[int, ...]) -> int:
+def _stack_rows(path: Any, name: str, stored: tuple[int, ...], shape: tuple[int, ...]) -> int:
     """k of entry ``name``: ``[k, *shape]`` -> k, ``shape`` itself -> 1; any other shape is an error naming both."""
     if stored == shape:
         return 1
@@ -87,7 +244,7 @@ def _read_rows(src: SafetensorsSource, key: str, rows: int, shape: tuple[int, ..
 
 
 def read_vectors(
-    path: str | Path,
+    path: str | Path | MemoryVectorSink,
     shapes: Mapping[str, Sequence[int]],
     *,
     rows: int | None = None,
@@ -107,17 +264,24 @@ def read_vectors(
     Errors: a missing file -> InputNotFoundError; not safetensors, truncated, or a dtype torch cannot hold ->
     CorruptFileError; an entry whose shape is neither ``[k, *shape]`` nor ``shape``, a missing or unknown
     tensor, no vector entry at all, k = 0, or V_1 zero / not finite on the tensors read -> CorruptFileError.
+    ``path`` may also be a completed :class:`MemoryVectorSink` (the same checks, messages naming its label).
     """
-    path = Path(path)
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such vectors file", hint=WRITE_HINT)
     want = {str(n): tuple(int(x) for x in s) for n, s in shapes.items()}
-    try:
-        src = SafetensorsSource(path)
-    except CorruptFileError as exc:  # bad length, header not JSON, offsets outside the file...
-        raise CorruptFileError(exc.message, hint=REWRITE_HINT) from None
+    src: Any
+    if isinstance(path, MemoryVectorSink):
+        if not path.complete:
+            raise InputNotFoundError(f"{path}: no vectors were written", hint=WRITE_HINT)
+        src = path.source()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise InputNotFoundError(f"{path}: no such vectors file", hint=WRITE_HINT)
+        try:
+            src = SafetensorsSource(path)
+        except CorruptFileError as exc:  # bad length, header not JSON, offsets outside the file...
+            raise CorruptFileError(exc.message, hint=REWRITE_HINT) from None
     with src:
         keys = set(src.keys())
         if partial:

@@ -26,28 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy/torch scalars and arrays, tuples and dataclass-like dicts into plain JSON types.
-
-    NaN and infinities become None so the output is strict JSON.
-    """
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # torch tensors
-        return to_jsonable(obj.tolist())
-    return obj
+from ckptaudit.report.tree import to_jsonable
 
 
 class Output:

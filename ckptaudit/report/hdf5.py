@@ -111,7 +111,7 @@ def write_report(
             g.create_dataset("bytes", data=np.array([r.bytes for r in inputs], dtype=np.int64))
             g.create_dataset("sha256", data=np.array([r.sha256 for r in inputs], dtype=object), dtype=str_dt)
             if summary is not None:
-                from ckptaudit.report.console import to_jsonable
+                from ckptaudit.report.tree import to_jsonable
 
                 f.create_dataset(SUMMARY_DATASET, data=h5_text(json.dumps(to_jsonable(summary))),
                                  dtype=h5py.string_dtype())

@@ -433,7 +433,7 @@ def load_sequences(ckpt: Any, file: str | Path, max_sequences: int | None = None
         seqs = [tuple(tok(t)["input_ids"]) for t in texts]
     seqs = [x for x in seqs if len(x) >= 2][: max_sequences or None]
     if not seqs:
-        raise DataError(f"--data {file}: no sequence with at least 2 tokens", "give longer sequences")
+        raise DataError(f"$data={file}: no sequence with at least 2 tokens", "give longer sequences", param="data")
     return seqs
 
 
@@ -451,7 +451,7 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
                 raise json.JSONDecodeError("no '='", item, 0)
             kwargs[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            raise DataError(f"--task {spec}: {item!r} is not key=value", hint="e.g. --task modadd:p=97") from None
+            raise DataError(f"$task={spec}: {item!r} is not key=value", hint="e.g. $task=modadd:p=97", param="task") from None
     return name.strip(), kwargs
 
 
@@ -501,10 +501,10 @@ def _check_task_fits(built: Any, ckpt: Any, spec: str) -> None:
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab == built.vocab_size:
         return
     fix = built.params_for_vocab(vocab) if hasattr(built, "params_for_vocab") else None
-    hint = (f"give the task as the model was trained: --task {built.name}:" + ",".join(f"{k}={v}" for k, v in fix.items())
+    hint = (f"give the task as the model was trained: $task={built.name}:" + ",".join(f"{k}={v}" for k, v in fix.items())
             if fix else "give the task's parameters as the model was trained")
-    raise DataError(f"--task {spec}: the task's vocabulary has {built.vocab_size} tokens, the model's ({ckpt.path}) "
-                    f"{vocab}", hint=hint)
+    raise DataError(f"$task={spec}: the task's vocabulary has {built.vocab_size} tokens, the model's ({ckpt.path}) "
+                    f"{vocab}", hint=hint, param="task")
 
 
 def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train") -> None:

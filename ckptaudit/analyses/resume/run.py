@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptaudit.analyses.resume_conditions import ProbeInputs, fresh_optimizer, restored_optimizer
+from ckptaudit.analyses.resume.conditions import ProbeInputs, fresh_optimizer, restored_optimizer
 from ckptaudit.errors import OptimizerStateError, UsageError
 from ckptaudit.io.vectors import read_vectors
 
@@ -199,7 +199,7 @@ def default_eval_steps(n: int, every: int | None = None) -> list[int]:
     """Eval steps: 0, 1, 2, 5, 10, 20, 50, ... (1-2-5 decades) up to ``n``, plus ``n``; or 0, every, 2 every, ..., n."""
     if every is not None:
         if every < 1:
-            raise UsageError(f"--eval-every {every}: must be >= 1")
+            raise UsageError(f"$eval_every={every}: must be >= 1", param="eval_every")
         out = list(range(0, n + 1, every))
     else:
         out, decade = [0], 1
@@ -231,7 +231,7 @@ def plan_conditions(settings: ResumeSettings, has_optimizer_state: bool) -> list
         seen: set[float] = set()
         for m in settings.lr_mults:
             if not (m > 0 and math.isfinite(m)):
-                raise UsageError(f"--lr-mult {m}: multipliers must be positive numbers")
+                raise UsageError(f"$lr_mults={m}: multipliers must be positive numbers", param="lr_mults")
             if m in seen:
                 continue
             seen.add(m)
@@ -442,7 +442,7 @@ def run_resume_probe(
     """
     settings = settings or ResumeSettings()
     if settings.steps < 1:
-        raise UsageError(f"--train-steps {settings.steps}: must be >= 1")
+        raise UsageError(f"$train_steps={settings.steps}: must be >= 1", param="train_steps")
     notes = list(inputs.notes)
     if inputs.max_steps is not None and settings.steps > inputs.max_steps:
         if inputs.max_steps < 1:
@@ -454,9 +454,9 @@ def run_resume_probe(
     if inputs.scheduler_factory is None and inputs.loop is None:  # CONTROL keeps the lr: say so, not "saved"
         specs = [dataclasses.replace(s, schedule="held") if s.optimizer == "preserved" else s for s in specs]
     if vectors is not None and "adapter" in inputs.report:
-        raise UsageError(f"--vectors {vectors}: backbone vectors of an adapter run are over the merged weights, while "
+        raise UsageError(f"$vectors={vectors}: backbone vectors of an adapter run are over the merged weights, while "
                          "resume-probe moves the adapter parameters (lora_A, lora_B)",
-                         "drop --vectors for adapter checkpoints; backbone reads the run's merged trajectory")
+                         "drop $vectors for adapter checkpoints; backbone reads the run's merged trajectory", param="vectors")
     start_cpu = _start_copy(inputs.model)
     vector = load_backbone_vector(vectors, inputs.model) if vectors is not None else None
     results = []

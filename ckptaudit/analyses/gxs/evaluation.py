@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptaudit.errors import DataError, UsageError
+from ckptaudit.report.tree import TreeResult
 from ckptaudit.sampling import stable_seed
 
 ALPHAS: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
@@ -273,7 +274,7 @@ def final_residual_site(model: nn.Module) -> tuple[str, nn.Module, str]:
 
 
 @dataclass(frozen=True, eq=False)
-class SlackResult:
+class SlackResult(TreeResult):
     """The slack grid. accuracy / margin: arrays [len(alpha), len(sigma)]; margin = mean margin (logit units).
     no_gain_reflex[i]: margin does not increase with sigma at alpha[i] (non-increasing along the row).
     accuracy_se / margin_se / loss_se: standard errors of the cells over the n_units input sequences
@@ -299,25 +300,18 @@ class SlackResult:
     def _errors(self) -> dict[str, Any]:
         return {f"{k}_se": getattr(self, f"{k}_se") for k in ("accuracy", "margin", "loss")}
 
-    def to_json(self) -> dict[str, Any]:
-        """--json keys: alpha, sigma, accuracy (grid), margin (grid), loss (grid), their standard errors
-        accuracy_se, margin_se, loss_se (grids or null), no_gain_reflex (per alpha), site, site_kind, eval, n,
-        n_units (input sequences), seed, checkpoint."""
-        errors = {k: (None if v is None else v.tolist()) for k, v in self._errors().items()}
-        return {"checkpoint": self.checkpoint, "alpha": list(self.alpha), "sigma": list(self.sigma),
-                "accuracy": self.accuracy.tolist(), "margin": self.margin.tolist(), "loss": self.loss.tolist(),
-                **errors, "no_gain_reflex": list(self.no_gain_reflex), "site": self.site, "site_kind": self.site_kind,
-                "eval": self.evaluator, "n": self.n, "n_units": self.n_units, "seed": self.seed}
+    HDF5_SKIP_NONE = frozenset({"accuracy_se", "margin_se", "loss_se"})  # no errors from a single sequence
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/slack: datasets alpha, sigma, accuracy, margin, loss, their *_se (when there are two or
-        more sequences), no_gain_reflex; attributes."""
-        errors = {k: v for k, v in self._errors().items() if v is not None}
-        return {"alpha": np.asarray(self.alpha), "sigma": np.asarray(self.sigma), "accuracy": self.accuracy,
-                "margin": self.margin, "loss": self.loss, **errors,
+    def to_tree(self) -> dict[str, Any]:
+        """Keys (--json and /gxs/slack): alpha, sigma, accuracy (grid), margin (grid), loss (grid), their standard
+        errors accuracy_se, margin_se, loss_se (grids; null in --json and absent from the report with one input
+        sequence), no_gain_reflex (per alpha), site, site_kind, eval, n, n_units (input sequences), seed,
+        checkpoint."""
+        return {"checkpoint": self.checkpoint, "alpha": np.asarray(self.alpha), "sigma": np.asarray(self.sigma),
+                "accuracy": self.accuracy, "margin": self.margin, "loss": self.loss, **self._errors(),
                 "no_gain_reflex": np.asarray(self.no_gain_reflex, dtype=bool), "site": self.site,
                 "site_kind": self.site_kind, "eval": self.evaluator, "n": self.n, "n_units": self.n_units,
-                "seed": self.seed, "checkpoint": self.checkpoint}
+                "seed": self.seed}
 
 
 def ratio_se(totals: np.ndarray, counts: np.ndarray) -> np.ndarray | None:

@@ -19,7 +19,7 @@ Definitions (reported by :class:`FisherCheckpoint`):
 - with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches;
 - the Fisher trace tr F, the signed projections <g_i, v_b> (mean, std), the raw block projections
   <g_{i,l}, v_b^(l)>, the spread of the random quotients with its exact counterpart, the standard errors over
-  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher_uncertainty`.
+  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher.uncertainty`.
 
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.fisher_directions import (
+from ckptaudit.analyses.fisher.directions import (
     TrunkLayout,
     random_directions,
     read_directions,
@@ -54,11 +54,12 @@ from ckptaudit.analyses.fisher_directions import (
     switch_direction,
     trunk_layout,
 )
-from ckptaudit.analyses.fisher_results import FisherCheckpoint, FisherReport, noise_floor
-from ckptaudit.analyses.fisher_store import GradientStore
-from ckptaudit.analyses.fisher_uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
+from ckptaudit.analyses.fisher.results import FisherCheckpoint, FisherReport, noise_floor
+from ckptaudit.analyses.fisher.store import GradientStore
+from ckptaudit.analyses.fisher.uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.io.types import RunLike, StoredCheckpoint
+from ckptaudit.io.vectors import MemoryVectorSink
 
 __all__ = ["FisherCheckpoint", "FisherReport", "FisherSettings", "GradientStore", "Probes", "fisher_at_model",
            "flat_gradient", "noise_floor", "prepare_probes", "run_fisher", "trunk_layout"]
@@ -183,6 +184,45 @@ def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor], 
     return Probes(named, matrix, vb, int(random.shape[0]))
 
 
+def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training: bool) -> None:
+    """Give ``model`` back its parameters' requires_grad flags and its train/eval mode."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad[n])
+    model.train(training)
+
+
+def _gram_eigenpairs(store: GradientStore, ctx: Any, M: int, device: str,
+                     chunk_elems: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Gram ``[M, M]``, eigenvalues descending ``[M]``, eigenvectors ``[M, M]``) of the stored gradients.
+
+    Several processes: rank 0 gathers the Gram and decomposes it once for all ranks, so the coefficients of u_1
+    agree everywhere; the Gram goes with it (the bootstrap over batches needs it on every rank)."""
+    if ctx is None:
+        gram = store.gram(device, chunk_elems)
+        s, a = _eig_desc(gram)
+        return gram, s, a
+    gram = store.gram_gathered(ctx, M, device, chunk_elems)
+    eig = np.zeros(M + 2 * M * M, dtype=np.float64)
+    if gram is not None:
+        s0, a0 = _eig_desc(gram)
+        eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
+    eig = ctx.broadcast(eig)
+    return eig[M + M * M :].reshape(M, M).copy(), eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
+
+
+def _top_eigenvector(store: GradientStore, ctx: Any, s: np.ndarray, a: np.ndarray, mine: range, M: int, device: str,
+                     chunk_elems: int) -> np.ndarray | None:
+    """u_1 = G^T a_1 / ||G^T a_1|| (float64 ``[D]``), None when the gradients are all zero. Several processes: the
+    sum of each rank's G_r^T a_1 over its own batches."""
+    if not s[0] > 0:
+        return None
+    if ctx is None:
+        u = store.combine(a[:, 0], device, chunk_elems)
+    else:
+        u = store.combine(a[list(mine), 0], device, chunk_elems, rows=M, reduce=ctx.all_reduce_sum)
+    return u / np.linalg.norm(u)
+
+
 def fisher_at_model(
     model: torch.nn.Module,
     data: Any,
@@ -207,7 +247,7 @@ def fisher_at_model(
         raise UsageError("the fisher analysis needs a backbone direction")
     M, D = int(settings.batches), layout.dim
     if M < 1:
-        raise UsageError(f"--batches {M}: need at least 1")
+        raise UsageError(f"$batches={M}: need at least 1", param="batches")
     dev = next(model.parameters()).device
     if probes is None:
         if random is None:
@@ -239,9 +279,13 @@ def fisher_at_model(
     # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = sdpa_kernel([SDPBackend.MATH]) if settings.hessian else contextlib.nullcontext()
-    try:
-        kernel.__enter__()
+    stores: list[GradientStore] = []
+    with contextlib.ExitStack() as stack:
+        # Undone in reverse order: the attention kernel, the gradient store, then the model's flags and mode.
+        stack.callback(_restore, model, saved_flags, was_training)
+        stack.callback(lambda: [st.close() for st in stores])
+        if settings.hessian:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         model.eval()
         # Only the analysed tensors need gradients: the rest of the backward pass is skipped.
         for p in model.parameters():
@@ -251,6 +295,7 @@ def fisher_at_model(
         if ctx is not None:  # a rank may get no batch (M < W) but joins the collectives with the gradient dtype
             store = GradientStore(len(mine), D, _gradient_dtype(params.values()), settings.memory_budget,
                                   settings.spill_dir, device=dev)
+            stores.append(store)
         # Per-batch scalars stay on the device until the loop ends: no host synchronisation per gradient.
         packed_rows: list[torch.Tensor] = []
         curv_rows: list[torch.Tensor] = []
@@ -262,6 +307,7 @@ def fisher_at_model(
             if store is None:
                 dtype = np.dtype(str(g.dtype).replace("torch.", ""))
                 store = GradientStore(M, D, dtype, settings.memory_budget, settings.spill_dir, device=dev)
+                stores.append(store)
             g64 = g.to(torch.float64)
             seg = [torch.stack((torch.dot(g64[lo:hi], vb_blocks[lo:hi]), torch.dot(g64[lo:hi], g64[lo:hi])))
                    for lo, hi in ranges.values()]
@@ -294,40 +340,13 @@ def fisher_at_model(
             losses[idx] = packed[:, -1]
             if curv is not None:
                 curv[idx] = torch.stack(curv_rows).cpu().numpy()
-        if ctx is None:
-            gram = store.gram(str(dev), settings.chunk_elems)
-            s, a = _eig_desc(gram)
-        else:
+        if ctx is not None:
             proj, norms, block_cos, block_dot, block_norm, losses, curv = _sum_over_ranks(
                 ctx, proj, norms, block_cos, block_dot, block_norm, losses, curv)
-            gram = store.gram_gathered(ctx, M, str(dev), settings.chunk_elems)
-            # One eigendecomposition (rank 0's) for all ranks, so the coefficients of u_1 agree everywhere; the
-            # Gram goes with it (the bootstrap over batches needs it on every rank).
-            eig = np.zeros(M + 2 * M * M, dtype=np.float64)
-            if gram is not None:
-                s0, a0 = _eig_desc(gram)
-                eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
-            eig = ctx.broadcast(eig)
-            s, a = eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
-            gram = eig[M + M * M :].reshape(M, M).copy()
-        u1 = None
-        if s[0] > 0:
-            if ctx is None:
-                u = store.combine(a[:, 0], str(dev), settings.chunk_elems)
-            else:
-                u = store.combine(a[list(mine), 0], str(dev), settings.chunk_elems, rows=M, reduce=ctx.all_reduce_sum)
-            u1 = u / np.linalg.norm(u)
-            overlap = abs(float(u1 @ v_b.cpu().numpy()))
-        else:
-            overlap = float("nan")
+        gram, s, a = _gram_eigenpairs(store, ctx, M, str(dev), settings.chunk_elems)
+        u1 = _top_eigenvector(store, ctx, s, a, mine, M, str(dev), settings.chunk_elems)
+        overlap = abs(float(u1 @ v_b.cpu().numpy())) if u1 is not None else float("nan")
         where = store.where
-    finally:
-        kernel.__exit__(None, None, None)
-        if store is not None:
-            store.close()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved_flags[n])
-        model.train(was_training)
     q_all = (proj**2).mean(axis=0)
     q = {n: float(q_all[j]) for j, n in enumerate(named)}
     q_rand = q_all[n_named:]
@@ -375,7 +394,7 @@ def _default_batch_size(ckpt: StoredCheckpoint) -> int:
 def run_fisher(
     checkpoints: Sequence[StoredCheckpoint],
     settings: FisherSettings,
-    vectors: str | Path,
+    vectors: str | Path | MemoryVectorSink,
     task: str | None = None,
     data: str | Path | None = None,
     seq_len: int | None = None,
@@ -387,7 +406,8 @@ def run_fisher(
 ) -> FisherReport:
     """Fisher analysis at each of ``checkpoints`` (Checkpoint objects, any order; reported by ascending step).
 
-    vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch). switch: (peak, trough) steps of
+    vectors: a ``backbone --save-vectors`` file (v_b, PC2..PC6, optional switch), or a completed MemoryVectorSink
+    of ``run_backbone`` (the same entries, kept in memory). switch: (peak, trough) steps of
     ``switch_run`` for the switching direction (overrides one stored in the file). task / data / seq_len: as
     :func:`ckptaudit.tasks.data.load_data` (``windows``: its WindowSpec). ``dtype``: the model's precision
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
@@ -454,11 +474,11 @@ def run_fisher(
                         direction_cosines=cosines)
 
 
-def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
+def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path | MemoryVectorSink, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
     """Anisotropy alpha = q(v_b) / mean q(random) at the last checkpoint of ``run``: what ``ckptaudit gate`` checks.
 
-    ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``; the gate computes them
-    once and shares them between its checks). The quotients are measured on the data recorded in the checkpoint.
+    ``vectors``: the run's own backbone vectors (``run_backbone(run, save_vectors=...)``, a file or a
+    MemoryVectorSink; the gate computes them once, in memory, and shares them between its checks). The quotients are measured on the data recorded in the checkpoint.
     """
     settings = FisherSettings(batches=batches, seed=seed, device=device)
     return float(run_fisher([run.checkpoints[-1]], settings, vectors).checkpoints[-1].anisotropy)

@@ -23,7 +23,7 @@ import torch
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
 from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import RunLike
-from ckptaudit.io.vectors import SWITCH_PREFIX, read_vectors
+from ckptaudit.io.vectors import SWITCH_PREFIX, MemoryVectorSink, read_vectors
 
 __all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
            "read_directions", "switch_direction", "trunk_layout"]
@@ -70,11 +70,11 @@ def trunk_layout(arch: Any, block: int | None = None, include_bias: bool = False
     pieces = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
     if not pieces:
         raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
-                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+                         "pass $role_map to tell ckptaudit which tensors are the transformer blocks", param="role_map")
     present = sorted({p.block for p in pieces})
     if block is not None:
         if block not in present:
-            raise UsageError(f"--block {block}: the model has blocks {present[0]}..{present[-1]}")
+            raise UsageError(f"$block={block}: the model has blocks {present[0]}..{present[-1]}", param="block")
         pieces = [p for p in pieces if p.block == block]
     order = sorted(range(len(pieces)), key=lambda i: (pieces[i].block, i))
     pieces = [pieces[i] for i in order]
@@ -96,8 +96,9 @@ def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
     return v / n
 
 
-def read_directions(path: str | Path, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The directions of a ``backbone --save-vectors`` file and its block backbones, in one read.
+def read_directions(path: str | Path | MemoryVectorSink, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The directions of a ``backbone --save-vectors`` file (or of a MemoryVectorSink the backbone filled) and its
+    block backbones, in one read.
 
     Directions (each a unit float64 ``[dim]`` in ``layout`` coordinates, renormalised on the layout, e.g. one
     block): "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (``switch/<tensor>``
@@ -138,8 +139,8 @@ def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) 
     ckpts = {int(c.step): c for c in run.checkpoints}
     for s in (peak, trough):
         if s not in ckpts:
-            raise UsageError(f"--switch {peak}:{trough}: no checkpoint at step {s}",
-                             f"steps: {format_steps(sorted(ckpts))}")
+            raise UsageError(f"$switch={peak}:{trough}: no checkpoint at step {s}",
+                             f"steps: {format_steps(sorted(ckpts))}", param="switch")
     flats = []
     for s in (peak, trough):
         with ckpts[s].tensors() as src:
@@ -159,7 +160,8 @@ def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """
     dim = int(v_b.numel())
     if k >= dim:
-        raise UsageError(f"--random {k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}")
+        raise UsageError(f"$n_random={k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}",
+                         param="n_random")
     gen = torch.Generator().manual_seed(int(seed))
     vb = v_b.detach().to("cpu", torch.float64)
     vb = vb / torch.linalg.vector_norm(vb)

@@ -8,7 +8,7 @@
 - Velocity: nu_g(t) = ||theta_g(t) - theta_g(t_prev)|| / (t - t_prev) of G (q, k) and S (v, o, mlp), from the
   backbone Gram (``run_backbone`` groups), and the consolidation step of each (first step after which nu stays
   below 10% of its peak): which group consolidates first.
-- Slack: see :mod:`ckptaudit.analyses.gxs_eval`.
+- Slack: see :mod:`ckptaudit.analyses.gxs.evaluation`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.gxs_eval import (
+from ckptaudit.analyses.gxs.evaluation import (
     ALPHAS,
     SIGMAS,
     EvalStats,
@@ -34,6 +34,7 @@ from ckptaudit.analyses.gxs_eval import (
 )
 from ckptaudit.errors import UsageError
 from ckptaudit.io.types import RunLike
+from ckptaudit.report.tree import TreeResult
 
 __all__ = ["ALPHAS", "SIGMAS", "Condition", "SlackResult", "TaskEval", "TokenEval", "TransplantResult",
            "VelocityResult", "check_compatible", "default_conditions", "evaluate", "head_label", "load_token_data",
@@ -57,23 +58,25 @@ _DIGITS = re.compile(r"[0-9]{1,18}", re.ASCII)  # ASCII digits only: int() would
 def parse_heads(spec: str, arch: Any) -> list[Head]:
     """'0.1,1.3' (block.query_head) or '1.*' (every head of block 1) -> sorted unique (block, head) pairs."""
     if arch.n_heads is None:
-        raise UsageError("--heads needs the number of attention heads, unknown for this checkpoint",
-                         "keep config.json beside the weights")
+        raise UsageError("$heads needs the number of attention heads, unknown for this checkpoint",
+                         "keep config.json beside the weights", param="heads")
     out: set[Head] = set()
     for item in filter(None, (x.strip() for x in spec.split(","))):
         layer, _, head = item.partition(".")
         if not (_DIGITS.fullmatch(layer) and (head == "*" or _DIGITS.fullmatch(head))):
-            raise UsageError(f"--heads {spec}: {item!r} is not LAYER.HEAD", "e.g. --heads 0.1,1.3 or --heads 1.*")
+            raise UsageError(f"$heads={spec}: {item!r} is not LAYER.HEAD", "e.g. $heads=0.1,1.3 or $heads=1.*", param="heads")
         block = int(layer)
         heads = range(arch.n_heads) if head == "*" else [int(head)]
         if not 0 <= block < arch.n_layers:
-            raise UsageError(f"--heads {item}: block {block} out of range (the model has {arch.n_layers} blocks)", None)
+            raise UsageError(f"$heads={item}: block {block} out of range (the model has {arch.n_layers} blocks)", None,
+                             param="heads")
         for h in heads:
             if not 0 <= h < arch.n_heads:
-                raise UsageError(f"--heads {item}: head {h} out of range (blocks have {arch.n_heads} query heads)", None)
+                raise UsageError(f"$heads={item}: head {h} out of range (blocks have {arch.n_heads} query heads)",
+                                 None, param="heads")
             out.add((block, h))
     if not out:
-        raise UsageError(f"--heads {spec!r}: no head given", "e.g. --heads 0.1,1.3")
+        raise UsageError(f"$heads={spec!r}: no head given", "e.g. $heads=0.1,1.3", param="heads")
     return sorted(out)
 
 
@@ -206,7 +209,7 @@ def default_conditions(arch: Any, heads: Sequence[Head] | None = None, control: 
 
 
 @dataclass(frozen=True, eq=False)
-class TransplantResult:
+class TransplantResult(TreeResult):
     """Per condition: name, kind, heads, touched_query_heads, params_swapped (scalars in the swapped slices),
     params_changed (of those, how many differ from A), accuracy, loss, margin, swapped_equal_B, rest_equal_A."""
 
@@ -226,21 +229,25 @@ class TransplantResult:
     b: str = ""
     notes: tuple[str, ...] = field(default=())
 
-    def to_json(self) -> dict[str, Any]:
-        """--json keys: conditions, baseline_accuracy, baseline_loss, donor_accuracy, donor_loss, exact_copy,
-        a, b, architecture, n_layers, n_heads, n_kv_heads, eval, n, notes."""
+    HDF5_LAYOUT = {"conditions": "_hdf5_conditions", "notes": "_hdf5_notes"}  # HDF5 has no empty list
+
+    def to_tree(self) -> dict[str, Any]:
+        """Keys (--json and /gxs/transplant): conditions (the report: conditions/<i>, attributes and heads string
+        datasets), baseline_accuracy, baseline_loss, donor_accuracy, donor_loss, exact_copy, a, b, architecture,
+        n_layers, n_heads, n_kv_heads, eval, n, notes."""
         return {"a": self.a, "b": self.b, "conditions": [dict(c) for c in self.conditions],
                 "baseline_accuracy": self.baseline_accuracy, "baseline_loss": self.baseline_loss,
                 "donor_accuracy": self.donor_accuracy, "donor_loss": self.donor_loss, "exact_copy": self.exact_copy,
                 "architecture": self.architecture, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "eval": self.evaluator, "n": self.n, "notes": list(self.notes)}
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/transplant: conditions/<i> (attributes + heads string datasets), scalars as attributes."""
-        tree = self.to_json()
-        tree["conditions"] = [{k: (v if v != [] else None) for k, v in c.items()} for c in tree["conditions"]]
-        tree["notes"] = list(self.notes) or None
-        return tree
+    @staticmethod
+    def _hdf5_conditions(conditions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"conditions": [{k: (v if v != [] else None) for k, v in c.items()} for c in conditions]}
+
+    @staticmethod
+    def _hdf5_notes(notes: list[str]) -> dict[str, Any]:
+        return {"notes": list(notes) or None}
 
 
 def run_transplant(model_a: torch.nn.Module, source_a: Any, source_b: Any, arch: Any, evaluator: Any,
@@ -322,7 +329,7 @@ def _prove(live: Mapping[str, torch.Tensor], names: Sequence[str], source_a: Any
 
 
 @dataclass(frozen=True, eq=False)
-class VelocityResult:
+class VelocityResult(TreeResult):
     """Velocity of G and S per drift row (parameter units per step; the first row is relative to the anchor)."""
 
     steps: tuple[int, ...]
@@ -335,21 +342,16 @@ class VelocityResult:
     dims: dict[str, int]
     include_bias: bool
 
-    def to_json(self) -> dict[str, Any]:
-        """--json keys: steps, anchor_step, velocity_G, velocity_S, consolidation_step_G, consolidation_step_S,
-        order, peak_step_G, peak_step_S, dim_G, dim_S, include_bias."""
-        return {"steps": list(self.steps), "anchor_step": self.anchor_step, "velocity_G": self.velocity_G.tolist(),
-                "velocity_S": self.velocity_S.tolist(), "consolidation_step_G": self.consolidation_step_G,
-                "consolidation_step_S": self.consolidation_step_S, "order": self.order,
-                "peak_step_G": _peak(self.steps, self.velocity_G), "peak_step_S": _peak(self.steps, self.velocity_S),
-                "dim_G": self.dims.get("G"), "dim_S": self.dims.get("S"), "include_bias": self.include_bias}
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree under /gxs/velocity: datasets steps, velocity_G, velocity_S; the rest as attributes."""
-        tree = self.to_json()
-        tree["steps"] = np.asarray(self.steps, dtype=np.int64)
-        tree["velocity_G"], tree["velocity_S"] = self.velocity_G, self.velocity_S
-        return tree
+    def to_tree(self) -> dict[str, Any]:
+        """Keys (--json and /gxs/velocity, where the series are datasets): steps, anchor_step, velocity_G,
+        velocity_S, consolidation_step_G, consolidation_step_S, order, peak_step_G, peak_step_S, dim_G, dim_S,
+        include_bias."""
+        return {"steps": np.asarray(self.steps, dtype=np.int64), "anchor_step": self.anchor_step,
+                "velocity_G": self.velocity_G, "velocity_S": self.velocity_S,
+                "consolidation_step_G": self.consolidation_step_G, "consolidation_step_S": self.consolidation_step_S,
+                "order": self.order, "peak_step_G": _peak(self.steps, self.velocity_G),
+                "peak_step_S": _peak(self.steps, self.velocity_S), "dim_G": self.dims.get("G"),
+                "dim_S": self.dims.get("S"), "include_bias": self.include_bias}
 
 
 def _peak(steps: Sequence[int], nu: np.ndarray) -> int | None:
@@ -372,7 +374,7 @@ def run_velocity(run: RunLike, include_bias: bool = False, device: str = "cpu", 
                  anchor_step: int | None = None, progress: Callable[[int], None] | None = None,
                  allow_partial_trunk: bool = False) -> VelocityResult:
     """Velocities and consolidation steps of G and S over ``run``, from ``run_backbone``'s role-group Grams."""
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
 
     report = run_backbone(run, anchor_step=anchor_step, blocks=[], include_bias=include_bias, device=device,
                           role_map=role_map, progress=progress, allow_partial_trunk=allow_partial_trunk)

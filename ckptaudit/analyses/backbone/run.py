@@ -3,30 +3,25 @@
 ``run_backbone`` resolves the architecture from the anchor checkpoint's tensor shapes and config, builds the
 parameter groups (trunk = q, k, v, o, mlp_in, mlp_out weights of every block; one group per analysed block;
 role groups G = q, k and S = v, o, mlp), computes every group's Gram in one pass over the checkpoints
-(:func:`ckptaudit.analyses.gram.drift_grams`), and derives all quantities from the Grams
-(:mod:`ckptaudit.analyses.backbone_metrics`). Rows are the checkpoints after the anchor (checkpoints before a
-later ``anchor_step`` are not used). ``save_vectors`` streams V_1..V_k of the trunk to safetensors in a second
-pass.
+(:func:`ckptaudit.analyses.backbone.gram.drift_grams`), and derives all quantities from the Grams
+(:mod:`ckptaudit.analyses.backbone.metrics`). Rows are the checkpoints after the anchor (checkpoints before a
+later ``anchor_step`` are not used). What to compute is a :class:`BackboneSettings`; V_1..V_k of the trunk go,
+in a second pass, to a :class:`~ckptaudit.io.vectors.VectorSink` (a safetensors file streamed tensor by tensor,
+or memory).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ckptaudit.analyses.backbone_metrics import (
-    BackboneResult,
-    backbone_from_gram,
-    detect_switches,
-    switch_cosines,
-)
-from ckptaudit.analyses.gram import (
+from ckptaudit.analyses.backbone.gram import (
     DEFAULT_CHUNK_ELEMS,
     _as_source,
     _read,
@@ -34,14 +29,19 @@ from ckptaudit.analyses.gram import (
     drift_grams,
     tensor_names_of,
 )
+from ckptaudit.analyses.backbone.metrics import (
+    BackboneResult,
+    backbone_from_gram,
+    detect_switches,
+    switch_cosines,
+)
 from ckptaudit.errors import DataError, UsageError
 from ckptaudit.io.steps import anchor_index, format_steps
 from ckptaudit.io.types import CheckpointLike, RunLike
-from ckptaudit.io.vectors import BLOCK_PREFIX
-from ckptaudit.io.writer import SafetensorsStreamWriter
+from ckptaudit.io.vectors import BLOCK_PREFIX, VectorSink, vector_sink
 
-__all__ = ["BackboneReport", "BackboneResult", "backbone_from_gram", "backbone_groups", "detect_switches",
-           "run_backbone", "save_backbone_vectors"]
+__all__ = ["BackboneReport", "BackboneResult", "BackboneSettings", "backbone_from_gram", "backbone_groups",
+           "detect_switches", "run_backbone", "save_backbone_vectors"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,12 +163,12 @@ def backbone_groups(arch: Any, blocks: Sequence[int] | None = None, include_bias
     trunk = [p for p in arch.select(TRUNK_ROLES, None, include_bias) if p.block is not None]
     if not trunk:
         raise UsageError("the checkpoint has no trunk parameters (q, k, v, o, mlp_in, mlp_out of a block)",
-                         "pass --role-map to tell ckptaudit which tensors are the transformer blocks")
+                         "pass $role_map to tell ckptaudit which tensors are the transformer blocks", param="role_map")
     present = sorted({p.block for p in trunk})
     wanted = present if blocks is None else list(blocks)
     missing = [b for b in wanted if b not in present]
     if missing:
-        raise UsageError(f"--blocks {missing}: the model has blocks {present[0]}..{present[-1]}", None)
+        raise UsageError(f"$blocks={missing}: the model has blocks {present[0]}..{present[-1]}", None, param="blocks")
     groups: dict[str, list] = {"trunk": trunk}
     for b in wanted:
         groups[f"block_{b}"] = [p for p in trunk if p.block == b]
@@ -188,150 +188,226 @@ def _trainer_log_history(checkpoints: Sequence[CheckpointLike]) -> list[dict]:
     return []
 
 
+@dataclass(frozen=True)
+class BackboneSettings:
+    """What ``run_backbone`` computes.
+
+    anchor_step: step of the anchor (None: the first checkpoint); rows are the checkpoints after it. blocks: blocks
+    analysed one by one (None: all; the trunk and role groups always span every block). window: rows per window of
+    c(w) (a run with fewer rows gets one window of all its rows). switches: (peak_step, trough_step) pairs;
+    ``metric`` adds the pairs detected in trainer_state log_history. role_map: a user family or overlay (a Family,
+    path or dict) for resolve_architecture. top_k_vectors: k of the V_1..V_k a vector sink receives.
+    chunk_elems: elements per streamed chunk of the Gram pass. allow_partial_trunk: analyse a trunk that lacks a role
+    its family expects in some block (otherwise an error naming what is missing). fit_range: (lo, hi) steps of the
+    power-law fits of a(t) and ||r(t)|| (None: every row after the anchor).
+    """
+
+    anchor_step: int | None = None
+    blocks: Sequence[int] | None = None
+    include_bias: bool = False
+    window: int = 10
+    normalize_rows: bool = False
+    switches: Sequence[tuple[int, int]] = ()
+    metric: str | None = None
+    device: Any = "cpu"
+    role_map: Any = None
+    top_k_vectors: int = 6
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    allow_partial_trunk: bool = False
+    fit_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What the passes over the data need, fixed before any data is read."""
+
+    anchor: CheckpointLike
+    rows: list[CheckpointLike]
+    steps: list[int]
+    anchor_step: int
+    unused_steps: list[int]
+    arch: Any
+    groups: dict[str, list]
+    pairs: list[tuple[int, int]]
+
+    @property
+    def block_ids(self) -> list[int]:
+        return sorted(int(k.split("_", 1)[1]) for k in self.groups if k.startswith("block_"))
+
+
 def run_backbone(
     run: RunLike,
-    anchor_step: int | None = None,
-    blocks: Sequence[int] | None = None,
-    include_bias: bool = False,
-    window: int = 10,
-    normalize_rows: bool = False,
-    switches: Sequence[tuple[int, int]] = (),
-    metric: str | None = None,
-    device: str = "cpu",
-    role_map: Any = None,
-    save_vectors: str | Path | None = None,
-    top_k_vectors: int = 6,
+    settings: BackboneSettings | None = None,
+    *,
+    save_vectors: str | Path | VectorSink | None = None,
     progress: Callable[[float], None] | None = None,
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     progress_total: Callable[[float], None] | None = None,
-    allow_partial_trunk: bool = False,
-    fit_range: tuple[int, int] | None = None,
+    **options: Any,
 ) -> BackboneReport:
     """Backbone analysis of ``run`` (a Run: ``.checkpoints`` ordered by step, each with ``.step``, ``.tensors()``,
-    ``.config()``, ``.trainer_state()``).
+    ``.config()``, ``.trainer_state()``) with ``settings`` (:class:`BackboneSettings`; keyword ``options`` name
+    its fields and override them, e.g. ``run_backbone(run, window=3)``).
 
-    anchor_step: step of the anchor (default: the first checkpoint); rows are the checkpoints after it.
-    blocks: blocks analysed one by one (default all; the trunk and role groups always span every block).
-    switches: (peak_step, trough_step) pairs; ``metric`` adds pairs detected in trainer_state log_history.
-    role_map: a user family or overlay (a Family, path or dict) for resolve_architecture. save_vectors: path of a
-    safetensors file for V_1..V_k (k = top_k_vectors) of the trunk. allow_partial_trunk: analyse a trunk that
-    lacks a role its family expects in some block (otherwise an error naming what is missing). fit_range: (lo, hi)
-    steps of the power-law fits of a(t) and ||r(t)|| (default every row after the anchor).
+    save_vectors: a :class:`~ckptaudit.io.vectors.VectorSink` that receives V_1..V_k (k = top_k_vectors) of the
+    trunk and the block backbones in a second pass (:func:`save_backbone_vectors`), or the path of a safetensors
+    file for them (a :class:`~ckptaudit.io.vectors.SafetensorsVectorSink`, which never holds D x k floats).
 
     Progress: the unit is one stored tensor of one checkpoint (anchor included). ``progress_total(units)`` is
     called once, before any data is read, with the units of every pass this process will run (the Gram pass,
-    plus the --save-vectors pass); ``progress(u)`` then advances by fractions that add up to that total.
+    plus the vectors pass); ``progress(u)`` then advances by fractions that add up to that total.
 
     Several processes: when a torch.distributed process group with more than one rank is initialised (see
     :mod:`ckptaudit.analyses.distributed`; the CLI starts one under torchrun), each rank streams a size-balanced
     share of the tensors, the per-piece Grams are all-reduced, and every rank returns the same report (equal to
-    the single-process one). Only rank 0 runs the --save-vectors pass and writes that file.
+    the single-process one). Only rank 0 runs the vectors pass and fills the sink.
     """
+    from ckptaudit.analyses import distributed
+
+    s = _settings(settings, options)
+    sink = vector_sink(save_vectors)
+    plan = _plan(run, s)
+    ctx = distributed.active()
+    writes_vectors = sink is not None and (ctx is None or ctx.is_main)
+    gs = _gram_pass(plan, s, ctx, writes_vectors, progress, progress_total)
+    used_window, window_note = _window(int(s.window), len(plan.steps))
+
+    def analyse(name: str, normalize: bool = False) -> BackboneResult:
+        return backbone_from_gram(gs.grams[name], plan.steps, window=used_window, normalize_rows=normalize,
+                                  switches=plan.pairs, anchor_step=plan.anchor_step, dim=gs.dims[name],
+                                  fit_range=s.fit_range)
+
+    trunk = analyse("trunk")
+    blocks = {b: analyse(f"block_{b}") for b in plan.block_ids}
+    normalized = None
+    if s.normalize_rows:
+        normalized = {"trunk": analyse("trunk", True),
+                      "blocks": {b: analyse(f"block_{b}", True) for b in plan.block_ids},
+                      "groups": {g: analyse(f"group_{g}", True) for g in ("G", "S")}}
+    vec_sigma: tuple[float, ...] = ()
+    if writes_vectors:
+        vec_sigma = save_backbone_vectors(sink, plan.rows, plan.anchor, plan.groups["trunk"], trunk, s.top_k_vectors,
+                                          device=s.device, progress=progress, blocks=blocks)
+    elif sink is not None:  # other ranks: the same sigma as rank 0 writes, nothing written
+        vec_sigma = tuple(float(x) for x in trunk.sigma[: _vector_count(trunk.sigma, s.top_k_vectors)])
+    return BackboneReport(
+        steps=tuple(plan.steps), anchor_step=plan.anchor_step, trunk=trunk, blocks=blocks,
+        groups={g: analyse(f"group_{g}") for g in ("G", "S")},
+        switches=tuple(plan.pairs),
+        switch_cos=(switch_cosines(gs.grams["trunk"], plan.steps, plan.anchor_step, plan.pairs) if plan.pairs
+                    else np.zeros((0, 0))),
+        dims=dict(gs.dims), settings=_settings_record(s, plan, used_window, window_note), normalized=normalized,
+        vectors_path=None if sink is None else sink.location, vector_sigma=vec_sigma,
+        experts={k[len("expert_"):].replace("_", "."): analyse(k) for k in plan.groups if k.startswith("expert_")},
+    )
+
+
+def _settings(settings: BackboneSettings | None, options: Mapping[str, Any]) -> BackboneSettings:
+    """``settings`` (default :class:`BackboneSettings`) with the fields named in ``options`` replaced."""
+    unknown = sorted(set(options) - {f.name for f in fields(BackboneSettings)})
+    if unknown:
+        raise TypeError(f"run_backbone() got unexpected keyword argument(s) {', '.join(unknown)}")
+    return replace(settings or BackboneSettings(), **options)
+
+
+def _plan(run: RunLike, s: BackboneSettings) -> _Plan:
+    """Rows, anchor, architecture, parameter groups and switching pairs of ``run``; refuses what cannot be
+    analysed (too few rows, unknown --blocks, switch steps that are not checkpoints) before any data is read."""
     from ckptaudit.io.roles import resolve_architecture
 
     ckpts = list(run.checkpoints)
     if not ckpts:
         raise UsageError("the run has no checkpoints", None)
     all_steps = [int(c.step) for c in ckpts]
-    anchor_idx = anchor_index(all_steps, anchor_step)
+    anchor_idx = anchor_index(all_steps, s.anchor_step)
     anchor = ckpts[anchor_idx]
     rows = ckpts[anchor_idx + 1 :]
     if len(rows) < 2:
         raise UsageError(f"backbone needs at least 2 checkpoints after the anchor (step {anchor.step}), found {len(rows)}",
-                         "choose an earlier --anchor or a run with more checkpoints")
+                         "choose an earlier $anchor or a run with more checkpoints", param="anchor")
     steps = [int(c.step) for c in rows]
     a_step = int(anchor.step)
-
     with _as_source(anchor) as src:
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
-    config = anchor.config()
-    arch = resolve_architecture(shapes, config, role_map=role_map, allow_partial_trunk=allow_partial_trunk)
-    groups = backbone_groups(arch, blocks, include_bias)
+    arch = resolve_architecture(shapes, anchor.config(), role_map=s.role_map,
+                                allow_partial_trunk=s.allow_partial_trunk)
+    groups = backbone_groups(arch, s.blocks, s.include_bias)
+    pairs = _switch_pairs(ckpts, s, a_step, steps)
+    return _Plan(anchor, rows, steps, a_step, all_steps[:anchor_idx], arch, groups, pairs)
 
-    pairs = [(int(p), int(q)) for p, q in switches]
-    if metric is not None:
+
+def _switch_pairs(ckpts: Sequence[CheckpointLike], s: BackboneSettings, a_step: int,
+                  steps: Sequence[int]) -> list[tuple[int, int]]:
+    """The given (peak, trough) pairs, then those detected on ``s.metric``; every step must be a row or the anchor."""
+    pairs = [(int(p), int(q)) for p, q in s.switches]
+    if s.metric is not None:
         history = _trainer_log_history(ckpts)
-        if not any(metric in e for e in history):
-            raise DataError(f"--metric {metric}: no trainer_state.json log_history entry holds {metric!r}",
-                            "name a metric logged by the trainer, or give --switch PEAK:TROUGH")
-        pairs += [pq for pq in detect_switches(history, metric, [a_step, *steps]) if pq not in pairs]
+        if not any(s.metric in e for e in history):
+            raise DataError(f"$metric={s.metric}: no trainer_state.json log_history entry holds {s.metric!r}",
+                            "name a metric logged by the trainer, or give $switch=PEAK:TROUGH", param="metric")
+        pairs += [pq for pq in detect_switches(history, s.metric, [a_step, *steps]) if pq not in pairs]
     valid = {a_step, *steps}
     for p, q in pairs:
-        for s in (p, q):
-            if s not in valid:
-                raise UsageError(f"--switch {p}:{q}: step {s} is not a checkpoint at or after the anchor",
-                                 f"steps: {format_steps(sorted(valid))}")
+        for step in (p, q):
+            if step not in valid:
+                raise UsageError(f"$switch={p}:{q}: step {step} is not a checkpoint at or after the anchor",
+                                 f"steps: {format_steps(sorted(valid))}", param="switch")
+    return pairs
 
+
+def _gram_pass(plan: _Plan, s: BackboneSettings, ctx: Any, writes_vectors: bool,
+               progress: Callable[[float], None] | None, progress_total: Callable[[float], None] | None) -> Any:
+    """The GramSet of every group (this rank's share of the tensors, all-reduced under several processes)."""
     from ckptaudit.analyses import distributed
 
-    ctx = distributed.active()
-    names = tensor_names_of(groups)
+    names = tensor_names_of(plan.groups)
     mine = names
     if ctx is not None:
-        with _as_source(anchor) as src:
+        with _as_source(plan.anchor) as src:
             sizes = {n: src.nbytes(n) for n in names}
         mine = balanced_shards(names, sizes, ctx.world_size)[ctx.rank]
-    writes_vectors = save_vectors is not None and (ctx is None or ctx.is_main)
     if progress_total is not None:
-        n_vec = len(tensor_names_of({"v": groups["trunk"]})) if writes_vectors else 0
-        progress_total(float((len(mine) + n_vec) * (len(rows) + 1)))
-    gs = drift_grams(rows, anchor, groups, device=device, chunk_elems=chunk_elems, progress=progress,
-                     tensor_names=mine)
+        n_vec = len(tensor_names_of({"v": plan.groups["trunk"]})) if writes_vectors else 0
+        progress_total(float((len(mine) + n_vec) * (len(plan.rows) + 1)))
+    gs = drift_grams(plan.rows, plan.anchor, plan.groups, device=s.device, chunk_elems=s.chunk_elems,
+                     progress=progress, tensor_names=mine)
     if ctx is not None:
         gs = distributed.allreduce_gramset(gs, ctx, tuple(names))
+    return gs
 
-    # A run with fewer drift rows than the window gets one window over all of its rows (stated in the settings)
-    # rather than an empty c(w).
-    used_window = min(int(window), len(steps)) if len(steps) >= 2 else int(window)
-    window_note = (f"the run has {len(steps)} drift rows, fewer than the window of {window}: c(w) uses one window of "
-                   f"{used_window} rows" if used_window < window else None)
 
-    def analyse(name: str, normalize: bool) -> BackboneResult:
-        return backbone_from_gram(gs.grams[name], steps, window=used_window, normalize_rows=normalize, switches=pairs,
-                                  anchor_step=a_step, dim=gs.dims[name], fit_range=fit_range)
+def _window(window: int, n_rows: int) -> tuple[int, str | None]:
+    """(window used, note): a run with fewer drift rows than the window gets one window over all of its rows
+    (stated in the settings) rather than an empty c(w)."""
+    used = min(window, n_rows) if n_rows >= 2 else window
+    note = (f"the run has {n_rows} drift rows, fewer than the window of {window}: c(w) uses one window of "
+            f"{used} rows" if used < window else None)
+    return used, note
 
-    block_ids = sorted(int(k.split("_", 1)[1]) for k in groups if k.startswith("block_"))
-    trunk = analyse("trunk", False)
-    normalized = None
-    if normalize_rows:
-        normalized = {"trunk": analyse("trunk", True),
-                      "blocks": {b: analyse(f"block_{b}", True) for b in block_ids},
-                      "groups": {g: analyse(f"group_{g}", True) for g in ("G", "S")}}
-    vec_path, vec_sigma = None, ()
-    if writes_vectors:
-        block_results = {b: analyse(f"block_{b}", False) for b in block_ids}
-        vec_sigma = save_backbone_vectors(save_vectors, rows, anchor, groups["trunk"], trunk, top_k_vectors,
-                                          device=device, progress=progress, blocks=block_results)
-    if save_vectors is not None:
-        vec_path = str(save_vectors)
-        if not writes_vectors:  # other ranks: the same sigma as rank 0 writes, no file
-            rank = int(np.sum(trunk.sigma > (trunk.sigma[0] * 1e-12 if trunk.sigma.size else 0)))
-            vec_sigma = tuple(float(x) for x in trunk.sigma[: max(1, min(int(top_k_vectors), rank))])
-    settings = {"window": window, "window_used": used_window, "window_note": window_note,
-                "normalize_rows": normalize_rows, "include_bias": include_bias,
-                "blocks": block_ids, "device": str(device), "chunk_elems": int(chunk_elems), "metric": metric,
-                "architecture": arch.name, "architecture_recognised_by": arch.recognised_by,
-                "top_k_vectors": top_k_vectors, "n_experts": arch.n_experts,
-                "missing_trunk": list(arch.missing_trunk),
-                "unplaced_block_weights": list(arch.unplaced_block_weights),
-                "unused_checkpoints_before_anchor": all_steps[:anchor_idx],
-                "fit_range": None if fit_range is None else [int(fit_range[0]), int(fit_range[1])],
-                "fit_rule": "least squares of log10 |a(t)| and log10 ||r(t)|| on log10 (t - anchor step) over the rows "
-                            "with t > anchor step and a non-zero value" + (" inside fit_range" if fit_range else "")}
-    return BackboneReport(
-        steps=tuple(steps), anchor_step=a_step, trunk=trunk,
-        blocks={b: analyse(f"block_{b}", False) for b in block_ids},
-        groups={g: analyse(f"group_{g}", False) for g in ("G", "S")},
-        switches=tuple(pairs),
-        switch_cos=switch_cosines(gs.grams["trunk"], steps, a_step, pairs) if pairs else np.zeros((0, 0)),
-        dims=dict(gs.dims), settings=settings, normalized=normalized, vectors_path=vec_path,
-        vector_sigma=tuple(vec_sigma),
-        experts={k[len("expert_"):].replace("_", "."): analyse(k, False) for k in groups if k.startswith("expert_")},
-    )
+
+def _settings_record(s: BackboneSettings, plan: _Plan, used_window: int, window_note: str | None) -> dict[str, Any]:
+    """The report's ``settings``: what was asked and what the run made of it."""
+    arch = plan.arch
+    return {"window": s.window, "window_used": used_window, "window_note": window_note,
+            "normalize_rows": s.normalize_rows, "include_bias": s.include_bias,
+            "blocks": plan.block_ids, "device": str(s.device), "chunk_elems": int(s.chunk_elems), "metric": s.metric,
+            "architecture": arch.name, "architecture_recognised_by": arch.recognised_by,
+            "top_k_vectors": s.top_k_vectors, "n_experts": arch.n_experts,
+            "missing_trunk": list(arch.missing_trunk),
+            "unplaced_block_weights": list(arch.unplaced_block_weights),
+            "unused_checkpoints_before_anchor": plan.unused_steps,
+            "fit_range": None if s.fit_range is None else [int(s.fit_range[0]), int(s.fit_range[1])],
+            "fit_rule": "least squares of log10 |a(t)| and log10 ||r(t)|| on log10 (t - anchor step) over the rows "
+                        "with t > anchor step and a non-zero value" + (" inside fit_range" if s.fit_range else "")}
+
+
+def _vector_count(sigma: np.ndarray, k: int) -> int:
+    """How many V_j a vectors pass writes: ``k``, capped by the numerical rank of the drift (at least 1)."""
+    rank = int(np.sum(sigma > (sigma[0] * 1e-12 if sigma.size else 0)))
+    return max(1, min(int(k), rank))
 
 
 def save_backbone_vectors(
-    path: str | Path,
+    sink: str | Path | VectorSink,
     rows: Sequence[CheckpointLike],
     anchor: CheckpointLike,
     pieces: Sequence[Any],
@@ -341,7 +417,8 @@ def save_backbone_vectors(
     progress: Callable[[float], None] | None = None,
     blocks: Mapping[int, BackboneResult] | None = None,
 ) -> tuple[float, ...]:
-    """Stream V_1..V_k (V_j = X^T D u_j / sigma_j, unit vectors over ``pieces``) to a safetensors file.
+    """Stream V_1..V_k (V_j = X^T D u_j / sigma_j, unit vectors over ``pieces``) into ``sink`` (a VectorSink, or
+    the path of a safetensors file).
 
     Layout: one entry per stored tensor holding a selected piece, key = tensor name, float32 of shape
     [k, *tensor_shape]: entry[j] is V_{j+1} on that tensor, zero outside the selected pieces (so it can be dotted
@@ -354,8 +431,7 @@ def save_backbone_vectors(
     """
     dev = torch.device(device)
     sig = result.sigma
-    rank = int(np.sum(sig > (sig[0] * 1e-12 if sig.size else 0)))
-    k = max(1, min(int(k), rank))
+    k = _vector_count(sig, k)
     coef = (result.u[:, :k] * result.row_scale[:, None]) / sig[:k]  # [T, k]; D u_j / sigma_j
     coef_t = torch.as_tensor(coef.T.copy(), dtype=torch.float64, device=dev)  # [k, T]
     by_tensor: dict[str, list] = {}
@@ -382,7 +458,8 @@ def save_backbone_vectors(
         specs[n] = ((k, *pieces_shape(by_tensor[n])), torch.float32)
         if n in block_names:
             specs[BLOCK_PREFIX + n] = (pieces_shape(by_tensor[n]), torch.float32)
-    writer = SafetensorsStreamWriter(path, specs, meta)
+    writer = vector_sink(sink)
+    writer.begin(specs, meta)
     try:
         with _as_source(anchor) as asrc:
             srcs = [_as_source(c) for c in rows]
