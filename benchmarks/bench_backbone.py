@@ -97,7 +97,7 @@ def method_read(run: Path) -> dict:
 
 def method_ckptaudit(run: Path) -> dict:
     from ckptaudit.analyses import distributed
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
     from ckptaudit.io.discover import discover_run
 
     device = os.environ.get("CKPTAUDIT_BENCH_DEVICE") or ("cuda" if _cuda() else "cpu")
@@ -120,7 +120,7 @@ def method_ckptaudit(run: Path) -> dict:
 def method_naive(run: Path) -> dict:
     import numpy as np
 
-    from ckptaudit.analyses.backbone import backbone_groups
+    from ckptaudit.analyses.backbone.run import backbone_groups
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.roles import resolve_architecture
 
@@ -157,7 +157,7 @@ def child(method: str, run: Path) -> None:
     import numpy  # noqa: F401  (imports are not part of any method's time)
     import torch  # noqa: F401
 
-    import ckptaudit.analyses.backbone  # noqa: F401
+    import ckptaudit.analyses.backbone.run  # noqa: F401
     import ckptaudit.io.discover  # noqa: F401
     import ckptaudit.io.roles  # noqa: F401
 

@@ -65,7 +65,7 @@ def main() -> int:
 
     import torch
 
-    from ckptaudit.analyses.embeddings import overlap_stats
+    from ckptaudit.analyses.embeddings.run import overlap_stats
 
     E = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(args.seed))
     mib = 1 / 2**20

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, prepare_probes, trunk_layout  # noqa: E402
-from ckptaudit.analyses.fisher_directions import random_directions  # noqa: E402
+from ckptaudit.analyses.fisher.directions import random_directions  # noqa: E402
+from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model, prepare_probes, trunk_layout  # noqa: E402
 from ckptaudit.io.roles import resolve_architecture  # noqa: E402
 from ckptaudit.tasks import get_task  # noqa: E402
 

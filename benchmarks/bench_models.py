@@ -91,8 +91,8 @@ def bare_resume(model: torch.nn.Module, data, n_steps: int, batch: int, lr: floa
 
 
 def bench_resume(run: Path) -> None:
-    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
 
     ckpt = run / "run" / "checkpoint-25"
     for label, extra in (("ckptaudit loop", {}), ("Trainer resume", {"train_data": run / "data" / "train.jsonl"})):
@@ -122,9 +122,9 @@ def bench_resume(run: Path) -> None:
 def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     import tempfile
 
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model, prepare_probes, trunk_layout
-    from ckptaudit.analyses.fisher_directions import random_directions, read_directions
+    from ckptaudit.analyses.backbone.run import run_backbone
+    from ckptaudit.analyses.fisher.directions import random_directions, read_directions
+    from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model, prepare_probes, trunk_layout
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
     from ckptaudit.io.roles import resolve_architecture
@@ -185,7 +185,7 @@ def regimes_run(out: Path, steps: int = 20) -> Path:
 
 
 def bench_regimes(out: Path) -> None:
-    from ckptaudit.analyses.regimes import build_probes, probe_representations, run_regimes
+    from ckptaudit.analyses.regimes.run import build_probes, probe_representations, run_regimes
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
 

@@ -104,7 +104,7 @@ class EmbeddingsReport:
     @property
     def inputs(self) -> list:
         """The model's weight files, as the HDF5 report lists them."""
-        from ckptaudit.cli.embeddings_cmd import _ModelInput
+        from ckptaudit.cli.classify_embeddings_cmd import _ModelInput
 
         return [_ModelInput(self.path)]
 
@@ -191,7 +191,7 @@ def _pair(spec: str | tuple[int, int], parse: Callable[[str], Any]) -> Any:
 
 
 def _thresholds(thresholds: str | tuple[float, float] | None) -> tuple[float, float] | None:
-    from ckptaudit.analyses.regimes import parse_thresholds
+    from ckptaudit.analyses.regimes.run import parse_thresholds
 
     if thresholds is not None and not isinstance(thresholds, str):
         thresholds = ",".join(str(float(x)) for x in thresholds)
@@ -213,7 +213,7 @@ def inspect(path: str | Path, *, steps: Steps = None, revisions: str | None = No
 
     Returns a :class:`Report` of the InspectResult; its JSON adds ``left_out`` (files found but not in the run).
     """
-    from ckptaudit.analyses.provenance import inspect_run
+    from ckptaudit.analyses.inspect import inspect_run
     from ckptaudit.cli.common import load_run
 
     with _notes(_note):
@@ -237,7 +237,7 @@ def backbone(run: str | Path, *, steps: Steps = None, revisions: str | None = No
     ``blocks``: "0,2,5" / "0-3" or block indices; ``switches``: "PEAK:TROUGH" strings or (peak, trough) step pairs;
     ``fit_range``: "LO:HI" or (lo, hi) steps. Returns a :class:`Report` of the BackboneReport.
     """
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
     from ckptaudit.cli.backbone_cmd import parse_blocks, parse_fit_range
     from ckptaudit.cli.common import load_drift_run
     from ckptaudit.cli.options import check_output_path, parse_switch
@@ -287,8 +287,8 @@ def fisher(run: str | Path, *, steps: Steps = None, revisions: str | None = None
     import tempfile
 
     from ckptaudit.analyses import distributed
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.analyses.fisher import FisherSettings, run_fisher
+    from ckptaudit.analyses.backbone.run import run_backbone
+    from ckptaudit.analyses.fisher.run import FisherSettings, run_fisher
     from ckptaudit.cli.common import load_run
     from ckptaudit.cli.fisher_cmd import broadcast_file, parse_bytes
     from ckptaudit.cli.options import apply_threads, parse_switch, window_spec
@@ -362,8 +362,8 @@ def resume_probe(ckpt: str | Path, *, train_steps: int = 50, eval_every: int | N
     ``settings``: a ResumeSettings used instead of the individual numbers. ``seed`` None: the checkpoint's own data
     order. Returns a :class:`Report` of the ResumeProbeResult.
     """
-    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
     from ckptaudit.cli.options import apply_threads, window_spec
     from ckptaudit.errors import UsageError
 
@@ -404,8 +404,8 @@ def classify_embeddings(model: str | Path, *, pairs: int = 200_000, exact: bool 
     ``model``: a local model directory, a weight file, or a hub id already cached. ``tokens_from``: "tokenizer" or
     a file of token ids to keep. Returns an :class:`EmbeddingsReport`.
     """
-    from ckptaudit.analyses.embeddings import embedding_matrices, overlap_stats
-    from ckptaudit.cli.embeddings_cmd import excluded_token_ids
+    from ckptaudit.analyses.embeddings.run import embedding_matrices, overlap_stats
+    from ckptaudit.cli.classify_embeddings_cmd import excluded_token_ids
     from ckptaudit.io.models import resolve_model_path
 
     dev = _device(device)
@@ -431,8 +431,8 @@ def born_gap(model: str | Path, contexts: str | Path, *, nucleus: float = 0.9, s
 
     Returns a :class:`Report` of the BornGapResult.
     """
-    from ckptaudit.analyses.synonyms import born_gap as run_born_gap
-    from ckptaudit.analyses.synonyms import load_contexts
+    from ckptaudit.analyses.born_gap import born_gap as run_born_gap
+    from ckptaudit.analyses.born_gap import load_contexts
     from ckptaudit.cli.common import load_model_input
 
     dev = _device(device)
@@ -467,9 +467,9 @@ def regimes(run: str | Path, *, probes: str | Path | None = None, thresholds: st
     ``thresholds``: "LOW,HIGH" or (low, high) on s_t (default: adaptive). ``loss=False`` is ``--no-loss``.
     Returns a :class:`Report` of the RegimesResult.
     """
-    from ckptaudit.analyses.regimes import run_regimes
+    from ckptaudit.analyses.regimes.run import run_regimes
+    from ckptaudit.cli.inputs import precision_of, probe_set, regime_losses, task_data, trajectory_run
     from ckptaudit.cli.options import apply_threads, window_spec
-    from ckptaudit.cli.trajectory_cmd import _data, _precision, _probes, _regime_losses, _run
 
     dev = _device(device)
     n_threads = apply_threads(threads)
@@ -477,11 +477,11 @@ def regimes(run: str | Path, *, probes: str | Path | None = None, thresholds: st
     fixed = _thresholds(thresholds)
     data = _path(data)
     with _notes(_note):
-        r = _run(Path(run), _steps(steps), revisions)
-        held_out = _data(r[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
-        probe_set = _probes(r[0], _path(probes), held_out, seed)
-        evaluate, logged, source = _regime_losses(r, held_out, data, not loss)
-        torch_dtype, precision = _precision(dtype, r[0], dev)
+        r = trajectory_run(Path(run), _steps(steps), revisions)
+        held_out = task_data(r[0], task, data, required=False, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
+        probe_set = probe_set(r[0], _path(probes), held_out, seed)
+        evaluate, logged, source = regime_losses(r, held_out, data, not loss)
+        torch_dtype, precision = precision_of(dtype, r[0], dev)
         hook = _hook(progress)
         if hook is not None:
             hook.set_total(len(r))
@@ -509,10 +509,17 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
     ``K``: "5,10,25" or ints; ``cascades``: "D:K" strings or (D, K) pairs; ``time_steps`` is ``--time``.
     Returns a :class:`Report` of the ExtrapolateResult.
     """
-    from ckptaudit.analyses.extrapolate import MOMENT_DTYPES, PREDICTORS, time_training_steps
-    from ckptaudit.analyses.extrapolate_run import ExtrapolateSettings, run_extrapolate
+    from ckptaudit.analyses.extrapolate.predictors import MOMENT_DTYPES, PREDICTORS, time_training_steps
+    from ckptaudit.analyses.extrapolate.run import ExtrapolateSettings, run_extrapolate
+    from ckptaudit.cli.inputs import (
+        cascade_specs,
+        int_list,
+        precision_of,
+        probe_set,
+        task_data,
+        trajectory_run,
+    )
     from ckptaudit.cli.options import apply_threads, window_spec
-    from ckptaudit.cli.trajectory_cmd import _cascades, _data, _int_list, _precision, _probes, _run
     from ckptaudit.errors import UsageError
 
     dev = _device(device)
@@ -527,17 +534,17 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
         raise UsageError(f"--moment-dtype {moment_dtype}: unknown", f"choose from {', '.join(MOMENT_DTYPES)}")
     ks = K if isinstance(K, str) else str(K) if isinstance(K, int) else ",".join(str(int(k)) for k in K)
     with _notes(_note):
-        r = _run(Path(run), _steps(steps), revisions)
-        torch_dtype, precision = _precision(dtype, r[-1], dev)
+        r = trajectory_run(Path(run), _steps(steps), revisions)
+        torch_dtype, precision = precision_of(dtype, r[-1], dev)
         settings = ExtrapolateSettings(
-            predictors=chosen, ks=_int_list(ks, "--K"),
-            cascades=_cascades([c if isinstance(c, str) else ":".join(str(int(x)) for x in c) for c in cascades]),
+            predictors=chosen, ks=int_list(ks, "--K"),
+            cascades=cascade_specs([c if isinstance(c, str) else ":".join(str(int(x)) for x in c) for c in cascades]),
             tolerance=tolerance, sigma_window=sigma_window, skip_chaotic=skip_chaotic,
             thresholds=_thresholds(thresholds), device=dev, dtype=torch_dtype, landscape=landscape,
             confirm_stable=confirm_stable, moment_dtype=moment_dtype, bootstrap=bootstrap, seed=seed,
         )  # fmt: skip
-        held_out = _data(r[-1], task, _path(data), required=True, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
-        probe_set = _probes(r[0], _path(probes), held_out, seed)
+        held_out = task_data(r[-1], task, _path(data), required=True, windows=window_spec(seq_len, pack, eval_tokens, None, seed))
+        probe_set = probe_set(r[0], _path(probes), held_out, seed)
 
         def evaluate(model: Any) -> float:
             return float(held_out.evaluate(model, "validation")[0])
@@ -561,8 +568,8 @@ def cross_seed(runs: Sequence[str | Path], *, probes: str | Path | None = None,
     Returns a :class:`Report` of the CrossSeedResult.
     """
     from ckptaudit.analyses.cross_seed import run_cross_seed
+    from ckptaudit.cli.inputs import precision_of, probe_set, task_data, trajectory_run
     from ckptaudit.cli.options import apply_threads, window_spec
-    from ckptaudit.cli.trajectory_cmd import _data, _precision, _probes, _run
     from ckptaudit.errors import UsageError
 
     run_dirs = [Path(p) for p in runs]
@@ -573,14 +580,14 @@ def cross_seed(runs: Sequence[str | Path], *, probes: str | Path | None = None,
     t0 = time.perf_counter()
     fixed = _thresholds(thresholds)
     with _notes(_note):
-        loaded = [_run(p, _steps(steps)) for p in run_dirs]
+        loaded = [trajectory_run(p, _steps(steps)) for p in run_dirs]
         names = [p.name for p in run_dirs]
         labels = names if len(set(names)) == len(names) else [str(p) for p in run_dirs]
         spec = window_spec(seq_len, pack, eval_tokens, None, seed)
-        datas = [_data(r[-1], task, _path(data), required=False, windows=spec) for r in loaded]
-        torch_dtype, precision = _precision(dtype, loaded[0][-1], dev)
+        datas = [task_data(r[-1], task, _path(data), required=False, windows=spec) for r in loaded]
+        torch_dtype, precision = precision_of(dtype, loaded[0][-1], dev)
         # One probe set for every seed (CKA compares the same inputs): built from the first run.
-        probe_set = _probes(loaded[0][0], _path(probes), datas[0], seed)
+        probe_set = probe_set(loaded[0][0], _path(probes), datas[0], seed)
         evaluators = [(lambda m, d=d: float(d.evaluate(m, "validation")[0])) if d is not None else None for d in datas]
         hook = _hook(progress)
         if hook is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from cli_helpers import invoke
 
-from ckptaudit.analyses.resume import ConditionSpec, ResumeSettings, run_condition
+from ckptaudit.analyses.resume.run import ConditionSpec, ResumeSettings, run_condition
 
 CONTROL = ConditionSpec("control", "preserved", 1.0, 0, "saved")
 RESET = ConditionSpec("reset", "reset", 1.0, 0, "constant")
@@ -48,7 +48,7 @@ def control_weights(ckpt: Path, steps: int) -> dict[str, torch.Tensor]:
     """The model's parameters after CONTROL resumed ``steps`` steps from ``ckpt``, through the CLI's input path."""
     from conftest import build_threads
 
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
 
     previous = torch.get_num_threads()
     threads = build_threads(ckpt)  # float reductions over another thread count round differently

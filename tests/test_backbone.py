@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from test_gram import FakeRun, gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
 
-from ckptaudit.analyses.backbone import run_backbone
-from ckptaudit.analyses.backbone_metrics import backbone_from_gram, detect_switches, sign_flip_step
+from ckptaudit.analyses.backbone.metrics import backbone_from_gram, detect_switches, sign_flip_step
+from ckptaudit.analyses.backbone.run import run_backbone
 from ckptaudit.report.hdf5 import write_tree
 
 D_MODEL, LAYERS, W = 8, 2, 4

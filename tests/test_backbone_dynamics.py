@@ -11,9 +11,9 @@ import pytest
 from test_backbone import D_MODEL, LAYERS, STEPS, W, run  # noqa: F401  (the module-scoped run fixture)
 from test_gram import reference_parts, stacked
 
-from ckptaudit.analyses.backbone import run_backbone
-from ckptaudit.analyses.backbone_dynamics import power_law_fit
-from ckptaudit.analyses.backbone_metrics import backbone_from_gram
+from ckptaudit.analyses.backbone.dynamics import power_law_fit
+from ckptaudit.analyses.backbone.metrics import backbone_from_gram
+from ckptaudit.analyses.backbone.run import run_backbone
 
 
 def pc1(M: np.ndarray) -> np.ndarray:
@@ -226,7 +226,7 @@ def test_backbone_cli_reports_dynamics_in_json_hdf5_terminal_and_plots(tiny_run,
 
 
 def test_more_rows_than_the_dense_limit_use_lanczos_and_still_match_the_svd():
-    from ckptaudit.analyses import backbone_dynamics
+    from ckptaudit.analyses.backbone import dynamics as backbone_dynamics
 
     T = backbone_dynamics.DENSE_MAX + 26
     X = drift(seed=9, T=T, D=150)

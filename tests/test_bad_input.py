@@ -341,7 +341,7 @@ def _run_of(model_dir: Path, root: Path) -> Path:
 
 
 def test_regimes_probes_broken_tokenizer(model_dir, tmp_path):
-    from ckptaudit.analyses.regimes import build_probes
+    from ckptaudit.analyses.regimes.run import build_probes
 
     d = _copy(model_dir, tmp_path / "m")
     _break_tokenizer(d)
@@ -355,7 +355,7 @@ def test_regimes_probes_broken_tokenizer(model_dir, tmp_path):
 
 
 def test_regimes_probes_tokenizer_without_pad(model_dir, tmp_path):
-    from ckptaudit.analyses.regimes import build_probes
+    from ckptaudit.analyses.regimes.run import build_probes
 
     d = _copy(model_dir, tmp_path / "m")
     cfg = json.loads((d / "tokenizer_config.json").read_text())

@@ -86,7 +86,7 @@ def _helpers():
 
 
 def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
 
     bb, gr = _helpers()
     d, n = bb.D_MODEL, bb.LAYERS
@@ -102,7 +102,7 @@ def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, dtype):
     """Stored half-precision rows are widened on the device and subtracted in float64: the Grams equal numpy's."""
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
 
     bb, gr = _helpers()
     steps = bb.STEPS[:8]
@@ -116,7 +116,7 @@ def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, d
 def test_fisher_on_the_gpu_matches_the_dense_fisher():
     from test_fisher import SEED, B, M, dense_gradients, tiny_fisher_model, unit
 
-    from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model
+    from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model
 
     model, task, layout = tiny_fisher_model()
     G = dense_gradients(model, task)  # on the CPU, by plain loss.backward()
@@ -135,7 +135,7 @@ def test_fisher_on_the_gpu_matches_the_dense_fisher():
 
 
 def test_exact_overlaps_on_the_gpu_match_brute_force():
-    from ckptaudit.analyses.embeddings import overlap_stats
+    from ckptaudit.analyses.embeddings.run import overlap_stats
 
     g = torch.Generator().manual_seed(1)
     E = torch.randn(300, 16, generator=g)

@@ -355,7 +355,7 @@ def test_file_safety_says_when_a_pickle_needs_allow_listed_globals(tmp_path):
     needs numpy globals allow-listed; torch.load itself is the reference for both."""
     import numpy as np
 
-    from ckptaudit.analyses.provenance import file_safety
+    from ckptaudit.analyses.inspect import file_safety
 
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
     torch.save({"numpy": np.random.RandomState(0).get_state()}, tmp_path / "rng_state.pth")

@@ -67,7 +67,7 @@ def test_two_process_gloo_fisher_equals_single_process(tiny_run, tmp_path, batch
 def test_gradient_store_gathered_gram_and_combine_match_one_store():
     """GradientStore.gram_gathered / combine(reduce=...) against one store, with a fake two-rank context that
     passes the rows of both ranks in one process (the collectives are stand-ins; the row bookkeeping is real)."""
-    from ckptaudit.analyses.fisher import GradientStore
+    from ckptaudit.analyses.fisher.run import GradientStore
 
     rng = np.random.default_rng(0)
     M, D = 5, 37

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from ckptaudit.analyses.embeddings import (
+from ckptaudit.analyses.embeddings.run import (
     H_CLASS,
     QUANTILE_LEVELS,
     embedding_matrices,
@@ -73,7 +73,7 @@ def test_exact_sums_are_float64_over_the_float32_overlaps():
     normalised rows, as the tiles compute them), to 1e-9 relative, which float32 sums of 180k values cannot reach."""
     import math
 
-    from ckptaudit.analyses.embeddings import normalised_rows
+    from ckptaudit.analyses.embeddings.run import normalised_rows
 
     E = _randn(600, 16, seed=11)
     r = overlap_stats(E, exact=True, tile=128, bins=4096)

@@ -14,8 +14,8 @@ from scipy import stats as sps
 from test_embeddings_cli import minilm_dir
 from typer.testing import CliRunner
 
-from ckptaudit.analyses.embeddings import QUANTILE_LEVELS, overlap_stats
-from ckptaudit.analyses.embeddings_uncertainty import ks_of_sample, sampled_uncertainty
+from ckptaudit.analyses.embeddings.run import QUANTILE_LEVELS, overlap_stats
+from ckptaudit.analyses.embeddings.uncertainty import ks_of_sample, sampled_uncertainty
 from ckptaudit.cli.app import app
 
 

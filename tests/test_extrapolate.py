@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ckptaudit.analyses.extrapolate import (
+from ckptaudit.analyses.extrapolate.predictors import (
     PredictionPlan,
     PredictionStream,
     acceptance,
@@ -281,7 +281,7 @@ def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny
     """mean_rel_weight_error[predictor][K] is the mean over t of ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||,
     here by hand with numpy from the stored checkpoints (linear and quadratic-fit, K = 10), in both the JSON and the
     HDF5 report; K = 5 lands between checkpoints, so it has no value (None; listed in none_attrs)."""
-    from ckptaudit.cli.trajectory_cmd import render_extrapolate
+    from ckptaudit.cli.extrapolate_cmd import render_extrapolate
     from ckptaudit.report.console import Output, fmt
 
     s, out = extrapolate_report

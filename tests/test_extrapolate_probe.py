@@ -15,10 +15,10 @@ import torch
 from test_extrapolate import _adamw_checkpoint, _collect, _hand_loss, _stored
 from typer.testing import CliRunner
 
-from ckptaudit.analyses.extrapolate import PredictionPlan
-from ckptaudit.analyses.extrapolate_landscape import FRACTIONS, summarise
-from ckptaudit.analyses.extrapolate_moments import moment_rounding
-from ckptaudit.analyses.extrapolate_stats import (
+from ckptaudit.analyses.extrapolate.landscape import FRACTIONS, summarise
+from ckptaudit.analyses.extrapolate.moments import moment_rounding
+from ckptaudit.analyses.extrapolate.predictors import PredictionPlan
+from ckptaudit.analyses.extrapolate.stats import (
     RateBootstrap,
     rate_uncertainty,
     stable_runs,

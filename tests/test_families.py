@@ -14,7 +14,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ckptaudit.analyses.finetune import apply_lora, lora_targets
-from ckptaudit.analyses.gxs_eval import final_residual_site
+from ckptaudit.analyses.gxs.evaluation import final_residual_site
 from ckptaudit.errors import UnknownArchitectureError
 from ckptaudit.io.architectures import shipped_families
 from ckptaudit.io.roles import TRUNK_ROLES, resolve_architecture

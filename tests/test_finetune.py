@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ckptaudit.analyses import finetune as ft
-from ckptaudit.analyses.synonyms import Context, born_gap, born_observables
+from ckptaudit.analyses.born_gap import Context, born_gap, born_observables
 from ckptaudit.cli.app import app
 from ckptaudit.errors import UnknownArchitectureError, UsageError
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from cli_helpers import invoke
 
-from ckptaudit.analyses.fisher import (
+from ckptaudit.analyses.fisher.directions import random_directions
+from ckptaudit.analyses.fisher.run import (
     FisherSettings,
     fisher_at_model,
     flat_gradient,
     noise_floor,
     trunk_layout,
 )
-from ckptaudit.analyses.fisher_directions import random_directions
 from ckptaudit.tasks import get_task
 
 M, B, SEED = 6, 8, 3

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_fisher import SEED, B, M, dense_gradients, tiny_fisher_model, unit
 
-from ckptaudit.analyses.fisher import FisherSettings, fisher_at_model
-from ckptaudit.analyses.fisher_directions import random_directions
+from ckptaudit.analyses.fisher.directions import random_directions
+from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model
 
 K, N_BOOT = 5, 64
 
@@ -134,7 +134,7 @@ def test_bootstrap_se_tracks_the_spread_over_fresh_batches():
     barely overlap."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ckptaudit.analyses.fisher import trunk_layout
+    from ckptaudit.analyses.fisher.run import trunk_layout
     from ckptaudit.io.roles import resolve_architecture
     from ckptaudit.tasks import get_task
 

@@ -272,8 +272,8 @@ def test_skipped_checks_never_pass(tiny_run, tmp_path):
 
 
 def test_resume_probe_runs_the_reset_condition(tiny_run, tmp_path):
-    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
 
     text = BASE + "\n[checks.resume_probe]\nlr_multiplier = 0.5\nsteps = 3\n"
     r, doc, _, _ = gate(tiny_run, text, tmp_path, "--seed", "3")
@@ -305,7 +305,7 @@ def test_resume_probe_real_verdicts(tiny_run, tmp_path, mult, status, code):
 def test_resume_probe_without_reset_condition_is_skipped(tiny_run, tmp_path, monkeypatch):
     """A probe result with no RESET condition cannot be judged: skipped, never passed (no real probe yields
     this, so the analysis is replaced for this one case)."""
-    import ckptaudit.analyses.resume as resume
+    import ckptaudit.analyses.resume.run as resume
 
     class _Empty:
         conditions = ()
@@ -465,7 +465,7 @@ def test_both_backbone_checks_share_one_backbone_pass_with_the_same_values(tiny_
     gate's temporary vectors file is removed when the run ends."""
     import tempfile
 
-    import ckptaudit.analyses.backbone as backbone
+    import ckptaudit.analyses.backbone.run as backbone
 
     calls = []
     real = backbone.run_backbone
@@ -504,7 +504,7 @@ def test_non_finite_measured_value_fails():
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
 def test_non_finite_fisher_anisotropy_fails_the_gate(tiny_run, tmp_path, monkeypatch, alpha):
     """alpha is NaN when mean q(random) is 0: the check fails, saying so, and the JSON stays valid."""
-    import ckptaudit.analyses.fisher as fisher
+    import ckptaudit.analyses.fisher.run as fisher
 
     monkeypatch.setattr(fisher, "fisher_anisotropy", lambda run, **kw: alpha)
     r, doc, xml_path, _ = gate(tiny_run, BASE + "\n[checks.fisher_anisotropy]\nmin = 0.0\nmax = 100.0\n", tmp_path)
@@ -516,7 +516,7 @@ def test_non_finite_fisher_anisotropy_fails_the_gate(tiny_run, tmp_path, monkeyp
 
 def test_type_error_inside_an_analysis_is_not_skipped(tiny_run, tmp_path, monkeypatch):
     """A bug in an analysis surfaces instead of turning the check into "skipped"."""
-    import ckptaudit.analyses.fisher as fisher
+    import ckptaudit.analyses.fisher.run as fisher
 
     def broken(run, **kwargs):
         raise TypeError("unsupported operand")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptaudit.analyses.gram import (
+from ckptaudit.analyses.backbone.gram import (
     balanced_shards,
     drift_grams,
     sum_grams,
@@ -156,7 +156,7 @@ def stacked(run: FakeRun, parts: list[tuple[str, tuple]], anchor_idx: int = 0, r
 
 
 def arch_groups(run: FakeRun, blocks=None) -> dict[str, list]:
-    from ckptaudit.analyses.backbone import backbone_groups
+    from ckptaudit.analyses.backbone.run import backbone_groups
 
     c0 = run.checkpoints[0]
     with c0.tensors() as src:
@@ -370,7 +370,7 @@ def test_threads_and_prefetch_do_not_change_the_gram(small_run):
 def test_balanced_shards_and_exact_piece_reduction(small_run):
     """Size-balanced split is a partition; summing per-piece Grams of the parts then combining reproduces the
     single pass exactly (what the distributed all-reduce does)."""
-    from ckptaudit.analyses.gram import PieceGrams, balanced_shards
+    from ckptaudit.analyses.backbone.gram import PieceGrams, balanced_shards
 
     groups = arch_groups(small_run)
     names = tensor_names_of(groups)
@@ -407,7 +407,7 @@ w = torch.randn(1536, 1024, generator=g)
 for i in range(31):
     save_file({{"w": w + 1e-3 * i}}, str(root / f"c{{i}}.safetensors"))
 del w
-from ckptaudit.analyses.gram import drift_grams
+from ckptaudit.analyses.backbone.gram import drift_grams
 from ckptaudit.io.roles import _piece
 from ckptaudit.io.tensors import open_tensors
 srcs = [open_tensors(root / f"c{{i}}.safetensors") for i in range(31)]

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ckptaudit.analyses.gxs import (
+from ckptaudit.analyses.gxs.evaluation import margins_of
+from ckptaudit.analyses.gxs.run import (
     TaskEval,
     TokenEval,
     all_heads,
@@ -29,7 +30,6 @@ from ckptaudit.analyses.gxs import (
     touched_query_heads,
     transplant,
 )
-from ckptaudit.analyses.gxs_eval import margins_of
 from ckptaudit.cli.app import app
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.models import load_model
@@ -255,7 +255,7 @@ def test_slack_standard_errors_over_sequences_by_hand(tiny_run, batch_size):
 
 def test_ratio_se_over_unequal_units_by_hand():
     """Sequences with several answers each (text data): the linearised ratio error written out here."""
-    from ckptaudit.analyses.gxs_eval import ratio_se
+    from ckptaudit.analyses.gxs.evaluation import ratio_se
 
     rng = np.random.default_rng(0)
     k = rng.integers(1, 9, size=12).astype(float)

@@ -35,9 +35,9 @@ def test_a_built_wheel_runs_the_commands_outside_the_checkout(tmp_path, tiny_run
     families = json.loads(run("-m", "ckptaudit", "architectures", "--json").stdout)["families"]
     assert {f["name"] for f in families} >= {"gpt2", "llama", "mixtral", "phi3"}
     assert all(f["file"].startswith(str(site)) for f in families)
-    contexts = run("-c", "from ckptaudit.analyses.synonyms import load_contexts; print(len(load_contexts('near-synonyms')))")
+    contexts = run("-c", "from ckptaudit.analyses.born_gap import load_contexts; print(len(load_contexts('near-synonyms')))")
     assert contexts.stdout.strip() == "10", contexts.stderr
-    probes = run("-c", "from ckptaudit.analyses.regimes import DEFAULT_PROBES; print(DEFAULT_PROBES)")
+    probes = run("-c", "from ckptaudit.analyses.regimes.run import DEFAULT_PROBES; print(DEFAULT_PROBES)")
     assert probes.stdout.strip().startswith(str(site)) and Path(probes.stdout.strip()).is_file()
     regimes = run("-m", "ckptaudit", "regimes", str(tiny_run), "--no-report", "--json", "--no-loss")
     assert regimes.returncode == 0, regimes.stderr

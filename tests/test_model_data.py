@@ -19,8 +19,8 @@ from cli_helpers import invoke
 from conftest import CORPUS, REPO_ROOT
 from safetensors.torch import load_file
 
-from ckptaudit.analyses.resume import ConditionSpec, ResumeSettings, run_condition
-from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
+from ckptaudit.analyses.resume.run import ConditionSpec, ResumeSettings, run_condition
 
 CONTROL = ConditionSpec("control", "preserved", 1.0, 0, "saved")
 RESET = ConditionSpec("reset", "reset", 1.0, 0, "constant")

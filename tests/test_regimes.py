@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from ckptaudit.analyses.cross_seed import linear_cka
-from ckptaudit.analyses.regimes import (
+from ckptaudit.analyses.regimes.run import (
     ProbeSet,
     RegimesResult,
     build_probes,
@@ -103,7 +103,7 @@ def test_fingerprints_refuse_a_later_checkpoint_that_does_not_fit_the_model(tmp_
     from safetensors.torch import load_file, save_file
     from transformers import GPT2LMHeadModel
 
-    from ckptaudit.analyses.regimes import run_fingerprints
+    from ckptaudit.analyses.regimes.run import run_fingerprints
     from ckptaudit.errors import CorruptFileError
     from ckptaudit.io.discover import discover_run
 

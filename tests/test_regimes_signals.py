@@ -12,8 +12,8 @@ import pytest
 import torch
 from cli_helpers import invoke
 
-from ckptaudit.analyses.regimes import RegimesResult
-from ckptaudit.analyses.regimes_signals import (
+from ckptaudit.analyses.regimes.run import RegimesResult
+from ckptaudit.analyses.regimes.signals import (
     RegimeSignals,
     SignalCollector,
     loss_curvature,
@@ -139,7 +139,7 @@ def test_regimes_cli_reports_variance_curvature_and_bootstrap(tiny_run, tmp_path
     import h5py
     from transformers import GPT2LMHeadModel
 
-    from ckptaudit.analyses.regimes import build_probes
+    from ckptaudit.analyses.regimes.run import build_probes
     from ckptaudit.tasks import task_from_checkpoint_dir
 
     out = tmp_path / "r.h5"

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ckptaudit.analyses.resume import (
+from ckptaudit.analyses.resume.conditions import ProbeInputs, optimizer_class, probe_inputs_from_checkpoint
+from ckptaudit.analyses.resume.run import (
     ConditionSpec,
     ResumeSettings,
     default_eval_steps,
@@ -27,7 +28,6 @@ from ckptaudit.analyses.resume import (
     run_condition,
     run_resume_probe,
 )
-from ckptaudit.analyses.resume_conditions import ProbeInputs, optimizer_class, probe_inputs_from_checkpoint
 from ckptaudit.cli.app import app
 
 runner = CliRunner()
@@ -138,7 +138,7 @@ def test_vectors_backbone_coordinate(tiny_run: Path, tmp_path: Path):
     norm = math.sqrt(sum(float((x * x).sum()) for x in v.values()))
     v = {n: x / norm for n, x in v.items()}
     save_file({n: torch.stack([x, torch.zeros_like(x)]).float().contiguous() for n, x in v.items()}, tmp_path / "v.safetensors")
-    from ckptaudit.analyses.resume import load_backbone_vector
+    from ckptaudit.analyses.resume.run import load_backbone_vector
 
     vec = load_backbone_vector(tmp_path / "v.safetensors", inputs.model)
     result, model = run_condition(CONTROL, inputs, ResumeSettings(steps=3, eval_every=3), vector=vec)

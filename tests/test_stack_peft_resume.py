@@ -18,8 +18,8 @@ from conftest import build_threads, fixture_run
 from safetensors.torch import load_file
 from stack_helpers import CONTROL, RESET, producer
 
-from ckptaudit.analyses.resume import ResumeSettings, run_condition
-from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint, restored_optimizer
+from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint, restored_optimizer
+from ckptaudit.analyses.resume.run import ResumeSettings, run_condition
 
 TASK = "modadd:p=13,train_frac=0.6"
 BS = 4  # the producer's per_device_train_batch_size

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
 
-from ckptaudit.analyses.backbone import run_backbone
-from ckptaudit.analyses.fisher_directions import load_vector_file, trunk_layout
-from ckptaudit.analyses.resume import load_backbone_vector
+from ckptaudit.analyses.backbone.run import run_backbone
+from ckptaudit.analyses.fisher.directions import load_vector_file, trunk_layout
+from ckptaudit.analyses.resume.run import load_backbone_vector
 from ckptaudit.errors import CorruptFileError, InputNotFoundError
 from ckptaudit.io.roles import resolve_architecture
 from ckptaudit.io.vectors import BLOCK_PREFIX, SWITCH_PREFIX, read_vectors
@@ -426,8 +426,8 @@ def test_block_backbones_are_each_blocks_own_pc1(tmp_path):
     """block/<tensor> entries: for every block, numpy's SVD of that block's own drift matrix gives V_1 (signed so
     that a(last) > 0), and fisher's probes carry it as v_b^(l) for b_l (the segment dot product itself is checked
     against dense gradients in test_fisher)."""
-    from ckptaudit.analyses.fisher import prepare_probes
-    from ckptaudit.analyses.fisher_directions import load_block_backbones
+    from ckptaudit.analyses.fisher.directions import load_block_backbones
+    from ckptaudit.analyses.fisher.run import prepare_probes
 
     d = 8
     shapes = gpt2_shapes(d, LAYERS)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ckptaudit.analyses.regimes import (
+from ckptaudit.analyses.regimes.run import (
     REGIMES,
     UNKNOWN,
     ProbeSet,

@@ -7,12 +7,12 @@ WORLD_SIZE > 1 ("gloo" on the CPU, "nccl" when the device is CUDA, with one GPU 
 :func:`active` for the context, so library callers who start their own process group get the same behaviour.
 
 How the backbone work splits: each rank streams a size-balanced share of the stored tensors
-(:func:`ckptaudit.analyses.gram.balanced_shards`) and computes their per-piece Grams; :func:`allreduce_gramset`
+(:func:`ckptaudit.analyses.backbone.gram.balanced_shards`) and computes their per-piece Grams; :func:`allreduce_gramset`
 sums the per-piece Grams over ranks (every piece is computed on exactly one rank, so the sum only adds zeros
 and is exact) and every rank then adds the pieces into the group Grams in one fixed order. The group Grams are
 therefore identical, bit for bit, to a single-process run with the same chunking.
 
-How the fisher work splits: rank r takes mini-batches r, r + W, ...; see :mod:`ckptaudit.analyses.fisher`
+How the fisher work splits: rank r takes mini-batches r, r + W, ...; see :mod:`ckptaudit.analyses.fisher.run`
 (:meth:`DistContext.gather` brings the gradient chunks to rank 0 for the Gram, :meth:`DistContext.broadcast` its
 eigenpairs back).
 """
@@ -152,7 +152,7 @@ def allreduce_gramset(gs: Any, ctx: DistContext, tensor_names: tuple[str, ...] =
     Sums the per-piece Grams and the processed flags over ranks, then adds pieces into groups in the canonical
     order (:meth:`PieceGrams.combine`). ``tensor_names``: every tensor processed by any rank (for the result).
     """
-    from ckptaudit.analyses.gram import PieceGrams
+    from ckptaudit.analyses.backbone.gram import PieceGrams
 
     pg = gs.pieces
     if pg is None:

@@ -8,7 +8,7 @@ off (the model stays in eval mode while it trains): the probe measures the deter
 gradient on one example, and dropout noise would blur the step at which the Born gap flips.
 
 Before training (step 0) and after every optimizer step the model state is evaluated once and
-``born_observables`` (synonyms.py) is computed with the *current* unembedding rows, giving per step: loss,
+``born_observables`` (born_gap.py) is computed with the *current* unembedding rows, giving per step: loss,
 p_y, p_c, logit gap, Phi, signal S, drag D, participation ratio PR and localisation length xi. The competitor
 is the given one, or the one ``born_gap`` picks at step 0, then held fixed so every step compares the same pair.
 Each step costs one forward and one backward pass: the forward that records state t also gives the gradient of
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ckptaudit.analyses.synonyms import (
+from ckptaudit.analyses.born_gap import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
@@ -360,7 +360,7 @@ class FinetuneProbeResult:
     target_modules: tuple[str, ...] | None
     target_note: str | None
     trajectories: tuple[Trajectory, ...]
-    skipped: tuple[dict, ...] = ()  # the unusable contexts (synonyms.usable_contexts), by file line
+    skipped: tuple[dict, ...] = ()  # the unusable contexts (born_gap.usable_contexts), by file line
 
     @property
     def swept(self) -> bool:
@@ -427,7 +427,7 @@ def finetune_probe(
     """Run ``finetune_trajectory`` for every context and learning rate, each from ``model``'s original weights.
 
     Targets and competitors are validated as single tokens before anything trains; unusable contexts are skipped
-    and listed by file line (``strict``: a ``DataError`` naming the line; :func:`synonyms.usable_contexts`).
+    and listed by file line (``strict``: a ``DataError`` naming the line; :func:`born_gap.usable_contexts`).
     ``progress(1)`` is called per optimizer step.
     """
     if mode not in ("lora", "full"):

@@ -60,8 +60,8 @@ def _last_checkpoint(path: Path) -> Any:
 
 def _evaluator(task: str | None, data: Path | None, split: str, ckpt: Any, max_sequences: int | None,
                as_given: bool = False, windows: Any = None) -> Any:
-    from ckptaudit.analyses.gxs import TaskEval, load_token_data
-    from ckptaudit.analyses.gxs_eval import WindowEval
+    from ckptaudit.analyses.gxs.evaluation import WindowEval
+    from ckptaudit.analyses.gxs.run import TaskEval, load_token_data
     from ckptaudit.tasks.data import load_data
 
     if task is not None and data is not None:
@@ -130,7 +130,7 @@ def transplant_cmd(
 
     Example: ckptaudit gxs transplant runs/seed0 runs/seed1 --heads 0.0,0.1
     """
-    from ckptaudit.analyses.gxs import (
+    from ckptaudit.analyses.gxs.run import (
         check_compatible,
         default_conditions,
         evaluate,
@@ -219,7 +219,7 @@ def velocity_cmd(
 
     Example: ckptaudit gxs velocity runs/grok1/
     """
-    from ckptaudit.analyses.gxs import run_velocity
+    from ckptaudit.analyses.gxs.run import run_velocity
     from ckptaudit.io.roles import load_role_map
 
     session = LocalSession("gxs velocity", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)
@@ -288,7 +288,7 @@ def slack_cmd(
 
     Example: ckptaudit gxs slack runs/seed0/checkpoint-3000 --seed 1
     """
-    from ckptaudit.analyses.gxs import run_slack
+    from ckptaudit.analyses.gxs.run import run_slack
     from ckptaudit.io.models import load_model
 
     session = LocalSession("gxs slack", device, json_out, quiet, out=out, no_report=no_report, no_hash=no_hash)

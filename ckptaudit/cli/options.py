@@ -216,3 +216,19 @@ def apply_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(int(threads))
     return int(torch.get_num_threads())
+
+ProbesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--probes",
+        help="Probe file, one probe per line (text when the checkpoint has a tokenizer, else token ids). "
+        "Default: the package's 100 probe texts (ckptaudit/data/probes.txt) with a tokenizer; the task's own fixed inputs without one.",
+    ),
+]
+ThresholdsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--thresholds",
+        help="Fixed regime thresholds LOW,HIGH on s_t (e.g. 0.997,0.9995). Default: adaptive, the 30th/70th percentiles of s_t.",
+    ),
+]

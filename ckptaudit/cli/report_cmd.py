@@ -83,14 +83,17 @@ def command_views() -> dict[str, Any]:
     """command name -> ``view(output, summary, label)``: the terminal view each command prints from its --json
     document, which ``report show`` calls with the document the report keeps."""
     from ckptaudit.cli.backbone_cmd import render_backbone
-    from ckptaudit.cli.embeddings_cmd import render_born_gap, render_embeddings
-    from ckptaudit.cli.finetune_cmd import render_finetune
+    from ckptaudit.cli.born_gap_cmd import render_born_gap
+    from ckptaudit.cli.classify_embeddings_cmd import render_embeddings
+    from ckptaudit.cli.cross_seed_cmd import render_cross_seed
+    from ckptaudit.cli.extrapolate_cmd import render_extrapolate
+    from ckptaudit.cli.finetune_probe_cmd import render_finetune
     from ckptaudit.cli.fisher_cmd import render_fisher
     from ckptaudit.cli.gate_cmd import render_gate
     from ckptaudit.cli.gxs_cmd import render_slack, render_transplant, render_velocity
     from ckptaudit.cli.inspect_cmd import render_inspect
-    from ckptaudit.cli.resume_cmd import render_resume
-    from ckptaudit.cli.trajectory_cmd import render_cross_seed, render_extrapolate, render_regimes
+    from ckptaudit.cli.regimes_cmd import render_regimes
+    from ckptaudit.cli.resume_probe_cmd import render_resume
 
     def plain(view: Any) -> Any:
         return lambda output, s, label: view(output, s)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ckptaudit.analyses.embeddings import MAX_PAIRS
+from ckptaudit.analyses.embeddings.run import MAX_PAIRS
 from ckptaudit.errors import CkptAuditError
 from ckptaudit.gate.context import BAD_INPUT, GateContext, _label, _weight_file
 from ckptaudit.gate.registry import Key, gate_check
@@ -25,7 +25,7 @@ from ckptaudit.gate.result import FAIL, PASS, SKIPPED, CheckResult
                     optional=True, default_text="the checkpoint's `ckptaudit_task.json`", example="modadd"),
     },
     doc="Resuming from the gated checkpoint with a fresh (RESET) optimizer at `lr_multiplier` times its learning rate "
-    "must be `stable`: the verdict of `ckptaudit.analyses.resume` (the engine of `ckptaudit resume-probe`), which runs "
+    "must be `stable`: the verdict of `ckptaudit.analyses.resume.run` (the engine of `ckptaudit resume-probe`), which runs "
     "only that one condition here (no CONTROL, warm-up or boundary conditions). It trains, so it is slow on large "
     "models; skipped when the analysis cannot run on the checkpoint (the reason is the message).",
     value="the verdict of the RESET condition (`stable`, or how it collapsed).",
@@ -39,8 +39,8 @@ def check_resume_probe(ctx: GateContext, settings: dict) -> CheckResult:
     """
     mult = settings["lr_multiplier"]
     threshold = {"verdict": "stable", "lr_mult": mult}
-    from ckptaudit.analyses.resume import ResumeSettings, run_resume_probe
-    from ckptaudit.analyses.resume_conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
+    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
 
     probe_kwargs: dict[str, Any] = {"lr_mults": (mult,), "warmup_steps": 0, "boundary_probe": False, "mode": "reset",
                                     "seed": ctx.seed, "device": ctx.device}  # fmt: skip
@@ -94,7 +94,7 @@ def _reset_condition(conditions: Sequence[Any], mult: float) -> Any:
     },
     needs_one_of=("expected", "bulk_index_min", "bulk_index_max"),
     bounds=(("bulk_index_min", "bulk_index_max"),),
-    doc="Bulk class of the input-embedding overlaps (`ckptaudit.analyses.embeddings`, as `ckptaudit "
+    doc="Bulk class of the input-embedding overlaps (`ckptaudit.analyses.embeddings.run`, as `ckptaudit "
     "classify-embeddings`).",
     value="`{\"class\", \"bulk_index\"}` of the last gated checkpoint (or of the first that fails).",
     init_enabled=False,
@@ -102,7 +102,7 @@ def _reset_condition(conditions: Sequence[Any], mult: float) -> Any:
 )  # fmt: skip
 def check_embedding_class(ctx: GateContext, settings: dict) -> CheckResult:
     """Class A/B and bulk_index bounds of the input embedding of each gated checkpoint (analyses.embeddings)."""
-    from ckptaudit.analyses.embeddings import embedding_matrices, overlap_stats
+    from ckptaudit.analyses.embeddings.run import embedding_matrices, overlap_stats
 
     lo, hi, expected = settings["bulk_index_min"], settings["bulk_index_max"], settings["expected"]
     threshold: dict[str, Any] = {}
@@ -154,11 +154,11 @@ def check_embedding_class(ctx: GateContext, settings: dict) -> CheckResult:
     init={"max": 1000.0},
 )  # fmt: skip
 def check_fisher_anisotropy(ctx: GateContext, settings: dict) -> CheckResult:
-    """Fisher anisotropy within [min, max] via ckptaudit.analyses.fisher, along the backbone the gate computed once
+    """Fisher anisotropy within [min, max] via ckptaudit.analyses.fisher.run, along the backbone the gate computed once
     for the run (shared with the backbone check)."""
     threshold = _range(settings["min"], settings["max"])
-    from ckptaudit.analyses.backbone import run_backbone
-    from ckptaudit.analyses.fisher import fisher_anisotropy
+    from ckptaudit.analyses.backbone.run import run_backbone
+    from ckptaudit.analyses.fisher.run import fisher_anisotropy
 
     try:
         _, vectors = ctx.backbone(run_backbone)
@@ -188,7 +188,7 @@ def check_fisher_anisotropy(ctx: GateContext, settings: dict) -> CheckResult:
     needs_one_of=("rho1_min", "rho1_max", "k95_min", "k95_max"),
     bounds=(("rho1_min", "rho1_max"), ("k95_min", "k95_max")),
     scope="run",
-    doc="Drift-matrix SVD of the whole run (`ckptaudit.analyses.backbone.run_backbone`, as `ckptaudit backbone`); "
+    doc="Drift-matrix SVD of the whole run (`ckptaudit.analyses.backbone.run.run_backbone`, as `ckptaudit backbone`); "
     "needs at least three checkpoints, else skipped.",
     value="`{\"rho1\", \"k95\"}` of the trunk.",
     init_enabled=False,
@@ -206,7 +206,7 @@ def check_backbone(ctx: GateContext, settings: dict) -> CheckResult:
     if n < 3:
         return CheckResult("backbone", SKIPPED, None, threshold,
                            f"needs >= 3 checkpoints of a run, got {n}", str(ctx.run.path))  # fmt: skip
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
 
     try:
         report, _ = ctx.backbone(run_backbone)

@@ -43,10 +43,10 @@ class GateContext:
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def info(self, ckpt: StoredCheckpoint) -> Any:
-        """provenance.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
+        """analyses.inspect.inspect_checkpoint (with file safety) for ``ckpt``, computed once."""
         key = str(ckpt.path)
         if key not in self._info:
-            from ckptaudit.analyses.provenance import inspect_checkpoint
+            from ckptaudit.analyses.inspect import inspect_checkpoint
 
             self._info[key] = inspect_checkpoint(ckpt, check_files=True)[0]
         return self._info[key]

@@ -138,7 +138,7 @@ def _exempt(path: str, ckpt_path: Path, patterns: Sequence[str]) -> bool:
     init={"allow_files": list(DEFAULT_EXEMPT_FILES)},  # io.safety: the one list inspect speaks of too
 )  # fmt: skip
 def check_safe_serialization(ctx: GateContext, settings: dict) -> CheckResult:
-    """Every file of the gated checkpoints safe per provenance.file_safety (content-based, nothing executed)."""
+    """Every file of the gated checkpoints safe per io.safety.file_safety (content-based, nothing executed)."""
     allow = list(settings["allow_files"])
     threshold = {"unsafe_files": 0, "allow_files": allow}
     unsafe: list[Any] = []

@@ -1,5 +1,5 @@
 """Results of the fisher analysis (SPEC §2): one checkpoint (:class:`FisherCheckpoint`) and a run
-(:class:`FisherReport`), with their JSON and HDF5 forms. The computation is in :mod:`ckptaudit.analyses.fisher`."""
+(:class:`FisherReport`), with their JSON and HDF5 forms. The computation is in :mod:`ckptaudit.analyses.fisher.run`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptaudit.analyses.fisher_uncertainty import (
+from ckptaudit.analyses.fisher.uncertainty import (
     bootstrap_hdf5,
     bootstrap_json,
     mean_se,
@@ -36,7 +36,7 @@ class FisherCheckpoint:
     b_l. hessian: direction name -> (1/M) sum_i v^T H_i v plus "random_mean" (None without --hessian).
     block_projections / block_grad_norms: ``[M, n_blocks]`` raw <g_{i,l}, v_b^(l)> and ||g_{i,l}|| (blocks in
     ascending order, as ``block_signed_projection``). gram: the M x M Gram G G^T (float64). bootstrap: the seeded
-    bootstrap over batches (:func:`ckptaudit.analyses.fisher_uncertainty.batch_bootstrap`) or None.
+    bootstrap over batches (:func:`ckptaudit.analyses.fisher.uncertainty.batch_bootstrap`) or None.
     """
 
     step: int
@@ -96,7 +96,7 @@ class FisherCheckpoint:
         return mean_se(np.asarray(self.grad_norms, dtype=np.float64) ** 2)
 
     def random_stats(self) -> dict[str, float]:
-        """q_random_std, q_random_se, q_random_std_exact, q_random_se_exact (see fisher_uncertainty)."""
+        """q_random_std, q_random_se, q_random_std_exact, q_random_se_exact (see fisher.uncertainty)."""
         return random_direction_stats(self.q_random, self.trace, self.q["backbone"], self.gram,
                                       np.asarray(self.projections)[:, 0], self.dim)
 

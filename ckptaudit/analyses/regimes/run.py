@@ -281,7 +281,7 @@ class RegimesResult:
     first_entry: dict[str, int | None]
     probes: str
     notes: tuple[str, ...] = field(default=())
-    #: activation variance, loss curvature, bootstrap of s_t (:mod:`ckptaudit.analyses.regimes_signals`), or None
+    #: activation variance, loss curvature, bootstrap of s_t (:mod:`ckptaudit.analyses.regimes.signals`), or None
     signals: Any = field(default=None, compare=False)
 
     @classmethod
@@ -387,12 +387,12 @@ def run_regimes(
 ) -> RegimesResult:
     """Fingerprints of every checkpoint of ``run``, s_t, thresholds, regimes and first entries, and (``signals``)
     the activation variance over ``variance_window`` checkpoints, the loss curvature and a seeded bootstrap over
-    probes (``bootstrap`` replicates, 0: none) — see :mod:`ckptaudit.analyses.regimes_signals`.
+    probes (``bootstrap`` replicates, 0: none) — see :mod:`ckptaudit.analyses.regimes.signals`.
 
     The loss at each checkpoint comes from ``evaluate(model)`` when given (one evaluation per checkpoint, in the
     same pass), else from ``losses`` (one per checkpoint, None where unknown); ``loss_source`` says which in words.
     """
-    from ckptaudit.analyses.regimes_signals import RegimeSignals, SignalCollector
+    from ckptaudit.analyses.regimes.signals import RegimeSignals, SignalCollector
 
     steps = [int(c.step) for c in run]
     collector = SignalCollector(variance_window) if signals else None

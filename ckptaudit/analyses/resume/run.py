@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptaudit.analyses.resume_conditions import ProbeInputs, fresh_optimizer, restored_optimizer
+from ckptaudit.analyses.resume.conditions import ProbeInputs, fresh_optimizer, restored_optimizer
 from ckptaudit.errors import OptimizerStateError, UsageError
 from ckptaudit.io.vectors import read_vectors
 

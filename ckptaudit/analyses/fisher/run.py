@@ -19,7 +19,7 @@ Definitions (reported by :class:`FisherCheckpoint`):
 - with ``hessian``: c(v) = (1/M) sum_i v^T H_i v by Hessian-vector products (double backward) on the same batches;
 - the Fisher trace tr F, the signed projections <g_i, v_b> (mean, std), the raw block projections
   <g_{i,l}, v_b^(l)>, the spread of the random quotients with its exact counterpart, the standard errors over
-  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher_uncertainty`.
+  batches and a seeded bootstrap over batches: :mod:`ckptaudit.analyses.fisher.uncertainty`.
 
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.fisher_directions import (
+from ckptaudit.analyses.fisher.directions import (
     TrunkLayout,
     random_directions,
     read_directions,
@@ -54,9 +54,9 @@ from ckptaudit.analyses.fisher_directions import (
     switch_direction,
     trunk_layout,
 )
-from ckptaudit.analyses.fisher_results import FisherCheckpoint, FisherReport, noise_floor
-from ckptaudit.analyses.fisher_store import GradientStore
-from ckptaudit.analyses.fisher_uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
+from ckptaudit.analyses.fisher.results import FisherCheckpoint, FisherReport, noise_floor
+from ckptaudit.analyses.fisher.store import GradientStore
+from ckptaudit.analyses.fisher.uncertainty import DEFAULT_BOOTSTRAP, batch_bootstrap
 from ckptaudit.errors import LayoutError, UsageError
 from ckptaudit.io.types import RunLike, StoredCheckpoint
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptaudit.analyses.synonyms import (
+from ckptaudit.analyses.born_gap import (
     Context,
     born_gap,
     born_observables,

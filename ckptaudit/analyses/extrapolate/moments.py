@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ckptaudit.analyses.extrapolate import adam_step_prediction, momentum_prediction
+from ckptaudit.analyses.extrapolate.predictors import adam_step_prediction, momentum_prediction
 
 
 def _momentum_update(m: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,8 +3,8 @@
 ``run_backbone`` resolves the architecture from the anchor checkpoint's tensor shapes and config, builds the
 parameter groups (trunk = q, k, v, o, mlp_in, mlp_out weights of every block; one group per analysed block;
 role groups G = q, k and S = v, o, mlp), computes every group's Gram in one pass over the checkpoints
-(:func:`ckptaudit.analyses.gram.drift_grams`), and derives all quantities from the Grams
-(:mod:`ckptaudit.analyses.backbone_metrics`). Rows are the checkpoints after the anchor (checkpoints before a
+(:func:`ckptaudit.analyses.backbone.gram.drift_grams`), and derives all quantities from the Grams
+(:mod:`ckptaudit.analyses.backbone.metrics`). Rows are the checkpoints after the anchor (checkpoints before a
 later ``anchor_step`` are not used). ``save_vectors`` streams V_1..V_k of the trunk to safetensors in a second
 pass.
 """
@@ -20,19 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.backbone_metrics import (
-    BackboneResult,
-    backbone_from_gram,
-    detect_switches,
-    switch_cosines,
-)
-from ckptaudit.analyses.gram import (
+from ckptaudit.analyses.backbone.gram import (
     DEFAULT_CHUNK_ELEMS,
     _as_source,
     _read,
     balanced_shards,
     drift_grams,
     tensor_names_of,
+)
+from ckptaudit.analyses.backbone.metrics import (
+    BackboneResult,
+    backbone_from_gram,
+    detect_switches,
+    switch_cosines,
 )
 from ckptaudit.errors import DataError, UsageError
 from ckptaudit.io.steps import anchor_index, format_steps

@@ -3,7 +3,7 @@ acceptance rates per predictor, K and regime with their uncertainty, cascades, t
 timing, and on request the landscape along each prediction, the K-consecutive-stable gate and the moments rounded
 to a storage precision.
 
-Formulas and streaming are in ``ckptaudit.analyses.extrapolate``; regimes in ``ckptaudit.analyses.regimes``; the
+Formulas and streaming are in ``ckptaudit.analyses.extrapolate.predictors``; regimes in ``ckptaudit.analyses.regimes.run``; the
 landscape probe in ``extrapolate_landscape``, the gate and the intervals in ``extrapolate_stats``, the moment
 rounding in ``extrapolate_moments``.
 """
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.extrapolate import (
+from ckptaudit.analyses.extrapolate.landscape import FRACTIONS, LandscapeProbe, probe_landscape
+from ckptaudit.analyses.extrapolate.predictors import (
     CRITERIA,
     DEFAULT_K,
     FINITE_DIFFERENCE,
@@ -30,15 +31,14 @@ from ckptaudit.analyses.extrapolate import (
     acceptance,
     recent_sigma,
 )
-from ckptaudit.analyses.extrapolate_landscape import FRACTIONS, LandscapeProbe, probe_landscape
-from ckptaudit.analyses.extrapolate_stats import (
+from ckptaudit.analyses.extrapolate.stats import (
     DEFAULT_BOOTSTRAP,
     RateBootstrap,
     error_uncertainty,
     rate_uncertainty,
     stable_runs,
 )
-from ckptaudit.analyses.regimes import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
+from ckptaudit.analyses.regimes.run import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
 from ckptaudit.errors import CkptAuditError
 from ckptaudit.io.types import StoredCheckpoint
 
@@ -472,7 +472,7 @@ def run_extrapolate(
             continue
         opt = _load_optimizer(ckpts[i], notes) if needs_opt else None
         if opt is not None and moment_dtype is not None:
-            from ckptaudit.analyses.extrapolate_moments import moment_rounding
+            from ckptaudit.analyses.extrapolate.moments import moment_rounding
 
             rounding.append({"step": steps[i], **moment_rounding(opt, moment_dtype)})
         for predictor in settings.predictors:

@@ -68,8 +68,8 @@ def finetune_probe_cmd(
 
     Example: ckptaudit finetune-probe models/smollm-135m --contexts near-synonyms --mode full --lr 2e-5
     """
+    from ckptaudit.analyses.born_gap import load_contexts
     from ckptaudit.analyses.finetune import DEFAULT_LR, finetune_probe
-    from ckptaudit.analyses.synonyms import load_contexts
 
     mode = mode.strip().lower()
     if mode not in ("lora", "full"):
@@ -125,7 +125,7 @@ def render_finetune(output: Any, s: dict, label: str) -> None:
         same = all(c["embeddings_unchanged"] for c in s["contexts"])
         output.print("embeddings (and LM head) bit-identical after every LoRA run: max |ΔE| == 0" if same
                      else "[bold red]embedding matrix changed under LoRA[/bold red]")
-    from ckptaudit.cli.embeddings_cmd import skipped_contexts_note
+    from ckptaudit.cli.born_gap_cmd import skipped_contexts_note
 
     skipped_contexts_note(output, s)
     if s.get("critical_lr"):

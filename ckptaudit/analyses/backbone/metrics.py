@@ -89,7 +89,7 @@ class BackboneResult:
     u: np.ndarray = field(repr=False)
     row_scale: np.ndarray = field(repr=False)  # D: 1 (raw) or 1/||x(t)|| (normalised rows)
     switches: tuple[SwitchMetrics, ...] = ()
-    #: rotations, speeds, power-law fits, switch projections (:mod:`ckptaudit.analyses.backbone_dynamics`)
+    #: rotations, speeds, power-law fits, switch projections (:mod:`ckptaudit.analyses.backbone.dynamics`)
     dynamics: Any = field(default=None, repr=False)
 
     def to_json(self, velocity: bool = False) -> dict[str, Any]:
@@ -290,9 +290,9 @@ def backbone_from_gram(
 
     steps: the T row steps (increasing). anchor_step: the step of x = 0 (velocity of the first row, switches
     involving the anchor). switches: (peak_step, trough_step) pairs among ``steps`` or the anchor step.
-    fit_range: (lo, hi) steps of the power-law fits (default: every row, see backbone_dynamics).
+    fit_range: (lo, hi) steps of the power-law fits (default: every row, see backbone.dynamics).
     """
-    from ckptaudit.analyses.backbone_dynamics import backbone_dynamics
+    from ckptaudit.analyses.backbone.dynamics import backbone_dynamics
 
     G = np.asarray(G, dtype=np.float64)
     steps_arr = np.asarray(list(steps), dtype=np.int64)

@@ -8,7 +8,7 @@
 - Velocity: nu_g(t) = ||theta_g(t) - theta_g(t_prev)|| / (t - t_prev) of G (q, k) and S (v, o, mlp), from the
   backbone Gram (``run_backbone`` groups), and the consolidation step of each (first step after which nu stays
   below 10% of its peak): which group consolidates first.
-- Slack: see :mod:`ckptaudit.analyses.gxs_eval`.
+- Slack: see :mod:`ckptaudit.analyses.gxs.evaluation`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptaudit.analyses.gxs_eval import (
+from ckptaudit.analyses.gxs.evaluation import (
     ALPHAS,
     SIGMAS,
     EvalStats,
@@ -372,7 +372,7 @@ def run_velocity(run: RunLike, include_bias: bool = False, device: str = "cpu", 
                  anchor_step: int | None = None, progress: Callable[[int], None] | None = None,
                  allow_partial_trunk: bool = False) -> VelocityResult:
     """Velocities and consolidation steps of G and S over ``run``, from ``run_backbone``'s role-group Grams."""
-    from ckptaudit.analyses.backbone import run_backbone
+    from ckptaudit.analyses.backbone.run import run_backbone
 
     report = run_backbone(run, anchor_step=anchor_step, blocks=[], include_bias=include_bias, device=device,
                           role_map=role_map, progress=progress, allow_partial_trunk=allow_partial_trunk)

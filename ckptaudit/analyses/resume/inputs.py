@@ -2,7 +2,7 @@
 
 Which loop CONTROL runs in (``ProbeInputs.control_mode``):
 
-- **Trainer resume** (``transformers.Trainer.train(resume_from_checkpoint=...)``, :mod:`resume_trainer`): a
+- **Trainer resume** (``transformers.Trainer.train(resume_from_checkpoint=...)``, :mod:`.trainer`): a
   Trainer checkpoint (trainer_state.json, training_args.bin, optimizer and scheduler state) and ``train_data``, the
   run's training set as the Trainer indexed it. The Trainer's own sampler, schedule, RNG state and loss apply.
 - **ckptaudit loop** otherwise: the run's optimizer state, its batch size, its schedule rebuilt from the recorded
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ckptaudit.analyses.resume_conditions import (
+from ckptaudit.analyses.resume.conditions import (
     _NOT_HYPER,
     ProbeInputs,
     _checkpoint,
@@ -113,7 +113,7 @@ def probe_inputs_from_checkpoint(
     naming the parameter, when it does not fit the model). A checkpoint without optimizer state yields inputs
     without it (RESET only) and a note.
     """
-    from ckptaudit.analyses.resume_trainer import TrainerLoop, passed_fields
+    from ckptaudit.analyses.resume.trainer import TrainerLoop, passed_fields
     from ckptaudit.io.hyperparams import run_hyperparameters
     from ckptaudit.io.models import load_training_model
     from ckptaudit.io.optimizer import load_optimizer_state, load_scheduler_state

@@ -75,7 +75,7 @@ class ProbeInputs:
     task: str = ""
     notes: list[str] = field(default_factory=list)
     checkpoint: Any = None  # the io Checkpoint it came from (for the report's /inputs), when read from files
-    loop: Any = None  # a TrainerLoop: every condition runs inside transformers.Trainer (analyses.resume_trainer)
+    loop: Any = None  # a TrainerLoop: every condition runs inside transformers.Trainer (analyses.resume.trainer)
     rng_state: dict | None = None  # {"cpu": ByteTensor, "cuda": [...]} of rng_state.pth, restored per condition
     run_values: dict = field(default_factory=dict)  # name -> {"value", "source"}: how CONTROL repeats the run
     control_mode: str = "ckptaudit loop"
@@ -205,7 +205,7 @@ def _last_lrs(
 
 
 def probe_inputs_from_checkpoint(*args: Any, **kwargs: Any) -> ProbeInputs:
-    """Read a checkpoint directory into ProbeInputs: :func:`ckptaudit.analyses.resume_inputs.probe_inputs_from_checkpoint`."""
-    from ckptaudit.analyses.resume_inputs import probe_inputs_from_checkpoint as read
+    """Read a checkpoint directory into ProbeInputs: :func:`ckptaudit.analyses.resume.inputs.probe_inputs_from_checkpoint`."""
+    from ckptaudit.analyses.resume.inputs import probe_inputs_from_checkpoint as read
 
     return read(*args, **kwargs)

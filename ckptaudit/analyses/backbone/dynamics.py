@@ -1,6 +1,6 @@
 """Trajectory dynamics around the backbone (paper 001 and its public code), every one a function of the T x T Gram.
 
-Notation of :mod:`ckptaudit.analyses.backbone_metrics`: rows x(t) = theta(t) - theta(anchor) for the T checkpoints
+Notation of :mod:`ckptaudit.analyses.backbone.metrics`: rows x(t) = theta(t) - theta(anchor) for the T checkpoints
 after the anchor, G = X X^T, the analysed Gram G_a = D G D (D = 1 for raw rows, diag(1/||x(t)||) for normalised
 rows) with eigenvectors u_k and sigma_k = sqrt(lambda_k); V_k = X_a^T u_k / sigma_k.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptaudit.analyses.backbone_metrics import consecutive_norms, normalized_gram, pad_anchor, spectrum
+from ckptaudit.analyses.backbone.metrics import consecutive_norms, normalized_gram, pad_anchor, spectrum
 
 #: eigenvalues lambda_k <= RANK_TOL * lambda_1 are numerical zeros (a float64 Gram of float32 rows is accurate to
 #: ~1e-16 lambda_1): PCs beyond them are not reported in the capture curves.

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ckptaudit.analyses.extrapolate import PredictionPlan, predicted_tensors
+from ckptaudit.analyses.extrapolate.predictors import PredictionPlan, predicted_tensors
 
 FRACTIONS = (0.25, 0.5, 1.0, 1.5, 2.0)
 

@@ -1,6 +1,6 @@
 """Storage for the M flattened trunk gradients of the fisher analysis: in RAM within the memory budget, else a disk
 memmap (never an approximation). Under several ranks each rank stores its own rows; ``gram_gathered`` and
-``combine(..., reduce=...)`` compute the exact cross-rank products (see ckptaudit.analyses.fisher)."""
+``combine(..., reduce=...)`` compute the exact cross-rank products (see ckptaudit.analyses.fisher.run)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ same polynomial, so link d of linear / quadratic-fit / momentum equals the one-s
 that way (the paper's quadratic, which is no fit, is also evaluated at d*K); adam-step chains its update d times with the stored moments (weight decay compounds). Link d is
 validated against the previous link's loss (L_t for the first).
 
-The run loop lives in ``ckptaudit.analyses.extrapolate_run``.
+The run loop lives in ``ckptaudit.analyses.extrapolate.run``.
 """
 
 from __future__ import annotations

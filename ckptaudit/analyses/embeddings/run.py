@@ -155,7 +155,7 @@ class EmbeddingClassResult:
                    "quantiles": np.asarray(self.quantiles_c2, dtype=np.float64)},
         }
         if self.uncertainty is not None:
-            from ckptaudit.analyses.embeddings_uncertainty import hdf5_tree
+            from ckptaudit.analyses.embeddings.uncertainty import hdf5_tree
 
             tree["uncertainty"] = hdf5_tree(self.uncertainty)
         if self.hist_c is not None and self.bins is not None:
@@ -219,7 +219,7 @@ def overlap_stats(
     sampled, ``n_used * (n_used - 1) / 2`` exact). ``lora_lr`` is the intended LoRA learning rate for the
     predicted critical rate. Deterministic given ``seed`` (sampled) and independent of it (exact). Sampled mode
     also reports standard errors and, with ``bootstrap`` >= 2 replicates (seeded by ``seed``), bootstrap intervals
-    of every statistic (``uncertainty``; :mod:`ckptaudit.analyses.embeddings_uncertainty`).
+    of every statistic (``uncertainty``; :mod:`ckptaudit.analyses.embeddings.uncertainty`).
     """
     V, d = (int(x) for x in E.shape) if E.ndim == 2 else (0, 0)
     rows, n_zero, n_excl = normalised_rows(E, exclude)
@@ -239,7 +239,7 @@ def overlap_stats(
                             "the default 200,000 pairs already pin the statistics to ~0.002")
         stats = _sampled_stats(rows, pairs=pairs, seed=seed, progress=progress)
     bulk_class = "A" if stats["ks_gauss"] < stats["ks_exp"] else "B"
-    from ckptaudit.analyses.embeddings_uncertainty import EXACT, sampled_uncertainty
+    from ckptaudit.analyses.embeddings.uncertainty import EXACT, sampled_uncertainty
 
     sample = stats.pop("_c", None)
     stats["histogram_c2"] = (display_histogram_folded(stats["hist_c"]) if exact
