@@ -20,15 +20,16 @@ from ckptaudit.report.hdf5 import read_report, write_report
 from ckptaudit.report.tree import TreeResult
 
 # Keys the report holds in another layout, in results whose to_json/to_hdf5_tree are still written apart:
-# inspect's files (paths only) and missing (JSON text), born-gap's target/competitor (token ids; the texts are
+# born-gap's target/competitor (token ids; the texts are
 # target_text/competitor_text), regimes' first_entry (-1 for never), extrapolate's results (columns).
-UNDECLARED_LAYOUT = {"files", "missing", "target", "competitor", "first_entry", "results"}
+UNDECLARED_LAYOUT = {"target", "competitor", "first_entry", "results"}
 
 
 def _declared() -> set[str]:
     """Every key some TreeResult declares as kept in another layout (or as text) in the report."""
     import ckptaudit.analyses.cross_seed  # noqa: F401  (import the results so that their classes are defined)
     import ckptaudit.analyses.gxs.run  # noqa: F401
+    import ckptaudit.analyses.inspect  # noqa: F401
 
     out, todo = set(), list(TreeResult.__subclasses__())
     while todo:
