@@ -30,6 +30,8 @@ def _declared() -> set[str]:
     import ckptaudit.analyses.cross_seed  # noqa: F401  (import the results so that their classes are defined)
     import ckptaudit.analyses.gxs.run  # noqa: F401
     import ckptaudit.analyses.inspect  # noqa: F401
+    import ckptaudit.analyses.regimes.run  # noqa: F401
+    import ckptaudit.analyses.resume.run  # noqa: F401
 
     out, todo = set(), list(TreeResult.__subclasses__())
     while todo:
