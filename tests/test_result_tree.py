@@ -21,8 +21,8 @@ from ckptaudit.report.tree import TreeResult
 
 # Keys the report holds in another layout, in results whose to_json/to_hdf5_tree are still written apart:
 # born-gap's target/competitor (token ids; the texts are
-# target_text/competitor_text), regimes' first_entry (-1 for never), extrapolate's results (columns).
-UNDECLARED_LAYOUT = {"target", "competitor", "first_entry", "results"}
+# target_text/competitor_text), extrapolate's results (columns).
+UNDECLARED_LAYOUT = {"target", "competitor", "results"}
 
 
 def _declared() -> set[str]:

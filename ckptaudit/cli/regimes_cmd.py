@@ -83,9 +83,7 @@ def regimes(
             revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
             _note=output.note,
         )  # fmt: skip
-    summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, summary=summary)
-    output.json(summary)
+    summary = session.finish(report.to_hdf5_tree(), report.inputs, report.to_json())  # rendered after the figure
     if plot is not None:
         from ckptaudit.report.plots import plot_regimes, run_label
 
