@@ -21,13 +21,14 @@ from ckptaudit.report.tree import TreeResult
 
 # Keys the report holds in another layout, in results whose to_json/to_hdf5_tree are still written apart:
 # born-gap's target/competitor (token ids; the texts are
-# target_text/competitor_text), extrapolate's results (columns).
-UNDECLARED_LAYOUT = {"target", "competitor", "results"}
+# target_text/competitor_text).
+UNDECLARED_LAYOUT = {"target", "competitor"}
 
 
 def _declared() -> set[str]:
     """Every key some TreeResult declares as kept in another layout (or as text) in the report."""
     import ckptaudit.analyses.cross_seed  # noqa: F401  (import the results so that their classes are defined)
+    import ckptaudit.analyses.extrapolate.run  # noqa: F401
     import ckptaudit.analyses.gxs.run  # noqa: F401
     import ckptaudit.analyses.inspect  # noqa: F401
     import ckptaudit.analyses.regimes.run  # noqa: F401
