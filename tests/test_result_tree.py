@@ -28,6 +28,7 @@ UNDECLARED_LAYOUT = {"target", "competitor"}
 def _declared() -> set[str]:
     """Every key some TreeResult declares as kept in another layout (or as text) in the report."""
     import ckptaudit.analyses.cross_seed  # noqa: F401  (import the results so that their classes are defined)
+    import ckptaudit.analyses.embeddings.run  # noqa: F401
     import ckptaudit.analyses.extrapolate.run  # noqa: F401
     import ckptaudit.analyses.gxs.run  # noqa: F401
     import ckptaudit.analyses.inspect  # noqa: F401

@@ -112,9 +112,8 @@ def classify_embeddings(
     with Progress(output, "embed: overlaps", None, "pairs") as hook:
         report = api.classify_embeddings(model, pairs=pairs, exact=exact, lora_lr=lora_lr, tokens_from=tokens_from,
                                          tile=tile, bootstrap=bootstrap, seed=seed, device=session.device, progress=hook)
-    path, summary = report.path, report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings", summary=summary)
-    output.json(summary)
+    path = report.path
+    summary = session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(), group="embeddings")  # rendered after the figures
     if plot is not None:
         from ckptaudit.report.plots import plot_embeddings, run_label
 
