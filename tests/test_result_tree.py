@@ -22,10 +22,12 @@ from ckptaudit.report.tree import TreeResult
 
 def _declared() -> set[str]:
     """Every key some TreeResult declares as kept in another layout (or as text) in the report."""
+    # Import the results so that their classes are defined.
     import ckptaudit.analyses.born_gap  # noqa: F401
-    import ckptaudit.analyses.cross_seed  # noqa: F401  (import the results so that their classes are defined)
+    import ckptaudit.analyses.cross_seed  # noqa: F401
     import ckptaudit.analyses.embeddings.run  # noqa: F401
     import ckptaudit.analyses.extrapolate.run  # noqa: F401
+    import ckptaudit.analyses.finetune  # noqa: F401
     import ckptaudit.analyses.gxs.run  # noqa: F401
     import ckptaudit.analyses.inspect  # noqa: F401
     import ckptaudit.analyses.regimes.run  # noqa: F401

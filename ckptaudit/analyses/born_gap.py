@@ -303,7 +303,12 @@ class BornGapResult(TreeResult):
 
     @staticmethod
     def _skipped_json(skipped: list[dict]) -> dict:
-        return {"skipped_contexts_json": json.dumps(skipped)}
+        return skipped_contexts_json(skipped)
+
+
+def skipped_contexts_json(skipped: list[dict]) -> dict:
+    """The report's form of ``skipped_contexts``: the dataset ``skipped_contexts_json``, JSON text."""
+    return {"skipped_contexts_json": json.dumps(skipped)}
 
 
 def load_contexts(path: str | Path) -> list[Context]:
