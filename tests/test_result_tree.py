@@ -32,6 +32,7 @@ def _declared() -> set[str]:
     import ckptaudit.analyses.inspect  # noqa: F401
     import ckptaudit.analyses.regimes.run  # noqa: F401
     import ckptaudit.analyses.resume.run  # noqa: F401
+    import ckptaudit.gate.result  # noqa: F401
 
     out, todo = set(), list(TreeResult.__subclasses__())
     while todo:
