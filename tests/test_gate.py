@@ -9,10 +9,12 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import MINIMAL_POLICY, assert_one_line_error
 from safetensors.torch import load_file, save_file
+from stack_helpers import rho_reference
 from typer.testing import CliRunner
 
 from ckptaudit.cli.app import app
@@ -327,15 +329,38 @@ def test_resume_probe_without_task_is_skipped(run_copy, tmp_path):
 # --------------------------------------------------------------------------------- analyses-based bounds
 
 
+TRUNK_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def _steps_dirs(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _trunk_rho_reference(run: Path) -> np.ndarray:
+    """rho_k of the trunk drift matrix (rows theta(t) - theta(first)) stacked by hand from the safetensors files and
+    decomposed by numpy's SVD."""
+    dirs = _steps_dirs(run)
+    first = load_file(dirs[0] / "model.safetensors")
+    names = sorted(n for n in first if n.endswith(TRUNK_SUFFIXES))
+    assert len(names) == 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    return rho_reference([load_file(d / "model.safetensors") for d in dirs], names)
+
+
 def test_backbone_bounds(tiny_run, tmp_path):
-    r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.backbone]\nrho1_min = 0.0\nk95_max = 6\n", tmp_path)
+    rho = _trunk_rho_reference(tiny_run)
+    rho1_ref, k95_ref = float(rho[0]), int(np.searchsorted(np.cumsum(rho), 0.95) + 1)
+    assert k95_ref < len(rho)  # k95_min = k95 + 1 can fail
+    r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_min = 0.0\nk95_min = {k95_ref}\nk95_max = {k95_ref}\n",
+                        tmp_path)
     assert r.exit_code == 0, r.output
     bb = by_name(doc)["backbone"]
-    assert bb["status"] == "pass" and 0 < bb["value"]["rho1"] <= 1 and 1 <= bb["value"]["k95"] <= 6
-    rho1 = bb["value"]["rho1"]
-    r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_max = {rho1 / 2}\n", tmp_path)
-    assert "backbone" in assert_one_line_error(r, code=1)
-    assert "rho1" in by_name(doc)["backbone"]["message"]
+    assert bb["status"] == "pass" and bb["value"]["k95"] == k95_ref
+    assert bb["value"]["rho1"] == pytest.approx(rho1_ref, rel=1e-6)
+    for table, needle in ((f"rho1_max = {rho1_ref * 0.99}", "rho1"), (f"rho1_min = {rho1_ref * 1.01}", "rho1"),
+                          (f"k95_min = {k95_ref + 1}", "k95"), *([(f"k95_max = {k95_ref - 1}", "k95")] * (k95_ref > 1))):
+        r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\n{table}\n", tmp_path)
+        assert "backbone" in assert_one_line_error(r, code=1), table
+        assert by_name(doc)["backbone"]["status"] == "fail" and needle in by_name(doc)["backbone"]["message"], table
     # One checkpoint is not a trajectory: skipped with the reason, never passed.
     r, doc, _, _ = gate(tiny_run / "checkpoint-60", BASE + "\n[checks.backbone]\nk95_max = 6\n", tmp_path)
     assert r.exit_code == 0, r.output
@@ -343,16 +368,41 @@ def test_backbone_bounds(tiny_run, tmp_path):
     assert bb["status"] == "skipped" and ">= 3 checkpoints" in bb["message"]
 
 
+def _bulk_index_reference(weights: Path) -> float:
+    """ks_exp - ks_gauss of s = c^2 over every unordered pair of normalised token-embedding rows (SPEC section 5),
+    by scipy's kstest on the whole population: uniform ordered pairs i != j have the same distribution."""
+    from scipy import stats
+
+    E = load_file(weights)["transformer.wte.weight"].double().numpy()
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    c = (E @ E.T)[np.triu_indices(len(E), k=1)]
+    s = c * c
+    ks_gauss = stats.kstest(s, stats.norm(s.mean(), s.std()).cdf).statistic
+    ks_exp = stats.kstest(s, stats.expon(0.0, s.mean()).cdf).statistic
+    return float(ks_exp - ks_gauss)
+
+
 def test_embedding_class(tiny_run, tmp_path):
+    ref = _bulk_index_reference(tiny_run / "checkpoint-60" / "model.safetensors")
+    # 20,000 pairs drawn from the 300 of a 25-token vocabulary: the sample's CDF lies within 0.014 of the population's
+    # (DKW at 99.9%: sqrt(ln(2 / 0.001) / (2 * 20000))), so each KS distance moves by that plus the small shift of the
+    # fitted mean and std, and their difference by at most ~0.035.
+    tol = 0.035
+    assert abs(ref) > tol, ref  # the class is then decided by the population, not by the sample
+    expected, other = ("A", "B") if ref > 0 else ("B", "A")  # A: the Gaussian fits better (ks_gauss < ks_exp)
     table = "\n[checks.embedding_class]\npairs = 20000\n"
-    r, doc, _, _ = gate(tiny_run, BASE + table + "bulk_index_min = -1.0\n", tmp_path)
+    r, doc, _, _ = gate(tiny_run, BASE + table + f'expected = "{expected}"\nbulk_index_min = {ref - tol}\n'
+                        f"bulk_index_max = {ref + tol}\n", tmp_path)
     assert r.exit_code == 0, r.output
     emb = by_name(doc)["embedding_class"]
-    assert emb["status"] == "pass" and emb["value"]["class"] in ("A", "B")
-    other = "A" if emb["value"]["class"] == "B" else "B"
+    assert emb["status"] == "pass" and emb["value"]["class"] == expected
+    assert emb["value"]["bulk_index"] == pytest.approx(ref, abs=tol)
     r, doc, _, _ = gate(tiny_run, BASE + table + f'expected = "{other}"\n', tmp_path)
     assert r.exit_code == 1
     assert f"expected {other}" in by_name(doc)["embedding_class"]["message"]
+    for bound in (f"bulk_index_min = {ref + 2 * tol}", f"bulk_index_max = {ref - 2 * tol}"):
+        r, doc, _, _ = gate(tiny_run, BASE + table + bound + "\n", tmp_path)
+        assert r.exit_code == 1 and "bulk_index" in by_name(doc)["embedding_class"]["message"], bound
 
 
 # ------------------------------------------------------------------------------------------ bad policies
