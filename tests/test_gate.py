@@ -273,22 +273,37 @@ def test_skipped_checks_never_pass(tiny_run, tmp_path):
     assert "skipped" in err and "fisher_anisotropy" in err and doc["passed"] is False
 
 
-def test_resume_probe_runs_the_reset_condition(tiny_run, tmp_path):
-    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
-    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
+def _plant_lr(ckpt: Path, lr: float) -> None:
+    """Set the learning rate saved in ``ckpt``'s optimizer and scheduler state (every group) to ``lr``."""
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    for group in opt["param_groups"]:
+        group["lr"] = lr
+    torch.save(opt, ckpt / "optimizer.pt")
+    sched = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    sched["_last_lr"] = [lr] * len(sched["_last_lr"])
+    torch.save(sched, ckpt / "scheduler.pt")
 
-    text = BASE + "\n[checks.resume_probe]\nlr_multiplier = 0.5\nsteps = 3\n"
-    r, doc, _, _ = gate(tiny_run, text, tmp_path, "--seed", "3")
+
+@pytest.mark.parametrize("planted_lr, mult, status", [
+    (0.0, 0.5, "pass"),  # the tiny run ends at lr 0: a fresh optimizer cannot move the weights
+    (2e3, 1e-9, "pass"),  # x1e-9: 2e-6 per step for 3 steps leaves the loss where it was
+    (2e3, 0.5, "fail"),  # AdamW's first step moves every weight by ~lr = 1e3 (and decays it by 1 - lr * wd): a collapse
+])
+def test_resume_probe_runs_the_reset_condition(run_copy, tmp_path, planted_lr, mult, status):
+    """The RESET condition at lr_multiplier x the lr saved in the checkpoint, judged on a planted learning rate."""
+    ckpt = run_copy / "checkpoint-60"
+    assert [g["lr"] for g in torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]] == [0.0, 0.0]
+    _plant_lr(ckpt, planted_lr)
+    text = BASE + f"\n[checks.resume_probe]\nlr_multiplier = {mult}\nsteps = 3\n"
+    r, doc, _, _ = gate(run_copy, text, tmp_path, "--seed", "3")
     rp = by_name(doc)["resume_probe"]
-    # The same single RESET condition run directly through the analysis gives the verdict the gate reports.
-    direct = run_resume_probe(
-        probe_inputs_from_checkpoint(tiny_run / "checkpoint-60"),
-        ResumeSettings(steps=3, lr_mults=(0.5,), warmup_steps=0, boundary_probe=False, mode="reset", seed=3),
-    ).conditions
-    assert len(direct) == 1 and direct[0].optimizer == "reset" and direct[0].lr_mult == 0.5
-    expected = "pass" if direct[0].verdict == "stable" else "fail"
-    assert rp["status"] == expected and rp["value"] == direct[0].verdict, rp
-    assert r.exit_code == (0 if expected == "pass" else 1)
+    assert rp["threshold"] == {"verdict": "stable", "lr_mult": mult}, rp
+    assert rp["status"] == status, rp
+    assert r.exit_code == (0 if status == "pass" else 1)
+    if status == "pass":
+        assert rp["value"] == "stable", rp
+    else:
+        assert rp["value"] != "stable" and "collapses at step 1" in rp["message"], rp
 
 
 @pytest.mark.parametrize("mult, status, code", [(0.01, "pass", 0), (300.0, "fail", 1)])
