@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import runs
 import torch
 from conftest import fixture_run, make_tiny_lm_dir
 from typer.testing import CliRunner
@@ -90,8 +91,8 @@ def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
 
     bb, gr = _helpers()
     d, n = bb.D_MODEL, bb.LAYERS
-    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(d, n), len(bb.STEPS), seed=7, noise=0.04),
-                      bb.STEPS, gr.gpt2_config(d, n))
+    run = runs.make_run(tmp_path, runs.random_trajectory(runs.gpt2_shapes(d, n), len(bb.STEPS), seed=7, noise=0.04),
+                      bb.STEPS, runs.gpt2_config(d, n))
     sw = [(60, 85), (110, 150)]
     rep = run_backbone(run, window=bb.W, switches=sw, device=SECOND, chunk_elems=100)
     parts = gr.reference_parts(d, n)
@@ -106,8 +107,8 @@ def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, d
 
     bb, gr = _helpers()
     steps = bb.STEPS[:8]
-    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(bb.D_MODEL, 1), len(steps), seed=2), steps,
-                      gr.gpt2_config(bb.D_MODEL, 1), dtype=dtype, shards=2)
+    run = runs.make_run(tmp_path, runs.random_trajectory(runs.gpt2_shapes(bb.D_MODEL, 1), len(steps), seed=2), steps,
+                      runs.gpt2_config(bb.D_MODEL, 1), dtype=dtype, shards=2)
     rep = run_backbone(run, window=3, device=SECOND, chunk_elems=50)
     X = gr.stacked(run, gr.reference_parts(bb.D_MODEL, 1)["trunk"])  # the stored values, upcast
     bb.check(rep.trunk, bb.brute(X, steps[1:], 0, 3))

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from runs import write_checkpoint
 from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate.predictors import (
@@ -31,9 +31,7 @@ SHAPES = {"a.weight": (3, 4), "b.bias": (5,)}
 def _write_trajectory(root, steps, theta_of):
     """checkpoint-{t}/model.safetensors (float64, so the planted values are stored exactly)."""
     for t in steps:
-        d = root / f"checkpoint-{t}"
-        d.mkdir(parents=True)
-        save_file({name: theta_of(name, t) for name in SHAPES}, str(d / "model.safetensors"))
+        write_checkpoint(root / f"checkpoint-{t}", {name: theta_of(name, t) for name in SHAPES})
     return discover_run(root)
 
 

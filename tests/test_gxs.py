@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from runs import write_checkpoint
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -430,10 +431,6 @@ def test_velocity_steps_subset_keeps_the_runs_anchor(tiny_run):
 def _planted_velocity_run(root, tiny_run, schedule: dict[str, list[float]]) -> list[int]:
     """A run of the tiny model's first checkpoint whose G and S pieces move by ``schedule[g][i]`` (Frobenius norm,
     over all the group's block pieces) from checkpoint i to i + 1, ten steps apart; everything else stays put."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     first = discover_run(tiny_run).checkpoints[0]
     sd = load_file(first.weight_files[0])
     arch = resolve_architecture({k: tuple(v.shape) for k, v in sd.items()}, first.config())
@@ -452,10 +449,7 @@ def _planted_velocity_run(root, tiny_run, schedule: dict[str, list[float]]) -> l
             moved = sum(schedule[g][:i])
             for p, d in zip(pieces[g], dirs[g], strict=True):
                 p.put(state[p.tensor], (p.take(sd[p.tensor]).double() + moved * d).to(sd[p.tensor].dtype))
-        out = root / f"checkpoint-{step}"
-        out.mkdir(parents=True)
-        save_file(state, str(out / "model.safetensors"))
-        shutil.copy(first.config_file, out / "config.json")
+        write_checkpoint(root / f"checkpoint-{step}", state, json.loads(first.config_file.read_text()))
     return steps
 
 
