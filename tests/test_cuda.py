@@ -17,15 +17,12 @@ import numpy as np
 import pytest
 import runs
 import torch
+from cli_helpers import invoke
 from conftest import fixture_run, make_tiny_lm_dir
-from typer.testing import CliRunner
-
-from ckptaudit.cli.app import app
 
 SECOND = os.environ.get("CKPTAUDIT_TEST_SECOND_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(SECOND.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="no CUDA device (the CPU path is tested everywhere else)")
-runner = CliRunner()
 
 # Keys whose values legitimately differ between two runs of one analysis: where (device, gradient storage) and
 # how long it ran.
@@ -71,7 +68,7 @@ def assert_same_results(a, b, rtol: float, where: str = "") -> None:
 
 
 def _json(args: list[str], device: str) -> dict:
-    r = runner.invoke(app, [*args, "--device", device, "--json", "--no-report"])
+    r = invoke(*args, "--device", device, "--json", "--no-report")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -193,12 +190,12 @@ def test_command_on_the_gpu_reports_the_cpu_numbers(line, rtol, tiny_run, lm_dir
 
 def test_gate_on_the_gpu_passes_the_same_checks(tiny_run, tmp_path):
     policy = tmp_path / "policy.toml"
-    assert runner.invoke(app, ["gate", "--init", str(policy)]).exit_code == 0
+    assert invoke("gate", "--init", str(policy)).exit_code == 0
     docs = []
     for dev in ("cpu", SECOND):
         out = tmp_path / f"{dev}.json"
-        r = runner.invoke(app, ["gate", str(tiny_run), "--policy", str(policy), "--device", dev, "--no-report",
-                                "--no-hash", "--json", str(out)])
+        r = invoke("gate", str(tiny_run), "--policy", str(policy), "--device", dev, "--no-report",
+                   "--no-hash", "--json", str(out))
         assert r.exit_code in (0, 1), r.output
         docs.append(json.loads(out.read_text()))
     cpu, gpu = docs
@@ -211,7 +208,7 @@ def test_auto_device_is_the_gpu_and_the_report_says_so(tiny_run, tmp_path):
     import h5py
 
     out = tmp_path / "b.h5"
-    r = runner.invoke(app, ["backbone", str(tiny_run), "--out", str(out), "--quiet"])
+    r = invoke("backbone", str(tiny_run), "--out", str(out), "--quiet")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         assert f.attrs["device"].startswith("cuda")

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from runs import write_checkpoint
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate.predictors import (
     PredictionPlan,
@@ -21,7 +21,6 @@ from ckptaudit.analyses.extrapolate.predictors import (
     momentum_prediction,
     recent_sigma,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.optimizer import load_optimizer_state
 
@@ -181,7 +180,7 @@ def extrapolate_report(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("extrapolate") / "x.h5"
     args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "5,10", "--predictor", "linear,quadratic-fit,adam-step",
             "--cascade", "2:10", "--time", "--json", "--device", "cpu", "--out", str(out)]  # fmt: skip
-    res = CliRunner().invoke(app, args)
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout), out
 
@@ -320,7 +319,7 @@ def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny
 
 
 def test_extrapolate_rejects_unknown_predictor(tiny_run):
-    res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report"])
+    res = invoke("extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report")
     assert res.exit_code == 2
     assert "cubic" in res.output
 

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from test_extrapolate import _adamw_checkpoint, _collect, _hand_loss, _stored
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate.landscape import FRACTIONS, summarise
 from ckptaudit.analyses.extrapolate.moments import moment_rounding
@@ -25,7 +25,6 @@ from ckptaudit.analyses.extrapolate.stats import (
     trusted,
     wilson_interval,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.io.optimizer import load_optimizer_state
 
 STEPS = (30, 40, 50, 60)
@@ -38,7 +37,7 @@ def probed(tiny_run, tmp_path_factory):
     args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "10", "--predictor", "linear", "--landscape",
             "--confirm-stable", "1", "--bootstrap", "50", "--seed", "4", "--json", "--device", "cpu", "--out", str(out),
             "--plot", str(out.parent / "figures")]
-    res = CliRunner().invoke(app, args)
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout), out
 
@@ -195,13 +194,13 @@ def test_moment_rounding_summary_by_hand(tmp_path):
 
 
 def test_moment_dtype_cli_reports_the_rounding_and_rejects_unknown_names(tiny_run):
-    res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--steps", "50:60", "--K", "5", "--predictor",
-                                   "momentum", "--moment-dtype", "float16", "--json", "--no-report", "--device", "cpu"])
+    res = invoke("extrapolate", str(tiny_run), "--steps", "50:60", "--K", "5", "--predictor",
+                 "momentum", "--moment-dtype", "float16", "--json", "--no-report", "--device", "cpu")
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert s["settings"]["moment_dtype"] == "float16"
     assert [m["step"] for m in s["moment_rounding"]] == [50, 60]
-    bad = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--moment-dtype", "int8", "--no-report"])
+    bad = invoke("extrapolate", str(tiny_run), "--moment-dtype", "int8", "--no-report")
     assert bad.exit_code == 2 and "int8" in bad.output
 
 

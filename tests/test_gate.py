@@ -13,24 +13,17 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import MINIMAL_POLICY, assert_one_line_error
+from cli_helpers import invoke as cli_invoke
 from safetensors.torch import load_file, save_file
 from stack_helpers import rho_reference
-from typer.testing import CliRunner
 
-from ckptaudit.cli.app import app
 from ckptaudit.gate.policy import default_policy_text, parse_policy
-
-runner = CliRunner()
 
 BASE = MINIMAL_POLICY
 
 
 def invoke(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    # CliRunner turns any exception into exit code 1, the gate's "failed" code: a crash must not pass for a verdict.
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
+    return cli_invoke(*args, reraise=True)
 
 
 def gate(run: Path, policy_text: str, tmp_path: Path, *extra):

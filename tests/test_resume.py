@@ -16,7 +16,6 @@ import torch
 from cli_helpers import invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.resume.conditions import ProbeInputs, optimizer_class, probe_inputs_from_checkpoint
 from ckptaudit.analyses.resume.run import (
@@ -28,9 +27,7 @@ from ckptaudit.analyses.resume.run import (
     run_condition,
     run_resume_probe,
 )
-from ckptaudit.cli.app import app
 
-runner = CliRunner()
 CONTROL = ConditionSpec("control", "preserved", 1.0, 0, "saved")
 RESET = ConditionSpec("reset", "reset", 1.0, 0, "constant")
 
@@ -304,8 +301,8 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
     rng = np.random.default_rng(0)
     text = tmp_path / "train.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, size=15)) for _ in range(400)) + "\n")
-    r = runner.invoke(app, ["resume-probe", str(model_dir), "--data", str(text), "--train-steps", "5", "--lr-mult", "1",
-                            "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu"])
+    r = invoke("resume-probe", str(model_dir), "--data", str(text), "--train-steps", "5", "--lr-mult", "1",
+               "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["provenance_complete"] is False
