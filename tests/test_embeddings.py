@@ -188,6 +188,7 @@ def _classify(path, **kwargs) -> dict:
     return {role: overlap_stats(M, tied_head="head" not in mats, **kwargs) for role, M in mats.items()}
 
 
+@pytest.mark.slow
 def test_minilm_word_embeddings_end_to_end():
     """The real all-MiniLM-L6-v2 word-embedding matrix (30522 x 384), read from its safetensors file, against an
     independent reference: numpy's own 200,000 random pairs of the normalised rows, and scipy's kstest of their

@@ -20,6 +20,7 @@ def minilm_dir() -> Path:
     return Path(pkg.__file__).parent / "model"
 
 
+@pytest.mark.slow
 def test_classify_minilm_sampled_mean_matches_exact_all_pairs_mean(tmp_path):
     d = minilm_dir()
     r = invoke("classify-embeddings", str(d), "--pairs", "200000", "--json", "--out", str(tmp_path / "e.h5"))

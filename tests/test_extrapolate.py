@@ -185,6 +185,7 @@ def extrapolate_report(tiny_run, tmp_path_factory):
     return json.loads(res.stdout), out
 
 
+@pytest.mark.slow
 def test_extrapolate_cli_on_tiny_run(extrapolate_report, tiny_run):
     s, out = extrapolate_report
     assert {"results", "acceptance", "mean_rel_weight_error"} <= set(s)
@@ -237,6 +238,7 @@ def _hand_loss(ckpt_dir, weights: dict[str, np.ndarray]) -> float:
     return task_from_checkpoint_dir(ckpt_dir).evaluate(model, "validation")[0]
 
 
+@pytest.mark.slow
 def test_extrapolate_cascade_summary_by_hand(extrapolate_report, tiny_run):
     """The 2:10 linear cascades recomputed without ckptaudit's loaders or predictors: link d from t is
     theta_t + d (theta_t - theta_{t-10}) (numpy), its loss from a transformers-loaded GPT-2; acceptance, leading
@@ -274,6 +276,7 @@ def test_extrapolate_cascade_summary_by_hand(extrapolate_report, tiny_run):
         assert summary[c]["full_chain"] == pytest.approx(sum(d == 2 for d in ds) / 3), c
 
 
+@pytest.mark.slow
 def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny_run):
     """mean_rel_weight_error[predictor][K] is the mean over t of ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||,
     here by hand with numpy from the stored checkpoints (linear and quadratic-fit, K = 10), in both the JSON and the

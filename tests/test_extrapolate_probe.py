@@ -42,6 +42,7 @@ def probed(tiny_run, tmp_path_factory):
     return json.loads(res.stdout), out
 
 
+@pytest.mark.slow
 def test_landscape_losses_equal_direct_evaluations_and_finite_differences(probed, tiny_run):
     """L(f) of every probe equals the loss of a transformers GPT-2 given theta_t + f delta, delta = theta_hat -
     theta_t = theta_t - theta_{t-10} built with numpy; derivative and curvatures are the finite differences of those
@@ -125,6 +126,7 @@ def test_consecutive_stable_gate_equals_a_hand_count():
         assert stable_runs(seq) == _count_runs(seq)
 
 
+@pytest.mark.slow
 def test_gate_in_the_report_follows_the_reported_regimes(probed):
     s, _ = probed
     runs = _count_runs(s["regimes"]["regime"])
@@ -244,6 +246,7 @@ def test_rate_bootstrap_recomputed_by_hand_and_against_the_binomial_error():
     assert se == pytest.approx(math.sqrt(p * (1 - p) / len(many)), rel=0.15)
 
 
+@pytest.mark.slow
 def test_cli_acceptance_intervals_match_the_rows(probed):
     from scipy.stats import binomtest
 
@@ -260,6 +263,7 @@ def test_cli_acceptance_intervals_match_the_rows(probed):
         assert list(w) == pytest.approx(u["rates"]["linear"]["10"]["strict"]["wilson"])
 
 
+@pytest.mark.slow
 def test_plot_extrapolate_error_bars_are_the_wilson_intervals_of_the_rows(probed, tiny_run):
     """The acceptance figure's bars, read back from matplotlib, against scipy's Wilson interval of the rows counted
     here (all predictions, then the trusted ones); the title names the run, K ticks are the integer K values; the

@@ -543,6 +543,7 @@ def _anisotropy_reference(run: Path, batches: int = 16, seed: int = 0) -> float:
     return q(v_b) / float(np.mean([q(w) for w in W]))
 
 
+@pytest.mark.slow
 def test_fisher_anisotropy_check_against_a_brute_force_rayleigh_quotient(tiny_run, tmp_path):
     """The check measures alpha at the last checkpoint along the run's own backbone, M = 16 gradients."""
     alpha = _anisotropy_reference(tiny_run)
@@ -556,6 +557,7 @@ def test_fisher_anisotropy_check_against_a_brute_force_rayleigh_quotient(tiny_ru
         assert res.exit_code == 1 and by_name(doc)["fisher_anisotropy"]["status"] == "fail", bound
 
 
+@pytest.mark.slow
 def test_both_backbone_checks_share_one_backbone_pass_with_the_same_values(tiny_run, tmp_path, monkeypatch):
     """backbone + fisher_anisotropy together compute the backbone once and report what each reports alone; the
     gate's temporary vectors file is removed when the run ends."""

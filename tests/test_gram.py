@@ -288,6 +288,7 @@ def test_balanced_shards_and_exact_piece_reduction(small_run):
         assert np.array_equal(combined.grams[k], full.grams[k]) and combined.dims[k] == full.dims[k]
 
 
+@pytest.mark.slow
 def test_flat_memory_on_many_checkpoints(tmp_path):
     """Peak RSS while streaming 30 checkpoints of a 6 MB tensor stays near T x chunk, far below T x tensor."""
     import subprocess

@@ -120,6 +120,7 @@ def test_fingerprints_refuse_a_later_checkpoint_that_does_not_fit_the_model(tmp_
     assert "tensor transformer.ln_f.weight has shape (31,), the model expects (32,)" in message
 
 
+@pytest.mark.slow
 def test_regimes_cli_on_tiny_run(tiny_run):
     res = invoke("regimes", str(tiny_run), "--json", "--no-report", "--device", "cpu")
     assert res.exit_code == 0, res.output
@@ -193,6 +194,7 @@ def _first_entries_by_hand(root, seeds, steps):
     return sims, firsts, std
 
 
+@pytest.mark.slow
 def test_cross_seed_cli(two_seed_runs, tmp_path):
     import h5py
 

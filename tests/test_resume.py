@@ -93,6 +93,7 @@ def test_optimizer_class_from_groups():
 # ------------------------------------------------------------------------------------------ own training loop
 
 
+@pytest.mark.slow
 def test_control_reproduces_saved_checkpoint_reset_does_not(tiny_run: Path):
     """CONTROL from checkpoint-20 for 10 steps lands on the run's own checkpoint-30 (saved by the original loop)."""
     inputs = probe_inputs_from_checkpoint(tiny_run / "checkpoint-20", device="cpu")
@@ -228,6 +229,7 @@ def _copy_checkpoint(tiny_run: Path, tmp_path: Path, step: int = 20) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_cli_json_keys_report_and_plot(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "r.h5"
     r = invoke("resume-probe", tiny_run / "checkpoint-30", "--train-steps", 2, "--lr-mult", "1,0.1", "--warmup-steps", 2,
