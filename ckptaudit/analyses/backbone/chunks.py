@@ -129,7 +129,8 @@ def _check_finite(raw: torch.Tensor, item: Any, name: str) -> None:
         raise NonFiniteWeightsError(
             f"{_label(item)}: tensor {name!r} holds NaN or infinite values (a diverged run?), so the drift geometry "
             "is undefined",
-            "leave the checkpoints from the divergence on out (--steps), or audit an earlier part of the run",
+            "leave the checkpoints from the divergence on out ($steps), or audit an earlier part of the run",
+            param="steps",
         )
 
 
