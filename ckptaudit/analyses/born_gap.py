@@ -147,7 +147,7 @@ def born_observables(
             raise DataError(f"competitor token id {competitor} is the target itself")
     else:
         if pool.numel() < 2:
-            raise DataError("the pool holds only the target: no competitor to choose (lower --nucleus)")
+            raise DataError("the pool holds only the target: no competitor to choose", "lower $nucleus", param="nucleus")
         masked = cy.clone()
         masked[iy] = -math.inf
         ic = int(torch.argmax(masked))
@@ -321,8 +321,8 @@ def load_contexts(path: str | Path) -> list[Context]:
     path = contexts_file(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such contexts file",
-                                 "pass a JSONL file of {context, target, competitor}, or --contexts near-synonyms "
-                                 "(the ten pairs shipped with ckptaudit)")
+                                 "pass a JSONL file of {context, target, competitor}, or $contexts=near-synonyms "
+                                 "(the ten pairs shipped with ckptaudit)", param="contexts")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -389,8 +389,8 @@ def usable_contexts(tokenizer, model, contexts: Sequence[Context],
             kept.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
         except DataError as e:
             if strict:
-                raise DataError(f"{ctx.where or 'context'}: {e.message}",
-                                e.hint or "fix the line, or leave out --strict to skip it") from None
+                raise DataError(f"{ctx.where or 'context'}: {e.template}",
+                                e.hint_template or "fix the line, or leave out $strict to skip it", param=e.param) from None
             skipped.append({"where": ctx.where, "context": ctx.context, "target": ctx.target,
                             "competitor": ctx.competitor, "reason": e.message})
     if not kept:

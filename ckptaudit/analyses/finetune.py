@@ -157,8 +157,9 @@ def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) 
         names = tuple(dict.fromkeys(s.strip() for s in override if s.strip()))
         missing = [n for n in names if n not in leaves]
         if not names or missing:
-            raise UsageError(f"--target-modules: no module named {missing or list(override)} in {type(model).__name__}",
-                             "name the attention projections as they appear in model.named_modules() (e.g. q_proj,v_proj)")
+            raise UsageError(f"$target_modules: no module named {missing or list(override)} in {type(model).__name__}",
+                             "name the attention projections as they appear in model.named_modules() (e.g. q_proj,v_proj)",
+                             param="target_modules")
         return names, "target modules given by --target-modules"
     from ckptaudit.io.roles import family_of_model
 
@@ -166,12 +167,12 @@ def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) 
     if family is None or not family.lora_targets:
         raise UnknownArchitectureError(
             f"{type(model).__name__}: no known attention query/value modules for LoRA",
-            "pass --target-modules NAME[,NAME] (module names of the query and value projections)")
+            "pass $target_modules=NAME[,NAME] (module names of the query and value projections)", param="target_modules")
     names = family.lora_targets
     missing = [n for n in names if n not in leaves]
     if missing:
         raise UnknownArchitectureError(f"{type(model).__name__} ({family.name}) has no modules named {missing}",
-                                       "pass --target-modules NAME[,NAME]")
+                                       "pass $target_modules=NAME[,NAME]", param="target_modules")
     return names, family.lora_note or None
 
 

@@ -226,7 +226,7 @@ def overlap_stats(
     if n < 2:
         raise DataError(
             f"embedding matrix {tuple(E.shape)} has {n} usable rows after excluding {n_excl} ids and {n_zero} zero "
-            "rows; at least 2 are needed", "check --tokens-from and the tensor chosen as embedding")
+            "rows; at least 2 are needed", "check $tokens_from and the tensor chosen as embedding", param="tokens_from")
     rows = rows.to(device)
     if exact:
         if bins < 2 or bins % 2:

@@ -226,8 +226,9 @@ def plan_conditions(settings: ResumeSettings, has_optimizer_state: bool) -> list
         if not has_optimizer_state:
             if settings.mode == "preserve":
                 raise OptimizerStateError(
-                    "--preserve-optimizer: the checkpoint has no optimizer state to preserve",
-                    hint="drop --preserve-optimizer to run the RESET conditions (provenance is incomplete)",
+                    "$preserve_optimizer: the checkpoint has no optimizer state to preserve",
+                    hint="drop $preserve_optimizer to run the RESET conditions (provenance is incomplete)",
+                    param="preserve_optimizer",
                 )
         else:
             specs.append(ConditionSpec("control", "preserved", 1.0, 0, "saved"))
