@@ -18,9 +18,15 @@ def _runner() -> CliRunner:
 RUNNER = _runner()
 
 
-def invoke(*args: object, env: dict[str, str] | None = None):
-    """``ckptaudit ARGS`` in this process (every argument through str), with ``env`` added to the environment."""
-    return RUNNER.invoke(app, [str(a) for a in args], env=env)
+def invoke(*args: object, env: dict[str, str] | None = None, reraise: bool = False):
+    """``ckptaudit ARGS`` in this process (every argument through str), with ``env`` added to the environment.
+
+    ``reraise``: raise an exception the command let escape, instead of returning it in the result with exit code 1
+    (the gate's "failed" code: a crash must not pass for a verdict)."""
+    r = RUNNER.invoke(app, [str(a) for a in args], env=env)
+    if reraise and r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
 
 
 def assert_one_line_error(result, *needles: str, code: int = 2) -> str:

@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from runs import FakeRun, gpt2_config, gpt2_shapes, make_run, random_trajectory
 from safetensors import safe_open
-from test_gram import FakeRun, gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
+from test_gram import reference_parts, stacked
 
 from ckptaudit.analyses.backbone.metrics import backbone_from_gram, detect_switches, sign_flip_step
 from ckptaudit.analyses.backbone.run import run_backbone

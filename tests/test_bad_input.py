@@ -13,9 +13,7 @@ from types import SimpleNamespace
 import pytest
 from cli_helpers import assert_one_line_error, invoke
 from conftest import make_tiny_lm_dir
-from typer.testing import CliRunner
 
-from ckptaudit.cli.app import app
 from ckptaudit.errors import CorruptFileError, DataError, LayoutError, UsageError
 
 VOCAB = {f"w{i}": i for i in range(20)} | {"[UNK]": 20, "[EOS]": 21}
@@ -384,7 +382,7 @@ def test_regimes_with_a_non_integer_vocab_size_is_one_line(tiny_run, tmp_path):
         d = json.loads(cfg.read_text())
         d["vocab_size"] = "many"
         cfg.write_text(json.dumps(d))
-    r = CliRunner().invoke(app, ["regimes", str(run), "--no-report", "--device", "cpu"])
+    r = invoke("regimes", str(run), "--no-report", "--device", "cpu")
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("ckptaudit: error:") and "vocab_size" in r.stderr and "Traceback" not in r.output
 

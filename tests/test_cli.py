@@ -12,11 +12,6 @@ import torch
 from cli_helpers import assert_one_line_error, invoke
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
-
-from ckptaudit.cli.app import app
-
-runner = CliRunner()
 
 
 def test_version_and_help():
@@ -133,7 +128,7 @@ def test_report_show_missing_file(tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    r = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "nope")])
+    r = invoke("--debug", "inspect", str(tmp_path / "nope"))
     assert r.exit_code != 0
     assert r.exception is not None  # the exception propagates instead of being turned into one line
 

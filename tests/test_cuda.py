@@ -3,7 +3,9 @@
 Runs only where torch sees a GPU. CI has none, so there these tests are skipped and the CPU path is the tested
 default; benchmarks/RESULTS.md records the runs of the whole suite on a GPU machine. Set
 CKPTAUDIT_TEST_SECOND_DEVICE=cpu to run the CPU-against-second-device comparisons on a machine without a GPU
-(the comparator itself is then checked against a run that must agree to the last digit).
+(the comparator itself is then checked against a run that must agree to the last digit). Without either, the
+comparator still runs on CPU against CPU for the commands that take seconds (test_comparator_*), so that the
+command lines here stay in step with the CLI.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import runs
 import torch
+from cli_helpers import invoke
 from conftest import fixture_run, make_tiny_lm_dir
-from typer.testing import CliRunner
-
-from ckptaudit.cli.app import app
 
 SECOND = os.environ.get("CKPTAUDIT_TEST_SECOND_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(SECOND.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="no CUDA device (the CPU path is tested everywhere else)")
-runner = CliRunner()
+needs_second = pytest.mark.skipif(SECOND.startswith("cuda") and not torch.cuda.is_available(),
+                                  reason="no CUDA device (the CPU path is tested everywhere else)")
+
+
+def _rtol(rtol: float, second: str) -> float:
+    """The tolerance of a comparison with ``second``: two CPU runs of one command agree to the last digit."""
+    return rtol if second.startswith("cuda") else 0.0
 
 # Keys whose values legitimately differ between two runs of one analysis: where (device, gradient storage) and
 # how long it ran.
@@ -70,7 +75,7 @@ def assert_same_results(a, b, rtol: float, where: str = "") -> None:
 
 
 def _json(args: list[str], device: str) -> dict:
-    r = runner.invoke(app, [*args, "--device", device, "--json", "--no-report"])
+    r = invoke(*args, "--device", device, "--json", "--no-report")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -85,13 +90,14 @@ def _helpers():
     return bb, gr
 
 
+@needs_second
 def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
     from ckptaudit.analyses.backbone.run import run_backbone
 
     bb, gr = _helpers()
     d, n = bb.D_MODEL, bb.LAYERS
-    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(d, n), len(bb.STEPS), seed=7, noise=0.04),
-                      bb.STEPS, gr.gpt2_config(d, n))
+    run = runs.make_run(tmp_path, runs.random_trajectory(runs.gpt2_shapes(d, n), len(bb.STEPS), seed=7, noise=0.04),
+                      bb.STEPS, runs.gpt2_config(d, n))
     sw = [(60, 85), (110, 150)]
     rep = run_backbone(run, window=bb.W, switches=sw, device=SECOND, chunk_elems=100)
     parts = gr.reference_parts(d, n)
@@ -99,6 +105,7 @@ def test_backbone_on_the_gpu_matches_brute_force_svd(tmp_path):
         bb.check(res, bb.brute(gr.stacked(run, parts[name]), bb.STEPS[1:], 0, bb.W, sw))
 
 
+@needs_second
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, dtype):
     """Stored half-precision rows are widened on the device and subtracted in float64: the Grams equal numpy's."""
@@ -106,13 +113,14 @@ def test_half_precision_rows_are_widened_on_the_gpu_without_rounding(tmp_path, d
 
     bb, gr = _helpers()
     steps = bb.STEPS[:8]
-    run = gr.make_run(tmp_path, gr.random_trajectory(gr.gpt2_shapes(bb.D_MODEL, 1), len(steps), seed=2), steps,
-                      gr.gpt2_config(bb.D_MODEL, 1), dtype=dtype, shards=2)
+    run = runs.make_run(tmp_path, runs.random_trajectory(runs.gpt2_shapes(bb.D_MODEL, 1), len(steps), seed=2), steps,
+                      runs.gpt2_config(bb.D_MODEL, 1), dtype=dtype, shards=2)
     rep = run_backbone(run, window=3, device=SECOND, chunk_elems=50)
     X = gr.stacked(run, gr.reference_parts(bb.D_MODEL, 1)["trunk"])  # the stored values, upcast
     bb.check(rep.trunk, bb.brute(X, steps[1:], 0, 3))
 
 
+@needs_second
 def test_fisher_on_the_gpu_matches_the_dense_fisher():
     from test_fisher import SEED, B, M, dense_gradients, tiny_fisher_model, unit
 
@@ -134,6 +142,7 @@ def test_fisher_on_the_gpu_matches_the_dense_fisher():
     assert math.isclose(res.grad_backbone_cos_mean, cos.mean(), rel_tol=1e-9)
 
 
+@needs_second
 def test_exact_overlaps_on_the_gpu_match_brute_force():
     from ckptaudit.analyses.embeddings.run import overlap_stats
 
@@ -171,7 +180,7 @@ def contexts(tmp_path_factory) -> Path:
 COMMANDS = [
     ("backbone {run}", 1e-9),
     ("fisher {run} --batches 8", 2e-3),
-    ("resume-probe {run}/checkpoint-30 --steps 3", 2e-3),
+    ("resume-probe {run}/checkpoint-30 --train-steps 3", 2e-3),
     ("gxs velocity {run}", 2e-3),
     ("gxs slack {run}/checkpoint-60 --alpha 1,0.5 --sigma 0,1", 2e-3),
     ("gxs transplant {run}/checkpoint-60 {run}/checkpoint-30", 2e-3),
@@ -179,49 +188,59 @@ COMMANDS = [
     ("regimes {run}", 2e-3),
     ("classify-embeddings {lm} --exact --tile 64", 1e-5),
     ("born-gap {lm} --contexts {ctx}", 1e-4),
-    ("finetune-probe {lm} --contexts {ctx} --mode full --steps 3 --lr 1e-2 --seed 1", 2e-3),
+    ("finetune-probe {lm} --contexts {ctx} --mode full --train-steps 3 --lr 1e-2 --seed 1", 2e-3),
 ]
 
 
+@needs_second
 @pytest.mark.parametrize(("line", "rtol"), COMMANDS, ids=[c[0].split(" {")[0] for c in COMMANDS])
 def test_command_on_the_gpu_reports_the_cpu_numbers(line, rtol, tiny_run, lm_dir, contexts):
     args = line.format(run=tiny_run, lm=lm_dir, ctx=contexts).split()
     cpu, gpu = _json(args, "cpu"), _json(args, SECOND)
-    assert_same_results(gpu, cpu, rtol, args[0])
+    assert_same_results(gpu, cpu, _rtol(rtol, SECOND), args[0])
 
 
-def test_gate_on_the_gpu_passes_the_same_checks(tiny_run, tmp_path):
+def _gate_statuses(run: Path, tmp_path: Path, devices: tuple[str, str]) -> list[list[tuple[str, str]]]:
+    """(check, status) of ``gate --init``'s policy on ``run``, once per device."""
     policy = tmp_path / "policy.toml"
-    assert runner.invoke(app, ["gate", "--init", str(policy)]).exit_code == 0
-    docs = []
-    for dev in ("cpu", SECOND):
-        out = tmp_path / f"{dev}.json"
-        r = runner.invoke(app, ["gate", str(tiny_run), "--policy", str(policy), "--device", dev, "--no-report",
-                                "--no-hash", "--json", str(out)])
+    assert invoke("gate", "--init", str(policy), "--force").exit_code == 0
+    out = []
+    for i, dev in enumerate(devices):
+        path = tmp_path / f"{i}-{dev}.json"
+        r = invoke("gate", str(run), "--policy", str(policy), "--device", dev, "--no-report", "--no-hash",
+                   "--json-out", str(path))
         assert r.exit_code in (0, 1), r.output
-        docs.append(json.loads(out.read_text()))
-    cpu, gpu = docs
-    assert [(c["name"], c["status"]) for c in gpu["checks"]] == [(c["name"], c["status"]) for c in cpu["checks"]]
+        out.append([(c["name"], c["status"]) for c in json.loads(path.read_text())["checks"]])
+    return out
 
 
+@needs_second
+def test_gate_on_the_gpu_passes_the_same_checks(tiny_run, tmp_path):
+    cpu, gpu = _gate_statuses(tiny_run, tmp_path, ("cpu", SECOND))
+    assert gpu == cpu
+
+
+@needs_second
 def test_auto_device_is_the_gpu_and_the_report_says_so(tiny_run, tmp_path):
     if not SECOND.startswith("cuda"):
         pytest.skip("needs a GPU")
     import h5py
 
     out = tmp_path / "b.h5"
-    r = runner.invoke(app, ["backbone", str(tiny_run), "--out", str(out), "--quiet"])
+    r = invoke("backbone", str(tiny_run), "--out", str(out), "--quiet")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         assert f.attrs["device"].startswith("cuda")
 
 
+@needs_second
 def test_cross_seed_on_the_gpu_reports_the_cpu_numbers(tmp_path):
     runs = [str(fixture_run("seeds") / s) for s in ("seed0", "seed1")]
     cpu, gpu = (_json(["cross-seed", *runs], d) for d in ("cpu", SECOND))
-    assert_same_results(gpu, cpu, 2e-3, "cross-seed")
+    assert_same_results(gpu, cpu, _rtol(2e-3, SECOND), "cross-seed")
 
 
+@needs_second
 def test_nccl_collectives_carry_gpu_tensors(tmp_path):
     """DistContext's all_reduce / gather / broadcast through nccl (a one-process group: this machine may have one GPU)."""
     if not SECOND.startswith("cuda"):
@@ -244,6 +263,7 @@ def test_nccl_collectives_carry_gpu_tensors(tmp_path):
         dist.destroy_process_group()
 
 
+@needs_second
 def test_more_ranks_than_gpus_is_a_one_line_error(tiny_run, tmp_path):
     if not SECOND.startswith("cuda"):
         pytest.skip("needs a GPU")
@@ -260,3 +280,58 @@ def test_more_ranks_than_gpus_is_a_one_line_error(tiny_run, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if "ckptaudit: error:" in ln]
     assert lines and f"needs cuda:{n}" in lines[0] and f"--nproc-per-node {n}" in lines[0], p.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- CPU against CPU
+
+# The commands of COMMANDS that take a few seconds on a CPU: the comparator runs on them in every suite.
+CHEAP = ("backbone", "gxs velocity", "classify-embeddings", "born-gap", "finetune-probe")
+
+
+@pytest.mark.parametrize("line", [c[0] for c in COMMANDS], ids=[c[0].split(" {")[0] for c in COMMANDS])
+def test_every_comparison_line_is_a_valid_command_line(line, tiny_run, lm_dir, contexts):
+    """Every command line of the comparison, with the options _json adds, parses (--help after them: click rejects
+    an unknown option before it prints the help), so the lines stay valid where no GPU runs them."""
+    args = line.format(run=tiny_run, lm=lm_dir, ctx=contexts).split()
+    r = invoke(*args, "--device", "cpu", "--json", "--no-report", "--help")
+    assert r.exit_code == 0, (args, r.output)
+    assert invoke(*args, "--no-such-option", "--help").exit_code == 2  # the check can fail
+
+
+def _moved(doc, factor: float = 1.0 + 1e-6):
+    """``doc`` with its first finite non-zero number (depth first) times ``factor``, and whether one was found."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if not any(x in k.lower() for x in VOLATILE):
+                new, done = _moved(v, factor)
+                if done:
+                    return {**doc, k: new}, True
+        return doc, False
+    if isinstance(doc, list):
+        for i, v in enumerate(doc):
+            new, done = _moved(v, factor)
+            if done:
+                return [*doc[:i], new, *doc[i + 1:]], True
+        return doc, False
+    if isinstance(doc, float) and math.isfinite(doc) and doc != 0.0:
+        return doc * factor, True
+    return doc, False
+
+
+@pytest.mark.parametrize(("line", "rtol"), [c for c in COMMANDS if c[0].split(" {")[0] in CHEAP],
+                         ids=[c[0].split(" {")[0] for c in COMMANDS if c[0].split(" {")[0] in CHEAP])
+def test_comparator_on_cpu_against_cpu(line, rtol, tiny_run, lm_dir, contexts):
+    """Each command line of the GPU comparison runs as written, twice on the CPU with the same seed: the runs agree
+    to the last digit, and the comparator tells apart a document with one number moved by 1e-6 (relative)."""
+    args = line.format(run=tiny_run, lm=lm_dir, ctx=contexts).split()
+    first, second = _json(args, "cpu"), _json(args, "cpu")
+    assert_same_results(second, first, 0.0, args[0])
+    moved, found = _moved(first)
+    assert found, args[0]
+    with pytest.raises(AssertionError):
+        assert_same_results(moved, first, 1e-9, args[0])
+
+
+def test_comparator_gate_on_cpu_against_cpu(tiny_run, tmp_path):
+    a, b = _gate_statuses(tiny_run, tmp_path, ("cpu", "cpu"))
+    assert a == b and a and {name for name, _ in a} >= {"provenance", "finite"}

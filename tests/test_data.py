@@ -248,3 +248,26 @@ def test_sequences_bad_input_names_the_file(ckpt, bare_ckpt, tmp_path):
     (tmp_path / "a.txt").write_text("w1 w2\n")
     with pytest.raises(DataError, match="tokenizer"):
         load_sequences(bare_ckpt, tmp_path / "a.txt")
+
+
+def test_top1_count_equals_a_full_argmax_with_ties_and_nan():
+    """The accuracy count takes the argmax only where it can hit the target; planted ties (the first maximal index
+    wins, as torch.argmax), rows whose target is the maximum, and NaN rows give the count of a full argmax."""
+    from ckptaudit.tasks.lm import top1_correct
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 50, generator=g)
+    targets = torch.randint(0, 50, (200,), generator=g)
+    logits[:60, :] = logits[:60, :].round()  # many exact ties
+    logits[60:100].scatter_(1, targets[60:100, None], 10.0)  # target is the unique maximum
+    logits[100:110, 7] = 10.0
+    logits[100:110, 3] = 10.0  # a tie at 3 and 7: argmax is 3
+    targets[100:105] = 7
+    targets[105:110] = 3
+    logits[110:115, 0] = float("nan")
+    targets[110:115] = 0
+    logits[115:118, 5] = float("nan")
+    for n in (0, 1, 17, 200):
+        ref = int((logits[:n].argmax(-1) == targets[:n]).sum())
+        assert int(top1_correct(logits[:n], targets[:n])) == ref
+    assert int(top1_correct(logits, targets)) >= 40 + 5 + 5

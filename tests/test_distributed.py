@@ -24,6 +24,7 @@ def _backbone(cwd: Path, run: Path, nproc: int) -> subprocess.CompletedProcess:
     return run_cli(cwd, args, nproc, timeout=120)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_equals_single_process(tiny_run, tmp_path):
     single = _backbone(tmp_path / "single", tiny_run, 1)
     dist = _backbone(tmp_path / "dist", tiny_run, 2)

@@ -34,6 +34,7 @@ def _fisher(cwd: Path, run: Path, nproc: int, extra: list[str]) -> subprocess.Co
     [(8, []), (7, ["--hessian", "--random", "3", "--memory-budget", "1K"])],
     ids=["even-shares", "odd-shares-hessian-memmap"],
 )
+@pytest.mark.slow
 def test_two_process_gloo_fisher_equals_single_process(tiny_run, tmp_path, batches, extra):
     extra = ["--batches", str(batches), *extra]
     single = _fisher(tmp_path / "single", tiny_run, 1, extra)

@@ -42,15 +42,12 @@ def test_readme_documents_every_command():
 def test_help_shows_metavars_not_type_names():
     """`--help` of every command: no typer type labels (<str>, <bool>) and no {braced} argument names; a flag shows
     no value, an integer option N, a path option PATH."""
-    from typer.testing import CliRunner
+    from cli_helpers import invoke
 
-    from ckptaudit.cli.app import app
-
-    runner = CliRunner()
     texts = {}
     for path, _ in iter_commands(root_command()):
-        texts[path] = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
-    texts[()] = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+        texts[path] = invoke(*path, "--help", env={"COLUMNS": "200"}).output
+    texts[()] = invoke("--help", env={"COLUMNS": "200"}).output
     for path, text in texts.items():
         assert "Usage:" in text, path
         for label in ("<str>", "<bool>", "<int>", "<float>", "<path>"):

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from runs import write_checkpoint
 from scipy import stats as sps
 
 from ckptaudit.analyses.embeddings.run import (
@@ -187,6 +188,7 @@ def _classify(path, **kwargs) -> dict:
     return {role: overlap_stats(M, tied_head="head" not in mats, **kwargs) for role, M in mats.items()}
 
 
+@pytest.mark.slow
 def test_minilm_word_embeddings_end_to_end():
     """The real all-MiniLM-L6-v2 word-embedding matrix (30522 x 384), read from its safetensors file, against an
     independent reference: numpy's own 200,000 random pairs of the normalised rows, and scipy's kstest of their
@@ -225,23 +227,12 @@ def test_minilm_word_embeddings_end_to_end():
 # ------------------------------------------------------------------------------------------------ io + report
 
 
-def _write_safetensors(path: Path, tensors: dict, config: dict | None = None) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    if config is not None:
-        (path / "config.json").write_text(json.dumps(config))
-
-
 def test_tied_and_untied_heads_from_safetensors(tmp_path):
     E = _randn(50, 8, seed=8)
     H = _randn(50, 8, seed=9)
     extra = {"transformer.h.0.mlp.c_fc.weight": _randn(8, 32, seed=10)}
-    _write_safetensors(tmp_path / "tied", {"transformer.wte.weight": E, "lm_head.weight": E.clone(), **extra})
-    _write_safetensors(tmp_path / "untied", {"transformer.wte.weight": E, "lm_head.weight": H, **extra})
+    write_checkpoint(tmp_path / "tied", {"transformer.wte.weight": E, "lm_head.weight": E.clone(), **extra})
+    write_checkpoint(tmp_path / "untied", {"transformer.wte.weight": E, "lm_head.weight": H, **extra})
     tied = embedding_matrices(tmp_path / "tied")
     assert set(tied) == {"embed"} and torch.equal(tied["embed"], E)
     untied = embedding_matrices(tmp_path / "untied")

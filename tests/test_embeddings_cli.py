@@ -9,13 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from conftest import make_tiny_lm_dir
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from ckptaudit.cli.app import app
-
-runner = CliRunner()
 
 
 def minilm_dir() -> Path:
@@ -24,9 +20,10 @@ def minilm_dir() -> Path:
     return Path(pkg.__file__).parent / "model"
 
 
+@pytest.mark.slow
 def test_classify_minilm_sampled_mean_matches_exact_all_pairs_mean(tmp_path):
     d = minilm_dir()
-    r = runner.invoke(app, ["classify-embeddings", str(d), "--pairs", "200000", "--json", "--out", str(tmp_path / "e.h5")])
+    r = invoke("classify-embeddings", str(d), "--pairs", "200000", "--json", "--out", str(tmp_path / "e.h5"))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     E = load_file(str(d / "model.safetensors"))["embeddings.word_embeddings.weight"].double().numpy()
@@ -50,21 +47,21 @@ def test_classify_minilm_sampled_mean_matches_exact_all_pairs_mean(tmp_path):
 
 def test_classify_is_deterministic_given_seed():
     d = str(minilm_dir())
-    a = runner.invoke(app, ["classify-embeddings", d, "--pairs", "5000", "--seed", "3", "--json", "--no-report"])
-    b = runner.invoke(app, ["classify-embeddings", d, "--pairs", "5000", "--seed", "3", "--json", "--no-report"])
+    a = invoke("classify-embeddings", d, "--pairs", "5000", "--seed", "3", "--json", "--no-report")
+    b = invoke("classify-embeddings", d, "--pairs", "5000", "--seed", "3", "--json", "--no-report")
     assert a.exit_code == 0 and a.stdout == b.stdout
 
 
 def test_tokens_from_tokenizer_excludes_special_tokens():
     d = str(minilm_dir())
-    r = runner.invoke(app, ["classify-embeddings", d, "--pairs", "2000", "--tokens-from", "tokenizer", "--json", "--no-report"])
+    r = invoke("classify-embeddings", d, "--pairs", "2000", "--tokens-from", "tokenizer", "--json", "--no-report")
     assert r.exit_code == 0, r.output
 
 
 def test_uncached_hub_id_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     t0 = time.monotonic()
-    r = runner.invoke(app, ["classify-embeddings", "no-such-org/no-such-model-xyz", "--no-report"])
+    r = invoke("classify-embeddings", "no-such-org/no-such-model-xyz", "--no-report")
     assert time.monotonic() - t0 < 5
     assert r.exit_code == 2
     assert "no-such-org/no-such-model-xyz" in r.stderr and "Traceback" not in r.output
@@ -82,7 +79,7 @@ def test_born_gap_cli_phi_equals_signal_plus_drag(tmp_path):
         json.dumps({"context": "the old man felt a deep", "target": "longing", "competitor": "yearning"}) + "\n"
         + json.dumps({"context": "the old man felt", "target": "joy"}) + "\n"
     )
-    r = runner.invoke(app, ["born-gap", str(model_dir), "--contexts", str(ctx), "--json", "--no-report", "--device", "cpu"])
+    r = invoke("born-gap", str(model_dir), "--contexts", str(ctx), "--json", "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert len(doc["contexts"]) == 2
@@ -95,7 +92,7 @@ def test_born_gap_multi_token_target_is_named(tmp_path):
     model_dir = _tiny_lm_with_tokenizer(tmp_path)
     ctx = tmp_path / "c.jsonl"
     ctx.write_text(json.dumps({"context": "the old man felt a deep", "target": "ice cream"}) + "\n")
-    r = runner.invoke(app, ["born-gap", str(model_dir), "--contexts", str(ctx), "--no-report", "--device", "cpu"])
+    r = invoke("born-gap", str(model_dir), "--contexts", str(ctx), "--no-report", "--device", "cpu")
     assert r.exit_code == 2
     assert "ice cream" in r.stderr
 
@@ -122,8 +119,8 @@ def test_tokens_from_tokenizer_excludes_exactly_the_special_tokens(tmp_path):
     special = {t["id"] for t in json.loads((d / "tokenizer.json").read_text())["added_tokens"] if t["special"]}
     assert Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size() == 30522 and len(special) == 5
     out = tmp_path / "e.h5"
-    r = runner.invoke(app, ["classify-embeddings", str(d), "--pairs", "2000", "--tokens-from", "tokenizer", "--json",
-                            "--out", str(out)])
+    r = invoke("classify-embeddings", str(d), "--pairs", "2000", "--tokens-from", "tokenizer", "--json",
+               "--out", str(out))
     assert r.exit_code == 0, r.output
     assert int(_first_attr(out, "n_excluded")) == len(special)
     assert int(_first_attr(out, "n_used")) == 30522 - len(special)
@@ -144,7 +141,7 @@ def test_tokens_from_file_keeps_only_the_listed_rows(tmp_path):
     (tmp_path / "keep.json").write_text(json.dumps(keep))
 
     def run(*extra):
-        r = runner.invoke(app, ["classify-embeddings", str(d), "--exact", "--json", "--no-report", *extra])
+        r = invoke("classify-embeddings", str(d), "--exact", "--json", "--no-report", *extra)
         assert r.exit_code == 0, r.output
         return json.loads(r.stdout)
 

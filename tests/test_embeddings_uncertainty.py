@@ -10,13 +10,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from scipy import stats as sps
 from test_embeddings_cli import minilm_dir
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.embeddings.run import QUANTILE_LEVELS, overlap_stats
 from ckptaudit.analyses.embeddings.uncertainty import ks_of_sample, sampled_uncertainty
-from ckptaudit.cli.app import app
 
 
 def _reference_stats(v: np.ndarray) -> dict:
@@ -87,9 +86,8 @@ def test_exact_mode_says_there_is_no_sampling_error():
 def test_classify_cli_reports_uncertainty_in_json_hdf5_and_terminal(tmp_path):
     d = str(minilm_dir())
     out = tmp_path / "e.h5"
-    runner = CliRunner()
-    r = runner.invoke(app, ["classify-embeddings", d, "--pairs", "20000", "--bootstrap", "30", "--seed", "4", "--json",
-                            "--out", str(out)])
+    r = invoke("classify-embeddings", d, "--pairs", "20000", "--bootstrap", "30", "--seed", "4", "--json",
+               "--out", str(out))
     assert r.exit_code == 0, r.output
     u = json.loads(r.stdout)["uncertainty"]
     assert u["bootstrap"]["n_boot"] == 30 and u["bootstrap"]["seed"] == 4
@@ -99,5 +97,5 @@ def test_classify_cli_reports_uncertainty_in_json_hdf5_and_terminal(tmp_path):
         assert g["standard_error"].attrs["mean_c2"] == pytest.approx(u["standard_error"]["mean_c2"], rel=1e-12)
         np.testing.assert_allclose(g["bootstrap/ks_exp/ci"][()], u["bootstrap"]["ks_exp"]["ci"], rtol=1e-12)
         assert g["bootstrap"].attrs["class_agreement"] == pytest.approx(u["bootstrap"]["class_agreement"])
-    human = runner.invoke(app, ["classify-embeddings", d, "--pairs", "5000", "--bootstrap", "20", "--no-report"])
+    human = invoke("classify-embeddings", d, "--pairs", "5000", "--bootstrap", "20", "--no-report")
     assert human.exit_code == 0 and "class agreement" in human.stdout and "bootstrap replicates" in human.stdout

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-from typer.testing import CliRunner
+from cli_helpers import invoke
+from runs import write_checkpoint
 
 from ckptaudit.analyses.extrapolate.predictors import (
     PredictionPlan,
@@ -21,7 +21,6 @@ from ckptaudit.analyses.extrapolate.predictors import (
     momentum_prediction,
     recent_sigma,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.optimizer import load_optimizer_state
 
@@ -31,9 +30,7 @@ SHAPES = {"a.weight": (3, 4), "b.bias": (5,)}
 def _write_trajectory(root, steps, theta_of):
     """checkpoint-{t}/model.safetensors (float64, so the planted values are stored exactly)."""
     for t in steps:
-        d = root / f"checkpoint-{t}"
-        d.mkdir(parents=True)
-        save_file({name: theta_of(name, t) for name in SHAPES}, str(d / "model.safetensors"))
+        write_checkpoint(root / f"checkpoint-{t}", {name: theta_of(name, t) for name in SHAPES})
     return discover_run(root)
 
 
@@ -183,11 +180,12 @@ def extrapolate_report(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("extrapolate") / "x.h5"
     args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "5,10", "--predictor", "linear,quadratic-fit,adam-step",
             "--cascade", "2:10", "--time", "--json", "--device", "cpu", "--out", str(out)]  # fmt: skip
-    res = CliRunner().invoke(app, args)
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout), out
 
 
+@pytest.mark.slow
 def test_extrapolate_cli_on_tiny_run(extrapolate_report, tiny_run):
     s, out = extrapolate_report
     assert {"results", "acceptance", "mean_rel_weight_error"} <= set(s)
@@ -240,6 +238,7 @@ def _hand_loss(ckpt_dir, weights: dict[str, np.ndarray]) -> float:
     return task_from_checkpoint_dir(ckpt_dir).evaluate(model, "validation")[0]
 
 
+@pytest.mark.slow
 def test_extrapolate_cascade_summary_by_hand(extrapolate_report, tiny_run):
     """The 2:10 linear cascades recomputed without ckptaudit's loaders or predictors: link d from t is
     theta_t + d (theta_t - theta_{t-10}) (numpy), its loss from a transformers-loaded GPT-2; acceptance, leading
@@ -277,6 +276,7 @@ def test_extrapolate_cascade_summary_by_hand(extrapolate_report, tiny_run):
         assert summary[c]["full_chain"] == pytest.approx(sum(d == 2 for d in ds) / 3), c
 
 
+@pytest.mark.slow
 def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny_run):
     """mean_rel_weight_error[predictor][K] is the mean over t of ||theta_hat - theta(t+K)|| / ||theta(t+K) - theta_t||,
     here by hand with numpy from the stored checkpoints (linear and quadratic-fit, K = 10), in both the JSON and the
@@ -322,7 +322,7 @@ def test_mean_rel_weight_error_in_json_and_hdf5_by_hand(extrapolate_report, tiny
 
 
 def test_extrapolate_rejects_unknown_predictor(tiny_run):
-    res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report"])
+    res = invoke("extrapolate", str(tiny_run), "--predictor", "cubic", "--no-report")
     assert res.exit_code == 2
     assert "cubic" in res.output
 

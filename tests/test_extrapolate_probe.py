@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from test_extrapolate import _adamw_checkpoint, _collect, _hand_loss, _stored
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.extrapolate.landscape import FRACTIONS, summarise
 from ckptaudit.analyses.extrapolate.moments import moment_rounding
@@ -25,7 +25,6 @@ from ckptaudit.analyses.extrapolate.stats import (
     trusted,
     wilson_interval,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.io.optimizer import load_optimizer_state
 
 STEPS = (30, 40, 50, 60)
@@ -38,11 +37,12 @@ def probed(tiny_run, tmp_path_factory):
     args = ["extrapolate", str(tiny_run), "--steps", "30:60", "--K", "10", "--predictor", "linear", "--landscape",
             "--confirm-stable", "1", "--bootstrap", "50", "--seed", "4", "--json", "--device", "cpu", "--out", str(out),
             "--plot", str(out.parent / "figures")]
-    res = CliRunner().invoke(app, args)
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout), out
 
 
+@pytest.mark.slow
 def test_landscape_losses_equal_direct_evaluations_and_finite_differences(probed, tiny_run):
     """L(f) of every probe equals the loss of a transformers GPT-2 given theta_t + f delta, delta = theta_hat -
     theta_t = theta_t - theta_{t-10} built with numpy; derivative and curvatures are the finite differences of those
@@ -126,6 +126,7 @@ def test_consecutive_stable_gate_equals_a_hand_count():
         assert stable_runs(seq) == _count_runs(seq)
 
 
+@pytest.mark.slow
 def test_gate_in_the_report_follows_the_reported_regimes(probed):
     s, _ = probed
     runs = _count_runs(s["regimes"]["regime"])
@@ -195,13 +196,13 @@ def test_moment_rounding_summary_by_hand(tmp_path):
 
 
 def test_moment_dtype_cli_reports_the_rounding_and_rejects_unknown_names(tiny_run):
-    res = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--steps", "50:60", "--K", "5", "--predictor",
-                                   "momentum", "--moment-dtype", "float16", "--json", "--no-report", "--device", "cpu"])
+    res = invoke("extrapolate", str(tiny_run), "--steps", "50:60", "--K", "5", "--predictor",
+                 "momentum", "--moment-dtype", "float16", "--json", "--no-report", "--device", "cpu")
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert s["settings"]["moment_dtype"] == "float16"
     assert [m["step"] for m in s["moment_rounding"]] == [50, 60]
-    bad = CliRunner().invoke(app, ["extrapolate", str(tiny_run), "--moment-dtype", "int8", "--no-report"])
+    bad = invoke("extrapolate", str(tiny_run), "--moment-dtype", "int8", "--no-report")
     assert bad.exit_code == 2 and "int8" in bad.output
 
 
@@ -245,6 +246,7 @@ def test_rate_bootstrap_recomputed_by_hand_and_against_the_binomial_error():
     assert se == pytest.approx(math.sqrt(p * (1 - p) / len(many)), rel=0.15)
 
 
+@pytest.mark.slow
 def test_cli_acceptance_intervals_match_the_rows(probed):
     from scipy.stats import binomtest
 
@@ -261,6 +263,7 @@ def test_cli_acceptance_intervals_match_the_rows(probed):
         assert list(w) == pytest.approx(u["rates"]["linear"]["10"]["strict"]["wilson"])
 
 
+@pytest.mark.slow
 def test_plot_extrapolate_error_bars_are_the_wilson_intervals_of_the_rows(probed, tiny_run):
     """The acceptance figure's bars, read back from matplotlib, against scipy's Wilson interval of the rows counted
     here (all predictions, then the trusted ones); the title names the run, K ticks are the integer K values; the

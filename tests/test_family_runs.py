@@ -61,6 +61,7 @@ def _rho(rows: list[np.ndarray]) -> np.ndarray:
     return s**2 / np.sum(s**2)
 
 
+@pytest.mark.slow
 def test_backbone_rho_equals_a_numpy_svd_of_the_whole_trunk(family_run, tmp_path):
     name, root, states = family_run
     result = invoke("backbone", root, "--json", "--no-report", "--device", "cpu")

@@ -11,16 +11,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 from conftest import make_tiny_lm_dir
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from ckptaudit.analyses import finetune as ft
 from ckptaudit.analyses.born_gap import Context, born_gap, born_observables
-from ckptaudit.cli.app import app
 from ckptaudit.errors import UnknownArchitectureError, UsageError
 
-runner = CliRunner()
 WORDS = ["<unk>", "the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "relief", "for", "home",
          "ice", "cream"]
 CTX = "the old man felt a deep"
@@ -247,7 +245,7 @@ def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
     out = tmp_path / "f.h5"
     args = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--train-steps", "4",
             "--lr-sweep", "1e-5,1e-2", "--device", "cpu", "--seed", "1", "--json", "--out", str(out)]
-    r = runner.invoke(app, args)
+    r = invoke(*args)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     keys = {"target", "mode", "lr", "phi", "signal", "drag", "loss", "flip_step", "jump_ratio", "character",
@@ -271,7 +269,7 @@ def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
     # Deterministic given --seed (LoRA draws its adapter at random).
     lora = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--train-steps", "3", "--lr", "1e-2", "--seed", "3",
             "--device", "cpu", "--json", "--no-report"]
-    a, b = runner.invoke(app, lora), runner.invoke(app, lora)
+    a, b = invoke(*lora), invoke(*lora)
     assert a.exit_code == 0, a.output
     assert a.stdout == b.stdout
     la = json.loads(a.stdout)
@@ -281,8 +279,8 @@ def test_cli_json_keys_sweep_and_report(tiny_dir, tmp_path):
 
 def test_cli_multi_token_target_exits_2_naming_it(tiny_dir, tmp_path):
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "ice cream"}])
-    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--train-steps", "2", "--device", "cpu",
-                            "--no-report"])
+    r = invoke("finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--train-steps", "2", "--device", "cpu",
+               "--no-report")
     assert r.exit_code == 2
     assert "ice cream" in r.stderr and "Traceback" not in r.output
 
@@ -292,7 +290,7 @@ def test_cli_usage_errors(tiny_dir, tmp_path):
     base = ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--device", "cpu", "--no-report"]
     for extra, word in ((["--mode", "half"], "half"), (["--lr", "1e-3", "--lr-sweep", "1e-3"], "--lr-sweep"),
                         (["--lr-sweep", "1e-3,abc"], "abc"), (["--target-modules", "nope"], "nope")):
-        r = runner.invoke(app, base + extra)
+        r = invoke(*(base + extra))
         assert r.exit_code == 2, (extra, r.output)
         assert word in r.stderr
 
@@ -300,8 +298,8 @@ def test_cli_usage_errors(tiny_dir, tmp_path):
 def test_cli_plot_writes_one_png_per_run(tiny_dir, tmp_path):
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "yearning", "competitor": "longing"}])
     figs = tmp_path / "figs"
-    r = runner.invoke(app, ["finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--train-steps", "2",
-                            "--lr-sweep", "1e-3,1e-2", "--device", "cpu", "--no-report", "--plot", str(figs), "--quiet"])
+    r = invoke("finetune-probe", str(tiny_dir), "--contexts", str(ctx), "--mode", "full", "--train-steps", "2",
+               "--lr-sweep", "1e-3,1e-2", "--device", "cpu", "--no-report", "--plot", str(figs), "--quiet")
     assert r.exit_code == 0, r.output
     pngs = sorted(figs.glob("*.png"))
     assert len(pngs) == 2  # one context, two learning rates

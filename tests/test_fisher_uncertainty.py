@@ -83,6 +83,7 @@ def test_random_quotient_spread_and_its_exact_value(case):
     assert st["q_random_se_exact"] == pytest.approx(np.std(means), rel=0.06)
 
 
+@pytest.mark.slow
 def test_bootstrap_over_batches_equals_dense_resampled_analysis(case):
     """Every replicate recomputed from the dense gradient matrix with rows repeated by the same multinomial counts
     (numpy default_rng(seed)): its Fisher, eigh, u_1, quotients, trace, cosines and block projections; then the
@@ -128,6 +129,7 @@ def test_bootstrap_over_batches_equals_dense_resampled_analysis(case):
     assert "replicates" not in res.to_json()["bootstrap"]
 
 
+@pytest.mark.slow
 def test_bootstrap_se_tracks_the_spread_over_fresh_batches():
     """The bootstrap standard error of q(v_b) from M batches against the actual spread of q(v_b) over draws of M
     fresh batches (other seeds of the batch sampler) from a train split large enough (840 examples) that the draws
@@ -166,6 +168,7 @@ def test_no_bootstrap_when_disabled(case):
     torch.testing.assert_close(torch.from_numpy(r.gram), torch.from_numpy(res.gram))
 
 
+@pytest.mark.slow
 def test_cli_reports_the_new_quantities_in_json_hdf5_terminal_and_plots(tiny_run, tmp_path):
     """`fisher --switch 30:60` over both switch checkpoints: the switch-pair ratios and running sums from the JSON's
     own per-checkpoint values, <v_b, v_sw> from the vectors file and the stored weights (safetensors, numpy), the

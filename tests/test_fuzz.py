@@ -172,6 +172,7 @@ def _library_accepts(data: bytes) -> bool:
         return False
 
 
+@pytest.mark.slow
 @budget(300)
 @given(safetensors_bytes())
 def test_safetensors_header_verdict_equals_the_library(data):
@@ -186,6 +187,7 @@ def test_safetensors_header_verdict_equals_the_library(data):
     assert ours == _library_accepts(data), data[:200]
 
 
+@pytest.mark.slow
 @budget(40)
 @given(data=safetensors_bytes())
 def test_cli_on_generated_safetensors(base_checkpoint, data):
@@ -382,6 +384,7 @@ def _mutate(path: Path, how: str, seed: int, blob: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @budget(40)
 @given(m=mutation())
 def test_cli_on_mutated_checkpoints(base_checkpoint, m):
@@ -413,6 +416,7 @@ _policy_values = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.
        key=st.sampled_from(["target", "fail_on_skipped", "require", "weights", "pairs", "rho1_min", "k95_max",
                             "allow_files", "enabled", "x"]),
        value=_policy_values, raw=st.booleans(), junk=st.text(max_size=30))
+@pytest.mark.slow
 def test_gate_on_generated_policies(base_checkpoint, table, key, value, raw, junk):
     def toml(v):
         if isinstance(v, bool):
@@ -442,6 +446,7 @@ _arg_text = st.one_of(st.text(max_size=12), st.integers(min_value=-(2**70), max_
 @budget(50)
 @given(option=st.sampled_from(["--steps", "--seed", "--window", "--top-k", "--anchor", "--blocks", "--switch"]),
        value=_arg_text)
+@pytest.mark.slow
 def test_backbone_arguments(tiny_run, option, value):
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "b.h5"
@@ -449,6 +454,7 @@ def test_backbone_arguments(tiny_run, option, value):
                               "--json"), [out], json_stdout=True)
 
 
+@pytest.mark.slow
 @budget(40)
 @given(option=st.sampled_from(["--K", "--tolerance", "--sigma-window", "--cascade", "--predictor"]), value=_arg_text)
 def test_extrapolate_arguments(tiny_run, option, value):
@@ -493,6 +499,7 @@ def test_born_gap_on_generated_contexts(lm_dir, lines):
 @budget(30)
 @given(edit=st.sampled_from(["argv", "bytes", "markup", "dangling", "loop", "truncate", "nested", "schema"]),
        text=st.text(max_size=20), blob=st.binary(max_size=20))
+@pytest.mark.slow
 def test_report_show_on_generated_reports(edit, text, blob):
     from ckptaudit.report.hdf5 import write_report
 

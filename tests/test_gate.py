@@ -9,26 +9,21 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import MINIMAL_POLICY, assert_one_line_error
+from cli_helpers import invoke as cli_invoke
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
+from stack_helpers import rho_reference
 
-from ckptaudit.cli.app import app
 from ckptaudit.gate.policy import default_policy_text, parse_policy
-
-runner = CliRunner()
 
 BASE = MINIMAL_POLICY
 
 
 def invoke(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    # CliRunner turns any exception into exit code 1, the gate's "failed" code: a crash must not pass for a verdict.
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
+    return cli_invoke(*args, reraise=True)
 
 
 def gate(run: Path, policy_text: str, tmp_path: Path, *extra):
@@ -271,22 +266,37 @@ def test_skipped_checks_never_pass(tiny_run, tmp_path):
     assert "skipped" in err and "fisher_anisotropy" in err and doc["passed"] is False
 
 
-def test_resume_probe_runs_the_reset_condition(tiny_run, tmp_path):
-    from ckptaudit.analyses.resume.conditions import probe_inputs_from_checkpoint
-    from ckptaudit.analyses.resume.run import ResumeSettings, run_resume_probe
+def _plant_lr(ckpt: Path, lr: float) -> None:
+    """Set the learning rate saved in ``ckpt``'s optimizer and scheduler state (every group) to ``lr``."""
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    for group in opt["param_groups"]:
+        group["lr"] = lr
+    torch.save(opt, ckpt / "optimizer.pt")
+    sched = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    sched["_last_lr"] = [lr] * len(sched["_last_lr"])
+    torch.save(sched, ckpt / "scheduler.pt")
 
-    text = BASE + "\n[checks.resume_probe]\nlr_multiplier = 0.5\nsteps = 3\n"
-    r, doc, _, _ = gate(tiny_run, text, tmp_path, "--seed", "3")
+
+@pytest.mark.parametrize("planted_lr, mult, status", [
+    (0.0, 0.5, "pass"),  # the tiny run ends at lr 0: a fresh optimizer cannot move the weights
+    (2e3, 1e-9, "pass"),  # x1e-9: 2e-6 per step for 3 steps leaves the loss where it was
+    (2e3, 0.5, "fail"),  # AdamW's first step moves every weight by ~lr = 1e3 (and decays it by 1 - lr * wd): a collapse
+])
+def test_resume_probe_runs_the_reset_condition(run_copy, tmp_path, planted_lr, mult, status):
+    """The RESET condition at lr_multiplier x the lr saved in the checkpoint, judged on a planted learning rate."""
+    ckpt = run_copy / "checkpoint-60"
+    assert [g["lr"] for g in torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]] == [0.0, 0.0]
+    _plant_lr(ckpt, planted_lr)
+    text = BASE + f"\n[checks.resume_probe]\nlr_multiplier = {mult}\nsteps = 3\n"
+    r, doc, _, _ = gate(run_copy, text, tmp_path, "--seed", "3")
     rp = by_name(doc)["resume_probe"]
-    # The same single RESET condition run directly through the analysis gives the verdict the gate reports.
-    direct = run_resume_probe(
-        probe_inputs_from_checkpoint(tiny_run / "checkpoint-60"),
-        ResumeSettings(steps=3, lr_mults=(0.5,), warmup_steps=0, boundary_probe=False, mode="reset", seed=3),
-    ).conditions
-    assert len(direct) == 1 and direct[0].optimizer == "reset" and direct[0].lr_mult == 0.5
-    expected = "pass" if direct[0].verdict == "stable" else "fail"
-    assert rp["status"] == expected and rp["value"] == direct[0].verdict, rp
-    assert r.exit_code == (0 if expected == "pass" else 1)
+    assert rp["threshold"] == {"verdict": "stable", "lr_mult": mult}, rp
+    assert rp["status"] == status, rp
+    assert r.exit_code == (0 if status == "pass" else 1)
+    if status == "pass":
+        assert rp["value"] == "stable", rp
+    else:
+        assert rp["value"] != "stable" and "collapses at step 1" in rp["message"], rp
 
 
 @pytest.mark.parametrize("mult, status, code", [(0.01, "pass", 0), (300.0, "fail", 1)])
@@ -327,15 +337,38 @@ def test_resume_probe_without_task_is_skipped(run_copy, tmp_path):
 # --------------------------------------------------------------------------------- analyses-based bounds
 
 
+TRUNK_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def _steps_dirs(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _trunk_rho_reference(run: Path) -> np.ndarray:
+    """rho_k of the trunk drift matrix (rows theta(t) - theta(first)) stacked by hand from the safetensors files and
+    decomposed by numpy's SVD."""
+    dirs = _steps_dirs(run)
+    first = load_file(dirs[0] / "model.safetensors")
+    names = sorted(n for n in first if n.endswith(TRUNK_SUFFIXES))
+    assert len(names) == 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    return rho_reference([load_file(d / "model.safetensors") for d in dirs], names)
+
+
 def test_backbone_bounds(tiny_run, tmp_path):
-    r, doc, _, _ = gate(tiny_run, BASE + "\n[checks.backbone]\nrho1_min = 0.0\nk95_max = 6\n", tmp_path)
+    rho = _trunk_rho_reference(tiny_run)
+    rho1_ref, k95_ref = float(rho[0]), int(np.searchsorted(np.cumsum(rho), 0.95) + 1)
+    assert k95_ref < len(rho)  # k95_min = k95 + 1 can fail
+    r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_min = 0.0\nk95_min = {k95_ref}\nk95_max = {k95_ref}\n",
+                        tmp_path)
     assert r.exit_code == 0, r.output
     bb = by_name(doc)["backbone"]
-    assert bb["status"] == "pass" and 0 < bb["value"]["rho1"] <= 1 and 1 <= bb["value"]["k95"] <= 6
-    rho1 = bb["value"]["rho1"]
-    r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\nrho1_max = {rho1 / 2}\n", tmp_path)
-    assert "backbone" in assert_one_line_error(r, code=1)
-    assert "rho1" in by_name(doc)["backbone"]["message"]
+    assert bb["status"] == "pass" and bb["value"]["k95"] == k95_ref
+    assert bb["value"]["rho1"] == pytest.approx(rho1_ref, rel=1e-6)
+    for table, needle in ((f"rho1_max = {rho1_ref * 0.99}", "rho1"), (f"rho1_min = {rho1_ref * 1.01}", "rho1"),
+                          (f"k95_min = {k95_ref + 1}", "k95"), *([(f"k95_max = {k95_ref - 1}", "k95")] * (k95_ref > 1))):
+        r, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.backbone]\n{table}\n", tmp_path)
+        assert "backbone" in assert_one_line_error(r, code=1), table
+        assert by_name(doc)["backbone"]["status"] == "fail" and needle in by_name(doc)["backbone"]["message"], table
     # One checkpoint is not a trajectory: skipped with the reason, never passed.
     r, doc, _, _ = gate(tiny_run / "checkpoint-60", BASE + "\n[checks.backbone]\nk95_max = 6\n", tmp_path)
     assert r.exit_code == 0, r.output
@@ -343,16 +376,41 @@ def test_backbone_bounds(tiny_run, tmp_path):
     assert bb["status"] == "skipped" and ">= 3 checkpoints" in bb["message"]
 
 
+def _bulk_index_reference(weights: Path) -> float:
+    """ks_exp - ks_gauss of s = c^2 over every unordered pair of normalised token-embedding rows (SPEC section 5),
+    by scipy's kstest on the whole population: uniform ordered pairs i != j have the same distribution."""
+    from scipy import stats
+
+    E = load_file(weights)["transformer.wte.weight"].double().numpy()
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    c = (E @ E.T)[np.triu_indices(len(E), k=1)]
+    s = c * c
+    ks_gauss = stats.kstest(s, stats.norm(s.mean(), s.std()).cdf).statistic
+    ks_exp = stats.kstest(s, stats.expon(0.0, s.mean()).cdf).statistic
+    return float(ks_exp - ks_gauss)
+
+
 def test_embedding_class(tiny_run, tmp_path):
+    ref = _bulk_index_reference(tiny_run / "checkpoint-60" / "model.safetensors")
+    # 20,000 pairs drawn from the 300 of a 25-token vocabulary: the sample's CDF lies within 0.014 of the population's
+    # (DKW at 99.9%: sqrt(ln(2 / 0.001) / (2 * 20000))), so each KS distance moves by that plus the small shift of the
+    # fitted mean and std, and their difference by at most ~0.035.
+    tol = 0.035
+    assert abs(ref) > tol, ref  # the class is then decided by the population, not by the sample
+    expected, other = ("A", "B") if ref > 0 else ("B", "A")  # A: the Gaussian fits better (ks_gauss < ks_exp)
     table = "\n[checks.embedding_class]\npairs = 20000\n"
-    r, doc, _, _ = gate(tiny_run, BASE + table + "bulk_index_min = -1.0\n", tmp_path)
+    r, doc, _, _ = gate(tiny_run, BASE + table + f'expected = "{expected}"\nbulk_index_min = {ref - tol}\n'
+                        f"bulk_index_max = {ref + tol}\n", tmp_path)
     assert r.exit_code == 0, r.output
     emb = by_name(doc)["embedding_class"]
-    assert emb["status"] == "pass" and emb["value"]["class"] in ("A", "B")
-    other = "A" if emb["value"]["class"] == "B" else "B"
+    assert emb["status"] == "pass" and emb["value"]["class"] == expected
+    assert emb["value"]["bulk_index"] == pytest.approx(ref, abs=tol)
     r, doc, _, _ = gate(tiny_run, BASE + table + f'expected = "{other}"\n', tmp_path)
     assert r.exit_code == 1
     assert f"expected {other}" in by_name(doc)["embedding_class"]["message"]
+    for bound in (f"bulk_index_min = {ref + 2 * tol}", f"bulk_index_max = {ref - 2 * tol}"):
+        r, doc, _, _ = gate(tiny_run, BASE + table + bound + "\n", tmp_path)
+        assert r.exit_code == 1 and "bulk_index" in by_name(doc)["embedding_class"]["message"], bound
 
 
 # ------------------------------------------------------------------------------------------ bad policies
@@ -444,22 +502,62 @@ def test_ci_examples_are_valid_yaml_and_run_the_gate():
     assert any("ckptaudit gate" in line and "--junit gate.xml" in line for line in job["script"])
 
 
-def test_fisher_anisotropy_check_runs_the_fisher_analysis(tiny_run, tmp_path):
-    """The check measures alpha at the last checkpoint with the backbone of the run; compare with `ckptaudit fisher`."""
-    r = runner.invoke(app, ["fisher", str(tiny_run), "--steps", "60", "--run", str(tiny_run), "--batches", "16",
-                            "--json", "--no-report", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    alpha = json.loads(r.stdout)["checkpoints"][0]["anisotropy"]
-    text = BASE + f"\n[checks.fisher_anisotropy]\nmin = {alpha / 2}\nmax = {alpha * 2}\n"
+def _trunk_flat(tensors: dict[str, torch.Tensor], n_layer: int = 2, d: int = 32) -> np.ndarray:
+    """The trunk written out by hand in the order of SPEC section 0: per block the Q, K, V columns of c_attn, then
+    attn c_proj, c_fc and mlp c_proj (float64)."""
+    parts = []
+    for b in range(n_layer):
+        w = tensors[f"transformer.h.{b}.attn.c_attn.weight"]
+        parts += [w[:, :d], w[:, d : 2 * d], w[:, 2 * d :]]
+        parts += [tensors[f"transformer.h.{b}.{n}.weight"] for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    return np.concatenate([p.detach().double().reshape(-1).numpy() for p in parts])
+
+
+def _anisotropy_reference(run: Path, batches: int = 16, seed: int = 0) -> float:
+    """alpha = q(v_b) / mean_k q(w_k) at the run's last checkpoint, brute force: v_b = PC1 of a numpy SVD of the
+    hand-stacked trunk drift, the gradients by plain loss.backward() of the checkpoint loaded by transformers on the
+    batches of its recorded task, q(v) = mean_i <g_i, v>^2 (SPEC section 2); w_k the seeded random unit vectors
+    orthogonal to v_b (``random_directions``, tested on its own in test_fisher)."""
+    from transformers import GPT2LMHeadModel
+
+    from ckptaudit.analyses.fisher.directions import random_directions
+    from ckptaudit.io.discover import discover_run
+    from ckptaudit.tasks.data import load_data
+
+    dirs = _steps_dirs(run)
+    flats = [_trunk_flat(load_file(d / "model.safetensors")) for d in dirs]
+    X = np.stack([f - flats[0] for f in flats[1:]])
+    v_b = np.linalg.svd(X, full_matrices=False)[2][0]
+    W = random_directions(torch.from_numpy(v_b), 10, seed).numpy()
+    model = GPT2LMHeadModel.from_pretrained(dirs[-1]).eval()
+    data = load_data(discover_run(dirs[-1]).checkpoints[0])
+    batch_size = json.loads((dirs[-1] / "ckptaudit_task.json").read_text())["batch_size"]
+    grads = []
+    for i in range(batches):
+        model.zero_grad()
+        loss, _ = data.loss_and_accuracy(model, data.batch("train", i, batch_size, seed))
+        loss.backward()
+        grads.append(_trunk_flat({n: p.grad for n, p in model.named_parameters()}))
+    G = np.stack(grads)
+    q = lambda v: float(np.mean((G @ v) ** 2))  # noqa: E731
+    return q(v_b) / float(np.mean([q(w) for w in W]))
+
+
+@pytest.mark.slow
+def test_fisher_anisotropy_check_against_a_brute_force_rayleigh_quotient(tiny_run, tmp_path):
+    """The check measures alpha at the last checkpoint along the run's own backbone, M = 16 gradients."""
+    alpha = _anisotropy_reference(tiny_run)
+    text = BASE + f"\n[checks.fisher_anisotropy]\nmin = {alpha * 0.999}\nmax = {alpha * 1.001}\n"
     res, doc, _, _ = gate(tiny_run, text, tmp_path)
     fisher = by_name(doc)["fisher_anisotropy"]
     assert fisher["status"] == "pass", fisher
-    assert abs(fisher["value"] - alpha) <= 1e-9 * abs(alpha)
-    text = BASE + f"\n[checks.fisher_anisotropy]\nmax = {alpha / 2}\n"
-    res, doc, _, _ = gate(tiny_run, text, tmp_path)
-    assert res.exit_code == 1 and by_name(doc)["fisher_anisotropy"]["status"] == "fail"
+    assert fisher["value"] == pytest.approx(alpha, rel=1e-5)
+    for bound in (f"max = {alpha * 0.99}", f"min = {alpha * 1.01}"):
+        res, doc, _, _ = gate(tiny_run, BASE + f"\n[checks.fisher_anisotropy]\n{bound}\n", tmp_path)
+        assert res.exit_code == 1 and by_name(doc)["fisher_anisotropy"]["status"] == "fail", bound
 
 
+@pytest.mark.slow
 def test_both_backbone_checks_share_one_backbone_pass_with_the_same_values(tiny_run, tmp_path, monkeypatch):
     """backbone + fisher_anisotropy together compute the backbone once and report what each reports alone; the
     gate's temporary vectors file is removed when the run ends."""

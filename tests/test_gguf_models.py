@@ -16,14 +16,11 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: E402
-from typer.testing import CliRunner
+from cli_helpers import invoke
 
-from ckptaudit.cli.app import app
 from ckptaudit.errors import CorruptFileError, DataError, UnknownArchitectureError
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.models import load_model, load_tokenizer
-
-runner = CliRunner()
 
 WORDS = ["the", "old", "man", "felt", "a", "deep", "longing", "yearning", "joy", "for", "home"]
 CTX = "the old man felt a deep"
@@ -270,9 +267,7 @@ def test_born_gap_cli_on_gguf(tiny_gguf, tmp_path):
             {"context": "the old man felt", "target": "joy"},
         ],
     )
-    r = runner.invoke(
-        app, ["born-gap", str(path), "--contexts", str(ctx), "--json", "--no-report", "--device", "cpu"]
-    )
+    r = invoke("born-gap", str(path), "--contexts", str(ctx), "--json", "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert len(doc["contexts"]) == 2
@@ -285,7 +280,7 @@ def test_born_gap_cli_unsupported_architecture_exits_2(tmp_path):
     path = tmp_path / "odd.gguf"
     write_tiny_gguf(path, arch="notallama")
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "joy"}])
-    r = runner.invoke(app, ["born-gap", str(path), "--contexts", str(ctx), "--no-report", "--device", "cpu"])
+    r = invoke("born-gap", str(path), "--contexts", str(ctx), "--no-report", "--device", "cpu")
     assert r.exit_code == 2
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "notallama" in err
@@ -296,25 +291,8 @@ def test_born_gap_cli_unsupported_architecture_exits_2(tmp_path):
 def test_finetune_probe_cli_on_gguf(tiny_gguf, tmp_path, mode):
     path, _, _ = tiny_gguf
     ctx = _contexts(tmp_path, [{"context": CTX, "target": "yearning", "competitor": "longing"}])
-    r = runner.invoke(
-        app,
-        [
-            "finetune-probe",
-            str(path),
-            "--contexts",
-            str(ctx),
-            "--mode",
-            mode,
-            "--train-steps",
-            "2",
-            "--lr",
-            "1e-2",
-            "--device",
-            "cpu",
-            "--json",
-            "--no-report",
-        ],
-    )
+    r = invoke("finetune-probe", str(path), "--contexts", str(ctx), "--mode", mode, "--train-steps", "2",
+               "--lr", "1e-2", "--device", "cpu", "--json", "--no-report")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     (c,) = doc["contexts"]

@@ -13,8 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
+from runs import write_checkpoint
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.gxs.evaluation import margins_of
 from ckptaudit.analyses.gxs.run import (
@@ -30,13 +31,10 @@ from ckptaudit.analyses.gxs.run import (
     touched_query_heads,
     transplant,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.io.discover import discover_run
 from ckptaudit.io.models import load_model
 from ckptaudit.io.roles import GROUPS, resolve_architecture
 from ckptaudit.tasks import task_from_checkpoint_dir
-
-runner = CliRunner()
 
 
 def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -303,8 +301,8 @@ def test_velocity_matches_brute_force(tiny_run):
 
 def test_cli_transplant_json_and_report(tiny_run, tmp_path):
     out = tmp_path / "t.h5"
-    r = runner.invoke(app, ["gxs", "transplant", str(tiny_run / "checkpoint-60"), str(tiny_run / "checkpoint-30"),
-                            "--heads", "1.2", "--device", "cpu", "--json", "--out", str(out)])
+    r = invoke("gxs", "transplant", str(tiny_run / "checkpoint-60"), str(tiny_run / "checkpoint-30"),
+               "--heads", "1.2", "--device", "cpu", "--json", "--out", str(out))
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert {"conditions", "baseline_accuracy", "exact_copy"} <= set(s)
@@ -324,20 +322,20 @@ def test_cli_transplant_different_shapes_exits_2(tiny_run, tmp_path):
 
     other = tmp_path / "other"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=16, vocab_size=25, n_positions=4)).save_pretrained(other)
-    r = runner.invoke(app, ["gxs", "transplant", str(tiny_run / "checkpoint-60"), str(other), "--no-report",
-                            "--device", "cpu"])
+    r = invoke("gxs", "transplant", str(tiny_run / "checkpoint-60"), str(other), "--no-report",
+               "--device", "cpu")
     assert r.exit_code == 2
     assert "not the same architecture and shape" in r.output
 
 
 def test_cli_velocity_and_slack_json(tiny_run):
-    r = runner.invoke(app, ["gxs", "velocity", str(tiny_run), "--json", "--no-report", "--device", "cpu"])
+    r = invoke("gxs", "velocity", str(tiny_run), "--json", "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert {"steps", "velocity_G", "velocity_S", "consolidation_step_G", "consolidation_step_S", "order"} <= set(s)
     assert len(s["velocity_G"]) == len(s["steps"]) == 6
-    r = runner.invoke(app, ["gxs", "slack", str(tiny_run / "checkpoint-60"), "--alpha", "1,0.5", "--sigma", "0,1",
-                            "--json", "--no-report", "--device", "cpu", "--seed", "1"])
+    r = invoke("gxs", "slack", str(tiny_run / "checkpoint-60"), "--alpha", "1,0.5", "--sigma", "0,1",
+               "--json", "--no-report", "--device", "cpu", "--seed", "1")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert {"alpha", "sigma", "accuracy", "margin"} <= set(s)
@@ -359,11 +357,11 @@ def test_bad_token_data_is_one_line_error_in_both_commands(tiny_run, tmp_path, c
     cases = [("ids.json", [], "outside the model's vocabulary"), ("ids.json", ["--as-given"], f"token id {vocab + 5}"),
              ("long.json", ["--as-given"], f"{n_pos + 3} tokens"), ("ids.npy", [], "not UTF-8 text")]
     for name, extra, needle in cases:
-        r = runner.invoke(app, [*args, "--data", str(tmp_path / name), *extra, "--no-report", "--device", "cpu"])
+        r = invoke(*args, "--data", str(tmp_path / name), *extra, "--no-report", "--device", "cpu")
         assert r.exit_code == 2, r.output
         assert r.stderr.startswith("ckptaudit: error:") and needle in r.stderr, (name, extra, r.stderr)
         assert "\n" not in r.stderr.strip() and "Traceback" not in r.output
-    r = runner.invoke(app, [*args, "--data", str(tmp_path / "long.json"), "--no-report", "--device", "cpu"])
+    r = invoke(*args, "--data", str(tmp_path / "long.json"), "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
 
 
@@ -389,12 +387,12 @@ def test_as_given_evaluates_each_sequence_whole_windows_cut_them(tiny_run, tmp_p
 
     base = ["gxs", "slack", str(ckpt_dir), "--alpha", "1", "--sigma", "0", "--data", str(tmp_path / "s.json"),
             "--json", "--no-report", "--device", "cpu"]
-    r = runner.invoke(app, [*base, "--as-given"])
+    r = invoke(*base, "--as-given")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     acc, n = brute(seqs)
     assert doc["n"] == n and doc["accuracy"][0][0] == pytest.approx(acc)
-    r = runner.invoke(app, [*base, "--seq-len", "3"])
+    r = invoke(*base, "--seq-len", "3")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     windows = [s[i : i + 3] for s in seqs for i in range(0, len(s), 3) if len(s[i : i + 3]) >= 2]
@@ -412,16 +410,16 @@ def test_npy_and_json_token_data_give_the_same_slack(tiny_run, tmp_path):
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     docs = []
     for name in ("ids.npy", "ids.json"):
-        r = runner.invoke(app, ["gxs", "slack", str(ckpt), "--alpha", "1,0.5", "--sigma", "0", "--data",
-                                str(tmp_path / name), "--json", "--no-report", "--device", "cpu"])
+        r = invoke("gxs", "slack", str(ckpt), "--alpha", "1,0.5", "--sigma", "0", "--data",
+                   str(tmp_path / name), "--json", "--no-report", "--device", "cpu")
         assert r.exit_code == 0, r.output
         docs.append(json.loads(r.stdout))
     assert docs[0]["accuracy"] == docs[1]["accuracy"] and docs[0]["loss"] == docs[1]["loss"]
 
 
 def test_velocity_steps_subset_keeps_the_runs_anchor(tiny_run):
-    r = runner.invoke(app, ["gxs", "velocity", str(tiny_run), "--steps", "30:60", "--json", "--no-report",
-                            "--device", "cpu"])
+    r = invoke("gxs", "velocity", str(tiny_run), "--steps", "30:60", "--json", "--no-report",
+               "--device", "cpu")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["anchor_step"] == 0 and doc["steps"] == [30, 40, 50, 60]
@@ -430,10 +428,6 @@ def test_velocity_steps_subset_keeps_the_runs_anchor(tiny_run):
 def _planted_velocity_run(root, tiny_run, schedule: dict[str, list[float]]) -> list[int]:
     """A run of the tiny model's first checkpoint whose G and S pieces move by ``schedule[g][i]`` (Frobenius norm,
     over all the group's block pieces) from checkpoint i to i + 1, ten steps apart; everything else stays put."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     first = discover_run(tiny_run).checkpoints[0]
     sd = load_file(first.weight_files[0])
     arch = resolve_architecture({k: tuple(v.shape) for k, v in sd.items()}, first.config())
@@ -452,10 +446,7 @@ def _planted_velocity_run(root, tiny_run, schedule: dict[str, list[float]]) -> l
             moved = sum(schedule[g][:i])
             for p, d in zip(pieces[g], dirs[g], strict=True):
                 p.put(state[p.tensor], (p.take(sd[p.tensor]).double() + moved * d).to(sd[p.tensor].dtype))
-        out = root / f"checkpoint-{step}"
-        out.mkdir(parents=True)
-        save_file(state, str(out / "model.safetensors"))
-        shutil.copy(first.config_file, out / "config.json")
+        write_checkpoint(root / f"checkpoint-{step}", state, json.loads(first.config_file.read_text()))
     return steps
 
 

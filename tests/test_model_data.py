@@ -45,6 +45,7 @@ def _json(*args, device: bool = True) -> dict:
 # ------------------------------------------------------------------------------------------ CONTROL is the run
 
 
+@pytest.mark.slow
 def test_trainer_control_reproduces_the_runs_next_checkpoint_reset_does_not(trainer_lm):
     """CONTROL through Trainer.train(resume_from_checkpoint=checkpoint-20) for 5 steps lands on the run's own
     checkpoint-25 (dropout on: the Trainer restores rng_state.pth; its random sampler skips the 20 batches seen);
@@ -63,6 +64,7 @@ def test_trainer_control_reproduces_the_runs_next_checkpoint_reset_does_not(trai
     assert reset.start_sha256 == control.start_sha256
 
 
+@pytest.mark.slow
 def test_resume_probe_with_its_defaults_finishes_and_says_how_control_was_made(trainer_lm):
     """The whole default probe (6 conditions) from checkpoint-25 on CPU: the run's max_steps (30) cuts the 50 default
     steps to 5, and the report lists where every value came from."""
@@ -82,6 +84,7 @@ def test_resume_probe_with_its_defaults_finishes_and_says_how_control_was_made(t
     assert st["timing_seconds"]["total"] < 600
 
 
+@pytest.mark.slow
 def test_ckptaudit_loop_takes_batch_size_schedule_and_rng_from_the_checkpoint(trainer_lm):
     """Without the training set, CONTROL runs ckptaudit's loop with the run's batch size (trainer_state.json), its
     cosine schedule rebuilt from training_args.bin with scheduler.pt loaded, and rng_state.pth: the lr of every
@@ -106,6 +109,7 @@ def test_ckptaudit_loop_takes_batch_size_schedule_and_rng_from_the_checkpoint(tr
 # ------------------------------------------------------------------------------------------ one --data
 
 
+@pytest.mark.slow
 def test_every_command_reads_the_same_text_file(trainer_lm):
     """fixtures/data/corpus.txt, tokenised with the run's own tokenizer, is accepted by every command that takes
     --data, and each evaluates the same validation windows (same count, same SHA-256 of the token ids)."""

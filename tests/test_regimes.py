@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import invoke
 
 from ckptaudit.analyses.cross_seed import linear_cka
 from ckptaudit.analyses.regimes.run import (
@@ -19,7 +19,6 @@ from ckptaudit.analyses.regimes.run import (
     parse_thresholds,
     probe_representations,
 )
-from ckptaudit.cli.app import app
 from ckptaudit.errors import UsageError
 
 STEPS = [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500]
@@ -121,8 +120,9 @@ def test_fingerprints_refuse_a_later_checkpoint_that_does_not_fit_the_model(tmp_
     assert "tensor transformer.ln_f.weight has shape (31,), the model expects (32,)" in message
 
 
+@pytest.mark.slow
 def test_regimes_cli_on_tiny_run(tiny_run):
-    res = CliRunner().invoke(app, ["regimes", str(tiny_run), "--json", "--no-report", "--device", "cpu"])
+    res = invoke("regimes", str(tiny_run), "--json", "--no-report", "--device", "cpu")
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert {"steps", "similarity", "regime", "thresholds", "first_entry"} <= set(s)
@@ -194,12 +194,13 @@ def _first_entries_by_hand(root, seeds, steps):
     return sims, firsts, std
 
 
+@pytest.mark.slow
 def test_cross_seed_cli(two_seed_runs, tmp_path):
     import h5py
 
     out = tmp_path / "cs.h5"
     runs = [str(two_seed_runs / "seed0"), str(two_seed_runs / "seed1")]
-    res = CliRunner().invoke(app, ["cross-seed", *runs, "--json", "--device", "cpu", "--out", str(out)])
+    res = invoke("cross-seed", *runs, "--json", "--device", "cpu", "--out", str(out))
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert {"loss_cv", "first_entry_std", "regime_agreement", "cka"} <= set(s)
@@ -225,5 +226,5 @@ def test_cross_seed_cli(two_seed_runs, tmp_path):
 
 
 def test_cross_seed_needs_two_runs(tiny_run):
-    res = CliRunner().invoke(app, ["cross-seed", str(tiny_run), "--no-report"])
+    res = invoke("cross-seed", str(tiny_run), "--no-report")
     assert res.exit_code == 2

@@ -16,7 +16,6 @@ import torch
 from cli_helpers import invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from ckptaudit.analyses.resume.conditions import ProbeInputs, optimizer_class, probe_inputs_from_checkpoint
 from ckptaudit.analyses.resume.run import (
@@ -28,9 +27,7 @@ from ckptaudit.analyses.resume.run import (
     run_condition,
     run_resume_probe,
 )
-from ckptaudit.cli.app import app
 
-runner = CliRunner()
 CONTROL = ConditionSpec("control", "preserved", 1.0, 0, "saved")
 RESET = ConditionSpec("reset", "reset", 1.0, 0, "constant")
 
@@ -96,6 +93,7 @@ def test_optimizer_class_from_groups():
 # ------------------------------------------------------------------------------------------ own training loop
 
 
+@pytest.mark.slow
 def test_control_reproduces_saved_checkpoint_reset_does_not(tiny_run: Path):
     """CONTROL from checkpoint-20 for 10 steps lands on the run's own checkpoint-30 (saved by the original loop)."""
     inputs = probe_inputs_from_checkpoint(tiny_run / "checkpoint-20", device="cpu")
@@ -231,6 +229,7 @@ def _copy_checkpoint(tiny_run: Path, tmp_path: Path, step: int = 20) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_cli_json_keys_report_and_plot(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "r.h5"
     r = invoke("resume-probe", tiny_run / "checkpoint-30", "--train-steps", 2, "--lr-mult", "1,0.1", "--warmup-steps", 2,
@@ -304,8 +303,8 @@ def test_data_file_without_optimizer_state_runs_reset_only(tmp_path):
     rng = np.random.default_rng(0)
     text = tmp_path / "train.txt"
     text.write_text("\n".join(" ".join(rng.choice(words, size=15)) for _ in range(400)) + "\n")
-    r = runner.invoke(app, ["resume-probe", str(model_dir), "--data", str(text), "--train-steps", "5", "--lr-mult", "1",
-                            "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu"])
+    r = invoke("resume-probe", str(model_dir), "--data", str(text), "--train-steps", "5", "--lr-mult", "1",
+               "--lr", "1e-3", "--warmup-steps", "0", "--no-boundary-probe", "--json", "--no-report", "--device", "cpu")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["provenance_complete"] is False

@@ -13,7 +13,7 @@ import pytest
 import torch
 from cli_helpers import assert_one_line_error, invoke
 from conftest import fixture_run
-from safetensors.torch import save_file
+from runs import write_checkpoint
 from stack_helpers import backbone_rho, cli_ok, inspect_json, producer, rho_reference
 
 from ckptaudit.io.discover import discover_run
@@ -46,9 +46,7 @@ def merged_run(root, tmp_path_factory):
     states = {}
     for step in STEPS:
         states[step] = _merged(root, step)
-        (out / f"checkpoint-{step}").mkdir()
-        save_file({k: v for k, v in states[step].items() if k != "lm_head.weight"},
-                  str(out / f"checkpoint-{step}" / "model.safetensors"))
+        write_checkpoint(out / f"checkpoint-{step}", {k: v for k, v in states[step].items() if k != "lm_head.weight"})
     return out, states
 
 

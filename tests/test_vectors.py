@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, invoke
+from runs import gpt2_config, gpt2_shapes, make_run, random_trajectory
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_gram import gpt2_config, gpt2_shapes, make_run, random_trajectory, reference_parts, stacked
+from test_gram import reference_parts, stacked
 
 from ckptaudit.analyses.backbone.run import run_backbone
 from ckptaudit.analyses.fisher.directions import load_vector_file, trunk_layout

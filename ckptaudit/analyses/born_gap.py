@@ -32,6 +32,7 @@ import torch
 
 from ckptaudit.errors import DataError, InputNotFoundError
 from ckptaudit.io.jsonio import loads_bounded
+from ckptaudit.report.tree import TreeResult
 
 DEFAULT_NUCLEUS = 0.9
 _XI_BLOCK = 2048  # rows of the pool per block of the O(|P|^2) angle sum
@@ -146,7 +147,7 @@ def born_observables(
             raise DataError(f"competitor token id {competitor} is the target itself")
     else:
         if pool.numel() < 2:
-            raise DataError("the pool holds only the target: no competitor to choose (lower --nucleus)")
+            raise DataError("the pool holds only the target: no competitor to choose", "lower $nucleus", param="nucleus")
         masked = cy.clone()
         masked[iy] = -math.inf
         ic = int(torch.argmax(masked))
@@ -239,8 +240,46 @@ def _weighted_angle_sq(w: torch.Tensor, Up: torch.Tensor) -> float:
 # Contexts and the model run
 
 
+#: The observables of one context in the ``--json`` document, in this order; the report holds every field.
+_JSON_OBSERVABLES = ("pool_size", "phi", "signal", "drag", "throttle", "logit_gap", "purity", "pr", "ipr", "xi",
+                     "burial_depth", "eta_geo", "born_rank", "softmax_rank", "phi_ablated")
+
+
 @dataclass(frozen=True)
-class BornGapResult:
+class ContextObservables(TreeResult):
+    """One context of born-gap with its decoded target and competitor texts and its observables."""
+
+    context: Context
+    target_text: str
+    competitor_text: str
+    observables: BornObservables
+
+    HDF5_ONLY = frozenset({"competitor_given", "p_y", "p_c", "c_yc", "decomposition_residual", "theta_yc", "pool",
+                           "p_pool", "born_scores"})
+    # --json names the target and competitor by text; the report by token id, with the texts beside them.
+    HDF5_LAYOUT = {"target": "_target", "competitor": "_competitor"}
+
+    def to_tree(self) -> dict:
+        """Keys (--json, fixed by issue 7): context, target, competitor (texts), pool_size, phi, signal, drag,
+        throttle, logit_gap, purity, pr, ipr, xi, burial_depth, eta_geo, born_rank, softmax_rank, phi_ablated;
+        the report adds the other BornObservables fields and the pool arrays pool (token ids), p_pool,
+        born_scores."""
+        o = self.observables
+        d = {"context": self.context.context, "target": self.target_text, "competitor": self.competitor_text}
+        d.update({k: getattr(o, k) for k in _JSON_OBSERVABLES})
+        d.update({k: v for k, v in asdict(o).items() if k in self.HDF5_ONLY})
+        d["pool"] = np.asarray(o.pool, dtype=np.int64)
+        return d
+
+    def _target(self, text: str) -> dict:
+        return {"target": self.observables.target, "target_text": text}
+
+    def _competitor(self, text: str) -> dict:
+        return {"competitor": self.observables.competitor, "competitor_text": text}
+
+
+@dataclass(frozen=True)
+class BornGapResult(TreeResult):
     """born-gap over a contexts file. ``unembedding`` says whose rows the overlaps use."""
 
     unembedding: str  # "input_embeddings (tied head)" or "lm_head (untied)"
@@ -251,29 +290,25 @@ class BornGapResult:
     observables: tuple[BornObservables, ...]
     skipped: tuple[dict, ...] = ()  # the unusable contexts (usable_contexts), by file line
 
-    def to_json(self) -> dict:
-        """The ``--json`` payload: ``contexts`` (keys fixed by issue 7) and which rows gave the overlaps."""
-        rows = []
-        for ctx, tgt, comp, o in zip(self.contexts, self.target_texts, self.competitor_texts, self.observables, strict=True):
-            rows.append({
-                "context": ctx.context, "target": tgt, "competitor": comp, "pool_size": o.pool_size,
-                "phi": o.phi, "signal": o.signal, "drag": o.drag, "throttle": o.throttle,
-                "logit_gap": o.logit_gap, "purity": o.purity, "pr": o.pr, "ipr": o.ipr, "xi": o.xi,
-                "burial_depth": o.burial_depth, "eta_geo": o.eta_geo, "born_rank": o.born_rank,
-                "softmax_rank": o.softmax_rank, "phi_ablated": o.phi_ablated,
-            })
-        return {"unembedding": self.unembedding, "contexts": rows, "skipped_contexts": list(self.skipped)}
+    HDF5_ONLY = frozenset({"nucleus"})
+    HDF5_LAYOUT = {"skipped_contexts": "_skipped_json"}  # JSON text in the report
 
-    def to_hdf5_tree(self) -> dict:
-        """Nested dict for ``report.hdf5.write_tree``: one subgroup per context with its pool arrays."""
-        items = []
-        for ctx, tgt, comp, o in zip(self.contexts, self.target_texts, self.competitor_texts, self.observables, strict=True):
-            d = {k: v for k, v in asdict(o).items() if k not in ("pool", "p_pool", "born_scores")}
-            d.update(context=ctx.context, target_text=tgt, competitor_text=comp,
-                     pool=np.asarray(o.pool, dtype=np.int64), p_pool=o.p_pool, born_scores=o.born_scores)
-            items.append(d)
-        return {"unembedding": self.unembedding, "nucleus": self.nucleus, "contexts": items,
-                "skipped_contexts_json": json.dumps(list(self.skipped))}
+    def to_tree(self) -> dict:
+        """The ``--json`` payload: ``contexts`` (one ContextObservables each), which rows gave the overlaps
+        (``unembedding``) and the unusable contexts (``skipped_contexts``); the report adds ``nucleus``."""
+        rows = [ContextObservables(ctx, tgt, comp, o) for ctx, tgt, comp, o in
+                zip(self.contexts, self.target_texts, self.competitor_texts, self.observables, strict=True)]
+        return {"unembedding": self.unembedding, "nucleus": self.nucleus, "contexts": rows,
+                "skipped_contexts": list(self.skipped)}
+
+    @staticmethod
+    def _skipped_json(skipped: list[dict]) -> dict:
+        return skipped_contexts_json(skipped)
+
+
+def skipped_contexts_json(skipped: list[dict]) -> dict:
+    """The report's form of ``skipped_contexts``: the dataset ``skipped_contexts_json``, JSON text."""
+    return {"skipped_contexts_json": json.dumps(skipped)}
 
 
 def load_contexts(path: str | Path) -> list[Context]:
@@ -286,8 +321,8 @@ def load_contexts(path: str | Path) -> list[Context]:
     path = contexts_file(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such contexts file",
-                                 "pass a JSONL file of {context, target, competitor}, or --contexts near-synonyms "
-                                 "(the ten pairs shipped with ckptaudit)")
+                                 "pass a JSONL file of {context, target, competitor}, or $contexts=near-synonyms "
+                                 "(the ten pairs shipped with ckptaudit)", param="contexts")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -354,8 +389,8 @@ def usable_contexts(tokenizer, model, contexts: Sequence[Context],
             kept.append((ctx, y, c, context_input_ids(tokenizer, model, ctx)))
         except DataError as e:
             if strict:
-                raise DataError(f"{ctx.where or 'context'}: {e.message}",
-                                e.hint or "fix the line, or leave out --strict to skip it") from None
+                raise DataError(f"{ctx.where or 'context'}: {e.template}",
+                                e.hint_template or "fix the line, or leave out $strict to skip it", param=e.param) from None
             skipped.append({"where": ctx.where, "context": ctx.context, "target": ctx.target,
                             "competitor": ctx.competitor, "reason": e.message})
     if not kept:

@@ -122,7 +122,7 @@ def init_from_env(device: str = "cpu") -> DistContext | None:
             raise UsageError(f"local rank {local_rank} needs cuda:{local_rank}, but this machine has {n} CUDA "
                              f"device(s) (nccl takes one GPU per process)",
                              f"launch at most {n} process(es) per machine (torchrun --nproc-per-node {n}) "
-                             "or use --device cpu (gloo)")
+                             "or use $device=cpu (gloo)", param="device")
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
     owned = False

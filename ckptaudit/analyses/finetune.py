@@ -22,7 +22,6 @@ the empirical critical learning rate of a sweep.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,10 +34,12 @@ from ckptaudit.analyses.born_gap import (
     DEFAULT_NUCLEUS,
     Context,
     born_observables,
+    skipped_contexts_json,
     unembedding_matrix,
     usable_contexts,
 )
 from ckptaudit.errors import UnknownArchitectureError, UsageError
+from ckptaudit.report.tree import TreeResult
 
 DEFAULT_STEPS = 50
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual rates of each protocol; users pass --lr for anything else
@@ -156,8 +157,9 @@ def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) 
         names = tuple(dict.fromkeys(s.strip() for s in override if s.strip()))
         missing = [n for n in names if n not in leaves]
         if not names or missing:
-            raise UsageError(f"--target-modules: no module named {missing or list(override)} in {type(model).__name__}",
-                             "name the attention projections as they appear in model.named_modules() (e.g. q_proj,v_proj)")
+            raise UsageError(f"$target_modules: no module named {missing or list(override)} in {type(model).__name__}",
+                             "name the attention projections as they appear in model.named_modules() (e.g. q_proj,v_proj)",
+                             param="target_modules")
         return names, "target modules given by --target-modules"
     from ckptaudit.io.roles import family_of_model
 
@@ -165,12 +167,12 @@ def lora_targets(model: torch.nn.Module, override: Sequence[str] | None = None) 
     if family is None or not family.lora_targets:
         raise UnknownArchitectureError(
             f"{type(model).__name__}: no known attention query/value modules for LoRA",
-            "pass --target-modules NAME[,NAME] (module names of the query and value projections)")
+            "pass $target_modules=NAME[,NAME] (module names of the query and value projections)", param="target_modules")
     names = family.lora_targets
     missing = [n for n in names if n not in leaves]
     if missing:
         raise UnknownArchitectureError(f"{type(model).__name__} ({family.name}) has no modules named {missing}",
-                                       "pass --target-modules NAME[,NAME]")
+                                       "pass $target_modules=NAME[,NAME]", param="target_modules")
     return names, family.lora_note or None
 
 
@@ -197,7 +199,7 @@ def apply_lora(model: torch.nn.Module, targets: Sequence[str]) -> torch.nn.Modul
 
 
 @dataclass(frozen=True)
-class Trajectory:
+class Trajectory(TreeResult):
     """One fine-tuning run on one context. Series are float64 arrays of length ``steps + 1`` (index 0 = before
     training). ``max_abs_delta_embedding`` / ``max_abs_delta_head``: max |W_after - W_before| of the input
     embedding matrix and of an untied LM head (None when tied); ``embeddings_unchanged``: both bit-identical."""
@@ -226,9 +228,12 @@ class Trajectory:
         """Phi was already positive before any training (the paper's 'pre-resolved' case)."""
         return self.flip_step == 0
 
-    def to_json(self) -> dict:
-        """One entry of the ``contexts`` list (keys fixed by issue 7, plus the other recorded series)."""
-        s = {k: v.tolist() for k, v in self.series.items()}
+    HDF5_ONLY = frozenset({"target_id", "competitor_id"})
+
+    def to_tree(self) -> dict:
+        """One entry of the ``contexts`` list (keys fixed by issue 7, plus the other recorded series; series as
+        float64 arrays of length steps + 1); the report adds the token ids target_id and competitor_id."""
+        s = self.series
         return {
             "context": self.context, "target": self.target, "competitor": self.competitor, "mode": self.mode,
             "lr": self.lr, "phi": s["phi"], "signal": s["signal"], "drag": s["drag"], "loss": s["loss"],
@@ -238,6 +243,7 @@ class Trajectory:
             "ce_stop_step": self.ce_stop_step, "pre_resolved": self.pre_resolved,
             "embeddings_unchanged": self.embeddings_unchanged,
             "max_abs_delta_embedding": self.max_abs_delta_embedding, "max_abs_delta_head": self.max_abs_delta_head,
+            "target_id": self.target_id, "competitor_id": self.competitor_id,
         }
 
 
@@ -347,7 +353,7 @@ def summarise(context: Context, target_text: str, competitor_text: str, target_i
 
 
 @dataclass(frozen=True)
-class FinetuneProbeResult:
+class FinetuneProbeResult(TreeResult):
     """finetune-probe over a contexts file, one trajectory per (context, learning rate)."""
 
     mode: str
@@ -381,33 +387,25 @@ class FinetuneProbeResult:
         finite = [p["critical_lr"] for p in per if p["critical_lr"] is not None]
         return {"lrs": list(self.lrs), "per_context": per, "median": float(np.median(finite)) if finite else None}
 
-    def to_json(self) -> dict:
-        """The ``--json`` payload: ``contexts`` (one entry per run) and, when sweeping, ``critical_lr``."""
+    HDF5_ONLY = frozenset({"lrs"})
+    HDF5_LAYOUT = {"skipped_contexts": "_skipped_json"}  # JSON text in the report
+
+    def to_tree(self) -> dict:
+        """The ``--json`` payload and /finetune_probe: ``contexts`` (one Trajectory per run), the settings and,
+        when sweeping, ``critical_lr``; the report adds ``lrs``."""
         doc = {"mode": self.mode, "optimizer": self.optimizer, "steps": self.steps, "nucleus": self.nucleus,
                "seed": self.seed, "unembedding": self.unembedding,
                "target_modules": list(self.target_modules) if self.target_modules else None,
-               "target_note": self.target_note, "contexts": [t.to_json() for t in self.trajectories]}
+               "target_note": self.target_note, "contexts": list(self.trajectories)}
         if self.swept:
             doc["critical_lr"] = self.critical()
         doc["skipped_contexts"] = list(self.skipped)
+        doc["lrs"] = np.asarray(self.lrs, dtype=np.float64)
         return doc
 
-    def to_hdf5_tree(self) -> dict:
-        """Nested dict for ``report.hdf5.write_tree`` (/finetune_probe/...): one subgroup per run."""
-        runs = []
-        for t in self.trajectories:
-            d = {k: v for k, v in t.to_json().items() if k not in SERIES}
-            d.update({k: v for k, v in t.series.items()})
-            d.update(target_id=t.target_id, competitor_id=t.competitor_id)
-            runs.append(d)
-        tree = {"mode": self.mode, "optimizer": self.optimizer, "steps": self.steps, "nucleus": self.nucleus,
-                "seed": self.seed, "unembedding": self.unembedding, "lrs": np.asarray(self.lrs, dtype=np.float64),
-                "target_modules": list(self.target_modules) if self.target_modules else None,
-                "target_note": self.target_note, "contexts": runs,
-                "skipped_contexts_json": json.dumps(list(self.skipped))}
-        if self.swept:
-            tree["critical_lr"] = self.critical()
-        return tree
+    @staticmethod
+    def _skipped_json(skipped: list[dict]) -> dict:
+        return skipped_contexts_json(skipped)
 
 
 def finetune_probe(

@@ -7,7 +7,6 @@ executing any pickle; what each file is and whether it is safe to load comes fro
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from ckptaudit.errors import CkptAuditError
 from ckptaudit.io.safety import FileSafety, file_safety
 from ckptaudit.io.types import RunLike, StoredCheckpoint
+from ckptaudit.report.tree import TreeResult
 
 __all__ = ["FileSafety", "file_safety", "inspect_checkpoint", "inspect_run", "CheckpointInfo", "InspectResult"]
 
@@ -23,7 +23,7 @@ LEVEL2_ARTIFACTS = ("optimizer", "scheduler", "trainer_state", "rng_state")
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
+class CheckpointInfo(TreeResult):
     """What one checkpoint holds."""
 
     step: int
@@ -46,26 +46,38 @@ class CheckpointInfo:
     def missing(self) -> list[str]:
         return [a for a in LEVEL2_ARTIFACTS if not self.artifacts.get(a, False)]
 
-    def to_json(self) -> dict:
+    JSON_ONLY = frozenset({"n_params", "bytes", "has_optimizer_state", "missing", "shared_tensors"})  # columns
+    HDF5_LAYOUT = {"files": "_file_columns"}  # the report holds the files as columns
+
+    def to_tree(self) -> dict:
+        """Keys (--json; the report's /inspect/checkpoints/N holds step, path, layout, artifacts, params_by_role,
+        params_by_block, dtypes and the files as columns files, files_safe, files_kind, files_verdict): step, path,
+        layout, n_params, bytes, dtypes, params_by_role, params_by_block, has_optimizer_state, artifacts, missing,
+        files (one FileSafety document each), shared_tensors."""
         return {
             "step": self.step,
             "path": self.path,
             "layout": self.layout,
             "n_params": self.n_params,
             "bytes": self.bytes,
-            "dtypes": self.dtypes,
-            "params_by_role": self.params_by_role,
-            "params_by_block": self.params_by_block,
+            "dtypes": {k: int(v) for k, v in self.dtypes.items()},
+            "params_by_role": {k: int(v) for k, v in self.params_by_role.items()},
+            "params_by_block": {k: int(v) for k, v in self.params_by_block.items()},
             "has_optimizer_state": self.has_optimizer_state,
-            "artifacts": self.artifacts,
+            "artifacts": {k: bool(v) for k, v in self.artifacts.items()},
             "missing": self.missing,
             "files": [f.to_json() for f in self.files],
             "shared_tensors": dict(self.shared),
         }
 
+    @staticmethod
+    def _file_columns(files: list[dict]) -> dict:
+        return {"files": [f["path"] for f in files], "files_safe": [f["safe"] for f in files],
+                "files_kind": [f["kind"] for f in files], "files_verdict": [f["verdict"] for f in files]}
+
 
 @dataclass(frozen=True)
-class InspectResult:
+class InspectResult(TreeResult):
     """Provenance of a whole run."""
 
     run: str
@@ -97,54 +109,37 @@ class InspectResult:
     def all_files_safe(self) -> bool:
         return all(f.safe for c in self.checkpoints for f in c.files)
 
-    def to_json(self) -> dict:
+    JSON_ONLY = frozenset({"architecture_note", "unsafe_files", "unreadable_files", "lr_history_points",
+                           "hyperparameters_step", "hyperparameter_notes"})
+    HDF5_ONLY = frozenset({"steps", "n_params", "bytes", "has_optimizer_state"})  # per-checkpoint columns
+    HDF5_AS_TEXT = {"hyperparameters": "hyperparameters_json", "missing": "missing"}
+
+    def to_tree(self) -> dict:
+        """Keys (--json and /inspect): run, architecture, architecture_note, architecture_recognised_by,
+        checkpoints (one CheckpointInfo each), provenance_complete, missing (JSON text in the report),
+        all_files_safe, unsafe_files, unreadable_files, lr_history_points, hyperparameters (the report's
+        hyperparameters_json), hyperparameters_step, hyperparameter_notes; the report adds the per-checkpoint
+        columns steps, n_params, bytes, has_optimizer_state."""
+        cks = self.checkpoints
         return {
             "run": self.run,
             "architecture": self.architecture,
             "architecture_note": self.architecture_note,
             "architecture_recognised_by": self.architecture_recognised_by,
-            "checkpoints": [c.to_json() for c in self.checkpoints],
+            "checkpoints": list(cks),
             "provenance_complete": self.provenance_complete,
             "missing": self.missing,
             "all_files_safe": self.all_files_safe,
-            "unsafe_files": [f.path for c in self.checkpoints for f in c.files if not f.safe],
-            "unreadable_files": [f.path for c in self.checkpoints for f in c.files if not f.loadable],
+            "unsafe_files": [f.path for c in cks for f in c.files if not f.safe],
+            "unreadable_files": [f.path for c in cks for f in c.files if not f.loadable],
             "lr_history_points": self.lr_history_points,
             "hyperparameters": self.hyperparameters,
-            "hyperparameters_step": self.checkpoints[-1].step if self.checkpoints else None,
+            "hyperparameters_step": cks[-1].step if cks else None,
             "hyperparameter_notes": list(self.hyperparameter_notes),
-        }
-
-    def to_hdf5_tree(self) -> dict:
-        cks = self.checkpoints
-        return {
-            "hyperparameters_json": json.dumps(self.hyperparameters, sort_keys=True),
-            "run": self.run,
-            "architecture": self.architecture,
-            "architecture_recognised_by": self.architecture_recognised_by,
-            "provenance_complete": self.provenance_complete,
-            "all_files_safe": self.all_files_safe,
-            "missing": json.dumps(self.missing),
             "steps": [c.step for c in cks],
             "n_params": [c.n_params for c in cks],
             "bytes": [c.bytes for c in cks],
             "has_optimizer_state": [c.has_optimizer_state for c in cks],
-            "checkpoints": [
-                {
-                    "step": c.step,
-                    "path": c.path,
-                    "layout": c.layout,
-                    "artifacts": {k: bool(v) for k, v in c.artifacts.items()},
-                    "params_by_role": {k: int(v) for k, v in c.params_by_role.items()},
-                    "params_by_block": {k: int(v) for k, v in c.params_by_block.items()},
-                    "dtypes": {k: int(v) for k, v in c.dtypes.items()},
-                    "files": [f.path for f in c.files],
-                    "files_safe": [f.safe for f in c.files],
-                    "files_kind": [f.kind for f in c.files],
-                    "files_verdict": [f.verdict for f in c.files],
-                }
-                for c in cks
-            ],
         }
 
 

@@ -35,16 +35,19 @@ _COMMAND_KEY = "ckptaudit.command"
 def option_spelling(command: Any) -> Any:
     """How ``command`` (a click command) spells a parameter an error names (``CkptAuditError.param``, ``$name``):
     its long option (``--window``, then a space before a value), an argument's metavar. A name the command lacks
-    is matched up to a plural "s", then by its usual option (``train_steps`` -> ``--train-steps`` of the parameter
-    ``steps``), else spelled ``errors.option_spelling``."""
+    is matched up to a plural "s", then by its usual option, any of a parameter's long options (``train_steps`` ->
+    ``--train-steps`` of the parameter ``steps``; ``backbone_run`` -> ``--run``, whose alias is ``--backbone-run``),
+    else spelled ``errors.option_spelling``."""
     from ckptaudit.errors import option_spelling as default
 
     opts = {}
+    aliases = {}  # every long option -> the parameter's first (fisher's --backbone-run -> --run)
     for p in getattr(command, "params", None) or ():
         if p.name is None:
             continue
         longs = [o for o in p.opts if o.startswith("--")]
         opts[p.name] = longs[0] if longs else p.name.upper()
+        aliases.update(dict.fromkeys(longs, opts[p.name]))
 
     def spelling(name: str, with_value: bool) -> str:
         flag = default(name, False)
@@ -53,7 +56,7 @@ def option_spelling(command: Any) -> Any:
                 flag = opts[candidate]
                 break
         else:
-            flag = next((f for f in opts.values() if f in (flag, flag + "s", flag.removesuffix("s"))), flag)
+            flag = next((aliases[f] for f in (flag, flag + "s", flag.removesuffix("s")) if f in aliases), flag)
         return flag + " " if with_value else flag
 
     return spelling

@@ -133,30 +133,28 @@ def backbone(
             )  # fmt: skip
     if not main:
         return
-    summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, summary=summary)
-    output.json(summary)
-    if plot is not None:
-        from ckptaudit.report.plots import plot_backbone, run_label
 
-        written = plot_backbone(summary, plot, label=run_label(run_dir))
-        output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
-    if save_vectors is not None:
-        output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")
-    missing = summary["settings"].get("missing_trunk") or []
-    if missing:
-        output.note(f"[yellow]partial trunk[/yellow] ({summary['settings']['architecture']}): {'; '.join(missing[:3])}"
-                    f"{' ...' if len(missing) > 3 else ''}")
-    unplaced = summary["settings"].get("unplaced_block_weights") or []
-    if unplaced:
-        output.note(f"{len(unplaced)} weight(s) inside the blocks have no role and are not in the trunk "
-                    f"(e.g. {unplaced[0]}); place them with --role-map")
-    if summary["settings"].get("window_note"):
-        output.note(f"note: {summary['settings']['window_note']} (--window sets it)")
-    if output.human:
-        render_backbone(output, summary)
+    def figures_and_notes(summary: dict) -> None:
+        """The --plot figures, then what the human view should know first (vectors, partial trunk, window)."""
+        if plot is not None:
+            from ckptaudit.report.plots import plot_backbone, run_label
 
+            written = plot_backbone(summary, plot, label=run_label(run_dir))
+            output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
+        if save_vectors is not None:
+            output.note(f"backbone vectors written to [bold]{save_vectors}[/bold]")
+        missing = summary["settings"].get("missing_trunk") or []
+        if missing:
+            output.note(f"[yellow]partial trunk[/yellow] ({summary['settings']['architecture']}): {'; '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''}")
+        unplaced = summary["settings"].get("unplaced_block_weights") or []
+        if unplaced:
+            output.note(f"{len(unplaced)} weight(s) inside the blocks have no role and are not in the trunk "
+                        f"(e.g. {unplaced[0]}); place them with --role-map")
+        if summary["settings"].get("window_note"):
+            output.note(f"note: {summary['settings']['window_note']} (--window sets it)")
 
+    session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(), render_backbone, figures=figures_and_notes)
 
 
 def render_backbone(output: Any, s: dict) -> None:

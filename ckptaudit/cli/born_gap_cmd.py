@@ -51,11 +51,8 @@ def born_gap_cmd(
     with Progress(output, "born-gap", None, "contexts") as hook:
         result = api.born_gap(model, contexts, nucleus=nucleus, strict=strict, device=session.device, progress=hook)
     ckpt = result.inputs[0]
-    summary = result.to_json()
-    session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
-    output.json(summary)
-    if output.human:
-        render_born_gap(output, summary, str(ckpt.path))
+    session.finish(result.to_hdf5_tree(), [ckpt], result.to_json(),
+                   lambda out, s: render_born_gap(out, s, str(ckpt.path)))
 
 
 def render_born_gap(output: Any, s: dict, label: str) -> None:

@@ -112,16 +112,17 @@ def classify_embeddings(
     with Progress(output, "embed: overlaps", None, "pairs") as hook:
         report = api.classify_embeddings(model, pairs=pairs, exact=exact, lora_lr=lora_lr, tokens_from=tokens_from,
                                          tile=tile, bootstrap=bootstrap, seed=seed, device=session.device, progress=hook)
-    path, summary = report.path, report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, group="embeddings", summary=summary)
-    output.json(summary)
-    if plot is not None:
+    path = report.path
+
+    def figures(s: dict) -> None:
         from ckptaudit.report.plots import plot_embeddings, run_label
 
-        written = plot_embeddings(summary, plot, label=run_label(path, checkpoint=True))
+        written = plot_embeddings(s, plot, label=run_label(path, checkpoint=True))
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
-    if output.human:
-        render_embeddings(output, summary, str(path))
+
+    session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(),
+                   lambda out, s: render_embeddings(out, s, str(path)), group="embeddings",
+                   figures=None if plot is None else figures)
 
 
 def render_embeddings(output: Any, s: dict, label: str) -> None:

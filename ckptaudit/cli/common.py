@@ -140,11 +140,15 @@ class _Setup:
                            hash_files=self.hash_files, device=self.device, group=group, summary=summary)
 
     def finish(self, tree: dict, checkpoints: Sequence[Any], summary: dict,
-               render: Callable[[Output, dict], None] | None = None, group: str | None = None) -> dict:
+               render: Callable[[Output, dict], None] | None = None, group: str | None = None,
+               figures: Callable[[dict], None] | None = None) -> dict:
         """The tail every computing command shares: the HDF5 report of ``tree`` (with --out), the ``summary`` as the
-        --json document, then ``render(output, summary)`` for the human view. Returns ``summary``."""
+        --json document, ``figures(summary)`` (the --plot files, when asked for), then ``render(output, summary)``
+        for the human view. Returns ``summary``."""
         self.save_report(tree, checkpoints, group=group, summary=summary)
         self.output.json(summary)
+        if figures is not None:
+            figures(summary)
         if render is not None and self.output.human:
             render(self.output, summary)
         return summary

@@ -90,14 +90,13 @@ def finetune_probe_cmd(
     with Progress(output, f"finetune-probe ({mode})", len(ctxs) * len(lrs) * steps, "steps") as hook:
         result = finetune_probe(net, tok, ctxs, mode=mode, lrs=lrs, steps=steps, nucleus=nucleus, strict=strict,
                                 target_modules=modules, seed=seed, device=dev, progress=hook)
-    summary = result.to_json()
-    session.save_report(result.to_hdf5_tree(), [ckpt], summary=summary)
-    if plot is not None:
-        for p in plot_finetune(summary, plot, label=run_label(ckpt.path, checkpoint=True)):
+
+    def figures(s: dict) -> None:
+        for p in plot_finetune(s, plot, label=run_label(ckpt.path, checkpoint=True)):
             output.note(f"figure written to {p}")
-    output.json(summary)
-    if output.human:
-        render_finetune(output, summary, str(ckpt.path))
+
+    session.finish(result.to_hdf5_tree(), [ckpt], result.to_json(), lambda out, s: render_finetune(out, s, str(ckpt.path)),
+                   figures=None if plot is None else figures)
 
 
 def render_finetune(output: Any, s: dict, label: str) -> None:

@@ -94,17 +94,14 @@ def gate(
     with Progress(output, "gating", len(pol.checks), "checks") as hook:
         result = run_gate(run, pol, device=dev, seed=seed, progress=hook)
 
-    render_gate(output, gate_json(result))
-    if json_out:
-        output.json(gate_json(result))
+    targets = run.checkpoints if pol.target == "all" else run.checkpoints[-1:]
+    session.finish(result.to_hdf5_tree(), targets, gate_json(result), render_gate)
     if json_path is not None:
         write_json(result, json_path)
     if junit is not None:
         write_junit(result, junit)
     if sarif is not None:
         write_sarif(result, sarif)
-    targets = run.checkpoints if pol.target == "all" else run.checkpoints[-1:]
-    session.save_report(result.to_hdf5_tree(), targets, summary=gate_json(result))
     if not result.passed:
         # Raised only after every output is written: CI needs the reports most when the gate fails.
         raise GateFailedError(result.summary())

@@ -309,16 +309,15 @@ def slack_cmd(
         result = run_slack(model, evaluator, alphas, sigmas, seed=seed, progress=hook, checkpoint=str(checkpoint.path))
     extra = {**_data_record(evaluator, precision), "threads": n_threads,
              "timing_seconds": {"load": t1 - t0, "grid": time.perf_counter() - t1}}
-    summary = {**result.to_json(), **extra}
-    session.save_report({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], group="gxs", summary=summary)
-    output.json(summary)
-    if plot is not None:
+
+    def figures(s: dict) -> None:
         from ckptaudit.report.plots import plot_slack, run_label
 
         label = f"{run_label(checkpoint.path, checkpoint=True)} (step {checkpoint.step})"
-        output.note(f"figure written to [bold]{plot_slack(summary, plot, label=label)}[/bold]")
-    if output.human:
-        render_slack(output, summary)
+        output.note(f"figure written to [bold]{plot_slack(s, plot, label=label)}[/bold]")
+
+    session.finish({"slack": {**result.to_hdf5_tree(), **extra}}, [checkpoint], {**result.to_json(), **extra},
+                   render_slack, group="gxs", figures=None if plot is None else figures)
 
 
 def _with_se(values: list, errors: list | None, scale: float = 1.0) -> list:

@@ -50,11 +50,7 @@ def inspect(
     with Progress(output, "inspecting", None, "checkpoints") as hook:
         result = api.inspect(path, steps=steps, revisions=revisions, role_map=role_map, file_check=not no_file_check,
                              progress=hook, _note=output.note)
-    summary = result.to_json()
-    session.save_report(result.to_hdf5_tree(), result.inputs, summary=summary)
-    output.json(summary)
-    if output.human:
-        render_inspect(output, summary)
+    session.finish(result.to_hdf5_tree(), result.inputs, result.to_json(), render_inspect)
 
 
 def _exempt(f: dict) -> bool:

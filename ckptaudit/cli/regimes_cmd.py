@@ -83,15 +83,14 @@ def regimes(
             revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
             _note=output.note,
         )  # fmt: skip
-    summary = report.to_json()
-    session.save_report(report.to_hdf5_tree(), report.inputs, summary=summary)
-    output.json(summary)
-    if plot is not None:
+
+    def figures(s: dict) -> None:
         from ckptaudit.report.plots import plot_regimes, run_label
 
-        output.note(f"figure written to [bold]{plot_regimes(summary, plot, label=run_label(run_dir))}[/bold]")
-    if output.human:
-        render_regimes(output, summary, str(run_dir))
+        output.note(f"figure written to [bold]{plot_regimes(s, plot, label=run_label(run_dir))}[/bold]")
+
+    session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(),
+                   lambda out, s: render_regimes(out, s, str(run_dir)), figures=None if plot is None else figures)
 
 
 def threshold_line(th: dict) -> str:

@@ -170,14 +170,12 @@ def resume_probe(
             train_tokens=train_tokens, batch_size=batch_size, dtype=dtype, threads=threads, lr=lr, vectors=vectors,
             device=session.device, progress=hook,
         )  # fmt: skip
-    summary = result.to_json()
-    session.save_report(result.to_hdf5_tree(), result.inputs, summary=summary)
-    output.json(summary)
-    if plot is not None:
-        written = plot_resume(summary, plot)
-        output.note(f"figure written to [bold]{written}[/bold]")
-    if output.human:
-        render_resume(output, summary)
+
+    def figures(s: dict) -> None:
+        output.note(f"figure written to [bold]{plot_resume(s, plot)}[/bold]")
+
+    session.finish(result.to_hdf5_tree(), result.inputs, result.to_json(), render_resume,
+                   figures=None if plot is None else figures)
 
 
 

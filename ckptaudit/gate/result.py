@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from ckptaudit.report.tree import TreeResult
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(TreeResult):
     """Outcome of one check. ``value``/``threshold`` are short, JSON-able summaries; ``file`` the file concerned."""
 
     name: str
@@ -20,7 +23,8 @@ class CheckResult:
     file: str | None = None
     details: dict = field(default_factory=dict, compare=False)
 
-    def to_json(self) -> dict:
+    def to_tree(self) -> dict:
+        """One entry of ``checks``: name, status, value, threshold, message, file."""
         return {
             "name": self.name,
             "status": self.status,
@@ -32,7 +36,7 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
-class GateResult:
+class GateResult(TreeResult):
     """All checks of one gate run, in policy order."""
 
     run: str
@@ -66,7 +70,13 @@ class GateResult:
             return f"{n - len(self.skipped)} of {n} checks passed" + (f", {len(self.skipped)} skipped" if self.skipped else "")
         return "; ".join(parts)
 
-    def to_json(self) -> dict:
+    JSON_ONLY = frozenset({"fail_on_skipped", "summary"})
+    # The report holds the checks as columns: names, status, messages, values and thresholds (JSON text), files.
+    HDF5_LAYOUT = {"checks": "_check_columns"}
+
+    def to_tree(self) -> dict:
+        """Keys (--json and /gate): passed, run, policy, target, fail_on_skipped, summary, checks (one CheckResult
+        each)."""
         return {
             "passed": self.passed,
             "run": self.run,
@@ -74,21 +84,16 @@ class GateResult:
             "target": self.target,
             "fail_on_skipped": self.fail_on_skipped,
             "summary": self.summary(),
-            "checks": [c.to_json() for c in self.checks],
+            "checks": list(self.checks),
         }
 
-    def to_hdf5_tree(self) -> dict:
-        import json
-
+    @staticmethod
+    def _check_columns(checks: list[CheckResult]) -> dict:
         return {
-            "passed": self.passed,
-            "run": self.run,
-            "policy": self.policy,
-            "target": self.target,
-            "names": [c.name for c in self.checks],
-            "status": [c.status for c in self.checks],
-            "messages": [c.message for c in self.checks],
-            "values": [json.dumps(c.value, default=str) for c in self.checks],
-            "thresholds": [json.dumps(c.threshold, default=str) for c in self.checks],
-            "files": [c.file or "" for c in self.checks],
+            "names": [c.name for c in checks],
+            "status": [c.status for c in checks],
+            "messages": [c.message for c in checks],
+            "values": [json.dumps(c.value, default=str) for c in checks],
+            "thresholds": [json.dumps(c.threshold, default=str) for c in checks],
+            "files": [c.file or "" for c in checks],
         }

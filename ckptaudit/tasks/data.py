@@ -186,7 +186,8 @@ class TokenData:
         """Window numbers of batch ``step`` of ``split`` (the seeded epoch sampler of the built-in tasks)."""
         rows = self._rows(split)
         if rows.size == 0:
-            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter --seq-len")
+            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter $seq_len",
+                            param="seq_len")
         return rows[epoch_sample(rows.size, step, batch_size, "file-epoch", split, seed).numpy()]
 
     def batch(self, split: str, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -238,7 +239,8 @@ class TokenData:
         finally:
             model.train(was_training)
         if count == 0:
-            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter --seq-len")
+            raise DataError(f"{self.source}: the {split} split is empty", hint="give more text or a shorter $seq_len",
+                            param="seq_len")
         return total / count, correct / count
 
     def model_config(self, *args: Any, **kwargs: Any) -> Any:
@@ -342,10 +344,10 @@ def _docs_of(ckpt: Any, raw: RawDocuments, file: Path | str) -> tuple[list[np.nd
 def _seq_len(requested: int | None, max_pos: int | None, file: Path | str) -> int:
     seq_len = requested if requested is not None else min(max_pos or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     if seq_len < 2:
-        raise DataError(f"{file}: --seq-len must be at least 2 (one next-token prediction), got {seq_len}")
+        raise DataError(f"{file}: $seq_len={seq_len}: must be at least 2 (one next-token prediction)", param="seq_len")
     if max_pos is not None and seq_len > max_pos:
-        raise DataError(f"{file}: --seq-len {seq_len} exceeds the model's {max_pos} positions",
-                        hint=f"use --seq-len {max_pos} or less")
+        raise DataError(f"{file}: $seq_len={seq_len} exceeds the model's {max_pos} positions",
+                        hint=f"use $seq_len={max_pos} or less", param="seq_len")
     return seq_len
 
 
@@ -366,10 +368,10 @@ def _file_data(ckpt: Any, file: Path, spec: WindowSpec) -> TokenData:
     n = len(windows)
     if n < 2:
         raise DataError(f"{file}: {n_tokens} tokens make {n} window(s) of up to {seq_len} tokens; at least 2 are "
-                        f"needed (one train, one validation)", hint="give more text or a shorter --seq-len")
-    for name, cap in (("--eval-tokens", spec.eval_tokens), ("--train-tokens", spec.train_tokens)):
+                        f"needed (one train, one validation)", hint="give more text or a shorter $seq_len", param="seq_len")
+    for name, cap in (("eval_tokens", spec.eval_tokens), ("train_tokens", spec.train_tokens)):
         if cap is not None and cap < 1:
-            raise DataError(f"{name} {cap}: must be at least 1")
+            raise DataError(f"${name}={cap}: must be at least 1", param=name)
     n_val = max(1, int(math.floor(VALIDATION_FRAC * n)))
     n_train = n - n_val
     train = select_windows(np.arange(n_train), windows.length, spec.train_tokens, "train", spec.seed)
@@ -468,7 +470,7 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
 
     where = ckpt.directory
     if task is not None and data is not None:
-        raise DataError("give either --task or --data, not both")
+        raise DataError("give either $task or $data, not both", param="data")
     if data is not None:
         spec = windows or WindowSpec()
         if seq_len is not None:
@@ -478,7 +480,7 @@ def load_data(ckpt: Any, task: str | None = None, data: str | Path | None = None
     if task is None:
         if not spec:
             raise DataError(f"{where}: no {TASK_FILE}, so the data this checkpoint was trained on is unknown",
-                            hint="pass --data FILE (text, JSONL, token ids, a dataset) or --task NAME")
+                            hint="pass $data=FILE (text, JSONL, token ids, a dataset) or $task=NAME", param="data")
         return task_from_spec(spec, source=where / TASK_FILE)
     name, params = parse_task(task)
     if spec.get("task") == name:  # same task: the checkpoint's parameters unless overridden
@@ -519,10 +521,10 @@ def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train
     have = data.split_size(split)
     if have < need:
         total = need + max(1, math.ceil(need * VALIDATION_FRAC / (1 - VALIDATION_FRAC)))
-        capped = " (--train-tokens caps it)" if data.spec.train_tokens is not None and split == "train" else ""
+        capped = " ($train_tokens caps it)" if data.spec.train_tokens is not None and split == "train" else ""
         raise DataError(
             f"{data.source}: {n_batches} batches of {batch_size} windows need {need} {split} windows of "
             f"{data.seq_len} tokens (about {total * data.seq_len} tokens in the file); it has {data.n_tokens} "
             f"tokens -> {have} {split} windows{capped}",
-            hint="give more text, or lower --batches / --batch-size / --seq-len",
+            hint="give more text, or lower $batches / $batch_size / $seq_len",
         )

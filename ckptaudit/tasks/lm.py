@@ -76,10 +76,22 @@ def eval_batch_rows(model: nn.Module, seq_len: int, vocab: int) -> int:
     return max(1, tokens // max(1, seq_len))
 
 
+def top1_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(logits.argmax(-1) == targets).sum()`` exactly (argmax: the first maximal index), with the argmax taken only
+    over the rows where it can be the target: those whose target logit equals the row maximum, or whose maximum is
+    NaN. A maximum over the vocabulary costs a fraction of an argmax on CPU, and most rows of a model in training
+    drop out. logits [N, V], targets [N] -> scalar long tensor."""
+    m = logits.amax(dim=-1)
+    rows = (logits.gather(-1, targets[:, None]).squeeze(-1) == m) | torch.isnan(m)
+    if not bool(rows.any()):
+        return torch.zeros((), dtype=torch.long, device=logits.device)
+    return (logits[rows].argmax(dim=-1) == targets[rows]).sum()
+
+
 def _chunk_stats(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
                  accuracy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(h).float()
-    correct = (logits.argmax(dim=-1) == targets).sum() if accuracy else torch.zeros((), dtype=torch.long)
+    correct = top1_correct(logits, targets) if accuracy else torch.zeros((), dtype=torch.long)
     return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
@@ -101,7 +113,7 @@ def next_token_stats(model: nn.Module, batch: dict[str, torch.Tensor],
         logits = _logits_of(model(input_ids=ids, **kwargs))[:, :-1][keep]
         t = targets[keep]
         loss = F.cross_entropy(logits.float(), t, reduction="sum")
-        return loss, int((logits.argmax(dim=-1) == t).sum()) if accuracy else 0, int(t.numel())
+        return loss, int(top1_correct(logits, t)) if accuracy else 0, int(t.numel())
     trunk, head = split
     out = trunk(input_ids=ids, **kwargs)
     h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1][keep]

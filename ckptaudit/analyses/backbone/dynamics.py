@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from ckptaudit.analyses.backbone.metrics import consecutive_norms, normalized_gram, pad_anchor, spectrum
+from ckptaudit.report.tree import TreeResult
 
 #: eigenvalues lambda_k <= RANK_TOL * lambda_1 are numerical zeros (a float64 Gram of float32 rows is accurate to
 #: ~1e-16 lambda_1): PCs beyond them are not reported in the capture curves.
@@ -112,7 +113,7 @@ def power_law_fit(steps: Sequence[int], values: Sequence[float], anchor_step: in
 
 
 @dataclass(frozen=True, eq=False)
-class SwitchDynamics:
+class SwitchDynamics(TreeResult):
     """One switching direction against one group's spectrum: ``residual_projection`` <r(t), v_sw> per row (parameter
     units); ``capture[i]`` / ``capture_perp[i]``: share of v_sw / of v_sw_perp on PC2..PC(i+2)."""
 
@@ -123,16 +124,9 @@ class SwitchDynamics:
     capture: np.ndarray
     capture_perp: np.ndarray
 
-    def to_json(self) -> dict[str, Any]:
+    def to_tree(self) -> dict[str, Any]:
         """Keys: residual_projection, drift_projection (per step), capture_pc2_to_k, capture_perp_pc2_to_k
         (entry i: PC2..PC(i+2)), n_pcs."""
-        return {"residual_projection": _nan_none(self.residual_projection),
-                "drift_projection": _nan_none(self.drift_projection),
-                "capture_pc2_to_k": _nan_none(self.capture), "capture_perp_pc2_to_k": _nan_none(self.capture_perp),
-                "n_pcs": int(len(self.capture) + 1)}
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """The same as datasets (k of capture[i] is i + 2)."""
         return {"residual_projection": self.residual_projection, "drift_projection": self.drift_projection,
                 "capture_pc2_to_k": self.capture, "capture_perp_pc2_to_k": self.capture_perp,
                 "n_pcs": int(len(self.capture) + 1)}
@@ -175,47 +169,35 @@ class BackboneDynamics:
         c = c[np.isfinite(c)]
         return float(np.degrees(np.arccos(np.clip(c.min(), 0.0, 1.0)))) if c.size else None
 
-    def to_json(self) -> dict[str, Any]:
-        """Flat keys merged into the group's JSON (README, backbone table of trajectory dynamics)."""
+    def to_tree(self) -> dict[str, Any]:
+        """Flat keys merged into the group's tree (README, backbone table of trajectory dynamics): series as float64
+        arrays (NaN where undefined; JSON null), start steps as int64, fits as dicts."""
+        def series(x: np.ndarray) -> np.ndarray:
+            return np.asarray(x, dtype=np.float64)
+
         out: dict[str, Any] = {
-            "window_rotation": _nan_none(self.window_rotation),
-            "window_rotation_deg": _nan_none(self._angles(self.window_rotation)),
+            "window_rotation": series(self.window_rotation),
+            "window_rotation_deg": series(self._angles(self.window_rotation)),
             "window_rotation_mean": self._mean(self.window_rotation),
             "window_rotation_max_deg": self._max_angle(self.window_rotation),
-            "window_rotation_start_step": [int(s) for s in self.window_start_step],
-            "local_window_rotation": _nan_none(self.local_window_rotation),
-            "local_window_rotation_deg": _nan_none(self._angles(self.local_window_rotation)),
+            "window_rotation_start_step": np.asarray(self.window_start_step, dtype=np.int64),
+            "local_window_rotation": series(self.local_window_rotation),
+            "local_window_rotation_deg": series(self._angles(self.local_window_rotation)),
             "local_window_rotation_mean": self._mean(self.local_window_rotation),
-            "speed_a": _nan_none(self.speed_a), "speed_r_norm": _nan_none(self.speed_r_norm),
-            "speed_residual": _nan_none(self.speed_residual),
+            "speed_a": series(self.speed_a), "speed_r_norm": series(self.speed_r_norm),
+            "speed_residual": series(self.speed_residual),
             "loglog_a": None if self.loglog_a is None else self.loglog_a.to_json(),
             "loglog_r_norm": None if self.loglog_r_norm is None else self.loglog_r_norm.to_json(),
-            "fit_range": None if self.fit_range is None else list(self.fit_range),
+            "fit_range": None if self.fit_range is None else np.asarray(self.fit_range, dtype=np.int64),
         }
         if self.normalize_rows:
-            out["a_param"] = _nan_none(self.a_param)
-            out["r_norm_param"] = _nan_none(self.r_norm_param)
+            out["a_param"] = series(self.a_param)
+            out["r_norm_param"] = series(self.r_norm_param)
         if self.a_rownorm is not None:
-            out["a_rownorm"] = _nan_none(self.a_rownorm)
-            out["r_norm_rownorm"] = _nan_none(self.r_norm_rownorm)
+            out["a_rownorm"] = series(self.a_rownorm)
+            out["r_norm_rownorm"] = series(self.r_norm_rownorm)
             out["rownorm_backbone_abs_cos"] = _f(self.rownorm_backbone_cos)
         return out
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """The same keys; series as datasets, fits as subgroups loglog_a/, loglog_r_norm/."""
-        j = self.to_json()
-        tree: dict[str, Any] = {}
-        for k, v in j.items():
-            if isinstance(v, list) and k != "fit_range":
-                tree[k] = np.asarray([np.nan if x is None else x for x in v],
-                                     dtype=np.int64 if k.endswith("_step") else np.float64)
-            elif isinstance(v, dict):
-                tree[k] = {kk: vv for kk, vv in v.items()}
-            elif k == "fit_range":
-                tree[k] = None if v is None else np.asarray(v, dtype=np.int64)
-            else:
-                tree[k] = v
-        return tree
 
 
 DENSE_MAX = 64  # above this size the top eigenpair comes from Lanczos (ARPACK), not a full eigendecomposition

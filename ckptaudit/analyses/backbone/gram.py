@@ -30,21 +30,37 @@ Partial Grams add: ``drift_grams(..., tensor_names=subset)`` over disjoint subse
 (:func:`sum_grams`), which is how the work splits across processes (:mod:`ckptaudit.analyses.distributed`:
 per-piece Grams are all-reduced, then summed into groups in one fixed order, so a distributed run reproduces
 the single-process Grams exactly; :func:`balanced_shards` gives each rank a size-balanced subset).
+
+Structure: :class:`_PieceLayout` fixes the canonical piece order, :class:`GramAccumulator` holds the per-piece
+partial Grams of a pass, :func:`_plan_tensors` checks shapes and plans each tensor, and :func:`_stream` runs the
+chunks (read, drift rows, products: :mod:`.chunks`) into the accumulator in job order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ckptaudit.errors import LayoutError, NonFiniteWeightsError
+from ckptaudit.analyses.backbone.chunks import (
+    _ChunkReader,
+    _compute_threads,
+    _DeviceProducts,
+    _in_job_order,
+    _itemsize,
+    _label,
+    _missing_tensor,
+    _numpy_products,
+    _PassOptions,
+    _single_threaded_blas,
+    _Slot,
+    _TensorPlan,
+)
+from ckptaudit.errors import LayoutError
 from ckptaudit.io.source import TensorSource
 from ckptaudit.io.types import CheckpointLike
 
@@ -156,23 +172,13 @@ def _as_source(item: CheckpointLike | TensorSource) -> TensorSource:
     return item if isinstance(item, TensorSource) else item.tensors()
 
 
-def _label(item: Any) -> str:
-    step = getattr(item, "step", None)
-    path = getattr(item, "path", None)
-    return f"checkpoint {step} ({path})" if step is not None else str(path or item)
-
-
-
-
-
-
 def _read(src: Any, item: Any, name: str, device: torch.device) -> torch.Tensor:
     try:
         t = src.get(name)
     except KeyError as e:
         if isinstance(e, LayoutError):
             raise
-        raise LayoutError(f"{_label(item)} has no tensor {name!r}", "every checkpoint of the run must hold the same tensors") from e
+        raise _missing_tensor(item, name) from e
     if device.type != "cpu":
         t = t.to(device, non_blocking=True)
     return t
@@ -182,88 +188,144 @@ def _read(src: Any, item: Any, name: str, device: torch.device) -> torch.Tensor:
 # Chunked streaming pass
 
 
-@dataclass
-class _TensorPlan:
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    pieces: list[int]  # canonical piece ids of this tensor's pieces
-    objs: list[Any]  # the Piece objects, same order
+@dataclass(frozen=True)
+class _PieceLayout:
+    """The canonical piece order over all groups: tensor names in order of first appearance, then the pieces of
+    each tensor. It does not depend on ``tensor_names``, so partial results of disjoint subsets line up.
+
+    by_tensor: tensor name -> [(piece, groups holding it)]; names: the stored tensors, in order; first: tensor
+    name -> canonical id of its first piece (a tensor's pieces have consecutive ids); members, numel: per piece,
+    the groups holding it and its number of scalars; group_names: every group, in order.
+    """
+
+    by_tensor: dict[str, list[tuple[Any, list[str]]]]
+    names: list[str]
+    first: dict[str, int]
+    members: tuple[tuple[str, ...], ...]
+    numel: tuple[int, ...]
+    group_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, groups: Mapping[str, Sequence[Any]]) -> _PieceLayout:
+        by_tensor = _unique_pieces(groups)
+        names = tensor_names_of(groups)
+        first: dict[str, int] = {}
+        members: list[tuple[str, ...]] = []
+        numel: list[int] = []
+        for n in names:
+            first[n] = len(members)
+            for piece, mem in by_tensor[n]:
+                members.append(tuple(mem))
+                numel.append(int(piece.numel))
+        return cls(by_tensor, names, first, tuple(members), tuple(numel), tuple(groups))
+
+    def piece_ids(self, name: str) -> list[int]:
+        """Canonical ids of the pieces of stored tensor ``name``, in order."""
+        return list(range(self.first[name], self.first[name] + len(self.by_tensor[name])))
+
+    def select(self, tensor_names: Sequence[str] | None) -> list[str]:
+        """The tensors a pass processes: all (None), else those of ``tensor_names`` that the groups touch."""
+        if tensor_names is None:
+            return list(self.names)
+        return [n for n in tensor_names if n in self.by_tensor]
 
 
-def _label_layers(tp: _TensorPlan) -> list[np.ndarray]:
-    """Flat int16 label arrays (local piece index, -1 = none), one per layer of non-overlapping pieces; [] when
-    the tensor is one whole piece."""
-    if len(tp.objs) == 1 and getattr(tp.objs[0], "whole", False):
-        return []
-    if len(tp.objs) > np.iinfo(np.int16).max:
-        raise ValueError(f"{tp.name}: more than {np.iinfo(np.int16).max} pieces in one tensor")
-    layers: list[torch.Tensor] = []
-    for j, piece in enumerate(tp.objs):
-        for lab in layers:
-            region = piece.take(lab)
-            if bool((region == -1).all()):
-                region.fill_(j)
-                break
+class GramAccumulator:
+    """The per-piece partial Grams of one pass and which pieces were processed.
+
+    grams: float64 [P, T, T] in the layout's canonical piece order (numpy on the CPU path, a torch tensor on
+    ``device`` otherwise; [P, 0, 0] numpy when T = 0); done: bool [P]. Products are added with :meth:`add` in
+    chunk order, so the sums do not depend on how many threads computed them.
+    """
+
+    def __init__(self, layout: _PieceLayout, T: int, device: torch.device, numpy_path: bool):
+        self.layout = layout
+        P = len(layout.members)
+        self.done = np.zeros(P, dtype=bool)
+        self.grams: Any
+        if T == 0 or numpy_path:
+            self.grams = np.zeros((P, T, T), dtype=np.float64)
         else:
-            lab = torch.full(tp.shape, -1, dtype=torch.int16)
-            piece.take(lab).fill_(j)
-            layers.append(lab)
-    return [lab.reshape(-1).numpy() for lab in layers]
+            self.grams = torch.zeros(P, T, T, dtype=torch.float64, device=device)
+
+    def mark_done(self, name: str) -> None:
+        """Count the pieces of stored tensor ``name`` as processed."""
+        self.done[self.layout.piece_ids(name)] = True
+
+    def add(self, products: Sequence[tuple[int, Any]]) -> None:
+        """Add (piece id, T x T product) pairs, in the order given."""
+        for pid, g in products:
+            self.grams[pid] += g
+
+    def result(self, names: Sequence[str]) -> GramSet:
+        """The GramSet of the pass over ``names`` (device Grams are copied back and symmetrised)."""
+        acc = self.grams
+        if isinstance(acc, torch.Tensor):
+            acc = acc.cpu().numpy()
+            acc = 0.5 * (acc + acc.transpose(0, 2, 1))
+        lay = self.layout
+        return PieceGrams(acc, self.done, lay.members, lay.numel, lay.group_names).combine(names)
 
 
-def _chunk_plan(tp: _TensorPlan, layers: list[np.ndarray], a: int, b: int) -> list[tuple[int, slice | np.ndarray]]:
-    """(piece id, columns of D) for every piece present in elements [a, b) of the flattened tensor."""
-    n = b - a
-    if not layers:
-        return [(tp.pieces[0], slice(0, n))]
-    out: list[tuple[int, slice | np.ndarray]] = []
-    for lab in layers:
-        seg = lab[a:b]
-        change = np.flatnonzero(seg[1:] != seg[:-1]) + 1
-        if change.size == 0:
-            if seg[0] >= 0:
-                out.append((tp.pieces[int(seg[0])], slice(0, n)))
-            continue
-        starts = np.concatenate(([0], change))
-        ends = np.concatenate((change, [n]))
-        vals = seg[starts]
-        for j in np.unique(vals):
-            if j < 0:
-                continue
-            runs = np.flatnonzero(vals == j)
-            if runs.size == 1:
-                out.append((tp.pieces[int(j)], slice(int(starts[runs[0]]), int(ends[runs[0]]))))
-            else:
-                out.append((tp.pieces[int(j)], np.flatnonzero(seg == j)))
-    return out
+def _common_shape(name: str, srcs: Sequence[TensorSource], items: Sequence[Any]) -> tuple[int, ...]:
+    """The shape of tensor ``name``, the same in every source (anchor first), else a LayoutError."""
+    shape = _shape_of(srcs[0], items[0], name)
+    for s, item in zip(srcs[1:], items[1:], strict=True):
+        sh = _shape_of(s, item, name)
+        if sh != shape:
+            raise LayoutError(
+                f"{_label(item)}: tensor {name!r} has shape {sh}, the anchor has {shape}",
+                "all checkpoints of one run must have the same architecture",
+            )
+    return shape
 
 
-def _sub_into(raw: torch.Tensor, base: np.ndarray | None, out: np.ndarray) -> None:
-    """out = float64(raw) - base (base None: out = float64(raw)). Exact for float inputs up to 53-bit mantissas."""
-    if raw.dtype in (torch.float32, torch.float64, torch.float16) or not raw.is_floating_point():
-        try:
-            src = raw.numpy()
-        except TypeError:
-            src = None
-        if src is not None:
-            if base is None:
-                np.copyto(out, src, casting="unsafe")
-            else:
-                np.subtract(src, base, out=out, dtype=np.float64, casting="unsafe")
-            return
-    torch.from_numpy(out).copy_(raw)  # bf16, fp8: exact upcast through torch
-    if base is not None:
-        np.subtract(out, base, out=out)
+def _plan_tensors(layout: _PieceLayout, names: Sequence[str], srcs: Sequence[TensorSource], items: Sequence[Any],
+                  acc: GramAccumulator) -> list[_TensorPlan]:
+    """One plan per tensor of the pass (shapes checked against the anchor); marks its pieces processed."""
+    plans = []
+    for name in names:
+        shape = _common_shape(name, srcs, items)
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        objs = [p for p, _ in layout.by_tensor[name]]
+        plans.append(_TensorPlan(name, shape, numel, layout.piece_ids(name), objs, [s.dtype(name) for s in srcs]))
+        acc.mark_done(name)
+    return plans
 
 
-class _Slot:
-    """One of two buffer sets: raw stored-dtype bytes per source and, on the CPU path, the float64 drift D."""
+def _stream(stack: ExitStack, acc: GramAccumulator, srcs: Sequence[TensorSource], items: Sequence[Any],
+            plans: Sequence[_TensorPlan], opts: _PassOptions, progress: Callable[[float], None] | None) -> None:
+    """Run the chunked pass over ``plans`` into ``acc``, reporting progress after every chunk."""
+    T = len(srcs) - 1
+    jobs = [(ti, a, min(a + opts.chunk, tp.numel)) for ti, tp in enumerate(plans) for a in range(0, tp.numel, opts.chunk)]
+    zero_units = sum(T + 1 for tp in plans if tp.numel == 0)
+    if progress is not None and zero_units:
+        progress(float(zero_units))
+    if not jobs:
+        return
+    width = min(opts.chunk, max(tp.numel for tp in plans))
+    max_item = max(_itemsize(d) for tp in plans for d in tp.dtypes)
+    pin = opts.device.type == "cuda" and torch.cuda.is_available()
+    slots = [_Slot(T + 1, width, max_item, T, opts.numpy_path, pin) for _ in range(opts.n_slots)]
+    fill = _ChunkReader(srcs, items, plans, jobs, slots, opts.numpy_path)
+    product = _numpy_products if opts.numpy_path else _DeviceProducts(opts.device, T, width, opts.workers, jobs)
+    if opts.numpy_path:
+        stack.enter_context(_single_threaded_blas())
+    for k, res in _in_job_order(stack, len(jobs), fill, product, opts):
+        acc.add(res)  # always in job order: the sums do not depend on the number of threads
+        if progress is not None:
+            ti, a, b = jobs[k]
+            progress((T + 1) * (b - a) / plans[ti].numel)
 
-    def __init__(self, n_src: int, chunk: int, max_item: int, T: int, numpy_path: bool, pin: bool):
-        self.raw = [torch.empty(chunk * max_item, dtype=torch.uint8, pin_memory=pin) for _ in range(n_src)]
-        self.flat = np.empty(T * chunk, dtype=np.float64) if numpy_path else None
-        self.base = np.empty(chunk, dtype=np.float64) if numpy_path else None
+
+def _open_sources(stack: ExitStack, items: Sequence[CheckpointLike | TensorSource]) -> list[TensorSource]:
+    """Open every item's tensors once for the pass (closed when ``stack`` exits)."""
+    srcs = []
+    for item in items:
+        s = _as_source(item)
+        stack.callback(s.close)
+        srcs.append(s)
+    return srcs
 
 
 def drift_grams(
@@ -298,222 +360,25 @@ runs single-threaded inside the pass, see :func:`_single_threaded_blas`); result
     = the per-piece Grams (for exact distributed reduction).
     """
     dev = torch.device(device)
-    backend = _backend or ("numpy" if dev.type == "cpu" else "torch")
-    numpy_path = backend == "numpy"
-    chunk = max(1, int(chunk_elems))
-    by_tensor = _unique_pieces(groups)
-    all_names = tensor_names_of(groups)
-    wanted = set(all_names if tensor_names is None else tensor_names)
-    names = [n for n in all_names if n in wanted] if tensor_names is None else [n for n in tensor_names if n in by_tensor]
-    # canonical piece order over all groups (independent of tensor_names, so partial results line up)
-    pid_of: dict[tuple[str, int], int] = {}
-    members: list[tuple[str, ...]] = []
-    numels: list[int] = []
-    for n in all_names:
-        for j, (piece, mem) in enumerate(by_tensor[n]):
-            pid_of[(n, j)] = len(members)
-            members.append(tuple(mem))
-            numels.append(int(piece.numel))
+    numpy_path = (_backend or ("numpy" if dev.type == "cpu" else "torch")) == "numpy"
+    layout = _PieceLayout.of(groups)
+    names = layout.select(tensor_names)
     T = len(checkpoints)
-    P = len(members)
-    done = np.zeros(P, dtype=bool)
     if progress_total is not None:
         progress_total(float(len(names) * (T + 1)))
+    acc = GramAccumulator(layout, T, dev, numpy_path)
     if T == 0:
-        pg = PieceGrams(np.zeros((P, 0, 0)), done, tuple(members), tuple(numels), tuple(groups))
         for n in names:
-            for j in range(len(by_tensor[n])):
-                done[pid_of[(n, j)]] = True
-        return pg.combine(names)
-    if numpy_path:
-        acc: Any = np.zeros((P, T, T), dtype=np.float64)
-    else:
-        acc = torch.zeros(P, T, T, dtype=torch.float64, device=dev)
-
+            acc.mark_done(n)
+        return acc.result(names)
+    opts = _PassOptions(dev, numpy_path, max(1, int(chunk_elems)), prefetch,
+                        _compute_threads(threads) if numpy_path else 1)
+    items = [anchor, *checkpoints]
     with ExitStack() as stack:
-        anchor_src = _as_source(anchor)
-        stack.callback(anchor_src.close)
-        srcs = [anchor_src]
-        items = [anchor, *checkpoints]
-        for c in checkpoints:
-            s = _as_source(c)
-            stack.callback(s.close)
-            srcs.append(s)
-        plans: list[_TensorPlan] = []
-        dtypes: list[list[torch.dtype]] = []  # [tensor][source]
-        for name in names:
-            shape = _shape_of(anchor_src, anchor, name)
-            for c, s in zip(checkpoints, srcs[1:], strict=True):
-                sh = _shape_of(s, c, name)
-                if sh != shape:
-                    raise LayoutError(
-                        f"{_label(c)}: tensor {name!r} has shape {sh}, the anchor has {shape}",
-                        "all checkpoints of one run must have the same architecture",
-                    )
-            numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            plans.append(_TensorPlan(name, shape, numel, [pid_of[(name, j)] for j in range(len(by_tensor[name]))],
-                                     [p for p, _ in by_tensor[name]]))
-            dtypes.append([s.dtype(name) for s in srcs])
-            for pid in plans[-1].pieces:
-                done[pid] = True
-        jobs = [(ti, a, min(a + chunk, tp.numel)) for ti, tp in enumerate(plans) for a in range(0, tp.numel, chunk)]
-        zero_units = sum(T + 1 for tp in plans if tp.numel == 0)
-        if progress is not None and zero_units:
-            progress(float(zero_units))
-        if jobs:
-            width = min(chunk, max(tp.numel for tp in plans))
-            max_item = max(torch.empty((), dtype=d).element_size() for ds in dtypes for d in ds)
-            pin = dev.type == "cuda" and torch.cuda.is_available()
-            workers = _compute_threads(threads) if numpy_path else 1
-            n_slots = workers + 1 if prefetch else 1
-            slots = [_Slot(T + 1, width, max_item, T, numpy_path, pin) for _ in range(n_slots)]
-            dbufs = [] if numpy_path else [torch.empty(T * width, dtype=torch.float64, device=dev)
-                                           for _ in range(workers)]
-            label_state: dict[str, Any] = {"ti": -1, "layers": []}
-
-            def fill(k: int):
-                """Read chunk k of every source into its slot; on the CPU path also form D = rows - anchor."""
-                ti, a, b = jobs[k]
-                tp, slot, n = plans[ti], slots[k % n_slots], b - a
-                raws = []
-                for i, s in enumerate(srcs):
-                    dt = dtypes[ti][i]
-                    out = slot.raw[i][: n * torch.empty((), dtype=dt).element_size()].view(dt)
-                    try:
-                        raws.append(s.read_flat(tp.name, a, b, out=out))
-                    except KeyError as e:
-                        if isinstance(e, LayoutError):
-                            raise
-                        raise LayoutError(f"{_label(items[i])} has no tensor {tp.name!r}",
-                                          "every checkpoint of the run must hold the same tensors") from e
-                    if raws[-1].is_floating_point() and not bool(torch.isfinite(raws[-1]).all()):
-                        raise NonFiniteWeightsError(
-                            f"{_label(items[i])}: tensor {tp.name!r} holds NaN or infinite values (a diverged "
-                            "run?), so the drift geometry is undefined",
-                            "leave the checkpoints from the divergence on out (--steps), or audit an earlier part of the run",
-                        )
-                if label_state["ti"] != ti:
-                    label_state["ti"], label_state["layers"] = ti, []  # release the previous tensor's labels first
-                    label_state["layers"] = _label_layers(tp)
-                plan = _chunk_plan(tp, label_state["layers"], a, b)
-                if not numpy_path:
-                    return plan, raws, None
-                base = slot.base[:n]
-                _sub_into(raws[0], None, base)
-                D = slot.flat[: T * n].reshape(T, n)
-                for i in range(T):
-                    _sub_into(raws[i + 1], base, D[i])
-                return plan, raws, D
-
-            def product(k: int, filled: Any) -> list[tuple[int, Any]]:
-                """The T x T products of chunk k, one per piece present (added to the Grams in job order)."""
-                plan, raws, D = filled.result() if hasattr(filled, "result") else filled
-                out: list[tuple[int, Any]] = []
-                if numpy_path:
-                    for pid, sel in plan:
-                        Dp = D[:, sel]
-                        out.append((pid, Dp @ Dp.T))  # A @ A.T of one unit-stride buffer: BLAS dsyrk
-                    return out
-                n = jobs[k][2] - jobs[k][1]
-                Dg = dbufs[k % workers][: T * n].view(T, n)
-                base = raws[0].to(dev, non_blocking=True).to(torch.float64)
-                for i in range(T):
-                    Dg[i].copy_(raws[i + 1].to(dev, non_blocking=True))
-                Dg.sub_(base)  # exact in float64 for fp32/bf16/fp16 inputs
-                for pid, sel in plan:
-                    Dp = Dg[:, sel] if isinstance(sel, slice) else Dg.index_select(1, torch.as_tensor(sel, device=dev))
-                    out.append((pid, Dp @ Dp.T))
-                if dev.type == "cuda":
-                    torch.cuda.current_stream(dev).synchronize()  # the reader reuses the pinned slot buffers
-                return out
-
-            if numpy_path:
-                stack.enter_context(_single_threaded_blas())
-            if prefetch:
-                reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ckptaudit-read"))
-                pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="ckptaudit-gram"))
-                prods = {}
-                for k in range(min(n_slots, len(jobs))):
-                    prods[k] = pool.submit(product, k, reader.submit(fill, k))
-            for k in range(len(jobs)):
-                if prefetch:
-                    res = prods.pop(k).result()
-                    nxt = k + n_slots
-                    if nxt < len(jobs):  # slot of job k is free again
-                        prods[nxt] = pool.submit(product, nxt, reader.submit(fill, nxt))
-                else:
-                    res = product(k, fill(k))
-                for pid, g in res:  # always in job order: the sums do not depend on the number of threads
-                    acc[pid] += g
-                if progress is not None:
-                    ti, a, b = jobs[k]
-                    progress((T + 1) * (b - a) / plans[ti].numel)
-    if not numpy_path:
-        acc = acc.cpu().numpy()
-        acc = 0.5 * (acc + acc.transpose(0, 2, 1))
-    pg = PieceGrams(acc, done, tuple(members), tuple(numels), tuple(groups))
-    return pg.combine(names)
-
-
-def _compute_threads(threads: int | None) -> int:
-    if threads is not None:
-        return max(1, int(threads))
-    return max(1, min(8, torch.get_num_threads()))
-
-
-class _single_threaded_blas:
-    """Limit numpy's BLAS to one thread for the duration of the pass (restored afterwards).
-
-    OpenBLAS's own threading of dsyrk with a small output (T x T) and a long inner dimension is pathologically
-    slow (measured 30x slower than one thread on two cores), so the engine runs one single-threaded product per
-    worker thread instead. Uses threadpoolctl when installed, else OpenBLAS's ``*_set_num_threads`` through
-    ctypes; without either it does nothing.
-    """
-
-    def __enter__(self) -> _single_threaded_blas:
-        self._restore: Callable[[], None] | None = None
-        try:
-            from threadpoolctl import threadpool_limits
-
-            lim = threadpool_limits(limits=1, user_api="blas")
-            self._restore = lim.restore_original_limits
-            return self
-        except Exception:  # noqa: BLE001 - optional dependency; fall back to ctypes
-            pass
-        try:
-            fns = _openblas_thread_fns()
-            if fns is not None:
-                get, set_ = fns
-                before = int(get())
-                set_(1)
-                self._restore = lambda: set_(before)
-        except Exception:  # noqa: BLE001 - best effort only
-            self._restore = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._restore is not None:
-            self._restore()
-
-
-def _openblas_thread_fns() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """(get, set) of the thread count of the OpenBLAS that numpy loaded, found in /proc/self/maps."""
-    import ctypes
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    libs = sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    return get, set_
-    return None
+        srcs = _open_sources(stack, items)
+        plans = _plan_tensors(layout, names, srcs, items, acc)
+        _stream(stack, acc, srcs, items, plans, opts, progress)
+    return acc.result(names)
 
 
 def _shape_of(src: Any, item: Any, name: str) -> tuple[int, ...]:
@@ -522,8 +387,6 @@ def _shape_of(src: Any, item: Any, name: str) -> tuple[int, ...]:
     except KeyError as e:
         if isinstance(e, LayoutError):
             raise
-        raise LayoutError(f"{_label(item)} has no tensor {name!r}", "every checkpoint of the run must hold the same tensors") from e
-
-
+        raise _missing_tensor(item, name) from e
 
 

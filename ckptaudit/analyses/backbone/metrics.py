@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ckptaudit.report.tree import TreeResult
+
 TOP = 20
 EARLY_MIN, EARLY_FRAC = 3, 0.10
 CONSOLIDATION_FRAC = 0.10
@@ -60,7 +62,7 @@ class SwitchMetrics:
 
 
 @dataclass(frozen=True, eq=False)
-class BackboneResult:
+class BackboneResult(TreeResult):
     """Backbone analysis of one parameter group. Arrays over rows have length T (aligned with ``steps``).
 
     sigma: all T singular values (descending); rho: top ``min(20, T)`` explained fractions (denominator trace G);
@@ -92,40 +94,42 @@ class BackboneResult:
     #: rotations, speeds, power-law fits, switch projections (:mod:`ckptaudit.analyses.backbone.dynamics`)
     dynamics: Any = field(default=None, repr=False)
 
-    def to_json(self, velocity: bool = False) -> dict[str, Any]:
-        """Keys: rho, sigma, k95, k99, a, r_norm, f_b, window_alignment(_mean), update_alignment, sign_flip_step,
-        the dynamics keys (BackboneDynamics.to_json); with ``velocity`` also velocity and consolidation_step."""
-        out: dict[str, Any] = {
-            "rho": self.rho.tolist(), "sigma": self.sigma.tolist(), "k95": self.k95, "k99": self.k99,
-            "a": self.a.tolist(), "r_norm": self.r_norm.tolist(), "f_b": _nan_none(self.f_b),
-            "window_alignment": self.window_alignment.tolist(), "window_alignment_mean": self.window_alignment_mean,
-            "update_alignment": _nan_none(self.update_alignment), "sign_flip_step": self.sign_flip_step,
-        }
-        if self.dynamics is not None:
-            out.update(self.dynamics.to_json())
-        if velocity:
-            out["velocity"] = self.velocity.tolist()
-            out["consolidation_step"] = self.consolidation_step
-        return out
+    #: in the report only: the row steps, the window start steps, the window and the dimension
+    HDF5_ONLY = frozenset({"steps", "window_start_step", "window", "dim"})
+    #: only where asked (the role groups G and S): the velocity series and the consolidation step
+    VELOCITY_KEYS = ("velocity", "consolidation_step")
 
-    def to_hdf5_tree(self, velocity: bool = False) -> dict[str, Any]:
-        """Datasets steps, sigma, rho, a, r_norm, f_b, window_alignment, window_start_step, update_alignment
-        (+ velocity); attributes k95, k99, sign_flip_step, window, dim, window_alignment_mean (+ consolidation_step)."""
+    def to_tree(self) -> dict[str, Any]:
+        """steps, sigma, rho, k95, k99, a, r_norm, f_b, window_alignment, window_start_step,
+        window_alignment_mean, update_alignment, sign_flip_step, window, dim, the dynamics keys
+        (BackboneDynamics.to_tree), velocity, consolidation_step."""
         W = self.window
         starts = self.steps[: max(len(self.steps) - W + 1, 0)] if len(self.window_alignment) else self.steps[:0]
         tree: dict[str, Any] = {
-            "steps": np.asarray(self.steps, dtype=np.int64), "sigma": self.sigma, "rho": self.rho, "a": self.a,
-            "r_norm": self.r_norm, "f_b": self.f_b, "window_alignment": self.window_alignment,
-            "window_start_step": np.asarray(starts, dtype=np.int64), "update_alignment": self.update_alignment,
-            "k95": int(self.k95), "k99": int(self.k99), "sign_flip_step": self.sign_flip_step,
-            "window": int(W), "dim": self.dim, "window_alignment_mean": self.window_alignment_mean,
+            "steps": np.asarray(self.steps, dtype=np.int64), "rho": self.rho, "sigma": self.sigma,
+            "k95": int(self.k95), "k99": int(self.k99), "a": self.a, "r_norm": self.r_norm,
+            "f_b": np.asarray(self.f_b, dtype=np.float64), "window_alignment": self.window_alignment,
+            "window_start_step": np.asarray(starts, dtype=np.int64),
+            "window_alignment_mean": self.window_alignment_mean,
+            "update_alignment": np.asarray(self.update_alignment, dtype=np.float64),
+            "sign_flip_step": self.sign_flip_step, "window": int(W), "dim": self.dim,
         }
         if self.dynamics is not None:
-            tree.update(self.dynamics.to_hdf5_tree())
-        if velocity:
-            tree["velocity"] = self.velocity
-            tree["consolidation_step"] = self.consolidation_step
+            tree.update(self.dynamics.to_tree())
+        tree["velocity"] = self.velocity
+        tree["consolidation_step"] = self.consolidation_step
         return tree
+
+    def to_json(self, velocity: bool = False) -> dict[str, Any]:
+        """The --json form of :meth:`to_tree`; velocity and consolidation_step only with ``velocity``."""
+        out = super().to_json()
+        return out if velocity else {k: v for k, v in out.items() if k not in self.VELOCITY_KEYS}
+
+    def to_hdf5_tree(self, velocity: bool = False) -> dict[str, Any]:
+        """The report form of :meth:`to_tree`: series as datasets, scalars as attributes; velocity and
+        consolidation_step only with ``velocity``."""
+        out = super().to_hdf5_tree()
+        return out if velocity else {k: v for k, v in out.items() if k not in self.VELOCITY_KEYS}
 
 
 def _none_if_nan(x: float) -> float | None:

@@ -39,13 +39,14 @@ from ckptaudit.errors import DataError, UsageError
 from ckptaudit.io.steps import anchor_index, format_steps
 from ckptaudit.io.types import CheckpointLike, RunLike
 from ckptaudit.io.vectors import BLOCK_PREFIX, VectorSink, vector_sink
+from ckptaudit.report.tree import TreeResult
 
 __all__ = ["BackboneReport", "BackboneResult", "BackboneSettings", "backbone_from_gram", "backbone_groups",
            "detect_switches", "run_backbone", "save_backbone_vectors"]
 
 
 @dataclass(frozen=True, eq=False)
-class BackboneReport:
+class BackboneReport(TreeResult):
     """Backbone analysis of a run.
 
     steps: the T drift-row steps (checkpoints after the anchor). trunk / blocks[l] / groups["G" | "S"]:
@@ -86,57 +87,60 @@ class BackboneReport:
             out.append(d)
         return out
 
-    def to_json(self) -> dict[str, Any]:
-        """The --json document: steps, anchor_step, dims, settings, trunk, blocks {"<l>": ...}, groups
-        {"G", "S"} (these two also with velocity and consolidation_step), experts {"<l>.<e>": ...} (mixture of
-        experts only), switch (list), normalized (or None), vectors (path or None)."""
-        out: dict[str, Any] = {
-            "steps": list(self.steps),
-            "anchor_step": self.anchor_step,
-            "dims": dict(self.dims),
-            "settings": dict(self.settings),
-            "trunk": self.trunk.to_json(),
-            "blocks": {str(b): r.to_json() for b, r in self.blocks.items()},
-            "groups": {g: r.to_json(velocity=True) for g, r in self.groups.items()},
-            "experts": {k: r.to_json() for k, r in self.experts.items()},
-            "switch": self._switch_list(),
-            "normalized": None,
-            "vectors": self.vectors_path,
-        }
-        if self.normalized is not None:
-            n = self.normalized
-            out["normalized"] = {"trunk": n["trunk"].to_json(),
-                                 "blocks": {str(b): r.to_json() for b, r in n["blocks"].items()},
-                                 "groups": {g: r.to_json() for g, r in n["groups"].items()}}
-        return out
+    JSON_ONLY = frozenset({"dims"})
+    HDF5_AS_TEXT = {"settings": "settings_json"}
+    HDF5_LAYOUT = {"blocks": "_hdf5_blocks", "groups": "_hdf5_groups", "experts": "_hdf5_experts",
+                   "switch": "_hdf5_switch", "normalized": "_hdf5_normalized", "vectors": "_hdf5_vectors"}
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree for ``report.hdf5.write_tree`` under /backbone: trunk/, block_<l>/, group_G/, group_S/ (each with
-        datasets steps, sigma, rho, a, r_norm, f_b, window_alignment, update_alignment and attributes k95, k99,
-        sign_flip_step; groups also velocity, consolidation_step), switch/ (list), normalized/ (same layout)."""
-        tree: dict[str, Any] = {
+    def to_tree(self) -> dict[str, Any]:
+        """steps, anchor_step, dims, settings, trunk, blocks {"<l>": ...}, groups {"G", "S"} (these two also with
+        velocity and consolidation_step), experts {"<l>.<e>": ...} (mixture of experts only), switch (list),
+        normalized (or None), vectors (path or None). The report (/backbone) lays the same out as trunk/,
+        block_<l>/, group_G/, group_S/, expert_<l>_<e>/ (each with datasets steps, sigma, rho, a, r_norm, f_b,
+        window_alignment, update_alignment and attributes k95, k99, sign_flip_step), switch/ (list) with
+        switch_abs_cos, normalized/ (same layout), the attribute vectors_path and settings_json."""
+        n = self.normalized
+        return {
             "steps": np.asarray(self.steps, dtype=np.int64),
             "anchor_step": int(self.anchor_step),
-            "settings_json": json.dumps(self.settings, sort_keys=True),
-            "trunk": self.trunk.to_hdf5_tree(),
+            "dims": dict(self.dims),
+            "settings": dict(self.settings),
+            "trunk": self.trunk,
+            "blocks": {str(b): r for b, r in self.blocks.items()},
+            "groups": {g: r.to_json(velocity=True) for g, r in self.groups.items()},
+            "experts": dict(self.experts),
+            "switch": self._switch_list(),
+            "normalized": None if n is None else {"trunk": n["trunk"],
+                                                   "blocks": {str(b): r for b, r in n["blocks"].items()},
+                                                   "groups": dict(n["groups"])},
+            "vectors": self.vectors_path,
         }
-        for b, r in self.blocks.items():
-            tree[f"block_{b}"] = r.to_hdf5_tree()
-        for g, r in self.groups.items():
-            tree[f"group_{g}"] = r.to_hdf5_tree(velocity=True)
-        for k, r in self.experts.items():
-            tree[f"expert_{k.replace('.', '_')}"] = r.to_hdf5_tree()
-        if self.switches:
-            tree["switch"] = [_flat_switch(d) for d in self._switch_list()]
-            tree["switch_abs_cos"] = self.switch_cos
-        if self.normalized is not None:
-            n = self.normalized
-            sub = {"trunk": n["trunk"].to_hdf5_tree()}
-            sub.update({f"block_{b}": r.to_hdf5_tree() for b, r in n["blocks"].items()})
-            sub.update({f"group_{g}": r.to_hdf5_tree() for g, r in n["groups"].items()})
-            tree["normalized"] = sub
-        tree["vectors_path"] = self.vectors_path
-        return tree
+
+    def _hdf5_blocks(self, _: Any) -> dict[str, Any]:
+        return {f"block_{b}": r.to_hdf5_tree() for b, r in self.blocks.items()}
+
+    def _hdf5_groups(self, _: Any) -> dict[str, Any]:
+        return {f"group_{g}": r.to_hdf5_tree(velocity=True) for g, r in self.groups.items()}
+
+    def _hdf5_experts(self, _: Any) -> dict[str, Any]:
+        return {f"expert_{k.replace('.', '_')}": r.to_hdf5_tree() for k, r in self.experts.items()}
+
+    def _hdf5_switch(self, switch: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.switches:
+            return {}
+        return {"switch": [_flat_switch(d) for d in switch], "switch_abs_cos": self.switch_cos}
+
+    def _hdf5_normalized(self, _: Any) -> dict[str, Any]:
+        n = self.normalized
+        if n is None:
+            return {}
+        sub = {"trunk": n["trunk"].to_hdf5_tree()}
+        sub.update({f"block_{b}": r.to_hdf5_tree() for b, r in n["blocks"].items()})
+        sub.update({f"group_{g}": r.to_hdf5_tree() for g, r in n["groups"].items()})
+        return {"normalized": sub}
+
+    def _hdf5_vectors(self, path: str | None) -> dict[str, Any]:
+        return {"vectors_path": path}
 
 
 _SWITCH_SERIES = ("residual_projection", "drift_projection", "capture_pc2_to_k", "capture_perp_pc2_to_k")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ckptaudit.errors import DataError, UnknownArchitectureError
+from ckptaudit.report.tree import TreeResult
 
 #: Empirical class means of the reduced field h = eta_lora / eta_c from paper 002 (Table 6). Not derived.
 H_CLASS: dict[str, float] = {"A": 1.69, "B": 10.0}
@@ -56,7 +57,7 @@ MAX_PAIRS = 100_000_000  # sampled overlaps take ~24 bytes a pair: far beyond th
 
 
 @dataclass(frozen=True)
-class EmbeddingClassResult:
+class EmbeddingClassResult(TreeResult):
     """Bulk overlap statistics of one normalised embedding matrix and its class (SPEC §5).
 
     Overlaps ``c`` and squared overlaps ``s = c^2`` are dimensionless. ``pairs`` is the number of pairs the
@@ -100,32 +101,30 @@ class EmbeddingClassResult:
     #: coarse histogram of s (:func:`display_histogram`): edges, counts, above, range_quantile
     histogram_c2: dict | None = field(default=None, compare=False, repr=False)
 
-    def to_json(self) -> dict:
-        """The ``--json`` payload (keys fixed by issue 7)."""
-        return {
-            "vocab_size": self.vocab_size,
-            "dim": self.dim,
-            "pairs": self.pairs,
-            "exact": self.exact,
-            "mean_c2": self.mean_c2,
-            "std_c2": self.std_c2,
-            "quantiles_c2": {f"{q:g}": v for q, v in zip(self.quantile_levels, self.quantiles_c2, strict=True)},
-            "frac_abs_c_gt_0_3": self.frac_abs_c_gt_0_3,
-            "frac_abs_c_gt_0_5": self.frac_abs_c_gt_0_5,
-            "ks_gauss": self.ks_gauss,
-            "ks_exp": self.ks_exp,
-            "bulk_index": self.bulk_index,
-            "class": self.bulk_class,
-            "lora_sufficient": self.lora_sufficient,
-            "predicted_critical_lora_lr": self.predicted_critical_lora_lr,
-            "tied_head": self.tied_head,
-            "uncertainty": self.uncertainty,
-            "histogram_c2": self.histogram_c2,
-        }
+    JSON_ONLY = frozenset({"mean_c2", "std_c2", "quantiles_c2", "histogram_c2"})  # the report's c2/ and histogram/
+    HDF5_ONLY = frozenset({"n_used", "n_zero_rows", "n_excluded", "seed", "bulk_index_sign", "ks_resolution", "lora_lr",
+                           "h_class", "h_class_source", "quantile_levels", "c", "c2", "histogram"})
+    HDF5_SKIP_NONE = frozenset({"histogram"})  # exact mode only
+    HDF5_LAYOUT = {"uncertainty": "_uncertainty_tree"}  # the report's intervals as datasets, absent without them
 
-    def to_hdf5_tree(self) -> dict:
-        """Nested dict for ``report.hdf5.write_tree``: scalars become attributes, arrays datasets."""
-        tree: dict = {
+    def to_tree(self) -> dict:
+        """Keys of the ``--json`` payload (fixed by issue 7): vocab_size, dim, pairs, exact, mean_c2, std_c2,
+        quantiles_c2 (level -> value), frac_abs_c_gt_0_3, frac_abs_c_gt_0_5, ks_gauss, ks_exp, bulk_index, class,
+        lora_sufficient, predicted_critical_lora_lr, tied_head, uncertainty, histogram_c2. The report (scalars as
+        attributes, arrays as datasets) adds n_used, n_zero_rows, n_excluded, seed, bulk_index_sign, ks_resolution,
+        lora_lr, h_class, h_class_source, quantile_levels, c and c2 (mean, std, quantiles) and, in exact mode,
+        histogram (bins, c_edges, c_counts, c2_edges, c2_counts)."""
+        histogram = None
+        if self.hist_c is not None and self.bins is not None:
+            half = self.bins // 2
+            histogram = {
+                "bins": self.bins,
+                "c_edges": np.linspace(-1.0, 1.0, self.bins + 1),
+                "c_counts": np.asarray(self.hist_c, dtype=np.int64),
+                "c2_edges": (np.arange(half + 1, dtype=np.float64) / half) ** 2,
+                "c2_counts": _fold_abs(np.asarray(self.hist_c, dtype=np.int64)),
+            }
+        return {
             "vocab_size": self.vocab_size,
             "dim": self.dim,
             "n_used": self.n_used,
@@ -134,40 +133,40 @@ class EmbeddingClassResult:
             "pairs": self.pairs,
             "exact": self.exact,
             "seed": self.seed,
-            "class": self.bulk_class,
-            "bulk_index": self.bulk_index,
-            "bulk_index_sign": "positive -> class A (Gaussian fits better), negative -> class B",
+            "mean_c2": self.mean_c2,
+            "std_c2": self.std_c2,
+            "quantiles_c2": {f"{q:g}": v for q, v in zip(self.quantile_levels, self.quantiles_c2, strict=True)},
+            "frac_abs_c_gt_0_3": self.frac_abs_c_gt_0_3,
+            "frac_abs_c_gt_0_5": self.frac_abs_c_gt_0_5,
             "ks_gauss": self.ks_gauss,
             "ks_exp": self.ks_exp,
             "ks_resolution": self.ks_resolution,
+            "bulk_index": self.bulk_index,
+            "bulk_index_sign": "positive -> class A (Gaussian fits better), negative -> class B",
+            "class": self.bulk_class,
             "lora_sufficient": self.lora_sufficient,
             "lora_lr": self.lora_lr,
             "h_class": self.h_class,
             "h_class_source": "empirical class means from paper 002 (h_A = 1.69, h_B = 10.0), not derived",
             "predicted_critical_lora_lr": self.predicted_critical_lora_lr,
             "tied_head": self.tied_head,
-            "frac_abs_c_gt_0_3": self.frac_abs_c_gt_0_3,
-            "frac_abs_c_gt_0_5": self.frac_abs_c_gt_0_5,
+            "uncertainty": self.uncertainty,
+            "histogram_c2": self.histogram_c2,
             "quantile_levels": np.asarray(self.quantile_levels, dtype=np.float64),
             "c": {"mean": self.mean_c, "std": self.std_c,
                   "quantiles": np.asarray(self.quantiles_c, dtype=np.float64)},
             "c2": {"mean": self.mean_c2, "std": self.std_c2,
                    "quantiles": np.asarray(self.quantiles_c2, dtype=np.float64)},
+            "histogram": histogram,
         }
-        if self.uncertainty is not None:
-            from ckptaudit.analyses.embeddings.uncertainty import hdf5_tree
 
-            tree["uncertainty"] = hdf5_tree(self.uncertainty)
-        if self.hist_c is not None and self.bins is not None:
-            half = self.bins // 2
-            tree["histogram"] = {
-                "bins": self.bins,
-                "c_edges": np.linspace(-1.0, 1.0, self.bins + 1),
-                "c_counts": np.asarray(self.hist_c, dtype=np.int64),
-                "c2_edges": (np.arange(half + 1, dtype=np.float64) / half) ** 2,
-                "c2_counts": _fold_abs(np.asarray(self.hist_c, dtype=np.int64)),
-            }
-        return tree
+    @staticmethod
+    def _uncertainty_tree(uncertainty: dict | None) -> dict:
+        if uncertainty is None:
+            return {}
+        from ckptaudit.analyses.embeddings.uncertainty import hdf5_tree
+
+        return {"uncertainty": hdf5_tree(uncertainty)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def overlap_stats(
     if n < 2:
         raise DataError(
             f"embedding matrix {tuple(E.shape)} has {n} usable rows after excluding {n_excl} ids and {n_zero} zero "
-            "rows; at least 2 are needed", "check --tokens-from and the tensor chosen as embedding")
+            "rows; at least 2 are needed", "check $tokens_from and the tensor chosen as embedding", param="tokens_from")
     rows = rows.to(device)
     if exact:
         if bins < 2 or bins % 2:

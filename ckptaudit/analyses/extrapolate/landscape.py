@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ckptaudit.analyses.extrapolate.predictors import PredictionPlan, predicted_tensors
+from ckptaudit.report.tree import TreeResult
 
 FRACTIONS = (0.25, 0.5, 1.0, 1.5, 2.0)
 
@@ -56,7 +57,7 @@ class FractionStream:
 
 
 @dataclass(frozen=True)
-class LandscapeProbe:
+class LandscapeProbe(TreeResult):
     """Losses along one prediction direction and what they say (module docstring). Losses in nats; ``norm`` in
     parameter units; derivative in nats per parameter unit, curvatures per parameter unit squared."""
 
@@ -72,7 +73,8 @@ class LandscapeProbe:
     line_minimum: float | None
     reading: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_tree(self) -> dict[str, Any]:
+        """Every field by name (the report holds them as columns over the probed predictions)."""
         d = asdict(self)
         d["fractions"], d["losses"] = list(self.fractions), list(self.losses)
         return d

@@ -41,6 +41,7 @@ from ckptaudit.analyses.extrapolate.stats import (
 from ckptaudit.analyses.regimes.run import REGIMES, UNKNOWN, ProbeSet, RegimesResult, run_fingerprints
 from ckptaudit.errors import CkptAuditError
 from ckptaudit.io.types import StoredCheckpoint
+from ckptaudit.report.tree import TreeResult
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ExtrapolateSettings:
 
 
 @dataclass(frozen=True)
-class PredictionRow:
+class PredictionRow(TreeResult):
     """One validated prediction. Losses in nats; ``loss_true`` / ``rel_weight_error`` None when theta(t+K) is
     not in the run; ``link`` is 1 outside cascades; ``seconds`` = predict + validate wall time (without the
     landscape probe); ``stable_run``: consecutive stable checkpoints ending at t; ``trusted``: whether it passes the
@@ -88,23 +89,23 @@ class PredictionRow:
     trusted: bool | None = None
     landscape: LandscapeProbe | None = None
 
-    def to_json(self, cascade: bool = False) -> dict:
-        d = asdict(self)
-        d.pop("seconds")
+    def to_tree(self, cascade: bool = False) -> dict:
+        """One entry of ``results`` (with ``cascade``: of ``cascades/results``, with link and D): every field but
+        seconds; trusted and landscape only when set."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("seconds", "landscape")}
         if not cascade:
             d.pop("link")
             d.pop("D")
-        for key in ("trusted", "landscape"):
-            if d[key] is None:
-                d.pop(key)
+        if d["trusted"] is None:
+            d.pop("trusted")
         if self.landscape is not None:
-            d["landscape"] = self.landscape.to_json()
+            d["landscape"] = self.landscape
         return d
 
 
 @dataclass(frozen=True)
-class ExtrapolateResult:
-    """Everything `extrapolate` reports (see ``to_json`` for the keys).
+class ExtrapolateResult(TreeResult):
+    """Everything `extrapolate` reports (see ``to_tree`` for the keys).
 
     ``mean_rel_weight_error`` (computed from ``rows``): predictor -> str(K) -> mean of ``rel_weight_error`` over
     the predictions whose theta(t+K) is in the run; None where no prediction has one.
@@ -205,62 +206,74 @@ class ExtrapolateResult:
             out[key] = table
         return out
 
-    def to_json(self) -> dict:
+    JSON_ONLY = frozenset({"notes"})
+    HDF5_SKIP_NONE = frozenset({"timing"})
+    # The report: predictions as columns, the uncertainty's [lo, hi] pairs as datasets, the settings as the
+    # tolerance and sigma_window attributes, one group per step of moment_rounding; the optional parts
+    # (cascades, gate, landscape, moment_rounding) absent when there are none.
+    HDF5_LAYOUT = {"results": "_results_columns", "cascades": "_cascades_columns", "settings": "_settings_attrs",
+                   "acceptance_uncertainty": "_uncertainty_datasets", "gate": "_gate_datasets",
+                   "landscape": "_landscape_columns", "moment_rounding": "_moment_rounding_groups"}
+
+    def to_tree(self) -> dict:
+        """Keys (--json and /extrapolate): results (one PredictionRow each), acceptance, acceptance_by_regime,
+        counts, mean_rel_weight_error, cascades (results and summary; null without --cascade), timing, losses
+        (steps, loss), regimes (RegimesResult), settings, acceptance_uncertainty, stable_run, gate, landscape,
+        moment_rounding, notes (--json only)."""
         present_regimes = [g for g in (*REGIMES, UNKNOWN) if any(r.regime == g for r in self.rows)]
         return {
-            "results": [r.to_json() for r in self.rows],
+            "results": list(self.rows),
             "acceptance": self.acceptance(),
             "acceptance_by_regime": {g: self.acceptance(g) for g in present_regimes},
             "counts": self.counts(),
             "mean_rel_weight_error": self.mean_rel_weight_error,
-            "cascades": {"results": [r.to_json(cascade=True) for r in self.cascade_rows],
+            "cascades": {"results": [r.to_tree(cascade=True) for r in self.cascade_rows],
                          "summary": self.cascade_summary()} if self.settings.cascades else None,  # fmt: skip
             "timing": self.timing,
-            "losses": {"steps": list(self.regimes.steps), "loss": list(self.losses)},
-            "regimes": self.regimes.to_json(),
+            "losses": {"steps": np.asarray(self.regimes.steps, dtype=np.int64), "loss": np.asarray(self.losses)},
+            "regimes": self.regimes,
             "settings": {"predictors": list(self.settings.predictors), "K": list(self.settings.ks),
                          "tolerance": self.settings.tolerance, "sigma_window": self.settings.sigma_window,
                          "skip_chaotic": self.settings.skip_chaotic, "landscape": self.settings.landscape,
                          "confirm_stable": self.settings.confirm_stable, "moment_dtype": self.settings.moment_dtype,
                          "bootstrap": self.settings.bootstrap, "seed": self.settings.seed},  # fmt: skip
             "acceptance_uncertainty": self.uncertainty(),
-            "stable_run": stable_runs(self.regimes.regime),
+            "stable_run": np.asarray(stable_runs(self.regimes.regime), dtype=np.int64),
             "gate": self.gate(),
             "landscape": self.landscape_summary(),
             "moment_rounding": list(self.moment_rounding) or None,
             "notes": list(self.notes),
         }
 
-    def to_hdf5_tree(self) -> dict:
-        tree: dict[str, Any] = {
-            "results": _columns(self.rows),
-            "acceptance": self.acceptance(),
-            "acceptance_by_regime": {g: self.acceptance(g) for g in (*REGIMES, UNKNOWN)
-                                     if any(r.regime == g for r in self.rows)},  # fmt: skip
-            "counts": self.counts(),
-            "mean_rel_weight_error": self.mean_rel_weight_error,
-            "losses": {"steps": np.asarray(self.regimes.steps, dtype=np.int64), "loss": np.asarray(self.losses)},
-            "regimes": self.regimes.to_hdf5_tree(),
-            "tolerance": self.settings.tolerance,
-            "sigma_window": self.settings.sigma_window,
-        }
-        if self.cascade_rows:
-            tree["cascades"] = {"results": _columns(self.cascade_rows, cascade=True), "summary": self.cascade_summary()}
-        if self.timing is not None:
-            tree["timing"] = self.timing
-        tree["acceptance_uncertainty"] = _hdf5_uncertainty(self.uncertainty())
-        tree["stable_run"] = np.asarray(stable_runs(self.regimes.regime), dtype=np.int64)
-        gate = self.gate()
-        if gate is not None:
-            gate["trusted_steps"] = np.asarray(gate["trusted_steps"], dtype=np.int64)
-            gate["uncertainty"] = _hdf5_uncertainty({"rates": gate["uncertainty"]})["rates"]
-            tree["gate"] = gate
-        land = self.landscape_summary()
-        if land is not None:
-            tree["landscape"] = {**land, "results": _landscape_columns(self.rows)}
-        if self.moment_rounding:
-            tree["moment_rounding"] = {f"step_{m['step']}": m for m in self.moment_rounding}
-        return tree
+    def _results_columns(self, rows: list[PredictionRow]) -> dict:
+        return {"results": _columns(rows)}
+
+    def _cascades_columns(self, cascades: dict | None) -> dict:
+        if not self.cascade_rows:
+            return {}
+        return {"cascades": {"results": _columns(self.cascade_rows, cascade=True), "summary": cascades["summary"]}}
+
+    @staticmethod
+    def _settings_attrs(settings: dict) -> dict:
+        return {"tolerance": settings["tolerance"], "sigma_window": settings["sigma_window"]}
+
+    @staticmethod
+    def _uncertainty_datasets(u: dict) -> dict:
+        return {"acceptance_uncertainty": _hdf5_uncertainty(u)}
+
+    @staticmethod
+    def _gate_datasets(gate: dict | None) -> dict:
+        if gate is None:
+            return {}
+        return {"gate": {**gate, "trusted_steps": np.asarray(gate["trusted_steps"], dtype=np.int64),
+                         "uncertainty": _hdf5_uncertainty({"rates": gate["uncertainty"]})["rates"]}}
+
+    def _landscape_columns(self, land: dict | None) -> dict:
+        return {} if land is None else {"landscape": {**land, "results": _landscape_columns(self.rows)}}
+
+    @staticmethod
+    def _moment_rounding_groups(rounding: list[dict] | None) -> dict:
+        return {"moment_rounding": {f"step_{m['step']}": m for m in rounding}} if rounding else {}
 
 
 def _hdf5_uncertainty(u: dict) -> dict:
@@ -333,7 +346,7 @@ def _columns(rows: Sequence[PredictionRow], cascade: bool = False) -> dict:
     if not rows:
         return {}
     out: dict[str, Any] = {}
-    for key in rows[0].to_json(cascade=cascade):
+    for key in rows[0].to_tree(cascade=cascade):
         if key == "landscape":  # its own group (``_landscape_columns``)
             continue
         vals = [getattr(r, key) for r in rows]

@@ -92,7 +92,7 @@ def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
     n = float(torch.linalg.vector_norm(v))
     if not math.isfinite(n) or n == 0.0:
         raise CorruptFileError(f"{source}: the {what} direction is zero (or not finite) on the analysed parameters",
-                               hint="check that the vectors belong to this model, or analyse another --block")
+                               hint="check that the vectors belong to this model, or analyse another $block", param="block")
     return v / n
 
 

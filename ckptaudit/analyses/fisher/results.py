@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,11 @@ from ckptaudit.analyses.fisher.uncertainty import (
     mean_se,
     random_direction_stats,
 )
+from ckptaudit.report.tree import TreeResult
+
+
+def _float64(x: Any) -> np.ndarray | None:
+    return None if x is None else np.asarray(x, dtype=np.float64)
 
 
 def noise_floor(dim: int) -> float:
@@ -27,7 +31,7 @@ def noise_floor(dim: int) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class FisherCheckpoint:
+class FisherCheckpoint(TreeResult):
     """Fisher analysis at one checkpoint.
 
     q: direction name -> q(v) (gradient units squared), plus "random_mean". q_random: q(w_k), ``[K]``.
@@ -137,34 +141,26 @@ class FisherCheckpoint:
         """The ``top`` largest Fisher eigenvalues s_j / M."""
         return self.eigenvalues[: self.top]
 
-    def to_json(self) -> dict[str, Any]:
-        """{step, q, anisotropy, top_eigenvalues, top_overlap_backbone, effective_rank, grad_backbone_cos_mean,
-        grad_backbone_cos_std, noise_floor, block_signed_projection {"<l>": b_l}, the signed projections, the
-        random-direction statistics, the standard errors and the bootstrap (without its replicates)}."""
-        blocks = {k: {str(b): v for b, v in d.items()} for k, d in self.block_projection().items()}
-        return {
-            "step": int(self.step),
-            "q": {k: float(v) for k, v in self.q.items()},
-            "anisotropy": float(self.anisotropy),
-            "anisotropy_se": self.anisotropy_se,
-            "anisotropy_exact": self.anisotropy_exact,
-            "random_expected": self.random_expected,
-            "trace": self.trace,
-            "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
-            "top_overlap_backbone": float(self.top_overlap_backbone),
-            "effective_rank": float(self.effective_rank),
-            "grad_backbone_cos_mean": float(self.grad_backbone_cos_mean),
-            "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
-            "noise_floor": float(self.noise_floor),
-            "block_signed_projection": {str(b): float(v) for b, v in self.block_signed_projection.items()},
-            "q_se": self.q_se(), "trace_se": self.trace_se, **self.random_stats(), **self.gradient_projection(),
-            **blocks, "bootstrap": bootstrap_json(self.bootstrap),
-        }
+    #: in the report only: the per-batch data, the full spectrum, the Gram, the Hessian quotients, timing
+    HDF5_ONLY = frozenset({"dim", "q_random", "seconds", "eigenvalues", "blocks", "projections", "direction_names",
+                           "grad_norms", "losses", "gradient_storage", "block_projections", "block_grad_norms",
+                           "gram", "hessian", "hessian_random"})
+    HDF5_SKIP_NONE = frozenset({"block_projections", "block_grad_norms", "gram", "hessian", "hessian_random"})
+    #: per-block values: {"<l>": value} in --json, one dataset in block order (``blocks``) in the report
+    HDF5_LAYOUT = {"block_signed_projection": "_hdf5_signed", "block_projection_mean": "_hdf5_projection_mean",
+                   "block_projection_std": "_hdf5_projection_std", "block_grad_norm_mean": "_hdf5_grad_norm_mean",
+                   "bootstrap": "_hdf5_bootstrap"}
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """/fisher/step_<t>/: q/ (attrs per direction), datasets q_random, eigenvalues, projections, grad_norms,
-        losses, blocks, block_signed_projection; attrs anisotropy, effective_rank, ...; hessian/ when computed."""
+    def to_tree(self) -> dict[str, Any]:
+        """step, q, anisotropy (+ _se, _exact), random_expected, trace, top_eigenvalues, top_overlap_backbone,
+        effective_rank, grad_backbone_cos_mean / _std, noise_floor, block_signed_projection {"<l>": b_l}, q_se,
+        trace_se, the random-direction statistics, the signed projections, the per-block projections, the
+        bootstrap (without its replicates in --json). The report (/fisher/step_<t>/) adds dim, q_random,
+        eigenvalues, projections, direction_names, grad_norms, losses, gradient_storage, seconds, blocks and, when
+        computed, block_projections, block_grad_norms, gram, hessian/ and hessian_random; per-block values there are
+        datasets in ``blocks`` order and the bootstrap keeps its replicates."""
         blocks = sorted(self.block_signed_projection)
+        per_block = {k: {str(b): v for b, v in d.items()} for k, d in self.block_projection().items()}
         tree: dict[str, Any] = {
             "step": int(self.step), "dim": int(self.dim),
             "q": {k: float(v) for k, v in self.q.items()},
@@ -183,32 +179,47 @@ class FisherCheckpoint:
             "grad_backbone_cos_std": float(self.grad_backbone_cos_std),
             "noise_floor": float(self.noise_floor),
             "blocks": np.asarray(blocks, dtype=np.int64),
-            "block_signed_projection": np.asarray([self.block_signed_projection[b] for b in blocks], dtype=np.float64),
+            "block_signed_projection": {str(b): float(v) for b, v in self.block_signed_projection.items()},
             "projections": np.asarray(self.projections, dtype=np.float64),
             "direction_names": list(self.direction_names),
             "grad_norms": np.asarray(self.grad_norms, dtype=np.float64),
             "losses": np.asarray(self.losses, dtype=np.float64),
             "gradient_storage": self.gradient_storage.split(":", 1)[0],
             "q_se": self.q_se(), "trace_se": self.trace_se, **self.random_stats(), **self.gradient_projection(),
+            **per_block,
+            "block_projections": _float64(self.block_projections),
+            "block_grad_norms": _float64(self.block_grad_norms) if self.block_projections is not None else None,
+            "gram": _float64(self.gram),
+            "bootstrap": bootstrap_json(self.bootstrap),
+            "hessian": None if self.hessian is None else {k: float(v) for k, v in self.hessian.items()},
+            "hessian_random": None if self.hessian is None else _float64(self.hessian_random),
         }
-        for key, per_block in self.block_projection().items():
-            if per_block:
-                tree[key] = np.asarray([per_block[b] for b in blocks], dtype=np.float64)
-        if self.block_projections is not None:
-            tree["block_projections"] = np.asarray(self.block_projections, dtype=np.float64)
-            tree["block_grad_norms"] = np.asarray(self.block_grad_norms, dtype=np.float64)
-        if self.gram is not None:
-            tree["gram"] = np.asarray(self.gram, dtype=np.float64)
-        if self.bootstrap is not None:
-            tree["bootstrap"] = bootstrap_hdf5(self.bootstrap)
-        if self.hessian is not None:
-            tree["hessian"] = {k: float(v) for k, v in self.hessian.items()}
-            tree["hessian_random"] = np.asarray(self.hessian_random, dtype=np.float64)
         return tree
+
+    def _per_block(self, key: str, values: dict[str, float]) -> dict[str, Any]:
+        """``{key: dataset in blocks order}``; nothing for an empty per-block dict (not recorded)."""
+        if not values and key != "block_signed_projection":
+            return {}
+        return {key: np.asarray([values[str(b)] for b in sorted(self.block_signed_projection)], dtype=np.float64)}
+
+    def _hdf5_signed(self, values: dict[str, float]) -> dict[str, Any]:
+        return self._per_block("block_signed_projection", values)
+
+    def _hdf5_projection_mean(self, values: dict[str, float]) -> dict[str, Any]:
+        return self._per_block("block_projection_mean", values)
+
+    def _hdf5_projection_std(self, values: dict[str, float]) -> dict[str, Any]:
+        return self._per_block("block_projection_std", values)
+
+    def _hdf5_grad_norm_mean(self, values: dict[str, float]) -> dict[str, Any]:
+        return self._per_block("block_grad_norm_mean", values)
+
+    def _hdf5_bootstrap(self, _: Any) -> dict[str, Any]:
+        return {} if self.bootstrap is None else {"bootstrap": bootstrap_hdf5(self.bootstrap)}
 
 
 @dataclass(frozen=True, eq=False)
-class FisherReport:
+class FisherReport(TreeResult):
     """Fisher analysis over checkpoints (ascending step) with the backbone stiffening curve and running sums.
 
     block_running_sum: block -> B_l(t) = sum of b_l over the checkpoints up to t (one value per checkpoint).
@@ -271,18 +282,26 @@ class FisherReport:
             out[name] = {"peak": a, "trough": b, "ratio": a / b if b > 0 else float("nan")}
         return out
 
-    def to_json(self) -> dict[str, Any]:
-        """{checkpoints: [FisherCheckpoint.to_json()], stiffening, block_running_sum {"<l>": [B_l(t)]},
-        block_projection_running_sum, direction_cosines, switch_pair, hessian (list of {step, <direction>: v^T H v,
-        random_mean} or None), dim, settings}."""
+    JSON_ONLY = frozenset({"hessian"})
+    HDF5_SKIP_NONE = frozenset({"switch_pair"})
+    HDF5_AS_TEXT = {"settings": "settings_json"}
+    HDF5_LAYOUT = {"checkpoints": "_hdf5_checkpoints"}
+
+    def to_tree(self) -> dict[str, Any]:
+        """checkpoints (FisherCheckpoint trees; the report: one group step_<t>/ each), stiffening (steps,
+        q_backbone, anisotropy, their errors and intervals), block_running_sum {"<l>": [B_l(t)]},
+        block_projection_running_sum, direction_cosines, switch_pair (or None; the report only when analysed),
+        hessian (--json only: list of {step, <direction>: v^T H v, random_mean} or None), dim, settings (the
+        report: settings_json)."""
         hess = None
         if any(c.hessian is not None for c in self.checkpoints):
             hess = [{"step": c.step, **(c.hessian or {})} for c in self.checkpoints]
         return {
-            "checkpoints": [c.to_json() for c in self.checkpoints],
-            "stiffening": self.stiffening(),
-            "block_running_sum": {str(b): [float(x) for x in v] for b, v in self.block_running_sum.items()},
-            "block_projection_running_sum": {str(b): [float(x) for x in v]
+            "checkpoints": list(self.checkpoints),
+            "stiffening": {k: np.asarray(v, dtype=np.float64 if k != "steps" else np.int64)
+                           for k, v in self.stiffening().items()},
+            "block_running_sum": {str(b): np.asarray(v, dtype=np.float64) for b, v in self.block_running_sum.items()},
+            "block_projection_running_sum": {str(b): np.asarray(v, dtype=np.float64)
                                              for b, v in self.block_projection_running_sum().items()},
             "direction_cosines": {k: float(v) for k, v in self.direction_cosines.items()},
             "switch_pair": self.switch_pair(),
@@ -291,20 +310,5 @@ class FisherReport:
             "settings": dict(self.settings),
         }
 
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """Tree for /fisher: step_<t>/ per checkpoint, stiffening/ (steps, q_backbone, anisotropy, their errors and
-        intervals), block_running_sum/ and block_projection_running_sum/ (datasets "<l>"), direction_cosines/,
-        switch_pair/ (when analysed), attrs dim and settings_json."""
-        tree: dict[str, Any] = {f"step_{c.step}": c.to_hdf5_tree() for c in self.checkpoints}
-        s = self.stiffening()
-        tree["stiffening"] = {k: np.asarray(v, dtype=np.float64 if k != "steps" else np.int64) for k, v in s.items()}
-        tree["block_running_sum"] = {str(b): np.asarray(v, dtype=np.float64) for b, v in self.block_running_sum.items()}
-        tree["block_projection_running_sum"] = {str(b): np.asarray(v, dtype=np.float64)
-                                                for b, v in self.block_projection_running_sum().items()}
-        tree["direction_cosines"] = {k: float(v) for k, v in self.direction_cosines.items()}
-        pair = self.switch_pair()
-        if pair is not None:
-            tree["switch_pair"] = pair
-        tree["dim"] = int(self.dim)
-        tree["settings_json"] = json.dumps(self.settings, sort_keys=True, default=str)
-        return tree
+    def _hdf5_checkpoints(self, checkpoints: list[FisherCheckpoint]) -> dict[str, Any]:
+        return {f"step_{c.step}": c.to_hdf5_tree() for c in checkpoints}

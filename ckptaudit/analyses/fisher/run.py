@@ -431,7 +431,7 @@ def run_fisher(
     directions, block_backbone = read_directions(vectors, layout)
     if switch is not None:
         if switch_run is None:
-            raise UsageError("--switch needs the run (give --run RUN or a run directory)")
+            raise UsageError("$switch needs the run", "give $backbone_run=RUN or a run directory", param="switch")
         directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
     random = random_directions(directions["backbone"], settings.n_random, settings.seed)
     probes = prepare_probes(layout, directions, random, settings.device, block_backbone=block_backbone)

@@ -166,14 +166,14 @@ def check_vocab(model: nn.Module, evaluator: Any) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     top = max(max(s) for s in evaluator.sequences)
     if top >= vocab:
-        raise DataError(f"--data holds token id {top}, the model's vocabulary has {vocab}",
-                        "the data was tokenized for another model")
+        raise DataError(f"$data holds token id {top}, the model's vocabulary has {vocab}",
+                        "the data was tokenized for another model", param="data")
     config = getattr(model, "config", None)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     longest = max(len(s) for s in evaluator.sequences)
     if limit is not None and longest > limit:
-        raise DataError(f"--data holds a sequence of {longest} tokens, the model takes at most {limit}",
-                        "drop --as-given to cut the data into --seq-len windows, or give shorter sequences")
+        raise DataError(f"$data holds a sequence of {longest} tokens, the model takes at most {limit}",
+                        "drop $as_given to cut the data into $seq_len windows, or give shorter sequences", param="data")
 
 
 def margins_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

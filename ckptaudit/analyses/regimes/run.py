@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptaudit.analyses.regimes.signals import RegimeSignals
 from ckptaudit.errors import CorruptFileError, DataError, UsageError
 from ckptaudit.io.bundled import DEFAULT_PROBES as DEFAULT_PROBES_NAME
 from ckptaudit.io.bundled import bundled_file
 from ckptaudit.io.models import fill_model, has_tokenizer, load_tokenizer, max_positions
 from ckptaudit.io.types import StoredCheckpoint
+from ckptaudit.report.tree import TreeResult
 from ckptaudit.sampling import stable_seed
 
 REGIMES = ("chaotic", "transition", "stable")
@@ -272,7 +274,7 @@ def first_entries(steps: Sequence[int], regimes: Sequence[str]) -> dict[str, int
 
 
 @dataclass(frozen=True)
-class RegimesResult:
+class RegimesResult(TreeResult):
     """Regimes of one run: per checkpoint ``steps``, ``similarity`` s_t (NaN at the first), ``regime``."""
 
     steps: tuple[int, ...]
@@ -302,25 +304,25 @@ class RegimesResult:
         """Number of checkpoints per regime (including unknown)."""
         return {r: self.regime.count(r) for r in (*REGIMES, UNKNOWN)}
 
-    def to_json(self) -> dict:
-        return {
-            "steps": list(self.steps), "similarity": list(self.similarity), "regime": list(self.regime),
-            "thresholds": self.thresholds.to_json(), "first_entry": self.first_entry, "counts": self.counts(),
-            "probes": self.probes, "notes": list(self.notes),
-            **({} if self.signals is None else self.signals.to_json()),
-        }  # fmt: skip
+    JSON_ONLY = frozenset({"notes"})
+    HDF5_SKIP_NONE = RegimeSignals.HDF5_SKIP_NONE
+    HDF5_LAYOUT = {"first_entry": "_first_entry"}  # the report says -1 for a regime never entered
 
-    def to_hdf5_tree(self) -> dict:
+    def to_tree(self) -> dict:
+        """Keys (--json and the report): steps, similarity (NaN / null at the first), regime, thresholds,
+        first_entry (null / -1 when never), counts, probes, notes (--json only), and the signals' keys
+        (:meth:`RegimeSignals.to_tree`) when they were computed."""
         return {
             "steps": np.asarray(self.steps, dtype=np.int64),
-            "similarity": np.asarray(self.similarity, dtype=np.float64),
-            "regime": list(self.regime),
-            "thresholds": self.thresholds.to_json(),
-            "first_entry": {k: (-1 if v is None else v) for k, v in self.first_entry.items()},
-            "counts": self.counts(),
-            "probes": self.probes,
-            **({} if self.signals is None else self.signals.to_hdf5_tree()),
-        }
+            "similarity": np.asarray(self.similarity, dtype=np.float64), "regime": list(self.regime),
+            "thresholds": self.thresholds.to_json(), "first_entry": self.first_entry, "counts": self.counts(),
+            "probes": self.probes, "notes": list(self.notes),
+            **({} if self.signals is None else self.signals.to_tree()),
+        }  # fmt: skip
+
+    @staticmethod
+    def _first_entry(first: dict[str, int | None]) -> dict[str, Any]:
+        return {"first_entry": {k: (-1 if v is None else v) for k, v in first.items()}}
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -393,7 +395,7 @@ def run_regimes(
     The loss at each checkpoint comes from ``evaluate(model)`` when given (one evaluation per checkpoint, in the
     same pass), else from ``losses`` (one per checkpoint, None where unknown); ``loss_source`` says which in words.
     """
-    from ckptaudit.analyses.regimes.signals import RegimeSignals, SignalCollector
+    from ckptaudit.analyses.regimes.signals import SignalCollector
 
     steps = [int(c.step) for c in run]
     collector = SignalCollector(variance_window) if signals else None

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptaudit.report.tree import TreeResult
+
 DEFAULT_VARIANCE_WINDOW = 5
 DEFAULT_BOOTSTRAP = 200
 DEFAULT_LEVEL = 0.95
@@ -184,7 +186,7 @@ def _nan_none(x: Any) -> list[float | None]:
 
 
 @dataclass(frozen=True, eq=False)
-class RegimeSignals:
+class RegimeSignals(TreeResult):
     """Per checkpoint (aligned with the regimes' steps): activation variance and its standard error, the loss and
     its curvature (None when no loss was available, with ``loss_source`` saying why), the paper's code's probe-mean
     similarity, and the bootstrap of s_t (None when disabled)."""
@@ -214,38 +216,25 @@ class RegimeSignals:
                    np.asarray(collector.probe_mean_similarity()), loss, loss_source, curv, dd,
                    similarity_bootstrap(collector, regimes, fixed, percentiles, n_boot, seed, level))
 
-    def to_json(self) -> dict[str, Any]:
-        """Keys merged into the regimes JSON: activation_variance, activation_variance_se, variance_window,
-        similarity_probe_mean, loss, loss_source, loss_curvature, loss_curvature_per_step2, bootstrap."""
+    # Without a loss (or with the bootstrap off) the report leaves those datasets out; --json says null.
+    HDF5_SKIP_NONE = frozenset({"loss", "loss_curvature", "loss_curvature_per_step2", "bootstrap"})
+
+    def to_tree(self) -> dict[str, Any]:
+        """Keys merged into the regimes result: activation_variance, activation_variance_se, variance_window,
+        similarity_probe_mean, loss, loss_source, loss_curvature, loss_curvature_per_step2, bootstrap; series as
+        float64 arrays (NaN where undefined; null in --json), bootstrap as a subtree."""
         boot = None
         if self.bootstrap is not None:
-            boot = {k: (_nan_none(v) if isinstance(v, np.ndarray) else v) for k, v in self.bootstrap.items()}
+            boot = dict(self.bootstrap)
+            th = boot.pop("thresholds_ci", None)
+            if th is not None:
+                boot["thresholds_ci"] = {k: np.asarray(v, dtype=np.float64) for k, v in th.items()}
         return {
-            "activation_variance": _nan_none(self.variance), "activation_variance_se": _nan_none(self.variance_se),
-            "variance_window": self.variance_window, "similarity_probe_mean": _nan_none(self.similarity_probe_mean),
-            "loss": None if self.loss is None else _nan_none(self.loss), "loss_source": self.loss_source,
-            "loss_curvature": None if self.curvature is None else _nan_none(self.curvature),
-            "loss_curvature_per_step2": None if self.curvature_per_step2 is None else _nan_none(self.curvature_per_step2),
-            "bootstrap": boot,
-        }
-
-    def to_hdf5_tree(self) -> dict[str, Any]:
-        """The same keys; series as float64 datasets (NaN where undefined), bootstrap/ as a subgroup."""
-        tree: dict[str, Any] = {
             "activation_variance": self.variance, "activation_variance_se": self.variance_se,
             "variance_window": self.variance_window, "similarity_probe_mean": self.similarity_probe_mean,
-            "loss_source": self.loss_source,
+            "loss": self.loss, "loss_source": self.loss_source, "loss_curvature": self.curvature,
+            "loss_curvature_per_step2": self.curvature_per_step2, "bootstrap": boot,
         }
-        if self.loss is not None:
-            tree.update({"loss": self.loss, "loss_curvature": self.curvature,
-                         "loss_curvature_per_step2": self.curvature_per_step2})
-        if self.bootstrap is not None:
-            b = dict(self.bootstrap)
-            th = b.pop("thresholds_ci", None)
-            if th is not None:
-                b["thresholds_ci"] = {k: np.asarray(v, dtype=np.float64) for k, v in th.items()}
-            tree["bootstrap"] = b
-        return tree
 
 
 def losses_from_log_history(log_history: Sequence[dict], steps: Sequence[int], key: str = "eval_loss") -> list[float | None]:

@@ -200,7 +200,8 @@ def _last_lrs(
         return [float(hp["lr"])] * n, "ckptaudit_task.json (peak lr)"
     raise OptimizerStateError(
         f"{ckpt.path}: no optimizer state and no record of the learning rate",
-        hint="pass the base learning rate with --lr (or keep trainer_state.json / ckptaudit_task.json with the checkpoint)",
+        hint="pass the base learning rate with $lr (or keep trainer_state.json / ckptaudit_task.json with the checkpoint)",
+        param="lr",
     )
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ckptaudit.analyses.resume.conditions import ProbeInputs, fresh_optimizer, restored_optimizer
 from ckptaudit.errors import OptimizerStateError, UsageError
 from ckptaudit.io.vectors import read_vectors
+from ckptaudit.report.tree import TreeResult
 
 __all__ = [
     "BOUNDARY_START_MULT",
@@ -96,7 +97,7 @@ class ConditionSpec:
 
 
 @dataclass(frozen=True)
-class ConditionResult:
+class ConditionResult(TreeResult):
     """Metrics of one condition at its eval steps (``steps``; step 0 = the checkpoint).
 
     eval_loss in nats, eval_acc in [0, 1], displacement = ||theta - theta_0|| (2-norm over all trainable
@@ -125,8 +126,9 @@ class ConditionResult:
     collapse_rule: str | None = None  # "accuracy" | "loss" | "non-finite" (see first_collapse)
     collapse_reason: str | None = None
 
-    def to_json(self) -> dict:
-        """The condition's entry of the JSON summary (keys of issue 5, plus schedule details)."""
+    def to_tree(self) -> dict:
+        """The condition's entry of the JSON summary (keys of issue 5, plus schedule details); in the report, the
+        group /resume_probe/<name> without ``name``."""
         out = {
             "name": self.name, "optimizer": self.optimizer, "lr_mult": self.lr_mult,
             "warmup_steps": self.warmup_steps, "schedule": self.schedule, "steps": list(self.steps),
@@ -143,7 +145,7 @@ class ConditionResult:
 
 
 @dataclass(frozen=True)
-class ResumeProbeResult:
+class ResumeProbeResult(TreeResult):
     """Result of a resume probe: one ConditionResult per condition and the summary of SPEC §3."""
 
     checkpoint: str
@@ -165,31 +167,33 @@ class ResumeProbeResult:
                 return c
         raise KeyError(name)
 
-    def to_json(self) -> dict:
-        """JSON summary with the stable keys of issue 5 (plus checkpoint, start_step, notes, settings)."""
+    # The report: one group per condition (named after it), notes absent when there are none, settings without
+    # the unset ones.
+    HDF5_LAYOUT = {"conditions": "_condition_groups", "notes": "_notes", "settings": "_settings"}
+
+    def to_tree(self) -> dict:
+        """JSON summary with the stable keys of issue 5 (plus checkpoint, start_step, notes, settings); the report
+        holds the summary as attributes of /resume_probe and one group per condition below it."""
         return {
             "checkpoint": self.checkpoint, "start_step": self.start_step, "task": self.task,
-            "conditions": [c.to_json() for c in self.conditions], "level2_sensitive": self.level2_sensitive,
+            "conditions": list(self.conditions), "level2_sensitive": self.level2_sensitive,
             "max_safe_reset_lr_mult": self.max_safe_reset_lr_mult,
             "warmup_boundary_lr_mult": self.warmup_boundary_lr_mult,
             "start_weights_sha256": self.start_weights_sha256, "provenance_complete": self.provenance_complete,
             "notes": list(self.notes), "settings": dict(self.settings),
         }  # fmt: skip
 
-    def to_hdf5_tree(self) -> dict:
-        """Tree for report.hdf5: summary attributes at /resume_probe, one group per condition below it."""
-        tree: dict[str, Any] = {
-            "checkpoint": self.checkpoint, "start_step": self.start_step, "task": self.task,
-            "level2_sensitive": self.level2_sensitive, "max_safe_reset_lr_mult": self.max_safe_reset_lr_mult,
-            "warmup_boundary_lr_mult": self.warmup_boundary_lr_mult,
-            "start_weights_sha256": self.start_weights_sha256, "provenance_complete": self.provenance_complete,
-            "notes": list(self.notes) or None, "settings": {k: v for k, v in self.settings.items() if v is not None},
-        }  # fmt: skip
-        for c in self.conditions:
-            entry = c.to_json()
-            entry.pop("name")
-            tree[c.name] = entry
-        return tree
+    @staticmethod
+    def _condition_groups(conditions: list[ConditionResult]) -> dict[str, Any]:
+        return {c.name: {k: v for k, v in c.to_tree().items() if k != "name"} for c in conditions}
+
+    @staticmethod
+    def _notes(notes: list[str]) -> dict[str, Any]:
+        return {"notes": notes or None}
+
+    @staticmethod
+    def _settings(settings: dict) -> dict[str, Any]:
+        return {"settings": {k: v for k, v in settings.items() if v is not None}}
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -222,8 +226,9 @@ def plan_conditions(settings: ResumeSettings, has_optimizer_state: bool) -> list
         if not has_optimizer_state:
             if settings.mode == "preserve":
                 raise OptimizerStateError(
-                    "--preserve-optimizer: the checkpoint has no optimizer state to preserve",
-                    hint="drop --preserve-optimizer to run the RESET conditions (provenance is incomplete)",
+                    "$preserve_optimizer: the checkpoint has no optimizer state to preserve",
+                    hint="drop $preserve_optimizer to run the RESET conditions (provenance is incomplete)",
+                    param="preserve_optimizer",
                 )
         else:
             specs.append(ConditionSpec("control", "preserved", 1.0, 0, "saved"))

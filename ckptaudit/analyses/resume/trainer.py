@@ -16,12 +16,18 @@ The saved arguments are read as plain data (:mod:`ckptaudit.io.hyperparams`, nev
 that shape the training arithmetic are passed on (``TRAINER_FIELDS``), and everything with a side effect is forced
 off: no saving, no evaluation, no hub, no reporting, a temporary output folder. A callback evaluates the model at
 the probe's eval steps and stops training after the probe's steps.
+
+The Trainer is built once per probe and re-armed for each condition (:class:`TrainerLoop`): its set-up (arguments,
+accelerator, callbacks, the output and shadow folders) is paid once, not per condition, and the checkpoint's weights
+are not read again (the condition's model is a copy of the weights the probe loaded); every resumed step is the one a
+Trainer built afresh takes, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -109,16 +115,6 @@ def _collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
-def _shadow(ckpt_dir: Path) -> Any:
-    """A temporary folder with links to every file of ``ckpt_dir`` but the optimizer and scheduler state."""
-    with tempfile.TemporaryDirectory(prefix="ckptaudit-reset-") as tmp:
-        for p in Path(ckpt_dir).iterdir():
-            if p.name not in _SHADOW_SKIP:
-                os.symlink(p.resolve(), Path(tmp) / p.name)
-        yield Path(tmp)
-
-
-@contextlib.contextmanager
 def _quiet() -> Any:
     from transformers.utils import logging as hf_logging
 
@@ -130,12 +126,70 @@ def _quiet() -> Any:
         hf_logging.set_verbosity(level)
 
 
+class _Probe:
+    """The probe's callback (a ``TrainerCallback``, made by :func:`_probe_callback`): records the lr of group 0 at
+    each step's start and the logged training loss, calls ``on_step(k)`` after resumed step k and stops training
+    after ``n`` steps. Re-armed per condition by :meth:`arm`."""
+
+    def arm(self, start: int, n: int, on_step: Callable[[int], None]) -> None:
+        self.start, self.n, self.on_step = start, n, on_step
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+        if optimizer is not None:
+            self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        k = int(state.global_step) - self.start
+        self.on_step(k)
+        if k >= self.n:
+            control.should_training_stop = True
+        return control
+
+
+@functools.cache
+def _trainer_class() -> type:
+    """``transformers.Trainer`` whose resume takes the weights the model already holds: the probe loads the
+    checkpoint's weights once and gives every condition a copy, so reading them again per condition is skipped;
+    everything else of the resume (trainer_state.json, sampler and skipped batches, rng_state.pth, optimizer and
+    scheduler state) is the Trainer's own."""
+    from transformers import Trainer
+
+    class ProbeTrainer(Trainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            return None
+
+    return ProbeTrainer
+
+
+def _probe_callback() -> _Probe:
+    from transformers import TrainerCallback
+
+    class Probe(_Probe, TrainerCallback):
+        pass
+
+    return Probe()
+
+
 @dataclasses.dataclass
 class TrainerLoop:
     """Runs the probe's conditions inside ``transformers.Trainer`` (see the module docstring).
 
     ``ckpt_dir``: the checkpoint folder; ``saved_args``: the plain TrainingArguments fields; ``rows``: the training
     set, one example per row, in the order of the run's dataset; ``start_step``: the checkpoint's global step.
+
+    One Trainer (its TrainingArguments, accelerator, dataset and callbacks), one output folder and one shadow folder
+    serve every condition: before each ``train()`` the Trainer is re-armed as its constructor leaves it (the seed of
+    ``args.seed`` set, the condition's model, optimizer and scheduler, a new TrainerControl), the way ``train()``
+    itself re-arms for a ``model_init``; after it, every reference to the condition's model and optimizer is dropped.
+    The resume itself (trainer_state.json, sampler and skipped batches, rng_state.pth, and for CONTROL optimizer.pt
+    and scheduler.pt) is still ``train(resume_from_checkpoint=...)``'s own, per condition; the weights are the
+    model's own (``model`` already holds the checkpoint's weights: :func:`_trainer_class`).
     """
 
     ckpt_dir: Path
@@ -144,48 +198,77 @@ class TrainerLoop:
     start_step: int
     device: str = "cpu"
     taken: dict = dataclasses.field(default_factory=dict)
+    _trainer: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _probe: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _folders: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _folder(self, kind: str) -> Path:
+        """The output folder ("out", never written: saving is off) or the shadow of the checkpoint without its
+        optimizer and scheduler state ("reset"), made once and removed with the loop (TemporaryDirectory)."""
+        if kind not in self._folders:
+            tmp = tempfile.TemporaryDirectory(prefix=f"ckptaudit-trainer-{kind}-")
+            if kind == "reset":
+                for p in Path(self.ckpt_dir).iterdir():
+                    if p.name not in _SHADOW_SKIP:
+                        os.symlink(p.resolve(), Path(tmp.name) / p.name)
+            self._folders[kind] = tmp
+        return Path(self._folders[kind].name)
+
+    def _armed(self, model: nn.Module, optimizers: tuple[Any, Any]) -> Any:
+        """The Trainer, holding ``model`` and ``optimizers`` as a new ``Trainer(model=model, optimizers=...)``
+        would."""
+        from transformers import TrainerControl
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from transformers.trainer_utils import enable_full_determinism, set_seed
+
+        if self._trainer is None:
+            args, self.taken = trainer_arguments(self.saved_args, str(self._folder("out")), self.device)
+            self._probe = _probe_callback()
+            self._trainer = _trainer_class()(model=model, args=args, train_dataset=_Rows(self.rows),
+                                             data_collator=_collate, optimizers=optimizers, callbacks=[self._probe])
+            for cb in (PrinterCallback, ProgressCallback):
+                self._trainer.remove_callback(cb)
+            return self._trainer
+        trainer, args = self._trainer, self._trainer.args
+        # What Trainer.__init__ does with a model: the seed first, then the model placed on the device.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        if trainer.place_model_on_device:
+            model.to(args.device)
+        trainer.model = trainer.model_wrapped = model
+        trainer.optimizer, trainer.lr_scheduler = optimizers
+        trainer._created_lr_scheduler = False
+        trainer.control = TrainerControl()
+        trainer.current_flos = 0
+        return trainer
+
+    def _disarm(self) -> None:
+        """Drop the Trainer's (and its accelerator's) references to the last condition's model and optimizer."""
+        trainer = self._trainer
+        trainer.accelerator.free_memory()
+        trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+        handler = trainer.callback_handler
+        handler.model = handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
 
     def __call__(self, control: bool, model: nn.Module, fresh: Callable[[nn.Module], torch.optim.Optimizer] | None,
                  multiplier: Callable[[int], float], n: int, on_step: Callable[[int], None]) -> tuple[list, list]:
         """Train ``model`` (already holding the checkpoint's weights) ``n`` steps; ``on_step(k)`` after resumed step k
         (1-based). Returns (training loss per step, lr of group 0 per step)."""
-        from transformers import Trainer, TrainerCallback
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        start, losses, lrs = self.start_step, [], []
-
-        class Probe(TrainerCallback):
-            def on_step_begin(self, args: Any, state: Any, control_: Any, optimizer: Any = None, **kw: Any) -> None:
-                if optimizer is not None:
-                    lrs.append(float(optimizer.param_groups[0]["lr"]))
-
-            def on_log(self, args: Any, state: Any, control_: Any, logs: Any = None, **kw: Any) -> None:
-                if logs and "loss" in logs:
-                    losses.append(float(logs["loss"]))
-
-            def on_step_end(self, args: Any, state: Any, control_: Any, **kw: Any) -> Any:
-                k = int(state.global_step) - start
-                on_step(k)
-                if k >= n:
-                    control_.should_training_stop = True
-                return control_
-
-        with tempfile.TemporaryDirectory(prefix="ckptaudit-trainer-") as out, _quiet():
-            args, self.taken = trainer_arguments(self.saved_args, out, self.device)
+        with _quiet():
             optimizers: tuple[Any, Any] = (None, None)
             if not control:
                 assert fresh is not None
                 opt = fresh(model)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: multiplier(k))
                 optimizers = (opt, sched)
-            trainer = Trainer(model=model, args=args, train_dataset=_Rows(self.rows), data_collator=_collate,
-                              optimizers=optimizers, callbacks=[Probe()])
-            for cb in (PrinterCallback, ProgressCallback):
-                trainer.remove_callback(cb)
-            source = contextlib.nullcontext(self.ckpt_dir) if control else _shadow(self.ckpt_dir)
-            with source as folder, _frozen_heap():
-                trainer.train(resume_from_checkpoint=str(folder))
-        return losses[:n], lrs[:n]
+            trainer = self._armed(model, optimizers)
+            self._probe.arm(self.start_step, n, on_step)
+            folder = self.ckpt_dir if control else self._folder("reset")
+            with _frozen_heap():
+                try:
+                    trainer.train(resume_from_checkpoint=str(folder))
+                finally:
+                    self._disarm()
+        return self._probe.losses[:n], self._probe.lrs[:n]
 
 
 @contextlib.contextmanager
