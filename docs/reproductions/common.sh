@@ -6,6 +6,9 @@
 #   THREADS  torch threads per command (default 1); NICE the command prefix (default "nice -n 19")
 #   FORCE=1  rerun a command whose JSON already exists (by default a finished command is not rerun)
 #   TRAIN=0  train nothing, resume nothing: measure the cached runs with the checkpoints they have
+#   VARIANT  a name for a second set of results of the same paper (e.g. VARIANT=full: $RUNS/results/004-full,
+#            $RUNS/reports/004-full, docs/reproductions/004-full), so that a rerun over other checkpoints keeps the
+#            first set
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -47,9 +50,10 @@ train() {
 # the JSON by docs/reproductions/summarize.py) to FIGURES=docs/reproductions/$PAPER, which is checked in.
 setup_paper() {
   PAPER=$1
-  RESULTS=$RUNS/results/$PAPER
-  REPORTS=$RUNS/reports/$PAPER
-  FIGURES=$ROOT/docs/reproductions/$PAPER
+  local dir=$PAPER${VARIANT:+-$VARIANT}
+  RESULTS=$RUNS/results/$dir
+  REPORTS=$RUNS/reports/$dir
+  FIGURES=$ROOT/docs/reproductions/$dir
   mkdir -p "$RESULTS" "$REPORTS" "$FIGURES"
 }
 

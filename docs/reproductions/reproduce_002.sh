@@ -56,5 +56,9 @@ with open(sys.argv[2]) as src, open(sys.argv[3], "w") as dst:
 EOF
 measure lora-sweep finetune-probe "$SMOL" --contexts "$REPORTS/unresolved.jsonl" --mode lora \
   --lr-sweep 1e-4,2e-4,1e-3 --train-steps 25 --device cpu
+# Every context flipped at the lowest of those rates, so the critical rate was not bracketed: two lower rates, the
+# same contexts and budget (five rates in all, as in the paper's sweep).
+measure lora-sweep-low finetune-probe "$SMOL" --contexts "$REPORTS/unresolved.jsonl" --mode lora \
+  --lr-sweep 2e-5,5e-5 --train-steps 25 --device cpu
 
 summarize

@@ -138,10 +138,11 @@ def paper_001(results: Path) -> list[dict]:
         rrows = []
         for c in rh["conditions"]:
             steps = c["steps"]
-            rrows.append([c["name"], f"{c.get('lr', c['lr_mult']):.3g}" if c.get("lr") else c["lr_mult"],
+            # c["lr"] is the lr of every resumed step (group 0); these conditions hold it constant
+            rrows.append([c["name"], f"{c['lr'][0]:.3g}" if c.get("lr") else c["lr_mult"],
                           ", ".join(str(s) for s in steps), ", ".join(f"{x:.3f}" for x in c["eval_loss"]),
                           ", ".join(f"{x:.2f}" for x in c["displacement"]),
-                          ", ".join(f"{x:+.2f}" for x in c.get("backbone_coord", [])),
+                          ", ".join(f"{x:+.3f}" for x in c.get("backbone_coord", [])),
                           ", ".join(f"{x:.2f}" for x in c.get("transverse_residual", [])), c["verdict"]])
         tables.append(table("Reheating from the last checkpoint (fresh AdamW)", ["reheat-adamw.json"],
                             ["condition", "lr", "eval steps", "eval loss", "||theta - theta_0||",
@@ -196,21 +197,25 @@ def paper_002(results: Path) -> list[dict]:
                              "failure", "Phi stop", "CE stop", "loss(0)", f"loss({d['steps']})", "pre-resolved",
                              "embeddings unchanged", "max |dE|"], rows,
                             f"optimizer: {d['optimizer']}; targets: {d.get('target_modules')}"))
-    sw = load(results, "lora-sweep")
-    if sw is not None:
+    for name in ("lora-sweep", "lora-sweep-low"):
+        sw = load(results, name)
+        if sw is None:
+            continue
         crit = sw["critical_lr"]
         flips: dict[str, dict] = {}
         for c in sw["contexts"]:
-            flips.setdefault(c["target"].strip(), {})[c["lr"]] = c["flip_step"]
+            flips.setdefault(c["target"].strip(), {})[c["lr"]] = f"{c['flip_step']} / {r(c['phi'][-1], 3)} / {c['character']}"
         rows = [[p["target"].strip(), *[flips[p["target"].strip()].get(lr) for lr in crit["lrs"]], p["critical_lr"],
                  r(2e-4 / p["critical_lr"], 2) if p["critical_lr"] else None] for p in crit["per_context"]]
         cl = load(results, "classify-smollm2")
         pred = cl["predicted_critical_lora_lr"] if cl else None
         med = crit["median"]
-        tables.append(table("LoRA learning-rate sweep: flip step at each rate", ["lora-sweep.json", "classify-smollm2.json"],
-                            ["target", *[f"{lr:g}" for lr in crit["lrs"]], "critical lr", "h = 2e-4 / critical (derived)"],
-                            rows, f"median critical lr {med}; class prediction eta_c = 2e-4 / h_class = {pred}; "
-                            f"ratio median / prediction = {r(med / pred, 3) if med and pred else None} (derived)"))
+        tables.append(table(f"LoRA learning-rate sweep ({name}): flip step / final Phi / character at each rate",
+                            [f"{name}.json", "classify-smollm2.json"],
+                            ["target", *[f"{lr:g}" for lr in crit["lrs"]], "critical lr (smallest swept rate that flips)",
+                             "h = 2e-4 / critical (derived)"],
+                            rows, f"{sw['steps']} steps; median critical lr {med}; class prediction eta_c = 2e-4 / h_class = "
+                            f"{pred}; ratio median / prediction = {r(med / pred, 3) if med and pred else None} (derived)"))
     return tables
 
 
@@ -240,7 +245,8 @@ def paper_004(results: Path) -> list[dict]:
                             ["seed", "thresholds", "low", "high", "chaotic", "transition", "stable", "unknown",
                              "first entry", "min s_t", "max s_t"], reg_rows))
     for s in seeds:
-        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments"),
+        for variant, label in (("", "float32 moments"), ("-fp16", "float16 moments (--moment-dtype)"),
+                               ("-fp16copy", "float16 moments stored in optimizer.pt (fp16_moments.py)"),
                                ("-quick", "K = 5, 15, 45, 1,024 tokens")):
             d = load(results, f"extrapolate{variant}-seed{s}")
             if d is None:
@@ -277,6 +283,13 @@ def paper_004(results: Path) -> list[dict]:
                     rrows.append([g, p, *[r(acc_g.get(p, {}).get(k, {}).get("strict"), 3) for k in ks]])
             tables.append(table(f"extrapolate, seed {s}, {label}: strict acceptance by regime", [f"extrapolate{variant}-seed{s}.json"],
                                 ["regime", "predictor", *[f"K={k}" for k in ks]], rrows))
+            if d.get("moment_rounding"):
+                tables.append(table(f"extrapolate, seed {s}, {label}: moment rounding", [f"extrapolate{variant}-seed{s}.json"],
+                                    ["step", "dtype", "entries", "m flushed", "v flushed", "non-finite",
+                                     "momentum update rel. change", "adam update rel. change"],
+                                    [[m["step"], m["dtype"], m["entries"], r(m["m_flushed"], 5), r(m["v_flushed"], 4),
+                                      m["nonfinite"], r(m["momentum_rel_change"], 4), f"{m['adam_rel_change']:.4g}"]
+                                     for m in d["moment_rounding"]]))
             if d.get("cascades"):
                 tables.append(table(f"extrapolate, seed {s}, {label}: cascades", [f"extrapolate{variant}-seed{s}.json"],
                                     ["cascades"], [[json.dumps(d["cascades"])]]))
