@@ -348,3 +348,11 @@ def test_run_label_names_the_run_briefly():
     assert run_label(hub, checkpoint=True) == "HuggingFaceTB/SmolLM2-135M"
     long = run_label("/x/" + "a" * 30 + "-" + "b" * 30)
     assert len(long) == 40 and long.startswith("a" * 19) and long.endswith("b" * 20) and "…" in long
+
+
+def test_extrapolate_figures_name_the_run_by_its_folder(tiny_run, tmp_path):
+    """The CLI's extrapolate figures carry the run's short name (run_label), not the absolute path."""
+    _, figs = run_cli("extrapolate", str(tiny_run), "--steps", "40:60", "--predictor", "linear", "--K", "10",
+                      "--plot", str(tmp_path / "fig"))
+    title = figs["extrapolate_acceptance.png"]["suptitle"]
+    assert f"— {tiny_run.name}:" in title and str(tiny_run.parent) not in title

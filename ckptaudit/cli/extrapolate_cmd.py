@@ -117,13 +117,15 @@ def extrapolate(
             revisions=revisions, seed=seed, dtype=dtype, threads=threads, device=session.device, progress=hook,
             _note=output.note,
         )  # fmt: skip
-    summary = session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(),
-                             lambda out, s: render_extrapolate(out, s, str(run_dir)))
-    if plot is not None:
-        from ckptaudit.report.plots import plot_extrapolate
 
-        written = plot_extrapolate(summary, plot, str(run_dir))
+    def figures(summary: dict) -> None:
+        from ckptaudit.report.plots import plot_extrapolate, run_label
+
+        written = plot_extrapolate(summary, plot, run_label(run_dir))
         output.note(f"figures written to [bold]{plot}[/bold] ({len(written)} files)")
+
+    session.finish(report.to_hdf5_tree(), report.inputs, report.to_json(),
+                   lambda out, s: render_extrapolate(out, s, str(run_dir)), figures=figures if plot is not None else None)
 
 
 def _rate_cell(rate: float | None, unc: dict | None) -> str | None:
