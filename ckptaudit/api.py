@@ -636,13 +636,12 @@ def _keyword_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     import functools
     import inspect as _inspect
 
+    from ckptaudit.errors import matching_name
+
     keywords = set(_inspect.signature(fn).parameters)
 
     def spelling(name: str, with_value: bool) -> str:
-        for candidate in (name, name + "s", name + "es", name.removesuffix("s")):
-            if candidate in keywords:
-                return candidate + "="
-        return name + "="
+        return (matching_name(name, keywords) or name) + "="
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:

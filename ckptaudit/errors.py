@@ -18,7 +18,7 @@ option's usual spelling, ``--`` and the name with dashes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # $name or $name=: a parameter's Python name (lower case), with "=" when a value follows.
 _PLACEHOLDER = re.compile(r"\$([a-z][a-z0-9_]*)(=?)")
@@ -30,6 +30,13 @@ def option_spelling(name: str, with_value: bool) -> str:
     """The default spelling: ``--name-with-dashes`` (and a space before a value)."""
     flag = "--" + name.replace("_", "-")
     return flag + " " if with_value else flag
+
+
+def matching_name(name: str, known: Iterable[str]) -> str | None:
+    """The name in ``known`` that is ``name`` up to a plural ("s" / "es" added or "s" dropped: an analysis'
+    ``switch`` is the API's ``switches``, its ``lr_mults`` the option ``--lr-mult``), or None."""
+    known = set(known)
+    return next((c for c in (name, name + "s", name + "es", name.removesuffix("s")) if c in known), None)
 
 
 def keyword_spelling(name: str, with_value: bool) -> str:

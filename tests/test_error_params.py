@@ -11,7 +11,7 @@ from cli_helpers import assert_one_line_error, invoke
 from conftest import CORPUS
 
 import ckptaudit
-from ckptaudit.cli.app import app, option_spelling
+from ckptaudit.cli.app import app, command_spelling
 from ckptaudit.errors import CkptAuditError, DataError, InputNotFoundError, UsageError
 
 
@@ -32,11 +32,11 @@ def test_the_cli_and_the_api_name_the_same_parameter_differently(tiny_run):
         "--switch ", "switches=") == api_text
 
 
-def test_option_spelling_reads_the_command_parameters():
+def test_command_spelling_reads_the_command_parameters():
     command = typer.main.get_command(app).commands["resume-probe"]
     e = UsageError("$lr_mults=-1: multipliers must be positive", "or set $train_steps=5 and $eval_every", param="lr_mults")
     # parameter lr_mult is option --lr-mult; parameter steps is option --train-steps
-    assert e.render(option_spelling(command)) == "--lr-mult -1: multipliers must be positive — or set --train-steps 5 " \
+    assert e.render(command_spelling(command)) == "--lr-mult -1: multipliers must be positive — or set --train-steps 5 " \
                                                  "and --eval-every"
     assert str(e) == "--lr-mults -1: multipliers must be positive — or set --train-steps 5 and --eval-every"
     assert e.message == "--lr-mults -1: multipliers must be positive" and e.template.startswith("$lr_mults=")
@@ -101,5 +101,5 @@ def test_an_alias_of_an_option_is_spelled_as_the_option():
 
     command = typer.main.get_command(app).commands["fisher"]
     e = UsageError("$switch needs the run", "give $backbone_run=RUN or a run directory", param="switch")
-    assert e.render(option_spelling(command)) == "--switch needs the run — give --run RUN or a run directory"
+    assert e.render(command_spelling(command)) == "--switch needs the run — give --run RUN or a run directory"
     assert e.render(keyword_spelling) == "switch= needs the run — give backbone_run=RUN or a run directory"

@@ -32,12 +32,13 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 _COMMAND_KEY = "ckptaudit.command"
 
 
-def option_spelling(command: Any) -> Any:
+def command_spelling(command: Any) -> Any:
     """How ``command`` (a click command) spells a parameter an error names (``CkptAuditError.param``, ``$name``):
     its long option (``--window``, then a space before a value), an argument's metavar. A name the command lacks
     is matched up to a plural "s", then by its usual option, any of a parameter's long options (``train_steps`` ->
     ``--train-steps`` of the parameter ``steps``; ``backbone_run`` -> ``--run``, whose alias is ``--backbone-run``),
     else spelled ``errors.option_spelling``."""
+    from ckptaudit.errors import matching_name
     from ckptaudit.errors import option_spelling as default
 
     opts = {}
@@ -50,13 +51,13 @@ def option_spelling(command: Any) -> Any:
         aliases.update(dict.fromkeys(longs, opts[p.name]))
 
     def spelling(name: str, with_value: bool) -> str:
-        flag = default(name, False)
-        for candidate in (name, name + "s", name + "es", name.removesuffix("s")):  # the option of lr_mults is lr_mult
-            if candidate in opts:
-                flag = opts[candidate]
-                break
+        own = matching_name(name, opts)
+        if own is not None:
+            flag = opts[own]
         else:
-            flag = next((aliases[f] for f in (flag, flag + "s", flag.removesuffix("s")) if f in aliases), flag)
+            flag = default(name, False)
+            alias = matching_name(flag, aliases)
+            flag = aliases[alias] if alias is not None else flag
         return flag + " " if with_value else flag
 
     return spelling
@@ -103,7 +104,7 @@ class AuditGroup(TyperGroup):
                 e.show_traceback = True  # for main(), which no longer sees the root context's --debug
                 raise
             _show_notes(ctx, notes)
-            click.echo(f"ckptaudit: error: {one_line(e.render(option_spelling(ctx.meta.get(_COMMAND_KEY))))}",
+            click.echo(f"ckptaudit: error: {one_line(e.render(command_spelling(ctx.meta.get(_COMMAND_KEY))))}",
                        err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
