@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import Any
 
 import numpy as np
@@ -202,17 +203,10 @@ class FisherCheckpoint(TreeResult):
             return {}
         return {key: np.asarray([values[str(b)] for b in sorted(self.block_signed_projection)], dtype=np.float64)}
 
-    def _hdf5_signed(self, values: dict[str, float]) -> dict[str, Any]:
-        return self._per_block("block_signed_projection", values)
-
-    def _hdf5_projection_mean(self, values: dict[str, float]) -> dict[str, Any]:
-        return self._per_block("block_projection_mean", values)
-
-    def _hdf5_projection_std(self, values: dict[str, float]) -> dict[str, Any]:
-        return self._per_block("block_projection_std", values)
-
-    def _hdf5_grad_norm_mean(self, values: dict[str, float]) -> dict[str, Any]:
-        return self._per_block("block_grad_norm_mean", values)
+    _hdf5_signed = partialmethod(_per_block, "block_signed_projection")
+    _hdf5_projection_mean = partialmethod(_per_block, "block_projection_mean")
+    _hdf5_projection_std = partialmethod(_per_block, "block_projection_std")
+    _hdf5_grad_norm_mean = partialmethod(_per_block, "block_grad_norm_mean")
 
     def _hdf5_bootstrap(self, _: Any) -> dict[str, Any]:
         return {} if self.bootstrap is None else {"bootstrap": bootstrap_hdf5(self.bootstrap)}
