@@ -45,7 +45,7 @@ def show(
     summary = _stored_summary(tree.pop(SUMMARY_DATASET, None), path)
     attrs = tree["@attrs"]
     command = str(attrs.get("command"))
-    output.json(summary if summary is not None and not tree_view else _jsonable(tree))
+    output.json(summary if summary is not None and not tree_view else tree)  # Output.json makes it JSON
     if not output.human:
         return
     a = {k: escape(str(attrs.get(k))) for k in ("ckptaudit_version", "command", "created", "device", "schema_version",
@@ -184,9 +184,3 @@ def _fmt(x: Any) -> str:
     if isinstance(x, (bytes,)):
         return x.decode("utf-8", errors="replace")
     return fmt(x)
-
-
-def _jsonable(tree: dict) -> dict:
-    from ckptaudit.report.console import to_jsonable
-
-    return to_jsonable(tree)
