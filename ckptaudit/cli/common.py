@@ -143,8 +143,8 @@ class _Setup:
                render: Callable[[Output, dict], None] | None = None, group: str | None = None,
                figures: Callable[[dict], None] | None = None) -> dict:
         """The tail every computing command shares: the HDF5 report of ``tree`` (with --out), the ``summary`` as the
-        --json document, ``figures(summary)`` (the --plot files, when asked for), then ``render(output, summary)``
-        for the human view. Returns ``summary``."""
+        --json document, ``figures(summary)`` (the --plot files when asked for, and any note the view should
+        follow), then ``render(output, summary)`` for the human view. Returns ``summary``."""
         self.save_report(tree, checkpoints, group=group, summary=summary)
         self.output.json(summary)
         if figures is not None:
