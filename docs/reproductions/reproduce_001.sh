@@ -46,10 +46,17 @@ train 001-sgd --optimizer sgd --seed 42
 measure backbone-sgd backbone "$SGD" --normalize-rows --device cpu --plot "$REPORTS/plots-backbone-sgd"
 figures backbone-sgd "$REPORTS/plots-backbone-sgd" backbone_trunk_a_r.png backbone_rho.png
 measure window-sgd backbone "$SGD" --anchor 180 --steps 180:600 --normalize-rows --device cpu
-# AdamW over the steps the SGD run has, when it has fewer (it was interrupted at checkpoint-600): the same rows
-LAST_SGD=$(find "$SGD" -maxdepth 1 -name 'checkpoint-*' | sed 's/.*checkpoint-//' | sort -n | tail -1)
-measure "backbone-adamw-to$LAST_SGD" backbone "$ADAMW" --steps "0:$LAST_SGD" --normalize-rows --device cpu
-compare_plot compare-backbone "adamw (steps 0-$LAST_SGD),sgd" "$REPORTS/backbone-adamw-to$LAST_SGD.h5" \
-  "$REPORTS/backbone-sgd.h5"
+# Both whole runs side by side (a(t), ||r(t)||, rho_k of each)
+compare_plot compare-backbone "adamw,sgd" "$REPORTS/backbone-adamw.h5" "$REPORTS/backbone-sgd.h5"
+# Matched loss (section 5.2, Table 10): SGD over its plateau, at the paper's fractions of the run ([2000, 2400] and
+# [1800, 2600] of 4,000 steps: [1500, 1800] and [1380, 1920] of 3,000, the nearest checkpoints), against AdamW over
+# the early windows in which its validation loss passes SGD's plateau loss (about 6.4, passed at step 120; the
+# paper's [1, 200, 400], [1, 200, 400, 600] and [200, 400, 600] of 10,000 steps: anchors 0 and 60, up to step 120 / 180).
+for w in 1500:1800 1380:1920; do
+  measure "matched-sgd-${w/:/-}" backbone "$SGD" --anchor "${w%:*}" --steps "$w" --normalize-rows --device cpu
+done
+for w in 0:120 0:180 60:180; do
+  measure "matched-adamw-${w/:/-}" backbone "$ADAMW" --anchor "${w%:*}" --steps "$w" --normalize-rows --device cpu
+done
 
 summarize

@@ -105,7 +105,10 @@ def paper_001(results: Path) -> list[dict]:
                             "C(t) = <x(t) - x(t-1), v_b> / ||x(t) - x(t-1)|| between consecutive checkpoints (60 steps); "
                             "'first updates' = the first max(3, ceil(T/10)) of them, the tool's own early window; v_b is "
                             "signed so that a(last) > 0."))
-    win = {run: load(results, f"window-{run}") for run in ("adamw", "sgd")}
+    # the analysis window of Table 9 (window-RUN) and the matched-loss windows of Table 10 (matched-RUN-START-STOP)
+    names = [f"window-{run}" for run in ("adamw", "sgd")]
+    names += sorted((p.stem for p in results.glob("matched-*.json")), key=lambda n: (n.split("-")[1], int(n.split("-")[2])))
+    win = {name: load(results, name) for name in names}
     wrows = []
     for run, doc in win.items():
         if doc is None:
@@ -117,8 +120,9 @@ def paper_001(results: Path) -> list[dict]:
                           len(doc["steps"]), r(100 * res["rho"][0], 2), res["k95"], res["k99"],
                           r(math.sqrt(g_last), 3) if not normalized else None])
     if wrows:
-        tables.append(table("Analysis window (paper Table 9 / 10)", [f"window-{k}.json" for k, v in win.items() if v],
-                            ["run", "rows", "window (steps)", "drift rows", "PC1 %", "k95", "k99",
+        tables.append(table("Analysis window and matched-loss windows (paper Tables 9 and 10)",
+                            [f"{k}.json" for k, v in win.items() if v],
+                            ["window", "rows", "window (steps)", "drift rows", "PC1 %", "k95", "k99",
                              "drift ||theta(end) - theta(anchor)|| (derived)"], wrows,
                             "drift (derived) = sqrt(a(last)^2 + ||r(last)||^2) = ||x(last)||, trunk."))
     fi = load(results, "fisher-adamw")
@@ -295,12 +299,14 @@ def paper_004(results: Path) -> list[dict]:
                                     ["cascades"], [[json.dumps(d["cascades"])]]))
             tables.append(table(f"extrapolate, seed {s}, {label}: timing and notes", [f"extrapolate{variant}-seed{s}.json"],
                                 ["timing", "notes"], [[json.dumps(d.get("timing")), " / ".join(d.get("notes", []))]]))
-    cas = load(results, "cascades-seed42")
-    if cas is not None and cas.get("cascades"):
+    for s in seeds:
+        cas = load(results, f"cascades-seed{s}")
+        if cas is None or not cas.get("cascades"):
+            continue
         crows = [[spec, pred, crit, r(v["full_chain"], 3), r(v["mean_depth"], 2)]
                  for spec, by_pred in cas["cascades"]["summary"].items() for pred, by_crit in by_pred.items()
                  for crit, v in by_crit.items()]
-        tables.append(table("Cascades, seed 42 (D links of K steps, validated at each link)", ["cascades-seed42.json"],
+        tables.append(table(f"Cascades, seed {s} (D links of K steps, validated at each link)", [f"cascades-seed{s}.json"],
                             ["D:K", "predictor", "criterion", "full chains accepted", "mean accepted depth"], crows))
     for rule in ("adaptive", "fixed"):
         d = load(results, f"cross-seed-{rule}")
