@@ -63,9 +63,11 @@ done
 measure cross-seed-fixed cross-seed "${RUNS3[@]}" "${SEL[@]}" --thresholds 0.997,0.9995 "${DATA[@]}" --eval-tokens 4096 \
   --device cpu
 
-# Cascades (D links of K steps) from the second half of seed 42's checkpoints, the paper's three shapes.
-measure cascades-seed42 extrapolate "$RUNS/004-seed42" --steps "$CASCADE_STEPS" --predictor linear,momentum,adam-step --K 25 \
-  --cascade 4:25 --cascade 2:50 --cascade 10:10 "${DATA[@]}" --eval-tokens 4096 --device cpu
+# Cascades (D links of K steps) from the second half of each seed's checkpoints, the paper's three shapes.
+for s in "${SEEDS[@]}"; do
+  measure "cascades-seed$s" extrapolate "$RUNS/004-seed$s" --steps "$CASCADE_STEPS" --predictor linear,momentum,adam-step \
+    --K 25 --cascade 4:25 --cascade 2:50 --cascade 10:10 "${DATA[@]}" --eval-tokens 4096 --device cpu
+done
 compare_plot compare-regimes seed42,seed271,seed1337 "$REPORTS"/regimes-adaptive-seed{42,271,1337}.h5
 
 summarize
