@@ -551,11 +551,16 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
         def evaluate(model: Any) -> float:
             return float(held_out.evaluate(model, "validation")[0])
 
-        timer = (lambda ckpt, ks: time_training_steps(ckpt.path, ks, dev)) if time_steps else None
+        def timer(ckpt: Any, ks: Sequence[int]) -> Any:
+            # K real steps from the checkpoint: the run's own trainer, else resume-probe's loop on --data's windows
+            return time_training_steps(ckpt.path, ks, dev, data=_path(data), task=task, dtype=dtype,
+                                       windows=window_spec(seq_len, pack, eval_tokens, None, seed))
+
         hook = _hook(progress)
         if hook is not None:
             hook.set_total(2 * len(r))
-        result = run_extrapolate(r, evaluate, probe_set, settings, timer=timer, progress=hook)
+        result = run_extrapolate(r, evaluate, probe_set, settings, timer=timer if time_steps else None,
+                                 progress=hook)
     return _trajectory_report(result, list(r), precision, held_out, n_threads, t0)
 
 

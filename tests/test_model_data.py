@@ -106,6 +106,22 @@ def test_ckptaudit_loop_takes_batch_size_schedule_and_rng_from_the_checkpoint(tr
     assert override.run_values["batch_size"] == {"value": 3, "source": "--batch-size"}
 
 
+def test_extrapolate_times_real_training_steps_on_a_trainer_checkpoint(trainer_lm):
+    """--time on a transformers.Trainer run trains from its last checkpoint in resume-probe's loop: the run's batch
+    size (trainer_state.json, read here), its optimizer state (AdamW's own step counter advances by max(K) plus the
+    untimed warm-up step), cumulative seconds that grow with K, and no note that timing was impossible."""
+    run = _run(trainer_lm)
+    s = _json("extrapolate", run, "--data", CORPUS, "--K", "2,5", "--predictor", "linear", "--steps", "25:30", "--time")
+    t = s["timing"]
+    state = json.loads((run / "checkpoint-30" / "trainer_state.json").read_text())
+    assert t["from_step"] == 30 and t["batch_size"] == state["train_batch_size"]
+    assert t["batch_size_source"].startswith("trainer_state.json") and "optimizer state" in t["loop"]
+    assert t["optimizer_steps"] == 5 + 1
+    assert 0 < t["train_seconds"]["2"] < t["train_seconds"]["5"]
+    assert set(t["ratio"]["linear"]) == {"2", "5"}
+    assert not [n for n in s["notes"] if n.startswith("--time")]
+
+
 # ------------------------------------------------------------------------------------------ one --data
 
 

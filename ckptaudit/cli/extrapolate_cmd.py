@@ -48,7 +48,7 @@ def extrapolate(
     ] = None,
     time_steps: Annotated[
         bool,
-        typer.Option("--time", help="Time predict+validate against K real training steps from the last checkpoint (runs written by ckptaudit's trainer)."),
+        typer.Option("--time", help="Time predict+validate against K real training steps from the last checkpoint: the run's own trainer for runs written by ckptaudit, else resume-probe's loop (the run's optimizer state, batch size and schedule) on --data's train windows."),
     ] = False,
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0.0, help="Proximity criterion: accept when |L_hat - L_t| < TOLERANCE * L_t.")
@@ -201,7 +201,8 @@ def render_extrapolate(output: Any, s: dict, label: str) -> None:
                   for pred, by_k in t["predict_validate_seconds"].items() for k, v in by_k.items()]  # fmt: skip
         output.table(f"predict+validate vs K real steps from step {t['from_step']} ({t['device']})",
                      ["predictor", "K", "predict+validate s", "K steps s", "ratio"], t_rows,
-                     caption="ratio < 1: predicting and validating is cheaper than training K steps")  # fmt: skip
+                     caption=f"ratio < 1: predicting and validating is cheaper than training K steps; the steps: "
+                             f"{t['loop']}, batch {t['batch_size']} ({t['batch_size_source']})")  # fmt: skip
     output.print(threshold_line(s["regimes"]["thresholds"]))
     render_facts(output, s)
     for note in s["notes"]:

@@ -42,6 +42,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -250,15 +251,94 @@ class PredictionStream:
 # ------------------------------------------------------------------------------------ real-step timing
 
 
-def time_training_steps(ckpt_dir: Any, ks: Sequence[int], device: str = "cpu") -> dict[int, float]:
-    """Wall-clock seconds of K real training steps from a checkpoint written by ``tasks.train.train_run``.
+@dataclass(frozen=True)
+class StepTiming:
+    """Wall-clock seconds of K real training steps from a checkpoint (cumulative, after one untimed warm-up step),
+    how the steps were taken, and how many the optimizer counted (its state's step counter, warm-up included)."""
 
-    Runs one untimed warm-up step, then ``max(ks)`` steps of ``tasks.train.train_step`` (the run's own batches,
-    clipping, scheduler) and reads the cumulative time after each K in ``ks``. Raises LayoutError / DataError when the checkpoint does not
-    record how it was trained.
-    """
+    seconds: dict[int, float]
+    loop: str
+    batch_size: int
+    batch_size_source: str
+    optimizer_steps: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loop": self.loop, "batch_size": self.batch_size, "batch_size_source": self.batch_size_source,
+                "optimizer_steps": self.optimizer_steps}  # fmt: skip
+
+
+def _optimizer_step_count(optimizer: torch.optim.Optimizer) -> int | None:
+    """The largest per-parameter step counter in an optimizer's state (AdamW's ``step``); None without one."""
+    counts = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    return max(counts) if counts else None
+
+
+def _timed_steps(step: Any, ks: Sequence[int], device: Any) -> dict[int, float]:
+    """Run ``step(i)`` for i = 0 (untimed warm-up: the first step pays one-off costs, lazy kernels and the
+    allocator, that the steady state does not) and then 1 .. max(ks); the cumulative seconds after each K in ks."""
     import time
 
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    wanted = set(ks)
+    out: dict[int, float] = {}
+    step(0)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(max(ks)):
+        step(i + 1)
+        if i + 1 in wanted:
+            sync()
+            out[i + 1] = time.perf_counter() - t0
+    return out
+
+
+def time_training_steps(ckpt_dir: Any, ks: Sequence[int], device: str = "cpu", *, data: Any = None,
+                        task: str | None = None, windows: Any = None, dtype: str | None = None) -> StepTiming:
+    """Wall-clock seconds of K real training steps from checkpoint ``ckpt_dir`` (see StepTiming).
+
+    A checkpoint written by ``tasks.train.train_run`` trains with ``tasks.train.train_step`` on the run's own
+    batches, clipping and scheduler. Any other checkpoint (a ``transformers.Trainer`` run, ...) trains in
+    resume-probe's loop (``analyses.resume``: the run's optimizer state, batch size and schedule, batches from the
+    train windows of ``data`` / ``task`` cut by ``windows``), as resume-probe's CONTROL does. Raises LayoutError /
+    DataError when neither can be built (no data for a run without a built-in task, ...).
+    """
+    from ckptaudit.tasks import TASK_FILE, load_task_spec
+
+    spec = load_task_spec(ckpt_dir) if (Path(ckpt_dir) / TASK_FILE).is_file() else {}
+    if spec.get("train"):
+        return _time_own_run(ckpt_dir, ks, device)
+    from ckptaudit.analyses.resume.conditions import (
+        fresh_optimizer,
+        probe_inputs_from_checkpoint,
+        restored_optimizer,
+    )
+
+    inputs = probe_inputs_from_checkpoint(ckpt_dir, task=task, device=device, data=data, windows=windows, dtype=dtype)
+    model = inputs.model
+    if inputs.optimizer_state is not None:
+        optimizer, scheduler = restored_optimizer(model, inputs)
+        state = "the run's optimizer state and schedule"
+    else:
+        optimizer, scheduler = fresh_optimizer(model, inputs), None
+        state = "a fresh optimizer (the checkpoint has no optimizer state)"
+    before = _optimizer_step_count(optimizer) or 0
+
+    def step(i: int) -> None:
+        inputs.train_step(model, optimizer, i)
+        if scheduler is not None:
+            scheduler.step()
+
+    seconds = _timed_steps(step, ks, device)
+    after = _optimizer_step_count(optimizer)
+    bs = inputs.run_values["batch_size"]
+    return StepTiming(seconds, f"resume-probe's loop ({state}; batches from --data's train windows)",
+                      int(bs["value"]), str(bs["source"]), None if after is None else after - before)
+
+
+def _time_own_run(ckpt_dir: Any, ks: Sequence[int], device: str) -> StepTiming:
+    """K steps of ``tasks.train.train_step`` (the run's own batches, clipping, scheduler) from a checkpoint written
+    by ``tasks.train.train_run``."""
+    from ckptaudit.tasks import TASK_FILE
     from ckptaudit.tasks.train import load_checkpoint, train_step
 
     state = load_checkpoint(ckpt_dir)
@@ -268,20 +348,13 @@ def time_training_steps(ckpt_dir: Any, ks: Sequence[int], device: str = "cpu") -
             if torch.is_tensor(val) and key != "step":
                 st[key] = val.to(device)
     hp = state.spec["train"]
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    wanted = set(ks)
-    out: dict[int, float] = {}
+    before = _optimizer_step_count(state.optimizer) or 0
 
     def step(i: int) -> None:
         train_step(state.model, state.optimizer, state.scheduler, state.task, state.step + i,
                    int(hp["batch_size"]), int(hp["seed"]), hp.get("max_grad_norm"))  # fmt: skip
 
-    step(0)  # untimed: the first step pays one-off costs (lazy kernels, allocator) the steady state does not
-    sync()
-    t0 = time.perf_counter()
-    for i in range(max(ks)):
-        step(i + 1)
-        if i + 1 in wanted:
-            sync()
-            out[i + 1] = time.perf_counter() - t0
-    return out
+    seconds = _timed_steps(step, ks, device)
+    after = _optimizer_step_count(state.optimizer)
+    return StepTiming(seconds, f"the run's own trainer ({TASK_FILE}: its batches, clipping and scheduler)",
+                      int(hp["batch_size"]), TASK_FILE, None if after is None else after - before)

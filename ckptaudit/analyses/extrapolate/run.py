@@ -28,6 +28,7 @@ from ckptaudit.analyses.extrapolate.predictors import (
     PREDICTORS,
     PredictionPlan,
     PredictionStream,
+    StepTiming,
     acceptance,
     recent_sigma,
 )
@@ -428,13 +429,13 @@ def run_extrapolate(
     evaluate: Callable[[torch.nn.Module], float],
     probes: ProbeSet,
     settings: ExtrapolateSettings = ExtrapolateSettings(),
-    timer: Callable[[Any, Sequence[int]], dict[int, float]] | None = None,
+    timer: Callable[[Any, Sequence[int]], StepTiming] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> ExtrapolateResult:
     """Validate every predictor at every K from every checkpoint of ``run`` (see the module docstring).
 
-    ``evaluate(model)`` is the held-out loss (nats) of a model; ``timer(checkpoint, ks)`` returns seconds of
-    K real training steps from that checkpoint (None: no timing).
+    ``evaluate(model)`` is the held-out loss (nats) of a model; ``timer(checkpoint, ks)`` times K real
+    training steps from that checkpoint (a StepTiming; None: no timing).
     """
     from ckptaudit.io.models import fill_model, load_model
 
@@ -539,12 +540,13 @@ def _timing(rows, ckpts, by_step, timer, settings, notes) -> dict | None:
         return None
     pv: dict[str, dict[str, float]] = {}
     ratio: dict[str, dict[str, float]] = {}
+    secs_k = train.seconds
     for pred in settings.predictors:
         for k in settings.ks:
             secs = [r.seconds for r in rows if r.predictor == pred and r.K == k]
-            if secs and k in train:
+            if secs and k in secs_k:
                 med = float(np.median(secs))
                 pv.setdefault(pred, {})[str(k)] = med
-                ratio.setdefault(pred, {})[str(k)] = med / train[k] if train[k] > 0 else math.nan
-    return {"from_step": start, "device": settings.device, "train_seconds": {str(k): v for k, v in train.items()},
-            "predict_validate_seconds": pv, "ratio": ratio}  # fmt: skip
+                ratio.setdefault(pred, {})[str(k)] = med / secs_k[k] if secs_k[k] > 0 else math.nan
+    return {"from_step": start, "device": settings.device, "train_seconds": {str(k): v for k, v in secs_k.items()},
+            **train.to_json(), "predict_validate_seconds": pv, "ratio": ratio}  # fmt: skip
