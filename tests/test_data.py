@@ -271,3 +271,52 @@ def test_top1_count_equals_a_full_argmax_with_ties_and_nan():
         ref = int((logits[:n].argmax(-1) == targets[:n]).sum())
         assert int(top1_correct(logits[:n], targets[:n])) == ref
     assert int(top1_correct(logits, targets)) >= 40 + 5 + 5
+
+
+def test_a_batch_too_large_for_memory_is_differentiated_in_micro_batches(ckpt, tmp_path, monkeypatch):
+    """With the activation budget cut to one window per micro-batch, the parts of a padded batch (windows of unequal
+    length) sum to the whole batch's mean loss and their gradients to its gradient, both taken here by autograd
+    through the model's own forward over the whole batch; a fisher gradient takes the same values as with the whole
+    batch."""
+    import ckptaudit.tasks.lm as lm
+    from ckptaudit.analyses.fisher.directions import trunk_layout
+    from ckptaudit.analyses.fisher.run import flat_gradient
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks.data import loss_parts
+
+    f = tmp_path / "ids.jsonl"
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13], [3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]] * 2
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = load_data(ckpt, data=f, seq_len=8)
+    model = load_model(ckpt).double()
+    batch = d.collate(list(range(6)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the reference: the model's own logits over the whole batch, mean CE over the real (non-padding) predictions
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    ref = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    ref_grads = torch.autograd.grad(ref, params)
+
+    assert lm.grad_batch_rows(model, 8) > 6  # the real budget takes this batch whole: one part
+    assert len(list(loss_parts(d, model, batch))) == 1
+    monkeypatch.setattr(lm, "GRAD_ACTIVATION_BYTES", 1)  # now every micro-batch is one window
+    assert lm.grad_batch_rows(model, 8) == 1
+    parts = list(loss_parts(d, model, batch))
+    assert len(parts) == 6
+    # the tool takes cross-entropy in float32 (a training loss stays in float32): float32 agreement with the reference
+    assert float(sum(p.detach() for p in parts)) == pytest.approx(float(ref.detach()), rel=1e-6)
+    grads = [torch.zeros_like(p) for p in params]
+    for part in loss_parts(d, model, batch):
+        for acc, g in zip(grads, torch.autograd.grad(part, params), strict=True):
+            acc += g
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    layout = trunk_layout(resolve_architecture({n: tuple(t.shape) for n, t in model.state_dict().items()},
+                                               ckpt.config()))
+    g, loss, _ = flat_gradient(model, d, batch, layout)
+    monkeypatch.setattr(lm, "GRAD_ACTIVATION_BYTES", 2 * 1024**3)
+    g_whole, loss_whole, _ = flat_gradient(model, d, batch, layout)
+    torch.testing.assert_close(g, g_whole, rtol=1e-5, atol=1e-7)
+    assert float(loss) == pytest.approx(float(loss_whole), rel=1e-6)

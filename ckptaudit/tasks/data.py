@@ -53,7 +53,8 @@ from ckptaudit.io.models import has_tokenizer, load_tokenizer, max_positions
 from ckptaudit.sampling import epoch_sample, stable_seed
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "WindowSpec", "Windows",
-           "check_enough", "load_data", "load_rows", "load_sequences", "make_windows", "parse_task", "read_token_ids",
+           "check_enough", "load_data", "load_rows", "load_sequences", "loss_parts", "make_windows", "parse_task",
+           "read_token_ids",
            "select_windows", "tokenize_documents"]
 
 DEFAULT_SEQ_LEN = 512
@@ -210,6 +211,27 @@ class TokenData:
         if n == 0:
             raise DataError(f"{self.source}: a batch has no next-token prediction", hint="use longer windows")
         return total / n, correct / n
+
+    def loss_parts(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """:meth:`loss` in parts sized to memory (ckptaudit.tasks.lm): the whole batch's mean loss when its
+        backward pass fits GRAD_ACTIVATION_BYTES, else one part per micro-batch of ``grad_batch_rows`` windows, a
+        micro-batch's summed cross-entropy over the whole batch's predictions. The parts sum to the mean loss and
+        their gradients to its gradient; take each part's gradient before asking for the next, so that one
+        micro-batch's activations are alive at a time."""
+        from ckptaudit.tasks.lm import grad_batch_rows, next_token_stats, predictions
+
+        rows = grad_batch_rows(model, self.seq_len)
+        size = int(batch["input_ids"].shape[0])
+        if rows is None or rows >= size:
+            yield self.loss(model, batch)
+            return
+        n = predictions(batch)
+        if n == 0:
+            raise DataError(f"{self.source}: a batch has no next-token prediction", hint="use longer windows")
+        for lo in range(0, size, rows):
+            part = {k: v[lo : lo + rows] for k, v in batch.items()}
+            if predictions(part):  # a micro-batch of padding only adds nothing (and has no graph)
+                yield next_token_stats(model, part, accuracy=False)[0] / n
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean next-token cross-entropy of :meth:`loss_and_accuracy` without the accuracy (no argmax over
@@ -528,3 +550,10 @@ def check_enough(data: Any, n_batches: int, batch_size: int, split: str = "train
             f"tokens -> {have} {split} windows{capped}",
             hint="give more text, or lower $batches / $batch_size / $seq_len",
         )
+
+
+def loss_parts(data: Any, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``data.loss_parts(model, batch)`` where the data splits its loss into micro-batches sized to memory
+    (TokenData), else the whole ``data.loss(model, batch)`` as one part: the parts' gradients sum to the loss's."""
+    parts = getattr(data, "loss_parts", None)
+    return parts(model, batch) if parts is not None else iter((data.loss(model, batch),))

@@ -13,6 +13,11 @@ are recomputed in the backward pass (``torch.utils.checkpoint``) when keeping th
 Whether a model's logits really are ``head(trunk(x))`` is checked once per model on a 4-token input against its
 own forward; models where they are not (a logit soft-cap, a scaled head, a plain ``nn.Module``) fall back to the
 model's own forward and get small batches.
+
+A gradient over a batch whose activations would not fit ``GRAD_ACTIVATION_BYTES`` is taken over micro-batches of
+:func:`grad_batch_rows` windows (``TokenData.loss_parts``): each part is a micro-batch's summed cross-entropy divided
+by the whole batch's number of predictions, so the parts' gradients sum to the batch's mean-loss gradient (the same
+value to float32 rounding, in a fraction of the memory). Batches that fit are taken whole, as before.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EVAL_BATCH_TOKENS", "LOGIT_CHUNK_BYTES", "IGNORE", "eval_batch_rows", "next_token_stats", "split_model"]
+__all__ = ["EVAL_BATCH_TOKENS", "GRAD_ACTIVATION_BYTES", "LOGIT_CHUNK_BYTES", "IGNORE", "eval_batch_rows",
+           "grad_batch_rows", "next_token_stats", "predictions", "split_model"]
 
 IGNORE = -100
 LOGIT_CHUNK_BYTES = 64 * 1024**2
 # Tokens per evaluation batch (activations of the trunk); fewer when the model's own forward must make the logits.
 EVAL_BATCH_TOKENS = 8192
+# Activations kept for one backward pass; a larger batch is differentiated in micro-batches (grad_batch_rows).
+GRAD_ACTIVATION_BYTES = 2 * 1024**3
+# Bytes of saved activations per token, layer and hidden unit in a transformer block's backward pass (float32
+# inputs of the attention and MLP matmuls, norms, nonlinearities and the attention weights: an upper estimate).
+ACTIVATION_BYTES_PER_UNIT = 4 * 36
 _SPLIT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -74,6 +85,25 @@ def eval_batch_rows(model: nn.Module, seq_len: int, vocab: int) -> int:
     model's own forward makes the logits, one LOGIT_CHUNK_BYTES of them."""
     tokens = EVAL_BATCH_TOKENS if split_model(model) is not None else max(1, LOGIT_CHUNK_BYTES // (4 * max(vocab, 1)))
     return max(1, tokens // max(1, seq_len))
+
+
+def grad_batch_rows(model: nn.Module, seq_len: int) -> int | None:
+    """Windows of ``seq_len`` tokens whose backward-pass activations fit GRAD_ACTIVATION_BYTES, estimated from the
+    model's config (num_hidden_layers x hidden_size x ACTIVATION_BYTES_PER_UNIT per token); None when the config does
+    not give both (a plain nn.Module: batches are taken whole)."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int) or layers <= 0 or hidden <= 0:
+        return None
+    per_window = ACTIVATION_BYTES_PER_UNIT * layers * hidden * max(1, int(seq_len))
+    return max(1, GRAD_ACTIVATION_BYTES // per_window)
+
+
+def predictions(batch: dict[str, torch.Tensor]) -> int:
+    """Next-token predictions of a batch: the targets (labels shifted by one) that are not IGNORE."""
+    labels = batch.get("labels", batch["input_ids"])
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def top1_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

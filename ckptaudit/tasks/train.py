@@ -34,6 +34,7 @@ from torch import nn
 from ckptaudit.errors import LayoutError
 from ckptaudit.io.optimizer import NO_DECAY_PATTERNS  # Trainer's decay rule (io reads optimizer files by it)
 from ckptaudit.tasks import TASK_FILE, Task, load_task_spec, task_from_spec
+from ckptaudit.tasks.data import loss_parts
 
 SCHEDULER_KINDS = ("constant", "linear")
 CHECKPOINT_FILES = (
@@ -188,12 +189,15 @@ def train_step(
 
     Uses ``task.batch("train", step, batch_size, seed)``, clips the gradient to ``max_grad_norm`` (None or
     <= 0: no clipping, the norm is still reported), steps the optimizer and then the scheduler, as the Trainer.
+    A batch too large for memory accumulates its gradient over micro-batches (tasks.data.loss_parts).
     """
     model.train()
     batch = task.batch("train", step, batch_size, seed)
     optimizer.zero_grad(set_to_none=True)
-    loss = task.loss(model, batch)
-    loss.backward()
+    loss = None
+    for part in loss_parts(task, model, batch):  # the whole batch, or micro-batches when it would not fit memory
+        part.backward()
+        loss = part.detach() if loss is None else loss + part.detach()
     clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()

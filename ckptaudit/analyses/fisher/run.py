@@ -110,11 +110,24 @@ def flat_gradient(model: torch.nn.Module, data: Any, batch: Mapping[str, torch.T
     """(g ``[D]`` in layout order, the loss, the per-tensor gradients) of ``data.loss`` on ``batch``.
 
     Only the trunk tensors are differentiated (autograd.grad, so ``.grad`` fields are untouched); with
-    ``create_graph`` the gradients stay differentiable for Hessian-vector products.
+    ``create_graph`` the gradients stay differentiable for Hessian-vector products (the batch is then taken whole).
+    Otherwise a batch too large for memory is differentiated in micro-batches (tasks.data.loss_parts) whose
+    gradients are summed: the batch's gradient, one micro-batch's activations alive at a time.
     """
+    from ckptaudit.tasks.data import loss_parts
+
     params = _params_of(model, layout)
-    loss = data.loss(model, batch)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    if create_graph:
+        loss = data.loss(model, batch)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    else:
+        loss, acc = None, None
+        for part in loss_parts(data, model, batch):
+            got = torch.autograd.grad(part, list(params.values()))
+            acc = got if acc is None else tuple(a.add_(b) for a, b in zip(acc, got, strict=True))
+            loss = part.detach() if loss is None else loss + part.detach()
+            del part, got
+        grads = acc
     by_name = dict(zip(params, grads, strict=True))
     g = layout.flatten({n: (t if create_graph else t.detach()) for n, t in by_name.items()})
     return (g.detach() if create_graph else g), loss, grads
