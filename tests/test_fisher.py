@@ -355,3 +355,22 @@ def test_cli_include_bias_with_weights_only_vectors_names_the_fix(tiny_run, tmp_
     assert invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
     r = invoke("fisher", tiny_run, "--steps", "60", "--vectors", vec, "--include-bias", "--batches", 2, "--no-report")
     assert_one_line_error(r, str(vec), "c_attn.bias", "--include-bias")
+
+
+def test_probes_built_in_place_equal_the_stacked_ones(tiny):
+    """run_fisher on the CPU moves each direction into the probe matrix and draws the random ones straight into its
+    rows (every D-vector held once); the matrix and the per-block backbones are bit-identical to prepare_probes
+    over the same directions and random_directions, the reference, and the caller's directions are consumed."""
+    from ckptaudit.analyses.fisher.run import prepare_probes, probes_in_place
+
+    _, _, layout = tiny
+    gen = torch.Generator().manual_seed(11)
+    raw = {n: torch.randn(layout.dim, generator=gen, dtype=torch.float64) for n in ("backbone", "pc2", "pc3")}
+    unit = {n: v / torch.linalg.vector_norm(v) for n, v in raw.items()}
+    own = torch.randn(layout.dim, generator=gen, dtype=torch.float64)
+    ref = prepare_probes(layout, unit, random_directions(unit["backbone"], 5, SEED), block_backbone=own)
+    moved = dict(unit)
+    got = probes_in_place(layout, moved, 5, SEED, block_backbone=own)
+    assert got.names == ref.names == ("backbone", "pc2", "pc3") and got.n_random == ref.n_random == 5
+    assert torch.equal(got.matrix, ref.matrix) and torch.equal(got.vb_blocks, ref.vb_blocks)
+    assert moved == {}

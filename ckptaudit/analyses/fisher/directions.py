@@ -13,7 +13,7 @@ switching pair of checkpoints, or are drawn at random orthogonal to the backbone
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,9 @@ def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) 
     return _unit(flats[0] - flats[1], f"switching ({peak}:{trough})", str(run.path))
 
 
-def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """K unit vectors ``[k, dim]`` (float64, CPU) orthogonal to ``v_b`` and to each other.
+def random_directions(v_b: torch.Tensor, k: int, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """K unit vectors ``[k, dim]`` (float64, CPU) orthogonal to ``v_b`` and to each other, written into ``out``
+    (a float64 CPU ``[k, dim]`` tensor, e.g. rows of a larger matrix) when given.
 
     Gaussian draws from a generator seeded with ``seed``, then classical Gram-Schmidt against v_b and the earlier
     ones, run twice: one pass leaves errors of order eps * sqrt(dim) in the inner products, the second brings them
@@ -166,7 +167,7 @@ def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     vb = v_b.detach().to("cpu", torch.float64)
     vb = vb / torch.linalg.vector_norm(vb)
     basis: list[torch.Tensor] = [vb]
-    out = torch.empty((k, dim), dtype=torch.float64)
+    out = torch.empty((k, dim), dtype=torch.float64) if out is None else out
     for i in range(k):
         w = torch.randn(dim, generator=gen, dtype=torch.float64)
         for _ in range(2):
@@ -176,8 +177,3 @@ def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         out[i] = w
         basis.append(out[i])
     return out
-
-
-def stack_directions(directions: Mapping[str, torch.Tensor], order: Sequence[str]) -> torch.Tensor:
-    """``[len(order), dim]`` float64 rows in ``order`` (a helper for the streaming dot products)."""
-    return torch.stack([directions[n].to(torch.float64) for n in order])
