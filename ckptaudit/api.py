@@ -559,8 +559,7 @@ def extrapolate(run: str | Path, *, predictors: str | Iterable[str] = "linear,qu
         hook = _hook(progress)
         if hook is not None:
             hook.set_total(2 * len(r))
-        result = run_extrapolate(r, evaluate, probe_set, settings, timer=timer if time_steps else None,
-                                 progress=hook)
+        result = run_extrapolate(r, evaluate, probe_set, settings, timer=timer if time_steps else None, progress=hook)
     return _trajectory_report(result, list(r), precision, held_out, n_threads, t0)
 
 

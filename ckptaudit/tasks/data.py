@@ -54,8 +54,7 @@ from ckptaudit.sampling import epoch_sample, stable_seed
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "DEFAULT_SEQ_LEN", "VALIDATION_FRAC", "TokenData", "WindowSpec", "Windows",
            "check_enough", "load_data", "load_rows", "load_sequences", "loss_parts", "make_windows", "parse_task",
-           "read_token_ids",
-           "select_windows", "tokenize_documents"]
+           "read_token_ids", "select_windows", "tokenize_documents"]
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_EVAL_TOKENS = 65_536
