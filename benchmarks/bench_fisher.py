@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckptaudit.analyses.fisher.directions import random_directions  # noqa: E402
 from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model, prepare_probes, trunk_layout  # noqa: E402
 from ckptaudit.io.roles import resolve_architecture  # noqa: E402
 from ckptaudit.tasks import get_task  # noqa: E402
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         dirs[f"pc{j}"] = w / w.norm()
     settings = FisherSettings(batches=M, n_random=10, seed=0, device=args.device)
     # run_fisher builds the direction matrix once per run and reuses it at every checkpoint; so does this.
-    random = random_directions(dirs["backbone"], settings.n_random, settings.seed)
-    probes = prepare_probes(layout, dirs, random, args.device)
+    probes = prepare_probes(layout, dirs, settings.n_random, settings.seed, args.device)
     batches = [task.batch("train", i, B, 0) for i in range(M)]
 
     def sync() -> None:
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         sync()
 
     def fisher() -> None:
-        fisher_at_model(model, task, layout, dirs, settings, batch_size=B, random=random, probes=probes)
+        fisher_at_model(model, task, layout, dirs, settings, batch_size=B, probes=probes)
         sync()
 
     baseline()  # warm-up (allocator, kernels)

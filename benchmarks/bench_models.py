@@ -123,7 +123,7 @@ def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     import tempfile
 
     from ckptaudit.analyses.backbone.run import run_backbone
-    from ckptaudit.analyses.fisher.directions import random_directions, read_directions
+    from ckptaudit.analyses.fisher.directions import read_directions
     from ckptaudit.analyses.fisher.run import FisherSettings, fisher_at_model, prepare_probes, trunk_layout
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
@@ -142,8 +142,7 @@ def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     data = load_data(ckpt, data=CORPUS, windows=WindowSpec(eval_tokens=None))
     model = load_model(ckpt)
     settings = FisherSettings(batches=batches, seed=0)
-    random = random_directions(directions["backbone"], settings.n_random, settings.seed)
-    probes = prepare_probes(layout, directions, random, "cpu", block_backbone=blocks)
+    probes = prepare_probes(layout, directions, settings.n_random, settings.seed, "cpu", block_backbone=blocks)
     t0 = time.perf_counter()
     for i in range(batches):
         ids = data.batch("train", i, batch_size, 0)
@@ -152,7 +151,7 @@ def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     bare = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    fisher_at_model(model, data, layout, directions, settings, batch_size=batch_size, random=random, probes=probes)
+    fisher_at_model(model, data, layout, directions, settings, batch_size=batch_size, probes=probes)
     fisher = time.perf_counter() - t0
     say(f"| fisher at one checkpoint | M = {batches} gradients of the trunk (D = {layout.dim:,}), batches of "
         f"{batch_size} x 64 tokens | {fisher:.1f} | {bare:.1f} | {fisher / bare:.2f} |")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -225,7 +228,7 @@ def test_hessian_matches_finite_difference(tiny):
     vb = unit(rng, layout.dim)
     rand = random_directions(vb, 2, SEED)
     settings = FisherSettings(batches=n, n_random=2, seed=SEED, hessian=True)
-    res = fisher_at_model(model, task, layout, {"backbone": vb}, settings, batch_size=B, random=rand)
+    res = fisher_at_model(model, task, layout, {"backbone": vb}, settings, batch_size=B)
     batches = [task.batch("train", i, B, SEED) for i in range(n)]
     params = dict(model.named_parameters())
     base = {k: p.detach().clone() for k, p in params.items()}
@@ -357,20 +360,73 @@ def test_cli_include_bias_with_weights_only_vectors_names_the_fix(tiny_run, tmp_
     assert_one_line_error(r, str(vec), "c_attn.bias", "--include-bias")
 
 
-def test_probes_built_in_place_equal_the_stacked_ones(tiny):
-    """run_fisher on the CPU moves each direction into the probe matrix and draws the random ones straight into its
-    rows (every D-vector held once); the matrix and the per-block backbones are bit-identical to prepare_probes
-    over the same directions and random_directions, the reference, and the caller's directions are consumed."""
-    from ckptaudit.analyses.fisher.run import prepare_probes, probes_in_place
+def test_probes_hold_the_named_directions_bit_for_bit_and_consume_them(tiny):
+    """prepare_probes(consume=True), as run_fisher calls it, moves each named direction into its row of the probe
+    matrix (the caller's dict ends empty), unchanged to the last bit, with "backbone" first; the per-block v_b^(l)
+    are each block's own backbone where given, else the trunk's v_b on the block, unit on the segment (numpy)."""
+    from ckptaudit.analyses.fisher.run import prepare_probes
 
     _, _, layout = tiny
     gen = torch.Generator().manual_seed(11)
-    raw = {n: torch.randn(layout.dim, generator=gen, dtype=torch.float64) for n in ("backbone", "pc2", "pc3")}
+    raw = {n: torch.randn(layout.dim, generator=gen, dtype=torch.float64) for n in ("pc2", "backbone", "pc3")}
     unit = {n: v / torch.linalg.vector_norm(v) for n, v in raw.items()}
     own = torch.randn(layout.dim, generator=gen, dtype=torch.float64)
-    ref = prepare_probes(layout, unit, random_directions(unit["backbone"], 5, SEED), block_backbone=own)
+    (lo0, hi0), (lo1, hi1) = layout.block_ranges.values()
+    own[lo1:hi1] = 0  # block 1 has no backbone of its own
     moved = dict(unit)
-    got = probes_in_place(layout, moved, 5, SEED, block_backbone=own)
-    assert got.names == ref.names == ("backbone", "pc2", "pc3") and got.n_random == ref.n_random == 5
-    assert torch.equal(got.matrix, ref.matrix) and torch.equal(got.vb_blocks, ref.vb_blocks)
-    assert moved == {}
+    got = prepare_probes(layout, moved, 5, SEED, block_backbone=own, consume=True)
+    assert moved == {} and got.names == ("backbone", "pc2", "pc3") and got.n_random == 5
+    for i, name in enumerate(got.names):
+        assert torch.equal(got.matrix[i], unit[name])
+    vb, ob = unit["backbone"].numpy(), own.numpy()
+    np.testing.assert_allclose(got.vb_blocks[lo0:hi0].numpy(), ob[lo0:hi0] / np.linalg.norm(ob[lo0:hi0]), rtol=1e-15)
+    np.testing.assert_allclose(got.vb_blocks[lo1:hi1].numpy(), vb[lo1:hi1] / np.linalg.norm(vb[lo1:hi1]), rtol=1e-15)
+
+
+def test_random_directions_are_the_gram_schmidt_of_their_seeded_draws():
+    """The random directions are the Q of numpy's QR factorisation of [v_b, z_1, ..., z_K] (Gram-Schmidt of the
+    seeded Gaussian draws against v_b and each other), the first k of them do not depend on K (to rounding), any column range
+    of the draws is the same alone as in the whole, and the projections of gradients computed from G Z^T, G v_b and
+    the K x K factors (what fisher does, never holding W) equal G W^T."""
+    from ckptaudit.analyses.fisher.directions import RANDOM_BLOCK, RandomDirections
+
+    rng = np.random.default_rng(3)
+    dim = 2 * RANDOM_BLOCK + 123  # three draw blocks, the last one short
+    vb = torch.from_numpy(rng.standard_normal(dim) * 3.0)  # not unit: normalised inside
+    rd = RandomDirections(vb, 6, seed=9)
+    Z = rd.draws(0, dim)
+    v = vb.numpy() / np.linalg.norm(vb.numpy())
+    Q, R = np.linalg.qr(np.column_stack([v, Z.T]))
+    Q = Q * np.sign(np.diag(R))
+    W = random_directions(vb, 6, seed=9).numpy()
+    np.testing.assert_allclose(W, Q[:, 1:].T, atol=1e-14)
+    np.testing.assert_allclose(random_directions(vb, 3, seed=9).numpy(), W[:3], rtol=1e-12, atol=1e-16)
+    lo, hi = RANDOM_BLOCK - 7, 2 * RANDOM_BLOCK + 5
+    np.testing.assert_array_equal(rd.draws(lo, hi), Z[:, lo:hi])
+    G = rng.standard_normal((4, dim))
+    np.testing.assert_allclose(rd.project(G @ Z.T, G @ vb.numpy()), G @ W.T, rtol=1e-10, atol=1e-12)
+
+
+def test_random_directions_are_never_held_whole(tmp_path):
+    """Setting up K = 10 random directions of D = 4M and projecting gradients on them (one pass of the gradient
+    store with the draws as the right-hand factor) raises the process's peak memory by far less than the 320 MB
+    a [K, D] float64 matrix takes (peak RSS of a fresh process, measured before and after)."""
+    script = tmp_path / "peak.py"
+    script.write_text(textwrap.dedent("""
+        import resource, numpy as np, torch
+        from ckptaudit.analyses.fisher.directions import RANDOM_BLOCK, RandomDirections
+        from ckptaudit.analyses.fisher.store import GradientStore
+        D, K = 4_000_000, 10
+        v = torch.ones(D, dtype=torch.float64)
+        store = GradientStore(2, D, np.float32, 1 << 30)
+        store.append(torch.ones(D)); store.append(torch.full((D,), 2.0))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rd = RandomDirections(v, K, 0)
+        gram, gz = store.gram(chunk_elems=1 << 20, right=rd.draws, align=RANDOM_BLOCK)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024, rd.project(gz, np.array([D ** 0.5, 2 * D ** 0.5])).shape)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.split()
+    grown = int(out[0])
+    assert grown < 10 * 4_000_000 * 8 / 4, f"peak memory grew by {grown / 1e6:.0f} MB"
+    assert out[1:] == ["(2,", "10)"]

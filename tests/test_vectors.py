@@ -449,7 +449,7 @@ def test_block_backbones_are_each_blocks_own_pc1(tmp_path):
         assert abs(np.linalg.norm(seg) - 1) < 1e-5
         # b_l is a segment dot product with this vector (normalised on the segment)
         directions = load_vector_file(path, layout)
-        probes = prepare_probes(layout, directions, torch.zeros(0, layout.dim), block_backbone=torch.from_numpy(own))
+        probes = prepare_probes(layout, directions, 0, 0, block_backbone=torch.from_numpy(own))
         np.testing.assert_allclose(probes.vb_blocks[lo:hi].numpy(), seg / np.linalg.norm(seg), rtol=1e-12)
     # A file without block entries (written before them): b_l falls back to the trunk v_b restricted per block.
     trunk_only = tmp_path / "trunk_only.safetensors"

@@ -75,7 +75,7 @@ def fisher(
         typer.Option("--batch-size", min=1, help="Sequences per mini-batch (default: the run's training batch size, else 32)."),
     ] = None,
     n_random: Annotated[
-        int, typer.Option("--random", min=1, help="Number K of random unit directions orthogonal to v_b and each other.")
+        int, typer.Option("--random", min=1, help="Number K of random unit directions orthogonal to v_b and each other (seeded; never held in memory).")
     ] = 10,
     block: Annotated[int | None, typer.Option("--block", help="Restrict gradients and directions to this block.")] = None,
     include_bias: Annotated[bool, typer.Option(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
@@ -25,7 +26,7 @@ from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import RunLike
 from ckptaudit.io.vectors import SWITCH_PREFIX, MemoryVectorSink, read_vectors
 
-__all__ = ["SWITCH_PREFIX", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
+__all__ = ["RANDOM_BLOCK", "SWITCH_PREFIX", "RandomDirections", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
            "read_directions", "switch_direction", "trunk_layout"]
 
 MAX_PC = 6
@@ -151,29 +152,82 @@ def switch_direction(run: RunLike, peak: int, trough: int, layout: TrunkLayout) 
     return _unit(flats[0] - flats[1], f"switching ({peak}:{trough})", str(run.path))
 
 
-def random_directions(v_b: torch.Tensor, k: int, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """K unit vectors ``[k, dim]`` (float64, CPU) orthogonal to ``v_b`` and to each other, written into ``out``
-    (a float64 CPU ``[k, dim]`` tensor, e.g. rows of a larger matrix) when given.
+RANDOM_BLOCK = 1 << 14  # columns per seeded draw: a range of the random directions is rebuilt from its blocks alone
+_INIT_BLOCKS = 8  # blocks per step of the one pass that fixes the K x K factors
 
-    Gaussian draws from a generator seeded with ``seed``, then classical Gram-Schmidt against v_b and the earlier
-    ones, run twice: one pass leaves errors of order eps * sqrt(dim) in the inner products, the second brings them
-    to eps (the "twice is enough" rule), which the 1e-10 orthogonality contract needs at large dim.
+
+class RandomDirections:
+    """K unit directions orthogonal to ``v_b`` and to each other, defined block by block so that no ``[K, D]``
+    matrix is ever held: fisher's memory does not grow with K x D (SPEC §2).
+
+    Draws: columns ``[b B, (b + 1) B)`` of row k of Z (``[K, D]``, B = RANDOM_BLOCK) are standard normals from
+    numpy's PCG64 seeded with ``stable_seed("fisher-random", seed, k, b)``. Any column range is rebuilt on its own,
+    on every device alike, and the first k directions do not depend on K.
+
+    Directions: W = L^-1 (Z - (Z v) v^T), with v = v_b / ||v_b|| and L the Cholesky factor of
+    C = Z Z^T - (Z v)(Z v)^T, the Gram matrix of the draws with v projected out. Row k of W is a combination of
+    the projected draws 1..k with a positive coefficient on its own, and W W^T = L^-1 C L^-T = I: it is the
+    Gram-Schmidt orthonormalisation of the draws against v_b and each other (the Q of their QR factorisation). So
+    the projections of gradients G (``[M, D]``) are
+    G W^T = (G Z^T - (G v)(Z v)^T) L^-T, which needs only G Z^T (one pass over the columns, the draws regenerated
+    chunk by chunk), G v and the K x K factors. One pass over the draws, here, fixes Z v and Z Z^T.
     """
-    dim = int(v_b.numel())
-    if k >= dim:
-        raise UsageError(f"$n_random={k}: at most {dim - 1} directions fit orthogonal to the backbone in dimension {dim}",
-                         param="n_random")
-    gen = torch.Generator().manual_seed(int(seed))
-    vb = v_b.detach().to("cpu", torch.float64)
-    vb = vb / torch.linalg.vector_norm(vb)
-    basis: list[torch.Tensor] = [vb]
-    out = torch.empty((k, dim), dtype=torch.float64) if out is None else out
-    for i in range(k):
-        w = torch.randn(dim, generator=gen, dtype=torch.float64)
-        for _ in range(2):
-            for b in basis:
-                w -= torch.dot(w, b) * b
-        w /= torch.linalg.vector_norm(w)
-        out[i] = w
-        basis.append(out[i])
-    return out
+
+    def __init__(self, v_b: torch.Tensor, k: int, seed: int):
+        from ckptaudit.sampling import stable_seed
+
+        self.dim, self.k, self.seed = int(v_b.numel()), int(k), int(seed)
+        if self.k >= self.dim:
+            raise UsageError(f"$n_random={k}: at most {self.dim - 1} directions fit orthogonal to the backbone in "
+                             f"dimension {self.dim}", param="n_random")
+        self._stable_seed = stable_seed
+        self._v = v_b.detach()
+        self._norm = float(torch.linalg.vector_norm(self._v.to(torch.float64)))
+        zz = np.zeros((self.k, self.k))
+        zv = np.zeros(self.k)
+        step = RANDOM_BLOCK * _INIT_BLOCKS
+        for lo in range(0, self.dim, step):
+            hi = min(self.dim, lo + step)
+            z = self.draws(lo, hi)
+            zz += z @ z.T
+            zv += z @ self._unit_v(lo, hi)
+        self.zv = zv
+        gram = zz - np.outer(zv, zv)
+        self.linv = np.linalg.inv(np.linalg.cholesky(gram)) if self.k else np.zeros((0, 0))
+
+    def _unit_v(self, lo: int, hi: int) -> np.ndarray:
+        return self._v[lo:hi].to("cpu", torch.float64).numpy() / self._norm
+
+    def draws(self, lo: int, hi: int) -> np.ndarray:
+        """Columns lo:hi of the draws Z, float64 ``[K, hi - lo]``."""
+        out = np.empty((self.k, hi - lo))
+        for b in range(lo // RANDOM_BLOCK, -(-hi // RANDOM_BLOCK)):
+            b_lo, b_hi = b * RANDOM_BLOCK, min(self.dim, (b + 1) * RANDOM_BLOCK)
+            a, e = max(lo, b_lo), min(hi, b_hi)
+            for j in range(self.k):
+                block = np.random.default_rng(self._stable_seed("fisher-random", self.seed, j, b)).standard_normal(b_hi - b_lo)
+                out[j, a - lo : e - lo] = block[a - b_lo : e - b_lo]
+        return out
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Columns lo:hi of the directions W, float64 ``[K, hi - lo]``."""
+        return self.linv @ (self.draws(lo, hi) - np.outer(self.zv, self._unit_v(lo, hi)))
+
+    def project(self, gz: np.ndarray, gv: np.ndarray) -> np.ndarray:
+        """G W^T (``[M, K]``) from G Z^T (``[M, K]``) and G v_b (``[M]``, with the v_b this was built on)."""
+        return (np.asarray(gz) - np.outer(np.asarray(gv) / self._norm, self.zv)) @ self.linv.T
+
+    def materialise(self) -> torch.Tensor:
+        """W as one float64 CPU ``[K, D]`` tensor (the Hessian-vector products and the tests need it whole)."""
+        out = torch.empty((self.k, self.dim), dtype=torch.float64)
+        step = RANDOM_BLOCK * _INIT_BLOCKS
+        for lo in range(0, self.dim, step):
+            hi = min(self.dim, lo + step)
+            out[:, lo:hi] = torch.from_numpy(self.rows(lo, hi))
+        return out
+
+
+def random_directions(v_b: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The K directions of :class:`RandomDirections` (unit, orthogonal to ``v_b`` and to each other) as one float64
+    CPU ``[k, dim]`` tensor."""
+    return RandomDirections(v_b, k, seed).materialise()

@@ -24,6 +24,12 @@ Definitions (reported by :class:`FisherCheckpoint`):
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
 
+Memory: the named directions (v_b, PC2..PC6, the switch) are rows of one float64 matrix, each held once, and the
+gradients are projected on them as they arrive. The K random directions are never held: they are the Gram-Schmidt
+orthonormalisation of seeded Gaussian draws that are rebuilt block by block (:class:`RandomDirections`), so their
+projections come out of the same pass over the stored gradients that forms the Gram, from G Z^T and K x K
+factors (``--hessian`` alone builds them whole, for its Hessian-vector products).
+
 Several processes: when a torch.distributed process group with more than one rank is initialised (see
 :mod:`ckptaudit.analyses.distributed`; the CLI starts one under torchrun), rank r of W takes batches r, r + W, ...
 (batch i holds the same data as in one process) and keeps only those gradients, within the memory budget of each
@@ -47,8 +53,9 @@ import numpy as np
 import torch
 
 from ckptaudit.analyses.fisher.directions import (
+    RANDOM_BLOCK,
+    RandomDirections,
     TrunkLayout,
-    random_directions,
     read_directions,
     switch_direction,
     trunk_layout,
@@ -165,49 +172,38 @@ def _eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class Probes:
-    """The directions as one matrix on the device: ``matrix`` ``[n_named + K, D]`` float64, rows ``names`` then
-    the K random ones; ``vb_blocks`` ``[D]``: on each block's segment v_b^(l), unit on that segment (the block's
-    own backbone when given, else the trunk's v_b restricted to the block; NaN for a block where it is zero), so
-    b_l is a segment dot product."""
+    """The directions on the analysis device: ``matrix`` ``[n_named, D]`` float64, the named ones (``names``,
+    "backbone" first); ``random``: the K random directions, never held whole (:class:`RandomDirections`: their
+    projections come from one pass over the stored gradients); ``vb_blocks`` ``[D]``: on each block's segment
+    v_b^(l), unit on that segment (the block's own backbone when given, else the trunk's v_b restricted to the
+    block; NaN for a block where it is zero), so b_l is a segment dot product."""
 
     names: tuple[str, ...]
     matrix: torch.Tensor
     vb_blocks: torch.Tensor
-    n_random: int
+    random: RandomDirections
+
+    @property
+    def n_random(self) -> int:
+        return self.random.k
 
 
-def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor], random: torch.Tensor,
-                   device: str | torch.device = "cpu", block_backbone: torch.Tensor | None = None) -> Probes:
-    """Stack "backbone", the other named directions and ``random`` (``[K, D]``) on ``device`` (float64).
-    ``block_backbone``: the blocks' own backbones (:func:`read_directions`) for b_l; a block where it is zero
-    falls back to the trunk's v_b restricted to that block."""
+def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
+                   n_random: int, seed: int, device: str | torch.device = "cpu",
+                   block_backbone: torch.Tensor | None = None, consume: bool = False) -> Probes:
+    """The probes of "backbone" and the other named ``directions`` (unit float64 ``[D]``), with ``n_random`` random
+    directions seeded by ``seed``, on ``device``. ``block_backbone``: the blocks' own backbones
+    (:func:`read_directions`) for b_l; a block where it is zero falls back to the trunk's v_b restricted to it.
+
+    Every D-vector is held once: the named directions are copied row by row into the matrix (with ``consume``,
+    moved: popped from the caller's dict as they go), and the random ones are K x K factors and a seed. For a
+    106M-parameter trunk, the 16 default directions held whole were 13.6 GB; the 6 named ones are 5.1 GB."""
     named = ("backbone", *[n for n in directions if n != "backbone"])
     dev = torch.device(device)
-    matrix = torch.empty((len(named) + int(random.shape[0]), layout.dim), dtype=torch.float64, device=dev)
-    for i, name in enumerate(named):  # row by row: no second [n, D] copy of the directions on the way
-        matrix[i] = directions[name].to(dev, torch.float64)
-    matrix[len(named) :] = random.to(dev, torch.float64)
-    return _with_block_backbones(layout, named, matrix, int(random.shape[0]), block_backbone)
-
-
-def probes_in_place(layout: TrunkLayout, directions: dict[str, torch.Tensor], n_random: int, seed: int,
-                    block_backbone: torch.Tensor | None = None) -> Probes:
-    """:func:`prepare_probes` on the CPU with ``random_directions(directions["backbone"], n_random, seed)``, the same
-    values, with every D-vector held once: each named direction is moved into the matrix (popped from
-    ``directions``) and the random ones are drawn straight into its rows. For a 106M-parameter trunk the 16 default
-    directions are 13.6 GB; built the other way, the directions, the random ones and the matrix coexist."""
-    named = ("backbone", *[n for n in directions if n != "backbone"])
-    matrix = torch.empty((len(named) + int(n_random), layout.dim), dtype=torch.float64)
+    matrix = torch.empty((len(named), layout.dim), dtype=torch.float64, device=dev)
     for i, name in enumerate(named):
-        matrix[i] = directions.pop(name).to("cpu", torch.float64)
-    random_directions(matrix[0], int(n_random), seed, out=matrix[len(named) :])
-    return _with_block_backbones(layout, named, matrix, int(n_random), block_backbone)
-
-
-def _with_block_backbones(layout: TrunkLayout, named: tuple[str, ...], matrix: torch.Tensor, n_random: int,
-                          block_backbone: torch.Tensor | None) -> Probes:
-    """The Probes of ``matrix`` (row 0 the backbone), with v_b^(l) on each block's segment (see Probes)."""
-    dev = matrix.device
+        matrix[i] = (directions.pop(name) if consume else directions[name]).to(dev, torch.float64)  # type: ignore[union-attr]
+    random = RandomDirections(matrix[0], int(n_random), int(seed))
     vb = matrix[0].clone()
     own = None if block_backbone is None else block_backbone.to(dev, torch.float64)
     for lo, hi in layout.block_ranges.values():
@@ -215,7 +211,7 @@ def _with_block_backbones(layout: TrunkLayout, named: tuple[str, ...], matrix: t
             vb[lo:hi] = own[lo:hi]
         n = torch.linalg.vector_norm(vb[lo:hi])
         vb[lo:hi] = vb[lo:hi] / n if n > 0 else float("nan")
-    return Probes(named, matrix, vb, n_random)
+    return Probes(named, matrix, vb, random)
 
 
 def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training: bool) -> None:
@@ -225,23 +221,25 @@ def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training
     model.train(training)
 
 
-def _gram_eigenpairs(store: GradientStore, ctx: Any, M: int, device: str,
-                     chunk_elems: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(Gram ``[M, M]``, eigenvalues descending ``[M]``, eigenvectors ``[M, M]``) of the stored gradients.
+def _gram_eigenpairs(store: GradientStore, ctx: Any, M: int, device: str, chunk_elems: int,
+                     random: RandomDirections) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(Gram ``[M, M]``, eigenvalues descending ``[M]``, eigenvectors ``[M, M]``, G Z^T ``[rows here, K]``) of the
+    stored gradients, Z the random directions' draws (:class:`RandomDirections`), in one pass over the columns.
 
     Several processes: rank 0 gathers the Gram and decomposes it once for all ranks, so the coefficients of u_1
-    agree everywhere; the Gram goes with it (the bootstrap over batches needs it on every rank)."""
+    agree everywhere; the Gram goes with it (the bootstrap over batches needs it on every rank). G Z^T is each
+    rank's own rows."""
     if ctx is None:
-        gram = store.gram(device, chunk_elems)
+        gram, gz = store.gram(device, chunk_elems, right=random.draws, align=RANDOM_BLOCK)
         s, a = _eig_desc(gram)
-        return gram, s, a
-    gram = store.gram_gathered(ctx, M, device, chunk_elems)
+        return gram, s, a, gz
+    gram, gz = store.gram_gathered(ctx, M, device, chunk_elems, right=random.draws, align=RANDOM_BLOCK)
     eig = np.zeros(M + 2 * M * M, dtype=np.float64)
     if gram is not None:
         s0, a0 = _eig_desc(gram)
         eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
     eig = ctx.broadcast(eig)
-    return eig[M + M * M :].reshape(M, M).copy(), eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
+    return eig[M + M * M :].reshape(M, M).copy(), eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy(), gz
 
 
 def _top_eigenvector(store: GradientStore, ctx: Any, s: np.ndarray, a: np.ndarray, mine: range, M: int, device: str,
@@ -265,15 +263,14 @@ def fisher_at_model(
     settings: FisherSettings,
     step: int = 0,
     batch_size: int = 32,
-    random: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
     probes: Probes | None = None,
 ) -> FisherCheckpoint:
     """The Fisher quantities of ``model`` (parameters already loaded, on the analysis device).
 
-    directions: name -> unit float64 ``[D]`` in ``layout`` order; must contain "backbone". random: ``[K, D]``
-    random directions (None -> drawn from ``settings.seed``). probes: :func:`prepare_probes` of the same directions,
-    to build the direction matrix once for many checkpoints. Batch i is ``data.batch("train", i, batch_size,
+    directions: name -> unit float64 ``[D]`` in ``layout`` order; must contain "backbone". probes:
+    :func:`prepare_probes` of the same directions with ``settings.n_random`` random ones seeded by
+    ``settings.seed`` (built here when None), to build them once for many checkpoints. Batch i is ``data.batch("train", i, batch_size,
     settings.seed)``. ``progress(1)`` after each gradient (of this rank, when several processes share the batches:
     see the module docstring; every rank must call this function, and every rank gets the same result).
     """
@@ -284,9 +281,7 @@ def fisher_at_model(
         raise UsageError(f"$batches={M}: need at least 1", param="batches")
     dev = next(model.parameters()).device
     if probes is None:
-        if random is None:
-            random = random_directions(directions["backbone"], settings.n_random, settings.seed)
-        probes = prepare_probes(layout, directions, random, dev)
+        probes = prepare_probes(layout, directions, settings.n_random, settings.seed, dev)
     v_b, W, vb_blocks = directions["backbone"].to(torch.float64), probes.matrix, probes.vb_blocks
     named, n_named, K = list(probes.names), len(probes.names), probes.n_random
     ranges = layout.block_ranges
@@ -300,16 +295,17 @@ def fisher_at_model(
     hv_dirs = None
     if settings.hessian:
         like = {n: p.detach() for n, p in params.items()}
-        hv_dirs = [layout.unflatten(W[j], like) for j in range(W.shape[0])]
+        # Hessian-vector products need each direction whole, the random ones too: held for this option only.
+        hv_dirs = [layout.unflatten(w, like) for w in (*W, *probes.random.materialise().to(dev))]
     store: GradientStore | None = None
     # Zeros in the rows of other ranks' batches: the sum over ranks is then exact.
-    proj = np.zeros((M, W.shape[0]), dtype=np.float64)
+    proj = np.zeros((M, n_named + K), dtype=np.float64)
     norms = np.zeros(M, dtype=np.float64)
     block_cos = np.zeros((M, len(ranges)), dtype=np.float64)
     block_dot = np.zeros((M, len(ranges)), dtype=np.float64)
     block_norm = np.zeros((M, len(ranges)), dtype=np.float64)
     losses = np.zeros(M, dtype=np.float64)
-    curv = np.zeros((M, W.shape[0]), dtype=np.float64) if settings.hessian else None
+    curv = np.zeros((M, n_named + K), dtype=np.float64) if settings.hessian else None
     # The fused attention kernels have no double backward; the math kernel does (same results to rounding).
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -363,8 +359,8 @@ def fisher_at_model(
         if packed_rows:  # one device -> host transfer for all the scalars of this rank's batches
             idx = list(mine)
             packed = torch.stack(packed_rows).cpu().numpy()
-            nw = W.shape[0]
-            proj[idx] = packed[:, :nw]
+            nw = n_named
+            proj[idx, :nw] = packed[:, :nw]
             pairs = packed[:, nw:-1].reshape(len(idx), -1, 2)
             norms[idx] = np.sqrt(pairs[:, :, 1].sum(axis=1))  # the blocks partition the layout
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -374,10 +370,12 @@ def fisher_at_model(
             losses[idx] = packed[:, -1]
             if curv is not None:
                 curv[idx] = torch.stack(curv_rows).cpu().numpy()
+        # One pass over the stored gradients: the Gram, and G Z^T for the random directions' projections.
+        gram, s, a, gz = _gram_eigenpairs(store, ctx, M, str(dev), settings.chunk_elems, probes.random)
+        proj[list(mine), n_named:] = probes.random.project(gz, proj[list(mine), 0])
         if ctx is not None:
             proj, norms, block_cos, block_dot, block_norm, losses, curv = _sum_over_ranks(
                 ctx, proj, norms, block_cos, block_dot, block_norm, losses, curv)
-        gram, s, a = _gram_eigenpairs(store, ctx, M, str(dev), settings.chunk_elems)
         u1 = _top_eigenvector(store, ctx, s, a, mine, M, str(dev), settings.chunk_elems)
         overlap = abs(float(u1 @ v_b.cpu().numpy())) if u1 is not None else float("nan")
         where = store.where
@@ -467,14 +465,11 @@ def run_fisher(
         if switch_run is None:
             raise UsageError("$switch needs the run", "give $backbone_run=RUN or a run directory", param="switch")
         directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
-    if torch.device(settings.device).type == "cpu":
-        # Each D-vector held once: the directions and the random ones are rows of the probe matrix (views).
-        probes = probes_in_place(layout, directions, settings.n_random, settings.seed, block_backbone)
-        directions = {name: probes.matrix[i] for i, name in enumerate(probes.names)}
-        random = probes.matrix[len(probes.names) :]
-    else:
-        random = random_directions(directions["backbone"], settings.n_random, settings.seed)
-        probes = prepare_probes(layout, directions, random, settings.device, block_backbone=block_backbone)
+    # Each D-vector held once: the named directions move into the probe matrix (the names below are views of its
+    # rows), and the random ones are never held whole.
+    probes = prepare_probes(layout, directions, settings.n_random, settings.seed, settings.device, block_backbone,
+                            consume=True)
+    directions = {name: probes.matrix[i] for i, name in enumerate(probes.names)}
     own_blocks = block_backbone is not None
     del block_backbone  # only the probes need it
     dataset = load_data(first, task=task, data=data, seq_len=seq_len, windows=windows)
@@ -493,7 +488,7 @@ def run_fisher(
         t0 = time.perf_counter()
         model = load_model(c, device=settings.device, dtype=torch_dtype)
         r = fisher_at_model(model, dataset, layout, directions, settings, step=int(c.step),
-                            batch_size=batch_size, random=random, progress=progress, probes=probes)
+                            batch_size=batch_size, progress=progress, probes=probes)
         results.append(dataclasses.replace(r, seconds=time.perf_counter() - t0))
         del model
     blocks = sorted(layout.block_ranges)
