@@ -93,19 +93,25 @@ def test_gradient_store_gathered_gram_and_combine_match_one_store():
     ctx1, ctx0 = Fake(1), Fake(0)
     sent: list[np.ndarray] = []
     ctx1.gather = lambda part: sent.append(part.copy())  # type: ignore[attr-defined]
-    R = rng.standard_normal((3, D))  # a right-hand factor handed over column by column, as the random draws are
-    right = lambda lo, hi: R[:, lo:hi]  # noqa: E731
-    gram1, gr1 = stores[1].gram_gathered(ctx1, M, chunk_elems=40, right=right)
-    assert gram1 is None
+    R = torch.from_numpy(rng.standard_normal((3, D)))  # another factor, met column chunk by column chunk
+
+    def visitor(acc: list[torch.Tensor]):
+        return lambda lo, hi, c: acc.append(c @ R[:, lo:hi].T)
+
+    seen1: list[torch.Tensor] = []
+    assert stores[1].gram_gathered(ctx1, M, chunk_elems=40, visit=visitor(seen1)) is None
     it = iter(sent)
     ctx0.gather = lambda part: [part, next(it)]  # type: ignore[attr-defined]
-    gram, gr0 = stores[0].gram_gathered(ctx0, M, chunk_elems=40, right=right)
-    whole_gram, whole_gr = whole.gram(chunk_elems=40, right=right)
-    np.testing.assert_array_equal(gram, whole_gram)
-    np.testing.assert_allclose(whole_gram, G.astype(np.float64) @ G.T.astype(np.float64), rtol=1e-12)
-    np.testing.assert_allclose(whole_gr, G.astype(np.float64) @ R.T, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gr0, whole_gr[0::2], rtol=1e-12, atol=1e-12)  # each rank: its own rows
-    np.testing.assert_allclose(gr1, whole_gr[1::2], rtol=1e-12, atol=1e-12)
+    seen0: list[torch.Tensor] = []
+    gram = stores[0].gram_gathered(ctx0, M, chunk_elems=40, visit=visitor(seen0))
+    seen: list[torch.Tensor] = []
+    np.testing.assert_array_equal(gram, whole.gram(chunk_elems=40, visit=visitor(seen)))
+    G64 = G.astype(np.float64)
+    np.testing.assert_allclose(gram, G64 @ G64.T, rtol=1e-12)
+    R64 = R.numpy()
+    np.testing.assert_allclose(sum(seen).numpy(), G64 @ R64.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sum(seen0).numpy(), G64[0::2] @ R64.T, rtol=1e-12, atol=1e-12)  # each rank: own rows
+    np.testing.assert_allclose(sum(seen1).numpy(), G64[1::2] @ R64.T, rtol=1e-12, atol=1e-12)
 
     a = rng.standard_normal(M)
     parts = [stores[r].combine(a[r::2], chunk_elems=40, rows=M) for r in range(2)]

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def test_memmap_spill_gives_the_same_numbers(tiny, analysed, tmp_path):
     spilled = fisher_at_model(model, task, layout, dirs, settings, batch_size=B)
     assert res.gradient_storage == "ram" and spilled.gradient_storage.startswith("memmap:")
     assert not Path(spilled.gradient_storage.split(":", 1)[1]).exists()  # the spill file is removed
+    assert not any(tmp_path.iterdir())  # and so is the direction rows' memmap (over the budget too)
     assert spilled.q == res.q
     np.testing.assert_array_equal(spilled.eigenvalues, res.eigenvalues)
     np.testing.assert_array_equal(spilled.u1, res.u1)
@@ -288,6 +290,25 @@ def test_cli_with_vectors_from_backbone(tiny_run, tmp_path):
         assert f["fisher/step_60"].attrs["anisotropy"] == pytest.approx(s["checkpoints"][1]["anisotropy"])
 
 
+def test_cli_directions_over_the_memory_budget_give_the_same_report(tiny_run, tmp_path):
+    """With --memory-budget below the size of the directions, the direction rows (read tensor by tensor from the
+    vectors file) and the gradients go to a disk memmap: every number of the report is the one computed in RAM,
+    the report says where the rows were, and the spill directory is removed."""
+    vec = tmp_path / "v.safetensors"
+    assert invoke("backbone", tiny_run, "--save-vectors", vec, "--no-report", "--quiet").exit_code == 0
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("ckptaudit-fisher-*"))
+    args = ["fisher", tiny_run, "--steps", "60", "--vectors", vec, "--batches", 3, "--batch-size", 8, "--random", 3,
+            "--switch", "30:60", "--json", "--no-report"]
+    ram = invoke(*args)
+    disk = invoke(*args, "--memory-budget", "1K")
+    assert ram.exit_code == 0 and disk.exit_code == 0, ram.output + disk.output
+    a, b = json.loads(ram.stdout), json.loads(disk.stdout)
+    assert a["settings"]["direction_storage"] == "ram" and b["settings"]["direction_storage"] == "memmap"
+    assert a["checkpoints"] == b["checkpoints"] and a["direction_cosines"] == b["direction_cosines"]
+    assert set(tmp.glob("ckptaudit-fisher-*")) == before
+
+
 def test_cli_run_computes_vectors_on_the_fly(tiny_run):
     r = invoke("fisher", tiny_run / "checkpoint-60", "--run", tiny_run, "--batches", 2, "--batch-size", 8,
                 "--random", 2, "--block", 1, "--json", "--no-report")
@@ -376,8 +397,8 @@ def test_probes_hold_the_named_directions_bit_for_bit_and_consume_them(tiny):
     moved = dict(unit)
     got = prepare_probes(layout, moved, 5, SEED, block_backbone=own, consume=True)
     assert moved == {} and got.names == ("backbone", "pc2", "pc3") and got.n_random == 5
-    for i, name in enumerate(got.names):
-        assert torch.equal(got.matrix[i], unit[name])
+    for name in got.names:
+        assert torch.equal(got.rows.row(name), unit[name])
     vb, ob = unit["backbone"].numpy(), own.numpy()
     np.testing.assert_allclose(got.vb_blocks[lo0:hi0].numpy(), ob[lo0:hi0] / np.linalg.norm(ob[lo0:hi0]), rtol=1e-15)
     np.testing.assert_allclose(got.vb_blocks[lo1:hi1].numpy(), vb[lo1:hi1] / np.linalg.norm(vb[lo1:hi1]), rtol=1e-15)
@@ -422,9 +443,11 @@ def test_random_directions_are_never_held_whole(tmp_path):
         store.append(torch.ones(D)); store.append(torch.full((D,), 2.0))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rd = RandomDirections(v, K, 0)
-        gram, gz = store.gram(chunk_elems=1 << 20, right=rd.draws, align=RANDOM_BLOCK)
+        gz = torch.zeros(2, K, dtype=torch.float64)
+        visit = lambda lo, hi, c: gz.add_(c @ torch.from_numpy(rd.draws(lo, hi)).T)
+        store.gram(chunk_elems=1 << 20, visit=visit, align=RANDOM_BLOCK)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) * 1024, rd.project(gz, np.array([D ** 0.5, 2 * D ** 0.5])).shape)
+        print((after - before) * 1024, rd.project(gz.numpy(), np.array([D ** 0.5, 2 * D ** 0.5])).shape)
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.split()
     grown = int(out[0])

@@ -84,7 +84,7 @@ def fisher(
         bool, typer.Option("--hessian", help="Also compute the true curvature v^T H v by Hessian-vector products.")
     ] = False,
     memory_budget: Annotated[
-        str, typer.Option("--memory-budget", help="RAM for the M stored gradients (e.g. 2G); beyond it they go to a disk memmap.")
+        str, typer.Option("--memory-budget", help="RAM for the M stored gradients (e.g. 2G), and as much again for the directions; beyond it they go to a disk memmap.")
     ] = "2G",
     top: Annotated[int, typer.Option("--top", min=1, help="How many Fisher eigenvalues to report.")] = 10,
     bootstrap: Annotated[

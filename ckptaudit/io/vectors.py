@@ -19,8 +19,9 @@ Writing: the backbone's vectors pass hands its entries, one stored tensor at a t
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,8 +33,8 @@ from ckptaudit.errors import CorruptFileError, InputNotFoundError, LayoutError
 from ckptaudit.io.safetensors_source import SafetensorsSource
 from ckptaudit.io.writer import SafetensorsStreamWriter
 
-__all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "MemoryVectorSink", "SafetensorsVectorSink", "VectorFile", "VectorSink",
-           "read_vectors", "vector_sink"]
+__all__ = ["BLOCK_PREFIX", "SWITCH_PREFIX", "MemoryVectorSink", "OpenVectors", "SafetensorsVectorSink", "VectorFile",
+           "VectorSink", "open_vectors", "read_vectors", "vector_sink"]
 
 SWITCH_PREFIX = "switch/"
 BLOCK_PREFIX = "block/"  # block/<tensor>: the backbone of the tensor's own block (its PC1)
@@ -233,17 +234,57 @@ def _stack_rows(path: Any, name: str, stored: tuple[int, ...], shape: tuple[int,
                            hint=SIZE_HINT)
 
 
-def _read_rows(src: SafetensorsSource, key: str, rows: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The first ``rows`` rows of entry ``key`` as float64 ``[rows, *shape]`` (only those bytes are read)."""
+def _read_rows(src: Any, key: str, start: int, rows: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows ``start .. start + rows`` of entry ``key`` as float64 ``[rows, *shape]`` (only those bytes are read)."""
     numel = math.prod(shape)
     try:
-        flat = src.read_flat(key, 0, rows * numel)
+        flat = src.read_flat(key, start * numel, (start + rows) * numel)
     except (CorruptFileError, LayoutError) as exc:  # truncated data, a dtype torch cannot hold
         raise CorruptFileError(exc.message, hint=REWRITE_HINT) from None
     return flat.to(torch.float64).reshape(rows, *shape)
 
 
-def read_vectors(
+@dataclass(frozen=True, eq=False)
+class OpenVectors:
+    """A vectors file (or MemoryVectorSink) whose headers :func:`open_vectors` checked: what it will read, and
+    the reads, one tensor and one row at a time. ``names``: the vector entries read, in the caller's order;
+    ``k``: rows read of each; ``switch_names`` / ``block_names``: the tensors with a ``switch/`` / ``block/`` entry
+    read (all of ``names`` or none / where present)."""
+
+    path: Path | MemoryVectorSink
+    names: tuple[str, ...]
+    k: int
+    switch_names: tuple[str, ...]
+    block_names: tuple[str, ...]
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    _src: Any
+
+    def row(self, name: str, j: int) -> torch.Tensor:
+        """V_{j+1} on tensor ``name``, float64 ``[*shape]``."""
+        return _read_rows(self._src, name, j, 1, self.shapes[name])[0]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """V_1..V_k on tensor ``name``, float64 ``[k, *shape]``."""
+        return _read_rows(self._src, name, 0, self.k, self.shapes[name])
+
+    def switch(self, name: str) -> torch.Tensor:
+        return _read_rows(self._src, SWITCH_PREFIX + name, 0, 1, self.shapes[name])[0]
+
+    def block(self, name: str) -> torch.Tensor:
+        return _read_rows(self._src, BLOCK_PREFIX + name, 0, 1, self.shapes[name])[0]
+
+    def check_backbone(self, sq: float) -> None:
+        """Raise the file's error when ``sq``, the squared norm of V_1 over the tensors read, is zero or not finite."""
+        if not math.isfinite(sq) or sq == 0.0:
+            what = "zero" if sq == 0.0 else "not finite"
+            raise CorruptFileError(f"{self.path}: the backbone vector V_1 is {what} on the {len(self.names)} "
+                                   f"tensor(s) read", hint="check that the vectors belong to this model, or write "
+                                   "them again with `ckptaudit backbone --save-vectors`")
+
+
+@contextlib.contextmanager
+def open_vectors(
     path: str | Path | MemoryVectorSink,
     shapes: Mapping[str, Sequence[int]],
     *,
@@ -251,21 +292,10 @@ def read_vectors(
     switch: bool = False,
     partial: bool = False,
     block: bool = False,
-) -> VectorFile:
-    """Read the backbone vectors of the tensors in ``shapes`` (tensor name -> the model's shape of that tensor).
-
-    ``partial`` False: every tensor of ``shapes`` must be in the file (a missing one is an error naming it);
-    the file's other entries are not read. ``partial`` True: the file may cover only some of ``shapes`` (the
-    others are absent from the result), but every vector entry it holds must be one of them. ``switch/`` entries
-    are never vector entries, nor are ``block/`` entries. ``rows``: read at most this many rows (V_1..V_rows) of each
-    entry, None = all. ``block``: also read ``block/<name>`` where the file has it (the tensor's block backbone).
-    ``switch``: also read ``switch/<name>`` of every tensor read (all or none of them must have one).
-
-    Errors: a missing file -> InputNotFoundError; not safetensors, truncated, or a dtype torch cannot hold ->
-    CorruptFileError; an entry whose shape is neither ``[k, *shape]`` nor ``shape``, a missing or unknown
-    tensor, no vector entry at all, k = 0, or V_1 zero / not finite on the tensors read -> CorruptFileError.
-    ``path`` may also be a completed :class:`MemoryVectorSink` (the same checks, messages naming its label).
-    """
+) -> Iterator[OpenVectors]:
+    """Open and check the backbone vectors of the tensors in ``shapes`` (tensor name -> the model's shape of that
+    tensor), reading no data yet: the options and errors of :func:`read_vectors`, except that V_1 being zero is
+    the caller's check (:meth:`OpenVectors.check_backbone`) once it has read it."""
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     want = {str(n): tuple(int(x) for x in s) for n, s in shapes.items()}
@@ -319,21 +349,43 @@ def read_vectors(
             if stored != want[n] and stored != (1, *want[n]):
                 raise CorruptFileError(f"{path}: vector tensor {SWITCH_PREFIX}{n} has shape {stored}, the model's "
                                        f"tensor {want[n]}", hint=SIZE_HINT)
-        stacks = {n: _read_rows(src, n, k, want[n]) for n in names}
-        sw = {n: _read_rows(src, SWITCH_PREFIX + n, 1, want[n])[0] for n in sw_names}
-        own = {}
-        for n in (names if block else []):
-            if BLOCK_PREFIX + n in keys:
-                stored = tuple(src.shape(BLOCK_PREFIX + n))
-                if stored != want[n]:
-                    raise CorruptFileError(f"{path}: vector tensor {BLOCK_PREFIX}{n} has shape {stored}, the "
-                                           f"model's tensor {want[n]}", hint=SIZE_HINT)
-                own[n] = _read_rows(src, BLOCK_PREFIX + n, 1, want[n])[0]
-        metadata = dict(src.metadata)
-    sq = sum(float((t[0] * t[0]).sum()) for t in stacks.values())
-    if not math.isfinite(sq) or sq == 0.0:
-        what = "zero" if sq == 0.0 else "not finite"
-        raise CorruptFileError(f"{path}: the backbone vector V_1 is {what} on the {len(stacks)} tensor(s) read",
-                               hint="check that the vectors belong to this model, or write them again with "
-                                    "`ckptaudit backbone --save-vectors`")
-    return VectorFile(path, stacks, sw, metadata, own)
+        own = [n for n in (names if block else []) if BLOCK_PREFIX + n in keys]
+        for n in own:
+            stored = tuple(src.shape(BLOCK_PREFIX + n))
+            if stored != want[n]:
+                raise CorruptFileError(f"{path}: vector tensor {BLOCK_PREFIX}{n} has shape {stored}, the "
+                                       f"model's tensor {want[n]}", hint=SIZE_HINT)
+        yield OpenVectors(path, tuple(names), k, tuple(sw_names), tuple(own), dict(src.metadata),
+                          {n: want[n] for n in names}, src)
+
+
+def read_vectors(
+    path: str | Path | MemoryVectorSink,
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    rows: int | None = None,
+    switch: bool = False,
+    partial: bool = False,
+    block: bool = False,
+) -> VectorFile:
+    """Read the backbone vectors of the tensors in ``shapes`` (tensor name -> the model's shape of that tensor).
+
+    ``partial`` False: every tensor of ``shapes`` must be in the file (a missing one is an error naming it);
+    the file's other entries are not read. ``partial`` True: the file may cover only some of ``shapes`` (the
+    others are absent from the result), but every vector entry it holds must be one of them. ``switch/`` entries
+    are never vector entries, nor are ``block/`` entries. ``rows``: read at most this many rows (V_1..V_rows) of each
+    entry, None = all. ``block``: also read ``block/<name>`` where the file has it (the tensor's block backbone).
+    ``switch``: also read ``switch/<name>`` of every tensor read (all or none of them must have one).
+
+    Errors: a missing file -> InputNotFoundError; not safetensors, truncated, or a dtype torch cannot hold ->
+    CorruptFileError; an entry whose shape is neither ``[k, *shape]`` nor ``shape``, a missing or unknown
+    tensor, no vector entry at all, k = 0, or V_1 zero / not finite on the tensors read -> CorruptFileError.
+    ``path`` may also be a completed :class:`MemoryVectorSink` (the same checks, messages naming its label).
+    To read tensor by tensor instead of all at once: :func:`open_vectors`.
+    """
+    with open_vectors(path, shapes, rows=rows, switch=switch, partial=partial, block=block) as ov:
+        stacks = {n: ov.rows(n) for n in ov.names}
+        sw = {n: ov.switch(n) for n in ov.switch_names}
+        own = {n: ov.block(n) for n in ov.block_names}
+        ov.check_backbone(sum(float((t[0] * t[0]).sum()) for t in stacks.values()))
+        return VectorFile(ov.path, stacks, sw, ov.metadata, own)

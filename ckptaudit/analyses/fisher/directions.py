@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptaudit.analyses.fisher.store import GradientStore
 from ckptaudit.errors import CorruptFileError, LayoutError, UsageError
 from ckptaudit.io.steps import format_steps
 from ckptaudit.io.types import RunLike
-from ckptaudit.io.vectors import SWITCH_PREFIX, MemoryVectorSink, read_vectors
+from ckptaudit.io.vectors import SWITCH_PREFIX, MemoryVectorSink, open_vectors
 
-__all__ = ["RANDOM_BLOCK", "SWITCH_PREFIX", "RandomDirections", "TrunkLayout", "load_block_backbones", "load_vector_file", "random_directions",
+__all__ = ["RANDOM_BLOCK", "SWITCH_PREFIX", "DirectionRows", "RandomDirections", "TrunkLayout", "direction_rows", "tensor_rows", "load_block_backbones", "load_vector_file", "random_directions",
            "read_directions", "switch_direction", "trunk_layout"]
 
 MAX_PC = 6
@@ -89,40 +90,147 @@ def trunk_layout(arch: Any, block: int | None = None, include_bias: bool = False
     return TrunkLayout(tuple(pieces), tuple(offsets), pos, ranges, names)
 
 
-def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
+def _norm_of(v: torch.Tensor, what: str, source: str) -> float:
+    """||v||, or the error naming ``source`` when it is zero or not finite."""
     n = float(torch.linalg.vector_norm(v))
     if not math.isfinite(n) or n == 0.0:
         raise CorruptFileError(f"{source}: the {what} direction is zero (or not finite) on the analysed parameters",
                                hint="check that the vectors belong to this model, or analyse another $block", param="block")
-    return v / n
+    return n
+
+
+def _unit(v: torch.Tensor, what: str, source: str) -> torch.Tensor:
+    return v / _norm_of(v, what, source)
+
+
+@dataclass(eq=False)
+class DirectionRows:
+    """The named directions in ``layout`` coordinates, as float64 rows of one :class:`GradientStore` (in RAM within
+    a memory budget, else a disk memmap), each held once: ``names`` ("backbone" first) at rows ``index``, unit on
+    the layout; the last row holds v_b^(l) on each block's segment, unit there (the block's own backbone where the
+    vectors have one, else the trunk's v_b restricted to the block; NaN for a block where it is zero), so b_l is a
+    segment dot product. ``own_blocks``: whether the vectors had block backbones. ``close()`` removes a memmap."""
+
+    names: tuple[str, ...]
+    index: tuple[int, ...]
+    store: GradientStore
+    own_blocks: bool
+
+    def row(self, name: str) -> torch.Tensor:
+        """Direction ``name`` (a view of its row)."""
+        return self.store.array[self.index[self.names.index(name)]]
+
+    @property
+    def vb_blocks(self) -> torch.Tensor:
+        return self.store.array[self.store.rows - 1]
+
+    def cosines(self) -> dict[str, float]:
+        """<v_b, v> for every other named direction."""
+        vb = self.row("backbone")
+        return {n: float(torch.dot(vb, self.row(n))) for n in self.names if n != "backbone"}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _rows_store(n_rows: int, dim: int, budget: int | None, spill_dir: str | None) -> GradientStore:
+    store = GradientStore(n_rows, dim, np.dtype("float64"), (1 << 62) if budget is None else int(budget), spill_dir)
+    store.count = n_rows
+    return store
+
+
+def _finish_blocks(layout: TrunkLayout, rows: GradientStore, own: bool) -> None:
+    """Turn the last row (own block backbones, zero where none) into v_b^(l) per block segment (see DirectionRows)."""
+    vb, out = rows.array[0], rows.array[rows.rows - 1]
+    for lo, hi in layout.block_ranges.values():
+        if not (own and float(torch.linalg.vector_norm(out[lo:hi])) > 0):
+            out[lo:hi] = vb[lo:hi]
+        n = torch.linalg.vector_norm(out[lo:hi])
+        out[lo:hi] = out[lo:hi] / n if n > 0 else float("nan")
+
+
+def direction_rows(vectors: str | Path | MemoryVectorSink, layout: TrunkLayout, switch: torch.Tensor | None = None,
+                   budget: int | None = None, spill_dir: str | None = None) -> DirectionRows:
+    """The directions of a ``backbone --save-vectors`` file (or of a MemoryVectorSink the backbone filled), read
+    one tensor and one row at a time straight into their rows, never all at once.
+
+    Directions (each unit float64 in ``layout`` coordinates, renormalised on the layout, e.g. one block):
+    "backbone" (V_1), "pc2".."pc6" (V_2..V_6 where the file has them and they are nonzero on the layout),
+    "switch" (``switch`` when given, else the file's ``switch/<tensor>`` entries when present). Only the layout's
+    tensors, and of each only V_1..V_6, are read (``ckptaudit.io.vectors.open_vectors``, which also raises the file
+    errors). ``budget``: bytes the rows may take in RAM before they go to a memmap in ``spill_dir`` (None: no limit).
+    """
+    shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
+    pieces: dict[str, list[tuple[Any, int]]] = {}
+    for piece, off in zip(layout.pieces, layout.offsets, strict=True):
+        pieces.setdefault(piece.tensor, []).append((piece, off))
+    with open_vectors(vectors, shapes, rows=MAX_PC, switch=switch is None, block=True) as ov:
+        k, has_switch = ov.k, switch is not None or bool(ov.switch_names)
+        rows = _rows_store(k + has_switch + 1, layout.dim, budget, spill_dir)
+        arr = rows.array
+        try:
+            sq = 0.0
+
+            def put(r: int, name: str, t: torch.Tensor) -> None:
+                for piece, off in pieces[name]:
+                    arr[r, off : off + piece.numel] = piece.take(t).reshape(-1)
+
+            for name in ov.names:
+                for j in range(k):
+                    t = ov.row(name, j)
+                    sq += float((t * t).sum()) if j == 0 else 0.0
+                    put(j, name, t)
+                if switch is None and ov.switch_names:
+                    put(k, name, ov.switch(name))
+                put(rows.rows - 1, name, ov.block(name) if name in ov.block_names else torch.zeros(shapes[name]))
+            ov.check_backbone(sq)
+            source = str(ov.path)
+            names, index = ["backbone"], [0]
+            arr[0].div_(_norm_of(arr[0], "backbone", source))
+            for j in range(1, k):
+                norm = torch.linalg.vector_norm(arr[j])
+                if float(norm) > 0:
+                    arr[j].div_(norm)
+                    names.append(f"pc{j + 1}")
+                    index.append(j)
+            if has_switch:
+                if switch is not None:  # unit already (switch_direction)
+                    arr[k] = switch.to("cpu", torch.float64)
+                else:
+                    arr[k].div_(_norm_of(arr[k], "switching", source))
+                names.append("switch")
+                index.append(k)
+            _finish_blocks(layout, rows, bool(ov.block_names))
+        except BaseException:
+            rows.close()
+            raise
+    return DirectionRows(tuple(names), tuple(index), rows, bool(ov.block_names))
+
+
+def tensor_rows(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
+                block_backbone: torch.Tensor | None = None, consume: bool = False, budget: int | None = None,
+                spill_dir: str | None = None) -> DirectionRows:
+    """:class:`DirectionRows` of "backbone" and the other named ``directions`` (float64 ``[D]``, unit: copied as
+    they are), one row at a time; with ``consume``, each is popped from the caller's dict as it goes.
+    ``block_backbone``: the blocks' own backbones (zero on blocks without one)."""
+    named = ("backbone", *[n for n in directions if n != "backbone"])
+    rows = _rows_store(len(named) + 1, layout.dim, budget, spill_dir)
+    for i, name in enumerate(named):
+        rows.array[i] = (directions.pop(name) if consume else directions[name]).to("cpu", torch.float64)  # type: ignore[union-attr]
+    last = rows.array[rows.rows - 1]
+    last.zero_()
+    if block_backbone is not None:
+        last.copy_(block_backbone.to("cpu", torch.float64))
+    _finish_blocks(layout, rows, block_backbone is not None)
+    return DirectionRows(named, tuple(range(len(named))), rows, block_backbone is not None)
 
 
 def read_directions(path: str | Path | MemoryVectorSink, layout: TrunkLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The directions of a ``backbone --save-vectors`` file (or of a MemoryVectorSink the backbone filled) and its
-    block backbones, in one read.
-
-    Directions (each a unit float64 ``[dim]`` in ``layout`` coordinates, renormalised on the layout, e.g. one
-    block): "backbone" (V_1), "pc2".."pc6" (V_2..V_6 when the file has them), "switch" (``switch/<tensor>``
-    entries, when present). Block backbones: v_b^(l) (each block's own PC1, ``block/<tensor>`` entries) as one
-    float64 ``[dim]``, zero on blocks the file has none for; None when it has none (files written before they
-    were saved). Only the layout's tensors, and of each only V_1..V_6, are read
-    (``ckptaudit.io.vectors.read_vectors``, which also raises the file errors).
-    """
-    shapes = {p.tensor: tuple(p.tensor_shape) for p in layout.pieces}
-    vf = read_vectors(path, shapes, rows=MAX_PC, switch=True, block=True)
-    source = str(vf.path)
-    out = {"backbone": _unit(layout.flatten(vf.row(0)), "backbone", source)}
-    for j in range(1, vf.k):
-        flat = layout.flatten(vf.row(j))
-        norm = torch.linalg.vector_norm(flat)
-        if float(norm) > 0:
-            out[f"pc{j + 1}"] = flat / norm
-    if vf.switch:
-        out["switch"] = _unit(layout.flatten(vf.switch), "switching", source)
-    blocks = None
-    if vf.block:
-        blocks = layout.flatten({n: vf.block.get(n, torch.zeros(shapes[n], dtype=torch.float64)) for n in shapes})
-    return out, blocks
+    """The directions of :func:`direction_rows` as a dict of float64 ``[dim]`` tensors, and the block backbones
+    v_b^(l) per segment (its last row) or None when the file has none (files written before they were saved)."""
+    rows = direction_rows(path, layout)
+    out = {name: rows.row(name) for name in rows.names}
+    return out, (rows.vb_blocks if rows.own_blocks else None)
 
 
 def load_vector_file(path: str | Path, layout: TrunkLayout) -> dict[str, torch.Tensor]:

@@ -1,11 +1,11 @@
 """`fisher`: empirical-Fisher Rayleigh quotients along trajectory directions, streaming (SPEC §2; paper 001 §4.5, §9.4).
 
 At a checkpoint, M mini-batch gradients g_i (D scalars: the trunk, or one block, in :class:`TrunkLayout` order) of
-the model's training loss are taken one at a time. As each arrives, its dot products with every probe direction
-are taken (float64), so q(v) = (1/M) sum_i <g_i, v>^2 never needs the D x D Fisher F = (1/M) G^T G. The gradients
-are also kept (in RAM within the memory budget, else in a disk memmap; never approximated) for the M x M Gram
-G G^T, whose eigenpairs (s_j, a_j) give the Fisher's nonzero eigenvalues s_j / M and its top eigenvector
-u_1 = G^T a_1 / ||G^T a_1||.
+the model's training loss are taken one at a time and kept (in RAM within the memory budget, else in a disk
+memmap; never approximated). One pass over their columns then forms the M x M Gram G G^T, whose eigenpairs
+(s_j, a_j) give the Fisher's nonzero eigenvalues s_j / M and its top eigenvector u_1 = G^T a_1 / ||G^T a_1||, and
+on the way every projection <g_i, v> (float64), so q(v) = (1/M) sum_i <g_i, v>^2 never needs the D x D Fisher
+F = (1/M) G^T G.
 
 Definitions (reported by :class:`FisherCheckpoint`):
 - anisotropy alpha = q(v_b) / mean_k q(w_k), w_k random unit directions orthogonal to v_b and to each other, with its
@@ -24,11 +24,12 @@ Definitions (reported by :class:`FisherCheckpoint`):
 Gradients are taken in eval mode (dropout off) so they are a deterministic function of the weights, the batches
 and the seed.
 
-Memory: the named directions (v_b, PC2..PC6, the switch) are rows of one float64 matrix, each held once, and the
-gradients are projected on them as they arrive. The K random directions are never held: they are the Gram-Schmidt
-orthonormalisation of seeded Gaussian draws that are rebuilt block by block (:class:`RandomDirections`), so their
-projections come out of the same pass over the stored gradients that forms the Gram, from G Z^T and K x K
-factors (``--hessian`` alone builds them whole, for its Hessian-vector products).
+Memory: the named directions (v_b, PC2..PC6, the switch) and the per-block v_b^(l) are float64 rows read tensor
+by tensor from the vectors (:func:`direction_rows`), each held once, in RAM within a budget the size of the
+gradients' and else in a disk memmap. The K random directions are never held: they are the Gram-Schmidt
+orthonormalisation of seeded Gaussian draws rebuilt block by block (:class:`RandomDirections`), whose projections
+follow from G Z^T and K x K factors (``--hessian`` alone builds every direction whole, for its Hessian-vector
+products). So beyond the model and its gradient, what fisher holds is one column chunk of each factor.
 
 Several processes: when a torch.distributed process group with more than one rank is initialised (see
 :mod:`ckptaudit.analyses.distributed`; the CLI starts one under torchrun), rank r of W takes batches r, r + W, ...
@@ -54,10 +55,12 @@ import torch
 
 from ckptaudit.analyses.fisher.directions import (
     RANDOM_BLOCK,
+    DirectionRows,
     RandomDirections,
     TrunkLayout,
-    read_directions,
+    direction_rows,
     switch_direction,
+    tensor_rows,
     trunk_layout,
 )
 from ckptaudit.analyses.fisher.results import FisherCheckpoint, FisherReport, noise_floor
@@ -79,7 +82,7 @@ class FisherSettings:
     """What to compute. ``batch_size`` None -> the checkpoint's recorded training batch size, else 32.
 
     memory_budget: bytes the M stored gradients may take in RAM before they go to a memmap in ``spill_dir``
-    (None -> the system temp dir). top: how many Fisher eigenvalues to report. keep_eigenvector: keep u_1 (D
+    (None -> the system temp dir); the rows of the named directions have a budget of the same size. top: how many Fisher eigenvalues to report. keep_eigenvector: keep u_1 (D
     float64) in the result. bootstrap: replicates of the seeded bootstrap over batches (0 or 1: none).
     """
 
@@ -172,46 +175,40 @@ def _eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class Probes:
-    """The directions on the analysis device: ``matrix`` ``[n_named, D]`` float64, the named ones (``names``,
-    "backbone" first); ``random``: the K random directions, never held whole (:class:`RandomDirections`: their
-    projections come from one pass over the stored gradients); ``vb_blocks`` ``[D]``: on each block's segment
-    v_b^(l), unit on that segment (the block's own backbone when given, else the trunk's v_b restricted to the
-    block; NaN for a block where it is zero), so b_l is a segment dot product."""
+    """The directions of the analysis: ``rows``, the named ones (:class:`DirectionRows`: float64 rows held once,
+    in RAM within the memory budget, else a disk memmap, on the CPU whatever the device, and the per-block v_b^(l));
+    ``random``, the K random ones, never held (:class:`RandomDirections`). The gradients are projected on both in
+    the pass over the stored gradients that forms the Gram, one column chunk at a time on the analysis device.
+    ``close()`` removes a memmap."""
 
-    names: tuple[str, ...]
-    matrix: torch.Tensor
-    vb_blocks: torch.Tensor
+    rows: DirectionRows
     random: RandomDirections
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.rows.names
+
+    @property
+    def vb_blocks(self) -> torch.Tensor:
+        return self.rows.vb_blocks
 
     @property
     def n_random(self) -> int:
         return self.random.k
 
+    def close(self) -> None:
+        self.rows.close()
+
 
 def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
-                   n_random: int, seed: int, device: str | torch.device = "cpu",
-                   block_backbone: torch.Tensor | None = None, consume: bool = False) -> Probes:
-    """The probes of "backbone" and the other named ``directions`` (unit float64 ``[D]``), with ``n_random`` random
-    directions seeded by ``seed``, on ``device``. ``block_backbone``: the blocks' own backbones
-    (:func:`read_directions`) for b_l; a block where it is zero falls back to the trunk's v_b restricted to it.
-
-    Every D-vector is held once: the named directions are copied row by row into the matrix (with ``consume``,
-    moved: popped from the caller's dict as they go), and the random ones are K x K factors and a seed. For a
-    106M-parameter trunk, the 16 default directions held whole were 13.6 GB; the 6 named ones are 5.1 GB."""
-    named = ("backbone", *[n for n in directions if n != "backbone"])
-    dev = torch.device(device)
-    matrix = torch.empty((len(named), layout.dim), dtype=torch.float64, device=dev)
-    for i, name in enumerate(named):
-        matrix[i] = (directions.pop(name) if consume else directions[name]).to(dev, torch.float64)  # type: ignore[union-attr]
-    random = RandomDirections(matrix[0], int(n_random), int(seed))
-    vb = matrix[0].clone()
-    own = None if block_backbone is None else block_backbone.to(dev, torch.float64)
-    for lo, hi in layout.block_ranges.values():
-        if own is not None and float(torch.linalg.vector_norm(own[lo:hi])) > 0:
-            vb[lo:hi] = own[lo:hi]
-        n = torch.linalg.vector_norm(vb[lo:hi])
-        vb[lo:hi] = vb[lo:hi] / n if n > 0 else float("nan")
-    return Probes(named, matrix, vb, random)
+                   n_random: int, seed: int, block_backbone: torch.Tensor | None = None, consume: bool = False,
+                   budget: int | None = DEFAULT_MEMORY_BUDGET, spill_dir: str | None = None) -> Probes:
+    """The probes of "backbone" and the other named ``directions`` (unit float64 ``[D]``: :func:`tensor_rows`)
+    with ``n_random`` random directions seeded by ``seed``. ``block_backbone``: the blocks' own backbones for b_l
+    (zero on a block without one: the trunk's v_b restricted to it). With ``consume`` each direction is popped
+    from the caller's dict as it is copied, so every D-vector is held once."""
+    rows = tensor_rows(layout, directions, block_backbone, consume=consume, budget=budget, spill_dir=spill_dir)
+    return Probes(rows, RandomDirections(rows.row("backbone"), int(n_random), int(seed)))
 
 
 def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training: bool) -> None:
@@ -222,24 +219,53 @@ def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training
 
 
 def _gram_eigenpairs(store: GradientStore, ctx: Any, M: int, device: str, chunk_elems: int,
-                     random: RandomDirections) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(Gram ``[M, M]``, eigenvalues descending ``[M]``, eigenvectors ``[M, M]``, G Z^T ``[rows here, K]``) of the
-    stored gradients, Z the random directions' draws (:class:`RandomDirections`), in one pass over the columns.
+                     visit: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Gram ``[M, M]``, eigenvalues descending ``[M]``, eigenvectors ``[M, M]``) of the stored gradients, in one
+    pass over their columns that ``visit`` also sees (this rank's rows).
 
     Several processes: rank 0 gathers the Gram and decomposes it once for all ranks, so the coefficients of u_1
-    agree everywhere; the Gram goes with it (the bootstrap over batches needs it on every rank). G Z^T is each
-    rank's own rows."""
+    agree everywhere; the Gram goes with it (the bootstrap over batches needs it on every rank)."""
     if ctx is None:
-        gram, gz = store.gram(device, chunk_elems, right=random.draws, align=RANDOM_BLOCK)
+        gram = store.gram(device, chunk_elems, visit=visit, align=RANDOM_BLOCK)
         s, a = _eig_desc(gram)
-        return gram, s, a, gz
-    gram, gz = store.gram_gathered(ctx, M, device, chunk_elems, right=random.draws, align=RANDOM_BLOCK)
+        return gram, s, a
+    gram = store.gram_gathered(ctx, M, device, chunk_elems, visit=visit, align=RANDOM_BLOCK)
     eig = np.zeros(M + 2 * M * M, dtype=np.float64)
     if gram is not None:
         s0, a0 = _eig_desc(gram)
         eig = np.concatenate([s0, a0.reshape(-1), gram.reshape(-1)])
     eig = ctx.broadcast(eig)
-    return eig[M + M * M :].reshape(M, M).copy(), eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy(), gz
+    return eig[M + M * M :].reshape(M, M).copy(), eig[:M].copy(), eig[M : M + M * M].reshape(M, M).copy()
+
+
+class _Projections:
+    """The pass's products for this rank's ``count`` gradient rows, accumulated chunk by chunk on ``dev``:
+    G N^T (the named rows), G Z^T (the random draws) and, per block l, <g_l, v_b^(l)>."""
+
+    def __init__(self, probes: Probes, layout: TrunkLayout, count: int, dev: torch.device):
+        self.probes, self.dev = probes, dev
+        self.ranges = list(layout.block_ranges.values())
+        self.n_rows = len(probes.rows.index)
+        self.named = torch.zeros((count, self.n_rows), dtype=torch.float64, device=dev)
+        self.gz = torch.zeros((count, probes.n_random), dtype=torch.float64, device=dev)
+        self.blocks = torch.zeros((count, len(self.ranges)), dtype=torch.float64, device=dev)
+
+    def __call__(self, lo: int, hi: int, c: torch.Tensor) -> None:
+        arr = self.probes.rows.store.array
+        named = arr[list(self.probes.rows.index), lo:hi].to(self.dev)
+        self.named += c @ named.T
+        if self.probes.n_random:
+            self.gz += c @ torch.from_numpy(self.probes.random.draws(lo, hi)).to(self.dev).T
+        vbb = self.probes.vb_blocks
+        for j, (blo, bhi) in enumerate(self.ranges):
+            a, b = max(lo, blo), min(hi, bhi)
+            if a < b:
+                self.blocks[:, j] += c[:, a - lo : b - lo] @ vbb[a:b].to(self.dev)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(G N^T, G W^T for the random directions, the block dots), on the host."""
+        named = self.named.cpu().numpy()
+        return named, self.probes.random.project(self.gz.cpu().numpy(), named[:, 0]), self.blocks.cpu().numpy()
 
 
 def _top_eigenvector(store: GradientStore, ctx: Any, s: np.ndarray, a: np.ndarray, mine: range, M: int, device: str,
@@ -259,7 +285,7 @@ def fisher_at_model(
     model: torch.nn.Module,
     data: Any,
     layout: TrunkLayout,
-    directions: Mapping[str, torch.Tensor],
+    directions: Mapping[str, torch.Tensor] | None,
     settings: FisherSettings,
     step: int = 0,
     batch_size: int = 32,
@@ -274,15 +300,24 @@ def fisher_at_model(
     settings.seed)``. ``progress(1)`` after each gradient (of this rank, when several processes share the batches:
     see the module docstring; every rank must call this function, and every rank gets the same result).
     """
-    if "backbone" not in directions:
+    if probes is None and (directions is None or "backbone" not in directions):
         raise UsageError("the fisher analysis needs a backbone direction")
     M, D = int(settings.batches), layout.dim
     if M < 1:
         raise UsageError(f"$batches={M}: need at least 1", param="batches")
     dev = next(model.parameters()).device
-    if probes is None:
-        probes = prepare_probes(layout, directions, settings.n_random, settings.seed, dev)
-    v_b, W, vb_blocks = directions["backbone"].to(torch.float64), probes.matrix, probes.vb_blocks
+    with contextlib.ExitStack() as own:
+        if probes is None:
+            assert directions is not None
+            probes = prepare_probes(layout, directions, settings.n_random, settings.seed,
+                                    budget=settings.memory_budget, spill_dir=settings.spill_dir)
+            own.callback(probes.close)
+        return _fisher_at_model(model, data, layout, probes, settings, step, batch_size, progress, M, D, dev)
+
+
+def _fisher_at_model(model: torch.nn.Module, data: Any, layout: TrunkLayout, probes: Probes, settings: FisherSettings,
+                     step: int, batch_size: int, progress: Callable[[int], None] | None, M: int, D: int,
+                     dev: torch.device) -> FisherCheckpoint:
     named, n_named, K = list(probes.names), len(probes.names), probes.n_random
     ranges = layout.block_ranges
     params = _params_of(model, layout)
@@ -296,7 +331,9 @@ def fisher_at_model(
     if settings.hessian:
         like = {n: p.detach() for n, p in params.items()}
         # Hessian-vector products need each direction whole, the random ones too: held for this option only.
-        hv_dirs = [layout.unflatten(w, like) for w in (*W, *probes.random.materialise().to(dev))]
+        whole = [probes.rows.row(n).to(dev) for n in named] + list(probes.random.materialise().to(dev))
+        hv_dirs = [layout.unflatten(w, like) for w in whole]
+        del whole
     store: GradientStore | None = None
     # Zeros in the rows of other ranks' batches: the sum over ranks is then exact.
     proj = np.zeros((M, n_named + K), dtype=np.float64)
@@ -338,11 +375,8 @@ def fisher_at_model(
                 dtype = np.dtype(str(g.dtype).replace("torch.", ""))
                 store = GradientStore(M, D, dtype, settings.memory_budget, settings.spill_dir, device=dev)
                 stores.append(store)
-            g64 = g.to(torch.float64)
-            seg = [torch.stack((torch.dot(g64[lo:hi], vb_blocks[lo:hi]), torch.dot(g64[lo:hi], g64[lo:hi])))
-                   for lo, hi in ranges.values()]
-            packed_rows.append(torch.cat([W @ g64, torch.stack(seg).reshape(-1),
-                                          loss.detach().to(torch.float64).reshape(1)]))
+            squares = [torch.dot(seg, seg) for seg in (g[lo:hi].to(torch.float64) for lo, hi in ranges.values())]
+            packed_rows.append(torch.cat([torch.stack(squares), loss.detach().to(torch.float64).reshape(1)]))
             store.append(g)
             if hv_dirs is not None:
                 names = list(params)
@@ -353,31 +387,30 @@ def fisher_at_model(
                     hvs.append(sum((h.to(torch.float64) * vd[n].to(torch.float64)).sum()
                                    for n, h in zip(names, hv, strict=True)))
                 curv_rows.append(torch.stack(hvs))
-            del g, g64, grads, loss
+            del g, grads, loss
             if progress is not None:
                 progress(1)
+        idx = list(mine)
         if packed_rows:  # one device -> host transfer for all the scalars of this rank's batches
-            idx = list(mine)
             packed = torch.stack(packed_rows).cpu().numpy()
-            nw = n_named
-            proj[idx, :nw] = packed[:, :nw]
-            pairs = packed[:, nw:-1].reshape(len(idx), -1, 2)
-            norms[idx] = np.sqrt(pairs[:, :, 1].sum(axis=1))  # the blocks partition the layout
-            with np.errstate(invalid="ignore", divide="ignore"):
-                block_cos[idx] = pairs[:, :, 0] / np.sqrt(pairs[:, :, 1])
-            block_dot[idx] = pairs[:, :, 0]
-            block_norm[idx] = np.sqrt(pairs[:, :, 1])
+            squares_np = packed[:, :-1]
+            norms[idx] = np.sqrt(squares_np.sum(axis=1))  # the blocks partition the layout
+            block_norm[idx] = np.sqrt(squares_np)
             losses[idx] = packed[:, -1]
             if curv is not None:
                 curv[idx] = torch.stack(curv_rows).cpu().numpy()
-        # One pass over the stored gradients: the Gram, and G Z^T for the random directions' projections.
-        gram, s, a, gz = _gram_eigenpairs(store, ctx, M, str(dev), settings.chunk_elems, probes.random)
-        proj[list(mine), n_named:] = probes.random.project(gz, proj[list(mine), 0])
+        # One pass over the stored gradients: the Gram, and the projections on every direction.
+        visit = _Projections(probes, layout, store.count, dev)
+        gram, s, a = _gram_eigenpairs(store, ctx, M, str(dev), settings.chunk_elems, visit)
+        proj[idx, :n_named], proj[idx, n_named:], block_dot[idx] = visit.result()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            block_cos[idx] = block_dot[idx] / block_norm[idx]
         if ctx is not None:
             proj, norms, block_cos, block_dot, block_norm, losses, curv = _sum_over_ranks(
                 ctx, proj, norms, block_cos, block_dot, block_norm, losses, curv)
-        u1 = _top_eigenvector(store, ctx, s, a, mine, M, str(dev), settings.chunk_elems)
-        overlap = abs(float(u1 @ v_b.cpu().numpy())) if u1 is not None else float("nan")
+        # |<u_1, v_b>| = |a_1 . G v_b| / ||G^T a_1||, and ||G^T a_1||^2 = s_1: no D-vector needed for it.
+        overlap = abs(float(a[:, 0] @ proj[:, 0])) / float(np.sqrt(s[0])) if s[0] > 0 else float("nan")
+        u1 = _top_eigenvector(store, ctx, s, a, mine, M, str(dev), settings.chunk_elems) if settings.keep_eigenvector else None
         where = store.where
     q_all = (proj**2).mean(axis=0)
     q = {n: float(q_all[j]) for j, n in enumerate(named)}
@@ -402,7 +435,7 @@ def fisher_at_model(
         block_signed_projection={b: float(np.mean(block_cos[:, j])) for j, b in enumerate(ranges)},
         projections=proj, direction_names=(*named, *[f"random_{k}" for k in range(K)]), grad_norms=norms,
         losses=losses, gradient_storage=where, hessian=hessian, hessian_random=hess_rand,
-        u1=u1 if settings.keep_eigenvector else None, block_projections=block_dot, block_grad_norms=block_norm,
+        u1=u1, block_projections=block_dot, block_grad_norms=block_norm,
         gram=gram, bootstrap=boot,
     )
 
@@ -445,12 +478,7 @@ def run_fisher(
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
     directions are fixed by the first checkpoint and reused, so q(t) is measured along the same vectors at every step.
     """
-    import time
-
-    from ckptaudit.io.models import load_model
-    from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import resolve_architecture
-    from ckptaudit.tasks.data import check_enough, load_data
 
     ckpts = sorted(checkpoints, key=lambda c: int(c.step))
     if not ckpts:
@@ -460,18 +488,33 @@ def run_fisher(
         shapes = {n: tuple(src.shape(n)) for n in src.keys()}
     arch = resolve_architecture(shapes, first.config())
     layout = trunk_layout(arch, settings.block, settings.include_bias)
-    directions, block_backbone = read_directions(vectors, layout)
+    sw = None
     if switch is not None:
         if switch_run is None:
             raise UsageError("$switch needs the run", "give $backbone_run=RUN or a run directory", param="switch")
-        directions["switch"] = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
-    # Each D-vector held once: the named directions move into the probe matrix (the names below are views of its
-    # rows), and the random ones are never held whole.
-    probes = prepare_probes(layout, directions, settings.n_random, settings.seed, settings.device, block_backbone,
-                            consume=True)
-    directions = {name: probes.matrix[i] for i, name in enumerate(probes.names)}
-    own_blocks = block_backbone is not None
-    del block_backbone  # only the probes need it
+        sw = switch_direction(switch_run, int(switch[0]), int(switch[1]), layout)
+    # Each D-vector held once, read straight into the rows of the probes (in RAM within the memory budget, else a
+    # memmap); the random directions are never held.
+    rows = direction_rows(vectors, layout, switch=sw, budget=settings.memory_budget, spill_dir=settings.spill_dir)
+    del sw
+    probes = Probes(rows, RandomDirections(rows.row("backbone"), settings.n_random, settings.seed))
+    try:
+        return _run_fisher(ckpts, settings, probes, layout, arch, first, vectors, task, data, seq_len, switch,
+                           progress, windows, dtype)
+    finally:
+        probes.close()
+
+
+def _run_fisher(ckpts: list[StoredCheckpoint], settings: FisherSettings, probes: Probes, layout: TrunkLayout,
+                arch: Any, first: StoredCheckpoint, vectors: Any, task: str | None, data: str | Path | None,
+                seq_len: int | None, switch: tuple[int, int] | None, progress: Callable[[int], None] | None,
+                windows: Any, dtype: str | None) -> FisherReport:
+    import time
+
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.precision import resolve_dtype
+    from ckptaudit.tasks.data import check_enough, load_data
+
     dataset = load_data(first, task=task, data=data, seq_len=seq_len, windows=windows)
     batch_size = int(settings.batch_size or _default_batch_size(first))
     check_enough(dataset, settings.batches, batch_size)
@@ -487,7 +530,7 @@ def run_fisher(
             stage(f"fisher step {c.step}", share)
         t0 = time.perf_counter()
         model = load_model(c, device=settings.device, dtype=torch_dtype)
-        r = fisher_at_model(model, dataset, layout, directions, settings, step=int(c.step),
+        r = fisher_at_model(model, dataset, layout, None, settings, step=int(c.step),
                             batch_size=batch_size, progress=progress, probes=probes)
         results.append(dataclasses.replace(r, seconds=time.perf_counter() - t0))
         del model
@@ -499,16 +542,15 @@ def run_fisher(
         "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
         "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
         "bootstrap": settings.bootstrap,
-        "switch": list(switch) if switch else None, "directions": list(directions),
+        "switch": list(switch) if switch else None, "directions": list(probes.names),
         "architecture": arch.name, "data": spec,
-        "block_directions": "own block backbones" if own_blocks else "trunk v_b restricted to each block",
+        "block_directions": "own block backbones" if probes.rows.own_blocks else "trunk v_b restricted to each block",
+        "direction_storage": probes.rows.store.where.split(":", 1)[0],
         "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
         "precision": precision.to_json(),
     }
-    vb = directions["backbone"].to(torch.float64)
-    cosines = {n: float(vb @ v.to(torch.float64)) for n, v in directions.items() if n != "backbone"}
     return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running,
-                        direction_cosines=cosines)
+                        direction_cosines=probes.rows.cosines())
 
 
 def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path | MemoryVectorSink, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:

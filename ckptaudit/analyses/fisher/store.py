@@ -13,25 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-Right = Callable[[int, int], np.ndarray]
-
-
-def _right_product(c: torch.Tensor, right: Right | None, lo: int, hi: int, dev: torch.device,
-                   acc: torch.Tensor | None) -> torch.Tensor | None:
-    """``acc`` + columns ``c`` times ``right(lo, hi)``^T (float64, on ``dev``); None without ``right``."""
-    if right is None:
-        return None
-    part = c @ torch.from_numpy(right(lo, hi)).to(dev).T
-    return part if acc is None else acc.add_(part)
-
-
-def _host(side: torch.Tensor | None, count: int, right: Right | None) -> np.ndarray | None:
-    """G R^T on the host; ``[count, 0]`` zeros when there were no rows or no chunk."""
-    if right is None:
-        return None
-    if side is None:
-        return np.zeros((count, len(right(0, 0))))
-    return side.cpu().numpy()
+Visit = Callable[[int, int, torch.Tensor], None]
 
 
 class GradientStore:
@@ -82,28 +64,29 @@ class GradientStore:
         """Columns lo:hi of the stored rows as float64 on ``dev``."""
         return self.array[: self.count, lo:hi].to(dev, torch.float64)
 
-    def gram(self, device: str = "cpu", chunk_elems: int = 1 << 24, right: Right | None = None,
-             align: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
-        """(G G^T, G R^T) over the stored rows, accumulated in float64 on ``device`` in one pass over column
-        chunks. ``right(lo, hi)``: columns lo:hi of a float64 ``[K, D]`` factor R that is never held whole (the
-        random directions' draws), chunks aligned to ``align``; None -> no G R^T."""
+    def gram(self, device: str = "cpu", chunk_elems: int = 1 << 24, visit: Visit | None = None,
+             align: int = 1) -> np.ndarray:
+        """G G^T over the stored rows, accumulated in float64 on ``device`` in one pass over column chunks.
+        ``visit(lo, hi, c)``, when given, sees each chunk's columns ``c`` (float64 ``[count, hi - lo]`` on
+        ``device``) on the way, for products with other factors in the same pass; chunks are aligned to
+        ``align`` columns."""
         dev = torch.device(device)
         out = torch.zeros((self.count, self.count), dtype=torch.float64, device=dev)
-        side = None
         for lo, hi in self._chunks(chunk_elems, align=align):
             c = self._columns(lo, hi, dev)
             out += c @ c.T
-            side = _right_product(c, right, lo, hi, dev, side)
-        return out.cpu().numpy(), _host(side, self.count, right)
+            if visit is not None:
+                visit(lo, hi, c)
+        return out.cpu().numpy()
 
     def gram_gathered(self, ctx: Any, rows: int, device: str = "cpu", chunk_elems: int = 1 << 24,
-                      right: Right | None = None, align: int = 1) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(G G^T over the rows of all ranks of ``ctx`` (rank r holds rows r, r + W, ... of ``rows``) on rank 0,
-        None on the others; G_r R^T over this rank's own rows, as :meth:`gram`).
+                      visit: Visit | None = None, align: int = 1) -> np.ndarray | None:
+        """G G^T over the rows of all ranks of ``ctx`` (rank r holds rows r, r + W, ... of ``rows``), on rank 0.
 
         Rank 0 gathers one column chunk of every rank's rows at a time (in the stored dtype) and puts them in row
         order, so each chunk, its width and its float64 product are those of one store holding all ``rows``.
-        Every rank must call it (it is a collective).
+        Returns None on the other ranks. ``visit`` as :meth:`gram`, with this rank's own rows. Every rank must
+        call it (it is a collective).
         """
         world = int(ctx.world_size)
         per = -(-int(rows) // world)
@@ -112,11 +95,10 @@ class GradientStore:
             raise ValueError(f"rank {ctx.rank} holds {self.count} gradient rows, expected {counts[ctx.rank]}")
         dev = torch.device(device)
         out = torch.zeros((rows, rows), dtype=torch.float64, device=dev) if ctx.is_main else None
-        side = None
         np_dtype = np.dtype(str(self.array.dtype).replace("torch.", ""))
         for lo, hi in self._chunks(chunk_elems, rows, align=align):
-            if right is not None and self.count:
-                side = _right_product(self._columns(lo, hi, dev), right, lo, hi, dev, side)
+            if visit is not None and self.count:
+                visit(lo, hi, self._columns(lo, hi, dev))
             part = np.zeros((per, hi - lo), dtype=np_dtype)
             part[: self.count] = self.array[: self.count, lo:hi].cpu().numpy()
             got = ctx.gather(part)
@@ -127,7 +109,7 @@ class GradientStore:
                 full[r::world] = g[: counts[r]]
             c = torch.from_numpy(full).to(dev, torch.float64)
             out += c @ c.T
-        return (None if out is None else out.cpu().numpy()), _host(side, self.count, right)
+        return None if out is None else out.cpu().numpy()
 
     def combine(self, a: np.ndarray, device: str = "cpu", chunk_elems: int = 1 << 24, rows: int | None = None,
                 reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
