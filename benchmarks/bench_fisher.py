@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         w = torch.randn(D, dtype=torch.float64)
         dirs[f"pc{j}"] = w / w.norm()
     settings = FisherSettings(batches=M, n_random=10, seed=0, device=args.device)
-    # run_fisher builds the direction matrix once per run and reuses it at every checkpoint; so does this.
-    probes = prepare_probes(layout, dirs, settings.n_random, settings.seed, args.device)
+    # run_fisher builds the probes once per run and reuses them at every checkpoint; so does this.
+    probes = prepare_probes(layout, dirs, settings.n_random, settings.seed)
     batches = [task.batch("train", i, B, 0) for i in range(M)]
 
     def sync() -> None:

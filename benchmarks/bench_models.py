@@ -142,7 +142,7 @@ def bench_fisher(run: Path, batches: int = 32, batch_size: int = 8) -> None:
     data = load_data(ckpt, data=CORPUS, windows=WindowSpec(eval_tokens=None))
     model = load_model(ckpt)
     settings = FisherSettings(batches=batches, seed=0)
-    probes = prepare_probes(layout, directions, settings.n_random, settings.seed, "cpu", block_backbone=blocks)
+    probes = prepare_probes(layout, directions, settings.n_random, settings.seed, block_backbone=blocks)
     t0 = time.perf_counter()
     for i in range(batches):
         ids = data.batch("train", i, batch_size, 0)

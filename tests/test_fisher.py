@@ -382,8 +382,8 @@ def test_cli_include_bias_with_weights_only_vectors_names_the_fix(tiny_run, tmp_
 
 
 def test_probes_hold_the_named_directions_bit_for_bit_and_consume_them(tiny):
-    """prepare_probes(consume=True), as run_fisher calls it, moves each named direction into its row of the probe
-    matrix (the caller's dict ends empty), unchanged to the last bit, with "backbone" first; the per-block v_b^(l)
+    """prepare_probes(consume=True) moves each named direction into its row of the probe rows (the caller's dict
+    ends empty), unchanged to the last bit, with "backbone" first; the per-block v_b^(l)
     are each block's own backbone where given, else the trunk's v_b on the block, unit on the segment (numpy)."""
     from ckptaudit.analyses.fisher.run import prepare_probes
 

@@ -201,7 +201,7 @@ class Probes:
 
 
 def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
-                   n_random: int, seed: int, block_backbone: torch.Tensor | None = None, consume: bool = False,
+                   n_random: int, seed: int, *, block_backbone: torch.Tensor | None = None, consume: bool = False,
                    budget: int | None = DEFAULT_MEMORY_BUDGET, spill_dir: str | None = None) -> Probes:
     """The probes of "backbone" and the other named ``directions`` (unit float64 ``[D]``: :func:`tensor_rows`)
     with ``n_random`` random directions seeded by ``seed``. ``block_backbone``: the blocks' own backbones for b_l
