@@ -3,8 +3,8 @@
 Not a test. Builds a GPT-2 on modular addition (random weights: speed does not depend on training), then times
 
 - baseline: M x (forward, loss.backward() over every parameter) on the batches fisher uses;
-- fisher:   fisher_at_model (gradients of the trunk, dot products with 1 + K + 5 directions as each gradient
-            arrives, storage, the M x M Gram, eigenpairs and u_1);
+- fisher:   fisher_at_model (gradients of the trunk, their storage, and one pass over their columns for the
+            M x M Gram and the projections on the 6 named and K random directions; eigenpairs);
 
 and reports the ratio (target <= 1.15) and the peak resident memory of the fisher call against M x D x 4 bytes
 (the gradients themselves, float32). Peak memory is sampled by a thread reading the process RSS (psutil).
