@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from cli_helpers import invoke
+from cli_helpers import assert_one_line_error, invoke
 
 from ckptaudit.analyses.fisher.directions import random_directions
 from ckptaudit.analyses.fisher.run import (
@@ -306,6 +306,17 @@ def test_cli_directions_over_the_memory_budget_give_the_same_report(tiny_run, tm
     a, b = json.loads(ram.stdout), json.loads(disk.stdout)
     assert a["settings"]["direction_storage"] == "ram" and b["settings"]["direction_storage"] == "memmap"
     assert a["checkpoints"] == b["checkpoints"] and a["direction_cosines"] == b["direction_cosines"]
+    assert set(tmp.glob("ckptaudit-fisher-*")) == before
+
+
+def test_cli_too_many_random_directions_is_one_line_and_leaves_no_spill(tiny_run):
+    """More random directions than fit orthogonal to v_b in the analysed block (12,288 scalars) is a one-line
+    error naming --random, and the direction rows already spilled to a memmap (a 1K budget) are removed."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("ckptaudit-fisher-*"))
+    r = invoke("fisher", tiny_run / "checkpoint-60", "--run", tiny_run, "--block", 1, "--random", 20_000,
+               "--memory-budget", "1K", "--batches", 2, "--no-report")
+    assert_one_line_error(r, "--random", "12287")
     assert set(tmp.glob("ckptaudit-fisher-*")) == before
 
 

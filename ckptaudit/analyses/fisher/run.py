@@ -208,7 +208,16 @@ def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] |
     (zero on a block without one: the trunk's v_b restricted to it). With ``consume`` each direction is popped
     from the caller's dict as it is copied, so every D-vector is held once."""
     rows = tensor_rows(layout, directions, block_backbone, consume=consume, budget=budget, spill_dir=spill_dir)
-    return Probes(rows, RandomDirections(rows.row("backbone"), int(n_random), int(seed)))
+    return _with_random(rows, n_random, seed)
+
+
+def _with_random(rows: DirectionRows, n_random: int, seed: int) -> Probes:
+    """The probes of ``rows`` and K random directions; the rows are closed when those cannot be drawn."""
+    try:
+        return Probes(rows, RandomDirections(rows.row("backbone"), int(n_random), int(seed)))
+    except BaseException:
+        rows.close()
+        raise
 
 
 def _restore(model: torch.nn.Module, requires_grad: Mapping[str, bool], training: bool) -> None:
@@ -497,7 +506,7 @@ def run_fisher(
     # memmap); the random directions are never held.
     rows = direction_rows(vectors, layout, switch=sw, budget=settings.memory_budget, spill_dir=settings.spill_dir)
     del sw
-    probes = Probes(rows, RandomDirections(rows.row("backbone"), settings.n_random, settings.seed))
+    probes = _with_random(rows, settings.n_random, settings.seed)
     try:
         return _run_fisher(ckpts, settings, probes, layout, arch, first, vectors, task, data, seq_len, switch,
                            progress, windows, dtype)
