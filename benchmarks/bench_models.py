@@ -20,6 +20,10 @@ command with its defaults where that is feasible on the machine, and the per-ste
     .venv/bin/python benchmarks/bench_models.py                 # everything
     .venv/bin/python benchmarks/bench_models.py --only lm       # the three ratios
     .venv/bin/python benchmarks/bench_models.py --only smollm2  # the pretrained models
+    .venv/bin/python benchmarks/bench_models.py --only smollm2 --defaults  # and resume-probe / fisher's defaults
+
+On a GPU (torch sees one) ``--defaults`` is on: resume-probe and fisher run with their defaults on SmolLM2-135M
+instead of being projected from one step.
 """
 
 from __future__ import annotations
@@ -267,7 +271,22 @@ def timed(label: str, args: list, note: str = "", timeout: int = 3600) -> float 
     return seconds if r.returncode == 0 else None
 
 
-def bench_pretrained() -> None:
+def timing_corpus(tokens: int) -> Path:
+    """fixtures/data/corpus.txt repeated into a text of at least ``tokens`` SmolLM2 tokens plus the validation
+    tenth (.cache/bench/, written once): fisher's default 32 x 32 windows of 512 tokens need about 40 copies."""
+    from trainer_lm import smollm2_tokenizer
+
+    text = CORPUS.read_text(encoding="utf-8")
+    per_copy = len(smollm2_tokenizer()(text)["input_ids"])
+    copies = -(-int(tokens * 1.25) // per_copy)
+    out = CACHE / f"corpus-x{copies}.txt"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join([text] * copies), encoding="utf-8")
+    return out
+
+
+def bench_pretrained(defaults: bool = False) -> None:
     from ckptaudit.io.discover import discover_run
     from ckptaudit.io.models import load_model
 
@@ -285,22 +304,31 @@ def bench_pretrained() -> None:
     timed("extrapolate --predictor linear --K 1 (3 checkpoints, --data corpus.txt)",
           ["extrapolate", run3, "--predictor", "linear", "--K", "1", "--data", CORPUS])
     # The training commands with their defaults (resume-probe: 5 RESET conditions x 50 steps of 16 x 512 tokens;
-    # fisher: 32 gradients of 32 x 512 tokens) do not finish in hours on two cores: time one step and project.
-    # One AdamW step of 4 x 512 tokens, scaled by 4 (the cost is linear in the batch) to keep memory small.
-    model = load_model(discover_run(smol).checkpoints[0])
-    ids = torch.randint(0, 49152, (4, 512), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    model.train()
-    t0 = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    step = 4 * (time.perf_counter() - t0)
-    say(f"| resume-probe (defaults) | projected: 250 steps of 16 x 512 tokens + 230 evaluations | "
-        f"{250 * step / 3600:.1f} h (projected) | not run: one AdamW step of 16 x 512 tokens takes {step:.0f} s "
-        "(4 x 512 measured, x 4) |")
-    say(f"| fisher (defaults) | projected: 32 gradients of 32 x 512 tokens | {32 * 2 * step / 3600:.1f} h "
-        f"(projected) | not run |")
-    del model, opt
+    # fisher: 32 gradients of 32 x 512 tokens) take hours on two cores: run them with --defaults (the default on a
+    # GPU), else time one step and project.
+    if defaults:
+        timed("resume-probe (defaults, --data corpus.txt)", ["resume-probe", smol, "--data", CORPUS],
+              "no optimizer state: the 5 RESET conditions", timeout=6 * 3600)
+        text = timing_corpus(32 * 32 * 512)
+        timed("fisher (defaults, 3 checkpoints, backbone on the fly)", ["fisher", run3, "--steps", 2, "--data", text],
+              f"--data: {text.name}, fixtures/data/corpus.txt repeated (the wall time does not depend on the text)",
+              timeout=6 * 3600)
+    else:
+        # One AdamW step of 4 x 512 tokens, scaled by 4 (the cost is linear in the batch) to keep memory small.
+        model = load_model(discover_run(smol).checkpoints[0])
+        ids = torch.randint(0, 49152, (4, 512), generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        step = 4 * (time.perf_counter() - t0)
+        say(f"| resume-probe (defaults) | projected: 250 steps of 16 x 512 tokens + 230 evaluations | "
+            f"{250 * step / 3600:.1f} h (projected) | not run (--defaults runs it): one AdamW step of 16 x 512 tokens "
+            f"takes {step:.0f} s (4 x 512 measured, x 4) |")
+        say(f"| fisher (defaults) | projected: 32 gradients of 32 x 512 tokens | {32 * 2 * step / 3600:.1f} h "
+            f"(projected) | not run (--defaults runs it) |")
+        del model, opt
     timed("resume-probe --steps 2 --batch-size 2 --seq-len 128 --no-boundary-probe --warmup-steps 0",
           ["resume-probe", smol, "--data", CORPUS, "--train-steps", 2, "--batch-size", 2, "--seq-len", 128,
            "--no-boundary-probe", "--warmup-steps", 0, "--lr", "1e-4"], "no optimizer state: RESET family only")
@@ -317,6 +345,9 @@ def bench_pretrained() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("lm", "smollm2"), default=None)
+    parser.add_argument("--defaults", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="run resume-probe and fisher with their defaults on SmolLM2-135M instead of projecting "
+                             "them from one step (hours on two CPU cores; the default where torch sees a GPU)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -333,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_fisher(run)
             bench_regimes(CACHE / "regimes-run20")
         if args.only in (None, "smollm2"):
-            bench_pretrained()
+            bench_pretrained(args.defaults)
     finally:  # what was measured is kept even when a later step fails
         with open(args.results, "a", encoding="utf-8") as f:
             f.write("\n" + "\n".join(LINES) + "\n")
