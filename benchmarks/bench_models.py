@@ -307,8 +307,8 @@ def bench_pretrained(defaults: bool = False) -> None:
     # fisher: 32 gradients of 32 x 512 tokens) take hours on two cores: run them with --defaults (the default on a
     # GPU), else time one step and project.
     if defaults:
-        timed("resume-probe (defaults, --data corpus.txt)", ["resume-probe", smol, "--data", CORPUS],
-              "no optimizer state: the 5 RESET conditions", timeout=6 * 3600)
+        timed("resume-probe (defaults, --data corpus.txt)", ["resume-probe", smol, "--data", CORPUS, "--lr", "1e-5"],
+              "no optimizer state: the 5 RESET conditions, from the --lr it then needs", timeout=6 * 3600)
         text = timing_corpus(32 * 32 * 512)
         timed("fisher (defaults, 3 checkpoints, backbone on the fly)", ["fisher", run3, "--steps", 2, "--data", text],
               f"--data: {text.name}, fixtures/data/corpus.txt repeated (the wall time does not depend on the text)",
