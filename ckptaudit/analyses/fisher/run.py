@@ -199,6 +199,12 @@ class Probes:
     def close(self) -> None:
         self.rows.close()
 
+    def __enter__(self) -> Probes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def prepare_probes(layout: TrunkLayout, directions: Mapping[str, torch.Tensor] | dict[str, torch.Tensor],
                    n_random: int, seed: int, *, block_backbone: torch.Tensor | None = None, consume: bool = False,
@@ -487,7 +493,12 @@ def run_fisher(
     (io.precision: "auto" = the checkpoint's dtype on a GPU, float32 on the CPU). The layout, directions and random
     directions are fixed by the first checkpoint and reused, so q(t) is measured along the same vectors at every step.
     """
+    import time
+
+    from ckptaudit.io.models import load_model
+    from ckptaudit.io.precision import resolve_dtype
     from ckptaudit.io.roles import resolve_architecture
+    from ckptaudit.tasks.data import check_enough, load_data
 
     ckpts = sorted(checkpoints, key=lambda c: int(c.step))
     if not ckpts:
@@ -506,60 +517,44 @@ def run_fisher(
     # memmap); the random directions are never held.
     rows = direction_rows(vectors, layout, switch=sw, budget=settings.memory_budget, spill_dir=settings.spill_dir)
     del sw
-    probes = _with_random(rows, settings.n_random, settings.seed)
-    try:
-        return _run_fisher(ckpts, settings, probes, layout, arch, first, vectors, task, data, seq_len, switch,
-                           progress, windows, dtype)
-    finally:
-        probes.close()
+    # Closed on the way out, whatever happens: a memmap of the rows is removed.
+    with _with_random(rows, settings.n_random, settings.seed) as probes:
+        dataset = load_data(first, task=task, data=data, seq_len=seq_len, windows=windows)
+        batch_size = int(settings.batch_size or _default_batch_size(first))
+        check_enough(dataset, settings.batches, batch_size)
+        torch_dtype, precision = resolve_dtype(dtype, first, settings.device)
+        results = []
+        for c in ckpts:
+            stage = getattr(progress, "stage", None)
+            if stage is not None:
+                from ckptaudit.analyses import distributed
 
-
-def _run_fisher(ckpts: list[StoredCheckpoint], settings: FisherSettings, probes: Probes, layout: TrunkLayout,
-                arch: Any, first: StoredCheckpoint, vectors: Any, task: str | None, data: str | Path | None,
-                seq_len: int | None, switch: tuple[int, int] | None, progress: Callable[[int], None] | None,
-                windows: Any, dtype: str | None) -> FisherReport:
-    import time
-
-    from ckptaudit.io.models import load_model
-    from ckptaudit.io.precision import resolve_dtype
-    from ckptaudit.tasks.data import check_enough, load_data
-
-    dataset = load_data(first, task=task, data=data, seq_len=seq_len, windows=windows)
-    batch_size = int(settings.batch_size or _default_batch_size(first))
-    check_enough(dataset, settings.batches, batch_size)
-    torch_dtype, precision = resolve_dtype(dtype, first, settings.device)
-    results = []
-    for c in ckpts:
-        stage = getattr(progress, "stage", None)
-        if stage is not None:
-            from ckptaudit.analyses import distributed
-
-            ctx = distributed.active()
-            share = settings.batches if ctx is None else len(range(ctx.rank, settings.batches, ctx.world_size))
-            stage(f"fisher step {c.step}", share)
-        t0 = time.perf_counter()
-        model = load_model(c, device=settings.device, dtype=torch_dtype)
-        r = fisher_at_model(model, dataset, layout, None, settings, step=int(c.step),
-                            batch_size=batch_size, progress=progress, probes=probes)
-        results.append(dataclasses.replace(r, seconds=time.perf_counter() - t0))
-        del model
-    blocks = sorted(layout.block_ranges)
-    running = {b: np.cumsum([r.block_signed_projection[b] for r in results]) for b in blocks}
-    spec = dataset.task_spec() if hasattr(dataset, "task_spec") else {}
-    record = {
-        "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
-        "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
-        "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
-        "bootstrap": settings.bootstrap,
-        "switch": list(switch) if switch else None, "directions": list(probes.names),
-        "architecture": arch.name, "data": spec,
-        "block_directions": "own block backbones" if probes.rows.own_blocks else "trunk v_b restricted to each block",
-        "direction_storage": probes.rows.store.where.split(":", 1)[0],
-        "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
-        "precision": precision.to_json(),
-    }
-    return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running,
-                        direction_cosines=probes.rows.cosines())
+                ctx = distributed.active()
+                share = settings.batches if ctx is None else len(range(ctx.rank, settings.batches, ctx.world_size))
+                stage(f"fisher step {c.step}", share)
+            t0 = time.perf_counter()
+            model = load_model(c, device=settings.device, dtype=torch_dtype)
+            r = fisher_at_model(model, dataset, layout, None, settings, step=int(c.step),
+                                batch_size=batch_size, progress=progress, probes=probes)
+            results.append(dataclasses.replace(r, seconds=time.perf_counter() - t0))
+            del model
+        blocks = sorted(layout.block_ranges)
+        running = {b: np.cumsum([r.block_signed_projection[b] for r in results]) for b in blocks}
+        spec = dataset.task_spec() if hasattr(dataset, "task_spec") else {}
+        record = {
+            "batches": settings.batches, "batch_size": batch_size, "n_random": settings.n_random,
+            "block": settings.block, "include_bias": settings.include_bias, "hessian": settings.hessian, "memory_budget": int(settings.memory_budget),
+            "seed": settings.seed, "device": str(settings.device), "top": settings.top, "vectors": str(vectors),
+            "bootstrap": settings.bootstrap,
+            "switch": list(switch) if switch else None, "directions": list(probes.names),
+            "architecture": arch.name, "data": spec,
+            "block_directions": "own block backbones" if probes.rows.own_blocks else "trunk v_b restricted to each block",
+            "direction_storage": probes.rows.store.where.split(":", 1)[0],
+            "gradient_storage": sorted({r.gradient_storage.split(":", 1)[0] for r in results}),
+            "precision": precision.to_json(),
+        }
+        return FisherReport(checkpoints=tuple(results), dim=layout.dim, settings=record, block_running_sum=running,
+                            direction_cosines=probes.rows.cosines())
 
 
 def fisher_anisotropy(run: RunLike[StoredCheckpoint], vectors: str | Path | MemoryVectorSink, device: str = "cpu", seed: int = 0, batches: int = 16) -> float:
